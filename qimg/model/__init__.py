@@ -1,0 +1,1 @@
+"""Native PyTorch Qwen-Image model code: transformer, VAE, text encoding."""

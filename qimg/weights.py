@@ -1,0 +1,126 @@
+"""Find Qwen-Image checkpoints (diffusers folder layout) and load safetensors weights strictly.
+
+A model is a folder with `model_index.json` and one sub-folder per component, or a Hugging Face repo id
+resolved through the local hub cache. Weights are read tensor by tensor straight into their target
+dtype and device and assigned into a module built on the meta device, so loading never holds a second
+float32 copy. Only safetensors are read: pickle files can run code when loaded.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QimgError, UsageError
+
+PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SHOWN = 5  # how many offending key names an error lists
+
+
+def resolve_model(spec: str) -> Path:
+    """A local folder, or a repo id (`Qwen/Qwen-Image`) found in the hub cache or fetched into it."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return check_model_folder(path)
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise UsageError(f"model folder not found: {spec}")
+    return check_model_folder(_from_hub(spec))
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    # Everything but pickle weights: we never read them, and they double the download.
+    kwargs = dict(repo_id=repo_id, ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES])
+    try:
+        return Path(snapshot_download(local_files_only=True, **kwargs))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(**kwargs))
+    except Exception as e:
+        raise QimgError(
+            f"model {repo_id!r} is not in the Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}); download it elsewhere and pass its folder: --model /path/to/{repo_id.split('/')[1]}"
+        ) from None
+
+
+def check_model_folder(path: Path) -> Path:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"{path} is not a Qwen-Image model folder: model_index.json is missing")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{index} is not valid JSON: {e}") from None
+    if name not in PIPELINES:
+        raise UsageError(f"{path} is a {name or 'unknown'} model, not Qwen-Image (model_index.json)")
+    return path
+
+
+def read_config(folder: Path, name: str = "config.json") -> dict:
+    file = folder / name
+    if not file.is_file():
+        raise QimgError(f"{file} is missing: the model folder is incomplete")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise QimgError(f"{file} is not valid JSON: {e}") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of one component: the shards named by an index, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise QimgError(f"{folder}: shards named in {indexes[0].name} are missing: {', '.join(missing[:SHOWN])}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise QimgError(
+            f"{folder} has only pickle weights ({pickles[0]}); qimg reads safetensors only, because pickle "
+            "files can run code. Convert them to safetensors first."
+        )
+    raise QimgError(f"{folder} has no .safetensors weights")
+
+
+def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build `build()` on the meta device and assign the folder's weights into it, checking every key."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        module = build()
+    expected = module.state_dict()
+    state = {}
+    for file in safetensors_files(folder):
+        with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    check_keys(folder, expected, state)
+    module.load_state_dict(state, assign=True, strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def check_keys(folder: Path, expected: dict, found: dict) -> None:
+    def listing(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
+
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing:
+        raise QimgError(f"{folder}: missing weights {listing(missing)}")
+    if unexpected:
+        raise QimgError(f"{folder}: unexpected weights {listing(unexpected)}")
+    wrong = [f"{k} {tuple(found[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if found[k].shape != v.shape]
+    if wrong:
+        raise QimgError(f"{folder}: weights of the wrong shape for this config: {listing(wrong)}")
+
