@@ -1,0 +1,293 @@
+"""Qwen-Image MMDiT: a native reimplementation of diffusers' QwenImageTransformer2DModel.
+
+Sixty double-stream blocks: image and text tokens keep separate weights (modulation, QKV, MLP) and
+meet in one joint attention over [text; image]. Module names are the reference's checkpoint keys,
+so a diffusers state dict loads with `strict=True` and no renaming.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qimg.model.rope import apply_rope, joint_rope
+
+# Flags of diffusers' class for other Qwen-Image variants (guidance distillation, Edit-2511's zero_cond_t,
+# Layered's extra t-cond and 3D rope). The base model sets none; we refuse them rather than ignore them.
+_UNSUPPORTED_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+# Present in Qwen/Qwen-Image's transformer/config.json (a Flux leftover); diffusers drops it unused.
+_IGNORED_KEYS = ("pooled_projection_dim",)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    patch_size: int = 2
+    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    out_channels: int = 16  # latent channels; proj_out emits patch*patch*out_channels per token
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584  # Qwen2.5-VL-7B hidden size
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)  # (frame, row, col) slices of the head dim
+
+    def __post_init__(self):
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        """From diffusers' transformer/config.json; raises ValueError naming any key we can't honour."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {}
+        for key, value in d.items():
+            if key.startswith("_") or key in _IGNORED_KEYS:
+                continue
+            if key in _UNSUPPORTED_FLAGS:
+                if value:
+                    raise ValueError(f"transformer config: {key}={value!r} is not supported (Qwen-Image has it off)")
+                continue
+            if key not in fields:
+                raise ValueError(f"transformer config: unknown key {key!r}")
+            kw[key] = value
+        if "out_channels" in kw and kw["out_channels"] is None:  # the reference's `out_channels or in_channels`
+            kw["out_channels"] = kw.get("in_channels", cls.in_channels)
+        if "axes_dims_rope" in kw:
+            kw["axes_dims_rope"] = tuple(kw["axes_dims_rope"])
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls) -> "TransformerConfig":
+        return cls(
+            in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        )
+
+
+# --- math -------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Variance in float32, then cast to the weight's dtype before scaling: diffusers' RMSNorm.
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x * torch.rsqrt(variance + eps)).to(weight.dtype) * weight
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    # Every LayerNorm in this model is affine-free; modulation supplies scale and shift.
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """(B,) t in [0, 1] -> (B, dim) float32 [cos | sin] embedding of t * 1000."""
+    # diffusers Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000), all float32;
+    # only t itself arrives rounded to the model dtype (see forward).
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000 * (t.float()[:, None] * freqs[None])  # (B, half)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def joint_attention_mask(txt_mask: Tensor | None, img_len: int) -> Tensor | None:
+    """(B, S) text mask -> (B, 1, 1, S + img_len) bool key mask over [text; image], or None if no padding."""
+    # Only keys are masked: padded text queries still run (their outputs never reach the image).
+    # No padding -> None, so SDPA keeps its flash kernel (the reference pipeline also passes None then).
+    if txt_mask is None:
+        return None
+    txt_mask = txt_mask.bool()
+    if txt_mask.all():
+        return None
+    img_mask = txt_mask.new_ones(txt_mask.shape[0], img_len)
+    return torch.cat([txt_mask, img_mask], dim=1)[:, None, None, :]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, N, H, D) each -> (B, N, H*D)."""
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return x.transpose(1, 2).flatten(2)
+
+
+# --- modules ----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Keys net.0.proj / net.2 as in diffusers' FeedForward; slot 1 is its dropout.
+        up = nn.ModuleDict({"proj": nn.Linear(dim, mult * dim)})
+        self.net = nn.ModuleList([up, nn.Identity(), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        up, _, down = self.net
+        return down(F.gelu(up["proj"](x), approximate="tanh"))
+
+
+class JointAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))  # image stream
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))  # text stream
+        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # key to_out.0; the reference's to_out.1 is dropout
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(
+        self, img: Tensor, txt: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        def heads(x):  # (B, N, H*D) -> (B, N, H, D)
+            return x.unflatten(-1, (self.num_heads, -1))
+
+        # Per-stream projections and QK norms, then one sequence [text; image] (the reference's order).
+        txt_q, txt_k, txt_v = (heads(proj(txt)) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        img_q, img_k, img_v = (heads(proj(img)) for proj in (self.to_q, self.to_k, self.to_v))
+        q = torch.cat([self.norm_added_q(txt_q), self.norm_q(img_q)], dim=1)  # (B, S + L, H, D)
+        k = torch.cat([self.norm_added_k(txt_k), self.norm_k(img_k)], dim=1)
+        v = torch.cat([txt_v, img_v], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        x = attention(q, k, v, mask)  # (B, S + L, dim)
+        s = txt.shape[1]
+        return self.to_out[0](x[:, s:]), self.to_add_out(x[:, :s])
+
+
+class QwenImageBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        # SiLU + Linear to 6*dim: (shift, scale, gate) for attention, then for the MLP.
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = JointAttention(dim, num_heads)
+        self.img_mlp = FeedForward(dim)
+        self.txt_mlp = FeedForward(dim)
+
+    def forward(
+        self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        # prepare img: each modulation tensor is (B, 1, dim)
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)[:, None].chunk(6, -1)
+        img_x = modulate(layer_norm(img), img_shift1, img_scale1)
+
+        # prepare txt
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)[:, None].chunk(6, -1)
+        txt_x = modulate(layer_norm(txt), txt_shift1, txt_scale1)
+
+        # joint attention
+        img_attn, txt_attn = self.attn(img_x, txt_x, rope, mask)
+
+        # img residuals
+        img = img + img_gate1 * img_attn
+        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+
+        # txt residuals
+        txt = txt + txt_gate1 * txt_attn
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+
+        if img.dtype == torch.float16:  # the reference clips so fp16 residuals stay finite
+            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
+        return img, txt
+
+
+class AdaNormOut(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        # (scale, shift) here, the opposite of the blocks' (shift, scale): diffusers' AdaLayerNormContinuous.
+        scale, shift = self.linear(F.silu(vec).to(x.dtype))[:, None].chunk(2, dim=-1)
+        return modulate(layer_norm(x), shift, scale)
+
+
+class QwenImageTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.time_text_embed = nn.ModuleDict({"timestep_embedder": TimestepEmbedder(256, dim)})
+        self.txt_norm = RMSNorm(cfg.joint_attention_dim)
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            QwenImageBlock(dim, cfg.num_attention_heads) for _ in range(cfg.num_layers)
+        )
+        self.norm_out = AdaNormOut(dim)
+        self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
+
+    def forward(self, img: Tensor, txt: Tensor, txt_mask: Tensor | None, t: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Velocity (B, L, patch*patch*out_channels) for packed latents img (B, L, in_channels).
+
+        txt: (B, S, joint_attention_dim) text hidden states; txt_mask: (B, S), 1 = real token, or None.
+        t: (B,) in [0, 1] (the reference pipeline's timestep / 1000). grid: (h, w) in patches, L == h*w.
+        """
+        h, w = grid
+        if img.shape[1] != h * w:
+            raise ValueError(f"image has {img.shape[1]} tokens but grid {h}x{w} needs {h * w}")
+        img = self.img_in(img)  # (B, L, dim)
+        txt = self.txt_in(self.txt_norm(txt))  # (B, S, dim)
+        t = t.to(img.dtype)  # the reference rounds t to the model dtype before embedding it
+        vec = self.time_text_embed["timestep_embedder"](timestep_embedding(t).to(img.dtype))  # (B, dim)
+        cos, sin = joint_rope(h, w, txt.shape[1], tuple(self.cfg.axes_dims_rope))
+        rope = (cos.to(img.device), sin.to(img.device))  # (S + L, head_dim/2) float32
+        mask = joint_attention_mask(txt_mask, img.shape[1])
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, vec, rope, mask)
+        return self.proj_out(self.norm_out(img, vec))
+
+
+# --- latent packing ---------------------------------------------------------------------------------
+
+
+def patchify(latents: Tensor, patch_size: int = 2) -> Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), the reference pipeline's _pack_latents ordering."""
+    b, c, h, w = latents.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+    x = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: Tensor, h: int, w: int, patch_size: int = 2) -> Tensor:
+    """(B, h/p * w/p, C*p*p) -> (B, C, h, w); h, w are latent pixels (not patches). Inverse of patchify."""
+    b, n, d = x.shape
+    p = patch_size
+    if n != (h // p) * (w // p) or h % p or w % p:
+        raise ValueError(f"{n} tokens do not form a {h}x{w} latent with patch size {p}")
+    x = x.reshape(b, h // p, w // p, d // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/p, p, W/p, p)
+    return x.reshape(b, d // (p * p), h, w)

@@ -1,0 +1,26 @@
+"""Shared fixtures: one tiny random Qwen-Image checkpoint per session, and diffusers loaded on it."""
+
+import os
+
+# Before anything imports huggingface_hub (it reads these once): no test may touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen-image")
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_model_dir):
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
