@@ -66,9 +66,11 @@ def step_progress(total: int, label: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=True,
+        disable=not console.is_terminal,
     )
     task = progress.add_task(label, total=total, rate="")
     started = time.perf_counter()

@@ -23,6 +23,10 @@ MAX_EMBED = 512  # embeddings kept per prompt (the pipeline's default max_sequen
 class TextEncoder:
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # qimg reports its own progress and errors
+        logging.disable_progress_bar()
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
