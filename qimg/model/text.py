@@ -32,7 +32,6 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
             model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 folder / "text_encoder", dtype=dtype, use_safetensors=True, output_loading_info=True,
-                device_map=str(device),
             )
         except (OSError, ValueError) as e:
             raise QimgError(f"cannot load the text encoder from {folder}: {str(e).splitlines()[0]}") from None
@@ -41,7 +40,7 @@ class TextEncoder:
             kind, keys = next(iter(problems.items()))
             raise QimgError(f"{folder / 'text_encoder'}: {kind.replace('_', ' ')}: {', '.join(map(str, list(keys)[:5]))}")
         # Only the language model's hidden states are used: skip the vocabulary projection.
-        self.model = model.model.eval().requires_grad_(False)
+        self.model = model.model.to(device).eval().requires_grad_(False)
         self.device = device
 
     @torch.no_grad()

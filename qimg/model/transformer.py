@@ -8,6 +8,7 @@ so a diffusers state dict loads with `strict=True` and no renaming.
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,37 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+def split_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kept: Tensor, rest: Tensor) -> Tensor:
+    """Inpainting attention, (B, N, H, D) each -> (B, N, H*D): `kept` queries see only `kept` keys; `rest` see all.
+
+    kept, rest: disjoint index tensors covering 0..N-1. mask: key mask for the `rest` queries (text padding).
+    Equals one SDPA call with the dense N x N mask of the inpainting article, but no N x N mask is built
+    and the kept group (usually most tokens) runs unmasked, so it stays on the flash kernel.
+    """
+    x = q.new_empty(*q.shape[:2], q.shape[2] * q.shape[3])
+    x.index_copy_(1, kept, attention(q[:, kept], k[:, kept], v[:, kept], None))
+    x.index_copy_(1, rest, attention(q[:, rest], k, v, mask))
+    return x
+
+
+class AttentionPlan(NamedTuple):
+    """Who attends to whom: built once per forward and shared by every block, like the rope tables."""
+
+    mask: Tensor | None  # (B, 1, 1, S + L) text padding key mask; None when there is no padding
+    kept: Tensor | None = None  # (K,) [text; image] indices of kept image tokens; None = plain attention
+    rest: Tensor | None = None  # (S + L - K,) indices of text and edited image tokens: they see everything
+
+
+def attention_plan(txt_mask: Tensor | None, keep: Tensor | None, txt_len: int, img_len: int) -> AttentionPlan:
+    """Plan for the joint [text; image] sequence. keep: (L,) bool, True = image token outside the edit mask."""
+    mask = joint_attention_mask(txt_mask, img_len)
+    if keep is None or not keep.any():  # nothing kept: plain joint attention
+        return AttentionPlan(mask)
+    kept = keep.nonzero()[:, 0] + txt_len  # positions in [text; image]
+    edited = (~keep).nonzero()[:, 0] + txt_len
+    return AttentionPlan(mask, kept, torch.cat([torch.arange(txt_len, device=keep.device), edited]))
+
+
 # --- modules ----------------------------------------------------------------------------------------
 
 
@@ -168,7 +200,7 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(dim, dim)
 
     def forward(
-        self, img: Tensor, txt: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
+        self, img: Tensor, txt: Tensor, rope: tuple[Tensor, Tensor], plan: AttentionPlan
     ) -> tuple[Tensor, Tensor]:
         def heads(x):  # (B, N, H*D) -> (B, N, H, D)
             return x.unflatten(-1, (self.num_heads, -1))
@@ -180,7 +212,10 @@ class JointAttention(nn.Module):
         k = torch.cat([self.norm_added_k(txt_k), self.norm_k(img_k)], dim=1)
         v = torch.cat([txt_v, img_v], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        x = attention(q, k, v, mask)  # (B, S + L, dim)
+        if plan.kept is None:
+            x = attention(q, k, v, plan.mask)  # (B, S + L, dim)
+        else:
+            x = split_attention(q, k, v, plan.mask, plan.kept, plan.rest)
         s = txt.shape[1]
         return self.to_out[0](x[:, s:]), self.to_add_out(x[:, :s])
 
@@ -196,7 +231,7 @@ class QwenImageBlock(nn.Module):
         self.txt_mlp = FeedForward(dim)
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
+        self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], plan: AttentionPlan
     ) -> tuple[Tensor, Tensor]:
         # prepare img: each modulation tensor is (B, 1, dim)
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)[:, None].chunk(6, -1)
@@ -207,7 +242,7 @@ class QwenImageBlock(nn.Module):
         txt_x = modulate(layer_norm(txt), txt_shift1, txt_scale1)
 
         # joint attention
-        img_attn, txt_attn = self.attn(img_x, txt_x, rope, mask)
+        img_attn, txt_attn = self.attn(img_x, txt_x, rope, plan)
 
         # img residuals
         img = img + img_gate1 * img_attn
@@ -248,25 +283,33 @@ class QwenImageTransformer(nn.Module):
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * cfg.out_channels)
 
-    def forward(self, img: Tensor, txt: Tensor, txt_mask: Tensor | None, t: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(
+        self, img: Tensor, txt: Tensor, txt_mask: Tensor | None, t: Tensor, grid: tuple[int, int],
+        keep: Tensor | None = None,
+    ) -> Tensor:
         """Velocity (B, L, patch*patch*out_channels) for packed latents img (B, L, in_channels).
 
         txt: (B, S, joint_attention_dim) text hidden states; txt_mask: (B, S), 1 = real token, or None.
         t: (B,) in [0, 1] (the reference pipeline's timestep / 1000). grid: (h, w) in patches, L == h*w.
+        keep: optional (L,) bool inpainting attention mask, True = kept token (outside the edit), shared by
+        the batch. Kept tokens then attend only to kept tokens; text and edited tokens attend to everything,
+        so information flows into the hole but never back out. None = plain attention (the reference).
         """
         h, w = grid
         if img.shape[1] != h * w:
             raise ValueError(f"image has {img.shape[1]} tokens but grid {h}x{w} needs {h * w}")
+        if keep is not None and (keep.dtype != torch.bool or keep.shape != (h * w,)):
+            raise ValueError(f"keep must be a bool tensor of shape ({h * w},), got {keep.dtype} {tuple(keep.shape)}")
         img = self.img_in(img)  # (B, L, dim)
         txt = self.txt_in(self.txt_norm(txt))  # (B, S, dim)
         t = t.to(img.dtype)  # the reference rounds t to the model dtype before embedding it
         vec = self.time_text_embed["timestep_embedder"](timestep_embedding(t).to(img.dtype))  # (B, dim)
         cos, sin = joint_rope(h, w, txt.shape[1], tuple(self.cfg.axes_dims_rope))
         rope = (cos.to(img.device), sin.to(img.device))  # (S + L, head_dim/2) float32
-        mask = joint_attention_mask(txt_mask, img.shape[1])
+        plan = attention_plan(txt_mask, None if keep is None else keep.to(img.device), txt.shape[1], img.shape[1])
 
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, vec, rope, mask)
+            img, txt = block(img, txt, vec, rope, plan)
         return self.proj_out(self.norm_out(img, vec))
 
 
