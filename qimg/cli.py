@@ -34,6 +34,12 @@ CfgOpt = Annotated[Optional[float], typer.Option(min=0.0, max=100.0, help="True 
 SeedOpt = Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Random seed [default: random, reported].")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image (.png, .jpg, .webp).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the result on stdout.")]
+ImageArg = Annotated[Path, typer.Argument(help="Input image.", show_default=False)]
+StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
+                                            help="How far to re-noise the masked area; 1 = from scratch.")]
+AttnMaskOpt = Annotated[str, typer.Option(help="on: kept pixels never attend to the edit (seed's dynamic mask); off.")]
+FeatherOpt = Annotated[int, typer.Option(min=0, help="Soft edge width in pixels outside the mask.")]
+ContextOpt = Annotated[int, typer.Option(min=0, help="Pixels around the mask the model sees on large images.")]
 
 
 @app.callback()
@@ -41,14 +47,14 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
     pass
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UsageError(f"--size {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
+        raise UsageError(f"{option} {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
     for name, v in (("width", w), ("height", h)):
-        if v <= 0 or v % 16:
-            raise UsageError(f"--size {text}: {name} {v} must be a positive multiple of 16")
+        if v <= 0 or v % multiple:
+            raise UsageError(f"{option} {text}: {name} {v} must be a positive multiple of {multiple}")
     return w, h
 
 
@@ -92,6 +98,8 @@ def generate(
     started = time.perf_counter()
     width, height = parse_size(size) if size else (None, None)
     seed = secrets.randbelow(2**32) if seed is None else seed
+    from PIL import Image
+
     from .files import check_output, default_output, save_image
 
     out = out or default_output(f"qimg-{seed}")
@@ -106,8 +114,120 @@ def generate(
         image = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
     params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
                   steps=steps, cfg=cfg, model=str(engine.folder))
-    save_image(image, out, {"qimg": json.dumps(params, ensure_ascii=False)})
+    save_image(Image.fromarray(image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
     report(out, params, started, json_)
+
+
+def edit_output(image: Path, out: Optional[Path], kind: str) -> Path:
+    """Where an edit goes: --out, or `<stem>.<kind>.png` beside the input; never the input itself."""
+    from .files import check_output, default_output
+
+    out = out or default_output(f"{image.stem}.{kind}", image.parent)
+    if out.exists() and out.resolve() == image.resolve():
+        raise UsageError(f"--out {out} is the input image; choose another file")
+    check_output(out)
+    return out
+
+
+def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, device, dtype, prompt,
+             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json):
+    """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
+    from PIL import Image
+
+    from .files import load_image, save_image
+    from .masks import ensure_not_empty, selected_area
+
+    started = time.perf_counter()
+    if strength <= 0:
+        raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
+    if attn_mask not in ("on", "off"):
+        raise UsageError(f"--attn-mask {attn_mask!r}: expected on or off")
+    pixels, picture = load_image(image)
+    canvas, mask = build_mask(pixels, picture)
+    ensure_not_empty(mask, "the mask")
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    out = edit_output(image, out, kind)
+    engine = open_engine(model, device, dtype)
+    d = engine.defaults
+    steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
+    negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+    progress, callback = step_progress(max(1, int(steps * strength)), kind)
+    with progress:
+        edit = engine.inpaint(canvas, mask, prompt, negative_prompt, steps, cfg, seed, strength,
+                              attn_mask == "on", context, callback)
+    height, width = edit.image.shape[:2]
+    params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
+                  steps=steps, cfg=cfg, strength=strength, attn_mask=attn_mask, input=str(image),
+                  mask_area=selected_area(mask), box=list(edit.box), work_size=list(edit.work_size),
+                  model=str(engine.folder))
+    save_image(Image.fromarray(edit.image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
+    report(out, params, started, as_json)
+
+
+@app.command()
+def inpaint(
+    image: ImageArg, prompt: PromptOpt,
+    mask: Annotated[Optional[Path], typer.Option(help="Mask image: white regenerates, black keeps, grey blends; "
+                                                       "transparent pixels regenerate.")] = None,
+    rect: Annotated[Optional[list[str]], typer.Option(help="X,Y,W,H in pixels or percent; repeatable (union).")] = None,
+    mask_resize: Annotated[bool, typer.Option(help="Stretch a mask of another size to the image.")] = False,
+    invert_mask: Annotated[bool, typer.Option(help="Regenerate what the mask keeps and vice versa.")] = False,
+    grow: Annotated[int, typer.Option(min=0, help="Dilate the mask by this many pixels.")] = 0,
+    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
+    context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
+    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+):
+    """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
+    import numpy as np
+
+    from . import masks
+
+    def build_mask(pixels, picture):
+        height, width = pixels.shape[:2]
+        parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
+        if rect:
+            parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
+        if not parts:
+            alpha = masks.alpha_mask(picture)
+            if alpha is None:
+                raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
+            parts.append(alpha)
+        m = np.maximum.reduce(parts)
+        m = masks.invert(m) if invert_mask else m
+        return pixels, masks.feather(masks.grow(m, grow), feather)
+
+    run_edit("inpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
+             strength, attn_mask, context, json_)
+
+
+@app.command()
+def outpaint(
+    image: ImageArg, prompt: PromptOpt,
+    left: Annotated[int, typer.Option(min=0, help="Pixels to add on the left.")] = 0,
+    right: Annotated[int, typer.Option(min=0, help="Pixels to add on the right.")] = 0,
+    top: Annotated[int, typer.Option(min=0, help="Pixels to add on top.")] = 0,
+    bottom: Annotated[int, typer.Option(min=0, help="Pixels to add at the bottom.")] = 0,
+    expand: Annotated[int, typer.Option(min=0, help="Pixels to add on every side not anchored.")] = 0,
+    to: Annotated[Optional[str], typer.Option(help="Grow the canvas to WIDTHxHEIGHT.")] = None,
+    anchor: Annotated[str, typer.Option(help="Where the original sits: center, left, top-right...")] = "center",
+    feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
+    context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
+    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+):
+    """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
+    --feather band along the grown sides that is blended so the seam does not show."""
+    from . import masks
+
+    def build_mask(pixels, picture):
+        height, width = pixels.shape[:2]
+        target = parse_size(to, "--to", multiple=1) if to else None
+        margins = masks.outpaint_margins((width, height), left, right, top, bottom, expand, target, anchor)
+        return masks.outpaint_canvas(pixels, margins, feather)
+
+    run_edit("outpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
+             strength, attn_mask, context, json_)
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:

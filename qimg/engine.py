@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from .errors import QimgError, UsageError
+from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .model.text import TextEncoder
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
-from .sampling import ScheduleConfig, euler, flow_sigmas, true_cfg
+from .sampling import ScheduleConfig, euler, flow_sigmas, keep_known, noised, true_cfg, truncate
 from .weights import load_module, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +33,7 @@ class Defaults:
     steps: int = 50
     cfg: float = 4.0
     negative_prompt: str = " "
+    max_pixels: int = 1024 * 1024  # the working area edits are scaled to (Qwen-Image's ~1 megapixel)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "Defaults":
@@ -44,6 +46,13 @@ class Defaults:
         if unknown:
             raise QimgError(f"{file}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Edit:
+    image: np.ndarray  # (H, W, 3) uint8, the input's size
+    box: tuple[int, int, int, int]  # the region the model saw, (x0, y0, x1, y1) in input pixels
+    work_size: tuple[int, int]  # (W, H) the model ran at
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,10 +91,10 @@ def check_size(width: int, height: int) -> None:
             raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
 
 
-def to_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] to an 8-bit image, rounding like the reference's postprocess."""
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] to (H, W, 3) uint8, rounding like the reference's postprocess."""
     x = (x.float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray((x * 255).round().astype(np.uint8))
+    return (x * 255).round().astype(np.uint8)
 
 
 class Engine:
@@ -131,18 +140,16 @@ class Engine:
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
         return [self.text.encode([p])[0] for p in prompts]
 
-    @torch.no_grad()
-    def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                        cfg: float, seed: int, callback=None) -> torch.Tensor:
-        """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
-        check_size(width, height)
-        guided = cfg > 1
-        embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
-        h, w = height // 8, width // 8
+    def _noise(self, seed: int, h: int, w: int) -> torch.Tensor:
         # The reference draws noise on a CPU generator in the model dtype, shaped (B, 1, C, H, W).
         noise = torch.randn((1, 16, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=self.dtype)
-        x = patchify(noise.float().to(self.device))
-        sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
+        return noise.float().to(self.device)
+
+    def _velocity(self, prompt: str, negative_prompt: str, cfg: float, grid: tuple[int, int], keep=None):
+        """The guided velocity field for one prompt over a latent grid (h, w) in patches."""
+        guided = cfg > 1
+        embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
+        extra = {} if keep is None else {"keep": keep}
 
         def velocity_for(txt: torch.Tensor):
             txt = txt[None].to(self.device, self.dtype)
@@ -150,20 +157,79 @@ class Engine:
             def velocity(x, sigma):
                 # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
                 t = (sigma * 1000).to(self.dtype).expand(x.shape[0]) / 1000
-                return self.transformer(x.to(self.dtype), txt, None, t, (h // 2, w // 2)).float()
+                return self.transformer(x.to(self.dtype), txt, None, t, grid, **extra).float()
 
             return velocity
 
         velocity = velocity_for(embeds[0])
-        if guided:
-            velocity = true_cfg(velocity, velocity_for(embeds[1]), cfg)
-        x = euler(velocity, x, sigmas, callback)
+        return true_cfg(velocity, velocity_for(embeds[1]), cfg) if guided else velocity
+
+    @torch.no_grad()
+    def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+                        cfg: float, seed: int, callback=None) -> torch.Tensor:
+        """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
+        check_size(width, height)
+        h, w = height // 8, width // 8
+        x = patchify(self._noise(seed, h, w))
+        sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
+        x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2)), x, sigmas, callback)
         return unpatchify(x, h, w)
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor) -> Image.Image:
-        return to_image(self.vae.decode(latent.to(self.device, self.dtype))[0])
+    def inpaint_latent(self, z0: torch.Tensor, mask: torch.Tensor, prompt: str, negative_prompt: str, steps: int,
+                       cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False,
+                       callback=None) -> torch.Tensor:
+        """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0."""
+        h, w = z0.shape[-2:]
+        x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
+        m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
+        sigmas = truncate(flow_sigmas(steps, x0.shape[1], self.schedule), strength).to(self.device)
+        if len(sigmas) < 2:
+            raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
+        keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
+        velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), keep)
+        x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
+        return unpatchify(x, h, w)
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3), sides multiples of 16, to a normalized latent (1, 16, H/8, W/8)."""
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
+        return self.vae.encode(x.to(self.device, self.dtype)).float()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.vae.decode(latent.to(self.device, self.dtype))[0])
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
-                 seed: int, callback=None) -> Image.Image:
+                 seed: int, callback=None) -> np.ndarray:
         return self.decode(self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback))
+
+    def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
+                cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
+                callback=None) -> "Edit":
+        """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
+        size and is byte-identical to it wherever the mask is 0; soft mask values blend.
+
+        An image larger than the model's working area is not shrunk as a whole: the model sees the mask's
+        bounding box plus `context` pixels around it, scaled to the working area, and that is pasted back."""
+        height, width = mask.shape
+        max_pixels = self.defaults.max_pixels
+        x0, y0, x1, y1 = crop_box(mask, context, max_pixels)
+        region, region_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        resized = (x1 - x0) * (y1 - y0) != width * height or width * height > max_pixels
+        if resized:
+            size = work_size(x1 - x0, y1 - y0, max_pixels)
+            work = np.asarray(Image.fromarray(region).resize(size, Image.LANCZOS))
+            work_mask = resize_mask(region_mask, size)
+        else:
+            work, work_mask, _ = pad_to_multiple(region, region_mask)
+        m = torch.from_numpy(latent_mask(work_mask, 8))
+        latent = self.inpaint_latent(self.encode(work), m, prompt, negative_prompt, steps, cfg, seed, strength,
+                                     attn_mask, callback)
+        out = self.decode(latent)
+        if resized:
+            out = np.asarray(Image.fromarray(out).resize((x1 - x0, y1 - y0), Image.LANCZOS))
+        generated = image.copy()
+        generated[y0:y1, x0:x1] = crop(out, (x1 - x0, y1 - y0))
+        return Edit(composite(image, generated, mask), (x0, y0, x1, y1), work.shape[1::-1])

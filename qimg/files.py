@@ -4,11 +4,34 @@ import os
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import QimgError, UsageError
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def load_image(path: Path) -> tuple[np.ndarray, Image.Image]:
+    """An input image upright (EXIF orientation applied) as uint8 RGB (H, W, 3), and the upright PIL image
+    (which keeps any alpha channel for the caller to read as a mask)."""
+    try:
+        with Image.open(path) as img:
+            img.seek(0)  # the first frame of an animation
+            upright = ImageOps.exif_transpose(img)
+            upright.load()
+    except FileNotFoundError:
+        raise UsageError(f"image {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"image {path} is a folder") from None
+    except UnidentifiedImageError:
+        raise UsageError(f"image {path} is not an image file Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UsageError(f"image {path}: cannot read it ({e})") from None
+    if upright.mode.startswith("I;16") or upright.mode == "I":  # 16-bit greyscale: keep the top 8 bits
+        rgb = (np.asarray(upright).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(rgb[..., None], 3, axis=2), upright
+    return np.asarray(upright.convert("RGB")), upright
 
 
 def default_output(stem: str, folder: Path = Path(".")) -> Path:

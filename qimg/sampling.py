@@ -66,15 +66,43 @@ def flow_sigmas(steps: int, seq_len: int, cfg: ScheduleConfig) -> torch.Tensor:
     return torch.cat([torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)])
 
 
-def euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, callback=None) -> torch.Tensor:
-    """Integrate dx/dsigma = v(x, sigma) from sigmas[0] to sigmas[-1]; x stays float32 throughout."""
+def truncate(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of a schedule that an edit of `strength` runs (the reference img2img's get_timesteps)."""
+    steps = len(sigmas) - 1
+    return sigmas[int(max(steps - steps * strength, 0)):]
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow-matching path: x0 at sigma 0, pure noise at sigma 1."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, callback=None, blend=None) -> torch.Tensor:
+    """Integrate dx/dsigma = v(x, sigma) from sigmas[0] to sigmas[-1]; x stays float32 throughout.
+
+    `blend(i, x, sigma_next)`, if given, replaces what must not change after each step (inpainting)."""
     x = x.float()
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = x + (sigma_next - sigma) * velocity(x, sigma).float()
+        if blend is not None:
+            x = blend(i, x, sigma_next)
         if callback is not None:
             callback(i, x)
     return x
+
+
+def keep_known(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, steps: int):
+    """The inpainting blend: after step i, latents the mask keeps are replaced by x0 re-noised to the next
+    sigma, so the last step leaves them exactly x0. A soft mask value m joins the edit only for the last
+    fraction m of the steps (differential diffusion's per-step threshold), so 0.3 edits like strength 0.3
+    and feathered edges blend instead of showing a line; a binary mask is the reference inpaint's blend."""
+
+    def blend(i: int, x: torch.Tensor, sigma_next) -> torch.Tensor:
+        free = mask > 1 - (i + 1) / steps
+        return torch.where(free, x, noised(x0, noise, sigma_next))
+
+    return blend
 
 
 def true_cfg(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from qimg.sampling import ScheduleConfig, euler, flow_sigmas, shift_mu, true_cfg
+from qimg.sampling import ScheduleConfig, euler, flow_sigmas, keep_known, noised, shift_mu, true_cfg, truncate
 
 QWEN_SCHEDULER = dict(
     base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,
@@ -89,3 +89,40 @@ def test_true_cfg_combines_then_keeps_conditional_norm():
 def test_true_cfg_at_scale_one_is_the_conditional_velocity():
     cond, uncond = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
     torch.testing.assert_close(true_cfg(lambda x, s: cond, lambda x, s: uncond, 1.0)(None, None), cond)
+
+
+@pytest.mark.parametrize("steps, strength", [(10, 1.0), (10, 0.35), (7, 0.5), (20, 0.01)])
+def test_truncate_starts_where_the_reference_img2img_starts(steps, strength):
+    sigmas = flow_sigmas(steps, 256, ScheduleConfig())
+    t_start = int(max(steps - min(steps * strength, steps), 0))  # pipeline_qwenimage_img2img.get_timesteps
+    assert torch.equal(truncate(sigmas, strength), sigmas[t_start:])
+
+
+def test_inpaint_keeps_x0_exactly_where_the_mask_is_zero():
+    x0, noise = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    mask = torch.zeros(1, 6, 8)
+    mask[:, :3] = 1.0
+    sigmas = flow_sigmas(6, 64, ScheduleConfig())
+    out = euler(lambda x, s: torch.randn_like(x), noised(x0, noise, sigmas[0]), sigmas,
+                blend=keep_known(x0, noise, mask, len(sigmas) - 1))
+    assert torch.equal(out[:, 3:], x0[:, 3:])
+    assert not torch.allclose(out[:, :3], x0[:, :3])
+
+
+def test_soft_mask_value_edits_only_its_fraction_of_the_steps():
+    steps = 10
+    x0, noise = torch.zeros(1, 3, 1), torch.ones(1, 3, 1)
+    mask = torch.tensor([1.0, 0.3, 0.0]).view(1, 3, 1)
+    sigmas = flow_sigmas(steps, 64, ScheduleConfig())
+    free_steps = torch.zeros(3)
+
+    def velocity(x, sigma):
+        return torch.zeros_like(x)
+
+    def count(i, x):
+        on_path = torch.isclose(x, noised(x0, noise, sigmas[i + 1])).view(3)
+        free_steps.add_((~on_path).float())
+
+    # A zero velocity moves nothing: a latent leaves the re-noised path only on steps it is free.
+    euler(velocity, noise.clone(), sigmas, callback=count, blend=keep_known(x0, noise, mask, steps))
+    assert free_steps.tolist() == [10, 3, 0]

@@ -126,11 +126,14 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kept: 
 
     kept, rest: disjoint index tensors covering 0..N-1. mask: key mask for the `rest` queries (text padding).
     Equals one SDPA call with the dense N x N mask of the inpainting article, but no N x N mask is built
-    and the kept group (usually most tokens) runs unmasked, so it stays on the flash kernel.
+    and the kept group (usually most tokens) runs unmasked, so on CUDA it keeps the flash kernel.
     """
+    def pick(x, idx):  # index_select, not x[:, idx]: advanced indexing gathers ~2x slower on CPU
+        return x.index_select(1, idx)
+
     x = q.new_empty(*q.shape[:2], q.shape[2] * q.shape[3])
-    x.index_copy_(1, kept, attention(q[:, kept], k[:, kept], v[:, kept], None))
-    x.index_copy_(1, rest, attention(q[:, rest], k, v, mask))
+    x.index_copy_(1, kept, attention(pick(q, kept), pick(k, kept), pick(v, kept), None))
+    x.index_copy_(1, rest, attention(pick(q, rest), k, v, mask))
     return x
 
 
