@@ -12,25 +12,31 @@ from .errors import QimgError, UsageError
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
-def load_image(path: Path) -> tuple[np.ndarray, Image.Image]:
-    """An input image upright (EXIF orientation applied) as uint8 RGB (H, W, 3), and the upright PIL image
-    (which keeps any alpha channel for the caller to read as a mask)."""
+def read_image(path: Path, what: str = "image") -> Image.Image:
+    """The first frame of an image file, upright (EXIF orientation applied), fully decoded; any failure is
+    a UsageError naming the file as `what` (image, mask)."""
     try:
         with Image.open(path) as img:
-            img.seek(0)  # the first frame of an animation
             upright = ImageOps.exif_transpose(img)
             upright.load()
+            return upright
     except FileNotFoundError:
-        raise UsageError(f"image {path}: no such file") from None
+        raise UsageError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
-        raise UsageError(f"image {path} is a folder") from None
+        raise UsageError(f"{what} {path} is a folder") from None
     except UnidentifiedImageError:
-        raise UsageError(f"image {path} is not an image file Pillow can read") from None
+        raise UsageError(f"{what} {path} is not an image file Pillow can read") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UsageError(f"image {path}: cannot read it ({e})") from None
+        raise UsageError(f"{what} {path}: cannot read it as an image ({e})") from None
+
+
+def load_image(path: Path) -> tuple[np.ndarray, Image.Image]:
+    """An input image as uint8 RGB (H, W, 3), and the upright PIL image (which keeps any alpha channel for
+    the caller to read as a mask)."""
+    upright = read_image(path)
     if upright.mode.startswith("I;16") or upright.mode == "I":  # 16-bit greyscale: keep the top 8 bits
-        rgb = (np.asarray(upright).astype(np.uint32) >> 8).astype(np.uint8)
-        return np.repeat(rgb[..., None], 3, axis=2), upright
+        grey = (np.asarray(upright).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2), upright
     return np.asarray(upright.convert("RGB")), upright
 
 

@@ -11,9 +11,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
 from .errors import UsageError
+from .files import read_image
 
 Mask = np.ndarray  # (H, W) float32 in [0, 1]
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
@@ -29,15 +30,7 @@ def load_mask(path: str | Path, size: tuple[int, int], resize: bool = False) -> 
     masks as RGBA. The EXIF orientation is applied, as it must be for the image, so both are compared upright.
     A mask of another size is an error unless `resize`, which stretches it bilinearly to the image.
     """
-    try:
-        with Image.open(path) as img:
-            m = _mask_values(ImageOps.exif_transpose(img))
-    except FileNotFoundError:
-        raise UsageError(f"mask {path}: no such file") from None
-    except UnidentifiedImageError:
-        raise UsageError(f"mask {path} is not an image file Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UsageError(f"mask {path}: cannot read it as an image ({e})") from None
+    m = _mask_values(read_image(path, "mask"))
     (w, h), (width, height) = (m.shape[1], m.shape[0]), size
     if (w, h) == (width, height):
         return m
@@ -80,11 +73,6 @@ def resize_mask(m: Mask, size: tuple[int, int]) -> Mask:
         return m.copy()
     out = Image.fromarray(m.astype(np.float32)).resize(tuple(size), Image.BILINEAR)
     return np.clip(np.asarray(out, dtype=np.float32), 0, 1)
-
-
-def mask_image(m: Mask) -> Image.Image:
-    """The mask as an 8-bit greyscale picture (white = regenerate), for saving or previewing."""
-    return Image.fromarray(np.round(np.clip(m, 0, 1) * 255).astype(np.uint8))
 
 
 # --- Rectangles ------------------------------------------------------------------------------------------

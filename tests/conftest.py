@@ -24,3 +24,12 @@ def reference_pipeline(tiny_model_dir):
     pipe = QwenImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny tensors: intra-op threads only add hand-off cost, and spin badly on a busy 2-core box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

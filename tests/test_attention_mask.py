@@ -16,13 +16,7 @@ CFG = TransformerConfig.tiny()
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add hand-off cost, and spin badly on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_mask(keep: torch.Tensor, txt_mask: torch.Tensor) -> torch.Tensor:
