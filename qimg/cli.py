@@ -151,7 +151,9 @@ def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, dev
     d = engine.defaults
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
     negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-    progress, callback = step_progress(max(1, int(steps * strength)), kind)
+    from .sampling import first_step
+
+    progress, callback = step_progress(steps - first_step(steps, strength), kind)
     with progress:
         edit = engine.inpaint(canvas, mask, prompt, negative_prompt, steps, cfg, seed, strength,
                               attn_mask == "on", context, callback)

@@ -17,7 +17,7 @@ from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resi
 from .model.text import TextEncoder
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
-from .sampling import ScheduleConfig, euler, flow_sigmas, keep_known, noised, true_cfg, truncate
+from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
 from .weights import load_module, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,7 +149,6 @@ class Engine:
         """The guided velocity field for one prompt over a latent grid (h, w) in patches."""
         guided = cfg > 1
         embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
-        extra = {} if keep is None else {"keep": keep}
 
         def velocity_for(txt: torch.Tensor):
             txt = txt[None].to(self.device, self.dtype)
@@ -157,7 +156,7 @@ class Engine:
             def velocity(x, sigma):
                 # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
                 t = (sigma * 1000).to(self.dtype).expand(x.shape[0]) / 1000
-                return self.transformer(x.to(self.dtype), txt, None, t, grid, **extra).float()
+                return self.transformer(x.to(self.dtype), txt, None, t, grid, keep).float()
 
             return velocity
 
@@ -183,7 +182,7 @@ class Engine:
         h, w = z0.shape[-2:]
         x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
         m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
-        sigmas = truncate(flow_sigmas(steps, x0.shape[1], self.schedule), strength).to(self.device)
+        sigmas = flow_sigmas(steps, x0.shape[1], self.schedule)[first_step(steps, strength):].to(self.device)
         if len(sigmas) < 2:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask

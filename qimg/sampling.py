@@ -66,10 +66,10 @@ def flow_sigmas(steps: int, seq_len: int, cfg: ScheduleConfig) -> torch.Tensor:
     return torch.cat([torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)])
 
 
-def truncate(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
-    """The tail of a schedule that an edit of `strength` runs (the reference img2img's get_timesteps)."""
-    steps = len(sigmas) - 1
-    return sigmas[int(max(steps - steps * strength, 0)):]
+def first_step(steps: int, strength: float) -> int:
+    """Where an edit of `strength` enters a `steps`-step schedule (the reference img2img's get_timesteps);
+    it runs `steps - first_step` steps, at least one for any strength above 0."""
+    return int(max(steps - steps * strength, 0))
 
 
 def noised(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from qimg.sampling import ScheduleConfig, euler, flow_sigmas, keep_known, noised, shift_mu, true_cfg, truncate
+from qimg.sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, shift_mu, true_cfg
 
 QWEN_SCHEDULER = dict(
     base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,
@@ -92,10 +92,10 @@ def test_true_cfg_at_scale_one_is_the_conditional_velocity():
 
 
 @pytest.mark.parametrize("steps, strength", [(10, 1.0), (10, 0.35), (7, 0.5), (20, 0.01)])
-def test_truncate_starts_where_the_reference_img2img_starts(steps, strength):
-    sigmas = flow_sigmas(steps, 256, ScheduleConfig())
+def test_first_step_is_where_the_reference_img2img_starts(steps, strength):
     t_start = int(max(steps - min(steps * strength, steps), 0))  # pipeline_qwenimage_img2img.get_timesteps
-    assert torch.equal(truncate(sigmas, strength), sigmas[t_start:])
+    assert first_step(steps, strength) == t_start
+    assert steps - first_step(steps, strength) >= 1
 
 
 def test_inpaint_keeps_x0_exactly_where_the_mask_is_zero():
