@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common import build_tiny_model  # noqa: E402
 from qimg.engine import Engine  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
@@ -87,21 +88,12 @@ def main():
     folder = Path(tmp.name) / "model"
     tiny = args.model is None
     if tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from tiny_checkpoint import build_tiny_checkpoint
-
-        build_tiny_checkpoint(folder)
+        build_tiny_model(folder)
     else:  # a copy whose qimg.json we may overwrite; big weight files are symlinked, not copied
         shutil.copytree(args.model.resolve(), folder, copy_function=os.symlink, ignore=shutil.ignore_patterns("qimg.json"))
-        src = args.model / "qimg.json"
-        if src.is_file():
-            d = json.loads(src.read_text())
-            d.pop("max_pixels", None)
-            (folder / "qimg.json").write_text(json.dumps(d))
-    cfg_file = folder / "qimg.json"
-    d = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    d["max_pixels"] = args.max_pixels
-    cfg_file.write_text(json.dumps(d))
+    src = args.model / "qimg.json" if args.model else None
+    d = json.loads(src.read_text()) if src and src.is_file() else {}
+    (folder / "qimg.json").write_text(json.dumps({**d, "max_pixels": args.max_pixels}))
     engine = Engine(folder, args.device, args.dtype)
     assert engine.defaults.max_pixels == args.max_pixels
 

@@ -21,7 +21,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from common import build_tiny_model  # noqa: E402
 from qimg.engine import Engine  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
@@ -108,12 +108,9 @@ def main():
 
     tmp = None
     if args.model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from tiny_checkpoint import build_tiny_checkpoint
-
         tmp = tempfile.TemporaryDirectory()
         t = time.perf_counter()
-        folder = build_tiny_checkpoint(Path(tmp.name) / "qwen-image")
+        folder = build_tiny_model(Path(tmp.name) / "qwen-image")
         built = time.perf_counter() - t
     else:
         folder = args.model
