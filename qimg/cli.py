@@ -23,7 +23,7 @@ app = typer.Typer(
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", envvar="QIMG_MODEL", show_envvar=True,
-    help="Model folder (diffusers layout) or Hugging Face repo id, e.g. Qwen/Qwen-Image.")]
+    help="Model folder (diffusers layout), Hugging Face repo id (Qwen/Qwen-Image), or builtin: the small shapes demo model [default: builtin].")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16.")]
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What to draw (any language).")]
@@ -62,8 +62,6 @@ def open_engine(model: Optional[str], device: str, dtype: str):
     from .engine import Engine
     from .weights import resolve_model
 
-    if not model:
-        raise UsageError("no model given: pass --model FOLDER|REPO or set QIMG_MODEL")
     return Engine(resolve_model(model), device, dtype)
 
 

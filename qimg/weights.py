@@ -17,10 +17,20 @@ from .errors import QimgError, UsageError
 PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHOWN = 5  # how many offending key names an error lists
+BUILTIN = Path(__file__).parent / "builtin" / "shapes"  # the demo model shipped in the package
 
 
-def resolve_model(spec: str) -> Path:
-    """A local folder, or a repo id (`Qwen/Qwen-Image`) found in the hub cache or fetched into it."""
+def builtin_model() -> Path:
+    if not (BUILTIN / "model_index.json").is_file():
+        raise QimgError(f"the built-in model is missing from this install ({BUILTIN}); reinstall qimg or pass --model")
+    return BUILTIN
+
+
+def resolve_model(spec: str | None) -> Path:
+    """The built-in model (None or "builtin"), a local folder, or a repo id (`Qwen/Qwen-Image`) found in
+    the hub cache or fetched into it."""
+    if spec in (None, "", "builtin"):
+        return builtin_model()
     path = Path(spec).expanduser()
     if path.is_dir():
         return check_model_folder(path)

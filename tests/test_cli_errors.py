@@ -72,13 +72,6 @@ def test_model_of_another_family(capsys, tmp_path):
     assert_one_line(err, "StableDiffusionPipeline", "not Qwen-Image")
 
 
-def test_no_model_given(capsys, tmp_path, monkeypatch):
-    monkeypatch.delenv("QIMG_MODEL", raising=False)
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-o", str(tmp_path / "o.png"))
-    assert code == 2
-    assert_one_line(err, "--model", "QIMG_MODEL")
-
-
 def test_uncached_repo_id_names_the_folder_to_pass(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

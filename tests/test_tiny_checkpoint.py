@@ -7,7 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tiny_checkpoint import PROMPT_TEMPLATE, SCHEDULER_CONFIG, build_tiny_checkpoint
+from tiny_checkpoint import build_tiny_checkpoint
+
+from qimg.model.text import TEMPLATE as PROMPT_TEMPLATE
+from qimg.train.checkpoint import SCHEDULER_CONFIG
 
 ENGLISH = "a red circle on a blue background"
 CHINESE = "蓝色背景上的红色圆形"

@@ -1,0 +1,13 @@
+import argparse
+from pathlib import Path
+
+from .train import main
+
+parser = argparse.ArgumentParser(prog="python -m qimg.train", description="Train the built-in shapes model.")
+parser.add_argument("out", type=Path, help="folder to write the model to (diffusers layout)")
+parser.add_argument("--minutes", type=float, default=90.0, help="time budget for the whole run")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--scenes", type=int, default=8000, help="training scenes rendered and encoded")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+args = parser.parse_args()
+main(args.out, args.minutes, args.seed, args.scenes, args.threads)

@@ -1,0 +1,202 @@
+"""Train the built-in model on synthetic scenes: the VAE, then the text encoder and MMDiT together.
+
+    python -m qimg.train OUT_FOLDER [--minutes 90] [--seed 0]
+
+Stages (printed as they go, with losses): render the scenes; train the VAE as an autoencoder on
+crops; encode every scene to a latent once and set the VAE's latent statistics from them; train the
+MMDiT with flow matching on those latents while the text encoder learns from scratch through it.
+The time budget is split between the stages and learning-rate schedules follow elapsed time, so a
+run ends on time on any machine (more steps on a faster one). Weights are exported in the diffusers
+layout, loadable by qimg and by diffusers' QwenImagePipeline.
+"""
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.text import DROP, TEMPLATE, pad_batch
+from ..model.transformer import QwenImageTransformer, TransformerConfig, patchify
+from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
+from .checkpoint import text_encoder, train_tokenizer, write_folder
+from .shapes import LANGUAGES, caption, render, sample_scene
+
+SIZE = 128  # native resolution: 16x16 latents, 64 image tokens
+TEXT_WIDTH = 128
+TRANSFORMER = TransformerConfig(num_layers=4, attention_head_dim=32, num_attention_heads=6,
+                                joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(8, 12, 12))
+VAE = VAEConfig(base_dim=16, num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16)
+DEFAULTS = {"width": SIZE, "height": SIZE, "steps": 24, "cfg": 4.0, "max_pixels": SIZE * SIZE}
+UNCOND = 0.1  # caption dropout, so true CFG has an unconditional (" ") branch to push away from
+
+
+def log(stage: str, msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}: {msg}", flush=True)
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
+    """Linear warmup then cosine decay to 10% of peak; progress in [0, 1] of the stage's time."""
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1], as the engine's encode does."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+
+
+def init_single_frame(vae: QwenImageVAE) -> None:
+    """Re-initialise causal 3D convs for single frames: only the last temporal slice ever sees data, so
+    draw it with the fan-in of a 2D conv (PyTorch's init counts all three slices, starting every layer
+    ~1/sqrt(3) too small) and zero the idle slices."""
+    for module in vae.modules():
+        if isinstance(module, CausalConv3d) and module.weight.shape[2] == 3:
+            module.weight.data.zero_()
+            torch.nn.init.kaiming_uniform_(module.weight.data[:, :, -1], a=math.sqrt(5))
+
+
+def train_vae(images: np.ndarray, seconds: float, seed: int, batch: int = 32, crop: int = 32) -> QwenImageVAE:
+    """A deterministic autoencoder on random crops (the posterior mean is all the engine uses), with a
+    small pull of the latents towards zero so their scale stays tame."""
+    torch.manual_seed(seed)
+    vae = QwenImageVAE(VAE)
+    init_single_frame(vae)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    rng = np.random.default_rng(seed)
+    start, step = time.time(), 0
+    while (elapsed := time.time() - start) < seconds:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(elapsed / seconds, 1e-3)
+        idx = rng.integers(0, len(images), batch)
+        y0, x0 = rng.integers(0, SIZE - crop + 1, 2) // 8 * 8
+        x = to_tensor(images[idx, y0:y0 + crop, x0:x0 + crop]).contiguous(memory_format=torch.channels_last)
+        mean = vae.quant_conv(vae.encoder(x))[:, : VAE.z_dim]
+        out = vae.decoder(vae.post_quant_conv(mean))
+        recon = (out - x).abs().mean() + F.mse_loss(out, x)
+        loss = recon + 1e-4 * mean.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log("vae", f"step {step} recon {recon.item():.4f} ({elapsed / 60:.1f}/{seconds / 60:.0f} min)")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae: QwenImageVAE, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Posterior means of every image, unnormalised (N, 16, h, w)."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i:i + batch]).contiguous(memory_format=torch.channels_last)  # ~3x faster convs
+        moments = vae.quant_conv(vae.encoder(x))
+        out.append(moments[:, : VAE.z_dim])
+    return torch.cat(out)
+
+
+def normalise(vae: QwenImageVAE, latents: torch.Tensor) -> torch.Tensor:
+    """Set the VAE's per-channel latent statistics from the data; return the normalised latents."""
+    mean = latents.mean(dim=(0, 2, 3))
+    std = latents.std(dim=(0, 2, 3))
+    vae.cfg = dataclasses.replace(vae.cfg, latents_mean=tuple(mean.tolist()), latents_std=tuple(std.tolist()))
+    return (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+class Prompts:
+    """Tokenises prompts (memoised: captions repeat) and runs the text encoder as the engine does."""
+
+    def __init__(self, tokenizer, encoder):
+        self.tokenizer, self.model = tokenizer, encoder.model
+        self.ids: dict[str, list[int]] = {}
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for p in prompts:
+            if p not in self.ids:
+                self.ids[p] = self.tokenizer(TEMPLATE.format(p)).input_ids
+        longest = max(len(self.ids[p]) for p in prompts)
+        ids = torch.tensor([self.ids[p] + [0] * (longest - len(self.ids[p])) for p in prompts])
+        mask = torch.tensor([[1] * len(self.ids[p]) + [0] * (longest - len(self.ids[p])) for p in prompts])
+        hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return pad_batch([h[m.bool()][DROP:] for h, m in zip(hidden, mask)])
+
+
+def sample_caption(scene, rng: random.Random) -> str:
+    return " " if rng.random() < UNCOND else caption(scene, rng, rng.choice(LANGUAGES))
+
+
+def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, params: list, seconds: float, seed: int,
+              batch: int = 32) -> tuple[QwenImageTransformer, QwenImageTransformer]:
+    """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = QwenImageTransformer(TRANSFORMER)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(list(model.parameters()) + params, lr=3e-4, weight_decay=0.01)
+    h, w = latents.shape[-2:]
+    start, step, running = time.time(), 0, None
+    while (elapsed := time.time() - start) < seconds:
+        progress = elapsed / seconds
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, 3e-4)
+        idx = [rng.randrange(len(scenes)) for _ in range(batch)]
+        x0 = patchify(latents[idx])
+        noise = torch.randn_like(x0)
+        s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps
+        xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
+        txt, txt_mask = prompts([sample_caption(scenes[i], rng) for i in idx])
+        pred = model(xt, txt, txt_mask, s, (h // 2, w // 2))
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0:
+            log("mmdit", f"step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                         f"({elapsed / 60:.1f}/{seconds / 60:.0f} min)")
+    return model, ema
+
+
+def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None) -> Path:
+    if threads:
+        torch.set_num_threads(threads)
+    budget = minutes * 60
+    start = time.time()
+    rng = random.Random(seed)
+    all_scenes = [sample_scene(rng) for _ in range(scenes)]
+    images = np.stack([render(s, rng, (SIZE, SIZE)) for s in all_scenes])
+    log("data", f"{len(all_scenes)} scenes rendered at {SIZE}x{SIZE}")
+
+    captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]
+    tokenizer = train_tokenizer(captions, vocab_size=1000)
+    torch.manual_seed(seed)
+    encoder = text_encoder(tokenizer, TEXT_WIDTH, layers=2)
+    log("text", f"tokenizer of {len(tokenizer)} tokens, encoder of "
+                f"{sum(p.numel() for p in encoder.model.language_model.parameters()) / 1e6:.2f}M parameters")
+
+    vae = train_vae(images, 0.35 * budget, seed)
+    latents = normalise(vae, encode_all(vae, images))
+    log("vae", f"latents {tuple(latents.shape)} encoded; {(time.time() - start) / 60:.1f} min so far")
+
+    remaining = budget - (time.time() - start) - 60  # a minute for the export
+    language = encoder.model.language_model
+    language.train().requires_grad_(True)
+    prompts = Prompts(tokenizer, encoder)
+    model, ema = train_dit(latents, all_scenes, prompts, list(language.parameters()), remaining, seed)
+    language.eval().requires_grad_(False)
+
+    folder = write_folder(out, ema, vae, encoder, tokenizer, defaults=DEFAULTS)
+    log("done", f"{folder} written after {(time.time() - start) / 60:.1f} min")
+    return folder
