@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import Abort, TyperException
 
+from . import presets
 from .errors import QimgError, UsageError
 
 app = typer.Typer(
@@ -40,6 +41,9 @@ StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
 AttnMaskOpt = Annotated[str, typer.Option(help="on: kept pixels never attend to the edit (seed's dynamic mask); off.")]
 FeatherOpt = Annotated[int, typer.Option(min=0, help="Soft edge width in pixels outside the mask.")]
 ContextOpt = Annotated[int, typer.Option(min=0, help="Pixels around the mask the model sees on large images.")]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    is_eager=True, callback=presets.apply,
+    help="Options from a preset: a bundled name (see `qimg presets`) or a YAML file; flags given here win.")]
 
 
 @app.callback()
@@ -92,7 +96,7 @@ def step_progress(total: int, label: str):
 def generate(
     prompt: PromptOpt, negative_prompt: NegativeOpt = None, model: ModelOpt = None, size: SizeOpt = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False, preset: PresetOpt = None,
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
@@ -113,7 +117,7 @@ def generate(
     with progress:
         image = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
     params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
-                  steps=steps, cfg=cfg, model=str(engine.folder))
+                  steps=steps, cfg=cfg, model=str(engine.folder), preset=preset)
     save_image(Image.fromarray(image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
     report(out, params, started, json_)
 
@@ -130,7 +134,7 @@ def edit_output(image: Path, out: Optional[Path], kind: str) -> Path:
 
 
 def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, device, dtype, prompt,
-             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json):
+             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json, preset):
     """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
     from PIL import Image
 
@@ -161,7 +165,7 @@ def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, dev
     params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
                   steps=steps, cfg=cfg, strength=strength, attn_mask=attn_mask, input=str(image),
                   mask_area=selected_area(mask), box=list(edit.box), work_size=list(edit.work_size),
-                  model=str(engine.folder))
+                  model=str(engine.folder), preset=preset)
     save_image(Image.fromarray(edit.image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
     report(out, params, started, as_json)
 
@@ -178,7 +182,7 @@ def inpaint(
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False, preset: PresetOpt = None,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     import numpy as np
@@ -200,7 +204,7 @@ def inpaint(
         return pixels, masks.feather(masks.grow(m, grow), feather)
 
     run_edit("inpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
-             strength, attn_mask, context, json_)
+             strength, attn_mask, context, json_, preset)
 
 
 @app.command()
@@ -216,7 +220,7 @@ def outpaint(
     feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False, preset: PresetOpt = None,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -229,7 +233,16 @@ def outpaint(
         return masks.outpaint_canvas(pixels, margins, feather)
 
     run_edit("outpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
-             strength, attn_mask, context, json_)
+             strength, attn_mask, context, json_, preset)
+
+
+@app.command("presets")
+def list_presets(ctx: typer.Context):
+    """List the bundled presets: the commands each fits, its file and its contents."""
+    for name, path in presets.bundled().items():
+        fits = presets.fitting_commands(ctx.parent.command, presets.read_yaml(path, "preset"))
+        print(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
+        print("".join(f"    {line}\n" for line in path.read_text().splitlines()))
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:
