@@ -133,6 +133,41 @@ def edit_output(image: Path, out: Optional[Path], kind: str) -> Path:
     return out
 
 
+def check_edit(strength: float, attn_mask: str) -> None:
+    if strength <= 0:
+        raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
+    if attn_mask not in ("on", "off"):
+        raise UsageError(f"--attn-mask {attn_mask!r}: expected on or off")
+
+
+def inpaint_mask(pixels, picture, image: Path, mask, rect, mask_resize, invert_mask, grow, feather):
+    """The final inpaint mask from the options: --mask and --rect (union), else the input's transparency
+    (`picture`, None when there is none to use); then invert, grow, feather."""
+    import numpy as np
+
+    from . import masks
+
+    height, width = pixels.shape[:2]
+    parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
+    if rect:
+        parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
+    if not parts:
+        alpha = masks.alpha_mask(picture) if picture is not None else None
+        if alpha is None:
+            raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
+        parts.append(alpha)
+    m = np.maximum.reduce(parts)
+    m = masks.invert(m) if invert_mask else m
+    return masks.feather(masks.grow(m, grow), feather)
+
+
+def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:
+    from . import masks
+
+    target = parse_size(to, "--to", multiple=1) if to else None
+    return masks.outpaint_margins(size, left, right, top, bottom, expand, target, anchor)
+
+
 def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, device, dtype, prompt,
              negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json, preset):
     """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
@@ -142,10 +177,7 @@ def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, dev
     from .masks import ensure_not_empty, selected_area
 
     started = time.perf_counter()
-    if strength <= 0:
-        raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
-    if attn_mask not in ("on", "off"):
-        raise UsageError(f"--attn-mask {attn_mask!r}: expected on or off")
+    check_edit(strength, attn_mask)
     pixels, picture = load_image(image)
     canvas, mask = build_mask(pixels, picture)
     ensure_not_empty(mask, "the mask")
@@ -185,23 +217,9 @@ def inpaint(
     dtype: DtypeOpt = "auto", json_: JsonOpt = False, preset: PresetOpt = None,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
-    import numpy as np
-
-    from . import masks
 
     def build_mask(pixels, picture):
-        height, width = pixels.shape[:2]
-        parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
-        if rect:
-            parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
-        if not parts:
-            alpha = masks.alpha_mask(picture)
-            if alpha is None:
-                raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
-            parts.append(alpha)
-        m = np.maximum.reduce(parts)
-        m = masks.invert(m) if invert_mask else m
-        return pixels, masks.feather(masks.grow(m, grow), feather)
+        return pixels, inpaint_mask(pixels, picture, image, mask, rect, mask_resize, invert_mask, grow, feather)
 
     run_edit("inpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
              strength, attn_mask, context, json_, preset)
@@ -227,13 +245,61 @@ def outpaint(
     from . import masks
 
     def build_mask(pixels, picture):
-        height, width = pixels.shape[:2]
-        target = parse_size(to, "--to", multiple=1) if to else None
-        margins = masks.outpaint_margins((width, height), left, right, top, bottom, expand, target, anchor)
-        return masks.outpaint_canvas(pixels, margins, feather)
+        size = pixels.shape[1::-1]
+        return masks.outpaint_canvas(pixels, outpaint_margins(size, left, right, top, bottom, expand, to, anchor),
+                                     feather)
 
     run_edit("outpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
              strength, attn_mask, context, json_, preset)
+
+
+@app.command()
+def chain(
+    ctx: typer.Context, image: ImageArg,
+    chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
+                                                    "{inpaint: {...}} / {outpaint: {...}}.", show_default=False)],
+    out: OutOpt = None,
+    keep_steps: Annotated[Optional[Path], typer.Option(help="Folder to write each edit's image to.")] = None,
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    cache_dir: Annotated[Optional[Path], typer.Option(envvar="QIMG_CACHE_DIR", help="Where edits are cached "
+                                                      "[default: the user cache folder].")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
+    json_: JsonOpt = False, preset: PresetOpt = None,
+):
+    """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
+
+    --steps, --cfg and --seed (given here or by a preset) apply to every edit and win over the file's values;
+    an edit with no seed anywhere takes one random seed, reported."""
+    from PIL import Image
+
+    from . import chain as chains
+    from .cache import Store, default_cache_dir
+    from .files import default_output, load_image, save_image
+
+    started = time.perf_counter()
+    given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed)) if v is not None}
+    edits = chains.read_chain(ctx, chain_file, given)
+    pixels, picture = load_image(image)
+    planned = chains.plan(edits, pixels, picture)
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    out = edit_output(image, out, "chain")
+    if keep_steps is not None and keep_steps.exists() and not keep_steps.is_dir():
+        raise UsageError(f"--keep-steps {keep_steps} is a file; give a folder")
+    engine = open_engine(model, device, dtype)
+    store = None if no_cache else Store(cache_dir or default_cache_dir(),
+                                        warn=lambda message: print(f"qimg: warning: {message}", file=sys.stderr))
+    lineage = []
+    params = dict(input=str(image), chain=str(chain_file), seed=seed, model=str(engine.folder), preset=preset)
+    for done, canvas, entry in chains.run(engine, planned, pixels, seed, store):
+        lineage.append(entry)
+        if keep_steps is not None:
+            step_file = default_output(f"{image.stem}.{done.step.index:02d}-{done.step.kind}", keep_steps)
+            save_image(Image.fromarray(engine.render(canvas)), step_file,
+                       {"qimg": json.dumps({**params, "edits": lineage}, ensure_ascii=False)})
+    width, height = canvas.size
+    params.update(width=width, height=height, edits=lineage)
+    save_image(Image.fromarray(engine.render(canvas)), out, {"qimg": json.dumps(params, ensure_ascii=False)})
+    report(out, params, started, json_)
 
 
 @app.command("presets")

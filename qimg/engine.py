@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .canvas import Canvas, edited, from_window, to_window, window_size
 from .errors import QimgError, UsageError
-from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
+from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .model.text import TextEncoder
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
@@ -213,22 +214,49 @@ class Engine:
         An image larger than the model's working area is not shrunk as a whole: the model sees the mask's
         bounding box plus `context` pixels around it, scaled to the working area, and that is pasted back."""
         height, width = mask.shape
+        if width * height > self.defaults.max_pixels:
+            return self._inpaint_resampled(image, mask, prompt, negative_prompt, steps, cfg, seed, strength,
+                                           attn_mask, context, callback)
+        canvas = self.edit_canvas(Canvas.start(image), mask, prompt, negative_prompt, steps, cfg, seed, strength,
+                                  attn_mask, context, callback)
+        return Edit(self.render(canvas), (0, 0, width, height), window_size((width, height), (0, 0)))
+
+    def edit_canvas(self, canvas: Canvas, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
+                    cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
+                    callback=None) -> Canvas:
+        """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded.
+
+        A canvas over the working area goes through pixels instead (the model sees a resampled crop of it,
+        which has no latent to carry): it is rendered, edited as `inpaint` does, and its pixels kept."""
+        width, height = canvas.size
+        if width * height > self.defaults.max_pixels:
+            edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
+                                           strength, attn_mask, context, callback)
+            return Canvas.start(edit.image)
+        z0 = canvas.latent if canvas.latent is not None else self.encode(pad_to_multiple(canvas.pixels, None)[0])
+        m = torch.from_numpy(latent_mask(to_window(mask, canvas.origin), 8))
+        latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback)
+        return edited(canvas, mask, latent)
+
+    def render(self, canvas: Canvas) -> np.ndarray:
+        """The canvas's pixels: its latent decoded once and composited over the known pixels."""
+        if canvas.latent is None:
+            return canvas.pixels
+        decoded = from_window(self.decode(canvas.latent), canvas.origin, canvas.size)
+        return composite(canvas.pixels, decoded, canvas.pending)
+
+    def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
+                           steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
+                           callback) -> "Edit":
+        """inpaint for an image over the working area: the mask's box plus context, scaled to fit it."""
         max_pixels = self.defaults.max_pixels
         x0, y0, x1, y1 = crop_box(mask, context, max_pixels)
-        region, region_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-        resized = (x1 - x0) * (y1 - y0) != width * height or width * height > max_pixels
-        if resized:
-            size = work_size(x1 - x0, y1 - y0, max_pixels)
-            work = np.asarray(Image.fromarray(region).resize(size, Image.LANCZOS))
-            work_mask = resize_mask(region_mask, size)
-        else:
-            work, work_mask, _ = pad_to_multiple(region, region_mask)
-        m = torch.from_numpy(latent_mask(work_mask, 8))
+        size = work_size(x1 - x0, y1 - y0, max_pixels)
+        work = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize(size, Image.LANCZOS))
+        m = torch.from_numpy(latent_mask(resize_mask(mask[y0:y1, x0:x1], size), 8))
         latent = self.inpaint_latent(self.encode(work), m, prompt, negative_prompt, steps, cfg, seed, strength,
                                      attn_mask, callback)
-        out = self.decode(latent)
-        if resized:
-            out = np.asarray(Image.fromarray(out).resize((x1 - x0, y1 - y0), Image.LANCZOS))
+        out = np.asarray(Image.fromarray(self.decode(latent)).resize((x1 - x0, y1 - y0), Image.LANCZOS))
         generated = image.copy()
-        generated[y0:y1, x0:x1] = crop(out, (x1 - x0, y1 - y0))
-        return Edit(composite(image, generated, mask), (x0, y0, x1, y1), work.shape[1::-1])
+        generated[y0:y1, x0:x1] = out
+        return Edit(composite(image, generated, mask), (x0, y0, x1, y1), size)

@@ -108,11 +108,11 @@ def _convert(ctx, param, key: str, value, where: str):
     if not ok:
         expected = f"{EXPECTED[base]} or a list of them" if param.multiple else EXPECTED[annotation]
         hint = " (quote it: YAML reads bare on/off/yes/no as true/false)" if isinstance(value, bool) else ""
-        raise UsageError(f"{where}: {key} must be {expected}, not {_describe(value)}{hint}")
+        raise UsageError(f"{where}: {key} must be {expected}, not {describe(value)}{hint}")
     try:
         return param.get_runtime_param().coerce(items, param=param, ctx=ctx)
     except BadParameter as e:
-        raise UsageError(f"{where}: {key}: {e.message} (got {_describe(value)})") from None
+        raise UsageError(f"{where}: {key}: {e.message} (got {describe(value)})") from None
 
 
 def _is_a(value, annotation) -> bool:
@@ -123,7 +123,7 @@ def _is_a(value, annotation) -> bool:
     return isinstance(value, str if annotation is Path else annotation)
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
     """A value for an error message: short even for a huge or self-referencing structure."""
     if isinstance(value, (bool, int, float)) or value is None:
         return "nothing" if value is None else repr(value)
