@@ -260,7 +260,8 @@ def chain(
                                                     "{inpaint: {...}} / {outpaint: {...}}.", show_default=False)],
     out: OutOpt = None,
     keep_steps: Annotated[Optional[Path], typer.Option(help="Folder to write each edit's image to.")] = None,
-    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, model: ModelOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     cache_dir: Annotated[Optional[Path], typer.Option(envvar="QIMG_CACHE_DIR", help="Where edits are cached "
                                                       "[default: the user cache folder].")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
@@ -289,7 +290,7 @@ def chain(
     store = None if no_cache else Store(cache_dir or default_cache_dir(),
                                         warn=lambda message: print(f"qimg: warning: {message}", file=sys.stderr))
     lineage = []
-    params = dict(input=str(image), chain=str(chain_file), seed=seed, model=str(engine.folder), preset=preset)
+    params = dict(input=str(image), chain=str(chain_file), model=str(engine.folder), preset=preset)
     for done, canvas, entry in chains.run(engine, planned, pixels, seed, store):
         lineage.append(entry)
         if keep_steps is not None:
@@ -297,7 +298,8 @@ def chain(
             save_image(Image.fromarray(engine.render(canvas)), step_file,
                        {"qimg": json.dumps({**params, "edits": lineage}, ensure_ascii=False)})
     width, height = canvas.size
-    params.update(width=width, height=height, edits=lineage)
+    seeds = sorted({entry["seed"] for entry in lineage})  # those the edits used
+    params.update(seed=seeds[0] if len(seeds) == 1 else seeds, width=width, height=height, edits=lineage)
     save_image(Image.fromarray(engine.render(canvas)), out, {"qimg": json.dumps(params, ensure_ascii=False)})
     report(out, params, started, json_)
 
