@@ -197,7 +197,7 @@ class Engine:
             record = {"vae": self.vae_fingerprint, "model": self.model_fingerprint, "size": list(image.shape[1::-1])}
             self.cache.put("latent", pixel_key(image, self.vae_fingerprint), {"latent": latent.float()}, record)
 
-    def _work_latent(self, image: np.ndarray, work: np.ndarray, whole: bool) -> tuple[torch.Tensor, str]:
+    def input_latent(self, image: np.ndarray, work: np.ndarray, whole: bool) -> tuple[torch.Tensor, str]:
         """The latent of `work` and whether the cache gave it. Only when `work` is the whole `image` at its own
         size (padded right and bottom) does a latent stored for image's pixels stand in for encoding it, and
         only then is a fresh encoding stored for the next edit of the same image."""
@@ -299,7 +299,7 @@ class Engine:
             work, work_mask, _ = pad_to_multiple(region, region_mask)
         m = torch.from_numpy(latent_mask(work_mask, 8))
         encoded_before = self.prompts_encoded
-        z0, latent_cache = self._work_latent(image, work, not resized)
+        z0, latent_cache = self.input_latent(image, work, not resized)
         latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback)
         out = self.decode(latent)
         if resized:
