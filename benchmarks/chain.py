@@ -6,7 +6,8 @@
 Times, as whole processes (what a shell user waits for), with the same three rectangles, prompts, steps
 and seed, interleaved (chain, separate, rerun, ...), medians of --reps:
   chain     one `qimg chain` process, --no-cache: the model loads once, one VAE encode and one decode
-  separate  three `qimg inpaint` processes, each on the previous output: three loads, encodes and decodes
+  separate  three `qimg inpaint` processes, --no-cache, each on the previous output: three loads, encodes
+            and decodes
   rerun     `qimg chain` again after changing the last edit's prompt, with the cache: only edit 3 runs
 and reports, for the chain's and the separate commands' final images, how many pixels outside all three
 rectangles differ from the original and by how much at most (both must be 0: each composites over the
@@ -85,7 +86,7 @@ def run(args, tmp: Path) -> None:
         for i, ((x, y, w, h), prompt) in enumerate(zip(boxes, PROMPTS)):
             out = tmp / f"separate-{i}.png"
             elapsed += qimg("inpaint", source, "-p", prompt, "--rect", f"{x},{y},{w},{h}", "--steps", args.steps,
-                            "--seed", 7, "-o", out, *common)
+                            "--seed", 7, "-o", out, "--no-cache", *common)
             source = out
         times["separate"].append(elapsed)
 

@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from .canvas import Canvas, edited, grow
-from .cli import check_edit, inpaint_mask, outpaint_margins, step_progress
+from .cli import check_edit, inpaint_mask, outpaint_margins, progress_bars, step_callback
 from .errors import QimgError, UsageError
 from .masks import ensure_not_empty
 from .presets import NOT_IN_PRESETS, describe, check_options, find, option_params, read_yaml
 
 KINDS = ("inpaint", "outpaint")
-CHAIN_LEVEL = {"out", "json_", "model", "device", "dtype"}  # set once for the whole chain, on its command line
+# set once for the whole chain, on its command line
+CHAIN_LEVEL = {"out", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size"}
+BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
+NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
     shared = {p.name for p in option_params(commands["inpaint"]).values()} & {
         p.name for p in option_params(commands["outpaint"]).values()}
     only_one = {p.name for c in commands.values() for p in c.params} - shared
-    defaults = check_options(ctx, commands["inpaint"], data, f"chain {path}", only_one | CHAIN_LEVEL | {"preset"})
+    defaults = check_options(ctx, commands["inpaint"], data, f"chain {path}", only_one | NOT_IN_EDITS | {"preset"})
     steps = []
     for index, entry in enumerate(edits, 1):
         where = f"chain {path} edit {index}"
@@ -59,13 +62,13 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
         where, command = f"{where} ({kind})", commands[kind]
         if not isinstance(options, dict):
             raise UsageError(f"{where}: expected a mapping of {kind} options, not {describe(options)}")
-        values = check_options(ctx, command, options, where, CHAIN_LEVEL)
+        values = check_options(ctx, command, options, where, NOT_IN_EDITS)
         preset = values.pop("preset", None)
         layer = {}
         if preset:
             file = find(preset)
             layer = check_options(ctx, command, read_yaml(file, "preset"), f"{where}: preset {file}",
-                                  NOT_IN_PRESETS | CHAIN_LEVEL)
+                                  NOT_IN_PRESETS | NOT_IN_EDITS)
         resolved = resolve(command, kind, {**defaults, **layer, **values, **overrides}, where)
         if resolved.get("mask") is not None:
             resolved["mask"] = path.parent / resolved["mask"]  # relative to the chain file; absolute stays
@@ -118,14 +121,15 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, store):
+def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
     """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
-    key is in `store` (None: no cache) are read from it instead of run."""
-    from .cache import array_hash, fingerprint
+    key is in the engine's cache (None: no cache) are read from it instead of run."""
+    from .cache import array_hash
     from .sampling import first_step
 
+    store = engine.cache
     canvas = Canvas.start(pixels)
-    key = key_of("chain", array_hash(pixels), fingerprint(engine.folder), str(engine.dtype), engine.device.type)
+    key = key_of("chain", array_hash(pixels), engine.model_fingerprint, str(engine.dtype), engine.device.type)
     for p in planned:
         args = sampling(p.step, engine.defaults, seed)
         if p.margins:
@@ -139,9 +143,9 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, store):
             ran = 0
         else:
             ran = args["steps"] - first_step(args["steps"], args["strength"])
-            progress, callback = step_progress(ran, f"edit {p.step.index}/{len(planned)} {p.step.kind}")
             try:
-                with progress:
+                with progress_bars() as progress:
+                    _, callback = step_callback(progress, ran, f"edit {p.step.index}/{len(planned)} {p.step.kind}")
                     canvas = engine.edit_canvas(canvas, p.mask, **args, callback=callback)
             except QimgError as e:
                 raise QimgError(f"{p.step.where}: {e}", e.code) from None
@@ -150,8 +154,10 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, store):
                                 "(rerun with --debug for details)") from e
             if store:
                 store.put("chain", key, _tensors(canvas), {"edit": p.step.index, "kind": p.step.kind})
-        lineage = dict(index=p.step.index, kind=p.step.kind, **args, preset=p.step.options["preset"],
-                       mask_sha256=array_hash(p.mask)[:16], margins=p.margins, key=key[:16],
+        # Fields named as in a single edit's metadata hold the same values there and here (attn_mask "on"/"off").
+        settings = {**args, "attn_mask": p.step.options["attn_mask"]}
+        lineage = dict(index=p.step.index, kind=p.step.kind, **settings, preset=p.step.options["preset"],
+                       mask_sha256=array_hash(p.mask), margins=p.margins, key=key[:16],
                        cache="off" if store is None else "hit" if hit else "miss", steps_run=ran)
         yield p, canvas, lineage
 

@@ -11,6 +11,7 @@ from skimage import data
 
 from test_edit import pixels, qimg
 
+from qimg.cache import fingerprint
 from qimg.model.transformer import QwenImageTransformer
 
 
@@ -69,8 +70,8 @@ edits:
     assert code == 0, err
     before, after = pixels(photo), pixels(out)
     assert after.shape == (150 + 11 + 9, 227 + 21 + 13, 3) and (report["width"], report["height"]) == (261, 170)
-    assert [e["kind"] for e in report["edits"]] == ["inpaint", "outpaint", "inpaint", "outpaint", "inpaint"]
-    assert [e["seed"] for e in report["edits"]] == [7, 7, 7, 3, 7]
+    assert [e["kind"] for e in report["lineage"]] == ["inpaint", "outpaint", "inpaint", "outpaint", "inpaint"]
+    assert [e["seed"] for e in report["lineage"]] == [7, 7, 7, 3, 7]
 
     # Every mask, drawn here on the final canvas: edits 3 to 5 see its coordinates, edit 1 sits at (21, 11).
     touched = np.zeros(after.shape[:2], bool)
@@ -110,18 +111,18 @@ edits:
     chain_file = write_chain(tmp_path / "c", text.replace("LAST", "a neon sign"))
     code, first, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
     assert code == 0, err
-    assert [e["cache"] for e in first["edits"]] == ["miss"] * 3 and len(forward_calls) == 2 + 3 + 4
+    assert [e["cache"] for e in first["lineage"]] == ["miss"] * 3 and len(forward_calls) == 2 + 3 + 4
 
     forward_calls.clear()
     code, again, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
     assert code == 0, err
-    assert [e["cache"] for e in again["edits"]] == ["hit"] * 3 and forward_calls == []
+    assert [e["cache"] for e in again["lineage"]] == ["hit"] * 3 and forward_calls == []
     assert np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
 
     write_chain(tmp_path / "c", text.replace("LAST", "a vending machine"))
     code, changed, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
     assert code == 0, err
-    assert [e["cache"] for e in changed["edits"]] == ["hit", "hit", "miss"] and len(forward_calls) == 4
+    assert [e["cache"] for e in changed["lineage"]] == ["hit", "hit", "miss"] and len(forward_calls) == 4
 
     # The cached steps give what running them again gives.
     code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "4.png", "--no-cache")
@@ -145,12 +146,12 @@ edits:
     assert code == 1 and "edit 2 (inpaint)" in err and "out of memory" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in steps.iterdir()] == ["astronaut.01-inpaint.png"]
     step_one = json.loads(Image.open(steps / "astronaut.01-inpaint.png").info["qimg"])
-    assert [e["prompt"] for e in step_one["edits"]] == ["one"]
+    assert [e["prompt"] for e in step_one["lineage"]] == ["one"]
 
     monkeypatch.setattr(QwenImageTransformer, "forward", forward)
     code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
     assert code == 0, err
-    assert [e["cache"] for e in report["edits"]] == ["hit", "miss"]
+    assert [e["cache"] for e in report["lineage"]] == ["hit", "miss"]
 
 
 def test_output_records_the_lineage(tiny_model_dir, photo, tmp_path, capsys, one_thread):
@@ -166,9 +167,32 @@ edits:
     assert code == 0, err
     meta = json.loads(Image.open(out).info["qimg"])
     assert meta["chain"] == str(chain_file) and meta["input"] == str(photo)
-    assert [(e["index"], e["kind"], e["prompt"], e["seed"]) for e in meta["edits"]] == [
+    assert [(e["index"], e["kind"], e["prompt"], e["seed"]) for e in meta["lineage"]] == [
         (1, "inpaint", "一只猫", 4), (2, "outpaint", "a street", 4)]  # --seed wins over the file
-    assert meta["edits"][1]["margins"] == [6, 7, 5, 5] and meta["edits"] == report["edits"]
+    assert meta["lineage"][1]["margins"] == [6, 7, 5, 5] and meta["lineage"] == report["lineage"]
+    # The same shape as every output's metadata (metadata.output_params), read back by `qimg info`.
+    code, info, err = qimg(capsys, "info", out, "--json")
+    assert code == 0 and info == meta, err
+    assert (meta["command"], meta["preset"], meta["model_fingerprint"]) == ("chain", None, fingerprint(tiny_model_dir))
+    assert meta["lineage"][0]["attn_mask"] == "off" and len(meta["lineage"][0]["mask_sha256"]) == 64
+
+
+def test_chain_on_an_earlier_output_takes_its_latent_from_the_cache(tiny_model_dir, photo, tmp_path, capsys,
+                                                                    monkeypatch, one_thread):
+    """The first edit of a chain starts from the input's cached latent, as `qimg inpaint` does: no VAE encode."""
+    from qimg.model import vae
+
+    encodes, encoder_forward = [], vae.Encoder.forward
+    monkeypatch.setattr(vae.Encoder, "forward",
+                        lambda self, x: encodes.append(1) or encoder_forward(self, x))
+    first = tmp_path / "1.png"
+    code, report, err = qimg(capsys, "inpaint", photo, "-p", "a cat", "--rect", "10,10,40,40", "--steps", "1",
+                             "--seed", "1", "--device", "cpu", "-m", tiny_model_dir, "--json", "--cache-dir",
+                             tmp_path / "cache", "-o", first)
+    assert code == 0 and report["latent_cache"] == "miss" and len(encodes) == 1, err
+    chain_file = write_chain(tmp_path / "c", 'steps: 1\nedits:\n  - inpaint: {rect: "60,60,30,30", prompt: "a cat"}\n')
+    code, report, err = chain(capsys, tiny_model_dir, first, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    assert code == 0 and report["lineage"][0]["cache"] == "miss" and len(encodes) == 1, err
 
 
 def test_options_layer_edit_over_its_preset_over_file_defaults(tiny_model_dir, photo, tmp_path, capsys, one_thread):
@@ -185,7 +209,7 @@ edits:
 """.replace("c/soft.yaml", str(tmp_path / "c" / "soft.yaml")))
     code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "--preset", tmp_path / "fast.yaml")
     assert code == 0, err
-    assert [(e["steps"], e["cfg"], e["strength"], e["preset"]) for e in report["edits"]] == [
+    assert [(e["steps"], e["cfg"], e["strength"], e["preset"]) for e in report["lineage"]] == [
         (1, 2.0, 0.5, str(tmp_path / "c" / "soft.yaml")), (1, 1.0, 1.0, None)]
 
 
@@ -200,6 +224,8 @@ edits:
     ('  - outpaint: {prompt: x}\n', ["edit 1 (outpaint)", "nothing to outpaint"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n', ["edit 1 (inpaint)", "--attn-mask"]),
     ('  - blur: {radius: 3}\n', ["edit 1", "expected {inpaint"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, out_dir: o}\n', ["edit 1 (inpaint)", "unknown key 'out_dir'"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, no_cache: true}\n', ["edit 1 (inpaint)", "unknown key 'no_cache'"]),
     ('  - inpaint: [1, 2]\n', ["edit 1 (inpaint)", "expected a mapping"]),
     ('  []\n', ["needs `edits:`"]),
 ])
