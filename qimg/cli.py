@@ -3,6 +3,7 @@
 torch and the model code are imported inside the commands, so `qimg --help` stays instant.
 """
 
+import functools
 import json
 import os
 import secrets
@@ -14,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import Abort, TyperException
 
+from . import presets
 from .errors import QimgError, UsageError
 
 app = typer.Typer(
@@ -35,11 +37,23 @@ SeedOpt = Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Rand
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image (.png, .jpg, .webp).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the result on stdout.")]
 ImageArg = Annotated[Path, typer.Argument(help="Input image.", show_default=False)]
+ImagesArg = Annotated[list[Path], typer.Argument(
+    help="Input image(s): files, folders (their images, not qimg outputs) or quoted globs.", show_default=False)]
+OutDirOpt = Annotated[Optional[Path], typer.Option(help="Folder for the outputs, named <stem>.<command>.png.")]
+SkipExistingOpt = Annotated[bool, typer.Option(help="Skip inputs whose <stem>.<command>.png already exists (resume).")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    help="Latent and prompt cache folder [default: $QIMG_CACHE_DIR, else the user cache folder].")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")]
+CacheSizeOpt = Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True,
+                                           help="Cache size cap; least recently used entries go first.")]
 StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
                                             help="How far to re-noise the masked area; 1 = from scratch.")]
 AttnMaskOpt = Annotated[str, typer.Option(help="on: kept pixels never attend to the edit (seed's dynamic mask); off.")]
 FeatherOpt = Annotated[int, typer.Option(min=0, help="Soft edge width in pixels outside the mask.")]
 ContextOpt = Annotated[int, typer.Option(min=0, help="Pixels around the mask the model sees on large images.")]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    is_eager=True, callback=presets.apply,
+    help="Options from a preset: a bundled name (see `qimg presets`) or a YAML file; flags given here win.")]
 
 
 @app.callback()
@@ -58,24 +72,42 @@ def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[i
     return w, h
 
 
-def open_engine(model: Optional[str], device: str, dtype: str):
+def open_cache(folder: Optional[Path], off: bool, size: str):
+    """The latent and prompt store, or None with --no-cache; checked before any work."""
+    from .cache import Store, default_cache_dir, parse_bytes
+
+    try:
+        max_bytes = parse_bytes(size)
+    except ValueError as e:
+        raise UsageError(f"--cache-size {e}") from None
+    if off:
+        return None
+    return Store(folder or default_cache_dir(), max_bytes, lambda message: print(f"qimg: warning: {message}",
+                                                                                 file=sys.stderr))
+
+
+def open_engine(model: Optional[str], device: str, dtype: str, cache=None):
     from .engine import Engine
     from .weights import resolve_model
 
-    return Engine(resolve_model(model), device, dtype)
+    return Engine(resolve_model(model), device, dtype, cache)
 
 
-def step_progress(total: int, label: str):
-    """A rich progress bar on stderr and the sampler callback that advances it."""
+def progress_bars():
+    """Rich progress bars on stderr, drawn only on a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    progress = Progress(
+    return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console, transient=True,
         disable=not console.is_terminal,
     )
+
+
+def step_callback(progress, total: int, label: str):
+    """A bar for one sampling run and the sampler callback that advances it: (task id, callback)."""
     task = progress.add_task(label, total=total, rate="")
     started = time.perf_counter()
 
@@ -83,127 +115,236 @@ def step_progress(total: int, label: str):
         rate = (i + 1) / (time.perf_counter() - started)
         progress.update(task, completed=i + 1, rate=f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it")
 
-    return progress, callback
+    return task, callback
+
+
+def save_output(engine, out: Path, params: dict, image, latent=None) -> None:
+    """Write an output with its parameters (metadata.py), then cache `latent` (when it stands for the image
+    1:1) under its pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can be found again."""
+    from PIL import Image
+
+    from .files import save_image
+    from .metadata import png_text
+
+    save_image(Image.fromarray(image), out, png_text(params))
+    if out.suffix.lower() == ".png":
+        engine.cache_latent(image, latent)
 
 
 @app.command()
 def generate(
     prompt: PromptOpt, negative_prompt: NegativeOpt = None, model: ModelOpt = None, size: SizeOpt = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False, cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
     width, height = parse_size(size) if size else (None, None)
     seed = secrets.randbelow(2**32) if seed is None else seed
-    from PIL import Image
-
-    from .files import check_output, default_output, save_image
+    from .files import check_output, default_output
+    from .metadata import output_params
 
     out = out or default_output(f"qimg-{seed}")
     check_output(out)
-    engine = open_engine(model, device, dtype)
+    engine = open_engine(model, device, dtype, open_cache(cache_dir, no_cache, cache_size))
     d = engine.defaults
     width, height = width or d.width, height or d.height
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
     negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-    progress, callback = step_progress(steps, "generating")
-    with progress:
-        image = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
-    params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
-                  steps=steps, cfg=cfg, model=str(engine.folder))
-    save_image(Image.fromarray(image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
-    report(out, params, started, json_)
+    with progress_bars() as progress:
+        _, callback = step_callback(progress, steps, "generating")
+        result = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
+    params = output_params("generate", engine, preset, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                           width=width, height=height, steps=steps, cfg=cfg)
+    save_output(engine, out, params, result.image, result.latent)
+    report(out, {**params, **cache_use(result)}, started, json_)
 
 
-def edit_output(image: Path, out: Optional[Path], kind: str) -> Path:
-    """Where an edit goes: --out, or `<stem>.<kind>.png` beside the input; never the input itself."""
+def cache_use(result) -> dict:
+    return dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
+
+
+def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str) -> Path:
+    """Where an edit goes: --out, or `<stem>.<kind>.png` (`-2`, `-3`... if taken) in --out-dir or beside the
+    input; never the input itself."""
     from .files import check_output, default_output
 
-    out = out or default_output(f"{image.stem}.{kind}", image.parent)
+    out = out or default_output(f"{image.stem}.{kind}", out_dir or image.parent)
     if out.exists() and out.resolve() == image.resolve():
         raise UsageError(f"--out {out} is the input image; choose another file")
     check_output(out)
     return out
 
 
-def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, device, dtype, prompt,
-             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json):
-    """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
-    from PIL import Image
-
-    from .files import load_image, save_image
-    from .masks import ensure_not_empty, selected_area
-
-    started = time.perf_counter()
+def check_edit(strength: float, attn_mask: str) -> None:
     if strength <= 0:
         raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
     if attn_mask not in ("on", "off"):
         raise UsageError(f"--attn-mask {attn_mask!r}: expected on or off")
+
+
+def inpaint_mask(pixels, picture, image: Path, mask, rect, mask_resize, invert_mask, grow, feather):
+    """The final inpaint mask from the options: --mask and --rect (union), else the input's transparency
+    (`picture`, None when there is none to use); then invert, grow, feather."""
+    import numpy as np
+
+    from . import masks
+
+    height, width = pixels.shape[:2]
+    parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
+    if rect:
+        parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
+    if not parts:
+        alpha = masks.alpha_mask(picture) if picture is not None else None
+        if alpha is None:
+            raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
+        parts.append(alpha)
+    m = np.maximum.reduce(parts)
+    m = masks.invert(m) if invert_mask else m
+    return masks.feather(masks.grow(m, grow), feather)
+
+
+def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:
+    from . import masks
+
+    target = parse_size(to, "--to", multiple=1) if to else None
+    return masks.outpaint_margins(size, left, right, top, bottom, expand, target, anchor)
+
+
+def run_edit(kind: str, images: list[Path], build_mask, out: Optional[Path], out_dir: Optional[Path],
+             skip_existing: bool, seed: Optional[int], sampling: dict, preset: Optional[str], open_model,
+             as_json: bool):
+    """The shared body of inpaint and outpaint: for each input build (canvas, mask), inpaint, save, report.
+
+    One input file runs as a plain command: its errors end the run. In a batch a bad input is reported and
+    skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or of a
+    write still ends it at once. The model loads once, for the first input that needs it."""
+    from .batch import check_distinct_outputs, expand_inputs, file_seed, output_name
+
+    check_edit(sampling["strength"], sampling["attn_mask"])
+    files, batch = expand_inputs(images)
+    if batch and out:
+        raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
+    check_distinct_outputs(files, kind, out_dir)
+    engine = functools.cache(open_model)
+    failed = []
+    with progress_bars() as progress:
+        files_task = progress.add_task("images", total=len(files), rate="") if batch else None
+        for image in files:
+            started, done = time.perf_counter(), out or output_name(image, kind, out_dir)
+            if skip_existing and done.exists():
+                report_skip(image, done, as_json)
+            else:
+                try:
+                    canvas, mask = prepare_edit(image, build_mask)
+                    target = edit_output(image, out, out_dir, kind)
+                except QimgError as e:
+                    if not batch:
+                        raise
+                    failed.append(image)
+                    report_failure(image, e, as_json)
+                else:
+                    this_seed = file_seed(seed, image) if batch and seed is not None else seed
+                    edit_one(kind, image, canvas, mask, target, this_seed, sampling, preset, engine(), progress,
+                             started, as_json)
+            if files_task is not None:
+                progress.advance(files_task)
+    if failed:
+        raise QimgError(f"{len(failed)} of {len(files)} images failed: {', '.join(map(str, failed))}")
+
+
+def prepare_edit(image: Path, build_mask):
+    """Read an input and build its (canvas, mask): every problem with the file shows here, before the model."""
+    from .files import load_image
+    from .masks import ensure_not_empty
+
     pixels, picture = load_image(image)
-    canvas, mask = build_mask(pixels, picture)
+    canvas, mask = build_mask(image, pixels, picture)
     ensure_not_empty(mask, "the mask")
-    seed = secrets.randbelow(2**32) if seed is None else seed
-    out = edit_output(image, out, kind)
-    engine = open_engine(model, device, dtype)
-    d = engine.defaults
-    steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
-    negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+    return canvas, mask
+
+
+def edit_one(kind, image, canvas, mask, out, seed, sampling, preset, engine, progress, started, as_json):
+    from .cache import array_hash
+    from .masks import selected_area
+    from .metadata import output_params
     from .sampling import first_step
 
-    progress, callback = step_progress(steps - first_step(steps, strength), kind)
-    with progress:
-        edit = engine.inpaint(canvas, mask, prompt, negative_prompt, steps, cfg, seed, strength,
-                              attn_mask == "on", context, callback)
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    d = engine.defaults
+    steps = sampling["steps"] or d.steps
+    cfg = d.cfg if sampling["cfg"] is None else sampling["cfg"]
+    negative = d.negative_prompt if sampling["negative_prompt"] is None else sampling["negative_prompt"]
+    task, callback = step_callback(progress, steps - first_step(steps, sampling["strength"]), kind)
+    edit = engine.inpaint(canvas, mask, sampling["prompt"], negative, steps, cfg, seed, sampling["strength"],
+                          sampling["attn_mask"] == "on", sampling["context"], callback)
+    progress.remove_task(task)
     height, width = edit.image.shape[:2]
-    params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
-                  steps=steps, cfg=cfg, strength=strength, attn_mask=attn_mask, input=str(image),
-                  mask_area=selected_area(mask), box=list(edit.box), work_size=list(edit.work_size),
-                  model=str(engine.folder))
-    save_image(Image.fromarray(edit.image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
-    report(out, params, started, as_json)
+    params = output_params(kind, engine, preset, prompt=sampling["prompt"], negative_prompt=negative, seed=seed,
+                           width=width, height=height, steps=steps, cfg=cfg, strength=sampling["strength"],
+                           attn_mask=sampling["attn_mask"], context=sampling["context"], input=str(image),
+                           mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(edit.box),
+                           work_size=list(edit.work_size), latent_cache=edit.latent_cache)
+    save_output(engine, out, params, edit.image, edit.latent)
+    report(out, {**params, **cache_use(edit)}, started, as_json)
+
+
+def report_skip(image: Path, out: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"input": str(image), "output": str(out), "skipped": True}, ensure_ascii=False))
+    else:
+        print(f"{out}  exists, skipped", file=sys.stderr)
+
+
+def report_failure(image: Path, error: QimgError, as_json: bool) -> None:
+    message = str(error) if str(image) in str(error) else f"{image}: {error}"
+    if as_json:
+        print(json.dumps({"input": str(image), "error": message}, ensure_ascii=False))
+    print(f"qimg: error: {message}", file=sys.stderr)
 
 
 @app.command()
 def inpaint(
-    image: ImageArg, prompt: PromptOpt,
+    images: ImagesArg, prompt: PromptOpt,
     mask: Annotated[Optional[Path], typer.Option(help="Mask image: white regenerates, black keeps, grey blends; "
                                                        "transparent pixels regenerate.")] = None,
+    mask_dir: Annotated[Optional[Path], typer.Option(help="Masks for a batch: <stem>.png or <stem>_mask.png.")] = None,
     rect: Annotated[Optional[list[str]], typer.Option(help="X,Y,W,H in pixels or percent; repeatable (union).")] = None,
     mask_resize: Annotated[bool, typer.Option(help="Stretch a mask of another size to the image.")] = False,
     invert_mask: Annotated[bool, typer.Option(help="Regenerate what the mask keeps and vice versa.")] = False,
     grow: Annotated[int, typer.Option(min=0, help="Dilate the mask by this many pixels.")] = 0,
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
-    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, out_dir: OutDirOpt = None,
+    skip_existing: SkipExistingOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
-    import numpy as np
+    from .batch import mask_for
 
-    from . import masks
+    if mask and mask_dir:
+        raise UsageError("give --mask or --mask-dir, not both")
 
-    def build_mask(pixels, picture):
-        height, width = pixels.shape[:2]
-        parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
-        if rect:
-            parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
-        if not parts:
-            alpha = masks.alpha_mask(picture)
-            if alpha is None:
-                raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
-            parts.append(alpha)
-        m = np.maximum.reduce(parts)
-        m = masks.invert(m) if invert_mask else m
-        return pixels, masks.feather(masks.grow(m, grow), feather)
+    def build_mask(image, pixels, picture):
+        file = mask or (mask_dir and mask_for(mask_dir, image))
+        return pixels, inpaint_mask(pixels, picture, image, file, rect, mask_resize, invert_mask, grow, feather)
 
-    run_edit("inpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
-             strength, attn_mask, context, json_)
+    store = open_cache(cache_dir, no_cache, cache_size)
+    run_edit("inpaint", images, build_mask, out, out_dir, skip_existing, seed,
+             edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
+             lambda: open_engine(model, device, dtype, store), json_)
+
+
+def edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context) -> dict:
+    return dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg, strength=strength,
+                attn_mask=attn_mask, context=context)
 
 
 @app.command()
 def outpaint(
-    image: ImageArg, prompt: PromptOpt,
+    images: ImagesArg, prompt: PromptOpt,
     left: Annotated[int, typer.Option(min=0, help="Pixels to add on the left.")] = 0,
     right: Annotated[int, typer.Option(min=0, help="Pixels to add on the right.")] = 0,
     top: Annotated[int, typer.Option(min=0, help="Pixels to add on top.")] = 0,
@@ -213,21 +354,94 @@ def outpaint(
     anchor: Annotated[str, typer.Option(help="Where the original sits: center, left, top-right...")] = "center",
     feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
-    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, out_dir: OutDirOpt = None,
+    skip_existing: SkipExistingOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
     from . import masks
 
-    def build_mask(pixels, picture):
-        height, width = pixels.shape[:2]
-        target = parse_size(to, "--to", multiple=1) if to else None
-        margins = masks.outpaint_margins((width, height), left, right, top, bottom, expand, target, anchor)
-        return masks.outpaint_canvas(pixels, margins, feather)
+    def build_mask(_image, pixels, picture):
+        size = pixels.shape[1::-1]
+        return masks.outpaint_canvas(pixels, outpaint_margins(size, left, right, top, bottom, expand, to, anchor),
+                                     feather)
 
-    run_edit("outpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
-             strength, attn_mask, context, json_)
+    store = open_cache(cache_dir, no_cache, cache_size)
+    run_edit("outpaint", images, build_mask, out, out_dir, skip_existing, seed,
+             edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
+             lambda: open_engine(model, device, dtype, store), json_)
+
+
+@app.command()
+def chain(
+    ctx: typer.Context, image: ImageArg,
+    chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
+                                                    "{inpaint: {...}} / {outpaint: {...}}.", show_default=False)],
+    out: OutOpt = None,
+    keep_steps: Annotated[Optional[Path], typer.Option(help="Folder to write each edit's image to.")] = None,
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, model: ModelOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", json_: JsonOpt = False,
+    preset: PresetOpt = None,
+):
+    """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
+
+    --steps, --cfg and --seed (given here or by a preset) apply to every edit and win over the file's values;
+    an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
+    prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
+    from . import chain as chains
+    from .files import default_output, load_image
+    from .metadata import output_params
+
+    started = time.perf_counter()
+    store = open_cache(cache_dir, no_cache, cache_size)
+    given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed)) if v is not None}
+    edits = chains.read_chain(ctx, chain_file, given)
+    pixels, picture = load_image(image)
+    planned = chains.plan(edits, pixels, picture)
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    out = edit_output(image, out, None, "chain")
+    if keep_steps is not None and keep_steps.exists() and not keep_steps.is_dir():
+        raise UsageError(f"--keep-steps {keep_steps} is a file; give a folder")
+    engine = open_engine(model, device, dtype, store)
+
+    def params(canvas, lineage: list) -> dict:
+        width, height = canvas.size
+        seeds = sorted({entry["seed"] for entry in lineage})  # those the edits used
+        return output_params("chain", engine, preset, lineage, input=str(image), chain=str(chain_file),
+                             seed=seeds[0] if len(seeds) == 1 else seeds, width=width, height=height)
+
+    lineage = []
+    for done, canvas, entry in chains.run(engine, planned, pixels, seed):
+        lineage.append(entry)
+        if keep_steps is not None:
+            step_file = default_output(f"{image.stem}.{done.step.index:02d}-{done.step.kind}", keep_steps)
+            save_output(engine, step_file, params(canvas, lineage), engine.render(canvas))
+    final = params(canvas, lineage)
+    save_output(engine, out, final, engine.render(canvas))
+    report(out, final, started, json_)
+
+
+@app.command("presets")
+def list_presets(ctx: typer.Context):
+    """List the bundled presets: the commands each fits, its file and its contents."""
+    for name, path in presets.bundled().items():
+        fits = presets.fitting_commands(ctx.parent.command, presets.read_yaml(path, "preset"))
+        print(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
+        print("".join(f"    {line}\n" for line in path.read_text().splitlines()))
+
+
+@app.command()
+def info(
+    image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
+):
+    """Print the parameters that made an image (stored in its PNG text chunk)."""
+    from .metadata import describe, read_params
+
+    params = read_params(image)
+    print(json.dumps(params, ensure_ascii=False) if json_ else describe(params))
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:

@@ -1,19 +1,24 @@
 """The engine: owns the loaded model components and turns requests into latents and images.
 
-Components load on first use, so a run that never needs the text encoder or the VAE never loads it.
+Components load on first use, so a run that never needs the text encoder or the VAE never loads it; with a
+cache (a `Store`), prompt embeddings and the latents of earlier outputs are looked up first, so a run whose
+prompts and input are all known loads neither the text encoder nor the VAE's encoder.
 The engine never prints and never writes output files; the CLI does that.
 """
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .cache import Store, fingerprint, pixel_key, prompt_key
+from .canvas import Canvas, edited, from_window, to_window
 from .errors import QimgError, UsageError
-from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
+from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .model.text import TextEncoder
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
@@ -22,6 +27,7 @@ from .weights import load_module, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
+VAE_PARTS = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}  # key prefixes
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,17 @@ class Defaults:
 
 
 @dataclass(frozen=True)
-class Edit:
-    image: np.ndarray  # (H, W, 3) uint8, the input's size
+class Output:
+    image: np.ndarray  # (H, W, 3) uint8
+    # (1, 16, h, w) normalized: the latent the image came from, when it covers the image 1:1 (padded right and
+    # bottom to a multiple of 16); None when the model ran on a crop or a resized copy
+    latent: torch.Tensor | None
+    latent_cache: str  # "hit": the input's latent came from the cache, the VAE encoder did not run; "miss"; "off"
+    prompt_cache: str  # "hit": every prompt embedding came from the cache, the text encoder did not run; "miss"; "off"
+
+
+@dataclass(frozen=True)
+class Edit(Output):
     box: tuple[int, int, int, int]  # the region the model saw, (x0, y0, x1, y1) in input pixels
     work_size: tuple[int, int]  # (W, H) the model ran at
 
@@ -98,8 +113,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None):
         self.folder = folder
+        self.cache = cache
+        self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.defaults = Defaults.from_folder(folder)
@@ -107,7 +124,8 @@ class Engine:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
         except ValueError as e:
             raise QimgError(f"{folder / 'scheduler'}: {e}") from None
-        self._text = self._transformer = self._vae = None
+        self._text = self._transformer = None
+        self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
 
     @property
     def text(self) -> TextEncoder:
@@ -123,12 +141,29 @@ class Engine:
                                             self.dtype, self.device)
         return self._transformer
 
-    @property
-    def vae(self) -> QwenImageVAE:
-        if self._vae is None:
+    def vae(self, part: str) -> QwenImageVAE:
+        """The VAE with only `part`'s weights loaded: a run that finds its input's latent in the cache, or
+        generates from noise, never loads the encoder."""
+        if part not in self._vae:
             cfg = self._config(VAEConfig, "vae")
-            self._vae = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype, self.device)
-        return self._vae
+            self._vae[part] = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype, self.device,
+                                          only=VAE_PARTS[part])
+        return self._vae[part]
+
+    @cached_property
+    def model_fingerprint(self) -> str:
+        """The whole model's identity (weights, configs, tokenizer), for output metadata."""
+        return fingerprint(self.folder)
+
+    @cached_property
+    def vae_fingerprint(self) -> str:
+        return fingerprint(self.folder / "vae")
+
+    @cached_property
+    def text_fingerprint(self) -> str:
+        # dtype and device too: an embedding computed elsewhere would give a slightly different image
+        parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
+        return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
 
     def _config(self, cls, component: str):
         try:
@@ -137,8 +172,45 @@ class Engine:
             raise QimgError(f"{self.folder / component / 'config.json'}: {e}") from None
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        return [self._encode_prompt(p) for p in prompts]
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        key = prompt_key(prompt, self.text_fingerprint) if self.cache else None
+        entry = self.cache.get("prompt", key) if key else None
+        if entry:
+            return entry[0]["embed"].to(self.device)
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
-        return [self.text.encode([p])[0] for p in prompts]
+        embed = self.text.encode([prompt])[0]
+        self.prompts_encoded += 1
+        if self.cache:
+            self.cache.put("prompt", key, {"embed": embed}, {"text_encoder": self.text_fingerprint})
+        return embed
+
+    def _prompt_cache(self, encoded_before: int) -> str:
+        """How the prompts of a call that started when `prompts_encoded` was encoded_before were found."""
+        if self.cache is None:
+            return "off"
+        return "hit" if self.prompts_encoded == encoded_before else "miss"
+
+    def cache_latent(self, image: np.ndarray, latent: torch.Tensor | None) -> None:
+        """Remember `latent` as the latent of `image` (H, W, 3) uint8, so an edit of it skips the VAE encoder."""
+        if self.cache is not None and latent is not None:
+            record = {"vae": self.vae_fingerprint, "model": self.model_fingerprint, "size": list(image.shape[1::-1])}
+            self.cache.put("latent", pixel_key(image, self.vae_fingerprint), {"latent": latent.float()}, record)
+
+    def input_latent(self, image: np.ndarray, work: np.ndarray, whole: bool) -> tuple[torch.Tensor, str]:
+        """The latent of `work` and whether the cache gave it. Only when `work` is the whole `image` at its own
+        size (padded right and bottom) does a latent stored for image's pixels stand in for encoding it, and
+        only then is a fresh encoding stored for the next edit of the same image."""
+        if self.cache is None:
+            return self.encode(work), "off"
+        entry = self.cache.get("latent", pixel_key(image, self.vae_fingerprint)) if whole else None
+        if entry and entry[0]["latent"].shape[-2:] == (work.shape[0] // 8, work.shape[1] // 8):
+            return entry[0]["latent"], "hit"
+        latent = self.encode(work)
+        if whole:
+            self.cache_latent(image, latent)
+        return latent, "miss"
 
     def _noise(self, seed: int, h: int, w: int) -> torch.Tensor:
         # The reference draws noise on a CPU generator in the model dtype, shaped (B, 1, C, H, W).
@@ -194,15 +266,18 @@ class Engine:
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3), sides multiples of 16, to a normalized latent (1, 16, H/8, W/8)."""
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
-        return self.vae.encode(x.to(self.device, self.dtype)).float()
+        return self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.vae.decode(latent.to(self.device, self.dtype))[0])
+        return to_uint8(self.vae("decoder").decode(latent.to(self.device, self.dtype))[0])
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
-                 seed: int, callback=None) -> np.ndarray:
-        return self.decode(self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback))
+                 seed: int, callback=None) -> Output:
+        encoded_before = self.prompts_encoded
+        latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
+        return Output(self.decode(latent), latent, "off" if self.cache is None else "miss",
+                      self._prompt_cache(encoded_before))
 
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
                 cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
@@ -210,25 +285,71 @@ class Engine:
         """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
         size and is byte-identical to it wherever the mask is 0; soft mask values blend.
 
-        An image larger than the model's working area is not shrunk as a whole: the model sees the mask's
-        bounding box plus `context` pixels around it, scaled to the working area, and that is pasted back."""
+        Within the working area this is a one-edit chain (`edit_canvas`, then `render`): the input's latent
+        comes from the cache when one is stored for its pixels (the VAE encoder is not loaded), else it is
+        encoded and stored. An image larger than the working area is not shrunk as a whole: the model sees
+        the mask's bounding box plus `context` pixels around it, scaled to the working area, pasted back."""
         height, width = mask.shape
+        if width * height > self.defaults.max_pixels:
+            return self._inpaint_resampled(image, mask, prompt, negative_prompt, steps, cfg, seed, strength,
+                                           attn_mask, context, callback)
+        encoded_before = self.prompts_encoded
+        work = pad_to_multiple(image, None)[0]
+        z0, latent_cache = self.input_latent(image, work, whole=True)
+        canvas = self.edit_canvas(replace(Canvas.start(image), latent=z0), mask, prompt, negative_prompt, steps,
+                                  cfg, seed, strength, attn_mask, context, callback)
+        result = self.render(canvas)
+        # Where the mask keeps, the latent is z0 and the result the input's own pixels; where it edits, both hold
+        # the new content (the pixels blended at soft mask values): the latent stands for the result, as the
+        # model ran on the whole image at its size, if the padding strip is still what padding the result gives.
+        padded = pad_to_multiple(result, None)[0]
+        fits = np.array_equal(padded[height:], work[height:]) and np.array_equal(padded[:, width:], work[:, width:])
+        return Edit(result, canvas.latent if fits else None, latent_cache, self._prompt_cache(encoded_before),
+                    (0, 0, width, height), work.shape[1::-1])
+
+    def edit_canvas(self, canvas: Canvas, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
+                    cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
+                    callback=None) -> Canvas:
+        """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded.
+        A canvas that carries no latent yet starts from its pixels' latent, from the cache when stored.
+
+        A canvas over the working area goes through pixels instead (the model sees a resampled crop of it,
+        which has no latent to carry): it is rendered, edited as `inpaint` does, and its pixels kept."""
+        width, height = canvas.size
+        if width * height > self.defaults.max_pixels:
+            edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
+                                           strength, attn_mask, context, callback)
+            return Canvas.start(edit.image)
+        if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
+            work = pad_to_multiple(canvas.pixels, None)[0]
+            canvas = replace(canvas, latent=self.input_latent(canvas.pixels, work, whole=True)[0])
+        m = torch.from_numpy(latent_mask(to_window(mask, canvas.origin), 8))
+        latent = self.inpaint_latent(canvas.latent, m, prompt, negative_prompt, steps, cfg, seed, strength,
+                                     attn_mask, callback)
+        return edited(canvas, mask, latent)
+
+    def render(self, canvas: Canvas) -> np.ndarray:
+        """The canvas's pixels: its latent decoded once and composited over the known pixels."""
+        if canvas.latent is None:
+            return canvas.pixels
+        decoded = from_window(self.decode(canvas.latent), canvas.origin, canvas.size)
+        return composite(canvas.pixels, decoded, canvas.pending)
+
+    def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
+                           steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
+                           callback) -> "Edit":
+        """inpaint for an image over the working area: the mask's box plus context, scaled to fit it. The model
+        sees a resampled copy, so no cached latent stands for it and its latent stands for no output."""
         max_pixels = self.defaults.max_pixels
         x0, y0, x1, y1 = crop_box(mask, context, max_pixels)
-        region, region_mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-        resized = (x1 - x0) * (y1 - y0) != width * height or width * height > max_pixels
-        if resized:
-            size = work_size(x1 - x0, y1 - y0, max_pixels)
-            work = np.asarray(Image.fromarray(region).resize(size, Image.LANCZOS))
-            work_mask = resize_mask(region_mask, size)
-        else:
-            work, work_mask, _ = pad_to_multiple(region, region_mask)
-        m = torch.from_numpy(latent_mask(work_mask, 8))
-        latent = self.inpaint_latent(self.encode(work), m, prompt, negative_prompt, steps, cfg, seed, strength,
-                                     attn_mask, callback)
-        out = self.decode(latent)
-        if resized:
-            out = np.asarray(Image.fromarray(out).resize((x1 - x0, y1 - y0), Image.LANCZOS))
+        size = work_size(x1 - x0, y1 - y0, max_pixels)
+        work = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize(size, Image.LANCZOS))
+        m = torch.from_numpy(latent_mask(resize_mask(mask[y0:y1, x0:x1], size), 8))
+        encoded_before = self.prompts_encoded
+        z0, latent_cache = self.input_latent(image, work, whole=False)
+        latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback)
+        out = np.asarray(Image.fromarray(self.decode(latent)).resize((x1 - x0, y1 - y0), Image.LANCZOS))
         generated = image.copy()
-        generated[y0:y1, x0:x1] = crop(out, (x1 - x0, y1 - y0))
-        return Edit(composite(image, generated, mask), (x0, y0, x1, y1), work.shape[1::-1])
+        generated[y0:y1, x0:x1] = out
+        return Edit(composite(image, generated, mask), None, latent_cache, self._prompt_cache(encoded_before),
+                    (x0, y0, x1, y1), size)

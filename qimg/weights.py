@@ -102,24 +102,30 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise QimgError(f"{folder} has no .safetensors weights")
 
 
-def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build `build()` on the meta device and assign the folder's weights into it, checking every key."""
+def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, only: tuple[str, ...] = ()) -> nn.Module:
+    """Build `build()` on the meta device and assign the folder's weights into it, checking every key.
+
+    With `only` (key prefixes) just those weights are read; the rest stay on the meta device, costing no
+    memory (the VAE's encoder is not loaded for a run that only decodes). Every key is still checked."""
     from safetensors import safe_open
 
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
-    state = {}
+    shapes, state = {}, {}
     for file in safetensors_files(folder):
         with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
             for key in f.keys():
-                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    check_keys(folder, expected, state)
-    module.load_state_dict(state, assign=True, strict=True)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+                if not only or key.startswith(only):
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    check_keys(folder, expected, shapes)
+    module.load_state_dict(state, assign=True, strict=not only)
     return module.eval().requires_grad_(False)
 
 
-def check_keys(folder: Path, expected: dict, found: dict) -> None:
+def check_keys(folder: Path, expected: dict, found: dict[str, tuple]) -> None:
+    """expected: the module's state dict; found: the checkpoint's shape for every key."""
     def listing(keys):
         keys = sorted(keys)
         return ", ".join(keys[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
@@ -129,8 +135,8 @@ def check_keys(folder: Path, expected: dict, found: dict) -> None:
         raise QimgError(f"{folder}: missing weights {listing(missing)}")
     if unexpected:
         raise QimgError(f"{folder}: unexpected weights {listing(unexpected)}")
-    wrong = [f"{k} {tuple(found[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if found[k].shape != v.shape]
+    wrong = [f"{k} {found[k]} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if found[k] != tuple(v.shape)]
     if wrong:
         raise QimgError(f"{folder}: weights of the wrong shape for this config: {listing(wrong)}")
 

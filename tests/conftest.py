@@ -26,6 +26,15 @@ def reference_pipeline(tiny_model_dir):
     return pipe
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own empty qimg cache: none writes to the user's, and none sees another's entries."""
+    folder = tmp_path / "qimg-cache"
+    monkeypatch.setenv("QIMG_CACHE_DIR", str(folder))
+    monkeypatch.delenv("QIMG_CACHE_SIZE", raising=False)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     # Tiny tensors: intra-op threads only add hand-off cost, and spin badly on a busy 2-core box.

@@ -109,7 +109,7 @@ def evaluate(engine, per_language: int = 30, seed: int = 1000, steps: int | None
             scene = sample_scene(rng, objects=1)
             form = "position" if i % 2 == 0 else "plain"
             prompt = caption(scene, rng, language, form)
-            image = engine.generate(prompt, d.negative_prompt, d.width, d.height, steps, cfg, seed + i)
+            image = engine.generate(prompt, d.negative_prompt, d.width, d.height, steps, cfg, seed + i).image
             got, want = analyse(image), scene.things[0]
             ok = {
                 "background": got["background"] == scene.background,
@@ -133,7 +133,7 @@ def _inpaint_rate(engine, rng, n, seed, steps, cfg, cases) -> float:
         scene = sample_scene(rng, objects=1)
         side = rng.choice(list(INPAINT_BOX))
         scene_prompt = caption(scene, rng, "en", "position").replace(scene.things[0].position, side, 1)
-        image = engine.generate(scene_prompt, d.negative_prompt, d.width, d.height, steps, cfg, seed + i)
+        image = engine.generate(scene_prompt, d.negative_prompt, d.width, d.height, steps, cfg, seed + i).image
         color = rng.choice([c for c in COLORS if c not in (scene.background, scene.things[0].color)])
         x0, y0, x1, y1 = INPAINT_BOX[side]
         mask = np.zeros(image.shape[:2], np.float32)

@@ -1,0 +1,70 @@
+"""Batches: which files the IMAGE arguments name, their masks, seeds and output names. Pure path logic, so
+every problem with the arguments shows before a model loads."""
+
+import glob
+import hashlib
+import re
+from pathlib import Path
+
+from .errors import UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+LEFT_OUT = re.compile(r"(\.(inpaint|outpaint)(-\d+)?|_mask)$")  # stems a folder's listing skips
+
+
+def expand_inputs(args: list[Path]) -> tuple[list[Path], bool]:
+    """The files IMAGE arguments name, and whether they make a batch.
+
+    A file is taken as it is (a missing one too: it fails on its own, in its turn). A folder gives its image
+    files, sorted, leaving out qimg's own outputs (`*.inpaint.png`, `*.outpaint-2.png`) and `*_mask` files, so
+    re-running over a folder does not edit its results. A glob the shell left alone (quoted, or Windows)
+    gives its matches. Several arguments, a folder or a glob make a batch; one file does not."""
+    files, batch = [], len(args) > 1
+    for arg in args:
+        if arg.is_dir():
+            found = sorted(p for p in arg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not LEFT_OUT.search(p.stem))
+            if not found:
+                raise UsageError(f"folder {arg} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+            batch = True
+        elif not arg.exists() and glob.has_magic(str(arg)):
+            found = sorted(Path(p) for p in glob.glob(str(arg)) if Path(p).is_file())
+            if not found:
+                raise UsageError(f"no files match {str(arg)!r}")
+            files += found
+            batch = True
+        else:
+            files.append(arg)
+    unique = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # each file once, first place kept
+    return unique, batch
+
+
+def mask_for(mask_dir: Path, image: Path) -> Path:
+    """`<stem>.png` or else `<stem>_mask.png` in mask_dir (any image suffix)."""
+    for stem in (image.stem, f"{image.stem}_mask"):
+        for suffix in sorted(IMAGE_SUFFIXES):
+            path = mask_dir / f"{stem}{suffix}"
+            if path.is_file():
+                return path
+    raise UsageError(f"no mask for {image.name} in {mask_dir} ({image.stem}.png or {image.stem}_mask.png)")
+
+
+def file_seed(seed: int, image: Path) -> int:
+    """A batch file's own seed: fixed by the batch seed and the file's name (not its folder), so a re-run or a
+    resumed run gives every file the seed it had, and files differ from one another."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{image.name}".encode()).digest()[:4], "big")
+
+
+def output_name(image: Path, kind: str, out_dir: Path | None) -> Path:
+    """Where an edit of `image` goes when no --out names it: `<stem>.<kind>.png` in out_dir or beside the input."""
+    return (out_dir or image.parent) / f"{image.stem}.{kind}.png"
+
+
+def check_distinct_outputs(files: list[Path], kind: str, out_dir: Path | None) -> None:
+    seen = {}
+    for f in files:
+        out = output_name(f, kind, out_dir)
+        if out in seen:
+            raise UsageError(f"{seen[out]} and {f} would both write {out}; run them with different --out-dir")
+        seen[out] = f

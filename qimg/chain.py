@@ -1,0 +1,170 @@
+"""`qimg chain`: a YAML list of inpaint/outpaint edits run in one process, the latent carried in memory from
+one edit to the next (canvas.py says why and how).
+
+The file is read whole and every edit's mask is built before any model loads, so a mistake in edit 5 costs
+nothing. Each edit's result is cached under a key chained from its input's key and what determines it
+(sampling settings, the mask's values, the outpaint margins), so a re-run after changing edit k finds
+edits 1..k-1 in the cache and recomputes only k..n.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .canvas import Canvas, edited, grow
+from .cli import check_edit, inpaint_mask, outpaint_margins, progress_bars, step_callback
+from .errors import QimgError, UsageError
+from .masks import ensure_not_empty
+from .presets import NOT_IN_PRESETS, describe, check_options, find, option_params, read_yaml
+
+KINDS = ("inpaint", "outpaint")
+# set once for the whole chain, on its command line
+CHAIN_LEVEL = {"out", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size"}
+BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
+NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # 1-based, as errors and reports say it
+    kind: str
+    where: str  # how errors name it: the chain file, the index, the kind
+    options: dict  # the command's parameters, resolved: edit > its preset > file defaults; overrides win
+
+
+@dataclass(frozen=True)
+class Planned:
+    step: Step
+    mask: np.ndarray  # (H, W) on the canvas this edit sees
+    margins: tuple[int, int, int, int] | None  # outpaint: (left, right, top, bottom)
+
+
+def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
+    """Every edit of a chain file with its options resolved and checked like the command line's."""
+    commands = {kind: ctx.parent.command.commands[kind] for kind in KINDS}
+    data = read_yaml(path, "chain")
+    edits = data.pop("edits", None)
+    if not isinstance(edits, list) or not edits:
+        raise UsageError(f"chain {path}: needs `edits:`, a list of {{inpaint: {{...}}}} or {{outpaint: {{...}}}}")
+    shared = {p.name for p in option_params(commands["inpaint"]).values()} & {
+        p.name for p in option_params(commands["outpaint"]).values()}
+    only_one = {p.name for c in commands.values() for p in c.params} - shared
+    defaults = check_options(ctx, commands["inpaint"], data, f"chain {path}", only_one | NOT_IN_EDITS | {"preset"})
+    steps = []
+    for index, entry in enumerate(edits, 1):
+        where = f"chain {path} edit {index}"
+        if not (isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in KINDS):
+            raise UsageError(f"{where}: expected {{inpaint: {{...}}}} or {{outpaint: {{...}}}}, not {describe(entry)}")
+        (kind, options), = entry.items()
+        where, command = f"{where} ({kind})", commands[kind]
+        if not isinstance(options, dict):
+            raise UsageError(f"{where}: expected a mapping of {kind} options, not {describe(options)}")
+        values = check_options(ctx, command, options, where, NOT_IN_EDITS)
+        preset = values.pop("preset", None)
+        layer = {}
+        if preset:
+            file = find(preset)
+            layer = check_options(ctx, command, read_yaml(file, "preset"), f"{where}: preset {file}",
+                                  NOT_IN_PRESETS | NOT_IN_EDITS)
+        resolved = resolve(command, kind, {**defaults, **layer, **values, **overrides}, where)
+        if resolved.get("mask") is not None:
+            resolved["mask"] = path.parent / resolved["mask"]  # relative to the chain file; absolute stays
+        steps.append(Step(index, kind, where, {**resolved, "preset": preset}))
+    return steps
+
+
+def resolve(command, kind: str, values: dict, where: str) -> dict:
+    """All of the command's parameters: `values`, and the command's defaults for the rest."""
+    from typer.exceptions import TyperException
+
+    try:
+        return command.make_context(kind, ["-"], default_map=values).params
+    except TyperException as e:
+        raise UsageError(f"{where}: {e.format_message()}") from None
+
+
+def plan(steps: list[Step], pixels: np.ndarray, picture) -> list[Planned]:
+    """Every edit's mask on the canvas it will see, built before anything loads."""
+    canvas, planned = Canvas.start(pixels), []
+    for step in steps:
+        o = step.options
+        try:
+            check_edit(o["strength"], o["attn_mask"])
+            if step.kind == "outpaint":
+                margins = outpaint_margins(canvas.size, o["left"], o["right"], o["top"], o["bottom"], o["expand"],
+                                           o["to"], o["anchor"])
+                canvas, mask = grow(canvas, margins, o["feather"])
+            else:
+                margins = None
+                mask = inpaint_mask(canvas.pixels, picture if step.index == 1 else None, "the input", o["mask"],
+                                    o["rect"], o["mask_resize"], o["invert_mask"], o["grow"], o["feather"])
+            planned.append(Planned(step, ensure_not_empty(mask, "the mask"), margins))
+        except QimgError as e:
+            raise QimgError(f"{step.where}: {e}", e.code) from None
+    return planned
+
+
+def sampling(step: Step, defaults, seed: int) -> dict:
+    """The engine's arguments for an edit, with the model's defaults filled in: exactly what, with the mask
+    and the input, determines its result."""
+    o = step.options
+    return dict(prompt=o["prompt"], negative_prompt=defaults.negative_prompt if o["negative_prompt"] is None
+                else o["negative_prompt"], steps=o["steps"] or defaults.steps,
+                cfg=defaults.cfg if o["cfg"] is None else o["cfg"], seed=seed if o["seed"] is None else o["seed"],
+                strength=o["strength"], attn_mask=o["attn_mask"] == "on", context=o["context"])
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
+    """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
+    key is in the engine's cache (None: no cache) are read from it instead of run."""
+    from .cache import array_hash
+    from .sampling import first_step
+
+    store = engine.cache
+    canvas = Canvas.start(pixels)
+    key = key_of("chain", array_hash(pixels), engine.model_fingerprint, str(engine.dtype), engine.device.type)
+    for p in planned:
+        args = sampling(p.step, engine.defaults, seed)
+        if p.margins:
+            canvas, _ = grow(canvas, p.margins, p.step.options["feather"])
+        key = key_of(key, p.step.kind, args, array_hash(p.mask), p.margins)
+        hit = store.get("chain", key) if store else None
+        if hit:
+            tensors = hit[0]
+            canvas = edited(canvas, p.mask, tensors["latent"]) if "latent" in tensors else Canvas.start(
+                tensors["pixels"].numpy())
+            ran = 0
+        else:
+            ran = args["steps"] - first_step(args["steps"], args["strength"])
+            try:
+                with progress_bars() as progress:
+                    _, callback = step_callback(progress, ran, f"edit {p.step.index}/{len(planned)} {p.step.kind}")
+                    canvas = engine.edit_canvas(canvas, p.mask, **args, callback=callback)
+            except QimgError as e:
+                raise QimgError(f"{p.step.where}: {e}", e.code) from None
+            except Exception as e:  # out of memory, a broken weight file...: still say which edit failed
+                raise QimgError(f"{p.step.where}: {type(e).__name__}: {e} "
+                                "(rerun with --debug for details)") from e
+            if store:
+                store.put("chain", key, _tensors(canvas), {"edit": p.step.index, "kind": p.step.kind})
+        # Fields named as in a single edit's metadata hold the same values there and here (attn_mask "on"/"off").
+        settings = {**args, "attn_mask": p.step.options["attn_mask"]}
+        lineage = dict(index=p.step.index, kind=p.step.kind, **settings, preset=p.step.options["preset"],
+                       mask_sha256=array_hash(p.mask), margins=p.margins, key=key[:16],
+                       cache="off" if store is None else "hit" if hit else "miss", steps_run=ran)
+        yield p, canvas, lineage
+
+
+def _tensors(canvas: Canvas) -> dict:
+    import torch
+
+    if canvas.latent is not None:
+        return {"latent": canvas.latent}
+    return {"pixels": torch.from_numpy(np.ascontiguousarray(canvas.pixels))}

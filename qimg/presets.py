@@ -1,0 +1,150 @@
+"""Presets: YAML files holding options of a command, read strictly and safely.
+
+Precedence is click's, in one place (`apply`): a preset fills the command's default map, so what the command
+line (or an environment variable) gives wins, and the preset wins over the command's own defaults. The same
+checks serve chain files (`check_options`): every key must be an option of the command, with a value of the
+option's type and range. Only `yaml.safe_load` reads YAML, so a file can hold data but never run code.
+"""
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import UsageError
+
+MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
+NOT_IN_PRESETS = {"preset", "out"}  # a preset cannot pull in another, nor aim every run at one output file
+EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a file path"}
+
+
+def bundled_folder() -> Path:
+    """The bundled presets: package data when installed (pyproject maps the top-level presets/ into
+    qimg/presets), the checkout's presets/ when running from source; the files exist once, in presets/."""
+    installed = Path(__file__).resolve().parent / "presets"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "presets"
+
+
+def bundled() -> dict[str, Path]:
+    folder = bundled_folder()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find(name: str) -> Path:
+    """A preset by bundled name (`fast`) or by path (anything with a `/` or a .yaml/.yml suffix)."""
+    if "/" in name or "\\" in name or name.endswith((".yaml", ".yml")):
+        return Path(name)
+    presets = bundled()
+    if name not in presets:
+        raise UsageError(f"--preset {name}: no such preset (bundled: {', '.join(presets) or 'none'}; "
+                         f"or give a path to a .yaml file)")
+    return presets[name]
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping; any problem is one UsageError line naming the file."""
+    import yaml
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a folder") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"{what} {path} is {len(data)} bytes; the limit is {MAX_BYTES}")
+    try:
+        content = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{what} {path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UsageError(f"{what} {path}: nested too deeply") from None
+    if not isinstance(content, dict):
+        kind = "empty" if content is None else f"a {type(content).__name__}"
+        raise UsageError(f"{what} {path} is {kind}; expected a mapping of option: value")
+    return content
+
+
+def option_params(command, exclude=frozenset()) -> dict[str, Any]:
+    """The command's options by key as written in a file: the long option name with `_` for `-`."""
+    keys = {}
+    for param in command.params:
+        if param.param_type_name != "option" or param.name in exclude:
+            continue
+        longest = max(param.opts, key=len).lstrip("-")
+        keys[longest.replace("-", "_")] = param
+    return keys
+
+
+def check_options(ctx, command, mapping: dict, where: str, exclude=frozenset()) -> dict[str, Any]:
+    """Mapping of option keys (`-` or `_`) to values, checked against the command's options: returns
+    {parameter name: value converted and range-checked as the command line would}."""
+    params = option_params(command, exclude)
+    allowed = ", ".join(sorted(params))
+    values = {}
+    for key, value in mapping.items():
+        name = key.replace("-", "_") if isinstance(key, str) else None
+        if name not in params:
+            raise UsageError(f"{where}: unknown key {str(key)[:40]!r}; allowed: {allowed}")
+        param = params[name]
+        if param.name in values:
+            raise UsageError(f"{where}: {key} is given twice (with - and with _)")
+        values[param.name] = _convert(ctx, param, key, value, where)
+    return values
+
+
+def _convert(ctx, param, key: str, value, where: str):
+    from typer._click.exceptions import BadParameter
+
+    annotation = param.type_descriptor.annotation
+    base = str if param.multiple else annotation
+    items = [value] if param.multiple and isinstance(value, str) else value
+    ok = isinstance(items, list) and all(_is_a(v, base) for v in items) if param.multiple else _is_a(value, base)
+    if not ok:
+        expected = f"{EXPECTED[base]} or a list of them" if param.multiple else EXPECTED[annotation]
+        hint = " (quote it: YAML reads bare on/off/yes/no as true/false)" if isinstance(value, bool) else ""
+        raise UsageError(f"{where}: {key} must be {expected}, not {describe(value)}{hint}")
+    try:
+        return param.get_runtime_param().coerce(items, param=param, ctx=ctx)
+    except BadParameter as e:
+        raise UsageError(f"{where}: {key}: {e.message} (got {describe(value)})") from None
+
+
+def _is_a(value, annotation) -> bool:
+    if isinstance(value, bool) or annotation is bool:
+        return isinstance(value, bool) and annotation is bool
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, str if annotation is Path else annotation)
+
+
+def describe(value) -> str:
+    """A value for an error message: short even for a huge or self-referencing structure."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return "nothing" if value is None else repr(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    return f"a {type(value).__name__}"
+
+
+def fitting_commands(group, options: dict) -> list[str]:
+    """The commands of the app that take every key of a preset (for `qimg presets`)."""
+    keys = {str(k).replace("-", "_") for k in options}
+    return [name for name, command in group.commands.items()
+            if any(p.name == "preset" for p in command.params)
+            and keys <= option_params(command, NOT_IN_PRESETS).keys()]
+
+
+def apply(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    """The eager --preset callback: runs before the other options are read, so they take the preset's
+    values as defaults. Returns the name to record in the output's metadata."""
+    if not value:
+        return value
+    path = find(value)
+    ctx.default_map = check_options(ctx, ctx.command, read_yaml(path, "preset"), f"preset {path}", NOT_IN_PRESETS)
+    return value

@@ -1,0 +1,152 @@
+"""Batches of edits: inputs from files, folders and globs, masks by stem, per-file seeds, a bad file skipped
+and named in the summary, --skip-existing resuming, the model loaded once."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from qimg.batch import expand_inputs, file_seed, mask_for
+from qimg.cli import run
+
+COMMON = ["--steps", "2", "--device", "cpu", "--json"]
+
+
+def qimg(capsys, *args):
+    code = run([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Three photos (one a JPEG), a broken 'PNG', and a mask per photo under masks/."""
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    img = data.astronaut()
+    for i, name in enumerate(["a.png", "b.jpg", "c.png"]):
+        Image.fromarray(img[i * 50 : i * 50 + 64, :96]).save(photos / name)
+        m = np.zeros((64, 96), np.uint8)
+        m[10 + i : 30 + i, 20:50] = 255
+        Image.fromarray(m).save(masks / (f"{Path(name).stem}_mask.png" if name == "c.png" else f"{Path(name).stem}.png"))
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    Image.new("L", (96, 64), 255).save(masks / "broken.png")
+    return photos, masks
+
+
+def test_folder_listing_skips_outputs_masks_and_other_files(tmp_path):
+    for name in ["a.png", "a.inpaint.png", "a.outpaint-2.png", "a_mask.png", "b.JPG", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    files, batch = expand_inputs([tmp_path])
+    assert [f.name for f in files] == ["a.png", "b.JPG"] and batch
+    assert expand_inputs([tmp_path / "a.png"]) == ([tmp_path / "a.png"], False)
+    files, batch = expand_inputs([tmp_path / "a.png", tmp_path / "a.png", Path(str(tmp_path / "*.JPG"))])
+    assert [f.name for f in files] == ["a.png", "b.JPG"] and batch
+
+
+def test_masks_are_found_by_stem(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "y_mask.png").write_bytes(b"")
+    assert mask_for(tmp_path, Path("in/x.jpg")) == tmp_path / "x.png"
+    assert mask_for(tmp_path, Path("y.png")) == tmp_path / "y_mask.png"
+    with pytest.raises(Exception, match="no mask for z.png"):
+        mask_for(tmp_path, Path("z.png"))
+
+
+def test_file_seeds_differ_by_name_and_not_by_folder():
+    assert file_seed(7, Path("a/x.png")) == file_seed(7, Path("b/x.png"))
+    assert len({file_seed(7, Path("x.png")), file_seed(7, Path("y.png")), file_seed(8, Path("x.png"))}) == 3
+
+
+def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_model_dir, folder, tmp_path, capsys,
+                                                                        monkeypatch):
+    from qimg import engine
+
+    loads = []
+    real = engine.load_module
+    monkeypatch.setattr(engine, "load_module", lambda build, path, *a, **k: loads.append(path.name) or
+                        real(build, path, *a, **k))
+    photos, masks = folder
+    out = tmp_path / "out"
+    args = ["inpaint", photos, "-m", tiny_model_dir, "-p", "x", "--mask-dir", masks, "--out-dir", out,
+            "--seed", "7", *COMMON]
+    code, lines, err = qimg(capsys, *args)
+    assert code == 1
+    done = {Path(r["input"]).name: r for r in lines if "output" in r}
+    assert sorted(done) == ["a.png", "b.jpg", "c.png"]
+    assert [Path(r["input"]).name for r in lines if "error" in r] == ["broken.png"]
+    assert err.strip().splitlines()[-1] == f"qimg: error: 1 of 4 images failed: {photos / 'broken.png'}"
+    assert "Traceback" not in err
+    for name, r in done.items():
+        assert r["seed"] == file_seed(7, Path(name)) and Path(r["output"]) == out / f"{Path(name).stem}.inpaint.png"
+        before, after = np.asarray(Image.open(photos / name).convert("RGB")), np.asarray(Image.open(r["output"]))
+        keep = np.asarray(Image.open(mask_for(masks, Path(name)))) == 0
+        assert np.array_equal(after[keep], before[keep])
+    assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "b.inpaint.png", "c.inpaint.png"]
+    assert loads.count("transformer") == 1  # one model for the whole batch
+
+    # Resume: everything made is skipped untouched; the broken file still fails.
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, lines, err = qimg(capsys, *args, "--skip-existing")
+    assert code == 1 and sum(bool(r.get("skipped")) for r in lines) == 3
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_skip_existing_on_a_single_file(tiny_model_dir, folder, capsys):
+    photos, masks = folder
+    (photos / "a.inpaint.png").write_bytes(b"made earlier")
+    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", "-m", tiny_model_dir, "-p", "x", "--rect",
+                            "0,0,9,9", "--skip-existing", *COMMON)
+    assert code == 0 and lines == [{"input": str(photos / "a.png"), "output": str(photos / "a.inpaint.png"),
+                                    "skipped": True}]
+    assert (photos / "a.inpaint.png").read_bytes() == b"made earlier"
+
+
+def test_missing_mask_in_a_batch_is_that_file_s_error(tiny_model_dir, folder, capsys):
+    photos, masks = folder
+    (masks / "b.png").unlink()
+    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "b.jpg", "-m", tiny_model_dir, "-p", "x",
+                            "--mask-dir", masks, *COMMON)
+    assert code == 1 and [r["input"] for r in lines if "output" in r] == [str(photos / "a.png")]
+    assert "no mask for b.jpg" in err and err.strip().splitlines()[-1].endswith("1 of 2 images failed: " +
+                                                                             str(photos / "b.jpg"))
+
+
+def test_outpaint_batch_from_a_glob(tiny_model_dir, folder, tmp_path, capsys):
+    photos, _ = folder
+    code, lines, err = qimg(capsys, "outpaint", str(photos / "[ac].png"), "-m", tiny_model_dir, "-p", "x",
+                            "--right", "16", "--out-dir", tmp_path / "o", *COMMON)
+    assert code == 0, err
+    assert [(Path(r["input"]).name, r["width"]) for r in lines] == [("a.png", 112), ("c.png", 112)]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["PHOTOS/a.png", "PHOTOS/c.png", "-o", "x.png"], "--out-dir"),
+    (["PHOTOS/*.gif"], "no files match"),
+    (["PHOTOS/a.png", "PHOTOS/a.jpg"], "would both write"),
+    (["PHOTOS/a.png", "--mask", "m.png", "--mask-dir", "MASKS"], "not both"),
+])
+def test_batch_usage_errors(folder, tmp_path, capsys, args, fragment):
+    photos, masks = folder
+    Image.new("RGB", (8, 8)).save(photos / "a.jpg")
+    args = [a.replace("PHOTOS", str(photos)).replace("MASKS", str(masks)) for a in args]
+    code, _, err = qimg(capsys, "inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_preset_applies_to_every_file_of_a_batch(tiny_model_dir, folder, tmp_path, capsys):
+    photos, _ = folder
+    preset = tmp_path / "wide.yaml"
+    preset.write_text("right: 16\nstrength: 0.9\nsteps: 1\n")  # COMMON's --steps 2 wins
+    code, lines, err = qimg(capsys, "outpaint", str(photos / "[ac].png"), "-m", tiny_model_dir, "-p", "x",
+                            "--preset", preset, "--out-dir", tmp_path / "o", *COMMON)
+    assert code == 0, err
+    assert [(r["width"], r["strength"], r["steps"], r["preset"]) for r in lines] == [(112, 0.9, 2, str(preset))] * 2
+    for r in lines:
+        assert json.loads(Image.open(r["output"]).info["qimg"])["preset"] == str(preset)

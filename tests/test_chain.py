@@ -1,0 +1,247 @@
+"""`qimg chain` on a real photo with the tiny checkpoint: pixels no edit touched stay byte-identical through
+every round, a one-edit chain is exactly `qimg inpaint`, the cache recomputes only changed edits, errors
+name the edit, lineage is recorded."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from test_edit import pixels, qimg
+
+from qimg.cache import fingerprint
+from qimg.model.transformer import QwenImageTransformer
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    Image.fromarray(data.astronaut()[:150, :227]).save(path)  # odd sizes: the window pads and shifts
+    return path
+
+
+def write_chain(folder, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "chain.yaml").write_text(text)
+    return folder / "chain.yaml"
+
+
+def count_forwards(monkeypatch, fail_after=None):
+    """A list that grows by one each time the transformer runs (once per sampler step at cfg 1); past
+    `fail_after` runs it raises instead, as running out of memory would."""
+    calls, forward = [], QwenImageTransformer.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("out of memory")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImageTransformer, "forward", counted)
+    return calls
+
+
+def chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, *args):
+    return qimg(capsys, "chain", photo, chain_file, "-m", tiny_model_dir, "--device", "cpu", "--json",
+                "--cache-dir", tmp_path / "cache", *args)
+
+
+def test_five_rounds_keep_every_untouched_pixel_byte_identical(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+    soft = np.zeros((150 + 11, 227 + 21), np.float32)  # the canvas after the first outpaint
+    soft[100:140, 150:220] = 1
+    soft[95:100, 150:220] = 0.5
+    (tmp_path / "chains" / "masks").mkdir(parents=True)
+    Image.fromarray((soft * 255).astype(np.uint8)).save(tmp_path / "chains" / "masks" / "sign.png")
+    chain_file = write_chain(tmp_path / "chains", """
+seed: 7
+steps: 2
+cfg: 1
+edits:
+  - inpaint: {rect: "20,30,40,25", prompt: "a red lantern"}
+  - outpaint: {left: 21, top: 11, feather: 6, prompt: "a night street"}
+  - inpaint: {mask: masks/sign.png, prompt: "a neon sign", grow: 1}
+  - outpaint: {right: 13, bottom: 9, feather: 4, prompt: "more street", seed: 3}
+  - inpaint: {rect: "0,0,30,30", prompt: "the moon"}
+""")
+    out = tmp_path / "final.png"
+    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
+    assert code == 0, err
+    before, after = pixels(photo), pixels(out)
+    assert after.shape == (150 + 11 + 9, 227 + 21 + 13, 3) and (report["width"], report["height"]) == (261, 170)
+    assert [e["kind"] for e in report["lineage"]] == ["inpaint", "outpaint", "inpaint", "outpaint", "inpaint"]
+    assert [e["seed"] for e in report["lineage"]] == [7, 7, 7, 3, 7]
+
+    # Every mask, drawn here on the final canvas: edits 3 to 5 see its coordinates, edit 1 sits at (21, 11).
+    touched = np.zeros(after.shape[:2], bool)
+    touched[11 + 30 : 11 + 55, 21 + 20 : 21 + 60] = True  # edit 1
+    touched[: 11 + 6] = touched[:, : 21 + 6] = True  # edit 2: the new area and its 6 px band
+    touched[95 - 1 : 140 + 1, 150 - 1 : 220 + 1] = True  # edit 3: the mask file, grown by 1
+    touched[161 - 4 :] = touched[:, 248 - 4 :] = True  # edit 4
+    touched[:30, :30] = True  # edit 5
+    kept = ~touched[11 : 11 + 150, 21 : 21 + 227]
+    assert kept.mean() > 0.6
+    assert np.array_equal(after[11 : 11 + 150, 21 : 21 + 227][kept], before[kept])
+    assert (after[11 + 30 : 11 + 55, 21 + 20 : 21 + 60] != before[30:55, 20:60]).mean() > 0.5
+
+
+def test_one_edit_chain_is_exactly_qimg_inpaint(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+    chain_file = write_chain(tmp_path, 'edits:\n  - inpaint: {rect: "50,40,60,30", feather: 5, prompt: "a cat"}\n')
+    common = ["--steps", "2", "--seed", "5", "--device", "cpu", "-m", tiny_model_dir]
+    code, _, err = qimg(capsys, "chain", photo, chain_file, "-o", tmp_path / "c.png", "--no-cache", *common)
+    assert code == 0, err
+    code, _, err = qimg(capsys, "inpaint", photo, "-p", "a cat", "--rect", "50,40,60,30", "--feather", "5",
+                        "-o", tmp_path / "i.png", *common)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "c.png"), pixels(tmp_path / "i.png"))
+
+
+def test_changing_the_last_edit_recomputes_only_that_edit(tiny_model_dir, photo, tmp_path, capsys, monkeypatch,
+                                                           one_thread):
+    forward_calls = count_forwards(monkeypatch)
+    text = """
+seed: 1
+cfg: 1
+edits:
+  - inpaint: {rect: "10,10,40,40", prompt: "a red lantern", steps: 2}
+  - outpaint: {right: 24, prompt: "a street", steps: 3}
+  - inpaint: {rect: "100,60,50,40", prompt: "LAST", steps: 4}
+"""
+    chain_file = write_chain(tmp_path / "c", text.replace("LAST", "a neon sign"))
+    code, first, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
+    assert code == 0, err
+    assert [e["cache"] for e in first["lineage"]] == ["miss"] * 3 and len(forward_calls) == 2 + 3 + 4
+
+    forward_calls.clear()
+    code, again, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    assert code == 0, err
+    assert [e["cache"] for e in again["lineage"]] == ["hit"] * 3 and forward_calls == []
+    assert np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
+
+    write_chain(tmp_path / "c", text.replace("LAST", "a vending machine"))
+    code, changed, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
+    assert code == 0, err
+    assert [e["cache"] for e in changed["lineage"]] == ["hit", "hit", "miss"] and len(forward_calls) == 4
+
+    # The cached steps give what running them again gives.
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "4.png", "--no-cache")
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "3.png"), pixels(tmp_path / "4.png"))
+
+
+def test_a_failing_edit_keeps_the_edits_before_it(tiny_model_dir, photo, tmp_path, capsys, monkeypatch, one_thread):
+    chain_file = write_chain(tmp_path / "c", """
+seed: 2
+cfg: 1
+steps: 2
+edits:
+  - inpaint: {rect: "10,10,40,40", prompt: "one"}
+  - inpaint: {rect: "60,60,40,40", prompt: "two"}
+""")
+    forward = QwenImageTransformer.forward
+    count_forwards(monkeypatch, fail_after=2)  # edit 1 runs its 2 steps, edit 2 fails
+    out, steps = tmp_path / "o.png", tmp_path / "steps"
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
+    assert code == 1 and "edit 2 (inpaint)" in err and "out of memory" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and [p.name for p in steps.iterdir()] == ["astronaut.01-inpaint.png"]
+    step_one = json.loads(Image.open(steps / "astronaut.01-inpaint.png").info["qimg"])
+    assert [e["prompt"] for e in step_one["lineage"]] == ["one"]
+
+    monkeypatch.setattr(QwenImageTransformer, "forward", forward)
+    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
+    assert code == 0, err
+    assert [e["cache"] for e in report["lineage"]] == ["hit", "miss"]
+
+
+def test_output_records_the_lineage(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+    chain_file = write_chain(tmp_path / "c", """
+steps: 1
+cfg: 1
+edits:
+  - inpaint: {rect: "10,10,40,40", prompt: "一只猫"}
+  - outpaint: {to: 240x160, prompt: "a street", seed: 9}
+""")
+    out = tmp_path / "o.png"
+    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--seed", "4")
+    assert code == 0, err
+    meta = json.loads(Image.open(out).info["qimg"])
+    assert meta["chain"] == str(chain_file) and meta["input"] == str(photo)
+    assert [(e["index"], e["kind"], e["prompt"], e["seed"]) for e in meta["lineage"]] == [
+        (1, "inpaint", "一只猫", 4), (2, "outpaint", "a street", 4)]  # --seed wins over the file
+    assert meta["lineage"][1]["margins"] == [6, 7, 5, 5] and meta["lineage"] == report["lineage"]
+    # The same shape as every output's metadata (metadata.output_params), read back by `qimg info`.
+    code, info, err = qimg(capsys, "info", out, "--json")
+    assert code == 0 and info == meta, err
+    assert (meta["command"], meta["preset"], meta["model_fingerprint"]) == ("chain", None, fingerprint(tiny_model_dir))
+    assert meta["lineage"][0]["attn_mask"] == "off" and len(meta["lineage"][0]["mask_sha256"]) == 64
+
+
+def test_chain_on_an_earlier_output_takes_its_latent_from_the_cache(tiny_model_dir, photo, tmp_path, capsys,
+                                                                    monkeypatch, one_thread):
+    """The first edit of a chain starts from the input's cached latent, as `qimg inpaint` does: no VAE encode."""
+    from qimg.model import vae
+
+    encodes, encoder_forward = [], vae.Encoder.forward
+    monkeypatch.setattr(vae.Encoder, "forward",
+                        lambda self, x: encodes.append(1) or encoder_forward(self, x))
+    first = tmp_path / "1.png"
+    code, report, err = qimg(capsys, "inpaint", photo, "-p", "a cat", "--rect", "10,10,40,40", "--steps", "1",
+                             "--seed", "1", "--device", "cpu", "-m", tiny_model_dir, "--json", "--cache-dir",
+                             tmp_path / "cache", "-o", first)
+    assert code == 0 and report["latent_cache"] == "miss" and len(encodes) == 1, err
+    chain_file = write_chain(tmp_path / "c", 'steps: 1\nedits:\n  - inpaint: {rect: "60,60,30,30", prompt: "a cat"}\n')
+    code, report, err = chain(capsys, tiny_model_dir, first, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    assert code == 0 and report["lineage"][0]["cache"] == "miss" and len(encodes) == 1, err
+
+
+def test_options_layer_edit_over_its_preset_over_file_defaults(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "soft.yaml").write_text("strength: 0.5\ncfg: 1.5\n")
+    (tmp_path / "fast.yaml").write_text("steps: 1\n")
+    chain_file = write_chain(tmp_path / "c", """
+seed: 1
+cfg: 1
+steps: 3
+edits:
+  - inpaint: {rect: "10,10,40,40", prompt: "a", preset: c/soft.yaml, cfg: 2}
+  - inpaint: {rect: "10,10,40,40", prompt: "b"}
+""".replace("c/soft.yaml", str(tmp_path / "c" / "soft.yaml")))
+    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "--preset", tmp_path / "fast.yaml")
+    assert code == 0, err
+    assert [(e["steps"], e["cfg"], e["strength"], e["preset"]) for e in report["lineage"]] == [
+        (1, 2.0, 0.5, str(tmp_path / "c" / "soft.yaml")), (1, 1.0, 1.0, None)]
+
+
+@pytest.mark.parametrize("edits, fragments", [
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x}\n  - inpaint: {rects: "0,0,9,9", prompt: x}\n',
+     ["edit 2 (inpaint)", "unknown key 'rects'", "allowed:", "rect"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, steps: many}\n', ["edit 1 (inpaint)", "steps must be a whole number"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, model: other}\n', ["edit 1 (inpaint)", "unknown key 'model'"]),
+    ('  - outpaint: {right: 16, prompt: x}\n  - inpaint: {mask: nope.png, prompt: x}\n',
+     ["edit 2 (inpaint)", "nope.png", "no such file"]),
+    ('  - inpaint: {rect: "0,0,9,9"}\n', ["edit 1 (inpaint)", "--prompt"]),
+    ('  - outpaint: {prompt: x}\n', ["edit 1 (outpaint)", "nothing to outpaint"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n', ["edit 1 (inpaint)", "--attn-mask"]),
+    ('  - blur: {radius: 3}\n', ["edit 1", "expected {inpaint"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, out_dir: o}\n', ["edit 1 (inpaint)", "unknown key 'out_dir'"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, no_cache: true}\n', ["edit 1 (inpaint)", "unknown key 'no_cache'"]),
+    ('  - inpaint: [1, 2]\n', ["edit 1 (inpaint)", "expected a mapping"]),
+    ('  []\n', ["needs `edits:`"]),
+])
+def test_bad_chain_names_the_edit_and_key_and_writes_nothing(tiny_model_dir, photo, tmp_path, capsys, edits, fragments):
+    chain_file = write_chain(tmp_path / "c", "edits:\n" + edits)
+    out = tmp_path / "o.png"
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in [str(chain_file), *fragments]:
+        assert fragment in lines[0], lines[0]
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_unknown_top_level_key_lists_the_shared_options(tiny_model_dir, photo, tmp_path, capsys):
+    chain_file = write_chain(tmp_path / "c", 'rect: "0,0,9,9"\nedits:\n  - inpaint: {prompt: x}\n')
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path)
+    assert code == 2 and "unknown key 'rect'" in err and "seed" in err and "feather" in err

@@ -1,0 +1,65 @@
+"""Output metadata: every PNG carries the parameters that made it, and `qimg info` reads them back as data."""
+
+import json
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from qimg.cache import array_hash, fingerprint
+from qimg.cli import run
+from qimg.masks import rect_mask
+
+
+def qimg(capsys, *args):
+    code = run([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_and_inpaint_parameters_round_trip(tiny_model_dir, tmp_path, capsys):
+    prompt = "一只猫 on a table, \x1b[31m red"
+    gen, edit = tmp_path / "g.png", tmp_path / "e.png"
+    code, out, err = qimg(capsys, "generate", "-m", tiny_model_dir, "-p", prompt, "--size", "64x48", "--steps", "2",
+                          "--cfg", "2.5", "--seed", "11", "--device", "cpu", "-o", gen, "--json")
+    assert code == 0, err
+    code, out, err = qimg(capsys, "info", gen, "--json")
+    assert code == 0, err
+    params = json.loads(out)
+    expected = dict(command="generate", prompt=prompt, negative_prompt=" ", seed=11, steps=2, cfg=2.5, width=64,
+                    height=48, model=str(tiny_model_dir), model_fingerprint=fingerprint(tiny_model_dir), preset=None,
+                    lineage=[])
+    assert {k: params[k] for k in expected} == expected
+
+    code, out, err = qimg(capsys, "inpaint", gen, "-m", tiny_model_dir, "-p", "x", "--rect", "8,8,16,8", "--steps", "2",
+                          "--seed", "3", "--device", "cpu", "-o", edit)
+    assert code == 0, err
+    params = json.loads(qimg(capsys, "info", edit, "--json")[1])
+    assert params["command"] == "inpaint" and params["input"] == str(gen) and params["seed"] == 3
+    assert params["mask_sha256"] == array_hash(rect_mask([(8, 8, 24, 16)], 64, 48))
+
+    code, out, err = qimg(capsys, "info", gen)
+    assert code == 0 and "\x1b" not in out and "\\u001b[31m" in out and "一只猫" in out
+    assert any(line.split() == ["seed", "11"] for line in out.splitlines())
+
+
+def test_png_without_parameters_is_one_clear_line(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    code, out, err = qimg(capsys, "info", tmp_path / "plain.png")
+    assert code == 1 and out == "" and err.strip() == (
+        f"qimg: error: {tmp_path / 'plain.png'} carries no qimg parameters (only PNG outputs of qimg do, and "
+        "other programs may drop them when they re-save a file)")
+
+
+def test_damaged_parameters_are_reported_not_evaluated(tmp_path, capsys):
+    for name, text in [("code.png", "__import__('os').system('touch PWNED')"), ("list.png", "[1, 2]")]:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("qimg", text)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name, pnginfo=info)
+        code, out, err = qimg(capsys, "info", tmp_path / name)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "qimg parameters are not" in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_info_on_a_missing_file(tmp_path, capsys):
+    code, _, err = qimg(capsys, "info", tmp_path / "nope.png")
+    assert code == 2 and "no such file" in err

@@ -1,0 +1,146 @@
+"""--preset: precedence (flags > preset > defaults), strict checking, hostile YAML, `qimg presets`."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from qimg.cli import run
+
+
+def qimg(capsys, *args):
+    code = run([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def preset(tmp_path):
+    def write(text: str, name: str = "p.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def generate(capsys, tiny_model_dir, tmp_path, *args):
+    out = tmp_path / "o.png"
+    code, stdout, err = qimg(capsys, "generate", "-p", "a red circle", "-m", tiny_model_dir, "--size", "32x32",
+                             "--device", "cpu", "--json", "-o", out, *args)
+    assert code == 0, err
+    return json.loads(stdout), out
+
+
+def test_preset_values_apply_and_explicit_flags_win(tiny_model_dir, tmp_path, capsys, preset, one_thread):
+    p = preset("steps: 2\ncfg: 1.5\nseed: 11\nnegative-prompt: blurry\n")
+    report, out = generate(capsys, tiny_model_dir, tmp_path, "--preset", p)
+    assert (report["steps"], report["cfg"], report["seed"], report["negative_prompt"]) == (2, 1.5, 11, "blurry")
+    assert json.loads(Image.open(out).info["qimg"])["preset"] == str(p)
+
+    report, _ = generate(capsys, tiny_model_dir, tmp_path, "--preset", p, "--steps", "1", "--seed", "3")
+    assert (report["steps"], report["cfg"], report["seed"]) == (1, 1.5, 3)
+
+
+def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, one_thread):
+    from qimg import presets
+
+    monkeypatch.setattr(presets, "bundled_folder", lambda: tmp_path / "bundled")
+    (tmp_path / "bundled").mkdir()
+    (tmp_path / "bundled" / "tiny-preview.yaml").write_text("steps: 1\ncfg: 1\n")
+    report, _ = generate(capsys, tiny_model_dir, tmp_path, "--preset", "tiny-preview")
+    assert (report["steps"], report["cfg"], report["preset"]) == (1, 1.0, "tiny-preview")
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("stepz: 3\n", ["unknown key 'stepz'", "allowed:", "steps", "cfg", "negative_prompt"]),
+    ("steps: ten\n", ["steps must be a whole number", "'ten'"]),
+    ("steps: 5000\n", ["steps:", "1000"]),
+    ("steps: 2.5\n", ["steps must be a whole number"]),
+    ("cfg: [1, 2]\n", ["cfg must be a number", "a list"]),
+    ("prompt: 12\n", ["prompt must be text"]),
+    ("json: maybe\n", ["json must be true or false"]),
+    ("out: x.png\n", ["unknown key 'out'"]),
+    ("preset: other\n", ["unknown key 'preset'"]),
+    ("steps: 2\nsteps-: 3\n", ["unknown key 'steps-'"]),
+    ("negative-prompt: a\nnegative_prompt: b\n", ["given twice"]),
+    ("- steps: 2\n", ["is a list", "expected a mapping"]),
+    ("just text\n", ["is a str", "expected a mapping"]),
+    ("", ["is empty"]),
+    ("steps: [unclosed\n", ["not valid YAML", "line"]),
+    ("!!python/object/apply:os.system ['touch PWNED']\n", ["not valid YAML", "python/object/apply"]),
+    ("steps: !!python/name:os.system\n", ["not valid YAML"]),
+    ("1: 2\n", ["unknown key '1'"]),
+])
+def test_bad_preset_is_one_line_naming_key_and_file(tmp_path, capsys, preset, text, fragments):
+    p = preset(text)
+    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "-o", tmp_path / "o.png", "--preset", p)
+    assert code == 2
+    line = one_line(err)
+    for fragment in [str(p), *fragments]:
+        assert fragment in line, line
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "PWNED").exists()
+
+
+def test_bare_off_gets_a_hint_about_yaml_booleans(tmp_path, capsys, preset):
+    p = preset("attn-mask: off\n")
+    code, _, err = qimg(capsys, "inpaint", tmp_path / "i.png", "-p", "x", "-m", tmp_path, "--preset", p)
+    assert code == 2 and "attn-mask must be text" in err and "quote it" in err
+
+
+def test_anchor_bomb_and_deep_nesting_fail_fast_and_cleanly(tmp_path, capsys, preset):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    for text in (bomb + "steps: *i\n", bomb, "steps: " + "[" * 5000 + "]" * 5000 + "\n"):
+        p = preset(text)
+        code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "--preset", p)
+        assert code == 2
+        line = one_line(err)
+        assert str(p) in line and len(line) < 600, line
+
+
+def test_preset_for_another_command_is_refused(tmp_path, capsys):
+    code, _, err = qimg(capsys, "inpaint", tmp_path / "i.png", "-p", "x", "-m", tmp_path, "--preset", "wide-outpaint")
+    assert code == 2 and "unknown key 'left'" in one_line(err)
+
+
+@pytest.mark.parametrize("name, fragment", [("no-such-preset", "bundled: fast"), ("missing.yaml", "no such file")])
+def test_missing_preset(tmp_path, capsys, name, fragment):
+    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "--preset", name)
+    assert code == 2 and fragment in one_line(err)
+
+
+def test_presets_lists_the_bundled_ones_with_their_contents(capsys):
+    code, out, err = qimg(capsys, "presets")
+    assert code == 0, err
+    for name, fits, line in [("fast", "generate, inpaint, outpaint, chain", "steps: 12"),
+                             ("quality", "(generate, inpaint, outpaint)", "steps: 60"),
+                             ("wide-outpaint", "(outpaint)", "left: 256"),
+                             ("product-recolour", "(inpaint)", "strength: 0.8")]:
+        assert name in out and fits in out and line in out, out
+
+
+def test_every_bundled_preset_checks_against_the_commands_it_lists(capsys):
+    """`qimg presets` says which commands a preset fits; each of those must accept it."""
+    import typer
+
+    from qimg import presets
+    from qimg.cli import app
+
+    group = typer.main.get_command(app)
+    arguments = {"generate": ["-p", "x"], "inpaint": ["i.png", "-p", "x"], "outpaint": ["i.png", "-p", "x"],
+                 "chain": ["i.png", "c.yaml"]}
+    for name, path in presets.bundled().items():
+        options = presets.read_yaml(path, "preset")
+        fits = presets.fitting_commands(group, options)
+        assert fits, name
+        for command in fits:
+            ctx = group.commands[command].make_context(command, [*arguments[command], "--preset", name])
+            assert ctx.params["preset"] == name
+            assert all(ctx.get_parameter_source(key.replace("-", "_")).name == "DEFAULT_MAP" for key in options)
