@@ -1,0 +1,72 @@
+"""The built-in shapes model: shipped in the package, small, loaded by default, the same image as the
+reference pipeline, and it draws what it is asked (a small, fixed-seed run of the evaluation)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qimg.engine import Engine
+from qimg.model.text import DROP, TEMPLATE
+from qimg.train.evaluate import analyse, evaluate
+from qimg.weights import BUILTIN, builtin_model
+
+PROMPT = "a red circle on the left of a blue background"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(builtin_model(), "cpu", "float32")
+
+
+def test_folder_is_small_and_complete():
+    size = sum(f.stat().st_size for f in BUILTIN.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20, f"{size / 2**20:.1f} MB"
+    for part in ("model_index.json", "qimg.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json",
+                 "text_encoder/model.safetensors", "transformer/diffusion_pytorch_model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors"):
+        assert (BUILTIN / part).is_file(), part
+
+
+def test_template_prefix_is_what_the_reference_drops():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(BUILTIN / "tokenizer")
+    prefix = TEMPLATE.split("{}")[0]
+    assert len(tok(prefix).input_ids) == DROP
+    ids = tok(TEMPLATE.format(PROMPT)).input_ids
+    assert tok.decode(ids[DROP:]).startswith(PROMPT)
+
+
+def test_same_image_as_the_reference_pipeline(engine):
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(BUILTIN, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    d = engine.defaults
+    ref = pipe(PROMPT, negative_prompt=d.negative_prompt, true_cfg_scale=d.cfg, num_inference_steps=d.steps,
+               width=d.width, height=d.height, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    ours = engine.generate(PROMPT, d.negative_prompt, d.width, d.height, d.steps, d.cfg, 3).image
+    assert np.abs(np.asarray(ref).astype(int) - ours).max() <= 1
+
+
+def test_generate_needs_no_model_option(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "QIMG_MODEL"}
+    out = tmp_path / "demo.png"
+    result = subprocess.run([sys.executable, "-m", "qimg", "generate", "-p", PROMPT, "-o", str(out), "--seed", "1"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (128, 128, 3)
+    assert analyse(image)["background"] == "blue"
+
+
+def test_small_evaluation(engine):
+    table, cases = evaluate(engine, per_language=4, seed=7)
+    for language in ("en", "zh", "mixed"):
+        assert table[language]["all stated"] >= 0.75, (language, table, cases)
+    assert table["inpaint"]["color"] >= 0.75, (table, cases)
