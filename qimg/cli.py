@@ -8,13 +8,15 @@ import os
 import secrets
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.exceptions import Abort, TyperException
+from typer.exceptions import TyperException
 
-from .errors import QimgError, UsageError
+from .errors import Interrupted, QimgError, QimgWarning, UsageError, out_of_memory, signals_raise
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,13 +28,28 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help="Model folder (diffusers layout) or Hugging Face repo id, e.g. Qwen/Qwen-Image.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16.")]
-PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What to draw (any language).")]
-NegativeOpt = Annotated[Optional[str], typer.Option(help="What to steer away from [default: model's, ' '].")]
+
+
+def utf8_text(value: Optional[str]) -> Optional[str]:
+    """Refuse text that is not UTF-8 (on POSIX, undecodable argv bytes arrive as surrogates)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise typer.BadParameter(f"byte {e.object[e.start].encode('utf-8', 'surrogateescape')!r} at character "
+                                     f"{e.start} is not UTF-8; pass text in UTF-8") from None
+    return value
+
+
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, help="What to draw (any language).")]
+NegativeOpt = Annotated[Optional[str], typer.Option(callback=utf8_text,
+                                                    help="What to steer away from [default: model's, ' '].")]
 SizeOpt = Annotated[Optional[str], typer.Option(help="WIDTHxHEIGHT, multiples of 16 [default: model's].")]
 StepsOpt = Annotated[Optional[int], typer.Option(min=1, max=1000, help="Sampling steps [default: model's, 50].")]
 CfgOpt = Annotated[Optional[float], typer.Option(min=0.0, max=100.0, help="True CFG scale; <= 1 disables guidance.")]
 SeedOpt = Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Random seed [default: random, reported].")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image (.png, .jpg, .webp).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Let --out replace an existing file (an input included), atomically.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the result on stdout.")]
 ImageArg = Annotated[Path, typer.Argument(help="Input image.", show_default=False)]
 StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
@@ -92,18 +109,16 @@ def step_progress(total: int, label: str):
 def generate(
     prompt: PromptOpt, negative_prompt: NegativeOpt = None, model: ModelOpt = None, size: SizeOpt = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    overwrite: OverwriteOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
     width, height = parse_size(size) if size else (None, None)
     seed = secrets.randbelow(2**32) if seed is None else seed
-    from PIL import Image
-
-    from .files import check_output, default_output, save_image
+    from .files import check_output, default_output
 
     out = out or default_output(f"qimg-{seed}")
-    check_output(out)
+    check_output(out, overwrite)
     engine = open_engine(model, device, dtype)
     d = engine.defaults
     width, height = width or d.width, height or d.height
@@ -114,27 +129,36 @@ def generate(
         image = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
     params = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, width=width, height=height,
                   steps=steps, cfg=cfg, model=str(engine.folder))
-    save_image(Image.fromarray(image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
+    save_output(image, out, params)
     report(out, params, started, json_)
 
 
-def edit_output(image: Path, out: Optional[Path], kind: str) -> Path:
-    """Where an edit goes: --out, or `<stem>.<kind>.png` beside the input; never the input itself."""
+def edit_output(image: Path, out: Optional[Path], kind: str, overwrite: bool) -> Path:
+    """Where an edit goes: --out, or `<stem>.<kind>.png` beside the input; the input only with --overwrite."""
     from .files import check_output, default_output
 
     out = out or default_output(f"{image.stem}.{kind}", image.parent)
-    if out.exists() and out.resolve() == image.resolve():
-        raise UsageError(f"--out {out} is the input image; choose another file")
-    check_output(out)
+    check_output(out, overwrite, inputs=(image,))
     return out
 
 
-def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, device, dtype, prompt,
-             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json):
-    """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
+written: list[Path] = []  # files this run has saved, in order: an interrupted run names them
+
+
+def save_output(pixels, out: Path, params: dict) -> None:
+    """Save an (H, W, 3) uint8 result atomically, its parameters in a PNG text chunk."""
     from PIL import Image
 
-    from .files import load_image, save_image
+    from .files import save_image
+
+    save_image(Image.fromarray(pixels), out, {"qimg": json.dumps(params, ensure_ascii=False)})
+    written.append(out)
+
+
+def run_edit(kind: str, image: Path, out: Optional[Path], overwrite: bool, build_mask, model, device, dtype,
+             prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json):
+    """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
+    from .files import load_image
     from .masks import ensure_not_empty, selected_area
 
     started = time.perf_counter()
@@ -146,7 +170,7 @@ def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, dev
     canvas, mask = build_mask(pixels, picture)
     ensure_not_empty(mask, "the mask")
     seed = secrets.randbelow(2**32) if seed is None else seed
-    out = edit_output(image, out, kind)
+    out = edit_output(image, out, kind, overwrite)
     engine = open_engine(model, device, dtype)
     d = engine.defaults
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
@@ -162,7 +186,7 @@ def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, dev
                   steps=steps, cfg=cfg, strength=strength, attn_mask=attn_mask, input=str(image),
                   mask_area=selected_area(mask), box=list(edit.box), work_size=list(edit.work_size),
                   model=str(engine.folder))
-    save_image(Image.fromarray(edit.image), out, {"qimg": json.dumps(params, ensure_ascii=False)})
+    save_output(edit.image, out, params)
     report(out, params, started, as_json)
 
 
@@ -177,8 +201,8 @@ def inpaint(
     grow: Annotated[int, typer.Option(min=0, help="Dilate the mask by this many pixels.")] = 0,
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
-    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     import numpy as np
@@ -199,7 +223,7 @@ def inpaint(
         m = masks.invert(m) if invert_mask else m
         return pixels, masks.feather(masks.grow(m, grow), feather)
 
-    run_edit("inpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
+    run_edit("inpaint", image, out, overwrite, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
              strength, attn_mask, context, json_)
 
 
@@ -215,8 +239,8 @@ def outpaint(
     anchor: Annotated[str, typer.Option(help="Where the original sits: center, left, top-right...")] = "center",
     feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
-    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -228,7 +252,7 @@ def outpaint(
         margins = masks.outpaint_margins((width, height), left, right, top, bottom, expand, target, anchor)
         return masks.outpaint_canvas(pixels, margins, feather)
 
-    run_edit("outpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
+    run_edit("outpaint", image, out, overwrite, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
              strength, attn_mask, context, json_)
 
 
@@ -243,16 +267,20 @@ def report(out: Path, params: dict, started: float, as_json: bool) -> None:
 def run(args: list[str]) -> int:
     """Run the CLI and return its exit code; every failure becomes one line on stderr."""
     debug = "--debug" in args or os.environ.get("QIMG_DEBUG", "") not in ("", "0")
+    written.clear()
     try:
-        code = app(args=args, prog_name="qimg", standalone_mode=False)
+        with signals_raise(), warnings_as_lines():
+            code = app(args=args, prog_name="qimg", standalone_mode=False)
         return code if isinstance(code, int) else 0
     except TyperException as e:
         if e.format_message():  # empty after no-args help
             print(f"qimg: error: {e.format_message()}", file=sys.stderr)
         return e.exit_code
-    except Abort:
-        print("qimg: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        done = "; nothing written" if not written else f" after writing {written[-1]}" + (
+            f" and {len(written) - 1} more" if len(written) > 1 else "")
+        print(f"qimg: {e.what}{done}", file=sys.stderr)
+        return e.code
     except QimgError as e:
         if debug:
             raise
@@ -261,8 +289,29 @@ def run(args: list[str]) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"qimg: error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        if out_of_memory(e):
+            print("qimg: error: out of memory; use a smaller size, or --offload", file=sys.stderr)
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"qimg: error: {type(e).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+@contextmanager
+def warnings_as_lines():
+    """Show qimg's warnings as `qimg: warning: ...` lines on stderr, every time; leave others alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", QimgWarning)
+        show = warnings.showwarning
+
+        def show_line(message, category, *args, **kwargs):
+            if issubclass(category, QimgWarning):
+                print(f"qimg: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_line
+        yield
 
 
 def main() -> None:

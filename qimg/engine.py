@@ -14,6 +14,7 @@ from PIL import Image
 
 from .errors import QimgError, UsageError
 from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
+from .memory import activation_bytes, device_bytes, gigabytes
 from .model.text import TextEncoder
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
@@ -85,12 +86,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_size(width: int, height: int) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v <= 0 or v % MULTIPLE:
-            raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
-
-
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] to (H, W, 3) uint8, rounding like the reference's postprocess."""
     x = (x.float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
@@ -130,6 +125,18 @@ class Engine:
             self._vae = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype, self.device)
         return self._vae
 
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse, before any weights load, a size the model cannot take or the device could not hold."""
+        for name, v in (("width", width), ("height", height)):
+            if v <= 0 or v % MULTIPLE:
+                raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
+        need = activation_bytes(width, height, self._config(TransformerConfig, "transformer"),
+                                self._config(VAEConfig, "vae"), self.dtype.itemsize)
+        have = device_bytes(self.device)
+        if have is not None and need > have:
+            raise UsageError(f"{width}x{height} would need about {gigabytes(need)} of {self.device.type} memory "
+                             f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
+
     def _config(self, cls, component: str):
         try:
             return cls.from_dict(read_config(self.folder / component))
@@ -167,7 +174,7 @@ class Engine:
     def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                         cfg: float, seed: int, callback=None) -> torch.Tensor:
         """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
-        check_size(width, height)
+        self.check_size(width, height)
         h, w = height // 8, width // 8
         x = patchify(self._noise(seed, h, w))
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
@@ -219,10 +226,12 @@ class Engine:
         resized = (x1 - x0) * (y1 - y0) != width * height or width * height > max_pixels
         if resized:
             size = work_size(x1 - x0, y1 - y0, max_pixels)
+            self.check_size(*size)
             work = np.asarray(Image.fromarray(region).resize(size, Image.LANCZOS))
             work_mask = resize_mask(region_mask, size)
         else:
             work, work_mask, _ = pad_to_multiple(region, region_mask)
+            self.check_size(work.shape[1], work.shape[0])
         m = torch.from_numpy(latent_mask(work_mask, 8))
         latent = self.inpaint_latent(self.encode(work), m, prompt, negative_prompt, steps, cfg, seed, strength,
                                      attn_mask, callback)

@@ -4,11 +4,12 @@ The prompt is wrapped in Qwen-Image's system template, run through the language 
 hidden state of the real (unpadded) tokens is kept, minus the template's first 34 positions.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import QimgError
+from ..errors import QimgError, QimgWarning
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -46,6 +47,12 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (tokens, dim) tensor per prompt."""
+        for prompt, ids in zip(prompts, self.tokenizer([TEMPLATE.format(p) for p in prompts]).input_ids):
+            if len(ids) - DROP > MAX_EMBED:
+                start = prompt[:24] + ("..." if len(prompt) > 24 else "")
+                warnings.warn(f"prompt {start!r} is {len(ids) - DROP} tokens long; the model reads the first "
+                              f"{MAX_EMBED} (its template's closing tokens included) and ignores the rest",
+                              QimgWarning, stacklevel=2)
         tokens = self.tokenizer(
             [TEMPLATE.format(p) for p in prompts], max_length=MAX_TOKENS + DROP, padding=True, truncation=True,
             return_tensors="pt",
