@@ -94,16 +94,19 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Build `build()` on the meta device and assign the folder's weights into it, checking every key."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
     state = {}
     for file in safetensors_files(folder):
-        with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        try:
+            with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
     check_keys(folder, expected, state)
     module.load_state_dict(state, assign=True, strict=True)
     return module.eval().requires_grad_(False)
