@@ -24,16 +24,13 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
     """The first frame of an image file, upright (EXIF orientation applied), fully decoded; any failure is
     a UsageError naming the file as `what` (image, mask)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels says it better
-            img = Image.open(path)
-        with img:
-            check_pixels(img.size, f"{what} {path}")
-            if getattr(img, "is_animated", False):
-                warnings.warn(f"{what} {path} is animated; using its first frame", QimgWarning, stacklevel=2)
-            upright = ImageOps.exif_transpose(img)
-            upright.load()
-            return upright
+        with warnings.catch_warnings(record=True) as caught:  # Pillow warns about damaged files: one line each
+            warnings.simplefilter("always")
+            with Image.open(path) as img:
+                check_pixels(img.size, f"{what} {path}")
+                animated = getattr(img, "is_animated", False)
+                upright = ImageOps.exif_transpose(img)
+                upright.load()
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
@@ -49,6 +46,12 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
                          "qimg does not read it (a damaged or hostile file?)") from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow says SyntaxError for a broken PNG chunk
         raise UsageError(f"{what} {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+    for w in caught:
+        if not issubclass(w.category, Image.DecompressionBombWarning):  # check_pixels has said it better
+            warnings.warn(f"{what} {path}: {w.message}", QimgWarning, stacklevel=2)
+    if animated:
+        warnings.warn(f"{what} {path} is animated; using its first frame", QimgWarning, stacklevel=2)
+    return upright
 
 
 def check_pixels(size: tuple[int, int], what: str, fix: str = "downscale it first") -> None:
