@@ -61,14 +61,6 @@ def photo_png(tmp_path, photo):
     return path
 
 
-@pytest.fixture(scope="module")
-def configs_only(tmp_path_factory, tiny_model_dir):
-    """The tiny checkpoint's folder layout and configs, without a single weight."""
-    folder = tmp_path_factory.mktemp("configs") / "model"
-    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-    return folder
-
-
 def broken_copy(tiny_model_dir, tmp_path, edit):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)

@@ -7,12 +7,10 @@ weight loader (exit 1, 'no .safetensors weights'): everything about the input wa
 
 import io
 import random
-import shutil
 import warnings
 from collections import Counter
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -158,13 +156,6 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 
 CASES = 300
-
-
-@pytest.fixture(scope="module")
-def configs_only(tmp_path_factory, tiny_model_dir):
-    folder = tmp_path_factory.mktemp("configs") / "model"
-    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
-    return folder
 
 
 def test_mutated_images_and_masks_end_cleanly(tmp_path, configs_only, capsys):
