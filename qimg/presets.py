@@ -14,7 +14,8 @@ import typer
 from .errors import UsageError
 
 MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
-NOT_IN_PRESETS = {"preset", "out"}  # a preset cannot pull in another, nor aim every run at one output file
+# a preset cannot pull in another, aim every run at one output file, nor let runs replace files unasked
+NOT_IN_PRESETS = {"preset", "out", "overwrite"}
 EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a file path"}
 
 

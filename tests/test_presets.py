@@ -33,7 +33,7 @@ def preset(tmp_path):
 def generate(capsys, tiny_model_dir, tmp_path, *args):
     out = tmp_path / "o.png"
     code, stdout, err = qimg(capsys, "generate", "-p", "a red circle", "-m", tiny_model_dir, "--size", "32x32",
-                             "--device", "cpu", "--json", "-o", out, *args)
+                             "--device", "cpu", "--json", "-o", out, "--overwrite", *args)
     assert code == 0, err
     return json.loads(stdout), out
 
@@ -67,6 +67,7 @@ def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, o
     ("prompt: 12\n", ["prompt must be text"]),
     ("json: maybe\n", ["json must be true or false"]),
     ("out: x.png\n", ["unknown key 'out'"]),
+    ("overwrite: true\n", ["unknown key 'overwrite'"]),  # only the command line may let a run replace files
     ("preset: other\n", ["unknown key 'preset'"]),
     ("steps: 2\nsteps-: 3\n", ["unknown key 'steps-'"]),
     ("negative-prompt: a\nnegative_prompt: b\n", ["given twice"]),
