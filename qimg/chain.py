@@ -25,6 +25,9 @@ KINDS = ("inpaint", "outpaint")
 CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
+# Every edit's mask is built (a float per canvas pixel) before the model loads, and YAML aliases let a 256 KB
+# file list ~20,000 edits: without a cap such a file costs minutes and tens of GB before any check fails.
+MAX_EDITS = 100
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
     edits = data.pop("edits", None)
     if not isinstance(edits, list) or not edits:
         raise UsageError(f"chain {path}: needs `edits:`, a list of {{inpaint: {{...}}}} or {{outpaint: {{...}}}}")
+    if len(edits) > MAX_EDITS:
+        raise UsageError(f"chain {path} has {len(edits)} edits; the limit is {MAX_EDITS} (split it: a chain can "
+                         "start from the output of another)")
     shared = {p.name for p in option_params(commands["inpaint"]).values()} & {
         p.name for p in option_params(commands["outpaint"]).values()}
     only_one = {p.name for c in commands.values() for p in c.params} - shared
@@ -66,9 +72,12 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
         preset = values.pop("preset", None)
         layer = {}
         if preset:
-            file = find(preset)
-            layer = check_options(ctx, command, read_yaml(file, "preset"), f"{where}: preset {file}",
-                                  NOT_IN_PRESETS | NOT_IN_EDITS)
+            try:
+                file = find(preset)
+                text = read_yaml(file, "preset")
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}") from None
+            layer = check_options(ctx, command, text, f"{where}: preset {file}", NOT_IN_PRESETS | NOT_IN_EDITS)
         resolved = resolve(command, kind, {**defaults, **layer, **values, **overrides}, where)
         if resolved.get("mask") is not None:
             resolved["mask"] = path.parent / resolved["mask"]  # relative to the chain file; absolute stays

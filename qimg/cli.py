@@ -488,10 +488,10 @@ def info(
     image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
 ):
     """Print the parameters that made an image (stored in its PNG text chunk)."""
-    from .metadata import describe, read_params
+    from .metadata import as_json, describe, read_params
 
     params = read_params(image)
-    print(json.dumps(params, ensure_ascii=False) if json_ else describe(params))
+    print(as_json(params) if json_ else describe(params))
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:

@@ -38,7 +38,7 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
     except PermissionError:
         raise UsageError(f"{what} {path}: permission denied") from None
     except UnidentifiedImageError:
-        if path.stat().st_size == 0:
+        if path.is_file() and path.stat().st_size == 0:  # a device such as /dev/zero says 0 bytes too
             raise UsageError(f"{what} {path} is empty (0 bytes)") from None
         raise UsageError(f"{what} {path} is not an image file Pillow can read") from None
     except Image.DecompressionBombError:  # over Pillow's own limit, which is above ours: refused unread
