@@ -62,9 +62,22 @@ def output_name(image: Path, kind: str, out_dir: Path | None) -> Path:
 
 
 def check_distinct_outputs(files: list[Path], kind: str, out_dir: Path | None) -> None:
-    seen = {}
+    """Refuse a batch in which two inputs would write one output, or an output would replace another input."""
+    seen, inputs = {}, {f.resolve() for f in files}
     for f in files:
         out = output_name(f, kind, out_dir)
         if out in seen:
             raise UsageError(f"{seen[out]} and {f} would both write {out}; run them with different --out-dir")
+        if out.resolve() in inputs:
+            raise UsageError(f"{out} is an input and the output of {f}; write the outputs elsewhere with --out-dir")
         seen[out] = f
+
+
+def check_outputs_free(files: list[Path], kind: str, out_dir: Path | None) -> None:
+    """Refuse, before anything runs, a batch whose outputs exist already: without --skip-existing or
+    --overwrite it is unclear whether the user means to resume or to redo, and a guess costs work or files."""
+    taken = [out for out in (output_name(f, kind, out_dir) for f in files) if out.exists()]
+    if taken:
+        named = ", ".join(map(str, taken[:3])) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise UsageError(f"{len(taken)} of {len(files)} outputs exist already ({named}); pass --skip-existing to "
+                         "resume the batch, or --overwrite to replace them")

@@ -16,15 +16,18 @@ import numpy as np
 
 from .canvas import Canvas, edited, grow
 from .cli import check_edit, inpaint_mask, outpaint_margins, progress_bars, step_callback
-from .errors import QimgError, UsageError
+from .errors import QimgError, UsageError, failure_line
 from .masks import ensure_not_empty
 from .presets import NOT_IN_PRESETS, describe, check_options, find, option_params, read_yaml
 
 KINDS = ("inpaint", "outpaint")
 # set once for the whole chain, on its command line
-CHAIN_LEVEL = {"out", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size"}
+CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
+# Every edit's mask is built (a float per canvas pixel) before the model loads, and YAML aliases let a 256 KB
+# file list ~20,000 edits: without a cap such a file costs minutes and tens of GB before any check fails.
+MAX_EDITS = 100
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
     edits = data.pop("edits", None)
     if not isinstance(edits, list) or not edits:
         raise UsageError(f"chain {path}: needs `edits:`, a list of {{inpaint: {{...}}}} or {{outpaint: {{...}}}}")
+    if len(edits) > MAX_EDITS:
+        raise UsageError(f"chain {path} has {len(edits)} edits; the limit is {MAX_EDITS} (split it: a chain can "
+                         "start from the output of another)")
     shared = {p.name for p in option_params(commands["inpaint"]).values()} & {
         p.name for p in option_params(commands["outpaint"]).values()}
     only_one = {p.name for c in commands.values() for p in c.params} - shared
@@ -66,14 +72,30 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
         preset = values.pop("preset", None)
         layer = {}
         if preset:
-            file = find(preset)
-            layer = check_options(ctx, command, read_yaml(file, "preset"), f"{where}: preset {file}",
-                                  NOT_IN_PRESETS | NOT_IN_EDITS)
+            try:
+                file = find(preset)
+                text = read_yaml(file, "preset")
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}") from None
+            layer = check_options(ctx, command, text, f"{where}: preset {file}", NOT_IN_PRESETS | NOT_IN_EDITS)
         resolved = resolve(command, kind, {**defaults, **layer, **values, **overrides}, where)
         if resolved.get("mask") is not None:
             resolved["mask"] = path.parent / resolved["mask"]  # relative to the chain file; absolute stays
         steps.append(Step(index, kind, where, {**resolved, "preset": preset}))
     return steps
+
+
+def files_read(path: Path, steps: list[Step]) -> tuple[Path, ...]:
+    """The chain file and the mask files its edits name: a chain only reads them, and no output replaces them."""
+    return (path, *(s.options["mask"] for s in steps if s.options.get("mask") is not None))
+
+
+def step_files(image: Path, steps: list[Step], folder: Path) -> dict[int, Path]:
+    """--keep-steps: each edit's image, `<stem>.<NN>-<kind>.png` in `folder`, by edit index. Fixed names, like a
+    batch's outputs, so a folder holds one run's steps: existing ones are replaced only with --overwrite."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--keep-steps {folder} is a file; give a folder")
+    return {s.index: folder / f"{image.stem}.{s.index:02d}-{s.kind}.png" for s in steps}
 
 
 def resolve(command, kind: str, values: dict, where: str) -> dict:
@@ -150,8 +172,7 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
             except QimgError as e:
                 raise QimgError(f"{p.step.where}: {e}", e.code) from None
             except Exception as e:  # out of memory, a broken weight file...: still say which edit failed
-                raise QimgError(f"{p.step.where}: {type(e).__name__}: {e} "
-                                "(rerun with --debug for details)") from e
+                raise QimgError(f"{p.step.where}: {failure_line(e)}") from e
             if store:
                 store.put("chain", key, _tensors(canvas), {"edit": p.step.index, "kind": p.step.kind})
         # Fields named as in a single edit's metadata hold the same values there and here (attn_mask "on"/"off").

@@ -9,14 +9,16 @@ import os
 import secrets
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.exceptions import Abort, TyperException
+from typer.exceptions import TyperException
 
 from . import presets
-from .errors import QimgError, UsageError
+from .errors import Interrupted, OutputExists, QimgError, QimgWarning, UsageError, failure_line, signals_raise
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,13 +30,30 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help="Model folder (diffusers layout), Hugging Face repo id (Qwen/Qwen-Image), or builtin: the small shapes demo model [default: builtin].")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPUs, float32 on CPU), float32, bfloat16, float16.")]
-PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="What to draw (any language).")]
-NegativeOpt = Annotated[Optional[str], typer.Option(help="What to steer away from [default: model's, ' '].")]
+
+
+def utf8_text(value: Optional[str]) -> Optional[str]:
+    """Refuse text that is not UTF-8 (on POSIX, undecodable argv bytes arrive as surrogates)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise typer.BadParameter(f"byte {e.object[e.start].encode('utf-8', 'surrogateescape')!r} at character "
+                                     f"{e.start} is not UTF-8; pass text in UTF-8") from None
+    return value
+
+
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, help="What to draw (any language).")]
+NegativeOpt = Annotated[Optional[str], typer.Option(callback=utf8_text,
+                                                    help="What to steer away from [default: model's, ' '].")]
 SizeOpt = Annotated[Optional[str], typer.Option(help="WIDTHxHEIGHT, multiples of 16 [default: model's].")]
 StepsOpt = Annotated[Optional[int], typer.Option(min=1, max=1000, help="Sampling steps [default: model's, 50].")]
 CfgOpt = Annotated[Optional[float], typer.Option(min=0.0, max=100.0, help="True CFG scale; <= 1 disables guidance.")]
 SeedOpt = Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Random seed [default: random, reported].")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output image (.png, .jpg, .webp).")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    help="Replace existing outputs (--out, the input image included, or the default names), atomically; "
+         "without it qimg never replaces a file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the result on stdout.")]
 ImageArg = Annotated[Path, typer.Argument(help="Input image.", show_default=False)]
 ImagesArg = Annotated[list[Path], typer.Argument(
@@ -118,15 +137,21 @@ def step_callback(progress, total: int, label: str):
     return task, callback
 
 
-def save_output(engine, out: Path, params: dict, image, latent=None) -> None:
-    """Write an output with its parameters (metadata.py), then cache `latent` (when it stands for the image
-    1:1) under its pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can be found again."""
+written: list[Path] = []  # files this run has saved, in order: an interrupted run names them
+
+
+def save_output(engine, out: Path, params: dict, image, latent=None, overwrite: bool = False) -> None:
+    """The one way an output is written: atomically (files.save_image; an existing file only with
+    `overwrite`), with its parameters (metadata.py), recorded in `written` for the interrupted message; then
+    `latent` (when it stands for the image 1:1) is cached under its pixels. Only PNG keeps those pixels
+    exactly, so only a PNG output's latent can be found again."""
     from PIL import Image
 
     from .files import save_image
     from .metadata import png_text
 
-    save_image(Image.fromarray(image), out, png_text(params))
+    save_image(Image.fromarray(image), out, png_text(params), overwrite)
+    written.append(out)
     if out.suffix.lower() == ".png":
         engine.cache_latent(image, latent)
 
@@ -135,8 +160,9 @@ def save_output(engine, out: Path, params: dict, image, latent=None) -> None:
 def generate(
     prompt: PromptOpt, negative_prompt: NegativeOpt = None, model: ModelOpt = None, size: SizeOpt = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False, cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
+    overwrite: OverwriteOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB",
+    preset: PresetOpt = None,
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
@@ -145,8 +171,8 @@ def generate(
     from .files import check_output, default_output
     from .metadata import output_params
 
-    out = out or default_output(f"qimg-{seed}")
-    check_output(out)
+    out = out or default_output(f"qimg-{seed}", numbered=not overwrite)
+    check_output(out, overwrite)
     engine = open_engine(model, device, dtype, open_cache(cache_dir, no_cache, cache_size))
     d = engine.defaults
     width, height = width or d.width, height or d.height
@@ -157,7 +183,7 @@ def generate(
         result = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
     params = output_params("generate", engine, preset, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                            width=width, height=height, steps=steps, cfg=cfg)
-    save_output(engine, out, params, result.image, result.latent)
+    save_output(engine, out, params, result.image, result.latent, overwrite)
     report(out, {**params, **cache_use(result)}, started, json_)
 
 
@@ -165,16 +191,16 @@ def cache_use(result) -> dict:
     return dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
 
 
-def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str) -> Path:
-    """Where an edit goes: --out, or `<stem>.<kind>.png` (`-2`, `-3`... if taken) in --out-dir or beside the
-    input; never the input itself."""
+def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
+                batch: bool = False, inputs=(), read_only=()) -> Path:
+    """Where an edit goes, checked by files.check_output: --out, or `<stem>.<kind>.png` in --out-dir or beside
+    the input. A single run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps
+    it. An existing file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
     from .files import check_output, default_output
 
-    out = out or default_output(f"{image.stem}.{kind}", out_dir or image.parent)
-    if out.exists() and out.resolve() == image.resolve():
-        raise UsageError(f"--out {out} is the input image; choose another file")
-    check_output(out)
-    return out
+    target = out or default_output(f"{image.stem}.{kind}", out_dir or image.parent, numbered=not (batch or overwrite))
+    check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output")
+    return target
 
 
 def check_edit(strength: float, attn_mask: str) -> None:
@@ -213,20 +239,27 @@ def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tupl
 
 
 def run_edit(kind: str, images: list[Path], build_mask, out: Optional[Path], out_dir: Optional[Path],
-             skip_existing: bool, seed: Optional[int], sampling: dict, preset: Optional[str], open_model,
-             as_json: bool):
+             skip_existing: bool, overwrite: bool, seed: Optional[int], sampling: dict, preset: Optional[str],
+             open_model, as_json: bool, reads=lambda image: ()):
     """The shared body of inpaint and outpaint: for each input build (canvas, mask), inpaint, save, report.
+    `reads(image)`: the other files an input's edit reads (its mask), which no output may replace.
 
-    One input file runs as a plain command: its errors end the run. In a batch a bad input is reported and
-    skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or of a
-    write still ends it at once. The model loads once, for the first input that needs it."""
-    from .batch import check_distinct_outputs, expand_inputs, file_seed, output_name
+    One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
+    and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
+    or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
+    and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
+    of a write still ends it at once. The model loads once, for the first input that needs it."""
+    from .batch import check_distinct_outputs, check_outputs_free, expand_inputs, file_seed, output_name
 
     check_edit(sampling["strength"], sampling["attn_mask"])
+    if skip_existing and overwrite:
+        raise UsageError("give --skip-existing or --overwrite, not both")
     files, batch = expand_inputs(images)
     if batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     check_distinct_outputs(files, kind, out_dir)
+    if batch and not (skip_existing or overwrite):
+        check_outputs_free(files, kind, out_dir)
     engine = functools.cache(open_model)
     failed = []
     with progress_bars() as progress:
@@ -236,18 +269,24 @@ def run_edit(kind: str, images: list[Path], build_mask, out: Optional[Path], out
             if skip_existing and done.exists():
                 report_skip(image, done, as_json)
             else:
+                failure = None
                 try:
                     canvas, mask = prepare_edit(image, build_mask)
-                    target = edit_output(image, out, out_dir, kind)
+                    target = edit_output(image, out, out_dir, kind, overwrite, batch, files, reads(image))
                 except QimgError as e:
-                    if not batch:
-                        raise
-                    failed.append(image)
-                    report_failure(image, e, as_json)
+                    failure = e
                 else:
                     this_seed = file_seed(seed, image) if batch and seed is not None else seed
-                    edit_one(kind, image, canvas, mask, target, this_seed, sampling, preset, engine(), progress,
-                             started, as_json)
+                    try:
+                        edit_one(kind, image, canvas, mask, target, this_seed, sampling, preset, engine(), progress,
+                                 started, as_json, overwrite)
+                    except OutputExists as e:
+                        failure = e
+                if failure is not None:
+                    if not batch:
+                        raise failure
+                    failed.append(image)
+                    report_failure(image, failure, as_json)
             if files_task is not None:
                 progress.advance(files_task)
     if failed:
@@ -265,7 +304,7 @@ def prepare_edit(image: Path, build_mask):
     return canvas, mask
 
 
-def edit_one(kind, image, canvas, mask, out, seed, sampling, preset, engine, progress, started, as_json):
+def edit_one(kind, image, canvas, mask, out, seed, sampling, preset, engine, progress, started, as_json, overwrite):
     from .cache import array_hash
     from .masks import selected_area
     from .metadata import output_params
@@ -286,7 +325,7 @@ def edit_one(kind, image, canvas, mask, out, seed, sampling, preset, engine, pro
                            attn_mask=sampling["attn_mask"], context=sampling["context"], input=str(image),
                            mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(edit.box),
                            work_size=list(edit.work_size), latent_cache=edit.latent_cache)
-    save_output(engine, out, params, edit.image, edit.latent)
+    save_output(engine, out, params, edit.image, edit.latent, overwrite)
     report(out, {**params, **cache_use(edit)}, started, as_json)
 
 
@@ -317,8 +356,8 @@ def inpaint(
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, out_dir: OutDirOpt = None,
-    skip_existing: SkipExistingOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
@@ -327,14 +366,17 @@ def inpaint(
     if mask and mask_dir:
         raise UsageError("give --mask or --mask-dir, not both")
 
+    def mask_file(image):
+        return mask or (mask_dir and mask_for(mask_dir, image))
+
     def build_mask(image, pixels, picture):
-        file = mask or (mask_dir and mask_for(mask_dir, image))
-        return pixels, inpaint_mask(pixels, picture, image, file, rect, mask_resize, invert_mask, grow, feather)
+        return pixels, inpaint_mask(pixels, picture, image, mask_file(image), rect, mask_resize, invert_mask, grow,
+                                    feather)
 
     store = open_cache(cache_dir, no_cache, cache_size)
-    run_edit("inpaint", images, build_mask, out, out_dir, skip_existing, seed,
+    run_edit("inpaint", images, build_mask, out, out_dir, skip_existing, overwrite, seed,
              edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
-             lambda: open_engine(model, device, dtype, store), json_)
+             lambda: open_engine(model, device, dtype, store), json_, lambda image: (mask_file(image),))
 
 
 def edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context) -> dict:
@@ -355,8 +397,8 @@ def outpaint(
     feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, out_dir: OutDirOpt = None,
-    skip_existing: SkipExistingOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
@@ -369,7 +411,7 @@ def outpaint(
                                      feather)
 
     store = open_cache(cache_dir, no_cache, cache_size)
-    run_edit("outpaint", images, build_mask, out, out_dir, skip_existing, seed,
+    run_edit("outpaint", images, build_mask, out, out_dir, skip_existing, overwrite, seed,
              edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
              lambda: open_engine(model, device, dtype, store), json_)
 
@@ -380,7 +422,9 @@ def chain(
     chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
                                                     "{inpaint: {...}} / {outpaint: {...}}.", show_default=False)],
     out: OutOpt = None,
-    keep_steps: Annotated[Optional[Path], typer.Option(help="Folder to write each edit's image to.")] = None,
+    keep_steps: Annotated[Optional[Path], typer.Option(
+        help="Folder to write each edit's image to, as <stem>.<NN>-<kind>.png.")] = None,
+    overwrite: OverwriteOpt = False,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, model: ModelOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", json_: JsonOpt = False,
@@ -392,7 +436,7 @@ def chain(
     an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
     prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
     from . import chain as chains
-    from .files import default_output, load_image
+    from .files import check_output, load_image
     from .metadata import output_params
 
     started = time.perf_counter()
@@ -402,9 +446,13 @@ def chain(
     pixels, picture = load_image(image)
     planned = chains.plan(edits, pixels, picture)
     seed = secrets.randbelow(2**32) if seed is None else seed
-    out = edit_output(image, out, None, "chain")
-    if keep_steps is not None and keep_steps.exists() and not keep_steps.is_dir():
-        raise UsageError(f"--keep-steps {keep_steps} is a file; give a folder")
+    reads = chains.files_read(chain_file, edits)  # never written, --overwrite or not
+    out = edit_output(image, out, None, "chain", overwrite, read_only=reads)
+    step_files = chains.step_files(image, edits, keep_steps) if keep_steps is not None else {}
+    for step_file in step_files.values():
+        check_output(step_file, overwrite, (image,), reads, "--keep-steps file")
+        if step_file.resolve() == out.resolve():
+            raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
     engine = open_engine(model, device, dtype, store)
 
     def params(canvas, lineage: list) -> dict:
@@ -416,11 +464,11 @@ def chain(
     lineage = []
     for done, canvas, entry in chains.run(engine, planned, pixels, seed):
         lineage.append(entry)
-        if keep_steps is not None:
-            step_file = default_output(f"{image.stem}.{done.step.index:02d}-{done.step.kind}", keep_steps)
-            save_output(engine, step_file, params(canvas, lineage), engine.render(canvas))
+        if done.step.index in step_files:
+            save_output(engine, step_files[done.step.index], params(canvas, lineage), engine.render(canvas),
+                        overwrite=overwrite)
     final = params(canvas, lineage)
-    save_output(engine, out, final, engine.render(canvas))
+    save_output(engine, out, final, engine.render(canvas), overwrite=overwrite)
     report(out, final, started, json_)
 
 
@@ -438,10 +486,10 @@ def info(
     image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
 ):
     """Print the parameters that made an image (stored in its PNG text chunk)."""
-    from .metadata import describe, read_params
+    from .metadata import as_json, describe, read_params
 
     params = read_params(image)
-    print(json.dumps(params, ensure_ascii=False) if json_ else describe(params))
+    print(as_json(params) if json_ else describe(params))
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:
@@ -455,16 +503,20 @@ def report(out: Path, params: dict, started: float, as_json: bool) -> None:
 def run(args: list[str]) -> int:
     """Run the CLI and return its exit code; every failure becomes one line on stderr."""
     debug = "--debug" in args or os.environ.get("QIMG_DEBUG", "") not in ("", "0")
+    written.clear()
     try:
-        code = app(args=args, prog_name="qimg", standalone_mode=False)
+        with signals_raise(), warnings_as_lines():
+            code = app(args=args, prog_name="qimg", standalone_mode=False)
         return code if isinstance(code, int) else 0
     except TyperException as e:
         if e.format_message():  # empty after no-args help
             print(f"qimg: error: {e.format_message()}", file=sys.stderr)
         return e.exit_code
-    except Abort:
-        print("qimg: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        done = "; nothing written" if not written else f" after writing {written[-1]}" + (
+            f" and {len(written) - 1} more" if len(written) > 1 else "")
+        print(f"qimg: {e.what}{done}", file=sys.stderr)
+        return e.code
     except QimgError as e:
         if debug:
             raise
@@ -473,8 +525,25 @@ def run(args: list[str]) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"qimg: error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        print(f"qimg: error: {failure_line(e)}", file=sys.stderr)
         return 1
+
+
+@contextmanager
+def warnings_as_lines():
+    """Show qimg's warnings as `qimg: warning: ...` lines on stderr, every time; leave others alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", QimgWarning)
+        show = warnings.showwarning
+
+        def show_line(message, category, *args, **kwargs):
+            if issubclass(category, QimgWarning):
+                print(f"qimg: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_line
+        yield
 
 
 def main() -> None:

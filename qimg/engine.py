@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from .cache import Store, fingerprint, pixel_key, prompt_key
-from .canvas import Canvas, edited, from_window, to_window
+from .canvas import Canvas, edited, from_window, to_window, window_size
 from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
+from .memory import activation_bytes, device_bytes, gigabytes
 from .model.text import TextEncoder
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
@@ -100,12 +101,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_size(width: int, height: int) -> None:
-    for name, v in (("width", width), ("height", height)):
-        if v <= 0 or v % MULTIPLE:
-            raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
-
-
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] to (H, W, 3) uint8, rounding like the reference's postprocess."""
     x = (x.float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
@@ -164,6 +159,18 @@ class Engine:
         # dtype and device too: an embedding computed elsewhere would give a slightly different image
         parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse, before any weights load, a size the model cannot take or the device could not hold."""
+        for name, v in (("width", width), ("height", height)):
+            if v <= 0 or v % MULTIPLE:
+                raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
+        need = activation_bytes(width, height, self._config(TransformerConfig, "transformer"),
+                                self._config(VAEConfig, "vae"), self.dtype.itemsize)
+        have = device_bytes(self.device)
+        if have is not None and need > have:
+            raise UsageError(f"{width}x{height} would need about {gigabytes(need)} of {self.device.type} memory "
+                             f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
 
     def _config(self, cls, component: str):
         try:
@@ -239,7 +246,7 @@ class Engine:
     def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                         cfg: float, seed: int, callback=None) -> torch.Tensor:
         """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
-        check_size(width, height)
+        self.check_size(width, height)
         h, w = height // 8, width // 8
         x = patchify(self._noise(seed, h, w))
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
@@ -295,6 +302,7 @@ class Engine:
                                            attn_mask, context, callback)
         encoded_before = self.prompts_encoded
         work = pad_to_multiple(image, None)[0]
+        self.check_size(*work.shape[1::-1])
         z0, latent_cache = self.input_latent(image, work, whole=True)
         canvas = self.edit_canvas(replace(Canvas.start(image), latent=z0), mask, prompt, negative_prompt, steps,
                                   cfg, seed, strength, attn_mask, context, callback)
@@ -320,6 +328,7 @@ class Engine:
             edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
                                            strength, attn_mask, context, callback)
             return Canvas.start(edit.image)
+        self.check_size(*window_size(canvas.size, canvas.origin))
         if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
             work = pad_to_multiple(canvas.pixels, None)[0]
             canvas = replace(canvas, latent=self.input_latent(canvas.pixels, work, whole=True)[0])
@@ -343,6 +352,7 @@ class Engine:
         max_pixels = self.defaults.max_pixels
         x0, y0, x1, y1 = crop_box(mask, context, max_pixels)
         size = work_size(x1 - x0, y1 - y0, max_pixels)
+        self.check_size(*size)
         work = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize(size, Image.LANCZOS))
         m = torch.from_numpy(latent_mask(resize_mask(mask[y0:y1, x0:x1], size), 8))
         encoded_before = self.prompts_encoded

@@ -1,4 +1,10 @@
-"""The one exception type the CLI turns into a single line on stderr and an exit code."""
+"""What can stop a run, and how the CLI reports it: the one exception type it turns into a single line on
+stderr and an exit code, the signals it turns into an orderly stop, and warnings that do not stop it."""
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 
 USAGE = 2  # bad options or input files: the user can fix the command line
 RUNTIME = 1  # the command was valid but the work failed
@@ -13,3 +19,59 @@ class QimgError(Exception):
 class UsageError(QimgError):
     def __init__(self, message: str):
         super().__init__(message, USAGE)
+
+
+class OutputExists(QimgError):
+    """An output file appeared between the checks and the save; it was kept. Runtime (exit 1): the command
+    was valid when it started. In a batch it is that file's failure, and the others go on."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised wherever the program is (like KeyboardInterrupt, which Typer would swallow),
+    so every `finally` runs and no temporary file is left. Exit code 128 + the signal: 130 or 143."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
+        self.what = "interrupted" if signum == signal.SIGINT else "terminated"
+
+
+@contextmanager
+def signals_raise():
+    """While inside, SIGINT and SIGTERM raise Interrupted; the previous handlers come back after. Signals
+    reach only the main thread, so elsewhere (a test runner's worker) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class QimgWarning(UserWarning):
+    """Worth a line on stderr but not worth stopping for: a truncated prompt, an animated input."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is the device (or the host) running out of memory; torch is only looked at if loaded."""
+    torch = sys.modules.get("torch")
+    return (
+        isinstance(e, MemoryError)
+        or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+        or "DefaultCPUAllocator: can't allocate memory" in str(e)
+    )
+
+
+def failure_line(e: BaseException) -> str:
+    """One line for an unexpected exception: out of memory with what to do, else its type and first line."""
+    if out_of_memory(e):
+        return "out of memory; use a smaller size, or --offload"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first} (rerun with --debug for details)"

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .errors import UsageError
-from .files import read_image
+from .files import check_pixels, grey_fraction, read_image
 
 Mask = np.ndarray  # (H, W) float32 in [0, 1]
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
@@ -51,13 +51,10 @@ def _mask_values(img: Image.Image) -> Mask:
     alpha = _alpha(img)
     if alpha is not None and alpha.min() < 255:
         return 1 - alpha.astype(np.float32) / 255
-    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit PNG/TIFF greyscale (Pillow may say "I")
-        a = np.asarray(img).astype(np.float32) / 65535
-    elif img.mode == "F":
-        a = np.asarray(img, dtype=np.float32)  # float masks are taken as already in [0, 1]
-    else:
-        a = np.asarray(img.convert("L"), dtype=np.float32) / 255  # Pillow's luma: ITU-R 601
-    return np.clip(a, 0, 1)
+    grey = grey_fraction(img)
+    if grey is not None:
+        return grey
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255  # Pillow's luma: ITU-R 601
 
 
 def _alpha(img: Image.Image) -> np.ndarray | None:
@@ -130,8 +127,10 @@ def grow(m: Mask, px: int) -> Mask:
     w = 0
     # A disk is a stack of horizontal segments. Walking from its top row to its middle the half-width only
     # grows, so one running segment max serves every row: about 4*px array passes in all, not px*px.
-    for dy in range(px, -1, -1):
-        half = math.isqrt(px * px - dy * dy)
+    # Rows and half-widths past the image's own size shift everything out of it: skipping them keeps a
+    # mistyped --grow 1000000000 as fast as --grow 1000.
+    for dy in range(min(px, sub.shape[0] - 1), -1, -1):
+        half = min(math.isqrt(px * px - dy * dy), sub.shape[1] - 1)
         while w < half:
             w += 1
             _shifted(np.maximum, row, sub, w, axis=1)
@@ -189,7 +188,7 @@ def _shifted(op, acc: np.ndarray, src: np.ndarray, k: int, axis: int) -> None:
 def _shifted_min_sq(a: np.ndarray, r: int, axis: int) -> np.ndarray:
     """min over |k| <= r of a[i + k] + k*k along axis."""
     out = a.copy()
-    for k in range(1, r + 1):
+    for k in range(1, min(r, a.shape[axis] - 1) + 1):  # larger shifts leave the array: nothing to take
         _shifted(np.minimum, out, a + np.float32(k * k), k, axis)
     return out
 
@@ -271,6 +270,7 @@ def outpaint_margins(
         raise UsageError(
             "nothing to outpaint: give --left/--right/--top/--bottom, --expand, or a --to larger than the image"
         )
+    check_pixels((width + margins[0] + margins[1], height + margins[2] + margins[3]), "the outpainted canvas", "add fewer pixels")
     return margins
 
 

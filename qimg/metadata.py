@@ -36,6 +36,8 @@ def read_params(path: Path) -> dict:
         params = json.loads(text)
     except ValueError as e:
         raise QimgError(f"{path}: its qimg parameters are not valid JSON ({e})") from None
+    except RecursionError:
+        raise QimgError(f"{path}: its qimg parameters are nested too deeply to be qimg's") from None
     if not isinstance(params, dict):
         raise QimgError(f"{path}: its qimg parameters are not a JSON object")
     return params
@@ -49,5 +51,12 @@ def describe(params: dict) -> str:
     return "\n".join(f"{names[k].ljust(width)}  {_printable(json.dumps(v, ensure_ascii=False))}" for k, v in params.items())
 
 
+def as_json(params: dict) -> str:
+    """One line of JSON, non-ASCII kept; a lone surrogate (JSON may escape one, UTF-8 cannot hold it) stays an
+    escape instead of failing the print."""
+    return json.dumps(params, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _printable(text: str) -> str:
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in str(text))
+    # Cc/Cf: control and format characters; Cs: lone surrogates, which no terminal encoding can print
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in str(text))

@@ -14,7 +14,8 @@ import typer
 from .errors import UsageError
 
 MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
-NOT_IN_PRESETS = {"preset", "out"}  # a preset cannot pull in another, nor aim every run at one output file
+# a preset cannot pull in another, aim every run at one output file, nor let runs replace files unasked
+NOT_IN_PRESETS = {"preset", "out", "overwrite"}
 EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a file path"}
 
 
@@ -46,7 +47,8 @@ def read_yaml(path: Path, what: str) -> dict:
     import yaml
 
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)  # bounded: a path to /dev/zero or a huge file cannot exhaust memory
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
@@ -54,7 +56,7 @@ def read_yaml(path: Path, what: str) -> dict:
     except OSError as e:
         raise UsageError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
     if len(data) > MAX_BYTES:
-        raise UsageError(f"{what} {path} is {len(data)} bytes; the limit is {MAX_BYTES}")
+        raise UsageError(f"{what} {path} is over {MAX_BYTES} bytes, the limit")
     try:
         content = yaml.safe_load(data)
     except yaml.YAMLError as e:

@@ -107,18 +107,21 @@ def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, o
 
     With `only` (key prefixes) just those weights are read; the rest stay on the meta device, costing no
     memory (the VAE's encoder is not loaded for a run that only decodes). Every key is still checked."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
     shapes, state = {}, {}
     for file in safetensors_files(folder):
-        with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-                if not only or key.startswith(only):
-                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        try:
+            with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    if not only or key.startswith(only):
+                        state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
     check_keys(folder, expected, shapes)
     module.load_state_dict(state, assign=True, strict=not only)
     return module.eval().requires_grad_(False)

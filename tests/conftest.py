@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny random Qwen-Image checkpoint per session, and diffusers loaded on it."""
 
 import os
+import shutil
 
 # Before anything imports huggingface_hub (it reads these once): no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,6 +16,15 @@ from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen-image")
+
+
+@pytest.fixture(scope="session")
+def configs_only(tmp_path_factory, tiny_model_dir):
+    """The tiny checkpoint's folder layout and configs without a single weight: a run that gets this far
+    into loading stops with 'no .safetensors weights', so every check before it is known to have passed."""
+    folder = tmp_path_factory.mktemp("configs") / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -150,3 +150,113 @@ def test_preset_applies_to_every_file_of_a_batch(tiny_model_dir, folder, tmp_pat
     assert [(r["width"], r["strength"], r["steps"], r["preset"]) for r in lines] == [(112, 0.9, 2, str(preset))] * 2
     for r in lines:
         assert json.loads(Image.open(r["output"]).info["qimg"])["preset"] == str(preset)
+
+
+# --- existing outputs, the never-clobber policy and --overwrite in batches ---------------------------------
+
+
+def test_existing_outputs_refuse_the_batch_up_front_unless_told(tiny_model_dir, configs_only, folder, tmp_path,
+                                                                 capsys, one_thread):
+    photos, _ = folder
+    out = tmp_path / "out"
+    args = ["inpaint", str(photos / "[ac].png"), "-p", "x", "--rect", "0,0,9,9", "--out-dir", out, "--seed", "1",
+            "--steps", "1", "--device", "cpu", "--json"]
+    code, lines, err = qimg(capsys, *args, "-m", tiny_model_dir)
+    assert code == 0, err
+    made = {p.name: np.asarray(Image.open(p)) for p in out.iterdir()}
+    (out / "a.inpaint.png").write_bytes(b"edited by hand")  # the user touched up one result
+
+    # Neither flag: refused before any model loads (configs_only would fail at the loader, exit 1).
+    code, lines, err = qimg(capsys, *args, "-m", configs_only)
+    assert code == 2 and lines == [] and len(err.strip().splitlines()) == 1, err
+    for fragment in ["2 of 2 outputs exist already", str(out / "a.inpaint.png"), "--skip-existing", "--overwrite"]:
+        assert fragment in err, err
+    code, _, err = qimg(capsys, *args, "-m", configs_only, "--skip-existing", "--overwrite")
+    assert code == 2 and "not both" in err
+    assert (out / "a.inpaint.png").read_bytes() == b"edited by hand"
+
+    # --overwrite: the same names, replaced; nothing numbered.
+    code, lines, err = qimg(capsys, *args, "-m", tiny_model_dir, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "c.inpaint.png"]
+    for name, pixels in made.items():  # same seed, same images: the hand edit is gone
+        assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
+
+
+def test_an_output_that_would_replace_another_input_is_refused(folder, tmp_path, capsys):
+    photos, _ = folder
+    Image.new("RGB", (8, 8)).save(photos / "a.inpaint.png")
+    code, _, err = qimg(capsys, "inpaint", photos / "a.png", photos / "a.inpaint.png", "-p", "x", "--rect", "0,0,9,9",
+                        "-m", tmp_path, "--overwrite")
+    assert code == 2 and "is an input and the output of" in err and "--out-dir" in err, err
+
+
+def test_outputs_that_appear_while_the_batch_runs_are_kept_and_only_their_files_fail(tiny_model_dir, folder, tmp_path,
+                                                                                      capsys, monkeypatch, one_thread):
+    from qimg.engine import Engine
+
+    photos, masks = folder
+    out = tmp_path / "out"
+    real, calls = Engine.inpaint, []
+
+    def inpaint(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # another program writes a.png's output and c.png's while a.png is being edited
+            (out / "a.inpaint.png").write_bytes(b"theirs")
+            (out / "c.inpaint.png").write_bytes(b"theirs too")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "inpaint", inpaint)
+    out.mkdir()
+    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "b.jpg", photos / "c.png", "-p", "x",
+                            "--mask-dir", masks, "--out-dir", out, "-m", tiny_model_dir, *COMMON)
+    assert code == 1 and "Traceback" not in err
+    assert [Path(r["input"]).name for r in lines if "output" in r] == ["b.jpg"]
+    errors = {Path(r["input"]).name: r["error"] for r in lines if "error" in r}
+    assert "appeared while qimg was working; it was kept" in errors["a.png"]
+    assert "exists; pass --overwrite" in errors["c.png"]
+    assert err.strip().splitlines()[-1].startswith("qimg: error: 2 of 3 images failed")
+    assert (out / "a.inpaint.png").read_bytes() == b"theirs" and (out / "c.inpaint.png").read_bytes() == b"theirs too"
+    assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "b.inpaint.png", "c.inpaint.png"]
+
+
+def test_batch_continues_past_every_kind_of_bad_file(tiny_model_dir, tmp_path, capsys, one_thread):
+    from test_error_matrix import corrupt_files
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    bad = {path: message for case, (path, message) in corrupt_files(photos, data.astronaut()[::8, ::8].copy()).items()
+           if case not in ("missing", "folder")}
+    code, lines, err = qimg(capsys, "inpaint", photos, "-p", "x", "--rect", "0,0,9,9", "-m", tiny_model_dir,
+                            "--out-dir", tmp_path / "out", *COMMON)
+    assert code == 1 and "Traceback" not in err
+    assert [Path(r["output"]).name for r in lines if "output" in r] == ["good.inpaint.png"]
+    errors = {Path(r["input"]): r["error"] for r in lines if "error" in r}
+    assert errors.keys() == bad.keys()
+    for path, message in bad.items():
+        assert message in errors[path], (path, errors[path])
+    assert err.strip().splitlines()[-1].startswith(f"qimg: error: {len(bad)} of {len(bad) + 1} images failed")
+
+
+def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_path, capsys, monkeypatch, one_thread):
+    import signal
+
+    from test_interrupts import leftovers, signal_self
+
+    from qimg.engine import Engine
+
+    photos, masks = folder
+    out = tmp_path / "out"
+    real, calls = Engine.inpaint, []
+
+    def inpaint(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal_self(signal.SIGINT)()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "inpaint", inpaint)
+    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--mask-dir", masks,
+                            "--out-dir", out, "-m", tiny_model_dir, *COMMON)
+    assert code == 130 and err.strip().splitlines()[-1] == f"qimg: interrupted after writing {out / 'a.inpaint.png'}"
+    assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png"] and leftovers(out) == []

@@ -11,7 +11,7 @@ from skimage import data
 
 from test_edit import pixels, qimg
 
-from qimg.cache import fingerprint
+from qimg.cache import array_hash, fingerprint
 from qimg.model.transformer import QwenImageTransformer
 
 
@@ -245,3 +245,162 @@ def test_unknown_top_level_key_lists_the_shared_options(tiny_model_dir, photo, t
     chain_file = write_chain(tmp_path / "c", 'rect: "0,0,9,9"\nedits:\n  - inpaint: {prompt: x}\n')
     code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path)
     assert code == 2 and "unknown key 'rect'" in err and "seed" in err and "feather" in err
+
+
+# --- outputs, files read, interrupts, the cache: the error policy of the other commands holds for chains ----
+
+TWO_EDITS = """
+seed: 2
+cfg: 1
+steps: 1
+edits:
+  - inpaint: {rect: "10,10,40,40", prompt: "one"}
+  - outpaint: {right: 16, prompt: "two", feather: 4}
+"""
+
+
+def test_keep_steps_and_out_follow_the_overwrite_policy(tiny_model_dir, configs_only, photo, tmp_path, capsys,
+                                                         one_thread):
+    chain_file = write_chain(tmp_path / "c", TWO_EDITS)
+    out, steps = tmp_path / "o.png", tmp_path / "steps"
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
+    assert code == 0, err
+    names = ["astronaut.01-inpaint.png", "astronaut.02-outpaint.png"]
+    assert sorted(p.name for p in steps.iterdir()) == names
+    made = {p: p.read_bytes() for p in [out, *steps.iterdir()]}
+
+    # Refused before the model loads (configs_only would stop at the loader with exit 1), naming the file.
+    for args, fragment in [(["-o", out], f"--out {out} exists"),
+                           (["-o", tmp_path / "new.png", "--keep-steps", steps],
+                            f"--keep-steps file {steps / names[0]} exists"),
+                           (["-o", steps / names[1], "--keep-steps", steps, "--overwrite"], "also a --keep-steps file")]:
+        code, _, err = qimg(capsys, "chain", photo, chain_file, "-m", configs_only, "--cache-dir", tmp_path / "cache",
+                            *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+        assert "--overwrite" in err or "choose another name" in err
+    assert {p: p.read_bytes() for p in [out, *steps.iterdir()]} == made and not (tmp_path / "new.png").exists()
+
+    # --overwrite replaces them in place: the steps folder holds one run, nothing numbered.
+    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps,
+                              "--overwrite", "--seed", "3")
+    assert code == 0 and report["seed"] == 3, err
+    assert sorted(p.name for p in steps.iterdir()) == names
+    assert json.loads(Image.open(steps / names[0]).info["qimg"])["seed"] == 3
+    # Without --out a taken default name is numbered, as for every command.
+    own = tmp_path / "mine" / "astronaut.png"
+    own.parent.mkdir()
+    own.write_bytes(photo.read_bytes())
+    code, report, err = chain(capsys, tiny_model_dir, own, chain_file, tmp_path)
+    code, again, err = chain(capsys, tiny_model_dir, own, chain_file, tmp_path)
+    assert code == 0 and (report["output"], again["output"]) == (
+        str(own.parent / "astronaut.chain.png"), str(own.parent / "astronaut.chain-2.png")), err
+
+
+def test_chain_paths_are_relative_to_the_chain_file_and_never_written(tiny_model_dir, photo, tmp_path, capsys,
+                                                                       monkeypatch, one_thread):
+    folder = tmp_path / "project"
+    (folder / "masks").mkdir(parents=True)
+    m = np.zeros((150, 227), np.uint8)
+    m[20:60, 30:90] = 255
+    Image.fromarray(m).save(folder / "masks" / "m.png")
+    chain_file = write_chain(folder, 'steps: 1\ncfg: 1\nseed: 1\nedits:\n  - inpaint: {mask: masks/m.png, prompt: x}\n')
+    before = {p: p.read_bytes() for p in (chain_file, folder / "masks" / "m.png")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the mask is found from the chain file's folder, not the working folder
+
+    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", "out.png")
+    assert code == 0 and (elsewhere / "out.png").exists(), err
+    assert report["lineage"][0]["mask_sha256"] == array_hash(m.astype(np.float32) / 255)
+
+    for args in (["-o", folder / "masks" / "m.png"], ["-o", folder / "masks" / "m.png", "--overwrite"]):
+        code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, *args)
+        assert code == 2 and "a file this run reads" in err and "never replaces" in err, err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_interrupted_chain_names_the_steps_it_wrote(tiny_model_dir, photo, tmp_path, capsys, monkeypatch, one_thread):
+    import os
+    import signal
+
+    from test_interrupts import leftovers
+
+    chain_file = write_chain(tmp_path / "c", TWO_EDITS)
+    calls, forward = [], QwenImageTransformer.forward
+
+    def forward_then_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # edit 1 ran its step and was written; Ctrl-C during edit 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImageTransformer, "forward", forward_then_ctrl_c)
+    out, steps = tmp_path / "o.png", tmp_path / "steps"
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
+    assert code == 130 and err.strip() == f"qimg: interrupted after writing {steps / 'astronaut.01-inpaint.png'}"
+    assert not out.exists() and [p.name for p in steps.iterdir()] == ["astronaut.01-inpaint.png"]
+    assert leftovers(steps) == [] and leftovers(tmp_path) == []
+
+
+def test_damaged_cached_edits_are_reported_recomputed_and_rebuilt(tiny_model_dir, photo, tmp_path, capsys,
+                                                                  one_thread):
+    chain_file = write_chain(tmp_path / "c", TWO_EDITS)
+    code, first, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
+    assert code == 0, err
+    entries = sorted((tmp_path / "cache" / "chain").glob("*/*.safetensors"))
+    assert len(entries) == 2
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:-50])  # truncated, as by a full disk or a killed copy
+    code, again, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    assert code == 0 and [e["cache"] for e in again["lineage"]] == ["miss", "miss"], err
+    assert err.count("qimg: warning: cache entry") == 2 and "damaged" in err and "Traceback" not in err
+    assert np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
+    code, third, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
+    assert code == 0 and [e["cache"] for e in third["lineage"]] == ["hit", "hit"] and "warning" not in err
+
+
+EDIT = '{inpaint: {rect: "0,0,9,9", prompt: x}}'
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("!!python/object/apply:os.system ['touch PWNED']\n", ["not valid YAML", "python/object/apply"]),
+    ("edits:\n  - !!python/object/new:os.system [touch PWNED]\n", ["not valid YAML"]),
+    ("edits:\n  - inpaint: {prompt: !!python/name:os.system , rect: '0,0,9,9'}\n", ["not valid YAML"]),
+    (BOMB + "edits: *i\n", ["unknown key 'a'"]),
+    ("e: &e " + EDIT + "\nedits: [*e]\n", ["unknown key 'e'"]),
+    ("edits: [&e " + EDIT + ", " + ", ".join(["*e"] * 100) + "]\n", ["101 edits", "the limit is 100"]),
+    ("edits: *nowhere\n", ["not valid YAML", "undefined alias"]),
+    ("edits:\n\t- " + EDIT + "\n", ["not valid YAML", "line 2"]),
+    ("edits: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+    ("# " + "x" * 300_000 + "\nedits: []\n", ["over 262144 bytes"]),
+    ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, preset: /dev/zero}\n", ["edit 1 (inpaint)", "/dev/zero",
+                                                                                 "over 262144 bytes"]),
+    ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, mask: /dev/zero}\n", ["edit 1 (inpaint)", "/dev/zero",
+                                                                               "not an image file"]),
+    ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: 2020-01-01}\n", ["prompt must be text", "a date"]),
+    ("edits:\n  - {inpaint: {rect: '0,0,9,9', prompt: x}, outpaint: {right: 16, prompt: x}}\n",
+     ["edit 1", "expected {inpaint"]),
+    ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, overwrite: true}\n", ["unknown key 'overwrite'"]),
+])
+def test_hostile_chain_files_are_one_line_and_run_nothing(tiny_model_dir, photo, tmp_path, capsys, monkeypatch, text,
+                                                          fragments):
+    monkeypatch.chdir(tmp_path)  # where a `touch PWNED` would land
+    chain_file = write_chain(tmp_path / "c", text)
+    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "o.png")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and len(lines[0]) < 600, err
+    for fragment in [str(chain_file), *fragments]:
+        assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("raw, fragment", [(b"edits:\n  - inpaint: {prompt: caf\xe9}\n", "not valid YAML"),
+                                           (b"edits: []\x00\n", "not valid YAML"),
+                                           (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "not valid YAML")])
+def test_chain_files_that_are_not_utf8_text(tiny_model_dir, photo, tmp_path, capsys, raw, fragment):
+    (tmp_path / "c.yaml").write_bytes(raw)
+    code, _, err = chain(capsys, tiny_model_dir, photo, tmp_path / "c.yaml", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err

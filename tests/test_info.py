@@ -63,3 +63,19 @@ def test_damaged_parameters_are_reported_not_evaluated(tmp_path, capsys):
 def test_info_on_a_missing_file(tmp_path, capsys):
     code, _, err = qimg(capsys, "info", tmp_path / "nope.png")
     assert code == 2 and "no such file" in err
+
+
+def test_hostile_parameters_are_one_line_or_printed_as_escapes(tmp_path, capsys):
+    """Found by fuzzing: deep nesting used to end in a RecursionError, a lone surrogate (valid as a JSON escape,
+    not as UTF-8) in a failed print."""
+    for name, text in [("deep.png", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), ("lone.png", '{"prompt": "\\ud800"}')]:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("qimg", text)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name, pnginfo=info)
+    code, out, err = qimg(capsys, "info", tmp_path / "deep.png")
+    assert code == 1 and err.strip() == f"qimg: error: {tmp_path / 'deep.png'}: its qimg parameters are nested too " \
+                                        "deeply to be qimg's"
+    code, out, err = qimg(capsys, "info", tmp_path / "lone.png")
+    assert code == 0 and out.split() == ["prompt", '"\\ud800"'], (out, err)
+    code, out, err = qimg(capsys, "info", tmp_path / "lone.png", "--json")
+    assert code == 0 and json.loads(out) == {"prompt": "\ud800"}, (out, err)

@@ -33,7 +33,7 @@ def preset(tmp_path):
 def generate(capsys, tiny_model_dir, tmp_path, *args):
     out = tmp_path / "o.png"
     code, stdout, err = qimg(capsys, "generate", "-p", "a red circle", "-m", tiny_model_dir, "--size", "32x32",
-                             "--device", "cpu", "--json", "-o", out, *args)
+                             "--device", "cpu", "--json", "-o", out, "--overwrite", *args)
     assert code == 0, err
     return json.loads(stdout), out
 
@@ -67,6 +67,7 @@ def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, o
     ("prompt: 12\n", ["prompt must be text"]),
     ("json: maybe\n", ["json must be true or false"]),
     ("out: x.png\n", ["unknown key 'out'"]),
+    ("overwrite: true\n", ["unknown key 'overwrite'"]),  # only the command line may let a run replace files
     ("preset: other\n", ["unknown key 'preset'"]),
     ("steps: 2\nsteps-: 3\n", ["unknown key 'steps-'"]),
     ("negative-prompt: a\nnegative_prompt: b\n", ["given twice"]),
@@ -77,6 +78,15 @@ def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, o
     ("!!python/object/apply:os.system ['touch PWNED']\n", ["not valid YAML", "python/object/apply"]),
     ("steps: !!python/name:os.system\n", ["not valid YAML"]),
     ("1: 2\n", ["unknown key '1'"]),
+    ("seed: 2020-01-01\n", ["seed must be a whole number", "a date"]),
+    ("steps: !!binary aGVsbG8=\n", ["steps must be a whole number", "a bytes"]),
+    ("cfg: !!set {a, b}\n", ["cfg must be a number", "a set"]),
+    ("cfg: .nan\n", ["cfg:", "nan"]),
+    ("steps: 99999999999999999999999\n", ["steps:", "1000"]),
+    ("[a, b]: 1\n", ["not valid YAML", "unhashable key"]),
+    ("base: &b {steps: 2}\n<<: *b\n", ["unknown key 'base'"]),
+    ("steps: *nowhere\n", ["not valid YAML", "undefined alias"]),
+    ("# " + "x" * 300_000 + "\n", ["over 262144 bytes"]),
 ])
 def test_bad_preset_is_one_line_naming_key_and_file(tmp_path, capsys, preset, text, fragments):
     p = preset(text)
@@ -86,6 +96,19 @@ def test_bad_preset_is_one_line_naming_key_and_file(tmp_path, capsys, preset, te
     for fragment in [str(p), *fragments]:
         assert fragment in line, line
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("raw", [b"steps: caf\xe9\n", b"steps: 2\x00\n", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+                                 b"steps: 1\n\xc3\x28\n"])
+def test_preset_that_is_not_utf8_text(tmp_path, capsys, raw):
+    (tmp_path / "p.yaml").write_bytes(raw)
+    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "--preset", tmp_path / "p.yaml")
+    assert code == 2 and "not valid YAML" in one_line(err)
+
+
+def test_preset_from_an_endless_device_is_refused_without_reading_it_all(tmp_path, capsys):
+    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "--preset", "/dev/zero")
+    assert code == 2 and "over 262144 bytes" in one_line(err)
 
 
 def test_bare_off_gets_a_hint_about_yaml_booleans(tmp_path, capsys, preset):

@@ -4,11 +4,12 @@ The prompt is wrapped in Qwen-Image's system template, run through the language 
 hidden state of the real (unpadded) tokens is kept, minus the template's first 34 positions.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import QimgError
+from ..errors import QimgError, QimgWarning
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -22,19 +23,28 @@ MAX_EMBED = 512  # embeddings kept per prompt (the pipeline's default max_sequen
 
 class TextEncoder:
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
+        from safetensors import SafetensorError
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.utils import logging
 
         logging.set_verbosity_error()  # qimg reports its own progress and errors
         logging.disable_progress_bar()
 
+        for part in ("tokenizer", "text_encoder"):
+            if not (folder / part).is_dir():  # else transformers takes the path for a Hub repo id and goes online
+                raise QimgError(f"{folder / part} is missing: the model folder is incomplete")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+            self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
             model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 folder / "text_encoder", dtype=dtype, use_safetensors=True, output_loading_info=True,
+                local_files_only=True,
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise QimgError(f"cannot load the text encoder from {folder}: {str(e).splitlines()[0]}") from None
+        prefix = len(self.tokenizer(TEMPLATE.split("{}")[0]).input_ids)
+        if prefix != DROP:  # a tokenizer folder missing its vocabulary loads as an empty tokenizer
+            raise QimgError(f"{folder / 'tokenizer'} is not Qwen-Image's tokenizer: it reads the prompt template's "
+                            f"prefix as {prefix} tokens, not {DROP} (files missing or from another model?)")
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:
             kind, keys = next(iter(problems.items()))
@@ -46,6 +56,12 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (tokens, dim) tensor per prompt."""
+        for prompt, ids in zip(prompts, self.tokenizer([TEMPLATE.format(p) for p in prompts]).input_ids):
+            if len(ids) - DROP > MAX_EMBED:
+                start = prompt[:24] + ("..." if len(prompt) > 24 else "")
+                warnings.warn(f"prompt {start!r} is {len(ids) - DROP} tokens long; the model reads the first "
+                              f"{MAX_EMBED} (its template's closing tokens included) and ignores the rest",
+                              QimgWarning, stacklevel=2)
         tokens = self.tokenizer(
             [TEMPLATE.format(p) for p in prompts], max_length=MAX_TOKENS + DROP, padding=True, truncation=True,
             return_tensors="pt",

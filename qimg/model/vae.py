@@ -59,8 +59,10 @@ def rms_norm(x: Tensor, gamma: Tensor) -> Tensor:
 def attention(qkv: Tensor) -> Tensor:
     # single-head self-attention over all pixels; qkv: (B, 3C, H, W) -> (B, C, H, W)
     B, C3, H, W = qkv.shape
-    q, k, v = qkv.flatten(2).transpose(1, 2).chunk(3, dim=-1)  # (B, HW, C) each
-    out = F.scaled_dot_product_attention(q, k, v)
+    # 4D and contiguous, or SDPA on CPU falls back to the math kernel and builds the (HW, HW) score matrix:
+    # 34 GB for a 2048x2048 image, where the flash kernel needs a few MB.
+    q, k, v = (t.contiguous() for t in qkv.flatten(2).transpose(1, 2)[:, None].chunk(3, dim=-1))  # (B, 1, HW, C)
+    out = F.scaled_dot_product_attention(q, k, v)[:, 0]
     return out.transpose(1, 2).reshape(B, C3 // 3, H, W)
 
 

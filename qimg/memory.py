@@ -1,0 +1,41 @@
+"""How much memory a run needs besides the weights, estimated from the image size and the model config, so
+an absurd size is refused in milliseconds with a number, before any weights load, instead of ending in an
+out-of-memory error (or the kernel's OOM killer) minutes later."""
+
+import os
+
+import torch
+
+from .model.transformer import TransformerConfig
+from .model.vae import VAEConfig
+
+TEXT_TOKENS = 512  # the most prompt tokens the transformer sees (model/text.py MAX_EMBED)
+
+
+def activation_bytes(width: int, height: int, transformer: TransformerConfig, vae: VAEConfig, dtype_bytes: int) -> int:
+    """Peak working memory of one transformer forward or one VAE pass at width x height, whichever is larger.
+
+    Calibrated on CPU in float32 (peak RSS of one real-width block at 1024-2048 px, and of the VAE at
+    512-1024 px): about 70 bytes per token per model dim, 24 bytes per pixel per VAE base channel. Both
+    scale linearly because attention runs memory-efficient kernels (no (N, N) score matrix); float32
+    temporaries of RoPE and the norms do not shrink with the dtype, hence the constant terms.
+    """
+    tokens = (width // (8 * transformer.patch_size)) * (height // (8 * transformer.patch_size)) + TEXT_TOKENS
+    transformer_peak = tokens * transformer.dim * (16 * dtype_bytes + 8)
+    vae_peak = width * height * vae.base_dim * (5 * dtype_bytes + 4)
+    return max(transformer_peak, vae_peak)
+
+
+def device_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (physical RAM for the CPU), or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return torch.mps.recommended_max_memory()
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 2**30:,.1f} GB" if n < 2**40 * 10 else f"{n / 2**40:,.0f} TB"
