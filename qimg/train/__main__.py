@@ -9,5 +9,6 @@ parser.add_argument("--minutes", type=float, default=90.0, help="time budget for
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--scenes", type=int, default=8000, help="training scenes rendered and encoded")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+parser.add_argument("--resume", type=Path, default=None, help="an exported model to train further (keeps its VAE)")
 args = parser.parse_args()
-main(args.out, args.minutes, args.seed, args.scenes, args.threads)
+main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume)

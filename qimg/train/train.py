@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 
 from ..model.text import DROP, TEMPLATE, pad_batch
 from ..model.transformer import QwenImageTransformer, TransformerConfig, patchify
@@ -131,20 +133,22 @@ def sample_caption(scene, rng: random.Random) -> str:
     return " " if rng.random() < UNCOND else caption(scene, rng, rng.choice(LANGUAGES))
 
 
-def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, params: list, seconds: float, seed: int,
-              batch: int = 32) -> tuple[QwenImageTransformer, QwenImageTransformer]:
-    """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s."""
+def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: QwenImageTransformer, seconds: float,
+              seed: int, batch: int = 32, peak: float = 3e-4, ema_decay: float = 0.995) -> nn.ModuleDict:
+    """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s. The text
+    encoder's language model learns through the transformer; both are averaged (EMA) together, so the
+    exported pair matches, and the averages are returned."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = QwenImageTransformer(TRANSFORMER)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(list(model.parameters()) + params, lr=3e-4, weight_decay=0.01)
+    trained = nn.ModuleDict({"transformer": model, "text": prompts.model.language_model}).train().requires_grad_(True)
+    ema = copy.deepcopy(trained).requires_grad_(False)
+    opt = torch.optim.AdamW(trained.parameters(), lr=peak, weight_decay=0.01)
     h, w = latents.shape[-2:]
     start, step, running = time.time(), 0, None
     while (elapsed := time.time() - start) < seconds:
         progress = elapsed / seconds
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress, 3e-4)
+            g["lr"] = lr_at(progress, peak)
         idx = [rng.randrange(len(scenes)) for _ in range(batch)]
         x0 = patchify(latents[idx])
         noise = torch.randn_like(x0)
@@ -155,21 +159,40 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, params: lis
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
+            for e, p in zip(ema.parameters(), trained.parameters()):
                 e.lerp_(p, 1 - decay)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
             log("mmdit", f"step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                          f"({elapsed / 60:.1f}/{seconds / 60:.0f} min)")
-    return model, ema
+    return ema.eval()
 
 
-def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None) -> Path:
+def load_folder(folder: Path):
+    """Tokenizer, text encoder, VAE and transformer of an exported model, in float32, to train further."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from ..weights import read_config
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+    modules = []
+    for name, build in (("vae", lambda c: QwenImageVAE(VAEConfig.from_dict(c))),
+                        ("transformer", lambda c: QwenImageTransformer(TransformerConfig.from_dict(c)))):
+        module = build(read_config(folder / name))
+        module.load_state_dict({k: v.float() for k, v in load_file(folder / name / "diffusion_pytorch_model.safetensors").items()})
+        modules.append(module)
+    return tokenizer, encoder, *modules
+
+
+def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
+         resume: Path | None = None) -> Path:
+    """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -179,24 +202,27 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
     images = np.stack([render(s, rng, (SIZE, SIZE)) for s in all_scenes])
     log("data", f"{len(all_scenes)} scenes rendered at {SIZE}x{SIZE}")
 
-    captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]
-    tokenizer = train_tokenizer(captions, vocab_size=1000)
-    torch.manual_seed(seed)
-    encoder = text_encoder(tokenizer, TEXT_WIDTH, layers=2)
-    log("text", f"tokenizer of {len(tokenizer)} tokens, encoder of "
-                f"{sum(p.numel() for p in encoder.model.language_model.parameters()) / 1e6:.2f}M parameters")
-
-    vae = train_vae(images, 0.35 * budget, seed)
-    latents = normalise(vae, encode_all(vae, images))
+    if resume:
+        tokenizer, encoder, vae, model = load_folder(resume)
+        vae.eval().requires_grad_(False)
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.cfg.latents_mean, vae.cfg.latents_std))
+        latents = (encode_all(vae, images) - mean) / std
+        peak = 1e-4
+    else:
+        captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]
+        tokenizer = train_tokenizer(captions, vocab_size=1000)
+        torch.manual_seed(seed)
+        encoder = text_encoder(tokenizer, TEXT_WIDTH, layers=2)
+        log("text", f"tokenizer of {len(tokenizer)} tokens, encoder of "
+                    f"{sum(p.numel() for p in encoder.model.language_model.parameters()) / 1e6:.2f}M parameters")
+        vae = train_vae(images, 0.35 * budget, seed)
+        latents = normalise(vae, encode_all(vae, images))
+        model, peak = QwenImageTransformer(TRANSFORMER), 3e-4
     log("vae", f"latents {tuple(latents.shape)} encoded; {(time.time() - start) / 60:.1f} min so far")
 
     remaining = budget - (time.time() - start) - 60  # a minute for the export
-    language = encoder.model.language_model
-    language.train().requires_grad_(True)
-    prompts = Prompts(tokenizer, encoder)
-    model, ema = train_dit(latents, all_scenes, prompts, list(language.parameters()), remaining, seed)
-    language.eval().requires_grad_(False)
-
-    folder = write_folder(out, ema, vae, encoder, tokenizer, defaults=DEFAULTS)
+    ema = train_dit(latents, all_scenes, Prompts(tokenizer, encoder), model, remaining, seed, peak=peak)
+    encoder.model.language_model.load_state_dict(ema["text"].state_dict())
+    folder = write_folder(out, ema["transformer"], vae, encoder, tokenizer, defaults=DEFAULTS)
     log("done", f"{folder} written after {(time.time() - start) / 60:.1f} min")
     return folder
