@@ -92,8 +92,10 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise QimgError(f"{folder} has no .safetensors weights")
 
 
-def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build `build()` on the meta device and assign the folder's weights into it, checking every key."""
+def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, remap=None) -> nn.Module:
+    """Build `build()` on the meta device and assign the folder's weights into it, checking every key.
+
+    remap: checkpoint key -> module key, or None to skip that tensor without reading it."""
     from safetensors import safe_open
 
     with torch.device("meta"):
@@ -103,7 +105,9 @@ def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device) -
     for file in safetensors_files(folder):
         with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
             for key in f.keys():
-                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                name = remap(key) if remap else key
+                if name is not None:
+                    state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
     check_keys(folder, expected, state)
     module.load_state_dict(state, assign=True, strict=True)
     return module.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Prompt encoding with Qwen2.5-VL, exactly as the reference pipeline does it.
+"""Prompt encoding with Qwen2.5-VL's language model, exactly as the reference pipeline does it.
 
 The prompt is wrapped in Qwen-Image's system template, run through the language model, and the last
 hidden state of the real (unpadded) tokens is kept, minus the template's first 34 positions.
@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import QimgError
+from ..weights import load_module, read_config
+from .qwen2 import Qwen2Config, Qwen2Model, remap_keys
+from .tokenizer import Tokenizer
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -22,38 +25,20 @@ MAX_EMBED = 512  # embeddings kept per prompt (the pipeline's default max_sequen
 
 class TextEncoder:
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()  # qimg reports its own progress and errors
-        logging.disable_progress_bar()
-
+        self.tokenizer = Tokenizer(folder / "tokenizer")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-            model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                folder / "text_encoder", dtype=dtype, use_safetensors=True, output_loading_info=True,
-            )
-        except (OSError, ValueError) as e:
-            raise QimgError(f"cannot load the text encoder from {folder}: {str(e).splitlines()[0]}") from None
-        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        if problems:
-            kind, keys = next(iter(problems.items()))
-            raise QimgError(f"{folder / 'text_encoder'}: {kind.replace('_', ' ')}: {', '.join(map(str, list(keys)[:5]))}")
-        # Only the language model's hidden states are used: skip the vocabulary projection.
-        self.model = model.model.to(device).eval().requires_grad_(False)
+            cfg = Qwen2Config.from_dict(read_config(folder / "text_encoder"))
+        except (ValueError, TypeError) as e:
+            raise QimgError(f"{folder / 'text_encoder' / 'config.json'}: {e}") from None
+        self.model = load_module(lambda: Qwen2Model(cfg), folder / "text_encoder", dtype, device, remap_keys)
         self.device = device
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """One (tokens, dim) tensor per prompt."""
-        tokens = self.tokenizer(
-            [TEMPLATE.format(p) for p in prompts], max_length=MAX_TOKENS + DROP, padding=True, truncation=True,
-            return_tensors="pt",
-        ).to(self.device)
-        out = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        keep = tokens.attention_mask.bool()
-        return [h[m][DROP:][:MAX_EMBED] for h, m in zip(hidden, keep)]
+        ids, mask = self.tokenizer([TEMPLATE.format(p) for p in prompts], MAX_TOKENS + DROP)
+        hidden = self.model(ids.to(self.device), mask.to(self.device))
+        return [h[m][DROP:][:MAX_EMBED] for h, m in zip(hidden, mask.bool().to(self.device))]
 
 
 def pad_batch(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
