@@ -14,7 +14,7 @@ from PIL import Image
 
 from .errors import QimgError, UsageError
 from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
-from .model.text import TextEncoder
+from .model.text import TextEncoder, pad_batch
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
@@ -146,22 +146,21 @@ class Engine:
         return noise.float().to(self.device)
 
     def _velocity(self, prompt: str, negative_prompt: str, cfg: float, grid: tuple[int, int], keep=None):
-        """The guided velocity field for one prompt over a latent grid (h, w) in patches."""
+        """The guided velocity field for one prompt over a latent grid (h, w) in patches.
+
+        With guidance, the conditional and unconditional passes run as one batch of 2 (the shorter prompt
+        zero-padded and its padding masked as keys), so a step reads the transformer's weights once."""
         guided = cfg > 1
         embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
+        txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in embeds])
 
-        def velocity_for(txt: torch.Tensor):
-            txt = txt[None].to(self.device, self.dtype)
+        def velocity(x, sigma):
+            x = x.expand(len(embeds), -1, -1).to(self.dtype)
+            # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
+            t = (sigma * 1000).to(self.dtype).expand(len(embeds)) / 1000
+            return self.transformer(x, txt, txt_mask, t, grid, keep).float()
 
-            def velocity(x, sigma):
-                # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
-                t = (sigma * 1000).to(self.dtype).expand(x.shape[0]) / 1000
-                return self.transformer(x.to(self.dtype), txt, None, t, grid, keep).float()
-
-            return velocity
-
-        velocity = velocity_for(embeds[0])
-        return true_cfg(velocity, velocity_for(embeds[1]), cfg) if guided else velocity
+        return true_cfg(velocity, cfg) if guided else velocity
 
     @torch.no_grad()
     def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
