@@ -147,12 +147,13 @@ def test_keys_match_transformers_language_model_at_real_size():
     assert shapes(ours) == shapes(ref)
 
 
-def test_generate_does_not_import_transformers(tiny_model_dir, tmp_path):
+def test_generate_imports_neither_transformers_nor_dynamo(tiny_model_dir, tmp_path):
     probe = (
         "import sys; from qimg.cli import run; "
         f"code = run(['generate', '-m', {str(tiny_model_dir)!r}, '-p', 'x', '--size', '32x32', '--steps', '1', "
         f"'--cfg', '2', '-o', {str(tmp_path / 'o.png')!r}]); "
-        "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers', 'accelerate')))"
+        "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers', 'accelerate') "
+        "or m.startswith('torch._dynamo')))"  # building on the meta device can pull in dynamo: 2-4 s
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "[]"]

@@ -151,7 +151,9 @@ class Qwen2Model(nn.Module):
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given a weight, Embedding skips its normal_ init: on the meta device that init imports torch._dynamo
+        # (~2-4 s of a run's start) and the loader overwrites the weight anyway.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
