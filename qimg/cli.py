@@ -40,6 +40,11 @@ StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
 AttnMaskOpt = Annotated[str, typer.Option(help="on: kept pixels never attend to the edit (seed's dynamic mask); off.")]
 FeatherOpt = Annotated[int, typer.Option(min=0, help="Soft edge width in pixels outside the mask.")]
 ContextOpt = Annotated[int, typer.Option(min=0, help="Pixels around the mask the model sees on large images.")]
+OffloadOpt = Annotated[str, typer.Option(help="none; model: load text encoder, transformer and VAE one at a time; "
+                                              "blocks: stream the transformer's blocks from CPU memory.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the transformer blocks (slow first step).")]
+AttentionOpt = Annotated[str, typer.Option(help="Attention backend: auto, math, flash, efficient, cudnn.")]
+TilingOpt = Annotated[str, typer.Option(help="Decode the VAE in tiles: auto (images over 4 MP), on, off.")]
 
 
 @app.callback()
@@ -58,13 +63,14 @@ def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[i
     return w, h
 
 
-def open_engine(model: Optional[str], device: str, dtype: str):
+def open_engine(model: Optional[str], device: str, dtype: str, **speed):
+    """speed: the Engine's offload, compile, attention and vae_tiling options."""
     from .engine import Engine
     from .weights import resolve_model
 
     if not model:
         raise UsageError("no model given: pass --model FOLDER|REPO or set QIMG_MODEL")
-    return Engine(resolve_model(model), device, dtype)
+    return Engine(resolve_model(model), device, dtype, **speed)
 
 
 def step_progress(total: int, label: str):
@@ -92,7 +98,8 @@ def step_progress(total: int, label: str):
 def generate(
     prompt: PromptOpt, negative_prompt: NegativeOpt = None, model: ModelOpt = None, size: SizeOpt = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False, offload: OffloadOpt = "none",
+    compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
@@ -104,7 +111,8 @@ def generate(
 
     out = out or default_output(f"qimg-{seed}")
     check_output(out)
-    engine = open_engine(model, device, dtype)
+    engine = open_engine(model, device, dtype, offload=offload, compile=compile_, attention=attention,
+                         vae_tiling=vae_tiling)
     d = engine.defaults
     width, height = width or d.width, height or d.height
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
@@ -130,8 +138,9 @@ def edit_output(image: Path, out: Optional[Path], kind: str) -> Path:
 
 
 def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, device, dtype, prompt,
-             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json):
-    """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report."""
+             negative_prompt, steps, cfg, seed, strength, attn_mask, context, as_json, speed: dict):
+    """The shared body of inpaint and outpaint: build (canvas, mask) from the input, inpaint, save, report.
+    speed: the Engine's offload, compile, attention and vae_tiling options."""
     from PIL import Image
 
     from .files import load_image, save_image
@@ -147,7 +156,7 @@ def run_edit(kind: str, image: Path, out: Optional[Path], build_mask, model, dev
     ensure_not_empty(mask, "the mask")
     seed = secrets.randbelow(2**32) if seed is None else seed
     out = edit_output(image, out, kind)
-    engine = open_engine(model, device, dtype)
+    engine = open_engine(model, device, dtype, **speed)
     d = engine.defaults
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
     negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
@@ -178,7 +187,8 @@ def inpaint(
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False, offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     import numpy as np
@@ -200,7 +210,8 @@ def inpaint(
         return pixels, masks.feather(masks.grow(m, grow), feather)
 
     run_edit("inpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
-             strength, attn_mask, context, json_)
+             strength, attn_mask, context, json_,
+             dict(offload=offload, compile=compile_, attention=attention, vae_tiling=vae_tiling))
 
 
 @app.command()
@@ -216,7 +227,8 @@ def outpaint(
     feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
     context: ContextOpt = 64, negative_prompt: NegativeOpt = None, model: ModelOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, out: OutOpt = None, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", json_: JsonOpt = False,
+    dtype: DtypeOpt = "auto", json_: JsonOpt = False, offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -229,7 +241,8 @@ def outpaint(
         return masks.outpaint_canvas(pixels, margins, feather)
 
     run_edit("outpaint", image, out, build_mask, model, device, dtype, prompt, negative_prompt, steps, cfg, seed,
-             strength, attn_mask, context, json_)
+             strength, attn_mask, context, json_,
+             dict(offload=offload, compile=compile_, attention=attention, vae_tiling=vae_tiling))
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:

@@ -4,7 +4,9 @@ Components load on first use, so a run that never needs the text encoder or the 
 The engine never prints and never writes output files; the CLI does that.
 """
 
+import gc
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from PIL import Image
 
 from .errors import QimgError, UsageError
 from .masks import composite, crop, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
+from .model.offload import place_for_streaming
 from .model.text import TextEncoder, pad_batch
+from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
@@ -22,6 +26,11 @@ from .weights import load_module, read_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
+OFFLOAD = ("none", "model", "blocks")
+ATTENTION = ("auto", "math", "flash", "efficient", "cudnn")  # auto: let PyTorch's SDPA pick
+TILING = ("auto", "on", "off")
+TILE_ABOVE = 2048 * 2048  # decoded pixels above which "auto" decodes the VAE in tiles
+TILE, TILE_OVERLAP = 64, 8  # in latent pixels: 512 px tiles sharing 64 px
 
 
 @dataclass(frozen=True)
@@ -97,11 +106,29 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 class Engine:
-    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto"):
+    """offload: none keeps every component on the device; model loads text encoder, transformer and VAE
+    one at a time and frees each after use; blocks keeps the transformer's blocks in CPU memory and streams
+    them to the device. compile: torch.compile the transformer blocks. attention: the SDPA backend.
+    vae_tiling: decode in tiles (auto: above TILE_ABOVE pixels)."""
+
+    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", offload: str = "none",
+                 compile: bool = False, attention: str = "auto", vae_tiling: str = "auto"):
         self.folder = folder
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.offload = check_choice("--offload", offload, OFFLOAD)
+        self.attention = check_choice("--attention", attention, ATTENTION)
+        self.vae_tiling = check_choice("--vae-tiling", vae_tiling, TILING)
+        if compile and offload == "blocks":
+            raise UsageError("--compile does not combine with --offload blocks (the blocks run from streamed copies)")
+        self.compile = compile
         self.defaults = Defaults.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
@@ -119,8 +146,14 @@ class Engine:
     def transformer(self) -> QwenImageTransformer:
         if self._transformer is None:
             cfg = self._config(TransformerConfig, "transformer")
-            self._transformer = load_module(lambda: QwenImageTransformer(cfg), self.folder / "transformer",
-                                            self.dtype, self.device)
+            streamed = self.offload == "blocks"
+            transformer = load_module(lambda: QwenImageTransformer(cfg), self.folder / "transformer", self.dtype,
+                                      torch.device("cpu") if streamed else self.device)
+            if streamed:
+                place_for_streaming(transformer, self.device)
+            if self.compile:
+                transformer.compile_blocks()
+            self._transformer = transformer
         return self._transformer
 
     @property
@@ -130,6 +163,23 @@ class Engine:
             self._vae = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype, self.device)
         return self._vae
 
+    def _release(self, component: str) -> None:
+        """With offload=model, free a component once its part of the job is done; it reloads when next needed."""
+        if self.offload != "model":
+            return
+        setattr(self, f"_{component}", None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _attention_backend(self):
+        if self.attention == "auto":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+        return sdpa_kernel(getattr(SDPBackend, names[self.attention]))
+
     def _config(self, cls, component: str):
         try:
             return cls.from_dict(read_config(self.folder / component))
@@ -138,7 +188,9 @@ class Engine:
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
-        return [self.text.encode([p])[0] for p in prompts]
+        embeds = [self.text.encode([p])[0] for p in prompts]
+        self._release("text")
+        return embeds
 
     def _noise(self, seed: int, h: int, w: int) -> torch.Tensor:
         # The reference draws noise on a CPU generator in the model dtype, shaped (B, 1, C, H, W).
@@ -158,7 +210,8 @@ class Engine:
             x = x.expand(len(embeds), -1, -1).to(self.dtype)
             # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
             t = (sigma * 1000).to(self.dtype).expand(len(embeds)) / 1000
-            return self.transformer(x, txt, txt_mask, t, grid, keep).float()
+            with self._attention_backend():
+                return self.transformer(x, txt, txt_mask, t, grid, keep).float()
 
         return true_cfg(velocity, cfg) if guided else velocity
 
@@ -171,6 +224,7 @@ class Engine:
         x = patchify(self._noise(seed, h, w))
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
         x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2)), x, sigmas, callback)
+        self._release("transformer")
         return unpatchify(x, h, w)
 
     @torch.no_grad()
@@ -187,17 +241,27 @@ class Engine:
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
         velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), keep)
         x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
+        self._release("transformer")
         return unpatchify(x, h, w)
 
     @torch.no_grad()
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3), sides multiples of 16, to a normalized latent (1, 16, H/8, W/8)."""
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
-        return self.vae.encode(x.to(self.device, self.dtype)).float()
+        z = self.vae.encode(x.to(self.device, self.dtype)).float()
+        self._release("vae")
+        return z
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.vae.decode(latent.to(self.device, self.dtype))[0])
+        z = latent.to(self.device, self.dtype)
+        pixels = 64 * z.shape[-2] * z.shape[-1]
+        if self.vae_tiling == "on" or (self.vae_tiling == "auto" and pixels > TILE_ABOVE):
+            x = tiled_decode(self.vae.decode, z, TILE, TILE_OVERLAP)
+        else:
+            x = self.vae.decode(z)
+        self._release("vae")
+        return to_uint8(x[0])
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
                  seed: int, callback=None) -> np.ndarray:
