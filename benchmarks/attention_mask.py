@@ -13,13 +13,10 @@ Then the whole transformer forward with keep=None vs a keep mask.
 
 import argparse
 import math
-import os
-import platform
-import statistics
-import time
 
 import torch
 
+from common import machine, sync, timed
 from qimg.model.transformer import (
     QwenImageTransformer, TransformerConfig, attention, attention_plan, split_attention,
 )
@@ -38,21 +35,6 @@ def dense_mask(keep: torch.Tensor, txt_len: int) -> torch.Tensor:
     """(1, 1, N, N) bool: kept image queries see kept image keys; text and edited queries see everything."""
     kept = torch.cat([torch.zeros(txt_len, dtype=torch.bool, device=keep.device), keep])
     return (~kept[:, None] | kept[None, :])[None, None]
-
-
-def timed(fns: dict, reps: int, warmup: int, device: torch.device) -> dict:
-    """Median seconds per function, repetitions interleaved so drifting machine load hits all alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {name: [] for name in fns}
-    for i in range(warmup + reps):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
@@ -85,7 +67,7 @@ def bench_attention(args, device, dtype):
                 "d": lambda: torch.cat([attention(qs[:, :r], ks, vs, None),
                                         attention(qs[:, r:], ks[:, r:], vs[:, r:], None)], dim=1),
             }
-            ms = {name: 1e3 * s for name, s in timed(fns, args.reps, args.warmup, device).items()}
+            ms = {name: 1e3 * s for name, s in timed(fns, args.reps, args.warmup, sync(device)).items()}
             diff = (fns["c"]().float() - fns["b"]().float()).abs().max().item()
             real_kept = keep.float().mean().item()
             print(f"{img_len:>6} {real_kept:>6.1%} | {ms['a']:>10.1f} {ms['b']:>10.1f} {ms['c']:>10.1f} "
@@ -112,7 +94,7 @@ def bench_model(args, device, dtype):
     for kept_fraction in args.kept:
         keep = hole_keep(side, kept_fraction).to(device)
         fns[f"keep {keep.float().mean().item():.1%}"] = lambda keep=keep: model(img, txt, None, t, (side, side), keep)
-    ms = {name: 1e3 * s for name, s in timed(fns, args.reps, args.warmup, device).items()}
+    ms = {name: 1e3 * s for name, s in timed(fns, args.reps, args.warmup, sync(device)).items()}
 
     print(f"\nwhole forward: dim {cfg.dim} ({cfg.num_attention_heads} x {head_dim}), {cfg.num_layers} blocks, "
           f"{side * side} image + {args.txt_tokens} text tokens, {dtype}, median of {args.reps} ms")
@@ -140,8 +122,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(machine())
     for name in args.devices.split(","):
         if name == "cuda" and not torch.cuda.is_available():
             print("\n(cuda not available: skipped)")

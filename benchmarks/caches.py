@@ -36,7 +36,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import build_tiny_model  # noqa: E402
+from common import build_tiny_model, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
@@ -63,7 +63,8 @@ def qimg(args: list, env: dict) -> dict:
 def cost(args, folder: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
            "QIMG_CACHE_DIR": str(folder / "cache")}
-    common = ["-m", args.model, "--steps", args.steps, "--device", args.device, "--seed", "1", "--json"]
+    # --overwrite: the on and off runs of a case write the same file
+    common = ["-m", args.model, "--steps", args.steps, "--device", args.device, "--seed", "1", "--json", "--overwrite"]
     w, h = args.size.split("x")
     gen = ["generate", "-p", "a lantern on a night street", "--size", args.size, *common]
     base = folder / "base.png"
@@ -76,6 +77,7 @@ def cost(args, folder: Path) -> None:
                                       *flag], env),
         "both": lambda i, flag: qimg([*edit, "-p", "a red lantern", "-o", folder / f"b-{i}.png", *flag], env),
     }
+    print(machine())
     print(f"cost: {args.repeat} runs each, {args.size}, {args.steps} steps, {args.threads} thread(s), "
           f"median seconds (command / process) and peak RSS")
     print(f"{'case':8} {'cache':>6} {'cmd s':>8} {'proc s':>8} {'RSS MB':>8}   latent/prompt cache")

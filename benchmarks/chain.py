@@ -4,11 +4,12 @@
     python benchmarks/chain.py --model /path/to/Qwen-Image --size 1024x1024 --steps 20 --reps 1
 
 Times, as whole processes (what a shell user waits for), with the same three rectangles, prompts, steps
-and seed, interleaved (chain, separate, rerun, ...), medians of --reps:
+and seed, interleaved (chain, separate, rerun, ...; common.timed), medians of --reps:
   chain     one `qimg chain` process, --no-cache: the model loads once, one VAE encode and one decode
   separate  three `qimg inpaint` processes, --no-cache, each on the previous output: three loads, encodes
             and decodes
-  rerun     `qimg chain` again after changing the last edit's prompt, with the cache: only edit 3 runs
+  rerun     `qimg chain` again after changing the last edit's prompt (a new one each repetition), with a
+            cache the first chain filled: only edit 3 runs
 and reports, for the chain's and the separate commands' final images, how many pixels outside all three
 rectangles differ from the original and by how much at most (both must be 0: each composites over the
 original), and the mean difference between the two results inside the rectangles (they differ: the chain
@@ -17,19 +18,18 @@ model loading, which is exactly what the chain saves; it judges no image quality
 """
 
 import argparse
+import itertools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from skimage import data
 
-from common import build_tiny_model
+from common import build_tiny_model, machine, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red lantern", "a neon sign", "a vending machine"]
@@ -41,11 +41,9 @@ def rects(width: int, height: int) -> list[tuple[int, int, int, int]]:
     return [(width // 8, height // 8, w, h), (width // 2, height // 3, w, h), (width // 4, 2 * height // 3, w, h)]
 
 
-def qimg(*args) -> float:
+def qimg(*args) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "qimg", *map(str, args)], check=True, env=env, capture_output=True)
-    return time.perf_counter() - started
 
 
 def chain_file(path: Path, boxes, steps: int, seed: int, last_prompt: str) -> Path:
@@ -62,6 +60,7 @@ def main() -> None:
     parser.add_argument("--size", default="256x256", help="image WxH (skimage astronaut, resized)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -76,29 +75,35 @@ def run(args, tmp: Path) -> None:
     Image.fromarray(data.astronaut()).resize((width, height), Image.LANCZOS).save(photo)
     boxes = rects(width, height)
     common = ["-m", model, "--device", args.device]
-    times = {"chain": [], "separate": [], "rerun": []}
-    for rep in range(args.reps):
-        cache = tmp / f"cache-{rep}"
-        first = chain_file(tmp / "chain.yaml", boxes, args.steps, 7, PROMPTS[2])
-        times["chain"].append(qimg("chain", photo, first, "-o", tmp / "chain.png", "--no-cache", *common))
+    first = chain_file(tmp / "chain.yaml", boxes, args.steps, 7, PROMPTS[2])
+    cache = tmp / "cache"
+    qimg("chain", photo, first, "-o", tmp / "warm.png", "--cache-dir", cache, *common)  # fills the cache
+    reruns = itertools.count()
 
-        elapsed, source = 0.0, photo
+    def separate():
+        source = photo
         for i, ((x, y, w, h), prompt) in enumerate(zip(boxes, PROMPTS)):
             out = tmp / f"separate-{i}.png"
-            elapsed += qimg("inpaint", source, "-p", prompt, "--rect", f"{x},{y},{w},{h}", "--steps", args.steps,
-                            "--seed", 7, "-o", out, "--no-cache", *common)
+            qimg("inpaint", source, "-p", prompt, "--rect", f"{x},{y},{w},{h}", "--steps", args.steps,
+                 "--seed", 7, "-o", out, "--no-cache", "--overwrite", *common)
             source = out
-        times["separate"].append(elapsed)
 
-        qimg("chain", photo, first, "-o", tmp / "warm.png", "--cache-dir", cache, *common)  # fills the cache
-        changed = chain_file(tmp / "changed.yaml", boxes, args.steps, 7, "a street lamp")
-        times["rerun"].append(qimg("chain", photo, changed, "-o", tmp / "rerun.png", "--cache-dir", cache, *common))
+    def rerun():
+        changed = chain_file(tmp / "changed.yaml", boxes, args.steps, 7, f"a street lamp, take {next(reruns)}")
+        qimg("chain", photo, changed, "-o", tmp / "rerun.png", "--cache-dir", cache, "--overwrite", *common)
 
-    base = statistics.median(times["separate"])
+    times = timed({
+        "chain": lambda: qimg("chain", photo, first, "-o", tmp / "chain.png", "--no-cache", "--overwrite", *common),
+        "separate": separate,
+        "rerun": rerun,
+    }, args.reps, args.warmup)
+
+    base = times["separate"]
+    print(machine())
     print(f"{args.size}, {args.steps} steps, 3 edits, {args.reps} reps, model {model.name}, device {args.device}")
     print(f"{'run':<10}{'median s':>10}{'vs separate':>13}")
-    for name, values in times.items():
-        print(f"{name:<10}{statistics.median(values):>10.2f}{statistics.median(values) / base:>12.2f}x")
+    for name, seconds in times.items():
+        print(f"{name:<10}{seconds:>10.2f}{seconds / base:>12.2f}x")
 
     original = np.asarray(Image.open(photo).convert("RGB")).astype(int)
     inside = np.zeros(original.shape[:2], bool)

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -33,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import build_tiny_model  # noqa: E402
+from common import build_tiny_model, machine  # noqa: E402
 from qimg.engine import Engine  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
@@ -114,8 +113,7 @@ def main():
     crop_mask = np.ascontiguousarray(mask[cy0:cy0 + side, cx0:cx0 + side])
     assert crop_mask.sum() == mask.sum(), "the crop must contain the whole (feathered) mask"
 
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} threads, device {engine.device}, dtype {str(engine.dtype).removeprefix('torch.')}")
+    print(f"machine: {machine()}; device {engine.device}, dtype {str(engine.dtype).removeprefix('torch.')}")
     if tiny:
         print("model: TINY RANDOM-WEIGHT checkpoint: timings show the path's overhead shape, not real model cost")
     else:

@@ -19,7 +19,6 @@ paints noise, so they say nothing about which setting makes better seams. Decide
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import build_tiny_model  # noqa: E402
+from common import build_tiny_model, machine  # noqa: E402
 from qimg.engine import Engine  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
@@ -116,8 +115,7 @@ def main():
         folder = args.model
     engine = Engine(folder, args.device, args.dtype)
 
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} threads, device {engine.device}, dtype {str(engine.dtype).removeprefix('torch.')}")
+    print(f"machine: {machine()}; device {engine.device}, dtype {str(engine.dtype).removeprefix('torch.')}")
     if tmp is not None:
         print(f"model: TINY RANDOM-WEIGHT checkpoint (built in {built:.1f} s). These numbers only exercise the code")
         print("       path; the model paints noise, so off-vs-on here decides nothing. Run again with --model on a")

@@ -9,9 +9,10 @@ numbers do not mix. Prints a row per size and the ratio old / qimg.
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
+
+from common import machine
 
 PROBE = """
 import json, resource, sys, torch, torch.nn.functional as F
@@ -44,7 +45,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 768, 1024])
     parser.add_argument("--channels", type=int, default=384, help="mid-block width (Qwen-Image: 384)")
     args = parser.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, torch {__import__('torch').__version__}, CPU, float32")
+    print(f"# {machine()}; CPU, float32")
     print(f"{'image':>10} {'old MB':>10} {'qimg MB':>10} {'old/qimg':>9}")
     for side in args.sizes:
         old, new = peak_mb("strided", side, args.channels), peak_mb("qimg", side, args.channels)

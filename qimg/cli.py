@@ -70,6 +70,11 @@ StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
 AttnMaskOpt = Annotated[str, typer.Option(help="on: kept pixels never attend to the edit (seed's dynamic mask); off.")]
 FeatherOpt = Annotated[int, typer.Option(min=0, help="Soft edge width in pixels outside the mask.")]
 ContextOpt = Annotated[int, typer.Option(min=0, help="Pixels around the mask the model sees on large images.")]
+OffloadOpt = Annotated[str, typer.Option(help="none; model: load text encoder, transformer and VAE one at a time; "
+                                              "blocks: stream the transformer's blocks from CPU memory.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the transformer blocks (slow first step).")]
+AttentionOpt = Annotated[str, typer.Option(help="Attention backend: auto, math, flash, efficient, cudnn.")]
+TilingOpt = Annotated[str, typer.Option(help="Decode the VAE in tiles: auto (images over 4 MP), on, off.")]
 PresetOpt = Annotated[Optional[str], typer.Option(
     is_eager=True, callback=presets.apply,
     help="Options from a preset: a bundled name (see `qimg presets`) or a YAML file; flags given here win.")]
@@ -105,11 +110,17 @@ def open_cache(folder: Optional[Path], off: bool, size: str):
                                                                                  file=sys.stderr))
 
 
-def open_engine(model: Optional[str], device: str, dtype: str, cache=None):
+def speed_options(offload: str, compile_: bool, attention: str, vae_tiling: str) -> dict:
+    """The Engine's memory and speed options from the command line's (checked by the Engine)."""
+    return dict(offload=offload, compile=compile_, attention=attention, vae_tiling=vae_tiling)
+
+
+def open_engine(model: Optional[str], device: str, dtype: str, cache=None, speed: Optional[dict] = None):
+    """speed: the Engine's offload, compile, attention and vae_tiling options (`speed_options`)."""
     from .engine import Engine
     from .weights import resolve_model
 
-    return Engine(resolve_model(model), device, dtype, cache)
+    return Engine(resolve_model(model), device, dtype, cache, **(speed or {}))
 
 
 def progress_bars():
@@ -163,6 +174,8 @@ def generate(
     overwrite: OverwriteOpt = False, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json_: JsonOpt = False,
     cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB",
     preset: PresetOpt = None,
+    offload: OffloadOpt = "none", compile_: CompileOpt = False, attention: AttentionOpt = "auto",
+    vae_tiling: TilingOpt = "auto",
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
@@ -173,7 +186,8 @@ def generate(
 
     out = out or default_output(f"qimg-{seed}", numbered=not overwrite)
     check_output(out, overwrite)
-    engine = open_engine(model, device, dtype, open_cache(cache_dir, no_cache, cache_size))
+    engine = open_engine(model, device, dtype, open_cache(cache_dir, no_cache, cache_size),
+                         speed_options(offload, compile_, attention, vae_tiling))
     d = engine.defaults
     width, height = width or d.width, height or d.height
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
@@ -359,6 +373,8 @@ def inpaint(
     skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
+    offload: OffloadOpt = "none", compile_: CompileOpt = False, attention: AttentionOpt = "auto",
+    vae_tiling: TilingOpt = "auto",
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     from .batch import mask_for
@@ -374,9 +390,10 @@ def inpaint(
                                     feather)
 
     store = open_cache(cache_dir, no_cache, cache_size)
+    speed = speed_options(offload, compile_, attention, vae_tiling)
     run_edit("inpaint", images, build_mask, out, out_dir, skip_existing, overwrite, seed,
              edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
-             lambda: open_engine(model, device, dtype, store), json_, lambda image: (mask_file(image),))
+             lambda: open_engine(model, device, dtype, store, speed), json_, lambda image: (mask_file(image),))
 
 
 def edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context) -> dict:
@@ -400,6 +417,8 @@ def outpaint(
     skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False, device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto", json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", preset: PresetOpt = None,
+    offload: OffloadOpt = "none", compile_: CompileOpt = False, attention: AttentionOpt = "auto",
+    vae_tiling: TilingOpt = "auto",
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -411,9 +430,10 @@ def outpaint(
                                      feather)
 
     store = open_cache(cache_dir, no_cache, cache_size)
+    speed = speed_options(offload, compile_, attention, vae_tiling)
     run_edit("outpaint", images, build_mask, out, out_dir, skip_existing, overwrite, seed,
              edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
-             lambda: open_engine(model, device, dtype, store), json_)
+             lambda: open_engine(model, device, dtype, store, speed), json_)
 
 
 @app.command()
@@ -428,7 +448,8 @@ def chain(
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, model: ModelOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", json_: JsonOpt = False,
-    preset: PresetOpt = None,
+    preset: PresetOpt = None, offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 
@@ -453,7 +474,7 @@ def chain(
         check_output(step_file, overwrite, (image,), reads, "--keep-steps file")
         if step_file.resolve() == out.resolve():
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
-    engine = open_engine(model, device, dtype, store)
+    engine = open_engine(model, device, dtype, store, speed_options(offload, compile_, attention, vae_tiling))
 
     def params(canvas, lineage: list) -> dict:
         width, height = canvas.size

@@ -6,7 +6,9 @@ prompts and input are all known loads neither the text encoder nor the VAE's enc
 The engine never prints and never writes output files; the CLI does that.
 """
 
+import gc
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +22,9 @@ from .canvas import Canvas, edited, from_window, to_window, window_size
 from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .memory import activation_bytes, device_bytes, gigabytes
-from .model.text import TextEncoder
+from .model.offload import place_for_streaming
+from .model.text import TextEncoder, pad_batch
+from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
@@ -29,6 +33,11 @@ from .weights import load_module, read_config
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
 VAE_PARTS = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}  # key prefixes
+OFFLOAD = ("none", "model", "blocks")
+ATTENTION = ("auto", "math", "flash", "efficient", "cudnn")  # auto: let PyTorch's SDPA pick
+TILING = ("auto", "on", "off")
+TILE_ABOVE = 2048 * 2048  # decoded pixels above which "auto" decodes the VAE in tiles
+TILE, TILE_OVERLAP = 64, 8  # in latent pixels: 512 px tiles sharing 64 px
 
 
 @dataclass(frozen=True)
@@ -107,13 +116,31 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 class Engine:
-    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None):
+    """offload: none keeps every component on the device; model loads text encoder, transformer and VAE
+    (encoder and decoder apart) one at a time and frees each after use; blocks keeps the transformer's blocks
+    in CPU memory and streams them to the device. compile: torch.compile the transformer blocks. attention:
+    the SDPA backend. vae_tiling: decode in tiles (auto: above TILE_ABOVE pixels)."""
+
+    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None,
+                 offload: str = "none", compile: bool = False, attention: str = "auto", vae_tiling: str = "auto"):
         self.folder = folder
         self.cache = cache
         self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.offload = check_choice("--offload", offload, OFFLOAD)
+        self.attention = check_choice("--attention", attention, ATTENTION)
+        self.vae_tiling = check_choice("--vae-tiling", vae_tiling, TILING)
+        if compile and offload == "blocks":
+            raise UsageError("--compile does not combine with --offload blocks (the blocks run from streamed copies)")
+        self.compile = compile
         self.defaults = Defaults.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
@@ -132,8 +159,14 @@ class Engine:
     def transformer(self) -> QwenImageTransformer:
         if self._transformer is None:
             cfg = self._config(TransformerConfig, "transformer")
-            self._transformer = load_module(lambda: QwenImageTransformer(cfg), self.folder / "transformer",
-                                            self.dtype, self.device)
+            streamed = self.offload == "blocks"
+            transformer = load_module(lambda: QwenImageTransformer(cfg), self.folder / "transformer", self.dtype,
+                                      torch.device("cpu") if streamed else self.device)
+            if streamed:
+                place_for_streaming(transformer, self.device)
+            if self.compile:
+                transformer.compile_blocks()
+            self._transformer = transformer
         return self._transformer
 
     def vae(self, part: str) -> QwenImageVAE:
@@ -160,17 +193,40 @@ class Engine:
         parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
 
-    def check_size(self, width: int, height: int) -> None:
-        """Refuse, before any weights load, a size the model cannot take or the device could not hold."""
+    def check_size(self, width: int, height: int, encodes: bool = True) -> None:
+        """Refuse, before any weights load, a size the model cannot take or the device could not hold.
+        encodes: whether the VAE encodes an image of that size too (a generation only decodes, maybe tiled)."""
         for name, v in (("width", width), ("height", height)):
             if v <= 0 or v % MULTIPLE:
                 raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
+        tile = (8 * TILE) ** 2 if not encodes and self.tiled(width, height) else None
         need = activation_bytes(width, height, self._config(TransformerConfig, "transformer"),
-                                self._config(VAEConfig, "vae"), self.dtype.itemsize)
+                                self._config(VAEConfig, "vae"), self.dtype.itemsize, tile)
         have = device_bytes(self.device)
         if have is not None and need > have:
             raise UsageError(f"{width}x{height} would need about {gigabytes(need)} of {self.device.type} memory "
                              f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
+
+    def _release(self, component: str) -> None:
+        """With offload=model, free a component ("text", "transformer", or the VAE's "encoder" or "decoder") once
+        its part of the job is done; it reloads when next needed."""
+        if self.offload != "model":
+            return
+        if component in VAE_PARTS:
+            self._vae.pop(component, None)
+        else:
+            setattr(self, f"_{component}", None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _attention_backend(self):
+        if self.attention == "auto":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+        return sdpa_kernel(getattr(SDPBackend, names[self.attention]))
 
     def _config(self, cls, component: str):
         try:
@@ -179,7 +235,9 @@ class Engine:
             raise QimgError(f"{self.folder / component / 'config.json'}: {e}") from None
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        return [self._encode_prompt(p) for p in prompts]
+        embeds = [self._encode_prompt(p) for p in prompts]
+        self._release("text")
+        return embeds
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         key = prompt_key(prompt, self.text_fingerprint) if self.cache else None
@@ -225,32 +283,33 @@ class Engine:
         return noise.float().to(self.device)
 
     def _velocity(self, prompt: str, negative_prompt: str, cfg: float, grid: tuple[int, int], keep=None):
-        """The guided velocity field for one prompt over a latent grid (h, w) in patches."""
+        """The guided velocity field for one prompt over a latent grid (h, w) in patches.
+
+        With guidance, the conditional and unconditional passes run as one batch of 2 (the shorter prompt
+        zero-padded and its padding masked as keys), so a step reads the transformer's weights once."""
         guided = cfg > 1
         embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
+        txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in embeds])
 
-        def velocity_for(txt: torch.Tensor):
-            txt = txt[None].to(self.device, self.dtype)
+        def velocity(x, sigma):
+            x = x.expand(len(embeds), -1, -1).to(self.dtype)
+            # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
+            t = (sigma * 1000).to(self.dtype).expand(len(embeds)) / 1000
+            with self._attention_backend():
+                return self.transformer(x, txt, txt_mask, t, grid, keep).float()
 
-            def velocity(x, sigma):
-                # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
-                t = (sigma * 1000).to(self.dtype).expand(x.shape[0]) / 1000
-                return self.transformer(x.to(self.dtype), txt, None, t, grid, keep).float()
-
-            return velocity
-
-        velocity = velocity_for(embeds[0])
-        return true_cfg(velocity, velocity_for(embeds[1]), cfg) if guided else velocity
+        return true_cfg(velocity, cfg) if guided else velocity
 
     @torch.no_grad()
     def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                         cfg: float, seed: int, callback=None) -> torch.Tensor:
         """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
-        self.check_size(width, height)
+        self.check_size(width, height, encodes=False)
         h, w = height // 8, width // 8
         x = patchify(self._noise(seed, h, w))
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
         x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2)), x, sigmas, callback)
+        self._release("transformer")
         return unpatchify(x, h, w)
 
     @torch.no_grad()
@@ -267,17 +326,31 @@ class Engine:
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
         velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), keep)
         x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
+        self._release("transformer")
         return unpatchify(x, h, w)
 
     @torch.no_grad()
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3), sides multiples of 16, to a normalized latent (1, 16, H/8, W/8)."""
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
-        return self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
+        z = self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
+        self._release("encoder")
+        return z
+
+    def tiled(self, width: int, height: int) -> bool:
+        """Whether an image of width x height decodes in tiles."""
+        return self.vae_tiling == "on" or (self.vae_tiling == "auto" and width * height > TILE_ABOVE)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
-        return to_uint8(self.vae("decoder").decode(latent.to(self.device, self.dtype))[0])
+        z = latent.to(self.device, self.dtype)
+        decoder = self.vae("decoder")
+        if self.tiled(8 * z.shape[-1], 8 * z.shape[-2]):
+            x = tiled_decode(decoder.decode, z, TILE, TILE_OVERLAP)
+        else:
+            x = decoder.decode(z)
+        self._release("decoder")
+        return to_uint8(x[0])
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
                  seed: int, callback=None) -> Output:

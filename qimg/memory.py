@@ -12,8 +12,10 @@ from .model.vae import VAEConfig
 TEXT_TOKENS = 512  # the most prompt tokens the transformer sees (model/text.py MAX_EMBED)
 
 
-def activation_bytes(width: int, height: int, transformer: TransformerConfig, vae: VAEConfig, dtype_bytes: int) -> int:
+def activation_bytes(width: int, height: int, transformer: TransformerConfig, vae: VAEConfig, dtype_bytes: int,
+                     vae_pixels: int | None = None) -> int:
     """Peak working memory of one transformer forward or one VAE pass at width x height, whichever is larger.
+    vae_pixels: the most pixels one VAE pass sees, when fewer than width x height (a tiled decode).
 
     Calibrated on CPU in float32 (peak RSS of one real-width block at 1024-2048 px, and of the VAE at
     512-1024 px): about 70 bytes per token per model dim, 24 bytes per pixel per VAE base channel. Both
@@ -22,7 +24,7 @@ def activation_bytes(width: int, height: int, transformer: TransformerConfig, va
     """
     tokens = (width // (8 * transformer.patch_size)) * (height // (8 * transformer.patch_size)) + TEXT_TOKENS
     transformer_peak = tokens * transformer.dim * (16 * dtype_bytes + 8)
-    vae_peak = width * height * vae.base_dim * (5 * dtype_bytes + 4)
+    vae_peak = (vae_pixels or width * height) * vae.base_dim * (5 * dtype_bytes + 4)
     return max(transformer_peak, vae_peak)
 
 

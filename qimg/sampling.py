@@ -105,13 +105,15 @@ def keep_known(x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, steps:
     return blend
 
 
-def true_cfg(cond: Velocity, uncond: Velocity, scale: float) -> Velocity:
+def true_cfg(velocity: Velocity, scale: float) -> Velocity:
     """Classifier-free guidance with Qwen-Image's rescale: the guided velocity keeps the per-token norm
-    of the conditional one (pipeline_qwenimage.py), which stops high scales from over-saturating."""
+    of the conditional one (pipeline_qwenimage.py), which stops high scales from over-saturating.
 
-    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        v_cond, v_uncond = cond(x, sigma), uncond(x, sigma)
+    `velocity` runs the conditional and unconditional model as one batch, conditional first: (2B, ...)."""
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        v_cond, v_uncond = velocity(x, sigma).chunk(2)
         v = v_uncond + scale * (v_cond - v_uncond)
         return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
 
-    return velocity
+    return guided

@@ -102,11 +102,13 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise QimgError(f"{folder} has no .safetensors weights")
 
 
-def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, only: tuple[str, ...] = ()) -> nn.Module:
+def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, only: tuple[str, ...] = (),
+                remap=None) -> nn.Module:
     """Build `build()` on the meta device and assign the folder's weights into it, checking every key.
 
-    With `only` (key prefixes) just those weights are read; the rest stay on the meta device, costing no
-    memory (the VAE's encoder is not loaded for a run that only decodes). Every key is still checked."""
+    With `only` (module key prefixes) just those weights are read; the rest stay on the meta device, costing
+    no memory (the VAE's encoder is not loaded for a run that only decodes). Every key is still checked.
+    remap: checkpoint key -> module key, or None to skip that tensor without reading or checking it."""
     from safetensors import SafetensorError, safe_open
 
     with torch.device("meta"):
@@ -117,9 +119,12 @@ def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, o
         try:
             with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
                 for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-                    if not only or key.startswith(only):
-                        state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    name = remap(key) if remap else key
+                    if name is None:
+                        continue
+                    shapes[name] = tuple(f.get_slice(key).get_shape())
+                    if not only or name.startswith(only):
+                        state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
     check_keys(folder, expected, shapes)

@@ -327,6 +327,14 @@ def text_encoder_pickle_only(folder):
     (folder / "text_encoder" / "pytorch_model.bin").write_bytes(torch_pickle_that_writes(folder / "PWNED"))
 
 
+def without_merges(folder):
+    """A tokenizer.json that loads but splits the template into bytes: an empty or foreign vocabulary."""
+    file = folder / "tokenizer" / "tokenizer.json"
+    data = json.loads(file.read_text())
+    data["model"]["merges"] = []
+    write_json(file, data)
+
+
 def truncate(file):
     file.write_bytes(file.read_bytes()[:1000])
 
@@ -335,7 +343,8 @@ def truncate(file):
     (lambda f: shutil.rmtree(f / "transformer"), 1, "is missing: the model folder is incomplete"),
     (lambda f: shutil.rmtree(f / "vae"), 1, "is missing: the model folder is incomplete"),
     (lambda f: shutil.rmtree(f / "tokenizer"), 1, "tokenizer is missing"),
-    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), 1, "is not Qwen-Image's tokenizer"),
+    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), 1, "no tokenizer.json and no vocab.json"),
+    (without_merges, 1, "is not Qwen-Image's tokenizer"),
     (lambda f: shutil.rmtree(f / "text_encoder"), 1, "text_encoder is missing"),
     (lambda f: (f / "transformer" / "diffusion_pytorch_model-00002-of-00004.safetensors").unlink(), 1,
      "shards named in"),

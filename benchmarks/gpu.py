@@ -1,0 +1,127 @@
+"""The real-width transformer on a GPU: seconds per forward, TFLOP/s and fraction of the device's bf16 peak,
+qimg (eager, --compile, --offload blocks) vs diffusers in the same run. Skipped when no CUDA device is present.
+
+    PYTHONPATH=. python benchmarks/gpu.py                      # 60 blocks, 1024x1024, ~100 text tokens
+    PYTHONPATH=. python benchmarks/gpu.py --layers 20 --reps 5 --peak-tflops 989
+
+Random bfloat16 weights, built once on the GPU and shared by both implementations (qimg's module is assigned
+diffusers' tensors), so 60 blocks need ~41 GB. Rows: one forward at batch 1; one true-CFG step (the reference
+runs two passes, qimg one batch of 2); qimg with each block torch.compiled (compile time reported apart); and
+qimg streaming its blocks from pinned CPU memory (--offload blocks). Outputs are compared with diffusers'.
+"""
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from common import machine, timed
+from qimg.model.offload import BlockStream
+from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
+
+
+def forward_flops(cfg: TransformerConfig, img: int, txt: int) -> float:
+    """Matmul FLOPs of one batch-1 forward: projections and MLPs of both streams, attention, modulation."""
+    d = cfg.dim
+    per_block = 2 * (img + txt) * 12 * d * d + 4 * (img + txt) ** 2 * d + 2 * 2 * 6 * d * d
+    return cfg.num_layers * per_block + 2 * img * (cfg.in_channels + 4 * cfg.out_channels) * d + 2 * txt * cfg.joint_attention_dim * d
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=60)
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--txt-tokens", type=int, default=100)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipped")
+        return
+    from diffusers import QwenImageTransformer2DModel
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    cfg = TransformerConfig(num_layers=args.layers)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        ref = QwenImageTransformer2DModel(**dataclasses.asdict(cfg)).eval()
+    torch.set_default_dtype(torch.float32)
+    with torch.device("meta"):
+        ours = QwenImageTransformer(cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    ours.eval()
+    models = {"diffusers": ref}  # dropped before the offload rows, which must see only qimg's weights
+    del ref
+
+    side = args.size // 16
+    g = torch.Generator(device).manual_seed(1)
+    img = torch.randn(2, side * side, cfg.in_channels, device=device, dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(2, args.txt_tokens, cfg.joint_attention_dim, device=device, dtype=torch.bfloat16, generator=g)
+    t = torch.full((2,), 0.7, device=device, dtype=torch.bfloat16)
+    one = slice(0, 1)
+
+    def reference(b):
+        return models["diffusers"](hidden_states=img[b], encoder_hidden_states=txt[b], encoder_hidden_states_mask=None, timestep=t[b],
+                   img_shapes=[[(1, side, side)]], return_dict=False)[0]
+
+    def qimg(b=one):
+        return ours(img[b], txt[b], None, t[b], (side, side))
+
+    fns = {"diffusers": lambda: reference(one), "qimg": qimg,
+           "diffusers cfg": lambda: (reference(slice(0, 1)), reference(slice(1, 2))),
+           "qimg cfg": lambda: qimg(slice(0, 2))}
+    with torch.inference_mode():
+        expected = reference(one).float()
+        errors = {"qimg": (qimg().float() - expected).abs().max().item()}
+        seconds = timed(fns, args.reps, warmup=2, sync=torch.cuda.synchronize)
+        models.clear()  # qimg's module now holds the only reference to the weights
+        torch.cuda.empty_cache()
+        streamed, streamed_peak = offload_seconds(ours, lambda: qimg(), args.reps)
+
+        ours.compile_blocks()
+        start = time.perf_counter()
+        errors["qimg --compile"] = (qimg().float() - expected).abs().max().item()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        seconds.update(timed({"qimg --compile": qimg, "qimg --compile cfg": lambda: qimg(slice(0, 2))}, args.reps,
+                             warmup=1, sync=torch.cuda.synchronize))
+    print(machine())
+    print(f"transformer: {cfg.num_layers} blocks x hidden {cfg.dim}, {side * side} image + {args.txt_tokens} text "
+          f"tokens, bf16, median of {args.reps}; compile took {compile_s:.0f} s\n")
+    flops = forward_flops(cfg, side * side, args.txt_tokens)
+    print(f"{'':<22} {'s/forward':>10} {'TFLOP/s':>8} {'% peak':>7} {'vs diffusers':>13}   max |diff|")
+    for row in ("diffusers", "qimg", "qimg --compile"):
+        for suffix, n in (("", 1), (" cfg", 2)):
+            s = seconds[row + suffix] / n
+            tflops = flops / s / 1e12
+            share = f"{100 * tflops / peak:6.1f}%" if peak else "   n/a"
+            ratio = seconds["diffusers" + suffix] / seconds[row + suffix]
+            print(f"{row + suffix:<22} {s:>9.3f}s {tflops:>8.0f} {share:>7} {ratio:>12.2f}x   {errors.get(row, 0):.1e}")
+    print(f"{'qimg --offload blocks':<22} {streamed:>9.3f}s {'':>8} {'':>7} {seconds['diffusers'] / streamed:>12.2f}x"
+          f"   peak GPU memory {streamed_peak / 2**30:.1f} GiB")
+
+
+def offload_seconds(ours, forward, reps) -> tuple[float, int]:
+    """Seconds per forward and peak GPU memory with the blocks streamed from pinned CPU memory; then the blocks
+    go back to the GPU and the plain loop is restored."""
+    device = torch.device("cuda")
+    for block in ours.transformer_blocks:
+        block.to("cpu")
+    ours.run_blocks = BlockStream(ours.transformer_blocks, device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = timed({"blocks": forward}, reps, warmup=1, sync=torch.cuda.synchronize)["blocks"]
+    peak = torch.cuda.max_memory_allocated()
+    del ours.run_blocks
+    ours.transformer_blocks.to(device)
+    return seconds, peak
+
+
+if __name__ == "__main__":
+    main()

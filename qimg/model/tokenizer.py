@@ -1,0 +1,98 @@
+"""Qwen2's byte-level BPE tokenizer, built with the `tokenizers` library directly.
+
+A `tokenizer/` folder holds either a `tokenizer.json` (the whole pipeline, as transformers >= 5 saves
+it) or, like Qwen/Qwen-Image, `vocab.json` + `merges.txt` + `tokenizer_config.json`: for those we build
+the same pipeline transformers' Qwen2Tokenizer builds (NFC, Qwen2's split regex, byte-level BPE) and
+add the special tokens the config lists, at the ids it gives them.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import QimgError
+
+# transformers' Qwen2 PRETOKENIZE_REGEX: contractions, letter runs, single digits, punctuation, spaces.
+SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+PAD = "<|endoftext|>"  # Qwen2Tokenizer's default pad token
+
+
+class Tokenizer:
+    def __init__(self, folder: Path):
+        config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        self.bpe = _from_tokenizer_json(folder) if (folder / "tokenizer.json").is_file() else _from_vocab(folder, config)
+        pad = config.get("pad_token") or PAD
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        self.pad_id = self.bpe.token_to_id(pad)
+        if self.pad_id is None:
+            raise QimgError(f"{folder}: the pad token {pad!r} is not in the vocabulary")
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, uncut."""
+        return [e.ids for e in self.bpe.encode_batch(texts)]
+
+    def __call__(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (B, N), cut at max_length and right-padded to the longest text."""
+        return self.pad([i[:max_length] for i in self.ids(texts)])
+
+    def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (B, N), right-padded to the longest."""
+        n = max(len(i) for i in ids)
+        input_ids = torch.tensor([i + [self.pad_id] * (n - len(i)) for i in ids])
+        mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])
+        return input_ids, mask
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise QimgError(f"cannot read {file}: {e}") from None
+
+
+def _from_tokenizer_json(folder: Path):
+    from tokenizers import Tokenizer as Pipeline
+
+    try:
+        bpe = Pipeline.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise QimgError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+    bpe.no_truncation()  # we cut and pad ourselves, exactly as the reference pipeline asks
+    bpe.no_padding()
+    return bpe
+
+
+def _from_vocab(folder: Path, config: dict):
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Pipeline
+    from tokenizers.models import BPE
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not vocab.is_file() or not merges.is_file():
+        raise QimgError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: the model folder is incomplete")
+    bpe = Pipeline(BPE.from_file(str(vocab), str(merges), unk_token=None, continuing_subword_prefix="",
+                                 end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    for token_id, (content, special) in sorted(_added_tokens(folder, config).items()):
+        token = AddedToken(content, special=special, normalized=False)
+        (bpe.add_special_tokens if special else bpe.add_tokens)([token])
+        if bpe.token_to_id(content) != token_id:  # added tokens take the next free id: they must come in order
+            raise QimgError(f"{folder}: added token {content!r} should have id {token_id}, not {bpe.token_to_id(content)}")
+    return bpe
+
+
+def _added_tokens(folder: Path, config: dict) -> dict[int, tuple[str, bool]]:
+    """{id: (content, special)} from tokenizer_config.json's added_tokens_decoder, else added_tokens.json."""
+    if "added_tokens_decoder" in config:
+        return {int(i): (t["content"], t.get("special", True)) for i, t in config["added_tokens_decoder"].items()}
+    if (folder / "added_tokens.json").is_file():
+        return {i: (content, True) for content, i in _read_json(folder / "added_tokens.json").items()}
+    raise QimgError(f"{folder}: tokenizer_config.json lists no added tokens (<|im_start|> ...) and added_tokens.json is missing")
