@@ -10,5 +10,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--scenes", type=int, default=8000, help="training scenes rendered and encoded")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 parser.add_argument("--resume", type=Path, default=None, help="an exported model to train further (keeps its VAE)")
+parser.add_argument("--fresh-embeddings", action="store_true",
+                    help="with --resume: re-draw the text encoder's token embeddings at unit scale")
 args = parser.parse_args()
-main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume)
+main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume, args.fresh_embeddings)

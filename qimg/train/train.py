@@ -190,9 +190,20 @@ def load_folder(folder: Path):
     return tokenizer, encoder, *modules
 
 
+def spread_embeddings(encoder, seed: int) -> None:
+    """Token embeddings of unit scale. At transformers' init (std 0.02) the residual stream of a small
+    randomly initialised encoder is dominated by what all tokens share (the hidden states of "red" and
+    "green" end up at cosine 0.96), so the MMDiT sees nearly the same text for every prompt and learns
+    to ignore it; with unit-scale embeddings each word stays recognisable from the first step."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        encoder.model.language_model.embed_tokens.weight.normal_(0.0, 1.0)
+
+
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
-         resume: Path | None = None) -> Path:
-    """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further."""
+         resume: Path | None = None, fresh_embeddings: bool = False) -> Path:
+    """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
+    fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings)."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -208,11 +219,15 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
         mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.cfg.latents_mean, vae.cfg.latents_std))
         latents = (encode_all(vae, images) - mean) / std
         peak = 1e-4
+        if fresh_embeddings:
+            spread_embeddings(encoder, seed)
+            peak = 3e-4
     else:
         captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]
         tokenizer = train_tokenizer(captions, vocab_size=1000)
         torch.manual_seed(seed)
         encoder = text_encoder(tokenizer, TEXT_WIDTH, layers=2)
+        spread_embeddings(encoder, seed)
         log("text", f"tokenizer of {len(tokenizer)} tokens, encoder of "
                     f"{sum(p.numel() for p in encoder.model.language_model.parameters()) / 1e6:.2f}M parameters")
         vae = train_vae(images, 0.35 * budget, seed)
