@@ -142,7 +142,8 @@ def _inpaint_rate(engine, rng, n, seed, steps, cfg, cases) -> float:
         edit = engine.inpaint(image, mask, prompt, d.negative_prompt, steps, cfg, seed + i)
         got = dominant_color(edit.image, INPAINT_BOX[side])
         hits += got == color
-        cases.append({"language": "inpaint", "prompt": f"{scene_prompt} + {prompt}", "found": got, "ok": got == color})
+        cases.append({"language": "inpaint", "prompt": f"{scene_prompt} + {prompt}", "found": got,
+                      "ok": {"color": got == color}})
     return hits / n
 
 
@@ -168,7 +169,7 @@ def main() -> None:
     engine = Engine(args.model or builtin_model(), "cpu", "float32")
     table, cases = evaluate(engine, args.per_language, args.seed, args.steps, args.cfg)
     for case in cases:
-        if not all(case["ok"].values()) if isinstance(case["ok"], dict) else not case["ok"]:
+        if not all(case["ok"].values()):
             print("miss:", case["prompt"], "->", case["found"])
     print(markdown(table))
 
