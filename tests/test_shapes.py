@@ -41,9 +41,12 @@ def test_captions_state_only_true_attributes(language):
     for _ in range(100):
         scene = sample_scene(rng)
         text = caption(scene, rng, language)
-        for t in scene.things:
-            assert t.color in text or zh[t.color] in text
+        named = [t for t in scene.things if t.color in text or zh[t.color] in text]
+        for t in named:
             assert t.shape in text or zh[t.shape] in text
+        with_background = "background" in text or "背景" in text
+        # every object, unless the caption names one object alone (an inpainting prompt)
+        assert len(named) == (len(scene.things) if with_background else 1), text
         others = [c for c in COLORS if c not in {scene.background, *(t.color for t in scene.things)}]
         assert not any(re.search(rf"\b{c}\b", text) or zh[c] in text for c in others), text
         if language == "en":
@@ -62,6 +65,9 @@ def test_caption_forms():
     assert caption(scene, rng, "en", "position").endswith(f"on the {t.position} of {article} {scene.background} background")
     assert caption(scene, rng, "zh", "position").startswith(f"{COLORS[scene.background][1]}背景上{POSITIONS[t.position][1]}的")
     assert "background" not in caption(scene, rng, "en", "object")
+    pair = sample_scene(rng, objects=2)
+    named = {caption(pair, rng, "en", "object") for _ in range(20)}
+    assert {next(t for t in pair.things if t.color in text) for text in named} == set(pair.things), named
 
 
 def test_reader_recovers_rendered_scenes():

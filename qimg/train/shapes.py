@@ -113,18 +113,20 @@ def _article(word: str) -> str:
 
 
 def caption(scene: Scene, rng: random.Random, language: str, form: str | None = None) -> str:
-    """Describe a scene. form: "plain", "position" (one object only) or "object" (no background).
+    """Describe a scene. form: "plain", "position" (one object only) or "object" (one object, no
+    background: of a two-object scene it names either one, as an inpainting prompt names only what goes
+    inside the mask while the rest of the picture is given).
 
     Unstated attributes (position, size) are whatever the scene has, so the model learns that they are
     free; stated ones are always true of the scene.
     """
-    forms = ("plain", "position", "position", "object") if len(scene.things) == 1 else ("plain",)
+    forms = ("plain", "position", "position", "object") if len(scene.things) == 1 else ("plain", "plain", "object")
     form = form or rng.choice(forms)
     structure = language if language != "mixed" else rng.choice(("en", "zh"))
-    things = scene.things[:1] if form in ("position", "object") else scene.things
+    first = rng.choice(scene.things) if form == "object" else scene.things[0]
+    things = (first,) if form in ("position", "object") else scene.things
     names = [t.color for t in things] + [t.shape for t in things] + ([] if form == "object" else [scene.background])
     word = _translator(names, rng, language)
-    first = scene.things[0]
     bg = word(scene.background) if form != "object" else None
     with_size = rng.random() < 0.3
 

@@ -36,6 +36,9 @@ TRANSFORMER = TransformerConfig(num_layers=4, attention_head_dim=32, num_attenti
 VAE = VAEConfig(base_dim=16, num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16)
 DEFAULTS = {"width": SIZE, "height": SIZE, "steps": 24, "cfg": 4.0, "max_pixels": SIZE * SIZE}
 UNCOND = 0.1  # caption dropout, so true CFG has an unconditional (" ") branch to push away from
+SHIFT = 4.0  # timestep shift towards noise for half of each batch: flat-colour scenes stay legible in the
+# noisy latent down to t ~ 0.9 (a colour is averaged over hundreds of latent values), so only near-pure noise
+# needs the prompt; the other half keeps the unshifted spread, where outlines and shapes are learned
 
 
 def log(stage: str, msg: str) -> None:
@@ -133,6 +136,29 @@ def sample_caption(scene, rng: random.Random) -> str:
     return " " if rng.random() < UNCOND else caption(scene, rng, rng.choice(LANGUAGES))
 
 
+@torch.no_grad()
+def shifted(t: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
+    """The time shift of SD3 / the flow-matching scheduler: t -> shift t / (1 + (shift - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def text_gap(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, captions: list[str],
+             seed: int = 1) -> tuple[float, float, float]:
+    """Flow-matching loss on a fixed batch with its true captions, with the captions rolled by one (each
+    latent gets another scene's text) and with the empty prompt. A model that uses its text has the
+    first clearly below the other two; equal losses mean it has learned to ignore the prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = torch.linspace(0.85, 1.0, len(x0))  # where the prompt decides what the latent becomes
+    xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
+    h = w = int(math.isqrt(x0.shape[1]))
+    losses = []
+    for texts in (captions, captions[1:] + captions[:1], [" "] * len(captions)):
+        txt, txt_mask = prompts(texts)
+        losses.append(F.mse_loss(model(xt, txt, txt_mask, s, (h, w)), noise - x0).item())
+    return tuple(losses)
+
+
 def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: QwenImageTransformer, seconds: float,
               seed: int, batch: int = 32, peak: float = 3e-4, ema_decay: float = 0.995) -> nn.ModuleDict:
     """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s. The text
@@ -144,6 +170,9 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
     ema = copy.deepcopy(trained).requires_grad_(False)
     opt = torch.optim.AdamW(trained.parameters(), lr=peak, weight_decay=0.01)
     h, w = latents.shape[-2:]
+    probe = list(range(0, len(scenes), max(1, len(scenes) // 48)))[:48]
+    probe_x0 = patchify(latents[probe])
+    probe_captions = [caption(scenes[i], random.Random(i), "en") for i in probe]
     start, step, running = time.time(), 0, None
     while (elapsed := time.time() - start) < seconds:
         progress = elapsed / seconds
@@ -152,7 +181,8 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
         idx = [rng.randrange(len(scenes)) for _ in range(batch)]
         x0 = patchify(latents[idx])
         noise = torch.randn_like(x0)
-        s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps
+        s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps, half of them shifted towards noise
+        s[: batch // 2] = shifted(s[: batch // 2])
         xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
         txt, txt_mask = prompts([sample_caption(scenes[i], rng) for i in idx])
         pred = model(xt, txt, txt_mask, s, (h // 2, w // 2))
@@ -170,24 +200,39 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
         if step % 50 == 0:
             log("mmdit", f"step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                          f"({elapsed / 60:.1f}/{seconds / 60:.0f} min)")
+        if step % 250 == 0:
+            true, wrong, empty = text_gap(model.eval(), prompts, probe_x0, probe_captions)
+            model.train()
+            log("mmdit", f"step {step} held loss: true caption {true:.4f}, another scene's {wrong:.4f}, empty {empty:.4f}")
     return ema.eval()
+
+
+def load_part(folder: Path, name: str):
+    """The VAE or transformer of an exported model, in float32."""
+    from ..weights import read_config
+
+    build = {"vae": lambda c: QwenImageVAE(VAEConfig.from_dict(c)),
+             "transformer": lambda c: QwenImageTransformer(TransformerConfig.from_dict(c))}[name]
+    module = build(read_config(folder / name))
+    weights = load_file(folder / name / "diffusion_pytorch_model.safetensors")
+    module.load_state_dict({k: v.float() for k, v in weights.items()})
+    return module
 
 
 def load_folder(folder: Path):
     """Tokenizer, text encoder, VAE and transformer of an exported model, in float32, to train further."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from ..weights import read_config
-
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=torch.float32)
-    modules = []
-    for name, build in (("vae", lambda c: QwenImageVAE(VAEConfig.from_dict(c))),
-                        ("transformer", lambda c: QwenImageTransformer(TransformerConfig.from_dict(c)))):
-        module = build(read_config(folder / name))
-        module.load_state_dict({k: v.float() for k, v in load_file(folder / name / "diffusion_pytorch_model.safetensors").items()})
-        modules.append(module)
-    return tokenizer, encoder, *modules
+    return tokenizer, encoder, load_part(folder, "vae"), load_part(folder, "transformer")
+
+
+def encode_normalised(vae: QwenImageVAE, images: np.ndarray) -> torch.Tensor:
+    """Latents normalised with the statistics an exported VAE already carries."""
+    vae.eval().requires_grad_(False)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.cfg.latents_mean, vae.cfg.latents_std))
+    return (encode_all(vae, images) - mean) / std
 
 
 def spread_embeddings(encoder, seed: int) -> None:
@@ -201,9 +246,12 @@ def spread_embeddings(encoder, seed: int) -> None:
 
 
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
-         resume: Path | None = None, fresh_embeddings: bool = False) -> Path:
+         resume: Path | None = None, fresh_embeddings: bool = False, vae_from: Path | None = None,
+         peak: float = 3e-4) -> Path:
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
-    fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings)."""
+    fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
+    vae_from takes a trained VAE from an exported model instead of training one (the other parts start
+    from scratch); peak is the MMDiT's learning rate."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -215,13 +263,11 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
 
     if resume:
         tokenizer, encoder, vae, model = load_folder(resume)
-        vae.eval().requires_grad_(False)
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.cfg.latents_mean, vae.cfg.latents_std))
-        latents = (encode_all(vae, images) - mean) / std
-        peak = 1e-4
+        latents = encode_normalised(vae, images)
         if fresh_embeddings:
             spread_embeddings(encoder, seed)
-            peak = 3e-4
+        else:
+            peak /= 3
     else:
         captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]
         tokenizer = train_tokenizer(captions, vocab_size=1000)
@@ -230,9 +276,13 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
         spread_embeddings(encoder, seed)
         log("text", f"tokenizer of {len(tokenizer)} tokens, encoder of "
                     f"{sum(p.numel() for p in encoder.model.language_model.parameters()) / 1e6:.2f}M parameters")
-        vae = train_vae(images, 0.35 * budget, seed)
-        latents = normalise(vae, encode_all(vae, images))
-        model, peak = QwenImageTransformer(TRANSFORMER), 3e-4
+        if vae_from:
+            vae = load_part(vae_from, "vae")
+            latents = encode_normalised(vae, images)
+        else:
+            vae = train_vae(images, 0.35 * budget, seed)
+            latents = normalise(vae, encode_all(vae, images))
+        model = QwenImageTransformer(TRANSFORMER)
     log("vae", f"latents {tuple(latents.shape)} encoded; {(time.time() - start) / 60:.1f} min so far")
 
     remaining = budget - (time.time() - start) - 60  # a minute for the export
