@@ -48,6 +48,12 @@ def shift_mu(seq_len: int, cfg: ScheduleConfig) -> float:
     return seq_len * m + cfg.base_shift - m * cfg.base_image_seq_len
 
 
+def time_shift(t, shift: float):
+    """The static time shift t -> shift t / (1 + (shift - 1) t) (SD3), on arrays or tensors: shift > 1
+    moves times towards noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def flow_sigmas(steps: int, seq_len: int, cfg: ScheduleConfig) -> torch.Tensor:
     """`steps + 1` decreasing sigmas from about 1 to exactly 0, for an image of `seq_len` tokens."""
     sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
@@ -58,7 +64,7 @@ def flow_sigmas(steps: int, seq_len: int, cfg: ScheduleConfig) -> torch.Tensor:
         else:
             sigmas = mu / (mu + (1 / sigmas - 1))
     else:
-        sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
+        sigmas = time_shift(sigmas, cfg.shift)
     if cfg.shift_terminal and sigmas[-1] < 1:  # with one step there is nothing to stretch
         # Stretch so the last sigma before 0 is exactly shift_terminal (LTX-Video's rf schedule).
         one_minus = 1 - sigmas

@@ -14,7 +14,7 @@ parser.add_argument("--fresh-embeddings", action="store_true",
                     help="with --resume: re-draw the text encoder's token embeddings at unit scale")
 parser.add_argument("--vae-from", type=Path, default=None,
                     help="take the trained VAE of an exported model instead of training one")
-parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the MMDiT and text encoder")
+parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the MMDiT and text encoder (a third of it with --resume alone)")
 args = parser.parse_args()
 main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume, args.fresh_embeddings,
      args.vae_from, args.lr)

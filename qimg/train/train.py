@@ -26,6 +26,7 @@ from torch import nn
 from ..model.text import DROP, TEMPLATE, pad_batch
 from ..model.transformer import QwenImageTransformer, TransformerConfig, patchify
 from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
+from ..sampling import time_shift
 from .checkpoint import text_encoder, train_tokenizer, write_folder
 from .shapes import LANGUAGES, caption, render, sample_scene
 
@@ -97,13 +98,10 @@ def train_vae(images: np.ndarray, seconds: float, seed: int, batch: int = 32, cr
 
 @torch.no_grad()
 def encode_all(vae: QwenImageVAE, images: np.ndarray, batch: int = 64) -> torch.Tensor:
-    """Posterior means of every image, unnormalised (N, 16, h, w)."""
-    out = []
-    for i in range(0, len(images), batch):
-        x = to_tensor(images[i:i + batch]).contiguous(memory_format=torch.channels_last)  # ~3x faster convs
-        moments = vae.quant_conv(vae.encoder(x))
-        out.append(moments[:, : VAE.z_dim])
-    return torch.cat(out)
+    """Posterior means of every image (N, 16, h, w), normalised by the VAE's latent statistics (none yet
+    for a freshly trained VAE: its mean 0 and std 1 leave them as they are)."""
+    return torch.cat([vae.encode(to_tensor(images[i:i + batch]).contiguous(memory_format=torch.channels_last))
+                      for i in range(0, len(images), batch)])  # channels_last: ~3x faster convs
 
 
 def normalise(vae: QwenImageVAE, latents: torch.Tensor) -> torch.Tensor:
@@ -137,11 +135,6 @@ def sample_caption(scene, rng: random.Random) -> str:
 
 
 @torch.no_grad()
-def shifted(t: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
-    """The time shift of SD3 / the flow-matching scheduler: t -> shift t / (1 + (shift - 1) t)."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
 def text_gap(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, captions: list[str],
              seed: int = 1) -> tuple[float, float, float]:
     """Flow-matching loss on a fixed batch with its true captions, with the captions rolled by one (each
@@ -182,7 +175,7 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
         x0 = patchify(latents[idx])
         noise = torch.randn_like(x0)
         s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps, half of them shifted towards noise
-        s[: batch // 2] = shifted(s[: batch // 2])
+        s[: batch // 2] = time_shift(s[: batch // 2], SHIFT)
         xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
         txt, txt_mask = prompts([sample_caption(scenes[i], rng) for i in idx])
         pred = model(xt, txt, txt_mask, s, (h // 2, w // 2))
@@ -216,7 +209,7 @@ def load_part(folder: Path, name: str):
     module = build(read_config(folder / name))
     weights = load_file(folder / name / "diffusion_pytorch_model.safetensors")
     module.load_state_dict({k: v.float() for k, v in weights.items()})
-    return module
+    return module.eval()
 
 
 def load_folder(folder: Path):
@@ -226,13 +219,6 @@ def load_folder(folder: Path):
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=torch.float32)
     return tokenizer, encoder, load_part(folder, "vae"), load_part(folder, "transformer")
-
-
-def encode_normalised(vae: QwenImageVAE, images: np.ndarray) -> torch.Tensor:
-    """Latents normalised with the statistics an exported VAE already carries."""
-    vae.eval().requires_grad_(False)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.cfg.latents_mean, vae.cfg.latents_std))
-    return (encode_all(vae, images) - mean) / std
 
 
 def spread_embeddings(encoder, seed: int) -> None:
@@ -251,7 +237,8 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
     fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
     vae_from takes a trained VAE from an exported model instead of training one (the other parts start
-    from scratch); peak is the MMDiT's learning rate."""
+    from scratch); peak is the learning rate of the MMDiT and text encoder (a third of it when resuming
+    without fresh embeddings: the pair is trained already)."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -263,7 +250,7 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
 
     if resume:
         tokenizer, encoder, vae, model = load_folder(resume)
-        latents = encode_normalised(vae, images)
+        latents = encode_all(vae, images)
         if fresh_embeddings:
             spread_embeddings(encoder, seed)
         else:
@@ -278,7 +265,7 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
                     f"{sum(p.numel() for p in encoder.model.language_model.parameters()) / 1e6:.2f}M parameters")
         if vae_from:
             vae = load_part(vae_from, "vae")
-            latents = encode_normalised(vae, images)
+            latents = encode_all(vae, images)
         else:
             vae = train_vae(images, 0.35 * budget, seed)
             latents = normalise(vae, encode_all(vae, images))
