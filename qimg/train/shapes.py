@@ -120,7 +120,7 @@ def caption(scene: Scene, rng: random.Random, language: str, form: str | None = 
     Unstated attributes (position, size) are whatever the scene has, so the model learns that they are
     free; stated ones are always true of the scene.
     """
-    forms = ("plain", "position", "position", "object") if len(scene.things) == 1 else ("plain", "plain", "object")
+    forms = ("plain", "position", "position", "object") if len(scene.things) == 1 else ("plain", "object")
     form = form or rng.choice(forms)
     structure = language if language != "mixed" else rng.choice(("en", "zh"))
     first = rng.choice(scene.things) if form == "object" else scene.things[0]

@@ -37,9 +37,9 @@ TRANSFORMER = TransformerConfig(num_layers=4, attention_head_dim=32, num_attenti
 VAE = VAEConfig(base_dim=16, num_res_blocks=1, latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16)
 DEFAULTS = {"width": SIZE, "height": SIZE, "steps": 24, "cfg": 4.0, "max_pixels": SIZE * SIZE}
 UNCOND = 0.1  # caption dropout, so true CFG has an unconditional (" ") branch to push away from
-SHIFT = 4.0  # timestep shift towards noise for half of each batch: flat-colour scenes stay legible in the
+SHIFT = 4.0  # timestep shift towards noise for part of each batch: flat-colour scenes stay legible in the
 # noisy latent down to t ~ 0.9 (a colour is averaged over hundreds of latent values), so only near-pure noise
-# needs the prompt; the other half keeps the unshifted spread, where outlines and shapes are learned
+# needs the prompt; the rest keeps the unshifted spread, where outlines and shapes are learned
 
 
 def log(stage: str, msg: str) -> None:
@@ -153,8 +153,10 @@ def text_gap(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, ca
 
 
 def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: QwenImageTransformer, seconds: float,
-              seed: int, batch: int = 32, peak: float = 3e-4, ema_decay: float = 0.995) -> nn.ModuleDict:
-    """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s. The text
+              seed: int, batch: int = 32, peak: float = 3e-4, shifted: float = 0.5,
+              ema_decay: float = 0.995) -> nn.ModuleDict:
+    """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s, with the
+    fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
     encoder's language model learns through the transformer; both are averaged (EMA) together, so the
     exported pair matches, and the averages are returned."""
     torch.manual_seed(seed)
@@ -174,8 +176,9 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
         idx = [rng.randrange(len(scenes)) for _ in range(batch)]
         x0 = patchify(latents[idx])
         noise = torch.randn_like(x0)
-        s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps, half of them shifted towards noise
-        s[: batch // 2] = time_shift(s[: batch // 2], SHIFT)
+        s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps, some shifted towards noise
+        n = round(shifted * batch)
+        s[:n] = time_shift(s[:n], SHIFT)
         xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
         txt, txt_mask = prompts([sample_caption(scenes[i], rng) for i in idx])
         pred = model(xt, txt, txt_mask, s, (h // 2, w // 2))
@@ -233,12 +236,13 @@ def spread_embeddings(encoder, seed: int) -> None:
 
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
          resume: Path | None = None, fresh_embeddings: bool = False, vae_from: Path | None = None,
-         peak: float = 3e-4) -> Path:
+         peak: float = 3e-4, shifted: float = 0.5) -> Path:
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
     fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
     vae_from takes a trained VAE from an exported model instead of training one (the other parts start
     from scratch); peak is the learning rate of the MMDiT and text encoder (a third of it when resuming
-    without fresh embeddings: the pair is trained already)."""
+    without fresh embeddings: the pair is trained already); shifted is the share of timesteps shifted
+    towards noise."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -273,7 +277,8 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
     log("vae", f"latents {tuple(latents.shape)} encoded; {(time.time() - start) / 60:.1f} min so far")
 
     remaining = budget - (time.time() - start) - 60  # a minute for the export
-    ema = train_dit(latents, all_scenes, Prompts(tokenizer, encoder), model, remaining, seed, peak=peak)
+    ema = train_dit(latents, all_scenes, Prompts(tokenizer, encoder), model, remaining, seed, peak=peak,
+                    shifted=shifted)
     encoder.model.language_model.load_state_dict(ema["text"].state_dict())
     folder = write_folder(out, ema["transformer"], vae, encoder, tokenizer, defaults=DEFAULTS)
     log("done", f"{folder} written after {(time.time() - start) / 60:.1f} min")
