@@ -66,11 +66,12 @@ def test_generate_needs_no_model_option(tmp_path):
 
 def test_small_evaluation(engine):
     """Twelve held-out captions and four inpaintings with fixed seeds. The floors sit well above what a
-    model ignoring its prompt scores (the previous checkpoint: 0-5% all stated, 5% inpaint) and below the
-    full evaluation's figures for the shipped one (README), so they catch a checkpoint or engine change
-    that breaks prompt following without flaking on a single case."""
+    model ignoring its prompt scores (a session-2 checkpoint: 0-5% all stated, 5% inpaint) and below what
+    the shipped one scores here (100/50/100% all stated, 50% inpaint; the full evaluation is in the
+    README), so they catch a checkpoint or engine change that breaks prompt following without flaking
+    on a single case."""
     table, cases = evaluate(engine, per_language=4, seed=7)
     languages = ("en", "zh", "mixed")
     assert all(table[lang]["background"] >= 0.75 for lang in languages), (table, cases)
-    assert sum(table[lang]["all stated"] for lang in languages) / 3 >= 0.5, (table, cases)
+    assert sum(table[lang]["all stated"] for lang in languages) / 3 >= 0.65, (table, cases)
     assert table["inpaint"]["color"] >= 0.5, (table, cases)

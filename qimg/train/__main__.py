@@ -15,7 +15,7 @@ parser.add_argument("--fresh-embeddings", action="store_true",
 parser.add_argument("--vae-from", type=Path, default=None,
                     help="take the trained VAE of an exported model instead of training one")
 parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the MMDiT and text encoder (a third of it with --resume alone)")
-parser.add_argument("--shifted", type=float, default=0.5,
+parser.add_argument("--shifted", type=float, default=0.25,
                     help="share of each batch's timesteps shifted towards noise, where the prompt decides the scene")
 args = parser.parse_args()
 main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume, args.fresh_embeddings,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shapes import COLORS, LANGUAGES, POSITIONS, caption, nearest_color, sample_scene
+from .shapes import COLORS, LANGUAGES, POSITIONS, article, caption, nearest_color, sample_scene
 
 MIN_AREA = 30  # pixels; smaller regions are noise
 
@@ -138,7 +138,7 @@ def _inpaint_rate(engine, rng, n, seed, steps, cfg, cases) -> float:
         x0, y0, x1, y1 = INPAINT_BOX[side]
         mask = np.zeros(image.shape[:2], np.float32)
         mask[y0:y1, x0:x1] = 1
-        prompt = f"a {color} triangle"
+        prompt = f"{article(color)} {color} triangle"
         edit = engine.inpaint(image, mask, prompt, d.negative_prompt, steps, cfg, seed + i)
         got = dominant_color(edit.image, INPAINT_BOX[side])
         hits += got == color

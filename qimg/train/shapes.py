@@ -108,7 +108,7 @@ def _translator(names: list[str], rng: random.Random, language: str):
     return lambda name: name if lang[name] == "en" else chinese[name]
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -133,12 +133,12 @@ def caption(scene: Scene, rng: random.Random, language: str, form: str | None = 
     if structure == "en":
         def obj(t):
             words = f"{t.size + ' ' if with_size else ''}{word(t.color)} {word(t.shape)}"
-            return f"{_article(words)} {words}"
+            return f"{article(words)} {words}"
         if form == "object":
             return obj(first)
         if form == "position":
-            return f"{obj(first)} on the {first.position} of {_article(bg)} {bg} background"
-        return f"{' and '.join(obj(t) for t in things)} on {_article(bg)} {bg} background"
+            return f"{obj(first)} on the {first.position} of {article(bg)} {bg} background"
+        return f"{' and '.join(obj(t) for t in things)} on {article(bg)} {bg} background"
 
     def obj(t):
         return f"{SIZES[t.size][1] if with_size else ''}{word(t.color)}{word(t.shape)}"

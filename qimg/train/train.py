@@ -153,7 +153,7 @@ def text_gap(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, ca
 
 
 def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: QwenImageTransformer, seconds: float,
-              seed: int, batch: int = 32, peak: float = 3e-4, shifted: float = 0.5,
+              seed: int, batch: int = 32, peak: float = 3e-4, shifted: float = 0.25,
               ema_decay: float = 0.995) -> nn.ModuleDict:
     """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s, with the
     fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
@@ -236,7 +236,7 @@ def spread_embeddings(encoder, seed: int) -> None:
 
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
          resume: Path | None = None, fresh_embeddings: bool = False, vae_from: Path | None = None,
-         peak: float = 3e-4, shifted: float = 0.5) -> Path:
+         peak: float = 3e-4, shifted: float = 0.25) -> Path:
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
     fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
     vae_from takes a trained VAE from an exported model instead of training one (the other parts start
