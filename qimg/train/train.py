@@ -26,7 +26,7 @@ from torch import nn
 from ..model.text import DROP, TEMPLATE, pad_batch
 from ..model.transformer import QwenImageTransformer, TransformerConfig, patchify
 from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
-from ..sampling import time_shift
+from ..sampling import noised, time_shift
 from .checkpoint import text_encoder, train_tokenizer, write_folder
 from .shapes import LANGUAGES, caption, render, sample_scene
 
@@ -134,29 +134,32 @@ def sample_caption(scene, rng: random.Random) -> str:
     return " " if rng.random() < UNCOND else caption(scene, rng, rng.choice(LANGUAGES))
 
 
+def flow_loss(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, noise: torch.Tensor,
+              s: torch.Tensor, captions: list[str], grid: tuple[int, int]) -> torch.Tensor:
+    """Flow matching on patchified latents: at t = s the model sees x0 noised to s and should predict
+    the velocity noise - x0."""
+    txt, txt_mask = prompts(captions)
+    pred = model(noised(x0, noise, s.view(-1, 1, 1)), txt, txt_mask, s, grid)
+    return F.mse_loss(pred, noise - x0)
+
+
 @torch.no_grad()
 def text_gap(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, captions: list[str],
-             seed: int = 1) -> tuple[float, float, float]:
+             grid: tuple[int, int], seed: int = 1) -> tuple[float, float, float]:
     """Flow-matching loss on a fixed batch with its true captions, with the captions rolled by one (each
     latent gets another scene's text) and with the empty prompt. A model that uses its text has the
     first clearly below the other two; equal losses mean it has learned to ignore the prompt."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen)
     s = torch.linspace(0.85, 1.0, len(x0))  # where the prompt decides what the latent becomes
-    xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
-    h = w = int(math.isqrt(x0.shape[1]))
-    losses = []
-    for texts in (captions, captions[1:] + captions[:1], [" "] * len(captions)):
-        txt, txt_mask = prompts(texts)
-        losses.append(F.mse_loss(model(xt, txt, txt_mask, s, (h, w)), noise - x0).item())
-    return tuple(losses)
+    return tuple(flow_loss(model, prompts, x0, noise, s, texts, grid).item()
+                 for texts in (captions, captions[1:] + captions[:1], [" "] * len(captions)))
 
 
 def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: QwenImageTransformer, seconds: float,
               seed: int, batch: int = 32, peak: float = 3e-4, shifted: float = 0.25,
               ema_decay: float = 0.995) -> nn.ModuleDict:
-    """Flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0 at t = s, with the
-    fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
+    """Flow matching (see flow_loss), with the fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
     encoder's language model learns through the transformer; both are averaged (EMA) together, so the
     exported pair matches, and the averages are returned."""
     torch.manual_seed(seed)
@@ -164,7 +167,7 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
     trained = nn.ModuleDict({"transformer": model, "text": prompts.model.language_model}).train().requires_grad_(True)
     ema = copy.deepcopy(trained).requires_grad_(False)
     opt = torch.optim.AdamW(trained.parameters(), lr=peak, weight_decay=0.01)
-    h, w = latents.shape[-2:]
+    grid = (latents.shape[-2] // 2, latents.shape[-1] // 2)  # tokens: 2x2 latent patches
     probe = list(range(0, len(scenes), max(1, len(scenes) // 48)))[:48]
     probe_x0 = patchify(latents[probe])
     probe_captions = [caption(scenes[i], random.Random(i), "en") for i in probe]
@@ -179,10 +182,7 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
         s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps, some shifted towards noise
         n = round(shifted * batch)
         s[:n] = time_shift(s[:n], SHIFT)
-        xt = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * noise
-        txt, txt_mask = prompts([sample_caption(scenes[i], rng) for i in idx])
-        pred = model(xt, txt, txt_mask, s, (h // 2, w // 2))
-        loss = F.mse_loss(pred, noise - x0)
+        loss = flow_loss(model, prompts, x0, noise, s, [sample_caption(scenes[i], rng) for i in idx], grid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -197,7 +197,7 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
             log("mmdit", f"step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                          f"({elapsed / 60:.1f}/{seconds / 60:.0f} min)")
         if step % 250 == 0:
-            true, wrong, empty = text_gap(model.eval(), prompts, probe_x0, probe_captions)
+            true, wrong, empty = text_gap(model.eval(), prompts, probe_x0, probe_captions, grid)
             model.train()
             log("mmdit", f"step {step} held loss: true caption {true:.4f}, another scene's {wrong:.4f}, empty {empty:.4f}")
     return ema.eval()
