@@ -28,7 +28,8 @@ from ..model.transformer import QwenImageTransformer, TransformerConfig, patchif
 from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
 from ..sampling import noised, time_shift
 from .checkpoint import text_encoder, train_tokenizer, write_folder
-from .shapes import LANGUAGES, caption, render, sample_scene
+from .evaluate import background
+from .shapes import LANGUAGES, SHAPES, Scene, caption, render, sample_scene
 
 SIZE = 128  # native resolution: 16x16 latents, 64 image tokens
 TEXT_WIDTH = 128
@@ -40,6 +41,8 @@ UNCOND = 0.1  # caption dropout, so true CFG has an unconditional (" ") branch t
 SHIFT = 4.0  # timestep shift towards noise for part of each batch: flat-colour scenes stay legible in the
 # noisy latent down to t ~ 0.9 (a colour is averaged over hundreds of latent values), so only near-pure noise
 # needs the prompt; the rest keeps the unshifted spread, where outlines and shapes are learned
+CONTRAST_T = (0.4, 0.95)  # timesteps where the shape is still open but the prompt can settle it: below, the
+# noisy latent shows the outline already; above, the predicted scene is too blurred to have corners
 
 
 def log(stage: str, msg: str) -> None:
@@ -134,34 +137,81 @@ def sample_caption(scene, rng: random.Random) -> str:
     return " " if rng.random() < UNCOND else caption(scene, rng, rng.choice(LANGUAGES))
 
 
-def flow_loss(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, noise: torch.Tensor,
-              s: torch.Tensor, captions: list[str], grid: tuple[int, int]) -> torch.Tensor:
+def other_shapes(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with every object's shape changed (colours, positions and sizes kept)."""
+    things = tuple(dataclasses.replace(t, shape=rng.choice([s for s in SHAPES if s != t.shape])) for t in scene.things)
+    return dataclasses.replace(scene, things=things)
+
+
+def caption_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A training caption and the same caption (form, language, words) naming other shapes: the
+    negative of the shape contrast. Both are " " for an unconditional sample."""
+    state = rng.getstate()
+    true = sample_caption(scene, rng)
+    other = other_shapes(scene, rng)
+    after = rng.getstate()
+    rng.setstate(state)  # the same draws again: same form, language and words
+    swapped = sample_caption(other, rng)
+    rng.setstate(after)
+    return true, swapped
+
+
+def object_tokens(images: np.ndarray, patch: int = 16) -> torch.Tensor:
+    """(N, H/patch * W/patch) bool, in patchify order: tokens holding any pixel far from the border's colour,
+    i.e. the objects. Shape lives only there, a few of the 64 tokens."""
+    n, h, w, _ = images.shape
+    bg = np.stack([background(image) for image in images])[:, None, None]
+    far = np.abs(images.astype(np.int16) - bg).sum(-1) > 60
+    return torch.from_numpy(far.reshape(n, h // patch, patch, w // patch, patch).any(axis=(2, 4)).reshape(n, -1))
+
+
+def flow_errors(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, noise: torch.Tensor,
+                s: torch.Tensor, captions: list[str], grid: tuple[int, int]) -> torch.Tensor:
     """Flow matching on patchified latents: at t = s the model sees x0 noised to s and should predict
-    the velocity noise - x0."""
+    the velocity noise - x0. Returns the squared error per token, (B, L)."""
     txt, txt_mask = prompts(captions)
     pred = model(noised(x0, noise, s.view(-1, 1, 1)), txt, txt_mask, s, grid)
-    return F.mse_loss(pred, noise - x0)
+    return (pred - (noise - x0)).square().mean(-1)
+
+
+def flow_loss(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, noise: torch.Tensor,
+              s: torch.Tensor, captions: list[str], grid: tuple[int, int]) -> torch.Tensor:
+    return flow_errors(model, prompts, x0, noise, s, captions, grid).mean()
+
+
+def weighted(errors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, L) errors -> (B,) per-sample losses under per-token weights."""
+    return (errors * weight).sum(1) / weight.sum(1)
 
 
 @torch.no_grad()
 def text_gap(model: QwenImageTransformer, prompts: Prompts, x0: torch.Tensor, captions: list[str],
-             grid: tuple[int, int], seed: int = 1) -> tuple[float, float, float]:
+             swapped: list[str], grid: tuple[int, int], seed: int = 1) -> tuple[float, float, float, float]:
     """Flow-matching loss on a fixed batch with its true captions, with the captions rolled by one (each
-    latent gets another scene's text) and with the empty prompt. A model that uses its text has the
-    first clearly below the other two; equal losses mean it has learned to ignore the prompt."""
+    latent gets another scene's text), with the empty prompt and with the captions naming other shapes
+    (`swapped`). A model that uses its text has the first clearly below the others; equal losses mean it
+    has learned to ignore the prompt (or, for the last, the shape word)."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen)
-    s = torch.linspace(0.85, 1.0, len(x0))  # where the prompt decides what the latent becomes
+    s = torch.linspace(0.6, 1.0, len(x0))  # where the prompt decides what the latent becomes
     return tuple(flow_loss(model, prompts, x0, noise, s, texts, grid).item()
-                 for texts in (captions, captions[1:] + captions[:1], [" "] * len(captions)))
+                 for texts in (captions, captions[1:] + captions[:1], [" "] * len(captions), swapped))
 
 
 def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: QwenImageTransformer, seconds: float,
               seed: int, batch: int = 32, peak: float = 3e-4, shifted: float = 0.25,
-              ema_decay: float = 0.995) -> nn.ModuleDict:
-    """Flow matching (see flow_loss), with the fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
+              ema_decay: float = 0.995, objects: torch.Tensor | None = None, object_weight: float = 1.0,
+              contrast: float = 0.0, margin: float = 0.1) -> nn.ModuleDict:
+    """Flow matching (see flow_errors), with the fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
     encoder's language model learns through the transformer; both are averaged (EMA) together, so the
-    exported pair matches, and the averages are returned."""
+    exported pair matches, and the averages are returned.
+
+    objects: (N, L) bool object tokens of each scene (object_tokens), whose errors count object_weight
+    times. contrast > 0 adds the shape contrast: the batch's conditional samples at CONTRAST_T, under
+    captions naming other shapes (caption_pair), must have a loss on their object tokens at least
+    `margin` (relative) above the true captions' loss, else the shortfall is penalised. Without it the
+    model learns colour and position from the prompt but ignores the shape word (its loss is the same
+    under either shape): the corners that tell shapes apart are a sliver of the image."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     trained = nn.ModuleDict({"transformer": model, "text": prompts.model.language_model}).train().requires_grad_(True)
@@ -171,6 +221,9 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
     probe = list(range(0, len(scenes), max(1, len(scenes) // 48)))[:48]
     probe_x0 = patchify(latents[probe])
     probe_captions = [caption(scenes[i], random.Random(i), "en") for i in probe]
+    probe_swapped = [caption(other_shapes(scenes[i], random.Random(-i)), random.Random(i), "en") for i in probe]
+    if objects is None:
+        objects = torch.zeros(latents.shape[0], grid[0] * grid[1], dtype=torch.bool)
     start, step, running = time.time(), 0, None
     while (elapsed := time.time() - start) < seconds:
         progress = elapsed / seconds
@@ -182,7 +235,17 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
         s = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps, some shifted towards noise
         n = round(shifted * batch)
         s[:n] = time_shift(s[:n], SHIFT)
-        loss = flow_loss(model, prompts, x0, noise, s, [sample_caption(scenes[i], rng) for i in idx], grid)
+        true, swapped = zip(*(caption_pair(scenes[i], rng) for i in idx))
+        errors = flow_errors(model, prompts, x0, noise, s, list(true), grid)
+        loss = weighted(errors, 1 + (object_weight - 1) * objects[idx].float()).mean()
+        pick = [k for k in range(batch) if true[k] != " " and CONTRAST_T[0] < s[k] < CONTRAST_T[1]]
+        if contrast and pick:
+            k = torch.tensor(pick)
+            errors_swapped = flow_errors(model, prompts, x0[k], noise[k], s[k], [swapped[i] for i in pick], grid)
+            on_objects = objects[idx][k].float() + 1e-6
+            own, other = weighted(errors[k], on_objects), weighted(errors_swapped, on_objects)
+            shortfall = F.relu(margin - (other - own) / own.detach().clamp_min(1e-4))
+            loss = loss + contrast * shortfall.sum() / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -197,9 +260,10 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
             log("mmdit", f"step {step} loss {running:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                          f"({elapsed / 60:.1f}/{seconds / 60:.0f} min)")
         if step % 250 == 0:
-            true, wrong, empty = text_gap(model.eval(), prompts, probe_x0, probe_captions, grid)
+            held, wrong, empty, shape = text_gap(model.eval(), prompts, probe_x0, probe_captions, probe_swapped, grid)
             model.train()
-            log("mmdit", f"step {step} held loss: true caption {true:.4f}, another scene's {wrong:.4f}, empty {empty:.4f}")
+            log("mmdit", f"step {step} held loss: true caption {held:.4f}, another scene's {wrong:.4f}, "
+                         f"empty {empty:.4f}, other shapes {shape:.4f}")
     return ema.eval()
 
 
@@ -236,13 +300,13 @@ def spread_embeddings(encoder, seed: int) -> None:
 
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
          resume: Path | None = None, fresh_embeddings: bool = False, vae_from: Path | None = None,
-         peak: float = 3e-4, shifted: float = 0.25) -> Path:
+         peak: float = 3e-4, shifted: float = 0.25, object_weight: float = 1.0, contrast: float = 0.0) -> Path:
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
     fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
     vae_from takes a trained VAE from an exported model instead of training one (the other parts start
     from scratch); peak is the learning rate of the MMDiT and text encoder (a third of it when resuming
     without fresh embeddings: the pair is trained already); shifted is the share of timesteps shifted
-    towards noise."""
+    towards noise; object_weight and contrast are train_dit's."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -278,7 +342,7 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
 
     remaining = budget - (time.time() - start) - 60  # a minute for the export
     ema = train_dit(latents, all_scenes, Prompts(tokenizer, encoder), model, remaining, seed, peak=peak,
-                    shifted=shifted)
+                    shifted=shifted, objects=object_tokens(images), object_weight=object_weight, contrast=contrast)
     encoder.model.language_model.load_state_dict(ema["text"].state_dict())
     folder = write_folder(out, ema["transformer"], vae, encoder, tokenizer, defaults=DEFAULTS)
     log("done", f"{folder} written after {(time.time() - start) / 60:.1f} min")
