@@ -17,9 +17,9 @@ parser.add_argument("--vae-from", type=Path, default=None,
 parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the MMDiT and text encoder (a third of it with --resume alone)")
 parser.add_argument("--shifted", type=float, default=0.25,
                     help="share of each batch's timesteps shifted towards noise, where the prompt decides the scene")
-parser.add_argument("--object-weight", type=float, default=1.0,
+parser.add_argument("--object-weight", type=float, default=4.0,
                     help="weight of the object tokens' errors against the background's")
-parser.add_argument("--contrast", type=float, default=0.0,
+parser.add_argument("--contrast", type=float, default=1.0,
                     help="weight of the shape contrast: captions naming other shapes must fit the scene worse")
 args = parser.parse_args()
 main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume, args.fresh_embeddings,

@@ -4,7 +4,8 @@
 
 Stages (printed as they go, with losses): render the scenes; train the VAE as an autoencoder on
 crops; encode every scene to a latent once and set the VAE's latent statistics from them; train the
-MMDiT with flow matching on those latents while the text encoder learns from scratch through it.
+MMDiT with flow matching on those latents while the text encoder learns from scratch through it,
+with the object tokens weighted up and a shape contrast that makes the shape word count (train_dit).
 The time budget is split between the stages and learning-rate schedules follow elapsed time, so a
 run ends on time on any machine (more steps on a faster one). Weights are exported in the diffusers
 layout, loadable by qimg and by diffusers' QwenImagePipeline.
@@ -300,7 +301,7 @@ def spread_embeddings(encoder, seed: int) -> None:
 
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
          resume: Path | None = None, fresh_embeddings: bool = False, vae_from: Path | None = None,
-         peak: float = 3e-4, shifted: float = 0.25, object_weight: float = 1.0, contrast: float = 0.0) -> Path:
+         peak: float = 3e-4, shifted: float = 0.25, object_weight: float = 4.0, contrast: float = 1.0) -> Path:
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
     fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
     vae_from takes a trained VAE from an exported model instead of training one (the other parts start
