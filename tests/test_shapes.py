@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qimg.train.evaluate import analyse, dominant_color
-from qimg.train.shapes import COLORS, LANGUAGES, POSITIONS, SHAPES, caption, render, sample_scene
+from qimg.train.shapes import CHINESE_WORDS, COLORS, LANGUAGES, POSITIONS, SHAPES, caption, render, sample_scene, words
 
 
 def test_same_seed_same_data():
@@ -55,6 +55,7 @@ def test_captions_state_only_true_attributes(language):
             assert not re.search(r"[a-z]", text)
         if language == "mixed":
             assert re.search(r"[\u4e00-\u9fff]", text) and re.search(r"[a-z]", text), text
+        assert not re.search(rf"({'|'.join(COLORS)})({'|'.join(SHAPES)})", text), text  # "red circle", not "redcircle"
 
 
 def test_caption_forms():
@@ -85,3 +86,15 @@ def test_dominant_colour_ignores_background():
     image = render(scene, rng)
     assert dominant_color(image, (0, 0, 128, 128)) == scene.things[0].color
     assert dominant_color(np.full_like(image, 40), (0, 0, 128, 128)) is None
+
+
+def test_words_cut_chinese_at_word_boundaries():
+    assert words("蓝色背景上上方的小红色正方形和黑色圆形") == ["蓝色", "背景", "上", "上方", "的", "小", "红色", "正方形",
+                                                           "和", "黑色", "圆形"]
+    assert words("a 红色 circle on a blue background") == ["a ", "红色", " circle on a blue background"]
+    rng = random.Random(5)
+    for _ in range(200):
+        text = caption(sample_scene(rng), rng, rng.choice(LANGUAGES))
+        pieces = words(text)
+        assert "".join(pieces) == text
+        assert all(p in CHINESE_WORDS or not re.search(r"[\u4e00-\u9fff]", p) for p in pieces), pieces

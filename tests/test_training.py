@@ -1,4 +1,5 @@
-"""Pieces of the built-in model's training: the shape contrast's caption pairs and the object tokens."""
+"""Pieces of the built-in model's training: the shape contrast's caption pairs, the object tokens and
+the tokenizer."""
 
 import random
 import re
@@ -6,8 +7,10 @@ import re
 import numpy as np
 import torch
 
-from qimg.train.shapes import COLORS, SHAPES, render, sample_scene
-from qimg.train.train import caption_pair, object_tokens, other_shapes, sample_caption, weighted
+from qimg.train.checkpoint import text_encoder, train_tokenizer
+from qimg.train.shapes import COLORS, LANGUAGES, SHAPES, caption, render, sample_scene, words
+from qimg.train.train import (Prompts, caption_pair, object_tokens, other_shapes, retokenize, sample_caption,
+                              shapes_tokenizer, weighted)
 
 SHAPE_WORDS = re.compile("|".join(list(SHAPES) + list(SHAPES.values())))
 
@@ -69,3 +72,46 @@ def test_weighted_loss():
     errors = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
     assert weighted(errors, torch.ones(1, 4)).item() == errors.mean().item()
     assert weighted(errors, torch.tensor([[0.0, 0.0, 1.0, 1.0]])).item() == 4.5
+
+
+def captions(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return [caption(sample_scene(rng), rng, lang) for _ in range(n) for lang in LANGUAGES]
+
+
+def crossings(tokenizer, text: str) -> list[str]:
+    """The tokens of `text` that span more than one of its words."""
+    bounds = np.cumsum([len(w) for w in words(text)])
+    spans = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    return [text[a:b] for a, b in spans if any(a < x < b for x in bounds)]
+
+
+def test_tokens_stay_within_words():
+    """A BPE learned over whole captions merges Chinese phrases into single tokens ("红色圆形", even
+    whole captions); shapes_tokenizer's tokens never span two words, in any language."""
+    rng = random.Random(0)
+    new = shapes_tokenizer([sample_scene(rng) for _ in range(600)], rng)
+    held_out = captions(1, 100)
+    assert not [c for text in held_out if (c := crossings(new, text))]
+    whole = train_tokenizer(captions(0, 600), vocab_size=1000)
+    assert sum(bool(crossings(whole, text)) for text in held_out) > 50  # the check can fail
+
+
+def test_retokenize_keeps_what_both_tokenizers_share():
+    torch.manual_seed(0)
+    old = train_tokenizer(captions(0, 300), vocab_size=1000)  # merges across Chinese words
+    encoder = text_encoder(old, 64, layers=1)
+    rng = random.Random(1)
+    new = shapes_tokenizer([sample_scene(rng) for _ in range(300)], rng)
+    moved = retokenize(encoder, old, new, captions(2, 300))
+
+    english = ["a red circle on the left of a blue background", "a small green square on a white background"]
+    assert old(english)["input_ids"] != new(english)["input_ids"]  # other ids, same tokens
+    with torch.no_grad():
+        assert torch.equal(Prompts(old, encoder)(english)[0], Prompts(new, moved)(english)[0])
+    # "红色" alone was a rare fragment of the old tokenizer's phrases; mixed captions used " 红色"
+    embed, old_embed = moved.get_input_embeddings().weight, encoder.get_input_embeddings().weight
+    ids = new.get_vocab()
+    assert torch.equal(embed[ids["çº¢èī²"]], old_embed[old.get_vocab()["Ġçº¢èī²"]])
+    assert moved.config.image_token_id == ids["<|image_pad|>"] != encoder.config.image_token_id
+    assert moved.config.text_config.eos_token_id == ids["<|im_end|>"]

@@ -6,6 +6,7 @@ mix of both, in the caption forms the model promises to understand.
 """
 
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ POSITIONS = {  # name: ((x, y) centre as a fraction of the image, Chinese)
 SIZES = {"small": (0.11, "小"), "large": (0.19, "大")}  # half-extent as a fraction of the short side
 PAIRS = [("left", "right"), ("top", "bottom")]  # where two objects go
 LANGUAGES = ("en", "zh", "mixed")
+CHINESE_WORDS = (*(zh for _, zh in COLORS.values()), *SHAPES.values(), *(zh for _, zh in POSITIONS.values()),
+                 *(zh for _, zh in SIZES.values()), "背景", "上", "的", "和")
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,20 @@ def caption(scene: Scene, rng: random.Random, language: str, form: str | None = 
         return f"{' and '.join(obj(t) for t in things)} on {article(bg)} {bg} background"
 
     def obj(t):
-        return f"{SIZES[t.size][1] if with_size else ''}{word(t.color)}{word(t.shape)}"
+        color, shape = word(t.color), word(t.shape)
+        return f"{SIZES[t.size][1] if with_size else ''}{color}{' ' * (color + shape).isascii()}{shape}"
     if form == "object":
         return obj(first)
     if form == "position":
         return f"{bg}背景上{POSITIONS[first.position][1]}的{obj(first)}"
     return f"{bg}背景上的{'和'.join(obj(t) for t in things)}"
+
+
+def words(text: str) -> list[str]:
+    """A caption cut before and after each Chinese word (English runs stay whole), as the tokenizer
+    learns its merges: Chinese has no spaces to stop BPE merging across words."""
+    pattern = "|".join(sorted(CHINESE_WORDS, key=len, reverse=True))  # longest first: 上方 before 上
+    return [piece for piece in re.split(f"({pattern})", text) if piece]
 
 
 def nearest_color(rgb) -> str:

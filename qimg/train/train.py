@@ -16,6 +16,7 @@ import dataclasses
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
 from ..sampling import noised, time_shift
 from .checkpoint import text_encoder, train_tokenizer, write_folder
 from .evaluate import background
-from .shapes import LANGUAGES, SHAPES, Scene, caption, render, sample_scene
+from .shapes import LANGUAGES, SHAPES, Scene, caption, render, sample_scene, words
 
 SIZE = 128  # native resolution: 16x16 latents, 64 image tokens
 TEXT_WIDTH = 128
@@ -299,15 +300,48 @@ def spread_embeddings(encoder, seed: int) -> None:
         encoder.model.language_model.embed_tokens.weight.normal_(0.0, 1.0)
 
 
+def shapes_tokenizer(scenes: list, rng: random.Random):
+    """The byte-level BPE over captions of `scenes` in every language, with merges learned within words
+    (shapes.words). Learned over whole captions, Chinese merged into phrases: every colour-shape pair
+    ("红色圆形") and even whole captions ("绿色背景上的白色三角形") became single tokens, each to be
+    learned apart from the rest, and Chinese prompts drew the named shape less often than English."""
+    captions = [caption(s, rng, lang) for s in scenes for lang in LANGUAGES]
+    return train_tokenizer([piece for c in captions for piece in words(c)], vocab_size=1000)
+
+
+def retokenize(encoder, old, new, captions: list[str]):
+    """A trained text encoder moved from tokenizer `old` to `new`: the same layers, and each token of
+    `new` takes the embedding of whichever of its forms in `old` ("红色" or "Ġ红色") `old` used most
+    often on `captions` in the prompt template; a token `old` never used is drawn at the trained embeddings' scale."""
+    before = encoder.get_input_embeddings().weight.detach()
+    used = Counter(i for c in captions for i in old(TEMPLATE.format(c))["input_ids"])
+    table = torch.randn(len(new), before.shape[1]) * before.std()
+    old_ids = old.get_vocab()
+    for token, i in new.get_vocab().items():
+        forms = [old_ids[f] for f in (token, "Ġ" + token) if f in old_ids]
+        if forms and used[best := max(forms, key=used.__getitem__)]:
+            table[i] = before[best]
+    config = encoder.config.text_config
+    moved = text_encoder(new, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                         config.num_key_value_heads)
+    state = {k: v for k, v in encoder.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    moved.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        moved.get_input_embeddings().weight.copy_(table)
+    return moved
+
+
 def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, threads: int | None = None,
          resume: Path | None = None, fresh_embeddings: bool = False, vae_from: Path | None = None,
-         peak: float = 3e-4, shifted: float = 0.25, object_weight: float = 4.0, contrast: float = 1.0) -> Path:
+         peak: float = 3e-4, shifted: float = 0.25, object_weight: float = 4.0, contrast: float = 1.0,
+         margin: float = 0.1, new_tokenizer: bool = False) -> Path:
     """Train from scratch, or (resume) train an exported model's text encoder and MMDiT further;
     fresh_embeddings re-draws a resumed text encoder's token embeddings (see spread_embeddings);
+    new_tokenizer moves a resumed text encoder to a tokenizer built by this recipe (see retokenize);
     vae_from takes a trained VAE from an exported model instead of training one (the other parts start
     from scratch); peak is the learning rate of the MMDiT and text encoder (a third of it when resuming
     without fresh embeddings: the pair is trained already); shifted is the share of timesteps shifted
-    towards noise; object_weight and contrast are train_dit's."""
+    towards noise; object_weight, contrast and margin are train_dit's."""
     if threads:
         torch.set_num_threads(threads)
     budget = minutes * 60
@@ -320,13 +354,18 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
     if resume:
         tokenizer, encoder, vae, model = load_folder(resume)
         latents = encode_all(vae, images)
+        if new_tokenizer:
+            torch.manual_seed(seed)
+            old, tokenizer = tokenizer, shapes_tokenizer(all_scenes[:3000], rng)
+            captions = [caption(s, rng, lang) for s in all_scenes[:1000] for lang in LANGUAGES]
+            encoder = retokenize(encoder, old, tokenizer, captions)
+            log("text", f"tokenizer of {len(tokenizer)} tokens replaces one of {len(old)}")
         if fresh_embeddings:
             spread_embeddings(encoder, seed)
         else:
             peak /= 3
     else:
-        captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]
-        tokenizer = train_tokenizer(captions, vocab_size=1000)
+        tokenizer = shapes_tokenizer(all_scenes[:3000], rng)
         torch.manual_seed(seed)
         encoder = text_encoder(tokenizer, TEXT_WIDTH, layers=2)
         spread_embeddings(encoder, seed)
@@ -343,7 +382,8 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
 
     remaining = budget - (time.time() - start) - 60  # a minute for the export
     ema = train_dit(latents, all_scenes, Prompts(tokenizer, encoder), model, remaining, seed, peak=peak,
-                    shifted=shifted, objects=object_tokens(images), object_weight=object_weight, contrast=contrast)
+                    shifted=shifted, objects=object_tokens(images), object_weight=object_weight, contrast=contrast,
+                    margin=margin)
     encoder.model.language_model.load_state_dict(ema["text"].state_dict())
     folder = write_folder(out, ema["transformer"], vae, encoder, tokenizer, defaults=DEFAULTS)
     log("done", f"{folder} written after {(time.time() - start) / 60:.1f} min")
