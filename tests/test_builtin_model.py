@@ -69,7 +69,7 @@ def test_generate_needs_no_model_option(tmp_path):
 def test_small_evaluation(engine):
     """Twelve held-out captions and four inpaintings with fixed seeds. The floors sit well above what a
     model ignoring its prompt scores (a session-2 checkpoint: 0-5% all stated, 5% inpaint) and below what
-    the shipped one scores here (100/75/75% all stated, 100% inpaint; the full evaluation is in the
+    the shipped one scores here (100/50/100% all stated, 100% inpaint; the full evaluation is in the
     README), so they catch a checkpoint or engine change that breaks prompt following without flaking
     on a single case."""
     table, cases = evaluate(engine, per_language=4, seed=7)
@@ -82,7 +82,7 @@ def test_small_evaluation(engine):
 def test_shape_word_changes_the_prediction():
     """The shape named in the prompt must matter to the model where the shape is still open (t 0.6-0.9):
     rendered scenes fit worse under captions naming other shapes. A checkpoint trained without the shape
-    contrast scores 1.01 here (it read colour and position from the prompt, never shape); the shipped one 1.33."""
+    contrast scores 1.01 here (it read colour and position from the prompt, never shape); the shipped one 1.45."""
     from qimg.model.transformer import patchify
     from qimg.train.shapes import render, sample_scene
     from qimg.train.train import Prompts, caption_pair, encode_all, flow_errors, load_folder, object_tokens, weighted
