@@ -88,7 +88,7 @@ def crossings(tokenizer, text: str) -> list[str]:
 
 def test_tokens_stay_within_words():
     """A BPE learned over whole captions merges Chinese phrases into single tokens ("红色圆形", even
-    whole captions); shapes_tokenizer's tokens never span two words, in any language."""
+    whole captions); shapes_tokenizer's tokens never span two words, in Chinese or mixed captions."""
     rng = random.Random(0)
     new = shapes_tokenizer([sample_scene(rng) for _ in range(600)], rng)
     held_out = captions(1, 100)
@@ -106,7 +106,8 @@ def test_retokenize_keeps_what_both_tokenizers_share():
     moved = retokenize(encoder, old, new, captions(2, 300))
 
     english = ["a red circle on the left of a blue background", "a small green square on a white background"]
-    assert old(english)["input_ids"] != new(english)["input_ids"]  # other ids, same tokens
+    assert [old.tokenize(e) for e in english] == [new.tokenize(e) for e in english]
+    assert old(english)["input_ids"] != new(english)["input_ids"]  # the same tokens under other ids
     with torch.no_grad():
         assert torch.equal(Prompts(old, encoder)(english)[0], Prompts(new, moved)(english)[0])
     # "红色" alone was a rare fragment of the old tokenizer's phrases; mixed captions used " 红色"
@@ -115,3 +116,4 @@ def test_retokenize_keeps_what_both_tokenizers_share():
     assert torch.equal(embed[ids["çº¢èī²"]], old_embed[old.get_vocab()["Ġçº¢èī²"]])
     assert moved.config.image_token_id == ids["<|image_pad|>"] != encoder.config.image_token_id
     assert moved.config.text_config.eos_token_id == ids["<|im_end|>"]
+    assert moved.config.text_config.rope_parameters == encoder.config.text_config.rope_parameters

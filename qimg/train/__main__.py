@@ -26,6 +26,10 @@ parser.add_argument("--contrast", type=float, default=1.0,
 parser.add_argument("--margin", type=float, default=0.1,
                     help="how much worse (relative) the other shapes' captions must fit, under the contrast")
 args = parser.parse_args()
+if (args.new_tokenizer or args.fresh_embeddings) and not args.resume:
+    parser.error("--new-tokenizer and --fresh-embeddings need --resume")
+if args.new_tokenizer and args.fresh_embeddings:
+    parser.error("--fresh-embeddings would overwrite the embeddings --new-tokenizer carries over")
 main(args.out, args.minutes, args.seed, args.scenes, args.threads, args.resume, args.fresh_embeddings,
      args.vae_from, args.lr, args.shifted, args.object_weight, args.contrast, args.margin,
      args.new_tokenizer)

@@ -66,12 +66,20 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
+def special_ids(tokenizer) -> tuple[dict, dict]:
+    """The special token ids a Qwen2_5_VLConfig names: those of its text config, and its own."""
+    ids = tokenizer.convert_tokens_to_ids
+    return (dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>")),
+            dict(vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                 image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>")))
+
+
 def text_encoder(tokenizer, hidden: int, layers: int = 2, heads: int = 4, kv_heads: int = 2):
     """A small Qwen2_5_VLForConditionalGeneration (with a minimal vision tower, which the reference
     class requires but text-to-image never runs) whose hidden size is the transformer's text width."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = tokenizer.convert_tokens_to_ids
+    text_ids, ids = special_ids(tokenizer)
     half = hidden // heads // 2  # mrope sections split the rotary half of a head: real [16, 24, 24] of 64
     sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text = dict(
@@ -80,16 +88,11 @@ def text_encoder(tokenizer, hidden: int, layers: int = 2, heads: int = 4, kv_hea
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                          "mrope_section": sections},
-        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        **text_ids,
     )
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=hidden,
                   fullatt_block_indexes=[0])
-    config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision,
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-    )
-    return Qwen2_5_VLForConditionalGeneration(config)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
 
 
 def _config_json(class_name: str, config) -> str:

@@ -145,7 +145,8 @@ def caption(scene: Scene, rng: random.Random, language: str, form: str | None = 
 
     def obj(t):
         color, shape = word(t.color), word(t.shape)
-        return f"{SIZES[t.size][1] if with_size else ''}{color}{' ' * (color + shape).isascii()}{shape}"
+        space = " " if (color + shape).isascii() else ""  # "red circle", not "redcircle"
+        return f"{SIZES[t.size][1] if with_size else ''}{color}{space}{shape}"
     if form == "object":
         return obj(first)
     if form == "position":
@@ -153,11 +154,13 @@ def caption(scene: Scene, rng: random.Random, language: str, form: str | None = 
     return f"{bg}背景上的{'和'.join(obj(t) for t in things)}"
 
 
+_CHINESE_WORD = re.compile(f"({'|'.join(sorted(CHINESE_WORDS, key=len, reverse=True))})")  # 上方 before 上
+
+
 def words(text: str) -> list[str]:
     """A caption cut before and after each Chinese word (English runs stay whole), as the tokenizer
     learns its merges: Chinese has no spaces to stop BPE merging across words."""
-    pattern = "|".join(sorted(CHINESE_WORDS, key=len, reverse=True))  # longest first: 上方 before 上
-    return [piece for piece in re.split(f"({pattern})", text) if piece]
+    return [piece for piece in _CHINESE_WORD.split(text) if piece]
 
 
 def nearest_color(rgb) -> str:

@@ -29,7 +29,7 @@ from ..model.text import DROP, TEMPLATE, pad_batch
 from ..model.transformer import QwenImageTransformer, TransformerConfig, patchify
 from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
 from ..sampling import noised, time_shift
-from .checkpoint import text_encoder, train_tokenizer, write_folder
+from .checkpoint import special_ids, text_encoder, train_tokenizer, write_folder
 from .evaluate import background
 from .shapes import LANGUAGES, SHAPES, Scene, caption, render, sample_scene, words
 
@@ -304,28 +304,43 @@ def shapes_tokenizer(scenes: list, rng: random.Random):
     """The byte-level BPE over captions of `scenes` in every language, with merges learned within words
     (shapes.words). Learned over whole captions, Chinese merged into phrases: every colour-shape pair
     ("红色圆形") and even whole captions ("绿色背景上的白色三角形") became single tokens, each to be
-    learned apart from the rest, and Chinese prompts drew the named shape less often than English."""
+    learned apart from the rest, and Chinese prompts drew the named shape less often than English.
+    The space before a Chinese word in a mixed caption stays a token of its own ("a 红色" is a, Ġ,
+    红色), so Chinese and mixed captions share their word tokens. The merges run out (about 500 tokens)
+    before the vocabulary limit."""
     captions = [caption(s, rng, lang) for s in scenes for lang in LANGUAGES]
     return train_tokenizer([piece for c in captions for piece in words(c)], vocab_size=1000)
 
 
 def retokenize(encoder, old, new, captions: list[str]):
-    """A trained text encoder moved from tokenizer `old` to `new`: the same layers, and each token of
-    `new` takes the embedding of whichever of its forms in `old` ("红色" or "Ġ红色") `old` used most
-    often on `captions` in the prompt template; a token `old` never used is drawn at the trained embeddings' scale."""
+    """A trained text encoder moved from tokenizer `old` to `new`: the same config and layers (but the
+    vocabulary size and special token ids), and each token of `new` takes the embedding of whichever
+    of its forms in `old` ("红色" or "Ġ红色") `old` used most often on `captions` in the prompt
+    template; a token `old` never used is drawn at the trained embeddings' scale. The LM head, which
+    text-to-image never runs, is left as initialised."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     before = encoder.get_input_embeddings().weight.detach()
     used = Counter(i for c in captions for i in old(TEMPLATE.format(c))["input_ids"])
     table = torch.randn(len(new), before.shape[1]) * before.std()
     old_ids = old.get_vocab()
     for token, i in new.get_vocab().items():
         forms = [old_ids[f] for f in (token, "Ġ" + token) if f in old_ids]
-        if forms and used[best := max(forms, key=used.__getitem__)]:
+        best = max(forms, key=used.__getitem__, default=None)
+        if best is not None and used[best]:
             table[i] = before[best]
-    config = encoder.config.text_config
-    moved = text_encoder(new, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                         config.num_key_value_heads)
-    state = {k: v for k, v in encoder.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
-    moved.load_state_dict(state, strict=False)
+
+    config = copy.deepcopy(encoder.config)
+    text_ids, ids = special_ids(new)
+    for key, value in (text_ids | {"vocab_size": len(new)}).items():
+        setattr(config.text_config, key, value)
+    for key, value in ids.items():
+        setattr(config, key, value)
+    moved = Qwen2_5_VLForConditionalGeneration(config).to(before.dtype)
+    vocabulary = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
+    state = {k: v for k, v in encoder.state_dict().items() if k not in vocabulary}
+    result = moved.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) == vocabulary, result
     with torch.no_grad():
         moved.get_input_embeddings().weight.copy_(table)
     return moved
