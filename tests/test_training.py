@@ -89,8 +89,7 @@ def crossings(tokenizer, text: str) -> list[str]:
 def test_tokens_stay_within_words():
     """A BPE learned over whole captions merges Chinese phrases into single tokens ("红色圆形", even
     whole captions); shapes_tokenizer's tokens never span two words, in Chinese or mixed captions."""
-    rng = random.Random(0)
-    new = shapes_tokenizer([sample_scene(rng) for _ in range(600)], rng)
+    new = shapes_tokenizer(captions(0, 600))
     held_out = captions(1, 100)
     assert not [c for text in held_out if (c := crossings(new, text))]
     whole = train_tokenizer(captions(0, 600), vocab_size=1000)
@@ -101,8 +100,7 @@ def test_retokenize_keeps_what_both_tokenizers_share():
     torch.manual_seed(0)
     old = train_tokenizer(captions(0, 300), vocab_size=1000)  # merges across Chinese words
     encoder = text_encoder(old, 64, layers=1)
-    rng = random.Random(1)
-    new = shapes_tokenizer([sample_scene(rng) for _ in range(300)], rng)
+    new = shapes_tokenizer(captions(1, 300))
     moved = retokenize(encoder, old, new, captions(2, 300))
 
     english = ["a red circle on the left of a blue background", "a small green square on a white background"]

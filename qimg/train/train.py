@@ -300,15 +300,14 @@ def spread_embeddings(encoder, seed: int) -> None:
         encoder.model.language_model.embed_tokens.weight.normal_(0.0, 1.0)
 
 
-def shapes_tokenizer(scenes: list, rng: random.Random):
-    """The byte-level BPE over captions of `scenes` in every language, with merges learned within words
+def shapes_tokenizer(captions: list[str]):
+    """The byte-level BPE over `captions`, with merges learned within words
     (shapes.words). Learned over whole captions, Chinese merged into phrases: every colour-shape pair
     ("红色圆形") and even whole captions ("绿色背景上的白色三角形") became single tokens, each to be
     learned apart from the rest, and Chinese prompts drew the named shape less often than English.
     The space before a Chinese word in a mixed caption stays a token of its own ("a 红色" is a, Ġ,
     红色), so Chinese and mixed captions share their word tokens. The merges run out (about 500 tokens)
     before the vocabulary limit."""
-    captions = [caption(s, rng, lang) for s in scenes for lang in LANGUAGES]
     return train_tokenizer([piece for c in captions for piece in words(c)], vocab_size=1000)
 
 
@@ -366,13 +365,13 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
     images = np.stack([render(s, rng, (SIZE, SIZE)) for s in all_scenes])
     log("data", f"{len(all_scenes)} scenes rendered at {SIZE}x{SIZE}")
 
+    captions = [caption(s, rng, lang) for s in all_scenes[:3000] for lang in LANGUAGES]  # a new tokenizer's
     if resume:
         tokenizer, encoder, vae, model = load_folder(resume)
         latents = encode_all(vae, images)
         if new_tokenizer:
             torch.manual_seed(seed)
-            old, tokenizer = tokenizer, shapes_tokenizer(all_scenes[:3000], rng)
-            captions = [caption(s, rng, lang) for s in all_scenes[:1000] for lang in LANGUAGES]
+            old, tokenizer = tokenizer, shapes_tokenizer(captions)
             encoder = retokenize(encoder, old, tokenizer, captions)
             log("text", f"tokenizer of {len(tokenizer)} tokens replaces one of {len(old)}")
         if fresh_embeddings:
@@ -380,7 +379,7 @@ def main(out: Path, minutes: float = 90.0, seed: int = 0, scenes: int = 8000, th
         else:
             peak /= 3
     else:
-        tokenizer = shapes_tokenizer(all_scenes[:3000], rng)
+        tokenizer = shapes_tokenizer(captions)
         torch.manual_seed(seed)
         encoder = text_encoder(tokenizer, TEXT_WIDTH, layers=2)
         spread_embeddings(encoder, seed)
