@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .canvas import Canvas, edited, grow
-from .cli import check_edit, inpaint_mask, outpaint_margins, progress_bars, step_callback
+from .edits import check_strength, inpaint_mask, outpaint_margins
 from .errors import QimgError, UsageError, failure_line
 from .masks import ensure_not_empty
-from .presets import NOT_IN_PRESETS, describe, check_options, find, option_params, read_yaml
+from .presets import NOT_IN_PRESETS, check_options, describe, find, option_params, parser_message, read_yaml
 
 KINDS = ("inpaint", "outpaint")
 # set once for the whole chain, on its command line
@@ -106,7 +106,7 @@ def resolve(command, kind: str, values: dict, where: str) -> dict:
     try:
         return command.make_context(kind, ["-"], default_map=values).params
     except TyperException as e:
-        raise UsageError(f"{where}: {e.format_message()}") from None
+        raise UsageError(f"{where}: {parser_message(e.format_message())}") from None
 
 
 def plan(steps: list[Step], pixels: np.ndarray, picture) -> list[Planned]:
@@ -115,7 +115,7 @@ def plan(steps: list[Step], pixels: np.ndarray, picture) -> list[Planned]:
     for step in steps:
         o = step.options
         try:
-            check_edit(o["strength"], o["attn_mask"])
+            check_strength(o["strength"])
             if step.kind == "outpaint":
                 margins = outpaint_margins(canvas.size, o["left"], o["right"], o["top"], o["bottom"], o["expand"],
                                            o["to"], o["anchor"])
@@ -144,9 +144,10 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
+def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, reporter):
     """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
-    key is in the engine's cache (None: no cache) are read from it instead of run."""
+    key is in the engine's cache (None: no cache) are read from it instead of run. Progress goes to the
+    reporter (report.Reporter)."""
     from .cache import array_hash
     from .sampling import first_step
 
@@ -167,9 +168,9 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
         else:
             ran = args["steps"] - first_step(args["steps"], args["strength"])
             try:
-                with progress_bars() as progress:
-                    _, callback = step_callback(progress, ran, f"edit {p.step.index}/{len(planned)} {p.step.kind}")
-                    canvas = engine.edit_canvas(canvas, p.mask, **args, callback=callback)
+                callback, done = reporter.steps(f"edit {p.step.index}/{len(planned)} {p.step.kind}", ran)
+                canvas = engine.edit_canvas(canvas, p.mask, **args, callback=callback)
+                done()
             except QimgError as e:
                 raise QimgError(f"{p.step.where}: {e}", e.code) from None
             except Exception as e:  # out of memory, a broken weight file...: still say which edit failed

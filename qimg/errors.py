@@ -34,6 +34,14 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.code = 128 + signum
         self.what = "interrupted" if signum == signal.SIGINT else "terminated"
+        self.written = []  # the files saved before the stop, in order
+
+    def message(self) -> str:
+        """The line for the stop, saying what it finished."""
+        if not self.written:
+            return f"qimg: {self.what}; nothing written"
+        more = f" and {len(self.written) - 1} more" if len(self.written) > 1 else ""
+        return f"qimg: {self.what} after writing {self.written[-1]}{more}"
 
 
 @contextmanager

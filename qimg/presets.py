@@ -7,7 +7,7 @@ option's type and range. Only `yaml.safe_load` reads YAML, so a file can hold da
 """
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_origin
 
 import typer
 
@@ -104,6 +104,7 @@ def _convert(ctx, param, key: str, value, where: str):
     from typer._click.exceptions import BadParameter
 
     annotation = param.type_descriptor.annotation
+    annotation = str if get_origin(annotation) is Literal else annotation  # a choice: text, checked by coerce
     base = str if param.multiple else annotation
     items = [value] if param.multiple and isinstance(value, str) else value
     ok = isinstance(items, list) and all(_is_a(v, base) for v in items) if param.multiple else _is_a(value, base)
@@ -114,7 +115,12 @@ def _convert(ctx, param, key: str, value, where: str):
     try:
         return param.get_runtime_param().coerce(items, param=param, ctx=ctx)
     except BadParameter as e:
-        raise UsageError(f"{where}: {key}: {e.message} (got {describe(value)})") from None
+        raise UsageError(f"{where}: {key}: {parser_message(e.message)} (got {describe(value)})") from None
+
+
+def parser_message(text: str) -> str:
+    """A message of Typer's parser without the validation library's prefix (`Value error, 'x' is not one of...`)."""
+    return text.replace("Value error, ", "")
 
 
 def _is_a(value, annotation) -> bool:

@@ -222,7 +222,7 @@ edits:
      ["edit 2 (inpaint)", "nope.png", "no such file"]),
     ('  - inpaint: {rect: "0,0,9,9"}\n', ["edit 1 (inpaint)", "--prompt"]),
     ('  - outpaint: {prompt: x}\n', ["edit 1 (outpaint)", "nothing to outpaint"]),
-    ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n', ["edit 1 (inpaint)", "--attn-mask"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n', ["edit 1 (inpaint)", "attn_mask", "not one of 'on', 'off'"]),
     ('  - blur: {radius: 3}\n', ["edit 1", "expected {inpaint"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, out_dir: o}\n', ["edit 1 (inpaint)", "unknown key 'out_dir'"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, no_cache: true}\n', ["edit 1 (inpaint)", "unknown key 'no_cache'"]),

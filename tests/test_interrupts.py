@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import qimg.cli
 from qimg.cli import run
+from qimg.report import Reporter
 
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1", "--size", "32x32"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_signal_while_sampling_writes_nothing(capsys, tmp_path, tiny_model_dir, 
 
 
 def test_signal_after_the_save_names_the_file(capsys, tmp_path, tiny_model_dir, monkeypatch, one_thread):
-    monkeypatch.setattr(qimg.cli, "report", signal_self(signal.SIGINT))
+    monkeypatch.setattr(Reporter, "result", signal_self(signal.SIGINT))
     out = tmp_path / "o.png"
     assert run(["generate", "-p", "x", "-m", str(tiny_model_dir), "-o", str(out), *FAST]) == 130
     assert capsys.readouterr().err.strip() == f"qimg: interrupted after writing {out}"

@@ -89,9 +89,10 @@ def test_engine_tiles_only_when_asked_or_above_the_threshold(tiny_model_dir, mon
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--offload", "disk"], "--offload 'disk' is not one of none, model, blocks"),
-    (["--attention", "fast"], "--attention 'fast' is not one of auto, math, flash, efficient, cudnn"),
-    (["--vae-tiling", "yes"], "--vae-tiling 'yes' is not one of auto, on, off"),
+    (["--offload", "disk"], "Invalid value for '--offload': 'disk' is not one of 'none', 'model', 'blocks'"),
+    (["--attention", "fast"], "Invalid value for '--attention': 'fast' is not one of 'auto', 'math', 'flash', "
+                                "'efficient', 'cudnn'"),
+    (["--vae-tiling", "yes"], "Invalid value for '--vae-tiling': 'yes' is not one of 'auto', 'on', 'off'"),
     (["--offload", "blocks", "--compile"], "--compile does not combine with --offload blocks"),
 ])
 def test_bad_speed_options_are_usage_errors(tiny_model_dir, tmp_path, capsys, args, message):
@@ -121,4 +122,4 @@ def test_a_preset_may_set_speed_options(tiny_model_dir, tmp_path, capsys):
     preset = tmp_path / "p.yaml"
     preset.write_text("offload: disk\nvae_tiling: 'on'\n")
     code = run(["generate", "-m", str(tiny_model_dir), "-p", "x", "-o", str(tmp_path / "o.png"), "--preset", str(preset)])
-    assert code == 2 and "--offload 'disk' is not one of none, model, blocks" in capsys.readouterr().err
+    assert code == 2 and f"preset {preset}: offload: 'disk' is not one of 'none', 'model', 'blocks'" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""Jobs as data: what one command asks for, parsed and typed, with nothing loaded yet. The command line
+builds them (cli.py), the runner executes them (runner.py); batches, chains and the worker share both."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which engine runs the job: everything that changes its numbers or its memory use."""
+
+    model: Optional[str] = None  # folder, repo id or builtin; None: $QIMG_MODEL, else builtin
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    compile: bool = False
+    attention: str = "auto"
+    vae_tiling: str = "auto"
+
+    def speed(self) -> dict:
+        """The Engine's memory and speed options."""
+        return dict(offload=self.offload, compile=self.compile, attention=self.attention, vae_tiling=self.vae_tiling)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    folder: Optional[Path] = None  # None: the default cache folder
+    off: bool = False
+    size: str = "2GB"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt: str
+    negative_prompt: Optional[str] = None  # None: the model's
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    seed: Optional[int] = None  # None: random, reported
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where results go and how they are reported."""
+
+    out: Optional[Path] = None
+    overwrite: bool = False
+    as_json: bool = False
+
+
+@dataclass(frozen=True)
+class Generate:
+    prompt: Prompt
+    size: Optional[tuple[int, int]] = None  # (W, H); None: the model's
+    output: Output = field(default_factory=Output)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None  # recorded in the metadata
+
+
+@dataclass(frozen=True)
+class InpaintMask:
+    """How each input's inpaint mask is made."""
+
+    mask: Optional[Path] = None
+    mask_dir: Optional[Path] = None  # a batch: DIR/<stem>.png or DIR/<stem>_mask.png per input
+    rect: tuple[str, ...] = ()
+    mask_resize: bool = False
+    invert_mask: bool = False
+    grow: int = 0
+    feather: int = 0
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """How far each input's canvas grows."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+    expand: int = 0
+    to: Optional[str] = None  # WxH
+    anchor: str = "center"
+    feather: int = 32
+
+
+@dataclass(frozen=True)
+class Edit:
+    """inpaint or outpaint over one file or a batch (files, folders, globs)."""
+
+    images: tuple[Path, ...]
+    shape: Union[InpaintMask, Outpaint]
+    prompt: Prompt
+    strength: float = 1.0
+    attn_mask: str = "off"
+    context: int = 64
+    output: Output = field(default_factory=Output)
+    out_dir: Optional[Path] = None
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if isinstance(self.shape, InpaintMask) else "outpaint"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain file's edits (read and checked by the command line: chain.Step) run on one image."""
+
+    image: Path
+    chain_file: Path
+    steps: tuple  # chain.Step, one per edit
+    seed: Optional[int] = None
+    keep_steps: Optional[Path] = None
+    output: Output = field(default_factory=Output)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+
+
+Job = Union[Generate, Edit, Chain]
