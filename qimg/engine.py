@@ -212,6 +212,8 @@ class Engine:
     @cached_property
     def text_width(self) -> int:
         """Width of a prompt embedding (the text encoder's hidden size)."""
+        if not (self.folder / "text_encoder").is_dir():  # said as the text encoder says it
+            raise QimgError(f"{self.folder / 'text_encoder'} is missing: the model folder is incomplete")
         return self._config(Qwen2Config, "text_encoder").hidden_size
 
     def latent_spec(self, width: int, height: int) -> dict:
