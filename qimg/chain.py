@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .canvas import Canvas, edited, grow
+from .canvas import Canvas, edited, grow, window_size
 from .cli import check_edit, inpaint_mask, outpaint_margins, progress_bars, step_callback
 from .errors import QimgError, UsageError, failure_line
 from .masks import ensure_not_empty
@@ -158,7 +158,7 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
         if p.margins:
             canvas, _ = grow(canvas, p.margins, p.step.options["feather"])
         key = key_of(key, p.step.kind, args, array_hash(p.mask), p.margins)
-        hit = store.get("chain", key) if store else None
+        hit = store.get("chain", key, expected(engine, canvas)) if store else None
         if hit:
             tensors = hit[0]
             canvas = edited(canvas, p.mask, tensors["latent"]) if "latent" in tensors else Canvas.start(
@@ -182,6 +182,12 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int):
                        mask_sha256=array_hash(p.mask), margins=p.margins, key=key[:16],
                        cache="off" if store is None else "hit" if hit else "miss", steps_run=ran)
         yield p, canvas, lineage
+
+
+def expected(engine, canvas: Canvas) -> list:
+    """What a cached edit of `canvas` may hold: the latent of its window, or pixels of its size."""
+    width, height = window_size(canvas.size, canvas.origin)
+    return [engine.latent_spec(width, height), {"pixels": ("uint8", (canvas.size[1], canvas.size[0], 3))}]
 
 
 def _tensors(canvas: Canvas) -> dict:

@@ -64,7 +64,7 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(
     help="Latent and prompt cache folder [default: $QIMG_CACHE_DIR, else the user cache folder].")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")]
 CacheSizeOpt = Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True,
-                                           help="Cache size cap; least recently used entries go first.")]
+                                           help="Cache size cap; least recently used entries go first; 0: no cache.")]
 StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0,
                                             help="How far to re-noise the masked area; 1 = from scratch.")]
 AttnMaskOpt = Annotated[str, typer.Option(help="on: kept pixels never attend to the edit (seed's dynamic mask); off.")]
@@ -97,14 +97,15 @@ def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[i
 
 
 def open_cache(folder: Optional[Path], off: bool, size: str):
-    """The latent and prompt store, or None with --no-cache; checked before any work."""
+    """The latent and prompt store, or None with --no-cache or --cache-size 0; checked before any work (and
+    before torch is imported)."""
     from .cache import Store, default_cache_dir, parse_bytes
 
     try:
         max_bytes = parse_bytes(size)
     except ValueError as e:
         raise UsageError(f"--cache-size {e}") from None
-    if off:
+    if off or max_bytes == 0:
         return None
     return Store(folder or default_cache_dir(), max_bytes, lambda message: print(f"qimg: warning: {message}",
                                                                                  file=sys.stderr))
