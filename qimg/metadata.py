@@ -33,7 +33,7 @@ def read_params(path: Path) -> dict:
         raise QimgError(f"{path} carries no qimg parameters (only PNG outputs of qimg do, and other programs "
                         "may drop them when they re-save a file)")
     try:
-        params = json.loads(text)
+        params = json.loads(text, parse_constant=_not_a_number)
     except ValueError as e:
         raise QimgError(f"{path}: its qimg parameters are not valid JSON ({e})") from None
     except RecursionError:
@@ -41,6 +41,10 @@ def read_params(path: Path) -> dict:
     if not isinstance(params, dict):
         raise QimgError(f"{path}: its qimg parameters are not a JSON object")
     return params
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")  # json.loads takes NaN and Infinity; qimg never writes them
 
 
 def describe(params: dict) -> str:

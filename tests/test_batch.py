@@ -132,11 +132,11 @@ def test_outpaint_batch_from_a_glob(tiny_model_dir, folder, tmp_path, capsys):
     (["PHOTOS/a.png", "PHOTOS/a.jpg"], "would both write"),
     (["PHOTOS/a.png", "--mask", "m.png", "--mask-dir", "MASKS"], "not both"),
 ])
-def test_batch_usage_errors(folder, tmp_path, capsys, args, fragment):
+def test_batch_usage_errors(configs_only, folder, tmp_path, capsys, args, fragment):
     photos, masks = folder
     Image.new("RGB", (8, 8)).save(photos / "a.jpg")
     args = [a.replace("PHOTOS", str(photos)).replace("MASKS", str(masks)) for a in args]
-    code, _, err = qimg(capsys, "inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", tmp_path)
+    code, _, err = qimg(capsys, "inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", configs_only)
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
@@ -183,11 +183,11 @@ def test_existing_outputs_refuse_the_batch_up_front_unless_told(tiny_model_dir, 
         assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
 
 
-def test_an_output_that_would_replace_another_input_is_refused(folder, tmp_path, capsys):
+def test_an_output_that_would_replace_another_input_is_refused(configs_only, folder, tmp_path, capsys):
     photos, _ = folder
     Image.new("RGB", (8, 8)).save(photos / "a.inpaint.png")
     code, _, err = qimg(capsys, "inpaint", photos / "a.png", photos / "a.inpaint.png", "-p", "x", "--rect", "0,0,9,9",
-                        "-m", tmp_path, "--overwrite")
+                        "-m", configs_only, "--overwrite")
     assert code == 2 and "is an input and the output of" in err and "--out-dir" in err, err
 
 
