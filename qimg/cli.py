@@ -249,9 +249,11 @@ def inpaint_mask(size, picture, image: Path, mask, rect, mask_resize, invert_mas
         if alpha is None:
             raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
         parts.append(alpha)
-    m = np.maximum.reduce(parts)
+    m = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
+    # One step at a time, each dropping the last: a 4000x4000 mask is 64 MB, and a chain builds one per edit.
     m = masks.invert(m) if invert_mask else m
-    return masks.feather(masks.grow(m, grow), feather)
+    m = masks.grow(m, grow) if grow else m
+    return masks.feather(m, feather) if feather else m
 
 
 def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:

@@ -260,3 +260,33 @@ def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_pa
                             "--out-dir", out, "-m", tiny_model_dir, *COMMON)
     assert code == 130 and err.strip().splitlines()[-1] == f"qimg: interrupted after writing {out / 'a.inpaint.png'}"
     assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png"] and leftovers(out) == []
+
+
+def test_an_output_never_replaces_a_mask_the_batch_reads_even_with_overwrite(configs_only, tmp_path, capsys):
+    """--mask-dir and --out-dir one folder, and an input named like another's output: x.png's output would be
+    the mask of x.inpaint.png, which the batch reads later. Refused up front, --overwrite or not."""
+    (tmp_path / "in").mkdir(), (tmp_path / "other").mkdir(), (tmp_path / "shared").mkdir()
+    for name in ["in/x.png", "other/x.inpaint.png"]:
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    for name in ["x.png", "x.inpaint.png"]:
+        Image.new("L", (32, 32), 255).save(tmp_path / "shared" / name)
+    before = {p: p.read_bytes() for p in (tmp_path / "shared").iterdir()}
+    shared = tmp_path / "shared"
+    for flags in ([], ["--overwrite"], ["--skip-existing"]):
+        code, lines, err = qimg(capsys, "inpaint", tmp_path / "in" / "x.png", tmp_path / "other" / "x.inpaint.png",
+                                "-p", "x", "--mask-dir", shared, "--out-dir", shared, "-m", configs_only, *flags)
+        assert code == 2 and lines == [] and len(err.strip().splitlines()) == 1, err
+        for fragment in [str(shared / "x.inpaint.png"), f"the mask of {tmp_path / 'other' / 'x.inpaint.png'}",
+                         "never replaces"]:
+            assert fragment in err, err
+    assert {p: p.read_bytes() for p in shared.iterdir()} == before
+
+
+def test_out_dir_that_is_a_file_is_a_usage_error(configs_only, folder, tmp_path, capsys):
+    photos, _ = folder
+    (tmp_path / "taken").write_text("notes")
+    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--rect", "0,0,9,9",
+                            "--out-dir", tmp_path / "taken", "-m", configs_only)
+    assert code == 2 and lines == [] and err.strip() == f"qimg: error: --out-dir {tmp_path / 'taken'} is a file; " \
+                                                        "give a folder", err
+    assert (tmp_path / "taken").read_text() == "notes"
