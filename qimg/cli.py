@@ -116,12 +116,20 @@ def speed_options(offload: str, compile_: bool, attention: str, vae_tiling: str)
     return dict(offload=offload, compile=compile_, attention=attention, vae_tiling=vae_tiling)
 
 
-def open_engine(model: Optional[str], device: str, dtype: str, cache=None, speed: Optional[dict] = None):
-    """speed: the Engine's offload, compile, attention and vae_tiling options (`speed_options`)."""
-    from .engine import Engine
-    from .weights import resolve_model
+def resolve_model(model: Optional[str]) -> Path:
+    """The model folder --model names (weights.resolve_model): every command finds it first, so a wrong
+    --model shows before any input is read or planned."""
+    from .weights import resolve_model as resolve
 
-    return Engine(resolve_model(model), device, dtype, cache, **(speed or {}))
+    return resolve(model)
+
+
+def open_engine(folder: Path, device: str, dtype: str, cache=None, speed: Optional[dict] = None):
+    """folder: from resolve_model; speed: the Engine's offload, compile, attention and vae_tiling options
+    (`speed_options`)."""
+    from .engine import Engine
+
+    return Engine(folder, device, dtype, cache, **(speed or {}))
 
 
 def progress_bars():
@@ -180,6 +188,7 @@ def generate(
 ):
     """Generate an image from a prompt."""
     started = time.perf_counter()
+    folder = resolve_model(model)
     width, height = parse_size(size) if size else (None, None)
     seed = secrets.randbelow(2**32) if seed is None else seed
     from .files import check_output, default_output
@@ -187,7 +196,7 @@ def generate(
 
     out = out or default_output(f"qimg-{seed}", numbered=not overwrite)
     check_output(out, overwrite)
-    engine = open_engine(model, device, dtype, open_cache(cache_dir, no_cache, cache_size),
+    engine = open_engine(folder, device, dtype, open_cache(cache_dir, no_cache, cache_size),
                          speed_options(offload, compile_, attention, vae_tiling))
     d = engine.defaults
     width, height = width or d.width, height or d.height
@@ -225,14 +234,14 @@ def check_edit(strength: float, attn_mask: str) -> None:
         raise UsageError(f"--attn-mask {attn_mask!r}: expected on or off")
 
 
-def inpaint_mask(pixels, picture, image: Path, mask, rect, mask_resize, invert_mask, grow, feather):
-    """The final inpaint mask from the options: --mask and --rect (union), else the input's transparency
-    (`picture`, None when there is none to use); then invert, grow, feather."""
+def inpaint_mask(size, picture, image: Path, mask, rect, mask_resize, invert_mask, grow, feather):
+    """The final inpaint mask on an image of size (W, H) from the options: --mask and --rect (union), else the
+    input's transparency (`picture`, None when there is none to use); then invert, grow, feather."""
     import numpy as np
 
     from . import masks
 
-    height, width = pixels.shape[:2]
+    width, height = size
     parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
     if rect:
         parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
@@ -241,9 +250,11 @@ def inpaint_mask(pixels, picture, image: Path, mask, rect, mask_resize, invert_m
         if alpha is None:
             raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
         parts.append(alpha)
-    m = np.maximum.reduce(parts)
+    m = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
+    # One step at a time, each dropping the last: a 4000x4000 mask is 64 MB, and a chain builds one per edit.
     m = masks.invert(m) if invert_mask else m
-    return masks.feather(masks.grow(m, grow), feather)
+    m = masks.grow(m, grow) if grow else m
+    return masks.feather(m, feather) if feather else m
 
 
 def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:
@@ -264,15 +275,20 @@ def run_edit(kind: str, images: list[Path], build_mask, out: Optional[Path], out
     or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
     and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
     of a write still ends it at once. The model loads once, for the first input that needs it."""
-    from .batch import check_distinct_outputs, check_outputs_free, expand_inputs, file_seed, output_name
+    from .batch import (check_distinct_outputs, check_outputs_free, check_reads_kept, expand_inputs, file_seed,
+                        output_name)
 
     check_edit(sampling["strength"], sampling["attn_mask"])
     if skip_existing and overwrite:
         raise UsageError("give --skip-existing or --overwrite, not both")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file; give a folder")
     files, batch = expand_inputs(images)
     if batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     check_distinct_outputs(files, kind, out_dir)
+    if batch:
+        check_reads_kept(files, kind, out_dir, reads)
     if batch and not (skip_existing or overwrite):
         check_outputs_free(files, kind, out_dir)
     engine = functools.cache(open_model)
@@ -387,14 +403,15 @@ def inpaint(
         return mask or (mask_dir and mask_for(mask_dir, image))
 
     def build_mask(image, pixels, picture):
-        return pixels, inpaint_mask(pixels, picture, image, mask_file(image), rect, mask_resize, invert_mask, grow,
-                                    feather)
+        return pixels, inpaint_mask(pixels.shape[1::-1], picture, image, mask_file(image), rect, mask_resize,
+                                    invert_mask, grow, feather)
 
+    folder = resolve_model(model)
     store = open_cache(cache_dir, no_cache, cache_size)
     speed = speed_options(offload, compile_, attention, vae_tiling)
     run_edit("inpaint", images, build_mask, out, out_dir, skip_existing, overwrite, seed,
              edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
-             lambda: open_engine(model, device, dtype, store, speed), json_, lambda image: (mask_file(image),))
+             lambda: open_engine(folder, device, dtype, store, speed), json_, lambda image: (mask_file(image),))
 
 
 def edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context) -> dict:
@@ -430,11 +447,12 @@ def outpaint(
         return masks.outpaint_canvas(pixels, outpaint_margins(size, left, right, top, bottom, expand, to, anchor),
                                      feather)
 
+    folder = resolve_model(model)
     store = open_cache(cache_dir, no_cache, cache_size)
     speed = speed_options(offload, compile_, attention, vae_tiling)
     run_edit("outpaint", images, build_mask, out, out_dir, skip_existing, overwrite, seed,
              edit_sampling(prompt, negative_prompt, steps, cfg, strength, attn_mask, context), preset,
-             lambda: open_engine(model, device, dtype, store, speed), json_)
+             lambda: open_engine(folder, device, dtype, store, speed), json_)
 
 
 @app.command()
@@ -462,11 +480,12 @@ def chain(
     from .metadata import output_params
 
     started = time.perf_counter()
+    folder = resolve_model(model)
     store = open_cache(cache_dir, no_cache, cache_size)
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed)) if v is not None}
     edits = chains.read_chain(ctx, chain_file, given)
     pixels, picture = load_image(image)
-    planned = chains.plan(edits, pixels, picture)
+    planned = chains.plan(edits, pixels.shape[1::-1], picture)
     seed = secrets.randbelow(2**32) if seed is None else seed
     reads = chains.files_read(chain_file, edits)  # never written, --overwrite or not
     out = edit_output(image, out, None, "chain", overwrite, read_only=reads)
@@ -475,7 +494,7 @@ def chain(
         check_output(step_file, overwrite, (image,), reads, "--keep-steps file")
         if step_file.resolve() == out.resolve():
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
-    engine = open_engine(model, device, dtype, store, speed_options(offload, compile_, attention, vae_tiling))
+    engine = open_engine(folder, device, dtype, store, speed_options(offload, compile_, attention, vae_tiling))
 
     def params(canvas, lineage: list) -> dict:
         width, height = canvas.size
@@ -484,7 +503,7 @@ def chain(
                              seed=seeds[0] if len(seeds) == 1 else seeds, width=width, height=height)
 
     lineage = []
-    for done, canvas, entry in chains.run(engine, planned, pixels, seed):
+    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed):
         lineage.append(entry)
         if done.step.index in step_files:
             save_output(engine, step_files[done.step.index], params(canvas, lineage), engine.render(canvas),

@@ -29,7 +29,7 @@ from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
-from .weights import load_module, read_config
+from .weights import load_module, read_config, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
@@ -57,7 +57,7 @@ class Defaults:
         file = folder / "qimg.json"
         if not file.is_file():
             return cls()
-        d = json.loads(file.read_text())
+        d = read_json_object(file)
         names = {f.name for f in fields(cls)}
         unknown = sorted(d.keys() - names)
         if unknown:
