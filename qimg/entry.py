@@ -30,9 +30,12 @@ def _open_standard_files() -> None:
 
 def main() -> None:
     _open_standard_files()
-    for signum in STOPS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _stop_while_starting)
+    taken = [signum for signum in STOPS if signal.getsignal(signum) is not signal.SIG_IGN]
+    for signum in taken:
+        signal.signal(signum, _stop_while_starting)
     from .cli import run
 
-    sys.exit(run(sys.argv[1:]))
+    code = run(sys.argv[1:])
+    for signum in taken:  # the run is over and has said so: a signal now changes nothing
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
