@@ -47,7 +47,7 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
             with Image.open(path) as img:
                 check_pixels(img.size, f"{what} {path}")
                 animated = getattr(img, "is_animated", False)
-                upright = ImageOps.exif_transpose(img)
+                upright = ImageOps.exif_transpose(_rounded_16_bit(img, path))
                 upright.load()
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
@@ -70,6 +70,25 @@ def read_image(path: Path, what: str = "image") -> Image.Image:
     if animated:
         warnings.warn(f"{what} {path} is animated; using its first frame", QimgWarning, stacklevel=2)
     return upright
+
+
+# Pillow reads a 16-bit RGB(A) PNG as 8-bit by keeping each sample's high byte; read little-endian, the same
+# samples give their low bytes.
+LOW_BYTES = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+
+def _rounded_16_bit(img: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit RGB(A) PNG as 8 bits rounded, round(v / 257) as for 16-bit greyscale, instead of Pillow's
+    high byte (v >> 8): its low bytes are decoded a second time and combined. Any other image as it is."""
+    tile = img.tile[0] if img.format == "PNG" and len(img.tile) == 1 else None
+    if tile is None or not isinstance(tile.args, str) or tile.args not in LOW_BYTES:
+        return img
+    with Image.open(path) as low:
+        low.tile = [tile._replace(args=LOW_BYTES[tile.args])]
+        v = np.asarray(img).astype(np.uint32) * 256 + np.asarray(low)
+    rounded = Image.fromarray(((v + 128) // 257).astype(np.uint8), img.mode)
+    rounded.info = dict(img.info)  # its EXIF orientation and text chunks
+    return rounded
 
 
 def check_pixels(size: tuple[int, int], what: str, fix: str = "downscale it first") -> None:

@@ -149,3 +149,17 @@ def test_json_on_an_ascii_stdout_stays_valid(tmp_path, tiny_model_dir):
     assert json.loads(result.stdout)["prompt"] == "一只猫"
     info = qimg_process("info", out, "--json", env={"PYTHONIOENCODING": "ascii", "LC_ALL": "C"})
     assert info.returncode == 0 and json.loads(info.stdout)["prompt"] == "一只猫"
+
+
+@pytest.mark.parametrize("colour_type, channels", [(2, 3), (6, 4)])
+def test_16_bit_rgb_pngs_round_to_8_bits(tmp_path, colour_type, channels):
+    """round(v / 257), as the README says and 16-bit greyscale does; not Pillow's high byte (v >> 8)."""
+    from qimg.files import read_image
+
+    v = np.random.default_rng(1).integers(0, 65536, (6, 5, channels)).astype(">u2")
+    raw = v.view(np.uint8).reshape(6, -1)
+    up = (raw[1:].astype(int) - raw[:-1]) % 256  # rows after the first use PNG's Up filter
+    rows = b"\0" + raw[0].tobytes() + b"".join(b"\2" + r.astype(np.uint8).tobytes() for r in up)
+    path = tmp_path / "deep.png"
+    path.write_bytes(raw_png(5, 6, 16, colour_type, rows))
+    assert np.asarray(read_image(path)).tolist() == np.round(v / 257).astype(np.uint8).tolist()
