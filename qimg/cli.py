@@ -528,7 +528,7 @@ def chain(
             save_output(engine, step_files[done.step.index], params(canvas, lineage), engine.render(canvas),
                         overwrite=overwrite)
     final = params(canvas, lineage)
-    out = save_output(engine, out, final, engine.render(canvas), overwrite, next_free)
+    out = save_output(engine, out, final, engine.render(canvas), overwrite=overwrite, next_free=next_free)
     report(out, final, started, json_)
 
 
