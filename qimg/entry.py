@@ -12,7 +12,10 @@ from .errors import STOPS
 
 
 def _stop_while_starting(signum, _frame):
-    os.write(2, f"qimg: {STOPS[signum]}; nothing written\n".encode())
+    try:
+        os.write(2, f"qimg: {STOPS[signum]}; nothing written\n".encode())
+    except OSError:  # stderr is a broken pipe
+        pass
     os._exit(128 + signum)
 
 
