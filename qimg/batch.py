@@ -3,6 +3,7 @@ every problem with the arguments shows before a model loads."""
 
 import glob
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads) 
 def check_outputs_free(files: list[Path], kind: str, out_dir: Path | None) -> None:
     """Refuse, before anything runs, a batch whose outputs exist already: without --skip-existing or
     --overwrite it is unclear whether the user means to resume or to redo, and a guess costs work or files."""
-    taken = [out for out in (output_name(f, kind, out_dir) for f in files) if out.exists()]
+    outputs = (output_name(f, kind, out_dir) for f in files)
+    taken = [out for out in outputs if os.path.lexists(out)]  # a dangling symlink too
     if taken:
         named = ", ".join(map(str, taken[:3])) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
         raise UsageError(f"{len(taken)} of {len(files)} outputs exist already ({named}); pass --skip-existing to "

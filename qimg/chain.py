@@ -43,6 +43,7 @@ class Step:
 class Planned:
     step: Step
     margins: tuple[int, int, int, int] | None  # outpaint: (left, right, top, bottom)
+    size: tuple[int, int]  # (W, H) of the canvas after this edit
 
 
 def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
@@ -123,7 +124,7 @@ def plan(steps: list[Step], size: tuple[int, int], picture) -> list[Planned]:
             else:
                 margins = None
                 ensure_not_empty(edit_mask(step, size, picture), "the mask")
-            planned.append(Planned(step, margins))
+            planned.append(Planned(step, margins, size))
         except QimgError as e:
             raise QimgError(f"{step.where}: {e}", e.code) from None
     return planned

@@ -18,7 +18,7 @@ import typer
 from typer.exceptions import TyperException
 
 from . import presets
-from .errors import Interrupted, OutputExists, QimgError, QimgWarning, UsageError, failure_line, signals_raise
+from .errors import Interrupted, OutputExists, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -107,8 +107,7 @@ def open_cache(folder: Optional[Path], off: bool, size: str):
         raise UsageError(f"--cache-size {e}") from None
     if off or max_bytes == 0:
         return None
-    return Store(folder or default_cache_dir(), max_bytes, lambda message: print(f"qimg: warning: {message}",
-                                                                                 file=sys.stderr))
+    return Store(folder or default_cache_dir(), max_bytes, lambda message: say(f"qimg: warning: {message}"))
 
 
 def speed_options(offload: str, compile_: bool, attention: str, vae_tiling: str) -> dict:
@@ -160,20 +159,32 @@ def step_callback(progress, total: int, label: str):
 written: list[Path] = []  # files this run has saved, in order: an interrupted run names them
 
 
-def save_output(engine, out: Path, params: dict, image, latent=None, overwrite: bool = False) -> None:
+def save_output(engine, out: Path, params: dict, image, latent=None, overwrite: bool = False,
+                next_free=None) -> Path:
     """The one way an output is written: atomically (files.save_image; an existing file only with
-    `overwrite`), with its parameters (metadata.py), recorded in `written` for the interrupted message; then
-    `latent` (when it stands for the image 1:1) is cached under its pixels. Only PNG keeps those pixels
-    exactly, so only a PNG output's latent can be found again."""
+    `overwrite`; a default numbered name taken meanwhile gives way to `next_free()`), with its parameters
+    (metadata.py), recorded in `written` for the interrupted message; then `latent` (when it stands for the
+    image 1:1) is cached under its pixels. Only PNG keeps those pixels exactly, so only a PNG output's
+    latent can be found again. Returns where the image went."""
     from PIL import Image
 
     from .files import save_image
     from .metadata import png_text
 
-    save_image(Image.fromarray(image), out, png_text(params), overwrite)
+    out = save_image(Image.fromarray(image), out, png_text(params), overwrite, next_free)
     written.append(out)
     if out.suffix.lower() == ".png":
         engine.cache_latent(image, latent)
+    return out
+
+
+def default_name(stem: str, folder: Path, numbered: bool):
+    """A default output name (files.default_output) and, when it is numbered, how to find the next free one
+    should another run take it first; else None."""
+    from .files import default_output
+
+    return default_output(stem, folder, numbered), (functools.partial(default_output, stem, folder) if numbered
+                                                    else None)
 
 
 @app.command()
@@ -191,15 +202,16 @@ def generate(
     folder = resolve_model(model)
     width, height = parse_size(size) if size else (None, None)
     seed = secrets.randbelow(2**32) if seed is None else seed
-    from .files import check_output, default_output
+    from .files import check_format_size, check_output
     from .metadata import output_params
 
-    out = out or default_output(f"qimg-{seed}", numbered=not overwrite)
-    check_output(out, overwrite)
+    out, next_free = (out, None) if out else default_name(f"qimg-{seed}", Path("."), not overwrite)
+    check_output(out, overwrite, size=(width, height) if width else None)
     engine = open_engine(folder, device, dtype, open_cache(cache_dir, no_cache, cache_size),
                          speed_options(offload, compile_, attention, vae_tiling))
     d = engine.defaults
     width, height = width or d.width, height or d.height
+    check_format_size(out, (width, height))
     steps, cfg = steps or d.steps, d.cfg if cfg is None else cfg
     negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
     with progress_bars() as progress:
@@ -207,7 +219,7 @@ def generate(
         result = engine.generate(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
     params = output_params("generate", engine, preset, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
                            width=width, height=height, steps=steps, cfg=cfg)
-    save_output(engine, out, params, result.image, result.latent, overwrite)
+    out = save_output(engine, out, params, result.image, result.latent, overwrite, next_free)
     report(out, {**params, **cache_use(result)}, started, json_)
 
 
@@ -216,15 +228,17 @@ def cache_use(result) -> dict:
 
 
 def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
-                batch: bool = False, inputs=(), read_only=()) -> Path:
-    """Where an edit goes, checked by files.check_output: --out, or `<stem>.<kind>.png` in --out-dir or beside
-    the input. A single run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps
-    it. An existing file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
-    from .files import check_output, default_output
+                batch: bool = False, inputs=(), read_only=(), size=None):
+    """Where an edit goes, checked by files.check_output (`size`: the result's, if known), and the
+    `next_free` for save_output: --out, or `<stem>.<kind>.png` in --out-dir or beside the input. A single
+    run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps it. An existing
+    file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
+    from .files import check_output
 
-    target = out or default_output(f"{image.stem}.{kind}", out_dir or image.parent, numbered=not (batch or overwrite))
-    check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output")
-    return target
+    target, next_free = (out, None) if out else default_name(f"{image.stem}.{kind}", out_dir or image.parent,
+                                                             not (batch or overwrite))
+    check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output", size)
+    return target, next_free
 
 
 def check_edit(strength: float, attn_mask: str) -> None:
@@ -297,13 +311,14 @@ def run_edit(kind: str, images: list[Path], build_mask, out: Optional[Path], out
         files_task = progress.add_task("images", total=len(files), rate="") if batch else None
         for image in files:
             started, done = time.perf_counter(), out or output_name(image, kind, out_dir)
-            if skip_existing and done.exists():
+            if skip_existing and os.path.lexists(done):  # a dangling symlink exists too
                 report_skip(image, done, as_json)
             else:
                 failure = None
                 try:
                     canvas, mask = prepare_edit(image, build_mask)
-                    target = edit_output(image, out, out_dir, kind, overwrite, batch, files, reads(image))
+                    target = edit_output(image, out, out_dir, kind, overwrite, batch, files, reads(image),
+                                         canvas.shape[1::-1])
                 except QimgError as e:
                     failure = e
                 else:
@@ -335,7 +350,8 @@ def prepare_edit(image: Path, build_mask):
     return canvas, mask
 
 
-def edit_one(kind, image, canvas, mask, out, seed, sampling, preset, engine, progress, started, as_json, overwrite):
+def edit_one(kind, image, canvas, mask, target, seed, sampling, preset, engine, progress, started, as_json, overwrite):
+    """target: edit_output's (path, next_free)."""
     from .cache import array_hash
     from .masks import selected_area
     from .metadata import output_params
@@ -356,22 +372,44 @@ def edit_one(kind, image, canvas, mask, out, seed, sampling, preset, engine, pro
                            attn_mask=sampling["attn_mask"], context=sampling["context"], input=str(image),
                            mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(edit.box),
                            work_size=list(edit.work_size), latent_cache=edit.latent_cache)
-    save_output(engine, out, params, edit.image, edit.latent, overwrite)
+    out = save_output(engine, target[0], params, edit.image, edit.latent, overwrite, target[1])
     report(out, {**params, **cache_use(edit)}, started, as_json)
 
 
 def report_skip(image: Path, out: Path, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"input": str(image), "output": str(out), "skipped": True}, ensure_ascii=False))
+        print_result(json_line({"input": str(image), "output": str(out), "skipped": True}))
     else:
-        print(f"{out}  exists, skipped", file=sys.stderr)
+        say(f"{out}  exists, skipped")
 
 
 def report_failure(image: Path, error: QimgError, as_json: bool) -> None:
     message = str(error) if str(image) in str(error) else f"{image}: {error}"
     if as_json:
-        print(json.dumps({"input": str(image), "error": message}, ensure_ascii=False))
-    print(f"qimg: error: {message}", file=sys.stderr)
+        print_result(json_line({"input": str(image), "error": message}))
+    say(f"qimg: error: {message}")
+
+
+def json_line(obj) -> str:
+    """One line of JSON for stdout: non-ASCII kept where stdout can encode it, else escaped (LANG=C, a lone
+    surrogate), so the line is valid JSON either way."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text
+
+
+def print_result(text: str) -> None:
+    """Results go to stdout. If its reader has gone (`qimg ... --json | head -n1`), the rest are dropped
+    and the run goes on: every output is still written, and errors and the summary still go to stderr."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # so later prints and the flush at exit go nowhere
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 @app.command()
@@ -488,10 +526,11 @@ def chain(
     planned = chains.plan(edits, pixels.shape[1::-1], picture)
     seed = secrets.randbelow(2**32) if seed is None else seed
     reads = chains.files_read(chain_file, edits)  # never written, --overwrite or not
-    out = edit_output(image, out, None, "chain", overwrite, read_only=reads)
+    sizes = {p.step.index: p.size for p in planned}  # each edit's result, (width, height)
+    out, next_free = edit_output(image, out, None, "chain", overwrite, read_only=reads, size=sizes[edits[-1].index])
     step_files = chains.step_files(image, edits, keep_steps) if keep_steps is not None else {}
-    for step_file in step_files.values():
-        check_output(step_file, overwrite, (image,), reads, "--keep-steps file")
+    for index, step_file in step_files.items():
+        check_output(step_file, overwrite, (image,), reads, "--keep-steps file", sizes[index])
         if step_file.resolve() == out.resolve():
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
     engine = open_engine(folder, device, dtype, store, speed_options(offload, compile_, attention, vae_tiling))
@@ -509,7 +548,7 @@ def chain(
             save_output(engine, step_files[done.step.index], params(canvas, lineage), engine.render(canvas),
                         overwrite=overwrite)
     final = params(canvas, lineage)
-    save_output(engine, out, final, engine.render(canvas), overwrite=overwrite)
+    out = save_output(engine, out, final, engine.render(canvas), overwrite=overwrite, next_free=next_free)
     report(out, final, started, json_)
 
 
@@ -518,8 +557,8 @@ def list_presets(ctx: typer.Context):
     """List the bundled presets: the commands each fits, its file and its contents."""
     for name, path in presets.bundled().items():
         fits = presets.fitting_commands(ctx.parent.command, presets.read_yaml(path, "preset"))
-        print(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
-        print("".join(f"    {line}\n" for line in path.read_text().splitlines()))
+        print_result(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
+        print_result("".join(f"    {line}\n" for line in path.read_text().splitlines()))
 
 
 @app.command()
@@ -527,18 +566,18 @@ def info(
     image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
 ):
     """Print the parameters that made an image (stored in its PNG text chunk)."""
-    from .metadata import as_json, describe, read_params
+    from .metadata import describe, read_params
 
     params = read_params(image)
-    print(as_json(params) if json_ else describe(params))
+    print_result(json_line(params) if json_ else describe(params))
 
 
 def report(out: Path, params: dict, started: float, as_json: bool) -> None:
     seconds = round(time.perf_counter() - started, 3)
     if as_json:
-        print(json.dumps({"output": str(out), **params, "seconds": seconds}, ensure_ascii=False))
+        print_result(json_line({"output": str(out), **params, "seconds": seconds}))
     else:
-        print(f"{out}  seed {params['seed']}  {params['width']}x{params['height']}  {seconds:.1f} s", file=sys.stderr)
+        say(f"{out}  seed {params['seed']}  {params['width']}x{params['height']}  {seconds:.1f} s")
 
 
 def run(args: list[str]) -> int:
@@ -551,22 +590,22 @@ def run(args: list[str]) -> int:
         return code if isinstance(code, int) else 0
     except TyperException as e:
         if e.format_message():  # empty after no-args help
-            print(f"qimg: error: {e.format_message()}", file=sys.stderr)
+            say(f"qimg: error: {e.format_message()}")
         return e.exit_code
     except Interrupted as e:
         done = "; nothing written" if not written else f" after writing {written[-1]}" + (
             f" and {len(written) - 1} more" if len(written) > 1 else "")
-        print(f"qimg: {e.what}{done}", file=sys.stderr)
+        say(f"qimg: {e.what}{done}")
         return e.code
     except QimgError as e:
         if debug:
             raise
-        print(f"qimg: error: {e}", file=sys.stderr)
+        say(f"qimg: error: {e}")
         return e.code
     except Exception as e:
         if debug:
             raise
-        print(f"qimg: error: {failure_line(e)}", file=sys.stderr)
+        say(f"qimg: error: {failure_line(e)}")
         return 1
 
 
@@ -579,13 +618,9 @@ def warnings_as_lines():
 
         def show_line(message, category, *args, **kwargs):
             if issubclass(category, QimgWarning):
-                print(f"qimg: warning: {message}", file=sys.stderr)
+                say(f"qimg: warning: {message}")
             else:
                 show(message, category, *args, **kwargs)
 
         warnings.showwarning = show_line
         yield
-
-
-def main() -> None:
-    sys.exit(run(sys.argv[1:]))
