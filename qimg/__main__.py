@@ -1,3 +1,3 @@
-from .cli import main
+from .worker.client import main
 
 main()

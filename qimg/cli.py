@@ -19,6 +19,7 @@ from typer.exceptions import TyperException
 
 from . import presets
 from .errors import Interrupted, OutputExists, QimgError, QimgWarning, UsageError, failure_line, signals_raise
+from .worker.commands import app as worker_app
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -81,7 +82,9 @@ PresetOpt = Annotated[Optional[str], typer.Option(
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False):
+def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False,
+          no_worker: Annotated[bool, typer.Option(
+              "--no-worker", help="Run here even when a worker runs (also QIMG_WORKER=0); see `qimg worker`.")] = False):
     pass
 
 
@@ -119,8 +122,12 @@ def open_engine(model: Optional[str], device: str, dtype: str, cache=None, speed
     """speed: the Engine's offload, compile, attention and vae_tiling options (`speed_options`)."""
     from .engine import Engine
     from .weights import resolve_model
+    from .worker import warm
 
-    return Engine(resolve_model(model), device, dtype, cache, **(speed or {}))
+    folder, speed = resolve_model(model), speed or {}
+    engine = warm.engine(folder, device, dtype, speed, lambda: Engine(folder, device, dtype, cache, **speed))
+    engine.cache = cache  # a kept engine serves this job's cache
+    return engine
 
 
 def progress_bars():
@@ -493,6 +500,9 @@ def chain(
     report(out, final, started, json_)
 
 
+app.add_typer(worker_app, name="worker")
+
+
 @app.command("presets")
 def list_presets(ctx: typer.Context):
     """List the bundled presets: the commands each fits, its file and its contents."""
@@ -568,4 +578,6 @@ def warnings_as_lines():
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    from .worker.client import main as entry  # a running worker first, else run() here
+
+    entry()
