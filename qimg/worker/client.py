@@ -129,11 +129,12 @@ def maybe_submit(argv: list[str]) -> int | None:
     if mode == "0" or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS:
         return None
     try:
-        if mode == "auto":
-            start()
-        elif not paths.check_dir(paths.socket_dir(), create=False):
+        if not paths.check_dir(paths.socket_dir(), create=mode == "auto"):
             return None
         sock = connect()
+        if sock is None and mode == "auto":
+            start()
+            sock = connect()
     except (paths.Insecure, WorkerError, OSError) as e:
         print(f"qimg: warning: {e}; running without the worker", file=sys.stderr)
         return None

@@ -41,7 +41,7 @@ def status(json_: Annotated[bool, typer.Option("--json", help="Print one JSON ob
         model = (f"{loaded['model']} ({loaded['device']}, {loaded['dtype']}, offload {loaded['offload']})"
                  if loaded else "none")
         for name, value in (("pid", answer["pid"]), ("uptime", f"{answer['uptime']:.0f} s"), ("model", model),
-                            ("jobs run", answer["jobs_run"]), ("running", "yes" if answer["running"] else "no"),
+                            ("jobs run", answer["jobs_run"]), ("busy", "running a job" if answer["busy"] else "no"),
                             ("queued", answer["queued"]), ("memory", f"{answer['memory'] / 2**20:.0f} MiB"),
                             ("idle exit", f"{answer['idle_exit']:g} s"), ("socket", answer["socket"]),
                             ("log", answer["log"])):

@@ -138,7 +138,7 @@ class Worker:
     def status(self) -> dict:
         with self.cond:
             return dict(pid=os.getpid(), uptime=round(time.time() - self.born, 1), jobs_run=self.jobs_run,
-                        running=self.current is not None, queued=len(self.jobs), loaded=warm.summary(),
+                        busy=self.current is not None, queued=len(self.jobs), loaded=warm.summary(),
                         memory=resident_bytes(), idle_exit=self.idle, socket=str(self.path),
                         log=str(paths.log_path()), python=sys.executable)
 
