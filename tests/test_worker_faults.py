@@ -66,10 +66,12 @@ def test_ctrl_c_cancels_only_that_job(env, tiny_model_dir, tmp_path):
     start(env)
     slow = qimg(["generate", "-p", "x", "-m", tiny_model_dir, "-o", "slow.png", *SLOW], env, cwd=work, wait=False)
     wait_for_log(env, "-o slow.png")
-    queued = [qimg(["generate", "-p", "y", "-m", tiny_model_dir, "-o", f"{name}.png", "--size", "16x16", *FAST], env,
-                   cwd=work, wait=False) for name in ("kept", "dropped")]
-    while status(env)["queued"] < 2:
-        time.sleep(0.1)
+    queued = []
+    for name in ("kept", "dropped"):  # one after the other, so they queue in this order
+        queued.append(qimg(["generate", "-p", "y", "-m", tiny_model_dir, "-o", f"{name}.png", "--size", "16x16",
+                            *FAST], env, cwd=work, wait=False))
+        while status(env)["queued"] < len(queued):
+            time.sleep(0.1)
     queued[1].send_signal(signal.SIGINT)
     assert queued[1].communicate(timeout=60)[1].endswith("qimg: interrupted; nothing written\n")
     slow.send_signal(signal.SIGINT)
