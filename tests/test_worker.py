@@ -118,3 +118,13 @@ print(json.dumps(sorted(m for m in ("torch", "numpy", "PIL", "typer", "rich", "q
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
     assert list(tmp_path.glob("qimg-3*.png"))  # the job ran, in the worker
+
+
+def test_a_job_with_other_process_settings_runs_in_process(env, tiny_model_dir, tmp_path):
+    before = status(env)["jobs_run"]
+    result = qimg(["generate", "-p", "x", "-m", tiny_model_dir, "--size", "16x16", *FAST],
+                  {**env, "OMP_NUM_THREADS": "2"}, cwd=tmp_path)  # torch reads it once, at import
+    assert result.returncode == 0
+    assert result.stderr.startswith("qimg: warning: not using the qimg worker: it was started with other "
+                                    "OMP_NUM_THREADS; running in-process")
+    assert status(env)["jobs_run"] == before

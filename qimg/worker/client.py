@@ -186,6 +186,10 @@ def submit(sock: socket.socket, argv: list[str]) -> int | None:
             reply = messages.next()
             if reply is None:
                 break
+            if "refused" in reply:
+                print(f"qimg: warning: not using the qimg worker: {reply['refused']}; running in-process "
+                      f"(`qimg worker stop`, then start it from this environment)", file=sys.stderr)
+                return None
             if "queued" in reply:
                 pid = reply["pid"]
                 if reply["queued"]:

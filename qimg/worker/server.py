@@ -40,6 +40,19 @@ class Log:
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {message}\n")
 
 
+FIXED = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "OPENBLAS_")
+
+
+def fixed_settings(env: dict) -> dict:
+    """The environment a process reads once (torch's threads and devices, the hub's folders): a job whose
+    values differ from the worker's would not run as it would in-process."""
+    return {k: v for k, v in env.items() if k.startswith(FIXED)}
+
+
+def differences(ours: dict, theirs: dict) -> list[str]:
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+
+
 def peer_uid(conn: socket.socket) -> int:
     _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return uid
@@ -58,6 +71,7 @@ class Worker:
         self.cond = threading.Condition()
         self.stopping = False
         self.born, self.last, self.jobs_run = time.time(), time.monotonic(), 0
+        self.settings = fixed_settings(os.environ)
 
     # --- the acceptor and one thread per connection
     def accept(self) -> None:
@@ -88,27 +102,44 @@ class Worker:
                 self.log("stop requested")
                 self.stop()
                 send(conn, {"pid": os.getpid()})
-            conn.close()
+            self.hang_up(conn, messages)
         except Exception as e:  # a client that went away mid-message: nothing to tell anyone but the log
             self.log(f"connection: {type(e).__name__}: {e}")
             conn.close()
 
     def follow(self, job: Job, messages: Messages) -> None:
         """Queue the job, then wait for a cancel or the client going away (both cancel)."""
+        changed = differences(self.settings, fixed_settings(job.message["env"]))
         with self.cond:
-            if self.stopping or len(job.fds) != 3:
-                for fd in job.fds:
-                    os.close(fd)
-                return job.conn.close()  # the client runs the job in-process
-            send(job.conn, {"queued": len(self.jobs) + (self.current is not None), "pid": os.getpid()})
-            self.jobs.append(job)
-            self.cond.notify()
+            refused = "stopping" if self.stopping else f"{len(job.fds)} fds" if len(job.fds) != 3 else changed
+            if not refused:
+                send(job.conn, {"queued": len(self.jobs) + (self.current is not None), "pid": os.getpid()})
+                self.jobs.append(job)
+                self.cond.notify()
+        if refused:  # the client runs the job in-process
+            self.log(f"refused a job: {refused}")
+            for fd in job.fds:
+                os.close(fd)
+            if changed:
+                send_quietly(job.conn, {"refused": f"it was started with other {', '.join(changed)}"})
+            return self.hang_up(job.conn, messages)
         while True:
             message = messages.next()
             if message is None or "cancel" in message:
                 self.cancel(job, signal.SIGTERM if message and message["cancel"] == signal.SIGTERM else signal.SIGINT)
             if message is None:
                 return job.conn.close()
+
+    @staticmethod
+    def hang_up(conn: socket.socket, messages: Messages) -> None:
+        """Close once the client has: closing first could reset the connection before it reads the reply."""
+        conn.settimeout(10)
+        try:
+            while messages.next() is not None:
+                pass
+        except OSError:
+            pass
+        conn.close()
 
     def cancel(self, job: Job, signum: int) -> None:
         with self.cond:
