@@ -124,5 +124,6 @@ def test_a_stale_socket_is_replaced_and_idle_exit(tmp_path, monkeypatch):
     dead.close()
     pid = start(env, idle=2)
     assert stat.S_IMODE(os.stat(paths.socket_path()).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(f"{env['XDG_STATE_HOME']}/qimg/worker.log").st_mode) == 0o600  # jobs' argv
     gone(pid, within=15)
     assert not paths.socket_path().exists() and status(env) is None

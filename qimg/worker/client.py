@@ -105,7 +105,7 @@ def start(idle: float = DEFAULT_IDLE) -> tuple[int, bool]:
             os.unlink(path)  # stale: nothing listens (connect was refused)
         log = paths.log_path()
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+        with open(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:  # jobs' argv: yours
             process = subprocess.Popen(
                 [sys.executable, "-m", "qimg.worker.server", "--socket", str(path), "--idle", str(idle)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)

@@ -32,7 +32,9 @@ class Job:
 
 class Log:
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1, encoding="utf-8")
+        self.path = path
+        self.file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1,
+                         encoding="utf-8")
         self.lock = threading.Lock()
 
     def __call__(self, message: str) -> None:
@@ -171,7 +173,7 @@ class Worker:
             return dict(pid=os.getpid(), uptime=round(time.time() - self.born, 1), jobs_run=self.jobs_run,
                         busy=self.current is not None, queued=len(self.jobs), loaded=warm.summary(),
                         memory=resident_bytes(), idle_exit=self.idle, socket=str(self.path),
-                        log=str(paths.log_path()), python=sys.executable)
+                        log=str(self.log.path), python=sys.executable)
 
     # --- the main thread
     def serve(self) -> None:
