@@ -127,3 +127,16 @@ def test_a_stale_socket_is_replaced_and_idle_exit(tmp_path, monkeypatch):
     assert stat.S_IMODE(os.stat(f"{env['XDG_STATE_HOME']}/qimg/worker.log").st_mode) == 0o600  # jobs' argv
     gone(pid, within=15)
     assert not paths.socket_path().exists() and status(env) is None
+
+
+def test_sigterm_to_the_worker_ends_the_job_and_the_worker(env, tiny_model_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    pid = start(env)
+    client = qimg(["generate", "-p", "x", "-m", tiny_model_dir, "-o", "t.png", *SLOW], env, cwd=work, wait=False)
+    wait_for_log(env, "-o t.png")
+    os.kill(pid, signal.SIGTERM)
+    _, err = client.communicate(timeout=60)
+    assert (client.returncode, err) == (143, "qimg: terminated; nothing written\n")
+    gone(pid)
+    assert list(work.iterdir()) == [] and status(env) is None

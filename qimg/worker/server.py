@@ -13,7 +13,7 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths, warm
@@ -27,7 +27,6 @@ class Job:
     fds: list
     running: bool = False
     cancelled: int | None = None  # the signal a cancel asked for
-    started: float = field(default_factory=time.monotonic)
 
 
 class Log:
@@ -122,7 +121,7 @@ class Worker:
             self.log(f"refused a job: {refused}")
             for fd in job.fds:
                 os.close(fd)
-            if changed:
+            if refused is changed:  # worth a warning: the worker will not take this client's jobs
                 send_quietly(job.conn, {"refused": f"it was started with other {', '.join(changed)}"})
             return self.hang_up(job.conn, messages)
         while True:
@@ -190,13 +189,20 @@ class Worker:
                 send_quietly(job.conn, {"started": True})
             self.log(f"job: {' '.join(job.message['argv'])}")
             started = time.monotonic()
-            code = run_job(job)
+            try:
+                code = run_job(job)
+            except Exception as e:  # the hand-over itself failed; the client hears exit 1, the log why
+                self.log(f"job failed outside qimg: {type(e).__name__}: {e}")
+                code = 1
             with self.cond:
                 job.running = False
                 self.current, self.last = None, time.monotonic()
                 self.jobs_run += 1
                 self.close_job(job, {"exit": code})
             self.log(f"job done: exit {code} in {time.monotonic() - started:.2f} s")
+            if code == 128 + signal.SIGTERM and job.cancelled != signal.SIGTERM:
+                self.log("terminated (SIGTERM) during a job, exiting; queued jobs run in their clients")
+                return self.stop()
 
     def close_job(self, job: Job, message: dict) -> None:
         send_quietly(job.conn, message)
