@@ -53,7 +53,8 @@ def main():
             (tmp / mode).mkdir()
             script = tmp / f"{mode}.sh"
             script.write_text(loop_script(args.calls, tmp / mode, args.model, args.steps))
-            run_env = {**env, "QIMG_WORKER": "0" if mode == "cold" else "1", "QIMG_CACHE_DIR": str(tmp / f"cache-{mode}")}
+            run_env = {**env, "QIMG_WORKER": "0" if mode == "cold" else "1",
+                       "QIMG_CACHE_DIR": str(tmp / f"cache-{mode}")}
             if mode == "worker":
                 started = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "qimg", "worker", "start"], env=run_env, check=True)

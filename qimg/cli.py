@@ -84,7 +84,7 @@ PresetOpt = Annotated[Optional[str], typer.Option(
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False,
           no_worker: Annotated[bool, typer.Option(
-              "--no-worker", help="Run here even when a worker runs (also QIMG_WORKER=0); see `qimg worker`.")] = False):
+              "--no-worker", help="Run in this process even when a worker runs (also QIMG_WORKER=0).")] = False):
     pass
 
 

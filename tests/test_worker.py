@@ -128,3 +128,26 @@ def test_a_job_with_other_process_settings_runs_in_process(env, tiny_model_dir, 
     assert result.stderr.startswith("qimg: warning: not using the qimg worker: it was started with other "
                                     "OMP_NUM_THREADS; running in-process")
     assert status(env)["jobs_run"] == before
+
+
+def test_progress_bars_reach_a_terminal(env, tiny_model_dir, tmp_path):
+    """The client's stderr is a terminal: the job in the worker draws its bars there, as in-process."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    for mode in ("0", "1"):
+        before = status(env)["jobs_run"]
+        leader, follower = pty.openpty()
+        result = subprocess.run(
+            [sys.executable, "-m", "qimg", "generate", "-p", "x", "-m", str(tiny_model_dir), "--size", "16x16",
+             "-o", f"{mode}.png", "--steps", "3", *FAST[2:]], cwd=tmp_path, stdout=subprocess.DEVNULL,
+            stderr=follower, env={**os.environ, **env, "QIMG_WORKER": mode, "TERM": "xterm", "COLUMNS": "100"},
+            timeout=300)
+        os.close(follower)
+        text = os.read(leader, 1 << 20).decode()
+        os.close(leader)
+        assert result.returncode == 0
+        assert "generating" in text and "\x1b[" in text, text  # a drawn bar, with terminal codes
+        assert status(env)["jobs_run"] == before + (mode == "1")
