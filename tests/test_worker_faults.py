@@ -140,3 +140,15 @@ def test_sigterm_to_the_worker_ends_the_job_and_the_worker(env, tiny_model_dir, 
     assert (client.returncode, err) == (143, "qimg: terminated; nothing written\n")
     gone(pid)
     assert list(work.iterdir()) == [] and status(env) is None
+
+
+def test_two_clients_racing_to_auto_start_make_one_worker(tmp_path, tiny_model_dir):
+    env = worker_env(tmp_path)
+    try:
+        clients = [qimg(["generate", "-p", "x", "-m", tiny_model_dir, "--size", "16x16", "-o", f"{i}.png", *FAST],
+                        env, cwd=tmp_path, mode="auto", wait=False) for i in range(2)]
+        assert [c.wait(timeout=120) for c in clients] == [0, 0]
+        log = (tmp_path / "state" / "qimg" / "worker.log").read_text()
+        assert log.count("listening on") == 1 and log.count("job done: exit 0") == 2
+    finally:
+        stop(env)
