@@ -19,6 +19,7 @@ from typer.exceptions import TyperException
 
 from . import presets
 from .errors import Interrupted, OutputExists, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
+from .worker.commands import app as worker_app
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -81,7 +82,9 @@ PresetOpt = Annotated[Optional[str], typer.Option(
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False):
+def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False,
+          no_worker: Annotated[bool, typer.Option(
+              "--no-worker", help="Run in this process even when a worker runs (also QIMG_WORKER=0).")] = False):
     pass
 
 
@@ -127,8 +130,12 @@ def open_engine(folder: Path, device: str, dtype: str, cache=None, speed: Option
     """folder: from resolve_model; speed: the Engine's offload, compile, attention and vae_tiling options
     (`speed_options`)."""
     from .engine import Engine
+    from .worker import warm
 
-    return Engine(folder, device, dtype, cache, **(speed or {}))
+    speed = speed or {}
+    engine = warm.engine(folder, device, dtype, speed, lambda: Engine(folder, device, dtype, cache, **speed))
+    engine.cache = cache  # a kept engine serves this job's cache
+    return engine
 
 
 def progress_bars():
@@ -550,6 +557,9 @@ def chain(
     final = params(canvas, lineage)
     out = save_output(engine, out, final, engine.render(canvas), overwrite=overwrite, next_free=next_free)
     report(out, final, started, json_)
+
+
+app.add_typer(worker_app, name="worker")
 
 
 @app.command("presets")
