@@ -3,6 +3,7 @@ every problem with the arguments shows before a model loads."""
 
 import glob
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -73,10 +74,29 @@ def check_distinct_outputs(files: list[Path], kind: str, out_dir: Path | None) -
         seen[out] = f
 
 
+def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads) -> None:
+    """Refuse a batch in which an output would replace a file the batch reads (any input, any input's mask),
+    --overwrite or not: the files are read one after another, so a replaced one would be read as the new
+    picture. reads(image): the other files that input's edit reads; one it cannot name fails in its turn."""
+    read = {f.resolve(): f"input {f}" for f in files}
+    for f in files:
+        try:
+            others = reads(f)
+        except UsageError:
+            continue
+        read.update((p.resolve(), f"the mask of {f}") for p in others if p is not None and p.resolve() not in read)
+    for f in files:
+        out = output_name(f, kind, out_dir)
+        if out.resolve() in read:
+            raise UsageError(f"{out}, the output of {f}, is {read[out.resolve()]}, which this batch reads and never "
+                             "replaces; write the outputs elsewhere with --out-dir")
+
+
 def check_outputs_free(files: list[Path], kind: str, out_dir: Path | None) -> None:
     """Refuse, before anything runs, a batch whose outputs exist already: without --skip-existing or
     --overwrite it is unclear whether the user means to resume or to redo, and a guess costs work or files."""
-    taken = [out for out in (output_name(f, kind, out_dir) for f in files) if out.exists()]
+    outputs = (output_name(f, kind, out_dir) for f in files)
+    taken = [out for out in outputs if os.path.lexists(out)]  # a dangling symlink too
     if taken:
         named = ", ".join(map(str, taken[:3])) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
         raise UsageError(f"{len(taken)} of {len(files)} outputs exist already ({named}); pass --skip-existing to "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .canvas import Canvas, edited, grow
+from .canvas import Canvas, edited, grow, window_size
 from .edits import check_strength, inpaint_mask, outpaint_margins
 from .errors import QimgError, UsageError, failure_line
 from .masks import ensure_not_empty
@@ -42,8 +42,8 @@ class Step:
 @dataclass(frozen=True)
 class Planned:
     step: Step
-    mask: np.ndarray  # (H, W) on the canvas this edit sees
     margins: tuple[int, int, int, int] | None  # outpaint: (left, right, top, bottom)
+    size: tuple[int, int]  # (W, H) of the canvas after this edit
 
 
 def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
@@ -109,25 +109,32 @@ def resolve(command, kind: str, values: dict, where: str) -> dict:
         raise UsageError(f"{where}: {parser_message(e.format_message())}") from None
 
 
-def plan(steps: list[Step], pixels: np.ndarray, picture) -> list[Planned]:
-    """Every edit's mask on the canvas it will see, built before anything loads."""
-    canvas, planned = Canvas.start(pixels), []
+def plan(steps: list[Step], size: tuple[int, int], picture) -> list[Planned]:
+    """Check every edit on the canvas size it will see, before anything loads: an inpaint's mask is built and
+    dropped (run builds it again), so planning holds one mask at a time however many edits there are."""
+    planned = []
     for step in steps:
         o = step.options
         try:
             check_strength(o["strength"])
             if step.kind == "outpaint":
-                margins = outpaint_margins(canvas.size, o["left"], o["right"], o["top"], o["bottom"], o["expand"],
-                                           o["to"], o["anchor"])
-                canvas, mask = grow(canvas, margins, o["feather"])
+                margins = outpaint_margins(size, o["left"], o["right"], o["top"], o["bottom"], o["expand"], o["to"],
+                                           o["anchor"])
+                size = size[0] + margins[0] + margins[1], size[1] + margins[2] + margins[3]
             else:
                 margins = None
-                mask = inpaint_mask(canvas.pixels, picture if step.index == 1 else None, "the input", o["mask"],
-                                    o["rect"], o["mask_resize"], o["invert_mask"], o["grow"], o["feather"])
-            planned.append(Planned(step, ensure_not_empty(mask, "the mask"), margins))
+                ensure_not_empty(edit_mask(step, size, picture), "the mask")
+            planned.append(Planned(step, margins, size))
         except QimgError as e:
             raise QimgError(f"{step.where}: {e}", e.code) from None
     return planned
+
+
+def edit_mask(step: Step, size: tuple[int, int], picture) -> np.ndarray:
+    """An inpaint edit's mask on a canvas of size (W, H); the input's transparency counts for the first edit."""
+    o = step.options
+    return inpaint_mask(size, picture if step.index == 1 else None, "the input", o["mask"], o["rect"],
+                        o["mask_resize"], o["invert_mask"], o["grow"], o["feather"])
 
 
 def sampling(step: Step, defaults, seed: int) -> dict:
@@ -144,10 +151,11 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, reporter):
+def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, reporter):
     """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
-    key is in the engine's cache (None: no cache) are read from it instead of run. Progress goes to the
-    reporter (report.Reporter)."""
+    key is in the engine's cache (None: no cache) are read from it instead of run. picture: the input, as
+    load_image gave it (its transparency may be the first edit's mask). Progress goes to the reporter
+    (report.Reporter)."""
     from .cache import array_hash
     from .sampling import first_step
 
@@ -157,19 +165,24 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, reporter)
     for p in planned:
         args = sampling(p.step, engine.defaults, seed)
         if p.margins:
-            canvas, _ = grow(canvas, p.margins, p.step.options["feather"])
-        key = key_of(key, p.step.kind, args, array_hash(p.mask), p.margins)
-        hit = store.get("chain", key) if store else None
+            canvas, mask = grow(canvas, p.margins, p.step.options["feather"])
+        else:
+            try:
+                mask = ensure_not_empty(edit_mask(p.step, canvas.size, picture), "the mask")
+            except QimgError as e:  # its mask file changed since planning
+                raise QimgError(f"{p.step.where}: {e}", e.code) from None
+        key = key_of(key, p.step.kind, args, array_hash(mask), p.margins)
+        hit = store.get("chain", key, expected(engine, canvas)) if store else None
         if hit:
             tensors = hit[0]
-            canvas = edited(canvas, p.mask, tensors["latent"]) if "latent" in tensors else Canvas.start(
+            canvas = edited(canvas, mask, tensors["latent"]) if "latent" in tensors else Canvas.start(
                 tensors["pixels"].numpy())
             ran = 0
         else:
             ran = args["steps"] - first_step(args["steps"], args["strength"])
             try:
                 callback, done = reporter.steps(f"edit {p.step.index}/{len(planned)} {p.step.kind}", ran)
-                canvas = engine.edit_canvas(canvas, p.mask, **args, callback=callback)
+                canvas = engine.edit_canvas(canvas, mask, **args, callback=callback)
                 done()
             except QimgError as e:
                 raise QimgError(f"{p.step.where}: {e}", e.code) from None
@@ -180,9 +193,15 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, seed: int, reporter)
         # Fields named as in a single edit's metadata hold the same values there and here (attn_mask "on"/"off").
         settings = {**args, "attn_mask": p.step.options["attn_mask"]}
         lineage = dict(index=p.step.index, kind=p.step.kind, **settings, preset=p.step.options["preset"],
-                       mask_sha256=array_hash(p.mask), margins=p.margins, key=key[:16],
+                       mask_sha256=array_hash(mask), margins=p.margins, key=key[:16],
                        cache="off" if store is None else "hit" if hit else "miss", steps_run=ran)
         yield p, canvas, lineage
+
+
+def expected(engine, canvas: Canvas) -> list:
+    """What a cached edit of `canvas` may hold: the latent of its window, or pixels of its size."""
+    width, height = window_size(canvas.size, canvas.origin)
+    return [engine.latent_spec(width, height), {"pixels": ("uint8", (canvas.size[1], canvas.size[0], 3))}]
 
 
 def _tensors(canvas: Canvas) -> dict:

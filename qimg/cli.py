@@ -6,7 +6,6 @@ instant. `run` is the one place errors become a line on stderr and an exit code.
 
 import os
 import re
-import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +16,9 @@ from typer.exceptions import TyperException
 
 from . import jobs, presets
 from .edits import parse_size
-from .errors import Interrupted, QimgError, QimgWarning, failure_line, signals_raise
-from .report import Reporter
+from .errors import Interrupted, QimgError, QimgWarning, failure_line, say, signals_raise
+from .report import Reporter, json_line, print_result
+from .worker.commands import app as worker_app
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -96,7 +96,7 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(
     help="Latent and prompt cache folder.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", rich_help_panel=CACHE, help="Neither read nor write the cache.")]
 CacheSizeOpt = Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True, rich_help_panel=CACHE,
-                                           help="Cache size cap; least recently used entries go first.")]
+                                           help="Cache size cap; least recently used entries go first; 0: no cache.")]
 OffloadOpt = Annotated[Literal["none", "model", "blocks"], typer.Option(
     rich_help_panel=SPEED, help="none; model: load text encoder, transformer and VAE one at a time; blocks: "
                                 "stream the transformer's blocks from CPU memory.")]
@@ -117,7 +117,9 @@ Anchor = Literal["center", "left", "right", "top", "bottom", "top-left", "top-ri
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False):
+def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False,
+          no_worker: Annotated[bool, typer.Option(
+              "--no-worker", help="Run in this process even when a worker runs (also QIMG_WORKER=0).")] = False):
     pass
 
 
@@ -245,13 +247,16 @@ def chain(
         jobs.CacheSpec(cache_dir, no_cache, cache_size), preset), json_)
 
 
+app.add_typer(worker_app, name="worker")
+
+
 @app.command("presets")
 def list_presets(ctx: typer.Context):
     """List the bundled presets: the commands each fits, its file and its contents."""
     for name, path in presets.bundled().items():
         fits = presets.fitting_commands(ctx.parent.command, presets.read_yaml(path, "preset"))
-        print(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
-        print("".join(f"    {line}\n" for line in path.read_text().splitlines()))
+        print_result(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
+        print_result("".join(f"    {line}\n" for line in path.read_text().splitlines()))
 
 
 @app.command()
@@ -259,10 +264,10 @@ def info(
     image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
 ):
     """Print the parameters that made an image (stored in its PNG text chunk)."""
-    from .metadata import as_json, describe, read_params
+    from .metadata import describe, read_params
 
     params = read_params(image)
-    print(as_json(params) if json_ else describe(params))
+    print_result(json_line(params) if json_ else describe(params))
 
 
 # --- Running -----------------------------------------------------------------------------------------------
@@ -277,20 +282,20 @@ def run(args: list[str]) -> int:
         return code if isinstance(code, int) else 0
     except TyperException as e:
         if e.format_message():  # empty after no-args help
-            print(f"qimg: error: {presets.parser_message(e.format_message())}", file=sys.stderr)
+            say(f"qimg: error: {presets.parser_message(e.format_message())}")
         return e.exit_code
     except Interrupted as e:
-        print(e.message(), file=sys.stderr)
+        say(e.message())
         return e.code
     except QimgError as e:
         if debug:
             raise
-        print(f"qimg: error: {e}", file=sys.stderr)
+        say(f"qimg: error: {e}")
         return e.code
     except Exception as e:
         if debug:
             raise
-        print(f"qimg: error: {failure_line(e)}", file=sys.stderr)
+        say(f"qimg: error: {failure_line(e)}")
         return 1
 
 
@@ -303,13 +308,9 @@ def warnings_as_lines():
 
         def show_line(message, category, *args, **kwargs):
             if issubclass(category, QimgWarning):
-                print(f"qimg: warning: {message}", file=sys.stderr)
+                say(f"qimg: warning: {message}")
             else:
                 show(message, category, *args, **kwargs)
 
         warnings.showwarning = show_line
         yield
-
-
-def main() -> None:
-    sys.exit(run(sys.argv[1:]))

@@ -25,10 +25,10 @@ def check_strength(strength: float) -> None:
         raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
 
 
-def inpaint_mask(pixels, picture, image: Path | str, mask, rect, mask_resize, invert_mask, grow, feather):
-    """The final inpaint mask from the options: --mask and --rect (union), else the input's transparency
-    (`picture`, None when there is none to use); then invert, grow, feather."""
-    height, width = pixels.shape[:2]
+def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, invert_mask, grow, feather):
+    """The final inpaint mask on an image of size (W, H) from the options: --mask and --rect (union), else the
+    input's transparency (`picture`, None when there is none to use); then invert, grow, feather."""
+    width, height = size
     parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
     if rect:
         parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
@@ -37,9 +37,11 @@ def inpaint_mask(pixels, picture, image: Path | str, mask, rect, mask_resize, in
         if alpha is None:
             raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
         parts.append(alpha)
-    m = np.maximum.reduce(parts)
+    m = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
+    # One step at a time, each dropping the last: a 4000x4000 mask is 64 MB, and a chain builds one per edit.
     m = masks.invert(m) if invert_mask else m
-    return masks.feather(masks.grow(m, grow), feather)
+    m = masks.grow(m, grow) if grow else m
+    return masks.feather(m, feather) if feather else m
 
 
 def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:

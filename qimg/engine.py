@@ -23,12 +23,13 @@ from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .memory import activation_bytes, device_bytes, gigabytes
 from .model.offload import place_for_streaming
+from .model.qwen2 import Qwen2Config
 from .model.text import TextEncoder, pad_batch
 from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
-from .weights import load_module, read_config
+from .weights import load_module, read_config, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
@@ -56,7 +57,7 @@ class Defaults:
         file = folder / "qimg.json"
         if not file.is_file():
             return cls()
-        d = json.loads(file.read_text())
+        d = read_json_object(file)
         names = {f.name for f in fields(cls)}
         unknown = sorted(d.keys() - names)
         if unknown:
@@ -114,6 +115,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] to (H, W, 3) uint8, rounding like the reference's postprocess."""
     x = (x.float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return (x * 255).round().astype(np.uint8)
+
+
+def finite(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t, unless it holds NaN or infinity (float16 overflowing, most often): then a QimgError, before anything
+    of it is decoded, saved or cached."""
+    if not torch.isfinite(t).all():
+        name = str(dtype).removeprefix("torch.")
+        others = " or ".join(d for d in ("bfloat16", "float32") if d != name)
+        raise QimgError(f"the model produced non-finite values (NaN/inf) in {name}; use --dtype {others}")
+    return t
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
@@ -193,6 +204,22 @@ class Engine:
         parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
 
+    @cached_property
+    def z_dim(self) -> int:
+        """Channels of a latent."""
+        return self._config(VAEConfig, "vae").z_dim
+
+    @cached_property
+    def text_width(self) -> int:
+        """Width of a prompt embedding (the text encoder's hidden size)."""
+        if not (self.folder / "text_encoder").is_dir():  # said as the text encoder says it
+            raise QimgError(f"{self.folder / 'text_encoder'} is missing: the model folder is incomplete")
+        return self._config(Qwen2Config, "text_encoder").hidden_size
+
+    def latent_spec(self, width: int, height: int) -> dict:
+        """What a cached latent of an image of width x height pixels (multiples of 16) must be."""
+        return {"latent": ("float32", (1, self.z_dim, height // 8, width // 8))}
+
     def check_size(self, width: int, height: int, encodes: bool = True) -> None:
         """Refuse, before any weights load, a size the model cannot take or the device could not hold.
         encodes: whether the VAE encodes an image of that size too (a generation only decodes, maybe tiled)."""
@@ -241,11 +268,12 @@ class Engine:
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         key = prompt_key(prompt, self.text_fingerprint) if self.cache else None
-        entry = self.cache.get("prompt", key) if key else None
+        spec = {"embed": (str(self.dtype).removeprefix("torch."), (None, self.text_width))}
+        entry = self.cache.get("prompt", key, spec) if key else None
         if entry:
             return entry[0]["embed"].to(self.device)
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
-        embed = self.text.encode([prompt])[0]
+        embed = finite(self.text.encode([prompt])[0], self.dtype)
         self.prompts_encoded += 1
         if self.cache:
             self.cache.put("prompt", key, {"embed": embed}, {"text_encoder": self.text_fingerprint})
@@ -269,8 +297,9 @@ class Engine:
         only then is a fresh encoding stored for the next edit of the same image."""
         if self.cache is None:
             return self.encode(work), "off"
-        entry = self.cache.get("latent", pixel_key(image, self.vae_fingerprint)) if whole else None
-        if entry and entry[0]["latent"].shape[-2:] == (work.shape[0] // 8, work.shape[1] // 8):
+        key = pixel_key(image, self.vae_fingerprint)
+        entry = self.cache.get("latent", key, self.latent_spec(*work.shape[1::-1])) if whole else None
+        if entry:
             return entry[0]["latent"], "hit"
         latent = self.encode(work)
         if whole:
@@ -310,7 +339,7 @@ class Engine:
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
         x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2)), x, sigmas, callback)
         self._release("transformer")
-        return unpatchify(x, h, w)
+        return finite(unpatchify(x, h, w), self.dtype)
 
     @torch.no_grad()
     def inpaint_latent(self, z0: torch.Tensor, mask: torch.Tensor, prompt: str, negative_prompt: str, steps: int,
@@ -327,7 +356,7 @@ class Engine:
         velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), keep)
         x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
         self._release("transformer")
-        return unpatchify(x, h, w)
+        return finite(unpatchify(x, h, w), self.dtype)
 
     @torch.no_grad()
     def encode(self, image: np.ndarray) -> torch.Tensor:
@@ -335,7 +364,7 @@ class Engine:
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
         z = self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
         self._release("encoder")
-        return z
+        return finite(z, self.dtype)
 
     def tiled(self, width: int, height: int) -> bool:
         """Whether an image of width x height decodes in tiles."""
@@ -350,7 +379,7 @@ class Engine:
         else:
             x = decoder.decode(z)
         self._release("decoder")
-        return to_uint8(x[0])
+        return to_uint8(finite(x[0], self.dtype))
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
                  seed: int, callback=None) -> Output:

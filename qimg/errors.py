@@ -4,6 +4,7 @@ stderr and an exit code, the signals it turns into an orderly stop, and warnings
 import signal
 import sys
 import threading
+import unicodedata
 from contextlib import contextmanager
 
 USAGE = 2  # bad options or input files: the user can fix the command line
@@ -26,14 +27,20 @@ class OutputExists(QimgError):
     was valid when it started. In a batch it is that file's failure, and the others go on."""
 
 
+# The signals that stop a run cleanly, each with the word its last line says: Ctrl-C, kill, a closed
+# terminal or a dropped SSH session, Ctrl-\ (SIGQUIT).
+STOPS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated", signal.SIGHUP: "hung up",
+         signal.SIGQUIT: "quit"}
+
+
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM, raised wherever the program is (like KeyboardInterrupt, which Typer would swallow),
-    so every `finally` runs and no temporary file is left. Exit code 128 + the signal: 130 or 143."""
+    """A signal of STOPS, raised wherever the program is (like KeyboardInterrupt, which Typer would swallow),
+    so every `finally` runs and no temporary file is left. Exit code 128 + the signal: 130, 143, 129, 131."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.code = 128 + signum
-        self.what = "interrupted" if signum == signal.SIGINT else "terminated"
+        self.what = STOPS[signum]
         self.written = []  # the files saved before the stop, in order
 
     def message(self) -> str:
@@ -46,8 +53,9 @@ class Interrupted(BaseException):
 
 @contextmanager
 def signals_raise():
-    """While inside, SIGINT and SIGTERM raise Interrupted; the previous handlers come back after. Signals
-    reach only the main thread, so elsewhere (a test runner's worker) this does nothing."""
+    """While inside, the signals of STOPS raise Interrupted; the previous handlers come back after. A signal
+    ignored when this starts (a background job's SIGINT, SIGHUP under nohup) stays ignored. Signals reach
+    only the main thread, so elsewhere (a test runner's worker) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -55,7 +63,7 @@ def signals_raise():
     def handler(signum, _frame):
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOPS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
@@ -83,3 +91,20 @@ def failure_line(e: BaseException) -> str:
         return "out of memory; use a smaller size, or --offload"
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first} (rerun with --debug for details)"
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters (Cc, Cf) and lone surrogates (Cs) escaped as \\uXXXX, so a
+    file name printed to the terminal cannot move the cursor or recolour the text after it."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in str(text))
+
+
+def say(line: str) -> None:
+    """One line for the user on stderr, control characters escaped; dropped if stderr cannot take it (closed,
+    a broken pipe): never sent to stdout, where it would mix into --json output."""
+    if sys.stderr is None:
+        return
+    try:
+        print(printable(line), file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass

@@ -3,6 +3,7 @@ back by `qimg info`. Metadata from a file is data: parsed with json.loads, print
 escaped, never evaluated."""
 
 import json
+import math
 import unicodedata
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def read_params(path: Path) -> dict:
         raise QimgError(f"{path} carries no qimg parameters (only PNG outputs of qimg do, and other programs "
                         "may drop them when they re-save a file)")
     try:
-        params = json.loads(text)
+        params = json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
     except ValueError as e:
         raise QimgError(f"{path}: its qimg parameters are not valid JSON ({e})") from None
     except RecursionError:
@@ -41,6 +42,18 @@ def read_params(path: Path) -> dict:
     if not isinstance(params, dict):
         raise QimgError(f"{path}: its qimg parameters are not a JSON object")
     return params
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")  # json.loads takes NaN and Infinity; qimg never writes them
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e400) would print back as Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is too large for a number qimg writes")
+    return value
 
 
 def describe(params: dict) -> str:

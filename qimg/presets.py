@@ -15,7 +15,7 @@ from .errors import UsageError
 
 MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
 # a preset cannot pull in another, aim every run at one output file, nor let runs replace files unasked
-NOT_IN_PRESETS = {"preset", "out", "overwrite"}
+NOT_IN_PRESETS = {"preset", "out", "overwrite", "cache_dir", "cache_size", "no_cache"}  # the user's to choose, per run
 EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a file path"}
 
 
@@ -58,7 +58,14 @@ def read_yaml(path: Path, what: str) -> dict:
     if len(data) > MAX_BYTES:
         raise UsageError(f"{what} {path} is over {MAX_BYTES} bytes, the limit")
     try:
-        content = yaml.safe_load(data)
+        loader = yaml.SafeLoader(data)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_nodes(loader, node)
+            content = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -70,6 +77,49 @@ def read_yaml(path: Path, what: str) -> dict:
         kind = "empty" if content is None else f"a {type(content).__name__}"
         raise UsageError(f"{what} {path} is {kind}; expected a mapping of option: value")
     return content
+
+
+def _check_nodes(loader, root) -> None:
+    """Refuse, before anything is built from them, what safe_load would take silently or fail on later: a
+    mapping that gives one key twice (YAML would keep the last), and text no UTF-8 can hold (a lone surrogate
+    written as a \\ud800 escape). Merge keys (`<<: *defaults`) stay allowed: a key given beside them wins.
+    Each node is visited once, so aliases cannot make the walk blow up."""
+    from yaml import MappingNode, ScalarNode, SequenceNode
+    from yaml.constructor import ConstructorError
+
+    seen, todo = set(), [(root, ())]
+    while todo:
+        node, where = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, ScalarNode):
+            try:
+                node.value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConstructorError(None, None, f"text that is not valid Unicode (a lone surrogate escape)"
+                                       f"{_at(where)}", node.start_mark) from None
+        elif isinstance(node, SequenceNode):
+            parent = where[-1] if where else None
+            todo += [(item, (*where, f"edit {i}" if parent == "edits" else f"item {i}"))
+                     for i, item in enumerate(node.value, 1)]
+        elif isinstance(node, MappingNode):
+            keys = set()
+            for key_node, value_node in node.value:
+                todo.append((key_node, where))
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    todo.append((value_node, where))
+                    continue
+                key = loader.construct_object(key_node, deep=True) if isinstance(key_node, ScalarNode) else id(key_node)
+                if key in keys:
+                    raise ConstructorError(None, None, f"key {str(key)[:40]!r} is given twice{_at(where)}",
+                                           key_node.start_mark)
+                keys.add(key)
+                todo.append((value_node, (*where, str(key)[:40])))
+
+
+def _at(where: tuple) -> str:
+    return f" (in {' > '.join(where)})" if where else ""
 
 
 def option_params(command, exclude=frozenset()) -> dict[str, Any]:

@@ -3,11 +3,34 @@ output, skipped and failed files, the files written so far. The job runner repor
 command run in-process and one run by the worker print the same lines."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import QimgError
+from .errors import QimgError, say
+
+
+def json_line(obj) -> str:
+    """One line of JSON for stdout: non-ASCII kept where stdout can encode it, else escaped (LANG=C, a lone
+    surrogate), so the line is valid JSON either way."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text
+
+
+def print_result(text: str) -> None:
+    """Results go to stdout. If its reader has gone (`qimg ... --json | head -n1`), the rest are dropped
+    and the run goes on: every output is still written, and errors and the summary still go to stderr."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # so later prints and the flush at exit go nowhere
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class Reporter:
@@ -57,20 +80,19 @@ class Reporter:
     def result(self, out: Path, params: dict, started: float) -> None:
         seconds = round(time.perf_counter() - started, 3)
         if self.as_json:
-            print(json.dumps({"output": str(out), **params, "seconds": seconds}, ensure_ascii=False))
+            print_result(json_line({"output": str(out), **params, "seconds": seconds}))
         else:
-            print(f"{out}  seed {params['seed']}  {params['width']}x{params['height']}  {seconds:.1f} s",
-                  file=sys.stderr)
+            say(f"{out}  seed {params['seed']}  {params['width']}x{params['height']}  {seconds:.1f} s")
 
     def skipped(self, image: Path, out: Path) -> None:
         if self.as_json:
-            print(json.dumps({"input": str(image), "output": str(out), "skipped": True}, ensure_ascii=False))
+            print_result(json_line({"input": str(image), "output": str(out), "skipped": True}))
         else:
-            print(f"{out}  exists, skipped", file=sys.stderr)
+            say(f"{out}  exists, skipped")
 
     def failed(self, image: Path, error: QimgError) -> None:
         """A batch file that failed while the others go on."""
         message = str(error) if str(image) in str(error) else f"{image}: {error}"
         if self.as_json:
-            print(json.dumps({"input": str(image), "error": message}, ensure_ascii=False))
-        print(f"qimg: error: {message}", file=sys.stderr)
+            print_result(json_line({"input": str(image), "error": message}))
+        say(f"qimg: error: {message}")

@@ -1,30 +1,21 @@
 """The job runner: executes a job (jobs.py) against an engine and reports through a Reporter.
 
-Every check that needs no model runs before one loads (output names, input files, masks, chain plans), so
-a mistake costs nothing. Where engines come from is `engines`: a fresh Engine per job in a plain process;
-the worker swaps in a source that keeps the last one loaded.
+Every check that needs no model runs before one loads (the cache options, the model folder, output names,
+input files, masks, chain plans), so a mistake costs nothing. In the worker, the engine of the last job
+stays loaded for the next (worker/warm.py).
 """
 
 import functools
+import os
 import secrets
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from . import batch, edits
-from .errors import OutputExists, QimgError, UsageError
+from .errors import OutputExists, QimgError, UsageError, say
 from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Job, ModelSpec
 from .report import Reporter
-
-
-def fresh_engine(spec: ModelSpec, store):
-    from .engine import Engine
-    from .weights import resolve_model
-
-    return Engine(resolve_model(spec.model), spec.device, spec.dtype, store, **spec.speed())
-
-
-engines: Callable = fresh_engine  # (ModelSpec, Store | None) -> Engine
 
 
 def execute(job: Job, reporter: Reporter) -> None:
@@ -33,36 +24,66 @@ def execute(job: Job, reporter: Reporter) -> None:
 
 
 def open_cache(spec: CacheSpec):
-    """The latent and prompt store, or None with --no-cache; checked before any work."""
-    import sys
-
+    """The latent and prompt store, or None with --no-cache or --cache-size 0; checked before any work (and
+    before torch is imported)."""
     from .cache import Store, default_cache_dir, parse_bytes
 
     try:
         max_bytes = parse_bytes(spec.size)
     except ValueError as e:
         raise UsageError(f"--cache-size {e}") from None
-    if spec.off:
+    if spec.off or max_bytes == 0:
         return None
-    return Store(spec.folder or default_cache_dir(), max_bytes,
-                 lambda message: print(f"qimg: warning: {message}", file=sys.stderr))
+    return Store(spec.folder or default_cache_dir(), max_bytes, lambda message: say(f"qimg: warning: {message}"))
+
+
+def resolve_model(spec: ModelSpec) -> Path:
+    """The model folder --model names (weights.resolve_model): every job finds it first, so a wrong --model
+    shows before any input is read or planned."""
+    from .weights import resolve_model as resolve
+
+    return resolve(spec.model)
+
+
+def open_engine(folder: Path, spec: ModelSpec, store):
+    """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
+    same numbers (worker/warm.py), then serving this job's cache."""
+    from .engine import Engine
+    from .worker import warm
+
+    speed = spec.speed()
+    engine = warm.engine(folder, spec.device, spec.dtype, speed,
+                         lambda: Engine(folder, spec.device, spec.dtype, store, **speed))
+    engine.cache = store
+    return engine
 
 
 def save_output(engine, reporter: Reporter, out: Path, params: dict, image, latent=None,
-                overwrite: bool = False) -> None:
+                overwrite: bool = False, next_free=None) -> Path:
     """The one way an output is written: atomically (files.save_image; an existing file only with
-    `overwrite`), with its parameters (metadata.py), told to the reporter; then `latent` (when it stands for
-    the image 1:1) is cached under its pixels. Only PNG keeps those pixels exactly, so only a PNG output's
-    latent can be found again."""
+    `overwrite`; a default numbered name taken meanwhile gives way to `next_free()`), with its parameters
+    (metadata.py), told to the reporter; then `latent` (when it stands for the image 1:1) is cached under its
+    pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can be found again. Returns
+    where the image went."""
     from PIL import Image
 
     from .files import save_image
     from .metadata import png_text
 
-    save_image(Image.fromarray(image), out, png_text(params), overwrite)
+    out = save_image(Image.fromarray(image), out, png_text(params), overwrite, next_free)
     reporter.saved(out)
     if out.suffix.lower() == ".png":
         engine.cache_latent(image, latent)
+    return out
+
+
+def default_name(stem: str, folder: Path, numbered: bool):
+    """A default output name (files.default_output) and, when it is numbered, how to find the next free one
+    should another run take it first; else None."""
+    from .files import default_output
+
+    return default_output(stem, folder, numbered), (functools.partial(default_output, stem, folder) if numbered
+                                                    else None)
 
 
 def cache_use(result) -> dict:
@@ -77,17 +98,21 @@ def random_seed(seed: Optional[int]) -> int:
 
 
 def generate(job: Generate, reporter: Reporter) -> None:
-    from .files import check_output, default_output
+    from .files import check_format_size, check_output
     from .metadata import output_params
 
     started = time.perf_counter()
     p, overwrite = job.prompt, job.output.overwrite
+    store = open_cache(job.cache)
+    folder = resolve_model(job.model)
     seed = random_seed(p.seed)
-    out = job.output.out or default_output(f"qimg-{seed}", numbered=not overwrite)
-    check_output(out, overwrite)
-    engine = engines(job.model, open_cache(job.cache))
+    out, next_free = (job.output.out, None) if job.output.out else default_name(f"qimg-{seed}", Path("."),
+                                                                                 not overwrite)
+    check_output(out, overwrite, size=job.size)
+    engine = open_engine(folder, job.model, store)
     d = engine.defaults
     width, height = job.size or (d.width, d.height)
+    check_format_size(out, (width, height))
     steps, cfg = p.steps or d.steps, d.cfg if p.cfg is None else p.cfg
     negative_prompt = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
     callback, done = reporter.steps("generating", steps)
@@ -95,7 +120,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     done()
     params = output_params("generate", engine, job.preset, prompt=p.prompt, negative_prompt=negative_prompt,
                            seed=seed, width=width, height=height, steps=steps, cfg=cfg)
-    save_output(engine, reporter, out, params, result.image, result.latent, overwrite)
+    out = save_output(engine, reporter, out, params, result.image, result.latent, overwrite, next_free)
     reporter.result(out, {**params, **cache_use(result)}, started)
 
 
@@ -115,8 +140,8 @@ def mask_builder(job: Edit):
             return s.mask or (s.mask_dir and batch.mask_for(s.mask_dir, image))
 
         def build(image, pixels, picture):
-            return pixels, edits.inpaint_mask(pixels, picture, image, mask_file(image), s.rect, s.mask_resize,
-                                              s.invert_mask, s.grow, s.feather)
+            return pixels, edits.inpaint_mask(pixels.shape[1::-1], picture, image, mask_file(image), s.rect,
+                                              s.mask_resize, s.invert_mask, s.grow, s.feather)
 
         return build, mask_file
 
@@ -129,16 +154,17 @@ def mask_builder(job: Edit):
 
 
 def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
-                is_batch: bool = False, inputs=(), read_only=()) -> Path:
-    """Where an edit goes, checked by files.check_output: --out, or `<stem>.<kind>.png` in --out-dir or beside
-    the input. A single run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps
-    it. An existing file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
-    from .files import check_output, default_output
+                is_batch: bool = False, inputs=(), read_only=(), size=None):
+    """Where an edit goes, checked by files.check_output (`size`: the result's, if known), and the
+    `next_free` for save_output: --out, or `<stem>.<kind>.png` in --out-dir or beside the input. A single
+    run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps it. An existing
+    file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
+    from .files import check_output
 
-    target = out or default_output(f"{image.stem}.{kind}", out_dir or image.parent,
-                                   numbered=not (is_batch or overwrite))
-    check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output")
-    return target
+    target, next_free = (out, None) if out else default_name(f"{image.stem}.{kind}", out_dir or image.parent,
+                                                             not (is_batch or overwrite))
+    check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output", size)
+    return target, next_free
 
 
 def edit(job: Edit, reporter: Reporter) -> None:
@@ -154,25 +180,31 @@ def edit(job: Edit, reporter: Reporter) -> None:
     if job.skip_existing and overwrite:
         raise UsageError("give --skip-existing or --overwrite, not both")
     build, mask_file = mask_builder(job)
+    store = open_cache(job.cache)
+    folder = resolve_model(job.model)
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file; give a folder")
     files, is_batch = batch.expand_inputs(list(job.images))
     if is_batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     batch.check_distinct_outputs(files, kind, out_dir)
+    if is_batch:
+        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),))
     if is_batch and not (job.skip_existing or overwrite):
         batch.check_outputs_free(files, kind, out_dir)
-    store = open_cache(job.cache)
-    engine = functools.cache(lambda: engines(job.model, store))
+    engine = functools.cache(lambda: open_engine(folder, job.model, store))
     failed = []
     advance, _ = reporter.bar("images", len(files)) if is_batch else (lambda: None, None)
     for image in files:
         started, done = time.perf_counter(), out or batch.output_name(image, kind, out_dir)
-        if job.skip_existing and done.exists():
+        if job.skip_existing and os.path.lexists(done):  # a dangling symlink exists too
             reporter.skipped(image, done)
         else:
             failure = None
             try:
                 canvas, mask = edits.prepare(image, build)
-                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image),))
+                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image),),
+                                     canvas.shape[1::-1])
             except QimgError as e:
                 failure = e
             else:
@@ -192,8 +224,9 @@ def edit(job: Edit, reporter: Reporter) -> None:
         raise QimgError(f"{len(failed)} of {len(files)} images failed: {', '.join(map(str, failed))}")
 
 
-def edit_one(job: Edit, image: Path, canvas, mask, out: Path, seed: Optional[int], engine, reporter: Reporter,
+def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
              started: float) -> None:
+    """target: edit_output's (path, next_free)."""
     from .cache import array_hash
     from .masks import selected_area
     from .metadata import output_params
@@ -213,7 +246,8 @@ def edit_one(job: Edit, image: Path, canvas, mask, out: Path, seed: Optional[int
                            attn_mask=job.attn_mask, context=job.context, input=str(image),
                            mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
                            work_size=list(result.work_size), latent_cache=result.latent_cache)
-    save_output(engine, reporter, out, params, result.image, result.latent, job.output.overwrite)
+    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+                      target[1])
     reporter.result(out, {**params, **cache_use(result)}, started)
 
 
@@ -228,17 +262,20 @@ def chain(job: Chain, reporter: Reporter) -> None:
     started = time.perf_counter()
     overwrite = job.output.overwrite
     store = open_cache(job.cache)
+    folder = resolve_model(job.model)
     pixels, picture = load_image(job.image)
-    planned = chains.plan(list(job.steps), pixels, picture)
+    planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture)
     seed = random_seed(job.seed)
     reads = chains.files_read(job.chain_file, job.steps)  # never written, --overwrite or not
-    out = edit_output(job.image, job.output.out, None, "chain", overwrite, read_only=reads)
+    sizes = {p.step.index: p.size for p in planned}  # each edit's result, (width, height)
+    out, next_free = edit_output(job.image, job.output.out, None, "chain", overwrite, read_only=reads,
+                                 size=planned[-1].size)
     step_files = chains.step_files(job.image, job.steps, job.keep_steps) if job.keep_steps is not None else {}
-    for step_file in step_files.values():
-        check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file")
+    for index, step_file in step_files.items():
+        check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file", sizes[index])
         if step_file.resolve() == out.resolve():
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
-    engine = engines(job.model, store)
+    engine = open_engine(folder, job.model, store)
 
     def params(canvas, lineage: list) -> dict:
         width, height = canvas.size
@@ -248,11 +285,11 @@ def chain(job: Chain, reporter: Reporter) -> None:
                              width=width, height=height)
 
     lineage = []
-    for done, canvas, entry in chains.run(engine, planned, pixels, seed, reporter):
+    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter):
         lineage.append(entry)
         if done.step.index in step_files:
             save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage),
                         engine.render(canvas), overwrite=overwrite)
     final = params(canvas, lineage)
-    save_output(engine, reporter, out, final, engine.render(canvas), overwrite=overwrite)
+    out = save_output(engine, reporter, out, final, engine.render(canvas), overwrite=overwrite, next_free=next_free)
     reporter.result(out, final, started)

@@ -34,9 +34,20 @@ def resolve_model(spec: str | None) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return check_model_folder(path)
-    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")) or not _repo_id(spec):
         raise UsageError(f"model folder not found: {spec}")
     return check_model_folder(_from_hub(spec))
+
+
+def _repo_id(spec: str) -> bool:
+    """Whether `spec` can name a Hugging Face repo (huggingface_hub would refuse it with a traceback)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -61,12 +72,10 @@ def check_model_folder(path: Path) -> Path:
     index = path / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{path} is not a Qwen-Image model folder: model_index.json is missing")
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (ValueError, OSError) as e:
-        raise UsageError(f"{index} is not valid JSON: {e}") from None
-    if name not in PIPELINES:
-        raise UsageError(f"{path} is a {name or 'unknown'} model, not Qwen-Image (model_index.json)")
+    name = read_json_object(index, UsageError).get("_class_name")
+    if not isinstance(name, str) or name not in PIPELINES:
+        shown = name if isinstance(name, str) and name else "unknown"
+        raise UsageError(f"{path} is a {shown} model, not Qwen-Image (model_index.json)")
     return path
 
 
@@ -74,17 +83,30 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
     file = folder / name
     if not file.is_file():
         raise QimgError(f"{file} is missing: the model folder is incomplete")
+    return read_json_object(file)
+
+
+def read_json_object(file: Path, error: type[QimgError] = QimgError) -> dict:
+    """A model folder's JSON file whose top level must be an object; anything else is one `error` line naming
+    it (a QimgError, like the folder's other damage; model_index.json, read to accept --model, a UsageError)."""
     try:
-        return json.loads(file.read_text())
-    except ValueError as e:
-        raise QimgError(f"{file} is not valid JSON: {e}") from None
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise error(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise error(f"{file}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{file} holds a JSON {type(data).__name__}; expected an object")
+    return data
 
 
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files of one component: the shards named by an index, or the single file."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        weight_map = read_json_object(indexes[0]).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise QimgError(f"{indexes[0]}: weight_map must be an object of weight name: shard file")
         files = [folder / f for f in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -132,11 +132,11 @@ def test_outpaint_batch_from_a_glob(tiny_model_dir, folder, tmp_path, capsys):
     (["PHOTOS/a.png", "PHOTOS/a.jpg"], "would both write"),
     (["PHOTOS/a.png", "--mask", "m.png", "--mask-dir", "MASKS"], "not both"),
 ])
-def test_batch_usage_errors(folder, tmp_path, capsys, args, fragment):
+def test_batch_usage_errors(configs_only, folder, tmp_path, capsys, args, fragment):
     photos, masks = folder
     Image.new("RGB", (8, 8)).save(photos / "a.jpg")
     args = [a.replace("PHOTOS", str(photos)).replace("MASKS", str(masks)) for a in args]
-    code, _, err = qimg(capsys, "inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", tmp_path)
+    code, _, err = qimg(capsys, "inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", configs_only)
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
@@ -183,11 +183,11 @@ def test_existing_outputs_refuse_the_batch_up_front_unless_told(tiny_model_dir, 
         assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
 
 
-def test_an_output_that_would_replace_another_input_is_refused(folder, tmp_path, capsys):
+def test_an_output_that_would_replace_another_input_is_refused(configs_only, folder, tmp_path, capsys):
     photos, _ = folder
     Image.new("RGB", (8, 8)).save(photos / "a.inpaint.png")
     code, _, err = qimg(capsys, "inpaint", photos / "a.png", photos / "a.inpaint.png", "-p", "x", "--rect", "0,0,9,9",
-                        "-m", tmp_path, "--overwrite")
+                        "-m", configs_only, "--overwrite")
     assert code == 2 and "is an input and the output of" in err and "--out-dir" in err, err
 
 
@@ -260,3 +260,33 @@ def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_pa
                             "--out-dir", out, "-m", tiny_model_dir, *COMMON)
     assert code == 130 and err.strip().splitlines()[-1] == f"qimg: interrupted after writing {out / 'a.inpaint.png'}"
     assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png"] and leftovers(out) == []
+
+
+def test_an_output_never_replaces_a_mask_the_batch_reads_even_with_overwrite(configs_only, tmp_path, capsys):
+    """--mask-dir and --out-dir one folder, and an input named like another's output: x.png's output would be
+    the mask of x.inpaint.png, which the batch reads later. Refused up front, --overwrite or not."""
+    (tmp_path / "in").mkdir(), (tmp_path / "other").mkdir(), (tmp_path / "shared").mkdir()
+    for name in ["in/x.png", "other/x.inpaint.png"]:
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    for name in ["x.png", "x.inpaint.png"]:
+        Image.new("L", (32, 32), 255).save(tmp_path / "shared" / name)
+    before = {p: p.read_bytes() for p in (tmp_path / "shared").iterdir()}
+    shared = tmp_path / "shared"
+    for flags in ([], ["--overwrite"], ["--skip-existing"]):
+        code, lines, err = qimg(capsys, "inpaint", tmp_path / "in" / "x.png", tmp_path / "other" / "x.inpaint.png",
+                                "-p", "x", "--mask-dir", shared, "--out-dir", shared, "-m", configs_only, *flags)
+        assert code == 2 and lines == [] and len(err.strip().splitlines()) == 1, err
+        for fragment in [str(shared / "x.inpaint.png"), f"the mask of {tmp_path / 'other' / 'x.inpaint.png'}",
+                         "never replaces"]:
+            assert fragment in err, err
+    assert {p: p.read_bytes() for p in shared.iterdir()} == before
+
+
+def test_out_dir_that_is_a_file_is_a_usage_error(configs_only, folder, tmp_path, capsys):
+    photos, _ = folder
+    (tmp_path / "taken").write_text("notes")
+    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--rect", "0,0,9,9",
+                            "--out-dir", tmp_path / "taken", "-m", configs_only)
+    assert code == 2 and lines == [] and err.strip() == f"qimg: error: --out-dir {tmp_path / 'taken'} is a file; " \
+                                                        "give a folder", err
+    assert (tmp_path / "taken").read_text() == "notes"

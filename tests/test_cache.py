@@ -9,6 +9,7 @@ import torch
 from qimg.cache import Store, default_cache_dir, fingerprint, parse_bytes, pixel_key, prompt_key
 
 KEY = "ab" * 32
+ARANGE = {"latent": ("float32", (64,))}
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def store(tmp_path):
 def test_round_trip_keeps_values_dtypes_and_record(store):
     tensors = {"latent": torch.randn(1, 16, 4, 6), "embed": torch.randn(7, 64).to(torch.bfloat16)}
     store.put("latent", KEY, tensors, {"vae": "f00d"})
-    got, record = store.get("latent", KEY)
+    got, record = store.get("latent", KEY, {"latent": ("float32", (1, 16, 4, 6)), "embed": ("bfloat16", (7, 64))})
     assert got.keys() == tensors.keys()
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t)
@@ -31,7 +32,7 @@ def test_round_trip_keeps_values_dtypes_and_record(store):
 
 
 def test_missing_entry_is_none(store):
-    assert store.get("latent", KEY) is None and store.messages == []
+    assert store.get("latent", KEY, ARANGE) is None and store.messages == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip a weight byte", "garbage"])
@@ -47,11 +48,11 @@ def test_damaged_entry_is_reported_removed_and_rebuilt(store, damage):
     else:
         data = bytearray(b"not a safetensors file")
     path.write_bytes(bytes(data))
-    assert store.get("latent", KEY) is None
+    assert store.get("latent", KEY, ARANGE) is None
     assert len(store.messages) == 1 and str(path) in store.messages[0] and "damaged" in store.messages[0]
     assert not path.exists()
     store.put("latent", KEY, t)
-    assert torch.equal(store.get("latent", KEY)[0]["latent"], t["latent"])
+    assert torch.equal(store.get("latent", KEY, ARANGE)[0]["latent"], t["latent"])
 
 
 def test_least_recently_used_entries_go_first(tmp_path):
@@ -61,7 +62,7 @@ def test_least_recently_used_entries_go_first(tmp_path):
     for age, key in zip((300, 200, 100), keys):
         store.put("latent", key, one)
         os.utime(store.path("latent", key), (0, 1_000_000 - age))  # oldest first
-    assert store.get("latent", keys[0]) is not None  # a hit makes the oldest the most recent
+    assert store.get("latent", keys[0], {"x": ("uint8", (250_000,))}) is not None  # a hit makes the oldest the most recent
     store.put("latent", "ff" * 32, one)  # a fourth entry overflows the cap: the least recently used goes
     present = [k for k in keys + ["ff" * 32] if store.path("latent", k).exists()]
     assert present == [keys[0], keys[2], "ff" * 32]
@@ -71,7 +72,7 @@ def test_least_recently_used_entries_go_first(tmp_path):
 def test_entry_larger_than_the_cap_is_not_stored(tmp_path):
     store = Store(tmp_path, max_bytes=1000)
     store.put("latent", KEY, {"x": torch.zeros(1000)})
-    assert store.get("latent", KEY) is None
+    assert store.get("latent", KEY, {"x": ("float32", (1000,))}) is None
 
 
 def test_unwritable_cache_folder_warns_and_carries_on(tmp_path):

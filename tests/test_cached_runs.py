@@ -149,7 +149,7 @@ def test_latent_of_a_cropped_edit_never_stands_for_the_whole_output(tiny_model_d
     assert code == 0 and report["latent_cache"] == "miss", err
 
 
-def test_bad_cache_size_is_a_usage_error(photo, tmp_path, capsys):
-    code, _, err = qimg(capsys, "inpaint", photo, "-m", tmp_path, "-p", "x", "--rect", "0,0,9,9",
+def test_bad_cache_size_is_a_usage_error(configs_only, photo, tmp_path, capsys):
+    code, _, err = qimg(capsys, "inpaint", photo, "-m", configs_only, "-p", "x", "--rect", "0,0,9,9",
                         "--cache-size", "lots")
     assert code == 2 and err.strip().count("\n") == 0 and "--cache-size" in err

@@ -372,6 +372,10 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     ("e: &e " + EDIT + "\nedits: [*e]\n", ["unknown key 'e'"]),
     ("edits: [&e " + EDIT + ", " + ", ".join(["*e"] * 100) + "]\n", ["101 edits", "the limit is 100"]),
     ("edits: *nowhere\n", ["not valid YAML", "undefined alias"]),
+    ("edits:\n  - " + EDIT + "\n  - inpaint: {rect: '0,0,9,9', prompt: x, prompt: y}\n",
+     ["not valid YAML", "line 3", "key 'prompt' is given twice", "edit 2 > inpaint"]),
+    ("edits: []\nedits: [" + EDIT + "]\n", ["not valid YAML", "key 'edits' is given twice"]),
+    ('prompt: "\\ud800"\nedits: [' + EDIT + "]\n", ["not valid YAML", "lone surrogate", "(in prompt)"]),
     ("edits:\n\t- " + EDIT + "\n", ["not valid YAML", "line 2"]),
     ("edits: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
     ("# " + "x" * 300_000 + "\nedits: []\n", ["over 262144 bytes"]),
@@ -404,3 +408,51 @@ def test_chain_files_that_are_not_utf8_text(tiny_model_dir, photo, tmp_path, cap
     (tmp_path / "c.yaml").write_bytes(raw)
     code, _, err = chain(capsys, tiny_model_dir, photo, tmp_path / "c.yaml", tmp_path)
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_merge_keys_stay_allowed_and_a_key_beside_them_wins(tmp_path):
+    from qimg.presets import read_yaml
+
+    path = write_chain(tmp_path, "edits:\n  - inpaint: &e {rect: '0,0,9,9', prompt: x, steps: 1}\n"
+                                 "  - inpaint: {<<: *e, steps: 2}\n")
+    assert [e["inpaint"]["steps"] for e in read_yaml(path, "chain")["edits"]] == [1, 2]
+
+
+BIG_CHAIN = "prompt: x\nedits:\n  - outpaint: {to: 4000x4000}\n" + "  - inpaint: {rect: '0,0,100%,100%'}\n" * 24
+
+
+def test_a_wrong_model_fails_before_the_chain_is_planned(photo, tmp_path, capsys, monkeypatch):
+    # Reading the file is bounded (256 KB, checked when the command line is parsed); planning its edits on the
+    # input is the costly part, and the model comes first.
+    from qimg import chain as chains
+
+    monkeypatch.setattr(chains, "plan", lambda *a: pytest.fail("planned the chain before finding the model"))
+    chain_file = write_chain(tmp_path, BIG_CHAIN)
+    for model in [tmp_path / "nope", "x y/z", "a/b/c"]:
+        code, _, err = qimg(capsys, "chain", photo, chain_file, "-m", model, "--device", "cpu")
+        assert code == 2 and err.strip() == f"qimg: error: model folder not found: {model}", err
+
+
+def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(configs_only, photo, tmp_path, capsys,
+                                                                        monkeypatch):
+    """An outpaint to 4000x4000 then 24 full-canvas edits: planning once kept a float32 mask per edit (1.6 GB)."""
+    import tracemalloc
+
+    from qimg import chain as chains
+    from qimg.errors import QimgError
+
+    plan, peaks = chains.plan, []
+
+    def measured(*args):
+        tracemalloc.start()
+        try:
+            assert len(plan(*args)) == 25
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        raise QimgError("planned")  # stop before the canvas is built and the model loads
+
+    monkeypatch.setattr(chains, "plan", measured)
+    code, _, err = qimg(capsys, "chain", photo, write_chain(tmp_path, BIG_CHAIN), "-m", configs_only, "--device", "cpu")
+    assert code == 1 and "planned" in err and len(peaks) == 1, err
+    assert peaks[0] < 200 * 2**20, f"{peaks[0] / 2**20:.0f} MB"

@@ -146,35 +146,35 @@ def test_outpaint_keeps_the_original_in_place(tiny_model_dir, photo, tmp_path, c
     (["--rect", "0,0,10,10", "--attn-mask", "maybe"], "--attn-mask"),
     (["--rect", "0,0,10,10", "--strength", "0"], "--strength"),
 ])
-def test_bad_inpaint_input_is_one_line_and_writes_nothing(photo, tmp_path, capsys, args, fragment):
+def test_bad_inpaint_input_is_one_line_and_writes_nothing(configs_only, photo, tmp_path, capsys, args, fragment):
     out = tmp_path / "o.png"
     args = [a.replace("MISSING", str(tmp_path / "nope.png")) for a in args]
-    code, _, err = qimg(capsys, "inpaint", photo, "-m", tmp_path, "-p", "x", "-o", out, *args)
+    code, _, err = qimg(capsys, "inpaint", photo, "-m", configs_only, "-p", "x", "-o", out, *args)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and fragment in err, err
     assert not out.exists()
 
 
-def test_mask_of_another_size_names_both(photo, tmp_path, capsys):
+def test_mask_of_another_size_names_both(configs_only, photo, tmp_path, capsys):
     Image.new("L", (100, 80), 255).save(tmp_path / "m.png")
-    code, _, err = qimg(capsys, "inpaint", photo, "-m", tmp_path, "-p", "x", "--mask", tmp_path / "m.png")
+    code, _, err = qimg(capsys, "inpaint", photo, "-m", configs_only, "-p", "x", "--mask", tmp_path / "m.png")
     assert code == 2 and "100x80" in err and "451x300" in err
 
 
-def test_output_equal_to_input_is_refused(photo, tmp_path, capsys):
+def test_output_equal_to_input_is_refused(configs_only, photo, tmp_path, capsys):
     copy = tmp_path / "in.png"
     shutil.copy(photo, copy)
-    code, _, err = qimg(capsys, "inpaint", copy, "-p", "x", "--rect", "0,0,10,10", "-o", copy, "-m", tmp_path)
+    code, _, err = qimg(capsys, "inpaint", copy, "-p", "x", "--rect", "0,0,10,10", "-o", copy, "-m", configs_only)
     assert code == 2 and "is the input image" in err
     assert np.array_equal(pixels(copy), pixels(photo))
 
 
-def test_outpaint_to_smaller_size_is_refused(photo, tmp_path, capsys):
-    code, _, err = qimg(capsys, "outpaint", photo, "-p", "x", "--to", "400x300", "-m", tmp_path)
+def test_outpaint_to_smaller_size_is_refused(configs_only, photo, tmp_path, capsys):
+    code, _, err = qimg(capsys, "outpaint", photo, "-p", "x", "--to", "400x300", "-m", configs_only)
     assert code == 2 and "smaller" in err
 
 
-def test_not_an_image(tmp_path, capsys):
+def test_not_an_image(configs_only, tmp_path, capsys):
     (tmp_path / "fake.png").write_text("hello")
-    code, _, err = qimg(capsys, "inpaint", tmp_path / "fake.png", "-p", "x", "--rect", "0,0,1,1", "-m", tmp_path)
+    code, _, err = qimg(capsys, "inpaint", tmp_path / "fake.png", "-p", "x", "--rect", "0,0,1,1", "-m", configs_only)
     assert code == 2 and "not an image" in err

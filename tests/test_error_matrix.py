@@ -221,6 +221,8 @@ def test_input_formats_convert_to_the_right_pixels(capsys, tmp_path, tiny_model_
     ("150%,0,10%,10%", "lies outside the 64x64 image"),
     ("0,-100,10,50", "lies outside"),
     ("0,0,0%,50%", "width and height must be positive"),
+    ("0,0," + "9" * 5000 + ",5", "over 30 digits"),  # int() refuses over 4300 digits
+    ("0,0,1e5000,5", "expected X,Y,W,H"),
 ])
 def test_bad_rectangles(capsys, photo_png, configs_only, rect, message):
     code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", rect, "-m", configs_only)
@@ -357,6 +359,17 @@ def truncate(file):
     (lambda f: write_json(f / "vae" / "config.json", SD_VAE), 1, "unknown VAE config keys"),
     (lambda f: write_json(f / "model_index.json", {"_class_name": "FluxPipeline"}), 2, "FluxPipeline"),
     (lambda f: (f / "transformer" / "config.json").write_text("{not json"), 1, "is not valid JSON"),
+    (lambda f: write_json(f / "model_index.json", ["QwenImagePipeline"]), 2, "model_index.json holds a JSON list"),
+    (lambda f: write_json(f / "model_index.json", "QwenImagePipeline"), 2, "holds a JSON str; expected an object"),
+    (lambda f: write_json(f / "model_index.json", {"_class_name": ["x"]}), 2, "is a unknown model"),
+    (lambda f: write_json(f / "qimg.json", [1]), 1, "qimg.json holds a JSON list"),
+    (lambda f: write_json(f / "transformer" / "config.json", None), 1, "config.json holds a JSON NoneType"),
+    (lambda f: write_json(f / "transformer" / "diffusion_pytorch_model.safetensors.index.json", []), 1,
+     "index.json holds a JSON list"),
+    (lambda f: write_json(f / "transformer" / "diffusion_pytorch_model.safetensors.index.json", {"weight_map": [1]}),
+     1, "weight_map must be an object"),
+    (lambda f: write_json(f / "transformer" / "diffusion_pytorch_model.safetensors.index.json",
+                          {"weight_map": {"a": 1}}), 1, "weight_map must be an object"),
     (lambda f: (f / "model_index.json").unlink(), 2, "model_index.json is missing"),
 ])
 def test_broken_model_folders(capsys, tmp_path, tiny_model_dir, one_thread, edit, code, message):
@@ -368,6 +381,37 @@ def test_broken_model_folders(capsys, tmp_path, tiny_model_dir, one_thread, edit
     assert not out.exists()
     assert not (model / "PWNED").exists()  # no pickle was ever loaded
 
+
+
+@pytest.mark.parametrize("model", ["x y/z", "a/b/c", "../x", "-x/y", "x/y..z"])
+def test_model_that_is_neither_a_folder_nor_a_repo_id(capsys, tmp_path, photo_png, model):
+    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "-m", model, "-o",
+                        tmp_path / "o.png")
+    assert code == 2
+    one_line(err, f"model folder not found: {model}")
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("kind", ["preset", "chain"])
+def test_lone_surrogate_escapes_in_yaml(capsys, tmp_path, photo_png, configs_only, kind):
+    text = 'negative_prompt: "\\ud800"\n'
+    (tmp_path / "f.yaml").write_text(text + ("edits: [{inpaint: {rect: '0,0,8,8', prompt: x}}]\n" if kind == "chain"
+                                             else ""))
+    args = ["chain", photo_png, tmp_path / "f.yaml"] if kind == "chain" else \
+        ["inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "--preset", tmp_path / "f.yaml"]
+    code, _, err = qimg(capsys, *args, "-m", configs_only, "-o", tmp_path / "o.png")
+    assert code == 2
+    one_line(err, f"{kind} {tmp_path / 'f.yaml'}", "line 1", "lone surrogate", "negative_prompt")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_out_dir_that_is_a_file(capsys, tmp_path, photo_png, configs_only):
+    (tmp_path / "taken").write_text("notes")
+    code, _, err = qimg(capsys, "outpaint", photo_png, "-p", "x", "--right", "16", "--out-dir", tmp_path / "taken",
+                        "-m", configs_only)
+    assert code == 2
+    one_line(err, f"--out-dir {tmp_path / 'taken'} is a file")
+    assert (tmp_path / "taken").read_text() == "notes"
 
 # --- outputs ---------------------------------------------------------------------------------------------
 

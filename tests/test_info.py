@@ -79,3 +79,17 @@ def test_hostile_parameters_are_one_line_or_printed_as_escapes(tmp_path, capsys)
     assert code == 0 and out.split() == ["prompt", '"\\ud800"'], (out, err)
     code, out, err = qimg(capsys, "info", tmp_path / "lone.png", "--json")
     assert code == 0 and json.loads(out) == {"prompt": "\ud800"}, (out, err)
+
+
+def test_non_finite_numbers_are_refused_so_info_json_stays_strict_json(tmp_path, capsys):
+    """json.loads takes NaN, Infinity and 1e400 (as inf), which qimg never writes and `--json` would print as
+    NaN/Infinity, which strict JSON parsers reject."""
+    for value in ["NaN", "Infinity", "-Infinity", "1e400"]:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("qimg", f'{{"cfg": {value}, "seed": 1}}')
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "n.png", pnginfo=info)
+        for args in ([], ["--json"]):
+            code, out, err = qimg(capsys, "info", tmp_path / "n.png", *args)
+            assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
+            assert "not valid JSON" in err and value in err, err
+

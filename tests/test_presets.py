@@ -71,6 +71,8 @@ def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, o
     ("preset: other\n", ["unknown key 'preset'"]),
     ("steps: 2\nsteps-: 3\n", ["unknown key 'steps-'"]),
     ("negative-prompt: a\nnegative_prompt: b\n", ["given twice"]),
+    ("steps: 2\ncfg: 1\nsteps: 3\n", ["not valid YAML", "line 3", "key 'steps' is given twice"]),
+    ("base: &b {steps: 2, steps: 3}\n", ["line 1", "key 'steps' is given twice (in base)"]),
     ("- steps: 2\n", ["is a list", "expected a mapping"]),
     ("just text\n", ["is a str", "expected a mapping"]),
     ("", ["is empty"]),

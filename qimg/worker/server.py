@@ -1,0 +1,304 @@
+"""The worker process: `python -m qimg.worker.server --socket PATH --idle SECONDS` (started by
+`qimg worker start` or QIMG_WORKER=auto). An acceptor thread takes connections from this user only and
+queues jobs; the main thread runs them one at a time, in arrival order, each with its client's standard
+streams, working directory, environment and umask, through `qimg.cli.run`, the in-process runner."""
+
+import argparse
+import collections
+import io
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths, warm
+from .client import Messages, send
+
+
+@dataclass(eq=False)
+class Job:
+    conn: socket.socket
+    message: dict
+    fds: list
+    running: bool = False
+    cancelled: int | None = None  # the signal a cancel asked for
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1,
+                         encoding="utf-8")
+        self.lock = threading.Lock()
+
+    def __call__(self, message: str) -> None:
+        with self.lock:
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {message}\n")
+
+
+FIXED = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "OPENBLAS_")
+
+
+def fixed_settings(env: dict) -> dict:
+    """The environment a process reads once (torch's threads and devices, the hub's folders): a job whose
+    values differ from the worker's would not run as it would in-process."""
+    return {k: v for k, v in env.items() if k.startswith(FIXED)}
+
+
+def differences(ours: dict, theirs: dict) -> list[str]:
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+
+
+def peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return uid
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+class Worker:
+    def __init__(self, listener: socket.socket, path: Path, idle: float, log: Log):
+        self.listener, self.path, self.idle, self.log = listener, path, idle, log
+        self.jobs = collections.deque()
+        self.current: Job | None = None
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.born, self.last, self.jobs_run = time.time(), time.monotonic(), 0
+        self.settings = fixed_settings(os.environ)
+
+    # --- the acceptor and one thread per connection
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed by stop
+            threading.Thread(target=self.talk, args=(conn,), daemon=True).start()
+
+    def talk(self, conn: socket.socket) -> None:
+        try:
+            if peer_uid(conn) != os.getuid():
+                self.log(f"refused a connection from uid {peer_uid(conn)}")
+                return conn.close()
+            messages = Messages(conn)
+            message = messages.next()
+            op = message and message.get("op")
+            if op == "run":
+                return self.follow(Job(conn, message, messages.fds), messages)
+            for fd in messages.fds:
+                os.close(fd)
+            if op == "ping":
+                send(conn, {"pid": os.getpid()})
+            elif op == "status":
+                send(conn, self.status())
+            elif op == "stop":
+                self.log("stop requested")
+                self.stop()
+                send(conn, {"pid": os.getpid()})
+            self.hang_up(conn, messages)
+        except Exception as e:  # a client that went away mid-message: nothing to tell anyone but the log
+            self.log(f"connection: {type(e).__name__}: {e}")
+            conn.close()
+
+    def follow(self, job: Job, messages: Messages) -> None:
+        """Queue the job, then wait for a cancel or the client going away (both cancel)."""
+        changed = differences(self.settings, fixed_settings(job.message["env"]))
+        with self.cond:
+            refused = "stopping" if self.stopping else f"{len(job.fds)} fds" if len(job.fds) != 3 else changed
+            if not refused:
+                send(job.conn, {"queued": len(self.jobs) + (self.current is not None), "pid": os.getpid()})
+                self.jobs.append(job)
+                self.cond.notify()
+        if refused:  # the client runs the job in-process
+            self.log(f"refused a job: {refused}")
+            for fd in job.fds:
+                os.close(fd)
+            if refused is changed:  # worth a warning: the worker will not take this client's jobs
+                send_quietly(job.conn, {"refused": f"it was started with other {', '.join(changed)}"})
+            return self.hang_up(job.conn, messages)
+        while True:
+            message = messages.next()
+            if message is None or "cancel" in message:
+                self.cancel(job, signal.SIGTERM if message and message["cancel"] == signal.SIGTERM else signal.SIGINT)
+            if message is None:
+                return job.conn.close()
+
+    @staticmethod
+    def hang_up(conn: socket.socket, messages: Messages) -> None:
+        """Close once the client has: closing first could reset the connection before it reads the reply."""
+        conn.settimeout(10)
+        try:
+            while messages.next() is not None:
+                pass
+        except OSError:
+            pass
+        conn.close()
+
+    def cancel(self, job: Job, signum: int) -> None:
+        with self.cond:
+            if job.cancelled is not None:
+                return
+            job.cancelled = signum
+            if job in self.jobs:
+                self.jobs.remove(job)
+                self.log(f"dropped a queued job ({signal.Signals(signum).name})")
+                self.close_job(job, {"exit": 128 + signum, "dropped": True})
+            elif job.running:
+                self.log(f"cancelling the running job ({signal.Signals(signum).name})")
+                signal.pthread_kill(threading.main_thread().ident, signum)
+
+    def stop(self) -> None:
+        """Take no more jobs (the socket goes at once, so new commands run in-process); finish the queue."""
+        with self.cond:
+            if not self.stopping:
+                self.stopping = True
+                self.unlink()
+                try:
+                    self.listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor
+                except OSError:
+                    pass
+                self.cond.notify()
+
+    def status(self) -> dict:
+        with self.cond:
+            return dict(pid=os.getpid(), uptime=round(time.time() - self.born, 1), jobs_run=self.jobs_run,
+                        busy=self.current is not None, queued=len(self.jobs), loaded=warm.summary(),
+                        memory=resident_bytes(), idle_exit=self.idle, socket=str(self.path),
+                        log=str(self.log.path), python=sys.executable)
+
+    # --- the main thread
+    def serve(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs:
+                    left = self.idle - (time.monotonic() - self.last)
+                    if self.stopping or left <= 0:
+                        self.log("stopping" if self.stopping else f"idle for {self.idle:g} s, exiting")
+                        return self.stop()
+                    self.cond.wait(min(left, 1.0))
+                job = self.current = self.jobs.popleft()
+                job.running = True
+                send_quietly(job.conn, {"started": True})
+            self.log(f"job: {' '.join(job.message['argv'])}")
+            started = time.monotonic()
+            try:
+                code = run_job(job)
+            except Exception as e:  # the hand-over itself failed; the client hears exit 1, the log why
+                self.log(f"job failed outside qimg: {type(e).__name__}: {e}")
+                code = 1
+            with self.cond:
+                job.running = False
+                self.current, self.last = None, time.monotonic()
+                self.jobs_run += 1
+                self.close_job(job, {"exit": code})
+            self.log(f"job done: exit {code} in {time.monotonic() - started:.2f} s")
+            if code == 128 + signal.SIGTERM and job.cancelled != signal.SIGTERM:
+                self.log("terminated (SIGTERM) during a job, exiting; queued jobs run in their clients")
+                return self.stop()
+
+    def close_job(self, job: Job, message: dict) -> None:
+        send_quietly(job.conn, message)
+        for fd in job.fds:
+            os.close(fd)
+        job.fds = []
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def send_quietly(conn: socket.socket, message: dict) -> None:
+    try:
+        send(conn, message)
+    except OSError:
+        pass  # the client went away; its reader thread cancels the job
+
+
+def run_job(job: Job) -> int:
+    """Run the job as the client would in-process: its fds 0-1-2, streams with its encodings (stdout line
+    buffered on a terminal), working directory, environment and umask; the worker's own come back after."""
+    from qimg.cli import run
+
+    m = job.message
+    saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
+    saved_streams, saved_env, saved_cwd = (sys.stdin, sys.stdout, sys.stderr), dict(os.environ), os.getcwd()
+    saved_umask = os.umask(m["umask"])
+    try:
+        for fd, received in zip((0, 1, 2), job.fds):
+            os.dup2(received, fd)
+        sys.stdin, sys.stdout, sys.stderr = (
+            io.TextIOWrapper(open(fd, mode, closefd=False), s["encoding"], s["errors"], line_buffering=lines)
+            for fd, mode, s, lines in zip((0, 1, 2), ("rb", "wb", "wb"), m["streams"], (False, os.isatty(1), True)))
+        os.environ.clear()
+        os.environ.update(m["env"])
+        try:
+            os.chdir(m["cwd"])
+        except OSError as e:
+            print(f"qimg: error: working directory {m['cwd']}: {e.strerror}", file=sys.stderr)
+            return 1
+        return run(m["argv"])
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass
+        sys.stdin, sys.stdout, sys.stderr = saved_streams
+        for fd, saved in zip((0, 1, 2), saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        os.umask(saved_umask)
+
+
+def listen(path: Path) -> socket.socket:
+    """The worker's socket, 0600 from the start (bound under umask 0177)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(umask)
+    listener.listen(64)
+    return listener
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m qimg.worker.server")
+    p.add_argument("--socket", type=Path, required=True)
+    p.add_argument("--idle", type=float, required=True)
+    args = p.parse_args()
+    log = Log(paths.log_path())
+    threading.excepthook = lambda a: log(f"thread {a.thread.name}: {a.exc_type.__name__}: {a.exc_value}")
+    import qimg.cli  # noqa: F401  (with torch and the model code: the first job should not pay for them)
+    import qimg.engine  # noqa: F401
+
+    warm.enabled = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a cancel between two jobs stops nothing
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = listen(args.socket)
+    worker = Worker(listener, args.socket, args.idle, log)
+    log(f"listening on {args.socket} (python {sys.executable}, idle exit {args.idle:g} s)")
+    threading.Thread(target=worker.accept, name="acceptor", daemon=True).start()
+    try:
+        worker.serve()
+    finally:
+        worker.stop()
+        listener.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The worker keeps the last engine it loaded; outside the worker `engine` just makes a new one.
+
+The key holds everything that changes the numbers an engine computes: the resolved model folder and its
+fingerprint (a folder whose files changed is another model), device, dtype and the speed options. A job
+with another key drops the old engine (and its device memory) before loading the new one."""
+
+import gc
+import sys
+
+enabled = False  # set by the worker process only
+_key = None
+_engine = None
+
+
+def engine(folder, device: str, dtype: str, speed: dict, make):
+    """The kept engine when this job's key matches, else `make()` (kept for the next job in the worker)."""
+    global _key, _engine
+    if not enabled:
+        return make()
+    from ..cache import fingerprint
+
+    key = (str(folder), fingerprint(folder), device, dtype, tuple(sorted(speed.items())))
+    if key != _key:
+        drop()
+        _engine = make()
+        _key = key
+    return _engine
+
+
+def drop() -> None:
+    global _key, _engine
+    if _engine is None:
+        return
+    _key = _engine = None
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summary() -> dict | None:
+    """What is loaded, for `qimg worker status`: None when nothing is."""
+    if _key is None:
+        return None
+    folder, fp, device, dtype, speed = _key
+    return dict(model=folder, fingerprint=fp[:16], device=device, dtype=dtype, **dict(speed))
