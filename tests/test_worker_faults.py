@@ -11,7 +11,9 @@ import pytest
 from qimg.worker import paths
 from worker_helpers import FAST, gone, qimg, start, status, stop, wait_for_log, worker_env
 
-SLOW = ["--steps", "1000", "--size", "32x32", "--seed", "3", "--device", "cpu", "--cfg", "1"]
+# ~20 s on the tiny model with one thread (1000 CFG steps over 1024 tokens): a job still running when the test
+# acts on it, however idle the machine
+SLOW = ["--steps", "1000", "--size", "512x512", "--seed", "3", "--device", "cpu", "--cfg", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def test_kill_9_during_sampling(env, tiny_model_dir, tmp_path):
     os.kill(pid, signal.SIGKILL)
     _, err = client.communicate(timeout=60)
     assert client.returncode == 1
-    assert err == (f"qimg: error: the qimg worker (pid {pid}) stopped during the job; nothing was written "
+    assert err == (f"qimg: error: the qimg worker (pid {pid}) stopped during the job; no partial file was written "
                    f"(log: {env['XDG_STATE_HOME']}/qimg/worker.log)\n")
     assert list(work.iterdir()) == []
     fast = ["generate", "-p", "x", "-m", tiny_model_dir, "-o", "out.png", "--size", "16x16", *FAST]
@@ -49,7 +51,7 @@ def test_two_clients_run_one_after_the_other(env, tiny_model_dir, tmp_path):
     work = tmp_path / "work"  # beside the test's cache folder
     work.mkdir()
     start(env)
-    first = qimg(["generate", "-p", "x", "-m", tiny_model_dir, "-o", "first.png", *SLOW[:1], "60", *SLOW[2:]], env,
+    first = qimg(["generate", "-p", "x", "-m", tiny_model_dir, "-o", "first.png", *SLOW[:1], "300", *SLOW[2:]], env,
                  cwd=work, wait=False)
     wait_for_log(env, "-o first.png")
     second = qimg(["generate", "-p", "y", "-m", tiny_model_dir, "-o", "second.png", "--size", "16x16", *FAST], env,

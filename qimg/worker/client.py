@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from ..errors import STOPS
 from . import paths
 
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "chain")  # the others are quick in-process
@@ -169,13 +170,14 @@ def submit(sock: socket.socket, argv: list[str]) -> int | None:
     cancelled = []
 
     def cancel(signum, _frame):
-        cancelled.append(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        cancelled.append(signum)
         try:
             send(sock, {"cancel": int(cancelled[-1])})
         except OSError:
             pass
 
-    previous = {s: signal.signal(s, cancel) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # the stopping signals cancel the job as they would stop an in-process run; ignored ones stay ignored
+    previous = {s: signal.signal(s, cancel) for s in STOPS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         try:
             send(sock, message, (0, 1, 2))
@@ -197,17 +199,16 @@ def submit(sock: socket.socket, argv: list[str]) -> int | None:
             started = started or "started" in reply
             if "exit" in reply:
                 if reply.get("dropped"):
-                    what = "interrupted" if reply["exit"] == 128 + signal.SIGINT else "terminated"
-                    print(f"qimg: {what}; nothing written", file=sys.stderr)
+                    print(f"qimg: {STOPS[reply['exit'] - 128]}; nothing written", file=sys.stderr)
                 return reply["exit"]
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     if not started:
         if cancelled:
-            print("qimg: interrupted; nothing written", file=sys.stderr)
+            print(f"qimg: {STOPS[cancelled[0]]}; nothing written", file=sys.stderr)
             return 128 + cancelled[0]
         return None
-    print(f"qimg: error: the qimg worker (pid {pid}) stopped during the job; nothing was written "
+    print(f"qimg: error: the qimg worker (pid {pid}) stopped during the job; no partial file was written "
           f"(log: {paths.log_path()})", file=sys.stderr)
     return 1

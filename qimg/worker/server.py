@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import STOPS
 from . import paths, warm
 from .client import Messages, send
 
@@ -127,7 +128,7 @@ class Worker:
         while True:
             message = messages.next()
             if message is None or "cancel" in message:
-                self.cancel(job, signal.SIGTERM if message and message["cancel"] == signal.SIGTERM else signal.SIGINT)
+                self.cancel(job, message["cancel"] if message and message["cancel"] in STOPS else signal.SIGINT)
             if message is None:
                 return job.conn.close()
 
@@ -286,8 +287,10 @@ def main() -> None:
     import qimg.engine  # noqa: F401
 
     warm.enabled = True
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a cancel between two jobs stops nothing
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A cancel between two jobs stops nothing. Not SIG_IGN: a job's run keeps ignored signals ignored, and
+    # cancelling the running job is a SIGINT (SIGTERM) sent to this thread.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, lambda *_: None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener = listen(args.socket)
     worker = Worker(listener, args.socket, args.idle, log)
