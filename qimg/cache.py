@@ -358,4 +358,34 @@ class Store:
 
     def size(self) -> int:
         """Bytes in entries now."""
-        return sum(info.st_size for path, info in self._walk() if path.name.endswith(SUFFIX))
+        return sum(count for _, count in self.usage().values())
+
+    def _entries(self):
+        """(kind, path, lstat) of every regular entry file of the store."""
+        if self.root is None:
+            self.root = claim(self.folder, create=False)
+        for path, info in self._walk():
+            if path.name.endswith(SUFFIX) and stat.S_ISREG(info.st_mode):
+                yield path.parent.parent.name, path, info
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(entries, bytes) by kind, now."""
+        found = {kind: (0, 0) for kind in KINDS}
+        for kind, _, info in self._entries():
+            entries, size = found[kind]
+            found[kind] = entries + 1, size + info.st_size
+        return found
+
+    def clear(self, kinds: tuple[str, ...] = KINDS) -> tuple[int, int]:
+        """Remove every entry of `kinds`: (entries, bytes) removed. Safe while other processes use the store:
+        a reader holding an entry open reads it whole, one that looks it up next finds it missing and
+        recomputes it; temporary files of writes in progress are left to them."""
+        removed, freed = 0, 0
+        for kind, path, info in list(self._entries()):
+            if kind in kinds:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (evicted by another process)
+                removed, freed = removed + 1, freed + info.st_size
+        return removed, freed

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from typer.exceptions import TyperException
 
-from . import jobs, presets
+from . import cache_commands, jobs, presets
 from .edits import parse_size
 from .errors import Interrupted, QimgError, QimgWarning, failure_line, say, signals_raise
 from .report import Reporter, json_line, print_result
@@ -248,6 +248,7 @@ def chain(
 
 
 app.add_typer(worker_app, name="worker")
+app.add_typer(cache_commands.app, name="cache")
 
 
 @app.command("presets")
