@@ -123,8 +123,28 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
     pass
 
 
-def model_spec(model, device, dtype, offload, compile_, attention, vae_tiling) -> jobs.ModelSpec:
-    return jobs.ModelSpec(model, device, dtype, offload, compile_, attention, vae_tiling)
+# The parts of a job every model command declares alike, from the command's parameters (its `locals()`).
+
+
+def model_of(p: dict) -> jobs.ModelSpec:
+    return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
+                          p["vae_tiling"])
+
+
+def cache_of(p: dict) -> jobs.CacheSpec:
+    return jobs.CacheSpec(p["cache_dir"], p["no_cache"], p["cache_size"])
+
+
+def output_of(p: dict) -> jobs.Output:
+    return jobs.Output(p["out"], p["overwrite"], p["json_"])
+
+
+def edit_job(shape, p: dict) -> jobs.Edit:
+    """inpaint's and outpaint's job: the mask's options in `shape`, the rest from the command's parameters."""
+    return jobs.Edit(tuple(p["images"]), shape, jobs.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
+                                                            p["seed"]),
+                     p["strength"], p["attn_mask"], p["context"], output_of(p), p["out_dir"], p["skip_existing"],
+                     model_of(p), cache_of(p), p["preset"])
 
 
 def execute(job: jobs.Job, as_json: bool) -> None:
@@ -151,10 +171,8 @@ def generate(
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
 ):
     """Generate an image from a prompt."""
-    execute(jobs.Generate(
-        jobs.Prompt(prompt, negative_prompt, steps, cfg, seed), parse_size(size) if size else None,
-        jobs.Output(out, overwrite, json_), model_spec(model, device, dtype, offload, compile_, attention, vae_tiling),
-        jobs.CacheSpec(cache_dir, no_cache, cache_size), preset), json_)
+    execute(jobs.Generate(jobs.Prompt(prompt, negative_prompt, steps, cfg, seed), parse_size(size) if size else None,
+                          output_of(locals()), model_of(locals()), cache_of(locals()), preset), json_)
 
 
 @app.command()
@@ -182,11 +200,7 @@ def inpaint(
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
-    execute(jobs.Edit(
-        tuple(images), shape, jobs.Prompt(prompt, negative_prompt, steps, cfg, seed), strength, attn_mask, context,
-        jobs.Output(out, overwrite, json_), out_dir, skip_existing,
-        model_spec(model, device, dtype, offload, compile_, attention, vae_tiling),
-        jobs.CacheSpec(cache_dir, no_cache, cache_size), preset), json_)
+    execute(edit_job(shape, locals()), json_)
 
 
 @app.command()
@@ -212,11 +226,7 @@ def outpaint(
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
     shape = jobs.Outpaint(left, right, top, bottom, expand, to, anchor, feather)
-    execute(jobs.Edit(
-        tuple(images), shape, jobs.Prompt(prompt, negative_prompt, steps, cfg, seed), strength, attn_mask, context,
-        jobs.Output(out, overwrite, json_), out_dir, skip_existing,
-        model_spec(model, device, dtype, offload, compile_, attention, vae_tiling),
-        jobs.CacheSpec(cache_dir, no_cache, cache_size), preset), json_)
+    execute(edit_job(shape, locals()), json_)
 
 
 @app.command()
@@ -241,10 +251,8 @@ def chain(
 
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed)) if v is not None}
     edit_steps = tuple(read_chain(ctx, chain_file, given))
-    execute(jobs.Chain(
-        image, chain_file, edit_steps, seed, keep_steps, jobs.Output(out, overwrite, json_),
-        model_spec(model, device, dtype, offload, compile_, attention, vae_tiling),
-        jobs.CacheSpec(cache_dir, no_cache, cache_size), preset), json_)
+    execute(jobs.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
+                       cache_of(locals()), preset), json_)
 
 
 app.add_typer(worker_app, name="worker")

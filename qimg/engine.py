@@ -7,7 +7,6 @@ The engine never prints and never writes output files; the CLI does that.
 """
 
 import gc
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import cached_property

@@ -4,11 +4,10 @@ escaped, never evaluated."""
 
 import json
 import math
-import unicodedata
 from pathlib import Path
 
 from . import __version__
-from .errors import QimgError
+from .errors import QimgError, printable
 from .files import read_image
 
 CHUNK = "qimg"
@@ -59,17 +58,6 @@ def _finite(text: str) -> float:
 def describe(params: dict) -> str:
     """One `name  value` line per parameter, values as JSON (strings quoted), with every control and format
     character escaped, so a crafted prompt cannot move the cursor, recolour or reorder the terminal's text."""
-    names = {name: _printable(name) for name in params}
+    names = {name: printable(name) for name in params}
     width = max(map(len, names.values()), default=0)
-    return "\n".join(f"{names[k].ljust(width)}  {_printable(json.dumps(v, ensure_ascii=False))}" for k, v in params.items())
-
-
-def as_json(params: dict) -> str:
-    """One line of JSON, non-ASCII kept; a lone surrogate (JSON may escape one, UTF-8 cannot hold it) stays an
-    escape instead of failing the print."""
-    return json.dumps(params, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _printable(text: str) -> str:
-    # Cc/Cf: control and format characters; Cs: lone surrogates, which no terminal encoding can print
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in str(text))
+    return "\n".join(f"{names[k].ljust(width)}  {printable(json.dumps(v, ensure_ascii=False))}" for k, v in params.items())

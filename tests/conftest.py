@@ -52,3 +52,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A 1 MB cache store in a fresh folder whose warnings are kept in `store.messages`."""
+    from qimg.cache import Store
+
+    messages = []
+    s = Store(tmp_path / "cache", 10**6, messages.append)
+    s.messages = messages
+    return s

@@ -12,14 +12,6 @@ KEY = "ab" * 32
 ARANGE = {"latent": ("float32", (64,))}
 
 
-@pytest.fixture
-def store(tmp_path):
-    messages = []
-    s = Store(tmp_path / "cache", 10**6, messages.append)
-    s.messages = messages
-    return s
-
-
 def test_round_trip_keeps_values_dtypes_and_record(store):
     tensors = {"latent": torch.randn(1, 16, 4, 6), "embed": torch.randn(7, 64).to(torch.bfloat16)}
     store.put("latent", KEY, tensors, {"vae": "f00d"})

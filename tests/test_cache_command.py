@@ -42,7 +42,7 @@ def test_counts_and_clear_by_kind(tiny_model_dir, tmp_path, capsys):
     with open(entry, "rb") as reader:  # a run reading an entry while it is cleared reads it whole
         code, _, err = qimg(capsys, "cache", "clear", "--kind", "prompt", "--cache-dir", folder)
         assert reader.read()[:8] and not entry.exists()
-    assert code == 0 and err.startswith(f"removed 2 entries (prompt), ") and err.rstrip().endswith(f"from {folder}")
+    assert code == 0 and err.startswith("removed 2 entries (prompt), ") and err.rstrip().endswith(f"from {folder}")
     assert shown(capsys, folder)["entries"] == {"latent": 1, "prompt": 0, "edit": 0}
 
     code, stdout, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "-o", tmp_path / "p.png",

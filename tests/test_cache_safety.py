@@ -22,14 +22,6 @@ SPEC = {"latent": ("float32", (1, 16, 2, 2))}
 GOOD = {"latent": torch.ones(1, 16, 2, 2)}
 
 
-@pytest.fixture
-def store(tmp_path):
-    messages = []
-    s = Store(tmp_path / "cache", 10**6, messages.append)
-    s.messages = messages
-    return s
-
-
 def foreign_folder(folder):
     """A model folder with shards and a LoRA three folders deep, an old .tmp file, and a file in the store's
     own layout: none of them the store's."""

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from qimg.cli import run
 from test_error_matrix import one_line, qimg, raw_png
 
 ROOT = Path(__file__).resolve().parent.parent
