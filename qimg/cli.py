@@ -15,7 +15,6 @@ import typer
 from typer.exceptions import TyperException
 
 from . import cache_commands, jobs, presets
-from .edits import parse_size
 from .errors import Interrupted, QimgError, QimgWarning, failure_line, say, signals_raise
 from .report import Reporter, json_line, print_result
 from .worker.commands import app as worker_app
@@ -48,6 +47,8 @@ def device_name(value: str) -> str:
 
 def size_value(value: Optional[str]) -> Optional[str]:
     if value is not None:
+        from .edits import parse_size
+
         parse_size(value)  # a UsageError names --size
     return value
 
@@ -111,6 +112,8 @@ PresetOpt = Annotated[Optional[str], typer.Option(
     help="Options from a preset: a bundled name (see `qimg presets`) or a YAML file; flags given here win.")]
 ImagesArg = Annotated[list[Path], typer.Argument(
     help="Input image(s): files, folders (their images, not qimg outputs) or quoted globs.", show_default=False)]
+NoWorkerOpt = Annotated[bool, typer.Option(
+    "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, rich_help_panel=MASK,
                                          help="Soft edge width in pixels outside the mask.")]
 Anchor = Literal["center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right"]
@@ -168,9 +171,11 @@ def generate(
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
-    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", no_worker: NoWorkerOpt = False,
 ):
     """Generate an image from a prompt."""
+    from .edits import parse_size
+
     execute(jobs.Generate(jobs.Prompt(prompt, negative_prompt, steps, cfg, seed), parse_size(size) if size else None,
                           output_of(locals()), model_of(locals()), cache_of(locals()), preset), json_)
 
@@ -196,7 +201,7 @@ def inpaint(
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
-    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", no_worker: NoWorkerOpt = False,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
@@ -221,7 +226,7 @@ def outpaint(
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
-    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", no_worker: NoWorkerOpt = False,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -241,6 +246,7 @@ def chain(
     overwrite: OverwriteOpt = False, json_: JsonOpt = False, cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
+    no_worker: NoWorkerOpt = False,
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 

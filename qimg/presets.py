@@ -15,7 +15,8 @@ from .errors import UsageError
 
 MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
 # a preset cannot pull in another, aim every run at one output file, nor let runs replace files unasked
-NOT_IN_PRESETS = {"preset", "out", "overwrite", "cache_dir", "cache_size", "no_cache"}  # the user's to choose, per run
+# the user's to choose, per run (and --no-worker is decided before any preset is read)
+NOT_IN_PRESETS = {"preset", "out", "overwrite", "cache_dir", "cache_size", "no_cache", "no_worker"}
 EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a file path"}
 
 

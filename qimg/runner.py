@@ -48,12 +48,13 @@ def resolve_model(spec: ModelSpec) -> Path:
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
     same numbers (worker/warm.py), then serving this job's cache."""
-    from .engine import Engine
+    from .engine import DTYPES, Engine, pick_device, pick_dtype
     from .worker import warm
 
     speed = spec.speed()
-    engine = warm.engine(folder, spec.device, spec.dtype, speed,
-                         lambda: Engine(folder, spec.device, spec.dtype, store, **speed))
+    device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
+    dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
+    engine = warm.engine(folder, str(device), dtype, speed, lambda: Engine(folder, str(device), dtype, store, **speed))
     engine.cache = store
     return engine
 

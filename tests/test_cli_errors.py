@@ -109,10 +109,11 @@ def test_unknown_device(capsys, tmp_path, fake_model):
     assert_one_line(err, "--device")
 
 
-def test_help_does_not_import_torch():
-    probe = "import sys; from qimg.cli import run; run(['generate', '--help']); print('torch' in sys.modules)"
+def test_help_does_not_import_torch_numpy_or_pil():
+    probe = ("import sys; from qimg.cli import run; run(['--help']); run(['generate', '--help']); "
+             "print([m for m in ('torch', 'numpy', 'PIL') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.strip().endswith("False")
+    assert out.strip().endswith("[]")
 
 
 def test_python_dash_m_runs_the_cli():

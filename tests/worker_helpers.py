@@ -37,8 +37,8 @@ def status(env: dict) -> dict | None:
     return answer if answer["running"] else None
 
 
-def start(env: dict, idle=300) -> int:
-    result = qimg(["worker", "start", "--idle", idle], env)
+def start(env: dict, idle=300, cwd=None) -> int:
+    result = qimg(["worker", "start", "--idle", idle], env, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return status(env)["pid"]
 

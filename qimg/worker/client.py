@@ -17,6 +17,7 @@ from ..errors import STOPS
 from . import paths
 
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "chain")  # the others are quick in-process
+OFF = ("0", "false", "off", "no")  # QIMG_WORKER values that mean in-process
 DEFAULT_IDLE = 600
 READY_TIMEOUT = 120.0  # seconds a starting worker may take to import torch and listen
 
@@ -56,10 +57,6 @@ class Messages:
 def command_of(argv: list[str]) -> str | None:
     """The subcommand: the first argument that is not an option (the root options are all flags)."""
     return next((a for a in argv if not a.startswith("-")), None)
-
-
-def in_process_args(argv: list[str]) -> list[str]:
-    return [a for a in argv if a != "--no-worker"]
 
 
 def connect() -> socket.socket | None:
@@ -109,7 +106,7 @@ def start(idle: float = DEFAULT_IDLE) -> tuple[int, bool]:
         with open(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:  # jobs' argv: yours
             process = subprocess.Popen(
                 [sys.executable, "-m", "qimg.worker.server", "--socket", str(path), "--idle", str(idle)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, cwd="/")
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -126,8 +123,8 @@ def maybe_submit(argv: list[str]) -> int | None:
     """Run a model command in the worker and return its exit code; None when it should run in-process:
     not a model command, --no-worker or QIMG_WORKER=0, no worker running (QIMG_WORKER=auto starts one),
     or the worker could not be reached before the job started."""
-    mode = os.environ.get("QIMG_WORKER", "1")
-    if mode == "0" or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS:
+    mode = os.environ.get("QIMG_WORKER", "1").strip().lower()
+    if mode in OFF or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS:
         return None
     try:
         if not paths.check_dir(paths.socket_dir(), create=mode == "auto"):

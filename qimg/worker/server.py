@@ -20,6 +20,8 @@ from ..errors import STOPS
 from . import paths, warm
 from .client import Messages, send
 
+HOME = "/"  # the worker's working directory between jobs
+
 
 @dataclass(eq=False)
 class Job:
@@ -74,6 +76,13 @@ class Worker:
         self.stopping = False
         self.born, self.last, self.jobs_run = time.time(), time.monotonic(), 0
         self.settings = fixed_settings(os.environ)
+        self.terminated = False  # SIGTERM outside a job's run: stop once the current job is done
+
+    def signalled(self, signum, _frame) -> None:
+        """The worker's own handler for the stopping signals, outside a job's run (which turns them into its
+        stop): a cancel that lands there is caught by run_job from job.cancelled; SIGTERM stops the worker."""
+        if signum == signal.SIGTERM and (self.current is None or self.current.cancelled != signal.SIGTERM):
+            self.terminated = True
 
     # --- the acceptor and one thread per connection
     def accept(self) -> None:
@@ -85,17 +94,18 @@ class Worker:
             threading.Thread(target=self.talk, args=(conn,), daemon=True).start()
 
     def talk(self, conn: socket.socket) -> None:
+        messages = Messages(conn)
         try:
             if peer_uid(conn) != os.getuid():
                 self.log(f"refused a connection from uid {peer_uid(conn)}")
                 return conn.close()
-            messages = Messages(conn)
             message = messages.next()
-            op = message and message.get("op")
-            if op == "run":
+            op = message.get("op") if isinstance(message, dict) else None
+            if op == "run" and well_formed(message):
+                for fd in messages.fds:
+                    os.set_inheritable(fd, False)  # the job's own children inherit fds 0-2, not these
                 return self.follow(Job(conn, message, messages.fds), messages)
-            for fd in messages.fds:
-                os.close(fd)
+            close_all(messages.fds)
             if op == "ping":
                 send(conn, {"pid": os.getpid()})
             elif op == "status":
@@ -107,6 +117,7 @@ class Worker:
             self.hang_up(conn, messages)
         except Exception as e:  # a client that went away mid-message: nothing to tell anyone but the log
             self.log(f"connection: {type(e).__name__}: {e}")
+            close_all(messages.fds)
             conn.close()
 
     def follow(self, job: Job, messages: Messages) -> None:
@@ -181,8 +192,9 @@ class Worker:
             with self.cond:
                 while not self.jobs:
                     left = self.idle - (time.monotonic() - self.last)
-                    if self.stopping or left <= 0:
-                        self.log("stopping" if self.stopping else f"idle for {self.idle:g} s, exiting")
+                    if self.stopping or self.terminated or left <= 0:
+                        self.log("stopping" if self.stopping or self.terminated else f"idle for {self.idle:g} s, "
+                                 "exiting")
                         return self.stop()
                     self.cond.wait(min(left, 1.0))
                 job = self.current = self.jobs.popleft()
@@ -192,8 +204,10 @@ class Worker:
             started = time.monotonic()
             try:
                 code = run_job(job)
-            except Exception as e:  # the hand-over itself failed; the client hears exit 1, the log why
+            except Exception as e:  # the hand-over itself failed: one line for the client, the details in the log
                 self.log(f"job failed outside qimg: {type(e).__name__}: {e}")
+                tell(job, f"qimg: error: the qimg worker could not run the job ({type(e).__name__}); see "
+                          f"{self.log.path}, or run it with --no-worker")
                 code = 1
             with self.cond:
                 job.running = False
@@ -201,7 +215,7 @@ class Worker:
                 self.jobs_run += 1
                 self.close_job(job, {"exit": code})
             self.log(f"job done: exit {code} in {time.monotonic() - started:.2f} s")
-            if code == 128 + signal.SIGTERM and job.cancelled != signal.SIGTERM:
+            if self.terminated or code == 128 + signal.SIGTERM and job.cancelled != signal.SIGTERM:
                 self.log("terminated (SIGTERM) during a job, exiting; queued jobs run in their clients")
                 return self.stop()
 
@@ -225,16 +239,40 @@ def send_quietly(conn: socket.socket, message: dict) -> None:
         pass  # the client went away; its reader thread cancels the job
 
 
+def well_formed(message: dict) -> bool:
+    types = dict(argv=list, cwd=str, env=dict, umask=int, streams=list)
+    return all(isinstance(message.get(k), t) for k, t in types.items()) and len(message["streams"]) == 3 and all(
+        isinstance(s, dict) and isinstance(s.get("encoding"), str) and isinstance(s.get("errors"), str)
+        for s in message["streams"]) and all(isinstance(a, str) for a in message["argv"])
+
+
+def close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def tell(job: Job, line: str) -> None:
+    """A line on the client's stderr, from outside the job's run."""
+    try:
+        os.write(job.fds[2], f"{line}\n".encode())
+    except (OSError, IndexError):
+        pass
+
+
 def run_job(job: Job) -> int:
     """Run the job as the client would in-process: its fds 0-1-2, streams with its encodings (stdout line
-    buffered on a terminal), working directory, environment and umask; the worker's own come back after."""
-    from qimg.cli import run
-
+    buffered on a terminal), working directory, environment and umask; the worker's own come back after.
+    A cancel that arrives before the job's run takes the signals (or after it gave them back) still stops
+    it with the usual line, never the worker."""
     m = job.message
     saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
-    saved_streams, saved_env, saved_cwd = (sys.stdin, sys.stdout, sys.stderr), dict(os.environ), os.getcwd()
-    saved_umask = os.umask(m["umask"])
+    saved_streams, saved_env = (sys.stdin, sys.stdout, sys.stderr), dict(os.environ)
+    saved_umask = os.umask(0o022)
     try:
+        os.umask(m["umask"] & 0o777)
         for fd, received in zip((0, 1, 2), job.fds):
             os.dup2(received, fd)
         sys.stdin, sys.stdout, sys.stderr = (
@@ -247,7 +285,7 @@ def run_job(job: Job) -> int:
         except OSError as e:
             print(f"qimg: error: working directory {m['cwd']}: {e.strerror}", file=sys.stderr)
             return 1
-        return run(m["argv"])
+        return run_cancellable(job)
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -260,8 +298,28 @@ def run_job(job: Job) -> int:
             os.close(saved)
         os.environ.clear()
         os.environ.update(saved_env)
-        os.chdir(saved_cwd)
+        os.chdir(HOME)
         os.umask(saved_umask)
+
+
+def run_cancellable(job: Job) -> int:
+    from qimg.cli import run
+    from qimg.errors import Interrupted, say, signals_raise
+
+    code = None
+    try:
+        with signals_raise():  # from here a cancel raises; one that came before is in job.cancelled
+            try:
+                if job.cancelled is not None:
+                    raise Interrupted(job.cancelled)
+                code = run(job.message["argv"])
+            except Interrupted as e:
+                if code is None:
+                    say(e.message())
+                    code = e.code
+    except Interrupted:
+        pass  # as the handlers went back: the run had ended
+    return 1 if code is None else code
 
 
 def listen(path: Path) -> socket.socket:
@@ -287,13 +345,13 @@ def main() -> None:
     import qimg.engine  # noqa: F401
 
     warm.enabled = True
-    # A cancel between two jobs stops nothing. Not SIG_IGN: a job's run keeps ignored signals ignored, and
-    # cancelling the running job is a SIGINT (SIGTERM) sent to this thread.
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(signum, lambda *_: None)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Outside a job's run the worker's own handler takes the stopping signals (Worker.signalled). Not SIG_IGN:
+    # a job's run keeps ignored signals ignored, and cancelling it is a signal sent to this thread.
+    os.chdir(HOME)  # not the folder it was started from, which may be deleted
     listener = listen(args.socket)
     worker = Worker(listener, args.socket, args.idle, log)
+    for signum in STOPS:
+        signal.signal(signum, worker.signalled)
     log(f"listening on {args.socket} (python {sys.executable}, idle exit {args.idle:g} s)")
     threading.Thread(target=worker.accept, name="acceptor", daemon=True).start()
     try:
