@@ -37,8 +37,14 @@ def expand_inputs(args: list[Path]) -> tuple[list[Path], bool]:
             batch = True
         else:
             files.append(arg)
-    unique = list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # each file once, first place kept
+    unique = list({real(f): f for f in reversed(files)}.values())[::-1]  # each file once, first place kept
     return unique, batch
+
+
+def real(path: Path) -> Path:
+    """The file a path names, links resolved (Path.resolve raises on a link that loops; this keeps it as is:
+    it names no file, and fails on its own when read or written)."""
+    return Path(os.path.realpath(path))
 
 
 def mask_for(mask_dir: Path, image: Path) -> Path:
@@ -64,12 +70,12 @@ def output_name(image: Path, kind: str, out_dir: Path | None) -> Path:
 
 def check_distinct_outputs(files: list[Path], kind: str, out_dir: Path | None) -> None:
     """Refuse a batch in which two inputs would write one output, or an output would replace another input."""
-    seen, inputs = {}, {f.resolve() for f in files}
+    seen, inputs = {}, {real(f) for f in files}
     for f in files:
         out = output_name(f, kind, out_dir)
         if out in seen:
             raise UsageError(f"{seen[out]} and {f} would both write {out}; run them with different --out-dir")
-        if out.resolve() in inputs:
+        if real(out) in inputs:
             raise UsageError(f"{out} is an input and the output of {f}; write the outputs elsewhere with --out-dir")
         seen[out] = f
 
@@ -78,17 +84,17 @@ def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads) 
     """Refuse a batch in which an output would replace a file the batch reads (any input, any input's mask),
     --overwrite or not: the files are read one after another, so a replaced one would be read as the new
     picture. reads(image): the other files that input's edit reads; one it cannot name fails in its turn."""
-    read = {f.resolve(): f"input {f}" for f in files}
+    read = {real(f): f"input {f}" for f in files}
     for f in files:
         try:
             others = reads(f)
         except UsageError:
             continue
-        read.update((p.resolve(), f"the mask of {f}") for p in others if p is not None and p.resolve() not in read)
+        read.update((real(p), f"the mask of {f}") for p in others if p is not None and real(p) not in read)
     for f in files:
         out = output_name(f, kind, out_dir)
-        if out.resolve() in read:
-            raise UsageError(f"{out}, the output of {f}, is {read[out.resolve()]}, which this batch reads and never "
+        if real(out) in read:
+            raise UsageError(f"{out}, the output of {f}, is {read[real(out)]}, which this batch reads and never "
                              "replaces; write the outputs elsewhere with --out-dir")
 
 

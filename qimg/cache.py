@@ -77,6 +77,17 @@ def parse_bytes(text: str) -> int:
     return size
 
 
+def size_option(text: str) -> int:
+    """--cache-size in bytes, or a UsageError naming it (or $QIMG_CACHE_SIZE, when that is where it came from)."""
+    from .errors import UsageError
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        named = "QIMG_CACHE_SIZE" if os.environ.get("QIMG_CACHE_SIZE") == text else "--cache-size"
+        raise UsageError(f"{named} {e}") from None
+
+
 # --- Keys: a hash of exactly what determines the tensor ----------------------------------------------------
 
 
@@ -185,6 +196,23 @@ def claim(folder: Path, create: bool) -> Path | None:
     return None
 
 
+def _remove(path: Path) -> str:
+    """Remove what stands at an entry's path, never through a link (a link: the link only) and never a folder
+    with anything in it; says what happened."""
+    try:
+        os.unlink(path)
+    except IsADirectoryError:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return "left alone (a folder with files in it)"
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"not removed ({e.strerror})"
+    return "removed"
+
+
 def _real_dir(path: Path) -> bool:
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)
@@ -209,11 +237,7 @@ class Store:
         return (self.root or self.folder) / kind / key[:2] / f"{key}{SUFFIX}"
 
     def _damaged(self, path: Path, why: str) -> None:
-        self.warn(f"cache entry {path} is damaged ({why[:120]}); removed, recomputing")
-        try:
-            os.unlink(path)  # a link: the link only, never what it points to
-        except OSError:
-            pass
+        self.warn(f"cache entry {path} is damaged ({why[:120]}); {_remove(path)}, recomputing")
 
     def _read(self, path: Path) -> bytes | None:
         """The entry's bytes; None when missing; ValueError when it is no regular file of a sane size."""
@@ -303,6 +327,8 @@ class Store:
                 if os.path.islink(parent):
                     os.unlink(parent)  # as in get
                 parent.mkdir(exist_ok=True)
+            if _real_dir(path) and _remove(path) != "removed":
+                return  # a folder of someone else's files where this entry goes: get has said so; not this entry
             fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:

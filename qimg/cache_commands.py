@@ -5,7 +5,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from .errors import UsageError, say
+from .errors import say
 from .report import json_line, print_result
 
 app = typer.Typer(help="The latent and prompt cache: where it is, what it holds; `qimg cache clear` empties it.")
@@ -16,12 +16,9 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(
 
 
 def open_store(folder: Optional[Path], size: str = "2GB"):
-    from .cache import Store, default_cache_dir, parse_bytes
+    from .cache import Store, default_cache_dir, size_option
 
-    try:
-        max_bytes = parse_bytes(size)
-    except ValueError as e:
-        raise UsageError(f"--cache-size {e}") from None
+    max_bytes = size_option(size)
     return Store(folder or default_cache_dir(), max_bytes)
 
 

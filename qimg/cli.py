@@ -71,7 +71,8 @@ StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=SA
                                             help="How far to re-noise the masked area; 1 = from scratch.")]
 AttnMaskOpt = Annotated[Literal["on", "off"], typer.Option(
     rich_help_panel=SAMPLING, help="on: kept pixels never attend to the edited area or the text; off: they do.")]
-ContextOpt = Annotated[int, typer.Option(min=0, rich_help_panel=SAMPLING,
+PIXELS = 2**31 - 1  # the largest pixel count an option takes: far past any image; huge numbers never reach the math
+ContextOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=SAMPLING,
                                          help="Pixels around the mask the model sees on large images.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", envvar="QIMG_MODEL", show_envvar=True, rich_help_panel=MODEL,
@@ -114,7 +115,7 @@ ImagesArg = Annotated[list[Path], typer.Argument(
     help="Input image(s): files, folders (their images, not qimg outputs) or quoted globs.", show_default=False)]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
-FeatherOpt = Annotated[int, typer.Option(min=0, rich_help_panel=MASK,
+FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                          help="Soft edge width in pixels outside the mask.")]
 Anchor = Literal["center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right"]
 
@@ -194,7 +195,7 @@ def inpaint(
                                               help="Stretch a mask of another size to the image.")] = False,
     invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
                                               help="Regenerate what the mask keeps and keep what it covers.")] = False,
-    grow: Annotated[int, typer.Option(min=0, rich_help_panel=MASK, help="Dilate the mask by this many pixels.")] = 0,
+    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Dilate the mask by this many pixels.")] = 0,
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = 64,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
@@ -211,11 +212,11 @@ def inpaint(
 @app.command()
 def outpaint(
     images: ImagesArg, prompt: PromptOpt, negative_prompt: NegativeOpt = None,
-    left: Annotated[int, typer.Option(min=0, rich_help_panel=MASK, help="Pixels to add on the left.")] = 0,
-    right: Annotated[int, typer.Option(min=0, rich_help_panel=MASK, help="Pixels to add on the right.")] = 0,
-    top: Annotated[int, typer.Option(min=0, rich_help_panel=MASK, help="Pixels to add on top.")] = 0,
-    bottom: Annotated[int, typer.Option(min=0, rich_help_panel=MASK, help="Pixels to add at the bottom.")] = 0,
-    expand: Annotated[int, typer.Option(min=0, rich_help_panel=MASK,
+    left: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on the left.")] = 0,
+    right: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on the right.")] = 0,
+    top: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on top.")] = 0,
+    bottom: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add at the bottom.")] = 0,
+    expand: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                         help="Pixels to add on every side not anchored.")] = 0,
     to: Annotated[Optional[str], typer.Option(rich_help_panel=MASK, help="Grow the canvas to WIDTHxHEIGHT.")] = None,
     anchor: Annotated[Anchor, typer.Option(rich_help_panel=MASK,

@@ -10,6 +10,8 @@ from .errors import UsageError
 
 
 def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[int, int]:
+    if len(text) > 40:  # far past any real size; and the message quotes what it refuses
+        raise UsageError(f"{option} {text[:37]!r}...: not WIDTHxHEIGHT (too long), e.g. 1024x768")
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:

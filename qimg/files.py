@@ -149,14 +149,7 @@ def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     if path.is_symlink() and not path.exists():
         raise UsageError(f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist or loops; "
                          "remove the link or choose another name")
-    folder = path.parent
-    while not os.path.lexists(folder):  # missing folders are created at save time, if their parent allows it
-        folder = folder.parent
-    if folder.is_symlink() and not folder.exists():
-        raise UsageError(f"{what} {path}: folder {folder} is a symlink to {os.readlink(folder)}, which does not "
-                         "exist or loops; create its target or choose another folder")
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path}: folder {folder} is not writable")
+    check_folder(path.parent, f"{what} {path}: folder")
     if not path.exists():
         return
     if _same_file(path, read_only):
@@ -175,6 +168,20 @@ def check_format_size(path: Path, size: tuple[int, int], what: str = "--out") ->
     if limit is not None and max(size) > limit:
         raise UsageError(f"{what} {path}: {size[0]}x{size[1]} is over the {limit} pixels a side "
                          f"{path.suffix.lower()} can hold; write a .png")
+
+
+def check_folder(folder: Path, what: str) -> None:
+    """Refuse an output folder that cannot be: one whose nearest existing part is a symlink that leads
+    nowhere (dangling or a loop), a file, or not writable. Missing folders are created at save time."""
+    while not os.path.lexists(folder):
+        folder = folder.parent
+    if folder.is_symlink() and not folder.exists():
+        raise UsageError(f"{what} {folder} is a symlink to {os.readlink(folder)}, which does not exist or loops; "
+                         "create its target or choose another folder")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} is a file, not a folder; choose another folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {folder} is not writable")
 
 
 def _same_file(path: Path, others) -> bool:

@@ -74,6 +74,8 @@ def read_yaml(path: Path, what: str) -> dict:
         raise UsageError(f"{what} {path}: not valid YAML{where}: {problem}") from None
     except RecursionError:
         raise UsageError(f"{what} {path}: nested too deeply") from None
+    except ValueError as e:  # a scalar YAML cannot build: an integer of over 4300 digits, a date out of range
+        raise UsageError(f"{what} {path}: holds a value that cannot be read ({str(e).splitlines()[0][:80]})") from None
     if not isinstance(content, dict):
         kind = "empty" if content is None else f"a {type(content).__name__}"
         raise UsageError(f"{what} {path} is {kind}; expected a mapping of option: value")
@@ -158,6 +160,8 @@ def _convert(ctx, param, key: str, value, where: str):
     annotation = str if get_origin(annotation) is Literal else annotation  # a choice: text, checked by coerce
     base = str if param.multiple else annotation
     items = [value] if param.multiple and isinstance(value, str) else value
+    if any(isinstance(v, int) and abs(v) >= 10**30 for v in (items if isinstance(items, list) else [items])):
+        raise UsageError(f"{where}: {key} is a number too large for any option")  # YAML reads 0x... of any length
     ok = isinstance(items, list) and all(_is_a(v, base) for v in items) if param.multiple else _is_a(value, base)
     if not ok:
         expected = f"{EXPECTED[base]} or a list of them" if param.multiple else EXPECTED[annotation]

@@ -24,13 +24,28 @@ def json_line(obj) -> str:
 
 def print_result(text: str) -> None:
     """Results go to stdout. If its reader has gone (`qimg ... --json | head -n1`), the rest are dropped
-    and the run goes on: every output is still written, and errors and the summary still go to stderr."""
+    and the run goes on: every output is still written, and errors and the summary still go to stderr. Text
+    stdout's encoding cannot hold (`qimg info` of a Chinese prompt under PYTHONIOENCODING=ascii) is escaped;
+    a stdout that cannot be written at all (a full disk) stops the run with one line."""
+    encoding = sys.stdout.encoding or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)  # so later prints and the flush at exit go nowhere
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _stdout_to_null()
+    except OSError as e:
+        _stdout_to_null()
+        raise QimgError(f"cannot write to stdout: {e.strerror or e}") from None
+
+
+def _stdout_to_null() -> None:
+    """So later prints and the flush at exit go nowhere instead of failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class Reporter:

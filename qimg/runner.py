@@ -26,12 +26,9 @@ def execute(job: Job, reporter: Reporter) -> None:
 def open_cache(spec: CacheSpec):
     """The latent and prompt store, or None with --no-cache or --cache-size 0; checked before any work (and
     before torch is imported)."""
-    from .cache import Store, default_cache_dir, parse_bytes
+    from .cache import Store, default_cache_dir, size_option
 
-    try:
-        max_bytes = parse_bytes(spec.size)
-    except ValueError as e:
-        raise UsageError(f"--cache-size {e}") from None
+    max_bytes = size_option(spec.size)
     if spec.off or max_bytes == 0:
         return None
     return Store(spec.folder or default_cache_dir(), max_bytes, lambda message: say(f"qimg: warning: {message}"))
@@ -176,6 +173,8 @@ def edit(job: Edit, reporter: Reporter) -> None:
     or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
     and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
     of a write still ends it at once. The model loads once, for the first input that needs it."""
+    from .files import check_folder
+
     kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
     edits.check_strength(job.strength)
     if job.skip_existing and overwrite:
@@ -183,8 +182,10 @@ def edit(job: Edit, reporter: Reporter) -> None:
     build, mask_file = mask_builder(job)
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out-dir {out_dir} is a file; give a folder")
+    if out_dir is not None:
+        check_folder(out_dir, "--out-dir")
+    if isinstance(job.shape, InpaintMask) and job.shape.mask_dir is not None and not job.shape.mask_dir.is_dir():
+        raise UsageError(f"--mask-dir {job.shape.mask_dir} is not a folder; give the folder of the masks")
     files, is_batch = batch.expand_inputs(list(job.images))
     if is_batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
@@ -274,7 +275,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
     step_files = chains.step_files(job.image, job.steps, job.keep_steps) if job.keep_steps is not None else {}
     for index, step_file in step_files.items():
         check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file", sizes[index])
-        if step_file.resolve() == out.resolve():
+        if batch.real(step_file) == batch.real(out):
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
     engine = open_engine(folder, job.model, store)
 

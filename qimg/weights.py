@@ -74,8 +74,9 @@ def check_model_folder(path: Path) -> Path:
         raise UsageError(f"{path} is not a Qwen-Image model folder: model_index.json is missing")
     name = read_json_object(index, UsageError).get("_class_name")
     if not isinstance(name, str) or name not in PIPELINES:
-        shown = name if isinstance(name, str) and name else "unknown"
-        raise UsageError(f"{path} is a {shown} model, not Qwen-Image (model_index.json)")
+        if isinstance(name, str) and name:
+            raise UsageError(f"{path} is a {name[:60]} model, not Qwen-Image (model_index.json)")
+        raise UsageError(f"{path}: model_index.json names no pipeline (_class_name); not a Qwen-Image model folder")
     return path
 
 
@@ -86,9 +87,14 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
     return read_json_object(file)
 
 
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+              type(None): "null"}
+
+
 def read_json_object(file: Path, error: type[QimgError] = QimgError) -> dict:
-    """A model folder's JSON file whose top level must be an object; anything else is one `error` line naming
-    it (a QimgError, like the folder's other damage; model_index.json, read to accept --model, a UsageError)."""
+    """A model folder's JSON file whose top level must be an object. A file that cannot be read or parsed is
+    one `error` line naming it (a QimgError, like the folder's other damage; model_index.json, read to accept
+    --model, a UsageError); valid JSON of the wrong shape is a UsageError: a file of the wrong kind."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:
@@ -96,7 +102,8 @@ def read_json_object(file: Path, error: type[QimgError] = QimgError) -> dict:
     except OSError as e:
         raise error(f"{file}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
-        raise error(f"{file} holds a JSON {type(data).__name__}; expected an object")
+        raise UsageError(f"{file} holds {JSON_KINDS.get(type(data), 'something else')}, not an object; is it the "
+                         "right file?")
     return data
 
 
@@ -106,7 +113,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     if indexes:
         weight_map = read_json_object(indexes[0]).get("weight_map")
         if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
-            raise QimgError(f"{indexes[0]}: weight_map must be an object of weight name: shard file")
+            raise UsageError(f"{indexes[0]}: weight_map must be an object of weight name: shard file")
         files = [folder / f for f in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

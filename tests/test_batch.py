@@ -287,6 +287,6 @@ def test_out_dir_that_is_a_file_is_a_usage_error(configs_only, folder, tmp_path,
     (tmp_path / "taken").write_text("notes")
     code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--rect", "0,0,9,9",
                             "--out-dir", tmp_path / "taken", "-m", configs_only)
-    assert code == 2 and lines == [] and err.strip() == f"qimg: error: --out-dir {tmp_path / 'taken'} is a file; " \
-                                                        "give a folder", err
+    assert code == 2 and lines == [] and err.strip() == f"qimg: error: --out-dir {tmp_path / 'taken'} is a file, " \
+                                                        "not a folder; choose another folder", err
     assert (tmp_path / "taken").read_text() == "notes"

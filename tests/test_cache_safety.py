@@ -102,6 +102,27 @@ def test_hostile_entry_is_removed_never_followed_and_recomputed(store, tmp_path,
     assert torch.equal(store.get("latent", KEY, SPEC)[0]["latent"], GOOD["latent"])
 
 
+def test_a_folder_in_an_entry_s_place_is_removed_if_empty_and_never_breaks_the_store(store):
+    store.put("latent", "00" * 32, GOOD)
+    path = store.path("latent", KEY)
+    path.mkdir(parents=True)
+    assert store.get("latent", KEY, SPEC) is None
+    assert store.messages[-1].endswith("; removed, recomputing") and not path.exists()
+    store.put("latent", KEY, GOOD)
+    assert torch.equal(store.get("latent", KEY, SPEC)[0]["latent"], GOOD["latent"])
+
+    other = "ef" * 32
+    full = store.path("latent", other)
+    full.mkdir(parents=True)
+    (full / "notes.txt").write_text("someone's")
+    assert store.get("latent", other, SPEC) is None
+    assert "left alone (a folder with files in it)" in store.messages[-1]
+    store.put("latent", other, GOOD)  # not stored there, and the store still works
+    assert (full / "notes.txt").read_text() == "someone's"
+    store.put("latent", "12" * 32, GOOD)
+    assert store.get("latent", "12" * 32, SPEC) is not None and not store.broken
+
+
 @pytest.mark.parametrize("kind", ["fifo", "outside"])
 def test_eviction_removes_links_and_specials_of_entry_names_but_never_their_targets(store, tmp_path, kind):
     store.put("latent", "00" * 32, GOOD)
@@ -239,3 +260,11 @@ def test_chain_entry_of_another_size_is_not_what_a_chain_expects(tiny_model_dir)
                           (True, {"pixels": torch.zeros(128, 128, 3, dtype=torch.uint8)}),
                           (True, {"latent": torch.zeros(1, 16, 16, 16)})]:
         assert any(mismatch(tensors, spec) is None for spec in specs) == fits
+
+
+def test_a_bad_cache_size_from_the_environment_names_the_variable(monkeypatch, capsys, tmp_path):
+    from qimg.cli import run
+
+    monkeypatch.setenv("QIMG_CACHE_SIZE", "9x")
+    assert run(["generate", "-p", "x", "-o", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err == "qimg: error: QIMG_CACHE_SIZE '9x' is not a size like 2GB, 500MB or 123456\n"

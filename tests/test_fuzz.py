@@ -27,7 +27,8 @@ from PIL import Image
 from skimage import data
 
 from qimg import masks, presets
-from qimg.cli import app, parse_size, run
+from qimg.cli import app, run
+from qimg.edits import parse_size
 from qimg.errors import UsageError
 from qimg.metadata import png_text
 

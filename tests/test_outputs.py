@@ -41,6 +41,29 @@ def test_a_symlink_output_that_leads_nowhere_is_refused_up_front(capsys, tmp_pat
     assert not (tmp_path / "gone").exists() and not (tmp_path / "gone.png").exists()
 
 
+@pytest.mark.parametrize("make", ["dangling", "loop", "file"])
+def test_a_batch_out_dir_that_cannot_be_a_folder_is_refused_up_front(capsys, tmp_path, photo, configs_only, make):
+    folder = tmp_path / "outs"
+    if make == "dangling":
+        folder.symlink_to(tmp_path / "gone")
+    elif make == "loop":
+        (tmp_path / "other").symlink_to(folder)
+        folder.symlink_to(tmp_path / "other")
+    else:
+        folder.write_text("notes")
+    second = tmp_path / "b.png"
+    second.write_bytes(photo.read_bytes())
+    for out_dir in (folder, folder / "sub"):
+        code, _, err = qimg(capsys, "inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only,
+                            "--out-dir", out_dir)
+        assert code == 2
+        one_line(err, f"--out-dir {folder}", "does not exist or loops" if make != "file" else "is a file")
+    code, _, err = qimg(capsys, "inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only,
+                        "--mask-dir", photo)
+    assert code == 2
+    one_line(err, f"--mask-dir {photo} is not a folder")
+
+
 def test_a_default_name_held_by_a_dangling_symlink_is_numbered(tmp_path):
     from qimg.files import default_output
 
@@ -148,6 +171,19 @@ def test_json_on_an_ascii_stdout_stays_valid(tmp_path, tiny_model_dir):
     assert json.loads(result.stdout)["prompt"] == "一只猫"
     info = qimg_process("info", out, "--json", env={"PYTHONIOENCODING": "ascii", "LC_ALL": "C"})
     assert info.returncode == 0 and json.loads(info.stdout)["prompt"] == "一只猫"
+
+
+def test_info_on_an_ascii_stdout_escapes_and_a_full_stdout_is_one_line(tmp_path, tiny_model_dir):
+    out = tmp_path / "o.png"
+    assert qimg_process("generate", "-p", "一只猫", "-m", tiny_model_dir, "--size", "32x32", *FAST, "-o", out,
+                        "--no-cache").returncode == 0
+    info = qimg_process("info", out, env={"PYTHONIOENCODING": "ascii"}, text=True)
+    assert info.returncode == 0 and '"\\u4e00\\u53ea\\u732b"' in info.stdout, info.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "qimg", "info", str(out)], env=env, stdout=full,
+                                stderr=subprocess.PIPE, text=True)
+    assert result.returncode == 1 and result.stderr == "qimg: error: cannot write to stdout: No space left on device\n"
 
 
 @pytest.mark.parametrize("colour_type, channels", [(2, 3), (6, 4)])

@@ -85,6 +85,8 @@ def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, o
     ("cfg: !!set {a, b}\n", ["cfg must be a number", "a set"]),
     ("cfg: .nan\n", ["cfg:", "nan"]),
     ("steps: 99999999999999999999999\n", ["steps:", "1000"]),
+    ("steps: " + "9" * 5000 + "\n", ["holds a value that cannot be read", "4300 digits"]),
+    ("seed: 0x" + "f" * 5000 + "\n", ["seed is a number too large for any option"]),
     ("[a, b]: 1\n", ["not valid YAML", "unhashable key"]),
     ("base: &b {steps: 2}\n<<: *b\n", ["unknown key 'base'"]),
     ("steps: *nowhere\n", ["not valid YAML", "undefined alias"]),

@@ -6,12 +6,12 @@ the same pipeline transformers' Qwen2Tokenizer builds (NFC, Qwen2's split regex,
 add the special tokens the config lists, at the ids it gives them.
 """
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import QimgError
+from ..weights import read_json_object
 
 # transformers' Qwen2 PRETOKENIZE_REGEX: contractions, letter runs, single digits, punctuation, spaces.
 SPLIT_REGEX = (
@@ -22,7 +22,7 @@ PAD = "<|endoftext|>"  # Qwen2Tokenizer's default pad token
 
 class Tokenizer:
     def __init__(self, folder: Path):
-        config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        config = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         self.bpe = _from_tokenizer_json(folder) if (folder / "tokenizer.json").is_file() else _from_vocab(folder, config)
         pad = config.get("pad_token") or PAD
         pad = pad["content"] if isinstance(pad, dict) else pad
@@ -44,13 +44,6 @@ class Tokenizer:
         input_ids = torch.tensor([i + [self.pad_id] * (n - len(i)) for i in ids])
         mask = torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])
         return input_ids, mask
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise QimgError(f"cannot read {file}: {e}") from None
 
 
 def _from_tokenizer_json(folder: Path):
@@ -94,5 +87,5 @@ def _added_tokens(folder: Path, config: dict) -> dict[int, tuple[str, bool]]:
     if "added_tokens_decoder" in config:
         return {int(i): (t["content"], t.get("special", True)) for i, t in config["added_tokens_decoder"].items()}
     if (folder / "added_tokens.json").is_file():
-        return {i: (content, True) for content, i in _read_json(folder / "added_tokens.json").items()}
+        return {i: (content, True) for content, i in read_json_object(folder / "added_tokens.json").items()}
     raise QimgError(f"{folder}: tokenizer_config.json lists no added tokens (<|im_start|> ...) and added_tokens.json is missing")
