@@ -93,7 +93,7 @@ def test_output_in_a_path_under_a_file(capsys, tmp_path, fake_model):
     (tmp_path / "file").write_text("")
     code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "-o", str(tmp_path / "file" / "o.png"))
     assert code == 2
-    assert_one_line(err, "not writable")
+    assert_one_line(err, f"folder {tmp_path / 'file'} is a file, not a folder")
 
 
 def test_unknown_output_format(capsys, tmp_path, fake_model):
