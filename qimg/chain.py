@@ -144,7 +144,19 @@ def sampling(step: Step, defaults, seed: int) -> dict:
     return dict(prompt=o["prompt"], negative_prompt=defaults.negative_prompt if o["negative_prompt"] is None
                 else o["negative_prompt"], steps=o["steps"] or defaults.steps,
                 cfg=defaults.cfg if o["cfg"] is None else o["cfg"], seed=seed if o["seed"] is None else o["seed"],
-                strength=o["strength"], attn_mask=o["attn_mask"] == "on", context=o["context"])
+                strength=o["strength"], attn_mask=o["attn_mask"] == "on", context=o["context"],
+                **{k: o[k] for k, off in SHORTCUTS_OFF.items() if o[k] not in (None, off)})  # on: earlier keys stay
+
+
+SHORTCUTS_OFF = {"reuse": 0.0, "cfg_until": 1.0}  # sampling.Shortcuts' fields at their defaults
+
+
+def engine_args(args: dict) -> dict:
+    """`sampling`'s arguments as edit_canvas takes them: the shortcuts as one Shortcuts."""
+    from .sampling import Shortcuts
+
+    return {**{k: v for k, v in args.items() if k not in SHORTCUTS_OFF},
+            "shortcuts": Shortcuts(**{k: args.get(k, off) for k, off in SHORTCUTS_OFF.items()})}
 
 
 def key_of(*parts) -> str:
@@ -177,12 +189,14 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
             tensors = hit[0]
             canvas = edited(canvas, mask, tensors["latent"]) if "latent" in tensors else Canvas.start(
                 tensors["pixels"].numpy())
-            ran = 0
+            ran = calls = 0
         else:
             ran = args["steps"] - first_step(args["steps"], args["strength"])
             try:
                 callback, done = reporter.steps(f"edit {p.step.index}/{len(planned)} {p.step.kind}", ran)
-                canvas = engine.edit_canvas(canvas, mask, **args, callback=callback)
+                calls = engine.calls
+                canvas = engine.edit_canvas(canvas, mask, **engine_args(args), callback=callback)
+                calls = engine.calls - calls
                 done()
             except QimgError as e:
                 raise QimgError(f"{p.step.where}: {e}", e.code) from None
@@ -194,7 +208,7 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
         settings = {**args, "attn_mask": p.step.options["attn_mask"]}
         lineage = dict(index=p.step.index, kind=p.step.kind, **settings, preset=p.step.options["preset"],
                        mask_sha256=array_hash(mask), margins=p.margins, key=key[:16],
-                       cache="off" if store is None else "hit" if hit else "miss", steps_run=ran)
+                       cache="off" if store is None else "hit" if hit else "miss", steps_run=ran, calls=calls)
         yield p, canvas, lineage
 
 

@@ -27,7 +27,8 @@ from .model.text import TextEncoder, pad_batch
 from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
-from .sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, true_cfg
+from .sampling import (Reuse, ScheduleConfig, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised,
+                       reusing, true_cfg)
 from .weights import load_module, read_config, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,6 +144,7 @@ class Engine:
         self.folder = folder
         self.cache = cache
         self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
+        self.calls = 0  # transformer samples run (a CFG pair counts 2): a job's share is the difference
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.offload = check_choice("--offload", offload, OFFLOAD)
@@ -310,8 +312,10 @@ class Engine:
         noise = torch.randn((1, 16, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=self.dtype)
         return noise.float().to(self.device)
 
-    def _velocity(self, prompt: str, negative_prompt: str, cfg: float, grid: tuple[int, int], keep=None):
-        """The guided velocity field for one prompt over a latent grid (h, w) in patches.
+    def _velocity(self, prompt: str, negative_prompt: str, cfg: float, grid: tuple[int, int], sigmas: torch.Tensor,
+                  shortcuts: Shortcuts, keep=None):
+        """The guided velocity field for one prompt over a latent grid (h, w) in patches, for the steps of
+        `sigmas`, with the shortcuts asked for (CFG only early, adaptive reuse).
 
         With guidance, the conditional and unconditional passes run as one batch of 2 (the shorter prompt
         zero-padded and its padding masked as keys), so a step reads the transformer's weights once."""
@@ -319,31 +323,41 @@ class Engine:
         embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
         txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in embeds])
 
-        def velocity(x, sigma):
-            x = x.expand(len(embeds), -1, -1).to(self.dtype)
-            # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
-            t = (sigma * 1000).to(self.dtype).expand(len(embeds)) / 1000
-            with self._attention_backend():
-                return self.transformer(x, txt, txt_mask, t, grid, keep).float()
+        def model(batch: int):  # the first `batch` prompts: both, or the conditional one alone
+            def velocity(x, sigma):
+                x = x.expand(batch, -1, -1).to(self.dtype)
+                # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
+                t = (sigma * 1000).to(self.dtype).expand(batch) / 1000
+                self.calls += batch
+                with self._attention_backend():
+                    mask = None if txt_mask is None else txt_mask[:batch]  # None: no padding to mask
+                    return self.transformer(x, txt[:batch], mask, t, grid, keep).float()
 
-        return true_cfg(velocity, cfg) if guided else velocity
+            return velocity
+
+        velocity = model(len(embeds))
+        if guided:
+            velocity = true_cfg(velocity, cfg)
+            if shortcuts.cfg_until < 1:
+                velocity = cfg_until(velocity, model(1), sigmas, shortcuts.cfg_until)
+        return reusing(velocity, sigmas, Reuse(shortcuts.reuse)) if shortcuts.reuse > 0 else velocity
 
     @torch.no_grad()
     def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                        cfg: float, seed: int, callback=None) -> torch.Tensor:
+                        cfg: float, seed: int, callback=None, shortcuts: Shortcuts = Shortcuts()) -> torch.Tensor:
         """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
         self.check_size(width, height, encodes=False)
         h, w = height // 8, width // 8
         x = patchify(self._noise(seed, h, w))
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
-        x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2)), x, sigmas, callback)
+        x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts), x, sigmas, callback)
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
 
     @torch.no_grad()
     def inpaint_latent(self, z0: torch.Tensor, mask: torch.Tensor, prompt: str, negative_prompt: str, steps: int,
                        cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False,
-                       callback=None) -> torch.Tensor:
+                       callback=None, shortcuts: Shortcuts = Shortcuts()) -> torch.Tensor:
         """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0."""
         h, w = z0.shape[-2:]
         x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
@@ -352,7 +366,7 @@ class Engine:
         if len(sigmas) < 2:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
-        velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), keep)
+        velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts, keep)
         x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
@@ -381,15 +395,15 @@ class Engine:
         return to_uint8(finite(x[0], self.dtype))
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
-                 seed: int, callback=None) -> Output:
+                 seed: int, callback=None, shortcuts: Shortcuts = Shortcuts()) -> Output:
         encoded_before = self.prompts_encoded
-        latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback)
+        latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback, shortcuts)
         return Output(self.decode(latent), latent, "off" if self.cache is None else "miss",
                       self._prompt_cache(encoded_before))
 
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
                 cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                callback=None) -> "Edit":
+                callback=None, shortcuts: Shortcuts = Shortcuts()) -> "Edit":
         """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
         size and is byte-identical to it wherever the mask is 0; soft mask values blend.
 
@@ -400,13 +414,13 @@ class Engine:
         height, width = mask.shape
         if width * height > self.defaults.max_pixels:
             return self._inpaint_resampled(image, mask, prompt, negative_prompt, steps, cfg, seed, strength,
-                                           attn_mask, context, callback)
+                                           attn_mask, context, callback, shortcuts)
         encoded_before = self.prompts_encoded
         work = pad_to_multiple(image, None)[0]
         self.check_size(*work.shape[1::-1])
         z0, latent_cache = self.input_latent(image, work, whole=True)
         canvas = self.edit_canvas(replace(Canvas.start(image), latent=z0), mask, prompt, negative_prompt, steps,
-                                  cfg, seed, strength, attn_mask, context, callback)
+                                  cfg, seed, strength, attn_mask, context, callback, shortcuts)
         result = self.render(canvas)
         # Where the mask keeps, the latent is z0 and the result the input's own pixels; where it edits, both hold
         # the new content (the pixels blended at soft mask values): the latent stands for the result, as the
@@ -418,7 +432,7 @@ class Engine:
 
     def edit_canvas(self, canvas: Canvas, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
                     cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                    callback=None) -> Canvas:
+                    callback=None, shortcuts: Shortcuts = Shortcuts()) -> Canvas:
         """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded.
         A canvas that carries no latent yet starts from its pixels' latent, from the cache when stored.
 
@@ -427,7 +441,7 @@ class Engine:
         width, height = canvas.size
         if width * height > self.defaults.max_pixels:
             edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
-                                           strength, attn_mask, context, callback)
+                                           strength, attn_mask, context, callback, shortcuts)
             return Canvas.start(edit.image)
         self.check_size(*window_size(canvas.size, canvas.origin))
         if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
@@ -435,7 +449,7 @@ class Engine:
             canvas = replace(canvas, latent=self.input_latent(canvas.pixels, work, whole=True)[0])
         m = torch.from_numpy(latent_mask(to_window(mask, canvas.origin), 8))
         latent = self.inpaint_latent(canvas.latent, m, prompt, negative_prompt, steps, cfg, seed, strength,
-                                     attn_mask, callback)
+                                     attn_mask, callback, shortcuts)
         return edited(canvas, mask, latent)
 
     def render(self, canvas: Canvas) -> np.ndarray:
@@ -447,7 +461,7 @@ class Engine:
 
     def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
                            steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
-                           callback) -> "Edit":
+                           callback, shortcuts: Shortcuts) -> "Edit":
         """inpaint for an image over the working area: the mask's box plus context, scaled to fit it. The model
         sees a resampled copy, so no cached latent stands for it and its latent stands for no output."""
         max_pixels = self.defaults.max_pixels
@@ -458,7 +472,8 @@ class Engine:
         m = torch.from_numpy(latent_mask(resize_mask(mask[y0:y1, x0:x1], size), 8))
         encoded_before = self.prompts_encoded
         z0, latent_cache = self.input_latent(image, work, whole=False)
-        latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback)
+        latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback,
+                                     shortcuts)
         out = np.asarray(Image.fromarray(self.decode(latent)).resize((x1 - x0, y1 - y0), Image.LANCZOS))
         generated = image.copy()
         generated[y0:y1, x0:x1] = out

@@ -37,6 +37,13 @@ class Prompt:
     steps: Optional[int] = None
     cfg: Optional[float] = None
     seed: Optional[int] = None  # None: random, reported
+    reuse: float = 0.0  # adaptive velocity reuse threshold; 0: off
+    cfg_until: float = 1.0  # true CFG for this first fraction of the steps; 1: every step
+
+    def shortcuts(self):
+        from .sampling import Shortcuts
+
+        return Shortcuts(self.reuse, self.cfg_until)
 
 
 @dataclass(frozen=True)

@@ -114,10 +114,12 @@ def generate(job: Generate, reporter: Reporter) -> None:
     steps, cfg = p.steps or d.steps, d.cfg if p.cfg is None else p.cfg
     negative_prompt = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
     callback, done = reporter.steps("generating", steps)
-    result = engine.generate(p.prompt, negative_prompt, width, height, steps, cfg, seed, callback)
+    calls = engine.calls
+    result = engine.generate(p.prompt, negative_prompt, width, height, steps, cfg, seed, callback, p.shortcuts())
     done()
     params = output_params("generate", engine, job.preset, prompt=p.prompt, negative_prompt=negative_prompt,
-                           seed=seed, width=width, height=height, steps=steps, cfg=cfg)
+                           seed=seed, width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse,
+                           cfg_until=p.cfg_until, calls=engine.calls - calls)
     out = save_output(engine, reporter, out, params, result.image, result.latent, overwrite, next_free)
     reporter.result(out, {**params, **cache_use(result)}, started)
 
@@ -239,12 +241,14 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
     cfg = d.cfg if p.cfg is None else p.cfg
     negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
     callback, done = reporter.steps(job.kind, steps - first_step(steps, job.strength))
+    calls = engine.calls
     result = engine.inpaint(canvas, mask, p.prompt, negative, steps, cfg, seed, job.strength, job.attn_mask == "on",
-                            job.context, callback)
+                            job.context, callback, p.shortcuts())
     done()
     height, width = result.image.shape[:2]
     params = output_params(job.kind, engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
-                           width=width, height=height, steps=steps, cfg=cfg, strength=job.strength,
+                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
+                           calls=engine.calls - calls, strength=job.strength,
                            attn_mask=job.attn_mask, context=job.context, input=str(image),
                            mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
                            work_size=list(result.work_size), latent_cache=result.latent_cache)
@@ -284,7 +288,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
         seeds = sorted({entry["seed"] for entry in lineage})  # those the edits used
         return output_params("chain", engine, job.preset, lineage, input=str(job.image),
                              chain=str(job.chain_file), seed=seeds[0] if len(seeds) == 1 else seeds,
-                             width=width, height=height)
+                             width=width, height=height, calls=sum(entry["calls"] for entry in lineage))
 
     lineage = []
     for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter):

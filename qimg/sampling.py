@@ -123,3 +123,69 @@ def true_cfg(velocity: Velocity, scale: float) -> Velocity:
         return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
 
     return guided
+
+
+@dataclass(frozen=True)
+class Shortcuts:
+    """Fewer transformer calls for nearly the same image; the defaults change nothing."""
+
+    reuse: float = 0.0  # adaptive velocity reuse threshold (`reusing`); 0: off
+    cfg_until: float = 1.0  # true CFG for this first fraction of the steps (`cfg_until`); 1: every step
+
+
+def cfg_until(guided: Velocity, conditional: Velocity, sigmas: torch.Tensor, fraction: float) -> Velocity:
+    """True CFG for the first `fraction` of the steps of `sigmas`, the conditional pass alone after (one
+    transformer sample a step instead of two). fraction 1 guides every step."""
+    n = len(sigmas) - 1
+    cut = float(sigmas[min(math.ceil(fraction * n - 1e-9), n)])  # the first sigma left unguided
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return guided(x, sigma) if float(sigma) > cut else conditional(x, sigma)
+
+    return velocity
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """When adaptive velocity reuse may skip the model (EasyCache's rule, stable-diffusion.cpp): never in the
+    first `warmup` fraction of the steps nor the last `tail`, never more than `max_run` steps in a row."""
+
+    threshold: float
+    warmup: float = 0.15
+    tail: float = 0.05
+    max_run: int = 3
+
+
+def reusing(velocity: Velocity, sigmas: torch.Tensor, rule: Reuse) -> Velocity:
+    """`velocity`, computed only when its output may have changed enough to matter.
+
+    On computed steps it records the input x and output v, and k = mean|dv| / mean|dx| between the last two
+    computed steps: how much the output moves per unit of input change. On the next steps it accumulates
+    k * mean|x - x_before| / mean|v| (the estimated relative change of the output) and, while that stays
+    under the threshold, returns the last computed velocity extrapolated to first order in sigma instead of
+    calling the model. Wrapping the guided velocity makes one decision for the CFG pair."""
+    n = len(sigmas) - 1
+    steps = {float(s): i for i, s in enumerate(sigmas[:-1])}
+    first, last = max(2, round(rule.warmup * n)), n - max(1, round(rule.tail * n))
+    done: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # the last two computed: (sigma, x, v)
+    state = dict(x=None, change=0.0, run=0, k=None)
+
+    def step(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        i, s = steps[float(sigma)], float(sigma)
+        if state["k"] is not None and first <= i < last and state["run"] < rule.max_run:
+            sigma_c, _, v_c = done[-1]
+            change = state["change"] + state["k"] * float((x - state["x"]).abs().mean() / v_c.abs().mean())
+            if change < rule.threshold:
+                state.update(x=x, change=change, run=state["run"] + 1)
+                sigma_p, _, v_p = done[-2]
+                return v_c + (v_c - v_p) * ((s - sigma_c) / (sigma_c - sigma_p))
+        v = velocity(x, sigma)
+        if done:
+            _, x_c, v_c = done[-1]
+            dx = float((x - x_c).abs().mean())
+            state["k"] = float((v - v_c).abs().mean()) / dx if dx > 0 else None
+        done[:] = [*done[-1:], (s, x, v)]
+        state.update(x=x, change=0.0, run=0)
+        return v
+
+    return step

@@ -146,7 +146,7 @@ def test_missing_preset(tmp_path, capsys, name, fragment):
 def test_presets_lists_the_bundled_ones_with_their_contents(capsys):
     code, out, err = qimg(capsys, "presets")
     assert code == 0, err
-    for name, fits, line in [("fast", "generate, inpaint, outpaint, chain", "steps: 12"),
+    for name, fits, line in [("fast", "generate, inpaint, outpaint, chain", "reuse: 0.1"),
                              ("quality", "(generate, inpaint, outpaint)", "steps: 60"),
                              ("wide-outpaint", "(outpaint)", "left: 256"),
                              ("product-recolour", "(inpaint)", "strength: 0.8")]:
