@@ -73,9 +73,9 @@ class Reporter:
         self._progress = None
 
     def bar(self, label: str, total: int):
-        """A bar for a loop of `total` items: (advance(), done()); advance() moves it one item on."""
+        """A bar for a loop of `total` items (it goes with the reporter): advance(), which moves it one on."""
         task = self._progress.add_task(label, total=total, rate="")
-        return (lambda: self._progress.advance(task)), (lambda: self._progress.remove_task(task))
+        return lambda: self._progress.advance(task)
 
     def steps(self, label: str, total: int):
         """A bar for one sampling run: (the sampler's per-step callback, done())."""

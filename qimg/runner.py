@@ -75,11 +75,14 @@ def save_output(engine, reporter: Reporter, out: Path, params: dict, image, late
     return out
 
 
-def default_name(stem: str, folder: Path, numbered: bool):
-    """A default output name (files.default_output) and, when it is numbered, how to find the next free one
-    should another run take it first; else None."""
+def output_target(out: Optional[Path], stem: str, folder: Path, numbered: bool):
+    """(path, next_free): `out` when given (next_free None: it is the user's name, never changed), else the
+    default name (files.default_output) and, when it is numbered, how to find the next free one should
+    another run take it first."""
     from .files import default_output
 
+    if out:
+        return out, None
     return default_output(stem, folder, numbered), (functools.partial(default_output, stem, folder) if numbered
                                                     else None)
 
@@ -104,8 +107,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
     seed = random_seed(p.seed)
-    out, next_free = (job.output.out, None) if job.output.out else default_name(f"qimg-{seed}", Path("."),
-                                                                                 not overwrite)
+    out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
     check_output(out, overwrite, size=job.size)
     engine = open_engine(folder, job.model, store)
     d = engine.defaults
@@ -161,8 +163,8 @@ def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind:
     file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
     from .files import check_output
 
-    target, next_free = (out, None) if out else default_name(f"{image.stem}.{kind}", out_dir or image.parent,
-                                                             not (is_batch or overwrite))
+    target, next_free = output_target(out, f"{image.stem}.{kind}", out_dir or image.parent,
+                                      not (is_batch or overwrite))
     check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output", size)
     return target, next_free
 
@@ -198,7 +200,7 @@ def edit(job: Edit, reporter: Reporter) -> None:
         batch.check_outputs_free(files, kind, out_dir)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
     failed = []
-    advance, _ = reporter.bar("images", len(files)) if is_batch else (lambda: None, None)
+    advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
     for image in files:
         started, done = time.perf_counter(), out or batch.output_name(image, kind, out_dir)
         if job.skip_existing and os.path.lexists(done):  # a dangling symlink exists too

@@ -13,7 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..errors import STOPS
+from ..errors import STOPS, say
 from . import paths
 
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "chain")  # the others are quick in-process
@@ -134,7 +134,7 @@ def maybe_submit(argv: list[str]) -> int | None:
             start()
             sock = connect()
     except (paths.Insecure, WorkerError, OSError) as e:
-        print(f"qimg: warning: {e}; running without the worker", file=sys.stderr)
+        say(f"qimg: warning: {e}; running without the worker")
         return None
     if sock is None:
         return None
@@ -186,26 +186,26 @@ def submit(sock: socket.socket, argv: list[str]) -> int | None:
             if reply is None:
                 break
             if "refused" in reply:
-                print(f"qimg: warning: not using the qimg worker: {reply['refused']}; running in-process "
-                      f"(`qimg worker stop`, then start it from this environment)", file=sys.stderr)
+                say(f"qimg: warning: not using the qimg worker: {reply['refused']}; running in-process "
+                    f"(`qimg worker stop`, then start it from this environment)")
                 return None
             if "queued" in reply:
                 pid = reply["pid"]
                 if reply["queued"]:
-                    print(f"qimg: waiting for the worker: {reply['queued']} job(s) ahead", file=sys.stderr)
+                    say(f"qimg: waiting for the worker: {reply['queued']} job(s) ahead")
             started = started or "started" in reply
             if "exit" in reply:
                 if reply.get("dropped"):
-                    print(f"qimg: {STOPS[reply['exit'] - 128]}; nothing written", file=sys.stderr)
+                    say(f"qimg: {STOPS[reply['exit'] - 128]}; nothing written")
                 return reply["exit"]
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     if not started:
         if cancelled:
-            print(f"qimg: {STOPS[cancelled[0]]}; nothing written", file=sys.stderr)
+            say(f"qimg: {STOPS[cancelled[0]]}; nothing written")
             return 128 + cancelled[0]
         return None
-    print(f"qimg: error: the qimg worker (pid {pid}) stopped during the job; no partial file was written "
-          f"(log: {paths.log_path()})", file=sys.stderr)
+    say(f"qimg: error: the qimg worker (pid {pid}) stopped during the job; no partial file was written "
+        f"(log: {paths.log_path()})")
     return 1

@@ -1,12 +1,11 @@
 """`qimg worker start | status | stop`: the Typer commands, added to the CLI as a sub-app."""
 
-import json
-import sys
 from typing import Annotated
 
 import typer
 
-from ..errors import QimgError, UsageError
+from ..errors import QimgError, UsageError, say
+from ..report import json_line, print_result
 from . import client, paths
 
 app = typer.Typer(no_args_is_help=True, help="A background worker that keeps the model loaded between commands.")
@@ -23,7 +22,7 @@ def start(idle: Annotated[float, typer.Option(min=1, help="Exit after this many 
     except client.WorkerError as e:
         raise QimgError(str(e)) from None
     state = f"started (idle exit after {idle:g} s)" if new else "already running"
-    print(f"qimg worker {state}: pid {pid}, log {paths.log_path()}", file=sys.stderr)
+    say(f"qimg worker {state}: pid {pid}, log {paths.log_path()}")
 
 
 @app.command()
@@ -31,10 +30,10 @@ def status(json_: Annotated[bool, typer.Option("--json", help="Print one JSON ob
     """Show the running worker: pid, uptime, loaded model, jobs run, memory, socket, log. Exit 1 when none runs."""
     answer = ask({"op": "status"})
     if json_:
-        print(json.dumps({"running": answer is not None, **(answer or {})}, ensure_ascii=False))
+        print_result(json_line({"running": answer is not None, **(answer or {})}))
     if answer is None:
         if not json_:
-            print("qimg: no worker running", file=sys.stderr)
+            say("qimg: no worker running")
         raise typer.Exit(1)
     if not json_:
         loaded = answer["loaded"]
@@ -45,14 +44,14 @@ def status(json_: Annotated[bool, typer.Option("--json", help="Print one JSON ob
                             ("queued", answer["queued"]), ("memory", f"{answer['memory'] / 2**20:.0f} MiB"),
                             ("idle exit", f"{answer['idle_exit']:g} s"), ("socket", answer["socket"]),
                             ("log", answer["log"])):
-            print(f"{name + ':':<11}{value}")
+            print_result(f"{name + ':':<11}{value}")
 
 
 @app.command()
 def stop():
     """Stop the worker after its current and queued jobs; new commands run in-process at once."""
     answer = ask({"op": "stop"})
-    print(f"qimg worker (pid {answer['pid']}) stopping" if answer else "qimg: no worker running", file=sys.stderr)
+    say(f"qimg worker (pid {answer['pid']}) stopping" if answer else "qimg: no worker running")
 
 
 def ask(message: dict) -> dict | None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import STOPS
+from ..errors import STOPS, say
 from . import paths, warm
 from .client import Messages, send
 
@@ -283,7 +283,7 @@ def run_job(job: Job) -> int:
         try:
             os.chdir(m["cwd"])
         except OSError as e:
-            print(f"qimg: error: working directory {m['cwd']}: {e.strerror}", file=sys.stderr)
+            say(f"qimg: error: working directory {m['cwd']}: {e.strerror}")
             return 1
         return run_cancellable(job)
     finally:
