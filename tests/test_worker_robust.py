@@ -28,6 +28,17 @@ def job(env, argv) -> dict:
     return message
 
 
+def settled_fds(pid: int, within: float = 10) -> int:
+    """The worker's open descriptors once connections that are closing have closed (the count holds for 0.5 s)."""
+    deadline, count = time.monotonic() + within, open_fds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        count, last = open_fds(pid), count
+        if count == last:
+            break
+    return count
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -79,8 +90,7 @@ def test_cancels_racing_a_job_never_stop_the_worker(env, tiny_model_dir, tmp_pat
 
 def test_malformed_messages_leak_nothing_and_broken_hand_overs_say_so(env, tiny_model_dir, tmp_path):
     pid = start(env)
-    time.sleep(0.5)
-    before = open_fds(pid)
+    before = settled_fds(pid)
     for payload in (b"not json\n", b"[1, 2]\n", b'{"op": "run"}\n', b'{"op": "nope"}\n', b"\xff\xfe\n",
                     json.dumps(dict(op="run", argv="generate", cwd="/", env={}, umask=18,
                                     streams=[{"encoding": "utf-8", "errors": "strict"}] * 3)).encode() + b"\n"):
@@ -91,8 +101,7 @@ def test_malformed_messages_leak_nothing_and_broken_hand_overs_say_so(env, tiny_
             sock.settimeout(10)
             while sock.recv(1000):
                 pass
-    time.sleep(0.5)
-    assert open_fds(pid) == before
+    assert settled_fds(pid) == before
     # a job whose hand-over fails (an encoding the worker does not know) tells its client in one line
     message = job(env, ["generate", "-p", "x", "-m", str(tiny_model_dir), "-o", str(tmp_path / "o.png"), *FAST])
     message["streams"][2]["encoding"] = "no-such-codec"
@@ -110,7 +119,7 @@ def test_malformed_messages_leak_nothing_and_broken_hand_overs_say_so(env, tiny_
         err = stderr.read()
     assert reply["exit"] == 1 and err.startswith("qimg: error: the qimg worker could not run the job (LookupError)")
     assert err.count("\n") == 1 and not (tmp_path / "o.png").exists()
-    assert open_fds(pid) == before and status(env)["pid"] == pid
+    assert settled_fds(pid) == before and status(env)["pid"] == pid
 
 
 def test_a_cancel_before_the_run_takes_the_signals_still_stops_the_job_not_the_worker(capsys):
