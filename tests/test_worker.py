@@ -2,6 +2,7 @@
 stderr lines and exit codes, for every model command and for errors; the client stays light."""
 
 import json
+import os
 import re
 import shutil
 
@@ -151,3 +152,20 @@ def test_progress_bars_reach_a_terminal(env, tiny_model_dir, tmp_path):
         assert result.returncode == 0
         assert "generating" in text and "\x1b[" in text, text  # a drawn bar, with terminal codes
         assert status(env)["jobs_run"] == before + (mode == "1")
+
+
+def test_changed_code_gets_another_worker(tmp_path):
+    """An editable install whose sources change must not keep sending jobs to a worker running the old code."""
+    from qimg.worker.paths import code_state
+
+    package = tmp_path / "qimg"
+    (package / "model").mkdir(parents=True)
+    (package / "cli.py").write_text("a = 1\n")
+    (package / "model" / "vae.py").write_text("b = 2\n")
+    before = code_state(package)
+    assert code_state(package) == before
+    os.utime(package / "model" / "vae.py", ns=(0, 10**18))
+    assert code_state(package) != before
+    touched = code_state(package)
+    (package / "cli.py").write_text("a = 22\n")
+    assert code_state(package) not in (before, touched)

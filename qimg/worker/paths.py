@@ -1,5 +1,6 @@
 """Where the worker lives: a per-user folder only its owner can enter, a socket and lock named after the
-qimg version and installation (a worker of another one is never used), and a log file."""
+qimg version, installation and code (a worker of another one, or one started before the code changed,
+is never used), and a log file."""
 
 import hashlib
 import os
@@ -21,9 +22,17 @@ def socket_dir() -> Path:
 
 
 def installation_tag() -> str:
-    """A short hash of the qimg version, its package folder and the Python running it."""
+    """A short hash of the qimg version, its package folder, the Python running it and its code."""
     package = Path(__file__).resolve().parent.parent
-    return hashlib.sha256(f"{__version__}\0{package}\0{sys.executable}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{__version__}\0{package}\0{sys.executable}\0{code_state(package)}".encode()).hexdigest()[:12]
+
+
+def code_state(package: Path) -> str:
+    """The name, size and modification time of every source file under `package`: an editable install whose
+    code changed gets a new worker. About a millisecond of stat calls, where hashing the sources would cost
+    every command a read of all of them."""
+    sources = sorted((str(f.relative_to(package)), f.stat()) for f in package.rglob("*.py"))
+    return "\0".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in sources)
 
 
 def socket_path() -> Path:
