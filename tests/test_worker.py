@@ -169,3 +169,16 @@ def test_changed_code_gets_another_worker(tmp_path):
     touched = code_state(package)
     (package / "cli.py").write_text("a = 22\n")
     assert code_state(package) not in (before, touched)
+
+
+def test_the_worker_log_moves_aside_past_its_limit(tmp_path):
+    from qimg.worker.server import Log
+
+    path = tmp_path / "worker.log"
+    log = Log(path, limit=200)
+    for i in range(30):
+        log(f"line {i:02d} " + "x" * 20)
+    old = (tmp_path / "worker.log.1").read_text()
+    assert path.stat().st_size <= 200 + 60 and len(old) <= 200 + 60
+    assert "line 29" in path.read_text() and "line 28" in path.read_text() + old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["worker.log", "worker.log.1"]

@@ -33,14 +33,24 @@ class Job:
 
 
 class Log:
-    def __init__(self, path: Path):
-        self.path = path
-        self.file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1,
-                         encoding="utf-8")
+    """The worker's log, appended to by line; past `limit` bytes it moves to `<name>.1` (replacing the one
+    before), so a worker left running for months keeps at most twice that on disk."""
+
+    def __init__(self, path: Path, limit: int = 1 << 20):
+        self.path, self.limit = path, limit
         self.lock = threading.Lock()
+        self.file = self._open()
+
+    def _open(self):
+        return open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1,
+                    encoding="utf-8")
 
     def __call__(self, message: str) -> None:
         with self.lock:
+            if os.fstat(self.file.fileno()).st_size > self.limit:
+                self.file.close()
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self.file = self._open()
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {message}\n")
 
 
