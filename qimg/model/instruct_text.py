@@ -91,21 +91,26 @@ class InstructEncoder:
             raise QimgError(f"cannot load the text encoder from {folder}: {e}") from None
         self.plus, self.dtype, self.device = plus, dtype, device
 
-    @torch.no_grad()
-    def encode(self, prompt: str, images: list[np.ndarray]) -> torch.Tensor:
-        """(tokens, dim) embedding of one instruction with its pictures ((H, W, 3) uint8, already at the size
-        the pipeline gives the processor), picture tokens included."""
+    def inputs(self, prompt: str, images: list[np.ndarray]) -> tuple[list[int], list[np.ndarray], list[tuple[int, int]]]:
+        """What the reference's processor makes of one prompt and its pictures: the token ids with every
+        <|image_pad|> expanded, each picture's patch rows, and its grid (rows, cols) in patches."""
         if not self.plus and len(images) != 1:
             raise UsageError(f"a Qwen-Image-Edit model takes exactly one picture, not {len(images)}")
         patches = [preprocess(np.asarray(image), self.image_cfg) for image in images]
         grids = [grid for _, grid in patches]
-        merge = self.image_cfg.merge_size
-        merged = [(h // merge, w // merge) for h, w in grids]
+        tokens = [h * w // self.image_cfg.merge_size ** 2 for h, w in grids]
         ids = self.tokenizer.ids([prompt_text(prompt, len(images), self.plus)])[0]
-        ids = torch.tensor([expand_image_pads(ids, self.pad, [h * w for h, w in merged])], device=self.device)
+        return expand_image_pads(ids, self.pad, tokens), [rows for rows, _ in patches], grids
+
+    @torch.no_grad()
+    def encode(self, prompt: str, images: list[np.ndarray]) -> torch.Tensor:
+        """(tokens, dim) embedding of one instruction with its pictures ((H, W, 3) uint8, already at the size
+        the pipeline gives the processor), picture tokens included."""
+        ids, rows, grids = self.inputs(prompt, images)
+        ids = torch.tensor([ids], device=self.device)
         features, positions = None, None
         if images:
-            pixels = torch.from_numpy(np.concatenate([rows for rows, _ in patches])).to(self.device, self.dtype)
-            features = self.vision(pixels, grids)
-            positions = mrope_positions(ids[0] == self.pad, merged)
+            features = self.vision(torch.from_numpy(np.concatenate(rows)).to(self.device, self.dtype), grids)
+            merge = self.image_cfg.merge_size
+            positions = mrope_positions(ids[0] == self.pad, [(h // merge, w // merge) for h, w in grids])
         return self.model(ids, images=features, positions=positions)[0, DROP:]
