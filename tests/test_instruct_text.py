@@ -84,7 +84,14 @@ def test_embeddings_equal_the_pipeline(encoders, pipelines, kind, n, one_thread)
 
 def test_negative_prompt_is_encoded_with_the_pictures(encoders, pipelines, one_thread):
     images = pictures(2)
-    ours = encoders["plus"].encode(" ", images)
+    runs = []
+    hook = encoders["plus"].vision.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        encoders["plus"].encode(PROMPT, images)
+        ours = encoders["plus"].encode(" ", [i.copy() for i in images])
+    finally:
+        hook.remove()
+    assert len(runs) == 1  # the same pictures: the vision tower's tokens are reused
     ref = reference_embeds(pipelines["plus"], " ", images)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     picture_tokens = sum(h * w // 4 for h, w in encoders["plus"].inputs(" ", images)[2])
