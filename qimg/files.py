@@ -140,16 +140,7 @@ def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     replaced: without `overwrite`, qimg never replaces a file (an input least of all); files in `read_only`
     (masks, chain files) are never replaced at all; a symlink that leads nowhere is never written through.
     `size` (width, height), when known, must fit the format. `what` names the output in messages."""
-    if path.suffix.lower() not in FORMATS:
-        raise UsageError(f"{what} {path}: unknown image format {path.suffix or '(none)'}; use {', '.join(FORMATS)}")
-    if size is not None:
-        check_format_size(path, size, what)
-    if path.is_dir():
-        raise UsageError(f"{what} {path} is a folder; give a file name")
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist or loops; "
-                         "remove the link or choose another name")
-    check_folder(path.parent, f"{what} {path}: folder")
+    check_writable(path, what, size)
     if not path.exists():
         return
     if _same_file(path, read_only):
@@ -160,6 +151,31 @@ def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     if _same_file(path, inputs):
         raise UsageError(f"{what} {path} is the input image; pass --overwrite to replace it")
     raise UsageError(f"{what} {path} exists; pass --overwrite to replace it, or choose another name")
+
+
+def check_writable(path: Path, what: str, size: tuple[int, int] | None = None) -> None:
+    """Refuse an image file that could not be written: an unknown format, a size it cannot hold, a folder,
+    a symlink that leads nowhere, a folder that cannot be."""
+    if path.suffix.lower() not in FORMATS:
+        raise UsageError(f"{what} {path}: unknown image format {path.suffix or '(none)'}; use {', '.join(FORMATS)}")
+    if size is not None:
+        check_format_size(path, size, what)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist or loops; "
+                         "remove the link or choose another name")
+    check_folder(path.parent, f"{what} {path}: folder")
+
+
+def check_preview(path: Path, taken: dict, size: tuple[int, int] | None = None, what: str = "--preview") -> None:
+    """Refuse, before any work is done, a preview file (replaced at every write, an existing file too) that
+    could not be written, or that names a file the run reads or writes otherwise: `taken` maps those paths
+    (None: none) to how messages name them ("the output", "the input image")."""
+    check_writable(path, what, size)
+    for other, name in taken.items():
+        if other is not None and os.path.realpath(other) == os.path.realpath(path):
+            raise UsageError(f"{what} {path} is {name}; name the preview another file")
 
 
 def check_format_size(path: Path, size: tuple[int, int], what: str = "--out") -> None:
