@@ -20,6 +20,7 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # is a small file claiming a huge size). 128 MP covers 100 MP medium-format photos; the masks and the
 # compositing of such an image take ~50 bytes a pixel.
 MAX_INPUT_PIXELS = 128_000_000
+PREVIEW_CHUNK = "qimg-preview"  # the PNG text chunk marking a --preview file: "step/steps", or "result"
 TEMP_PREFIX = ".qimg-"  # temporary outputs: `.qimg-<name>.<pid>-<random>.tmp` beside the final file
 STALE_TEMP_SECONDS = 15 * 60  # a temp file this old is stale even if its pid is alive (a reused pid)
 # The largest side each format can hold; PNG's (2**31 - 1) is far beyond MAX_INPUT_PIXELS.
@@ -168,14 +169,31 @@ def check_writable(path: Path, what: str, size: tuple[int, int] | None = None) -
     check_folder(path.parent, f"{what} {path}: folder")
 
 
-def check_preview(path: Path, taken: dict, size: tuple[int, int] | None = None, what: str = "--preview") -> None:
-    """Refuse, before any work is done, a preview file (replaced at every write, an existing file too) that
-    could not be written, or that names a file the run reads or writes otherwise: `taken` maps those paths
-    (None: none) to how messages name them ("the output", "the input image")."""
-    check_writable(path, what, size)
+def check_preview(path: Path, taken: dict, overwrite: bool = False, what: str = "--preview") -> None:
+    """Refuse, before any work is done, a preview file that could not be written, that names a file the run
+    reads or writes otherwise (`taken` maps those paths, None: none, to how messages name them: "the output"),
+    or that exists and was not written as a preview (PREVIEW_CHUNK), unless `overwrite`. Previews are PNGs:
+    they keep the pixels exactly and carry the mark, so an earlier run's preview is replaced without asking."""
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"{what} {path}: previews are PNG files; name it .png")
+    check_writable(path, what)
     for other, name in taken.items():
         if other is not None and os.path.realpath(other) == os.path.realpath(path):
             raise UsageError(f"{what} {path} is {name}; name the preview another file")
+    if not overwrite and os.path.lexists(path) and not is_preview(path):
+        raise UsageError(f"{what} {path} exists and is not a qimg preview; pass --overwrite to replace it, or "
+                         "choose another name")
+
+
+def is_preview(path: Path) -> bool:
+    """Whether `path` is a PNG qimg wrote as a --preview (its mark is read from the header, no pixel decoded)."""
+    if not path.is_file():  # a FIFO or a device would block or never end
+        return False
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and PREVIEW_CHUNK in image.info
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def check_format_size(path: Path, size: tuple[int, int], what: str = "--out") -> None:

@@ -91,24 +91,26 @@ class PreviewFile:
     """--preview for one output: the running estimate the engine offers (preview.Preview) written over `path`
     every `every` steps of each sampling run (None: about a tenth of its steps) by files.save_image, so a
     viewer never reads a partial file and a stopped run leaves the last complete one; the last write is the
-    result. Counts the writes and the time they took, decoding included."""
+    result. Each carries its step ("3/50", or "result") in the PNG chunk that marks it as a preview.
+    Counts the writes and the time they took, decoding included."""
 
     def __init__(self, path: Path, every: Optional[int]):
         self.path, self.every, self.count, self.seconds = path, every, 0, 0.0
 
     def __call__(self, done: int, total: int, estimate) -> None:
         if done < total and done % (self.every or max(1, round(total / 10))) == 0:  # the last: the result's
-            self.write(estimate)
+            self.write(estimate, f"{done}/{total}")
 
-    def write(self, image, params: Optional[dict] = None) -> None:
+    def write(self, image, step: str, params: Optional[dict] = None) -> None:
         """Write image() (H, W, 3) uint8, with the output's parameters if given."""
         from PIL import Image
 
-        from .files import save_image
+        from .files import PREVIEW_CHUNK, save_image
         from .metadata import png_text
 
         started = time.perf_counter()
-        save_image(Image.fromarray(image()), self.path, params and png_text(params), overwrite=True)
+        text = {**(png_text(params) if params else {}), PREVIEW_CHUNK: step}
+        save_image(Image.fromarray(image()), self.path, text, overwrite=True)
         self.count, self.seconds = self.count + 1, self.seconds + time.perf_counter() - started
 
 
@@ -117,11 +119,11 @@ def preview_file(path: Optional[Path], every: Optional[int]) -> Optional[Preview
 
 
 def last_preview(preview: Optional[PreviewFile], image, params: dict) -> dict:
-    """The result written as the last preview: a copy of the output, its parameters included (so a PNG preview
-    of a PNG output is the same bytes); then what --json says of the previews ({} without --preview)."""
+    """The result written as the last preview (its pixels and parameters: `qimg info` reads it like the
+    output); then what --json says of the previews ({} without --preview)."""
     if preview is None:
         return {}
-    preview.write(lambda: image, params)
+    preview.write(lambda: image, "result", params)
     return dict(previews=preview.count, preview_seconds=round(preview.seconds, 3))
 
 
@@ -149,7 +151,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     check_output(out, overwrite, size=job.size)
     preview = preview_file(job.output.preview, job.output.preview_every)
     if preview:
-        check_preview(preview.path, {out: "the output"}, job.size)
+        check_preview(preview.path, {out: "the output"}, overwrite)
     engine = open_engine(folder, job.model, store)
     d = engine.defaults
     width, height = job.size or (d.width, d.height)
@@ -222,7 +224,8 @@ def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
         return lambda image, out: None
     if not is_batch:
         def previews(image, out):
-            check_preview(where, {out: "the output", image: "the input image", mask_file(image): "the mask"})
+            check_preview(where, {out: "the output", image: "the input image", mask_file(image): "the mask"},
+                          job.output.overwrite)
             return PreviewFile(where, every)
 
         return previews
@@ -244,6 +247,7 @@ def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
         if batch.real(path(f)) in taken:
             raise UsageError(f"--preview {where}: {path(f)}, the preview of {f}, is {taken[batch.real(path(f))]}; "
                              "give another folder")
+        check_preview(path(f), {}, job.output.overwrite)
     return lambda image, out: PreviewFile(path(image), every)
 
 
@@ -367,7 +371,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
     if preview:
         taken = {out: "the output", job.image: "the input image", **{r: "a file this chain reads" for r in reads},
                  **{f: f"the --keep-steps file of edit {i}" for i, f in step_files.items()}}
-        check_preview(preview.path, taken)
+        check_preview(preview.path, taken, overwrite)
     engine = open_engine(folder, job.model, store)
 
     def params(canvas, lineage: list) -> dict:

@@ -109,7 +109,8 @@ def test_a_reader_only_ever_finds_complete_pngs_and_the_last_is_the_output(tiny_
     assert broken == [] and len(reads) > 1
     assert report["previews"] == 24 and report["preview_seconds"] > 0
     assert np.array_equal(reads[-1], pixels(out))
-    assert preview.read_bytes() == out.read_bytes()  # a copy of the output, its metadata too
+    last, output = Image.open(preview), Image.open(out)
+    assert last.text["qimg-preview"] == "result" and last.text["qimg"] == output.text["qimg"]  # `qimg info` reads it
     assert not np.array_equal(reads[0], reads[-1])  # the first was an estimate
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.png", "o.png"]  # no temporary file left
 
@@ -193,8 +194,8 @@ def test_a_batch_writes_one_preview_per_input_into_the_folder(tiny_model_dir, ph
     assert sorted(os.listdir(tmp_path / "previews")) == ["a.inpaint.png", "b.inpaint.png"]
     for name, report in zip("ab", reports):
         assert report["previews"] == 2
-        assert (tmp_path / "previews" / f"{name}.inpaint.png").read_bytes() == \
-            (folder / f"{name}.inpaint.png").read_bytes()
+        preview, out = tmp_path / "previews" / f"{name}.inpaint.png", folder / f"{name}.inpaint.png"
+        assert np.array_equal(pixels(preview), pixels(out))
 
 
 def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path):
@@ -220,12 +221,14 @@ def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path
     (["--preview", "OUT"], "--preview OUT is the output"),
     (["--preview", "TMP/d.png"], "is a folder"),
     (["--preview", "TMP/f.txt/p.png"], "is a file, not a folder"),
-    (["--preview", "TMP/p.gif"], "unknown image format"),
+    (["--preview", "TMP/p.jpg"], "previews are PNG files"),
+    (["--preview", "TMP/photo.png"], "exists and is not a qimg preview; pass --overwrite"),
     (["--preview-every", "3"], "--preview-every 3 needs --preview"),
     (["--preview", "TMP/p.png", "--preview-every", "0"], "--preview-every"),
 ])
 def test_bad_preview_options_of_generate(configs_only, tmp_path, capsys, args, fragment):
     (tmp_path / "d.png").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     (tmp_path / "f.txt").write_text("x")
     out = tmp_path / "o.png"
     args = [a.replace("TMP", str(tmp_path)).replace("OUT", str(out)) for a in args]
@@ -265,3 +268,16 @@ def test_a_preset_may_set_preview_every_but_not_the_file(tiny_model_dir, configs
     assert code == 0 and report["previews"] == 2, err  # after step 2, then the result
     code, (report,), err = qimg(capsys, *base, "-o", tmp_path / "b.png")  # no --preview: the preset's is unused
     assert code == 0 and "previews" not in report, err
+
+
+def test_an_earlier_preview_is_replaced_and_another_file_only_with_overwrite(tiny_model_dir, tmp_path, capsys):
+    preview = tmp_path / "p.png"
+    Image.new("RGB", (8, 8)).save(preview)  # someone's picture
+    base = ["generate", "-p", "x", "-m", tiny_model_dir, "--steps", "2", "--size", "32x32", "--preview", preview, *FAST]
+    code, _, err = qimg(capsys, *base, "-o", tmp_path / "a.png")
+    assert code == 2 and "exists and is not a qimg preview" in err and Image.open(preview).size == (8, 8)
+    code, _, err = qimg(capsys, *base, "-o", tmp_path / "b.png", "--overwrite")
+    assert code == 0, err
+    code, _, err = qimg(capsys, *base, "-o", tmp_path / "c.png", "--seed", "4")  # a preview: replaced unasked
+    assert code == 0, err
+    assert np.array_equal(pixels(preview), pixels(tmp_path / "c.png"))
