@@ -223,12 +223,13 @@ def _same_file(path: Path, others) -> bool:
 
 
 def save_image(image: Image.Image, path: Path, text: dict[str, str] | None = None, overwrite: bool = False,
-               next_free=None) -> Path:
+               next_free=None, fast: bool = False) -> Path:
     """Write to a temporary file beside `path`, fsync it and rename it into place: readers, a crash, a
     signal or a full disk leave either the old file or the complete new one, never a partial image.
     Without `overwrite` a file at `path` is never replaced, even one that appeared while qimg worked; then
     `next_free()`, if given (a default numbered name), names the file to try instead. Returns where the
-    image went. Temporary files a killed qimg left for this name are removed first (`remove_stale_temps`)."""
+    image went. Temporary files a killed qimg left for this name are removed first (`remove_stale_temps`).
+    `fast`: the quickest PNG compression (previews: about 5x faster to write a megapixel, 10-15% larger)."""
     fmt = FORMATS[path.suffix.lower()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +244,7 @@ def save_image(image: Image.Image, path: Path, text: dict[str, str] | None = Non
                 info = PngImagePlugin.PngInfo()
                 for key, value in (text or {}).items():
                     info.add_itxt(key, value)
-                image.save(f, format=fmt, pnginfo=info)
+                image.save(f, format=fmt, pnginfo=info, **({"compress_level": 1} if fast else {}))
             else:
                 image.save(f, format=fmt, quality=95)
             os.fchmod(f.fileno(), _mode(path))  # mkstemp makes 0600

@@ -110,7 +110,7 @@ class PreviewFile:
 
         started = time.perf_counter()
         text = {**(png_text(params) if params else {}), PREVIEW_CHUNK: step}
-        save_image(Image.fromarray(image()), self.path, text, overwrite=True)
+        save_image(Image.fromarray(image()), self.path, text, overwrite=True, fast=True)
         self.count, self.seconds = self.count + 1, self.seconds + time.perf_counter() - started
 
 
