@@ -281,3 +281,11 @@ def test_an_earlier_preview_is_replaced_and_another_file_only_with_overwrite(tin
     code, _, err = qimg(capsys, *base, "-o", tmp_path / "c.png", "--seed", "4")  # a preview: replaced unasked
     assert code == 0, err
     assert np.array_equal(pixels(preview), pixels(tmp_path / "c.png"))
+
+
+@pytest.mark.parametrize("text", ["preview_every: 2\nedits:\n  - inpaint: {rect: '0,0,8,8', prompt: x}\n",
+                                  "edits:\n  - inpaint: {rect: '0,0,8,8', prompt: x, preview: p.png}\n"])
+def test_a_chain_file_leaves_previews_to_the_command_line(configs_only, photo, tmp_path, capsys, text):
+    (tmp_path / "c.yaml").write_text(text)
+    code, _, err = qimg(capsys, "chain", photo, tmp_path / "c.yaml", "-m", configs_only)
+    assert code == 2 and "unknown key 'preview" in err and len(err.strip().splitlines()) == 1, err
