@@ -23,7 +23,7 @@ from .presets import NOT_IN_PRESETS, check_options, describe, find, option_param
 KINDS = ("inpaint", "outpaint")
 # set once for the whole chain, on its command line
 CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size",
-               "offload", "compile_", "attention", "vae_tiling", "no_worker"}
+               "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
 # Every edit's mask is built (a float per canvas pixel) before the model loads, and YAML aliases let a 256 KB
@@ -163,11 +163,11 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, reporter):
+def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, reporter, preview=None):
     """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
     key is in the engine's cache (None: no cache) are read from it instead of run. picture: the input, as
     load_image gave it (its transparency may be the first edit's mask). Progress goes to the reporter
-    (report.Reporter)."""
+    (report.Reporter); `preview` (preview.Preview) sees the rendered canvas as each edit that runs samples."""
     from .cache import array_hash
     from .sampling import first_step
 
@@ -195,7 +195,7 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
             try:
                 callback, done = reporter.steps(f"edit {p.step.index}/{len(planned)} {p.step.kind}", ran)
                 calls = engine.calls
-                canvas = engine.edit_canvas(canvas, mask, **engine_args(args), callback=callback)
+                canvas = engine.edit_canvas(canvas, mask, **engine_args(args), callback=callback, preview=preview)
                 calls = engine.calls - calls
                 done()
             except QimgError as e:

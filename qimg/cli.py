@@ -15,7 +15,7 @@ import typer
 from typer.exceptions import TyperException
 
 from . import cache_commands, jobs, presets
-from .errors import Interrupted, QimgError, QimgWarning, failure_line, say, signals_raise
+from .errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 from .report import Reporter, json_line, print_result
 from .worker.commands import app as worker_app
 
@@ -120,6 +120,12 @@ ReuseOpt = Annotated[Optional[float], typer.Option(
 CfgUntilOpt = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, rich_help_panel=SPEED, show_default="1: every step",
     help="True CFG only for this first fraction of the steps, the conditional pass alone after.")]
+PreviewOpt = Annotated[Optional[Path], typer.Option(
+    rich_help_panel=OUTPUT, help="Write the current estimate of the image to this file as it renders, replaced "
+                                 "atomically, the last time by the result; for a batch, a folder (one file each).")]
+PreviewEveryOpt = Annotated[Optional[int], typer.Option(
+    min=1, max=1000, rich_help_panel=OUTPUT, show_default="about a tenth of the steps",
+    help="Steps between --preview writes.")]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
@@ -147,7 +153,18 @@ def cache_of(p: dict) -> jobs.CacheSpec:
 
 
 def output_of(p: dict) -> jobs.Output:
-    return jobs.Output(p["out"], p["overwrite"], p["json_"])
+    return jobs.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p))
+
+
+def preview_every(p: dict) -> Optional[int]:
+    """--preview-every; on the command line only with --preview (a preset's applies when a run previews)."""
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
+    given = get_current_context().get_parameter_source("preview_every") is ParameterSource.COMMANDLINE
+    if given and p["preview"] is None:
+        raise UsageError(f"--preview-every {p['preview_every']} needs --preview FILE, the file to write them to")
+    return p["preview_every"]
 
 
 def shortcuts_of(p: dict) -> tuple[float, float]:
@@ -185,7 +202,8 @@ def generate(
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
-    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None,
 ):
     """Generate an image from a prompt."""
     from .edits import parse_size
@@ -217,7 +235,8 @@ def inpaint(
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
-    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
@@ -243,7 +262,8 @@ def outpaint(
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
-    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -264,6 +284,7 @@ def chain(
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None,
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 

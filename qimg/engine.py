@@ -27,6 +27,7 @@ from .model.text import TextEncoder, pad_batch
 from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
+from .preview import mapped, watching
 from .sampling import (Reuse, ScheduleConfig, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised,
                        reusing, true_cfg)
 from .weights import load_module, read_config, read_json_object
@@ -344,21 +345,26 @@ class Engine:
 
     @torch.no_grad()
     def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                        cfg: float, seed: int, callback=None, shortcuts: Shortcuts = Shortcuts()) -> torch.Tensor:
-        """Sample a normalized latent (1, 16, height/8, width/8) for one prompt."""
+                        cfg: float, seed: int, callback=None, shortcuts: Shortcuts = Shortcuts(),
+                        preview=None) -> torch.Tensor:
+        """Sample a normalized latent (1, 16, height/8, width/8) for one prompt; `preview` (preview.Preview)
+        sees each step's estimate of it."""
         self.check_size(width, height, encodes=False)
         h, w = height // 8, width // 8
         x = patchify(self._noise(seed, h, w))
         sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
-        x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts), x, sigmas, callback)
+        velocity, callback = watching(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts),
+                                      callback, sigmas, mapped(preview, lambda z: unpatchify(z, h, w)))
+        x = euler(velocity, x, sigmas, callback)
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
 
     @torch.no_grad()
     def inpaint_latent(self, z0: torch.Tensor, mask: torch.Tensor, prompt: str, negative_prompt: str, steps: int,
                        cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False,
-                       callback=None, shortcuts: Shortcuts = Shortcuts()) -> torch.Tensor:
-        """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0."""
+                       callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> torch.Tensor:
+        """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0.
+        `preview` sees each step's estimate of the result, blended as the last step blends."""
         h, w = z0.shape[-2:]
         x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
         m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
@@ -367,7 +373,10 @@ class Engine:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
         velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts, keep)
-        x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
+        blend = keep_known(x0, noise, m, len(sigmas) - 1)
+        velocity, callback = watching(velocity, callback, sigmas, mapped(
+            preview, lambda z: unpatchify(blend(len(sigmas) - 2, z, sigmas[-1]), h, w)))
+        x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, blend)
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
 
@@ -395,32 +404,35 @@ class Engine:
         return to_uint8(finite(x[0], self.dtype))
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
-                 seed: int, callback=None, shortcuts: Shortcuts = Shortcuts()) -> Output:
+                 seed: int, callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> Output:
+        """`preview` (preview.Preview) sees each step's estimate of the image."""
         encoded_before = self.prompts_encoded
-        latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback, shortcuts)
+        latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback, shortcuts,
+                                      mapped(preview, self.decode))
         return Output(self.decode(latent), latent, "off" if self.cache is None else "miss",
                       self._prompt_cache(encoded_before))
 
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
                 cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                callback=None, shortcuts: Shortcuts = Shortcuts()) -> "Edit":
+                callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> "Edit":
         """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
         size and is byte-identical to it wherever the mask is 0; soft mask values blend.
 
         Within the working area this is a one-edit chain (`edit_canvas`, then `render`): the input's latent
         comes from the cache when one is stored for its pixels (the VAE encoder is not loaded), else it is
         encoded and stored. An image larger than the working area is not shrunk as a whole: the model sees
-        the mask's bounding box plus `context` pixels around it, scaled to the working area, pasted back."""
+        the mask's bounding box plus `context` pixels around it, scaled to the working area, pasted back.
+        `preview` (preview.Preview) sees each step's estimate of the result, composited as the result is."""
         height, width = mask.shape
         if width * height > self.defaults.max_pixels:
             return self._inpaint_resampled(image, mask, prompt, negative_prompt, steps, cfg, seed, strength,
-                                           attn_mask, context, callback, shortcuts)
+                                           attn_mask, context, callback, shortcuts, preview)
         encoded_before = self.prompts_encoded
         work = pad_to_multiple(image, None)[0]
         self.check_size(*work.shape[1::-1])
         z0, latent_cache = self.input_latent(image, work, whole=True)
         canvas = self.edit_canvas(replace(Canvas.start(image), latent=z0), mask, prompt, negative_prompt, steps,
-                                  cfg, seed, strength, attn_mask, context, callback, shortcuts)
+                                  cfg, seed, strength, attn_mask, context, callback, shortcuts, preview)
         result = self.render(canvas)
         # Where the mask keeps, the latent is z0 and the result the input's own pixels; where it edits, both hold
         # the new content (the pixels blended at soft mask values): the latent stands for the result, as the
@@ -432,8 +444,9 @@ class Engine:
 
     def edit_canvas(self, canvas: Canvas, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
                     cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                    callback=None, shortcuts: Shortcuts = Shortcuts()) -> Canvas:
-        """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded.
+                    callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> Canvas:
+        """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded
+        (but for `preview`, which sees each step's estimate of the canvas rendered).
         A canvas that carries no latent yet starts from its pixels' latent, from the cache when stored.
 
         A canvas over the working area goes through pixels instead (the model sees a resampled crop of it,
@@ -441,7 +454,7 @@ class Engine:
         width, height = canvas.size
         if width * height > self.defaults.max_pixels:
             edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
-                                           strength, attn_mask, context, callback, shortcuts)
+                                           strength, attn_mask, context, callback, shortcuts, preview)
             return Canvas.start(edit.image)
         self.check_size(*window_size(canvas.size, canvas.origin))
         if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
@@ -449,7 +462,8 @@ class Engine:
             canvas = replace(canvas, latent=self.input_latent(canvas.pixels, work, whole=True)[0])
         m = torch.from_numpy(latent_mask(to_window(mask, canvas.origin), 8))
         latent = self.inpaint_latent(canvas.latent, m, prompt, negative_prompt, steps, cfg, seed, strength,
-                                     attn_mask, callback, shortcuts)
+                                     attn_mask, callback, shortcuts,
+                                     mapped(preview, lambda z: self.render(edited(canvas, mask, z))))
         return edited(canvas, mask, latent)
 
     def render(self, canvas: Canvas) -> np.ndarray:
@@ -461,7 +475,7 @@ class Engine:
 
     def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
                            steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
-                           callback, shortcuts: Shortcuts) -> "Edit":
+                           callback, shortcuts: Shortcuts, preview=None) -> "Edit":
         """inpaint for an image over the working area: the mask's box plus context, scaled to fit it. The model
         sees a resampled copy, so no cached latent stands for it and its latent stands for no output."""
         max_pixels = self.defaults.max_pixels
@@ -472,10 +486,13 @@ class Engine:
         m = torch.from_numpy(latent_mask(resize_mask(mask[y0:y1, x0:x1], size), 8))
         encoded_before = self.prompts_encoded
         z0, latent_cache = self.input_latent(image, work, whole=False)
+
+        def paste(latent: torch.Tensor) -> np.ndarray:  # the image with the crop's decode composited in
+            generated = image.copy()
+            generated[y0:y1, x0:x1] = np.asarray(Image.fromarray(self.decode(latent)).resize((x1 - x0, y1 - y0),
+                                                                                           Image.LANCZOS))
+            return composite(image, generated, mask)
+
         latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback,
-                                     shortcuts)
-        out = np.asarray(Image.fromarray(self.decode(latent)).resize((x1 - x0, y1 - y0), Image.LANCZOS))
-        generated = image.copy()
-        generated[y0:y1, x0:x1] = out
-        return Edit(composite(image, generated, mask), None, latent_cache, self._prompt_cache(encoded_before),
-                    (x0, y0, x1, y1), size)
+                                     shortcuts, mapped(preview, paste))
+        return Edit(paste(latent), None, latent_cache, self._prompt_cache(encoded_before), (x0, y0, x1, y1), size)

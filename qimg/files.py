@@ -20,6 +20,7 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # is a small file claiming a huge size). 128 MP covers 100 MP medium-format photos; the masks and the
 # compositing of such an image take ~50 bytes a pixel.
 MAX_INPUT_PIXELS = 128_000_000
+PREVIEW_CHUNK = "qimg-preview"  # the PNG text chunk marking a --preview file: "step/steps", or "result"
 TEMP_PREFIX = ".qimg-"  # temporary outputs: `.qimg-<name>.<pid>-<random>.tmp` beside the final file
 STALE_TEMP_SECONDS = 15 * 60  # a temp file this old is stale even if its pid is alive (a reused pid)
 # The largest side each format can hold; PNG's (2**31 - 1) is far beyond MAX_INPUT_PIXELS.
@@ -140,16 +141,7 @@ def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     replaced: without `overwrite`, qimg never replaces a file (an input least of all); files in `read_only`
     (masks, chain files) are never replaced at all; a symlink that leads nowhere is never written through.
     `size` (width, height), when known, must fit the format. `what` names the output in messages."""
-    if path.suffix.lower() not in FORMATS:
-        raise UsageError(f"{what} {path}: unknown image format {path.suffix or '(none)'}; use {', '.join(FORMATS)}")
-    if size is not None:
-        check_format_size(path, size, what)
-    if path.is_dir():
-        raise UsageError(f"{what} {path} is a folder; give a file name")
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist or loops; "
-                         "remove the link or choose another name")
-    check_folder(path.parent, f"{what} {path}: folder")
+    check_writable(path, what, size)
     if not path.exists():
         return
     if _same_file(path, read_only):
@@ -160,6 +152,48 @@ def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     if _same_file(path, inputs):
         raise UsageError(f"{what} {path} is the input image; pass --overwrite to replace it")
     raise UsageError(f"{what} {path} exists; pass --overwrite to replace it, or choose another name")
+
+
+def check_writable(path: Path, what: str, size: tuple[int, int] | None = None) -> None:
+    """Refuse an image file that could not be written: an unknown format, a size it cannot hold, a folder,
+    a symlink that leads nowhere, a folder that cannot be."""
+    if path.suffix.lower() not in FORMATS:
+        raise UsageError(f"{what} {path}: unknown image format {path.suffix or '(none)'}; use {', '.join(FORMATS)}")
+    if size is not None:
+        check_format_size(path, size, what)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist or loops; "
+                         "remove the link or choose another name")
+    check_folder(path.parent, f"{what} {path}: folder")
+
+
+def check_preview(path: Path, taken: dict, overwrite: bool = False, what: str = "--preview") -> None:
+    """Refuse, before any work is done, a preview file that could not be written, that names a file the run
+    reads or writes otherwise (`taken` maps those paths, None: none, to how messages name them: "the output"),
+    or that exists and was not written as a preview (PREVIEW_CHUNK), unless `overwrite`. Previews are PNGs:
+    they keep the pixels exactly and carry the mark, so an earlier run's preview is replaced without asking."""
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"{what} {path}: previews are PNG files; name it .png")
+    check_writable(path, what)
+    for other, name in taken.items():
+        if other is not None and os.path.realpath(other) == os.path.realpath(path):
+            raise UsageError(f"{what} {path} is {name}; name the preview another file")
+    if not overwrite and os.path.lexists(path) and not is_preview(path):
+        raise UsageError(f"{what} {path} exists and is not a qimg preview; pass --overwrite to replace it, or "
+                         "choose another name")
+
+
+def is_preview(path: Path) -> bool:
+    """Whether `path` is a PNG qimg wrote as a --preview (its mark is read from the header, no pixel decoded)."""
+    if not path.is_file():  # a FIFO or a device would block or never end
+        return False
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and PREVIEW_CHUNK in image.info
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def check_format_size(path: Path, size: tuple[int, int], what: str = "--out") -> None:
@@ -189,12 +223,13 @@ def _same_file(path: Path, others) -> bool:
 
 
 def save_image(image: Image.Image, path: Path, text: dict[str, str] | None = None, overwrite: bool = False,
-               next_free=None) -> Path:
+               next_free=None, fast: bool = False) -> Path:
     """Write to a temporary file beside `path`, fsync it and rename it into place: readers, a crash, a
     signal or a full disk leave either the old file or the complete new one, never a partial image.
     Without `overwrite` a file at `path` is never replaced, even one that appeared while qimg worked; then
     `next_free()`, if given (a default numbered name), names the file to try instead. Returns where the
-    image went. Temporary files a killed qimg left for this name are removed first (`remove_stale_temps`)."""
+    image went. Temporary files a killed qimg left for this name are removed first (`remove_stale_temps`).
+    `fast`: the quickest PNG compression (previews: about 5x faster to write a megapixel, 10-15% larger)."""
     fmt = FORMATS[path.suffix.lower()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +244,7 @@ def save_image(image: Image.Image, path: Path, text: dict[str, str] | None = Non
                 info = PngImagePlugin.PngInfo()
                 for key, value in (text or {}).items():
                     info.add_itxt(key, value)
-                image.save(f, format=fmt, pnginfo=info)
+                image.save(f, format=fmt, pnginfo=info, **({"compress_level": 1} if fast else {}))
             else:
                 image.save(f, format=fmt, quality=95)
             os.fchmod(f.fileno(), _mode(path))  # mkstemp makes 0600

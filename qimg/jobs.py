@@ -53,6 +53,8 @@ class Output:
     out: Optional[Path] = None
     overwrite: bool = False
     as_json: bool = False
+    preview: Optional[Path] = None  # the running estimate of the image, replaced as it renders; a batch: a folder
+    preview_every: Optional[int] = None  # steps between previews; None: about a tenth of the steps
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,46 @@ def output_target(out: Optional[Path], stem: str, folder: Path, numbered: bool):
                                                     else None)
 
 
+class PreviewFile:
+    """--preview for one output: the running estimate the engine offers (preview.Preview) written over `path`
+    every `every` steps of each sampling run (None: about a tenth of its steps) by files.save_image, so a
+    viewer never reads a partial file and a stopped run leaves the last complete one; the last write is the
+    result. Each carries its step ("3/50", or "result") in the PNG chunk that marks it as a preview.
+    Counts the writes and the time they took, decoding included."""
+
+    def __init__(self, path: Path, every: Optional[int]):
+        self.path, self.every, self.count, self.seconds = path, every, 0, 0.0
+
+    def __call__(self, done: int, total: int, estimate) -> None:
+        if done < total and done % (self.every or max(1, round(total / 10))) == 0:  # the last: the result's
+            self.write(estimate, f"{done}/{total}")
+
+    def write(self, image, step: str, params: Optional[dict] = None) -> None:
+        """Write image() (H, W, 3) uint8, with the output's parameters if given."""
+        from PIL import Image
+
+        from .files import PREVIEW_CHUNK, save_image
+        from .metadata import png_text
+
+        started = time.perf_counter()
+        text = {**(png_text(params) if params else {}), PREVIEW_CHUNK: step}
+        save_image(Image.fromarray(image()), self.path, text, overwrite=True, fast=True)
+        self.count, self.seconds = self.count + 1, self.seconds + time.perf_counter() - started
+
+
+def preview_file(path: Optional[Path], every: Optional[int]) -> Optional[PreviewFile]:
+    return None if path is None else PreviewFile(path, every)
+
+
+def last_preview(preview: Optional[PreviewFile], image, params: dict) -> dict:
+    """The result written as the last preview (its pixels and parameters: `qimg info` reads it like the
+    output); then what --json says of the previews ({} without --preview)."""
+    if preview is None:
+        return {}
+    preview.write(lambda: image, "result", params)
+    return dict(previews=preview.count, preview_seconds=round(preview.seconds, 3))
+
+
 def cache_use(result) -> dict:
     return dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
 
@@ -99,7 +139,7 @@ def random_seed(seed: Optional[int]) -> int:
 
 
 def generate(job: Generate, reporter: Reporter) -> None:
-    from .files import check_format_size, check_output
+    from .files import check_format_size, check_output, check_preview
     from .metadata import output_params
 
     started = time.perf_counter()
@@ -109,6 +149,9 @@ def generate(job: Generate, reporter: Reporter) -> None:
     seed = random_seed(p.seed)
     out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
     check_output(out, overwrite, size=job.size)
+    preview = preview_file(job.output.preview, job.output.preview_every)
+    if preview:
+        check_preview(preview.path, {out: "the output"}, overwrite)
     engine = open_engine(folder, job.model, store)
     d = engine.defaults
     width, height = job.size or (d.width, d.height)
@@ -117,13 +160,14 @@ def generate(job: Generate, reporter: Reporter) -> None:
     negative_prompt = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
     callback, done = reporter.steps("generating", steps)
     calls = engine.calls
-    result = engine.generate(p.prompt, negative_prompt, width, height, steps, cfg, seed, callback, p.shortcuts())
+    result = engine.generate(p.prompt, negative_prompt, width, height, steps, cfg, seed, callback, p.shortcuts(),
+                             preview)
     done()
     params = output_params("generate", engine, job.preset, prompt=p.prompt, negative_prompt=negative_prompt,
                            seed=seed, width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse,
                            cfg_until=p.cfg_until, calls=engine.calls - calls)
     out = save_output(engine, reporter, out, params, result.image, result.latent, overwrite, next_free)
-    reporter.result(out, {**params, **cache_use(result)}, started)
+    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
 
 
 # --- inpaint and outpaint, one file or a batch -------------------------------------------------------------
@@ -169,6 +213,44 @@ def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind:
     return target, next_free
 
 
+def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
+    """previews(image, its output) -> its PreviewFile (None without --preview): for one input, the file --preview
+    names, checked when asked; for a batch, its output's name in the --preview folder, all of them checked
+    here, before anything runs, against every file the batch reads or writes."""
+    from .files import check_folder, check_preview
+
+    where, every = job.output.preview, job.output.preview_every
+    if where is None:
+        return lambda image, out: None
+    if not is_batch:
+        def previews(image, out):
+            check_preview(where, {out: "the output", image: "the input image", mask_file(image): "the mask"},
+                          job.output.overwrite)
+            return PreviewFile(where, every)
+
+        return previews
+    check_folder(where, "--preview")
+
+    def path(image):
+        return where / batch.output_name(image, job.kind, None).name
+
+    taken = {batch.real(f): f"the input {f}" for f in files}
+    taken.update((batch.real(batch.output_name(f, job.kind, job.out_dir)), f"the output of {f}") for f in files)
+    for f in files:
+        try:
+            mask = mask_file(f)
+        except UsageError:  # none found: that input fails in its turn
+            continue
+        if mask is not None:
+            taken.setdefault(batch.real(mask), f"the mask of {f}")
+    for f in files:
+        if batch.real(path(f)) in taken:
+            raise UsageError(f"--preview {where}: {path(f)}, the preview of {f}, is {taken[batch.real(path(f))]}; "
+                             "give another folder")
+        check_preview(path(f), {}, job.output.overwrite)
+    return lambda image, out: PreviewFile(path(image), every)
+
+
 def edit(job: Edit, reporter: Reporter) -> None:
     """For each input build (canvas, mask), inpaint, save, report.
 
@@ -198,6 +280,7 @@ def edit(job: Edit, reporter: Reporter) -> None:
         batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),))
     if is_batch and not (job.skip_existing or overwrite):
         batch.check_outputs_free(files, kind, out_dir)
+    previews = edit_previews(job, files, is_batch, mask_file)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
     failed = []
     advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
@@ -211,13 +294,14 @@ def edit(job: Edit, reporter: Reporter) -> None:
                 canvas, mask = edits.prepare(image, build)
                 target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image),),
                                      canvas.shape[1::-1])
+                preview = previews(image, target[0])
             except QimgError as e:
                 failure = e
             else:
                 seed = batch.file_seed(job.prompt.seed, image) if is_batch and job.prompt.seed is not None \
                     else job.prompt.seed
                 try:
-                    edit_one(job, image, canvas, mask, target, seed, engine(), reporter, started)
+                    edit_one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview)
                 except OutputExists as e:
                     failure = e
             if failure is not None:
@@ -231,7 +315,7 @@ def edit(job: Edit, reporter: Reporter) -> None:
 
 
 def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
-             started: float) -> None:
+             started: float, preview: Optional[PreviewFile] = None) -> None:
     """target: edit_output's (path, next_free)."""
     from .cache import array_hash
     from .masks import selected_area
@@ -245,7 +329,7 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
     callback, done = reporter.steps(job.kind, steps - first_step(steps, job.strength))
     calls = engine.calls
     result = engine.inpaint(canvas, mask, p.prompt, negative, steps, cfg, seed, job.strength, job.attn_mask == "on",
-                            job.context, callback, p.shortcuts())
+                            job.context, callback, p.shortcuts(), preview)
     done()
     height, width = result.image.shape[:2]
     params = output_params(job.kind, engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
@@ -256,7 +340,7 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
                            work_size=list(result.work_size), latent_cache=result.latent_cache)
     out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
                       target[1])
-    reporter.result(out, {**params, **cache_use(result)}, started)
+    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
 
 
 # --- chain -------------------------------------------------------------------------------------------------
@@ -264,7 +348,7 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
 
 def chain(job: Chain, reporter: Reporter) -> None:
     from . import chain as chains
-    from .files import check_output, load_image
+    from .files import check_output, check_preview, load_image
     from .metadata import output_params
 
     started = time.perf_counter()
@@ -283,6 +367,11 @@ def chain(job: Chain, reporter: Reporter) -> None:
         check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file", sizes[index])
         if batch.real(step_file) == batch.real(out):
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
+    preview = preview_file(job.output.preview, job.output.preview_every)
+    if preview:
+        taken = {out: "the output", job.image: "the input image", **{r: "a file this chain reads" for r in reads},
+                 **{f: f"the --keep-steps file of edit {i}" for i, f in step_files.items()}}
+        check_preview(preview.path, taken, overwrite)
     engine = open_engine(folder, job.model, store)
 
     def params(canvas, lineage: list) -> dict:
@@ -293,11 +382,11 @@ def chain(job: Chain, reporter: Reporter) -> None:
                              width=width, height=height, calls=sum(entry["calls"] for entry in lineage))
 
     lineage = []
-    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter):
+    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview):
         lineage.append(entry)
         if done.step.index in step_files:
             save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage),
                         engine.render(canvas), overwrite=overwrite)
-    final = params(canvas, lineage)
-    out = save_output(engine, reporter, out, final, engine.render(canvas), overwrite=overwrite, next_free=next_free)
-    reporter.result(out, final, started)
+    final, image = params(canvas, lineage), engine.render(canvas)
+    out = save_output(engine, reporter, out, final, image, overwrite=overwrite, next_free=next_free)
+    reporter.result(out, {**final, **last_preview(preview, image, final)}, started)

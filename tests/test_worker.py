@@ -45,7 +45,7 @@ def inputs(tmp_path_factory):
 def outcome(result, folder):
     """What a run left: exit code, stdout and stderr (timings masked) and every file's bytes."""
     def masked(text):
-        return re.sub(r'"seconds": [0-9.]+', '"seconds": S', re.sub(r"[0-9.]+ s\b", "S s", text))
+        return re.sub(r'"(preview_)?seconds": [0-9.]+', r'"\1seconds": S', re.sub(r"[0-9.]+ s\b", "S s", text))
 
     files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     return result.returncode, masked(result.stdout), masked(result.stderr), files
@@ -57,6 +57,7 @@ CASES = {
     "inpaint rect": ["inpaint", "in.png", "-p", "a cat", "--rect", "4,4,50%,50%", "--feather", "2"],
     "outpaint": ["outpaint", "in.png", "-p", "more", "--left", "16", "--json"],
     "chain": ["chain", "in.png", "chain.yaml", "--json"],
+    "preview": ["inpaint", "in.png", "-p", "a cat", "--mask", "mask.png", "--preview", "live/in.png", "--json"],
     "batch skip-existing": ["inpaint", "photos", "-p", "x", "--rect", "0,0,8,8", "--skip-existing", "--json"],
     "missing input": ["inpaint", "nope.png", "-p", "x", "--rect", "0,0,8,8", "--json"],
     "bad size": ["generate", "-p", "x", "--size", "33x32", "--json"],
@@ -79,10 +80,11 @@ def test_worker_matches_in_process(case, env, inputs, tiny_model_dir, tmp_path, 
         results[mode] = outcome(result, folder)
     assert results["0"] == results["1"]
     code, _, err, files = results["0"]
-    assert (code == 0) == (case in ("generate", "inpaint mask file", "inpaint rect", "outpaint", "chain",
+    assert (code == 0) == (case in ("generate", "inpaint mask file", "inpaint rect", "outpaint", "chain", "preview",
                                     "batch skip-existing"))
     assert code == 0 or err.startswith("qimg: error: ") and err.count("\n") == 1
     assert len(files) > len(list(inputs.rglob("*.*"))) or code != 0  # a success wrote something
+    assert case != "preview" or b"qimg-preview" in files["live/in.png"]  # at the caller's path, as --out is
 
 
 def test_the_worker_keeps_the_engine_and_reports_it(env, tiny_model_dir, tmp_path):
