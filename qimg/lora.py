@@ -75,8 +75,11 @@ def parse_spec(text: str) -> LoraSpec:
     return LoraSpec(Path(text))
 
 
-def spec_text(spec: LoraSpec) -> str:
-    return str(spec.path) if spec.scale == 1.0 else f"{spec.path}:{spec.scale:g}"
+def relative_to(folder: Path, text: str) -> str:
+    """A FILE[:SCALE] of a preset with a relative FILE made relative to the preset's folder."""
+    spec = parse_spec(text)
+    path = spec.path.expanduser()
+    return f"{path if path.is_absolute() else folder / path}:{spec.scale!r}"
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,27 @@ def load(spec: LoraSpec, layers: dict) -> Lora:
     tensors, metadata, sha256 = read_file(spec.path)
     format, adapters = map_keys(tensors, metadata, layers, spec.scale, f"--lora {spec.path}")
     return Lora(spec.path.name, sha256, spec.scale, format, adapters)
+
+
+def fingerprint(model: str, loras) -> str:
+    """A model's fingerprint with its LoRAs (each file's sha256 and scale, in order); unchanged without any."""
+    if not loras:
+        return model
+    parts = [model, *(f"{one.sha256}:{one.scale!r}" for one in loras)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def identity(specs) -> tuple:
+    """What tells LoRA files apart without reading them (the worker's key for its loaded engine): each file's
+    resolved path, size, modification time and scale."""
+    def one(spec: LoraSpec):
+        try:
+            stat = spec.path.stat()
+        except OSError:
+            return str(spec.path), spec.scale  # reading it will say what is wrong
+        return str(spec.path.resolve()), stat.st_size, stat.st_mtime_ns, spec.scale
+
+    return tuple(one(spec) for spec in specs)
 
 
 def summary(path: Path, layers: dict) -> dict:
