@@ -68,3 +68,14 @@ def test_other_layers_take_side_branches_with_float32_factors():
     (down, up), (dense, none) = packed.branches
     torch.testing.assert_close(up @ down, delta(a))
     assert dense.shape == (6, 5) and none is None and dense.dtype == torch.float32
+
+
+def test_fusing_in_row_chunks_equals_fusing_whole(monkeypatch):
+    import qimg.adapters
+
+    monkeypatch.setattr(qimg.adapters, "ROWS", 4)  # 6 rows: a chunk of 4 and one of 2
+    layer = nn.Linear(5, 6)
+    before = layer.weight.clone()
+    a, lokr = lora(seed=4), Adapter("lokr", {"w1": torch.ones(2, 1), "w2": torch.ones(3, 5)}, 0.5)
+    apply_adapters(nn.ModuleDict({"x": layer}), [{"x": a}, {"x": lokr}])
+    torch.testing.assert_close(layer.weight, before + delta(a) + delta(lokr), rtol=1e-6, atol=1e-6)
