@@ -106,17 +106,16 @@ def apply_adapters(model: nn.Module, adapters: Sequence[Mapping[str, Adapter]]) 
 
 def _fuse(w: torch.Tensor, updates: list[Adapter]) -> None:
     """w += the sum of the updates, in float32, ROWS rows at a time (a low-rank update never becomes dense)."""
-    dense = [None if u.kind == "lora" else delta(u, w.device) for u in updates]
+    parts = [factors(update, w.device) for update in updates]
     for start in range(0, w.shape[0], ROWS):
         rows = w[start:start + ROWS]
         fused = rows.float()
-        for update, d in zip(updates, dense):
-            if d is None:
-                up = _f32(update.tensors["up"][start:start + ROWS], w.device)
-                fused += update.scale * (up @ _f32(update.tensors["down"], w.device))
+        for down, up in parts:
+            if up is None:  # a dense update
+                fused += down[start:start + ROWS]
             else:
-                fused += d[start:start + ROWS]
-        rows.copy_(fused.to(w.dtype))
+                fused.addmm_(up[start:start + ROWS], down)
+        rows.copy_(fused)
 
 
 def _device(module: nn.Module) -> torch.device:
