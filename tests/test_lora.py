@@ -176,3 +176,13 @@ def test_summary_of_a_lora(layers, tmp_path):
     assert info["format"] == "kohya" and info["rank"] == RANK and info["alpha"] == ALPHA
     assert info["modules"] == len(layers)
     assert f"transformer_blocks.*.attn.to_q x{CFG.num_layers}" in info["targets"] and "img_in" in info["targets"]
+
+
+@pytest.mark.parametrize("meta,fragment", [
+    ("{not json", "not valid JSON"), ('["r"]', "not a JSON object"), ('{"r": "4"}', "header's r must be"),
+    ('{"lora_alpha": 0}', "header's lora_alpha must be"), ('{"alpha_pattern": {"(": 2}}', "invalid pattern"),
+    ('{"use_dora": true}', "DoRA"), ('{"r": 8}', "says rank 8"),
+])
+def test_bad_peft_headers_are_refused(layers, meta, fragment):
+    with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
+        map_keys(write(factors(layers), "peft"), {"lora_adapter_metadata": meta}, layers, 1.0, "test")

@@ -138,7 +138,7 @@ def refusal_files(layers, tmp_path):
         "diff": (base | {f"{m}.diff": torch.ones(out, inp)}, ".diff"),
         "diff_b": (base | {f"{m}.diff_b": torch.ones(out)}, ".diff_b"),
         "oft": (base | {f"{m}.oft_blocks": torch.ones(4, 4, 4)}, "OFT"),
-        "boft": (base | {f"{m}.boft_R": torch.ones(4, 4, 4)}, "BOFT"),
+        "boft": (base | {f"{m}.boft_R.weight": torch.ones(4, 4, 4)}, "BOFT"),
         "unmatched": (base | {"transformer_blocks.9.attn.to_q.lora_down.weight": torch.ones(8, inp)},
                       "transformer_blocks.9.attn.to_q.lora_down.weight"),
         "shape": ({**base, f"{m}.lora_up.weight": torch.ones(out + 1, 8)}, f"but {m} is [{out}, {inp}]"),
