@@ -204,7 +204,10 @@ def pattern_value(patterns: dict | None, name: str, default):
 
 def file_scale(kind: str, parts: dict, name: str, config: dict | None, what: str) -> float:
     """The file's own scale for one layer's adapter (the module docstring's rules)."""
-    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+    alpha = None
+    if "alpha" in parts:
+        if parts["alpha"].numel() != 1 or not math.isfinite(alpha := float(parts["alpha"].float().flatten()[0])):
+            raise UsageError(f"{what}: the alpha of {name} must be one finite number")
     if kind == "lora":
         rank = parts["down"].shape[0]
         if alpha is not None:

@@ -186,3 +186,13 @@ def test_summary_of_a_lora(layers, tmp_path):
 def test_bad_peft_headers_are_refused(layers, meta, fragment):
     with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
         map_keys(write(factors(layers), "peft"), {"lora_adapter_metadata": meta}, layers, 1.0, "test")
+
+
+def test_an_alpha_that_is_no_number_is_refused(layers):
+    sd = write(factors(layers), "kohya")
+    sd["lora_unet_img_in.alpha"] = torch.tensor([1.0, 2.0])
+    with pytest.raises(UsageError, match="the alpha of img_in must be one finite number"):
+        map_keys(sd, {}, layers, 1.0, "test")
+    sd["lora_unet_img_in.alpha"] = torch.tensor(float("nan"))
+    with pytest.raises(UsageError, match="the alpha of img_in"):
+        map_keys(sd, {}, layers, 1.0, "test")
