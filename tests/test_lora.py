@@ -196,3 +196,15 @@ def test_an_alpha_that_is_no_number_is_refused(layers):
     sd["lora_unet_img_in.alpha"] = torch.tensor(float("nan"))
     with pytest.raises(UsageError, match="the alpha of img_in"):
         map_keys(sd, {}, layers, 1.0, "test")
+
+
+def test_peft_and_lycoris_prefixes_map_like_the_others(layers):
+    f = factors(layers)
+    expected = map_keys(write(f, "peft"), {}, layers, 1.0, "test")[1]
+    peft = {k.replace("transformer.", "base_model.model.", 1): v for k, v in write(f, "peft").items()}
+    lycoris = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in write(f, "kohya").items()}
+    for sd, name, scale in ((peft, "diffusers", 1.0), (lycoris, "lycoris", ALPHA / RANK)):
+        format, adapters = map_keys(sd, {}, layers, 1.0, "test")
+        assert format == name and adapters.keys() == expected.keys()
+        for m, a in adapters.items():
+            torch.testing.assert_close(delta(a), scale * delta(expected[m]))
