@@ -96,6 +96,9 @@ def test_lightning_4_matches_the_pipeline_with_the_lora_fused(tiny_model_dir, re
     ref = pipe(PROMPT, negative_prompt=" ", true_cfg_scale=1.0, width=64, height=64, num_inference_steps=4,
                generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert len(calls) == 4
+    model_schedule = ScheduleConfig.from_dict(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
+                                                         .read_text()))
+    assert torch.equal(flow_sigmas(4, 16, shifted(model_schedule, 3.0)), pipe.scheduler.sigmas.float())
     ours, ref = np.asarray(Image.open(out).convert("RGB")).astype(int), np.asarray(ref).astype(int)
     assert np.abs(ours - ref).max() <= 1 and ref.std() > 1
 
