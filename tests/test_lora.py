@@ -98,7 +98,8 @@ def test_peft_header_scales(layers, meta, expected):
 def test_lokr_and_loha_files(layers):
     m, (out, inp) = "transformer_blocks.0.attn.to_q", layers["transformer_blocks.0.attn.to_q"]
     g = torch.Generator().manual_seed(3)
-    w1, w2a, w2b = torch.randn(2, 2, generator=g), torch.randn(out // 2, 3, generator=g), torch.randn(3, inp // 2, generator=g)
+    w1, w2a, w2b = (torch.randn(2, 2, generator=g), torch.randn(out // 2, 3, generator=g),
+                    torch.randn(3, inp // 2, generator=g))
     name = "lora_unet_" + m.replace(".", "_")
     sd = {f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b, f"{name}.alpha": torch.tensor(6.0)}
     format, adapters = map_keys(sd, {}, layers, 0.5, "test")
