@@ -126,6 +126,13 @@ PreviewOpt = Annotated[Optional[Path], typer.Option(
 PreviewEveryOpt = Annotated[Optional[int], typer.Option(
     min=1, max=1000, rich_help_panel=OUTPUT, show_default="about a tenth of the steps",
     help="Steps between --preview writes.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", rich_help_panel=MODEL, show_default=False,
+    help="A LoRA (or LoKr, LoHa) .safetensors file, FILE or FILE:SCALE (scale 1 by default); repeatable, they "
+         "add up.")]
+ShiftOpt = Annotated[Optional[float], typer.Option(
+    min=0.001, max=1000.0, rich_help_panel=SAMPLING, show_default="the model's schedule",
+    help="A constant flow shift instead of the model's schedule: 3 for the Lightning LoRAs.")]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
@@ -144,8 +151,10 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
 
 
 def model_of(p: dict) -> jobs.ModelSpec:
+    from .lora import parse_spec
+
     return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
-                          p["vae_tiling"])
+                          p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()))
 
 
 def cache_of(p: dict) -> jobs.CacheSpec:
@@ -167,9 +176,10 @@ def preview_every(p: dict) -> Optional[int]:
     return p["preview_every"]
 
 
-def shortcuts_of(p: dict) -> tuple[float, float]:
-    """--reuse and --cfg-until, off when not given (None: so a chain's command line overrides only what it gives)."""
-    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"]
+def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
+    """--reuse, --cfg-until and --shift, off when not given (None: so a chain's command line overrides only what
+    it gives)."""
+    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"]
 
 
 def edit_job(shape, p: dict) -> jobs.Edit:
@@ -203,7 +213,7 @@ def generate(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
-    preview_every: PreviewEveryOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
 ):
     """Generate an image from a prompt."""
     from .edits import parse_size
@@ -236,7 +246,7 @@ def inpaint(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
-    preview_every: PreviewEveryOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
@@ -263,7 +273,7 @@ def outpaint(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
-    preview_every: PreviewEveryOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -284,18 +294,18 @@ def chain(
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
-    preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None,
+    preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 
-    --steps, --cfg, --seed, --reuse and --cfg-until (given here or by a preset) apply to every edit and win over
-    the file's values;
+    --steps, --cfg, --seed, --reuse, --cfg-until and --shift (given here or by a preset) apply to every edit and
+    win over the file's values, and --lora to the whole chain;
     an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
     prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
     from .chain import read_chain
 
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
-                               ("cfg_until", cfg_until)) if v is not None}
+                               ("cfg_until", cfg_until), ("shift", shift)) if v is not None}
     edit_steps = tuple(read_chain(ctx, chain_file, given))
     execute(jobs.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
                        cache_of(locals()), preset), json_)
@@ -316,12 +326,15 @@ def list_presets(ctx: typer.Context):
 
 @app.command()
 def info(
-    image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
+    image: Annotated[Path, typer.Argument(help="An image qimg wrote, or a LoRA .safetensors file.",
+                                          show_default=False)], json_: JsonOpt = False,
 ):
-    """Print the parameters that made an image (stored in its PNG text chunk)."""
+    """Print the parameters that made an image (stored in its PNG text chunk), or a LoRA's format, rank, alpha
+    and the layers it targets."""
     from .metadata import describe, read_params
+    from .runner import lora_info
 
-    params = read_params(image)
+    params = lora_info(image) if image.suffix.lower() == ".safetensors" else read_params(image)
     print_result(json_line(params) if json_ else describe(params))
 
 

@@ -17,6 +17,7 @@ class ModelSpec:
     compile: bool = False
     attention: str = "auto"
     vae_tiling: str = "auto"
+    loras: tuple = ()  # lora.LoraSpec, applied in order (they add up)
 
     def speed(self) -> dict:
         """The Engine's memory and speed options."""
@@ -39,11 +40,12 @@ class Prompt:
     seed: Optional[int] = None  # None: random, reported
     reuse: float = 0.0  # adaptive velocity reuse threshold; 0: off
     cfg_until: float = 1.0  # true CFG for this first fraction of the steps; 1: every step
+    shift: Optional[float] = None  # a constant flow shift (Lightning); None: the model's schedule
 
     def shortcuts(self):
         from .sampling import Shortcuts
 
-        return Shortcuts(self.reuse, self.cfg_until)
+        return Shortcuts(self.reuse, self.cfg_until, self.shift)
 
 
 @dataclass(frozen=True)

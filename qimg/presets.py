@@ -208,6 +208,10 @@ def apply(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
     values as defaults. Returns the name to record in the output's metadata."""
     if not value:
         return value
+    from .lora import relative_to
+
     path = find(value)
     ctx.default_map = check_options(ctx, ctx.command, read_yaml(path, "preset"), f"preset {path}", NOT_IN_PRESETS)
+    if ctx.default_map.get("lora"):  # a preset's LoRA files are found beside it
+        ctx.default_map["lora"] = [relative_to(path.parent, text) for text in ctx.default_map["lora"]]
     return value
