@@ -120,6 +120,15 @@ ReuseOpt = Annotated[Optional[float], typer.Option(
 CfgUntilOpt = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, rich_help_panel=SPEED, show_default="1: every step",
     help="True CFG only for this first fraction of the steps, the conditional pass alone after.")]
+TransformerOpt = Annotated[Optional[Path], typer.Option(
+    envvar="QIMG_TRANSFORMER", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
+    help="The transformer's weights from one file: .gguf (Q8_0, Q4_K_M, ...) or .safetensors (bf16, fp8, ComfyUI "
+         "scaled fp8); everything else comes from --model.")]
+DequantizeOpt = Annotated[Optional[bool], typer.Option(
+    "--dequantize/--no-dequantize", rich_help_panel=MODEL, show_default="on the CPU only",
+    help="Unpack GGUF/fp8 weights once at load (full size) instead of on every step (they stay small).")]
+QuantizeOpt = Annotated[Literal["none", "fp8"], typer.Option(
+    rich_help_panel=MODEL, help="fp8: keep the transformer's block weights as scaled fp8, about half of bf16's memory.")]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
@@ -139,7 +148,7 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
 
 def model_of(p: dict) -> jobs.ModelSpec:
     return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
-                          p["vae_tiling"])
+                          p["vae_tiling"], p["transformer"], p["dequantize"], p["quantize"])
 
 
 def cache_of(p: dict) -> jobs.CacheSpec:
@@ -186,6 +195,7 @@ def generate(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Generate an image from a prompt."""
     from .edits import parse_size
@@ -218,6 +228,7 @@ def inpaint(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
@@ -244,6 +255,7 @@ def outpaint(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -264,6 +276,7 @@ def chain(
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 

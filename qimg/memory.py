@@ -41,3 +41,19 @@ def device_bytes(device: torch.device) -> int | None:
 
 def gigabytes(n: float) -> str:
     return f"{n / 2**30:,.1f} GB" if n < 2**40 * 10 else f"{n / 2**40:,.0f} TB"
+
+
+def resident_bytes(sizes: dict[str, int], streamed: bool) -> int:
+    """Bytes of the transformer's weights (sizes: bytes per tensor name, packed where they stay packed) held on
+    the device at once: all of them, or with streamed blocks (--offload blocks) everything else plus two blocks,
+    the one running and the next being copied."""
+    if not streamed:
+        return sum(sizes.values())
+    blocks, rest = {}, 0
+    for name, n in sizes.items():
+        if name.startswith("transformer_blocks."):
+            index = name.split(".")[1]
+            blocks[index] = blocks.get(index, 0) + n
+        else:
+            rest += n
+    return rest + sum(sorted(blocks.values())[-2:])

@@ -209,5 +209,8 @@ def apply(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
     if not value:
         return value
     path = find(value)
-    ctx.default_map = check_options(ctx, ctx.command, read_yaml(path, "preset"), f"preset {path}", NOT_IN_PRESETS)
+    options = check_options(ctx, ctx.command, read_yaml(path, "preset"), f"preset {path}", NOT_IN_PRESETS)
+    if options.get("transformer") is not None:  # a file the preset names sits beside it; absolute stays
+        options["transformer"] = path.parent / options["transformer"]
+    ctx.default_map = options
     return value
