@@ -8,6 +8,7 @@ loaded approximately: diffusers, for one, loads scaled fp8 without its scales an
 """
 
 import json
+import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,11 +47,12 @@ class Weights:
     weights: dict[str, Weight]
     skipped: int = 0  # keys of other components in an all-in-one checkpoint
     scaling: str = ""  # scaled fp8's flavour: scaled_fp8 (legacy) or comfy_quant
-    kinds: dict[str, int] = field(default_factory=dict)  # weight format -> count
+    kinds: dict[str, int] = field(default_factory=dict)  # weight format -> parameters stored so
 
     @property
     def format(self) -> str:
-        """What the file holds, for the output's metadata: `gguf Q4_K+Q6_K+BF16+F32`, `safetensors F8_E4M3 scaled_fp8`."""
+        """What the file holds, for the output's metadata, most parameters first: `gguf Q4_K+Q6_K+BF16+F32`,
+        `safetensors F8_E4M3+BF16 scaled_fp8`."""
         kinds = "+".join(sorted(self.kinds, key=lambda k: (-self.kinds[k], k)))
         whole = "all-in-one" if self.skipped else ""
         return " ".join(p for p in (self.container, kinds, self.scaling, whole) if p)
@@ -89,7 +91,7 @@ def _select(keys: list[str], path: Path) -> tuple[dict[str, str], int]:
 def _counted(path, container, weights, skipped=0, scaling="") -> Weights:
     kinds = {}
     for w in weights.values():
-        kinds[w.stored] = kinds.get(w.stored, 0) + 1
+        kinds[w.stored] = kinds.get(w.stored, 0) + math.prod(w.shape)
     return Weights(path, container, weights, skipped, scaling, kinds)
 
 

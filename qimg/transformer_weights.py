@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .cache import fingerprint
-from .errors import QimgWarning, UsageError
+from .errors import QimgError, QimgWarning, UsageError
 from .model.quant import BLOCKS, FP8, PackedLinear, dequantize, packed_size, quantize_fp8
 from .model.transformer import QwenImageTransformer, TransformerConfig
 from .single_file import Weight, folder_weights, open_weights
@@ -65,7 +65,8 @@ def load_transformer(cfg: TransformerConfig, folder: Path, source: Source, dtype
             warnings.warn(f"--transformer {found.path} is an all-in-one checkpoint: using its {len(found.weights)} "
                           f"transformer weights (model.diffusion_model.*), ignoring {found.skipped} keys of other "
                           "components", QimgWarning, stacklevel=2)
-        check_keys(source.file or folder, expected, {k: w.shape for k, w in found.weights.items()})
+        check_keys(f"--transformer {source.file}" if source.file else folder, expected,
+                   {k: w.shape for k, w in found.weights.items()}, UsageError if source.file else QimgError)
         kinds = {name: _kind(name, w, source.quantize) for name, w in found.weights.items()}
         packed = {name for name, kind in kinds.items() if kind != "dense" and not unpack and _linear(module, name)}
         for name in packed:

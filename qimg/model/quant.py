@@ -192,8 +192,9 @@ class PackedLinear(nn.Module):
     def add_branch(self, down: Tensor, up: Tensor | None) -> None:
         """Add y += (x @ down.T) @ up.T (a LoRA, its scale folded into up), or y += x @ down.T when up is None
         (down: a dense delta (out, in)), kept apart from the packed weight, in the compute dtype."""
-        rank = down.shape[0] if up is not None else self.out_features
-        if down.shape[-1] != self.in_features or (up is not None and tuple(up.shape) != (self.out_features, rank)):
+        fits = (tuple(down.shape) == self.shape if up is None else
+                down.shape[1] == self.in_features and tuple(up.shape) == (self.out_features, down.shape[0]))
+        if down.ndim != 2 or not fits:
             raise ValueError(f"branch of shapes {tuple(down.shape)}, {None if up is None else tuple(up.shape)} "
                              f"does not fit a layer of shape {self.shape}")
         i = self.branches
