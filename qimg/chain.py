@@ -23,7 +23,8 @@ from .presets import NOT_IN_PRESETS, check_options, describe, find, option_param
 KINDS = ("inpaint", "outpaint")
 # set once for the whole chain, on its command line
 CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size",
-               "offload", "compile_", "attention", "vae_tiling", "no_worker", "transformer", "dequantize", "quantize"}
+               "offload", "compile_", "attention", "vae_tiling", "no_worker", "lora", "transformer", "dequantize",
+               "quantize"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
 # Every edit's mask is built (a float per canvas pixel) before the model loads, and YAML aliases let a 256 KB
@@ -148,7 +149,7 @@ def sampling(step: Step, defaults, seed: int) -> dict:
                 **{k: o[k] for k, off in SHORTCUTS_OFF.items() if o[k] not in (None, off)})  # on: earlier keys stay
 
 
-SHORTCUTS_OFF = {"reuse": 0.0, "cfg_until": 1.0}  # sampling.Shortcuts' fields at their defaults
+SHORTCUTS_OFF = {"reuse": 0.0, "cfg_until": 1.0, "shift": None}  # sampling.Shortcuts' fields at their defaults
 
 
 def engine_args(args: dict) -> dict:

@@ -120,6 +120,12 @@ ReuseOpt = Annotated[Optional[float], typer.Option(
 CfgUntilOpt = Annotated[Optional[float], typer.Option(
     min=0.0, max=1.0, rich_help_panel=SPEED, show_default="1: every step",
     help="True CFG only for this first fraction of the steps, the conditional pass alone after.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", rich_help_panel=MODEL, show_default=False,
+    help="A LoRA (or LoKr, LoHa) .safetensors file, FILE or FILE:SCALE (scale 1 by default); repeatable, they add up.")]
+ShiftOpt = Annotated[Optional[float], typer.Option(
+    min=0.001, max=1000.0, rich_help_panel=SAMPLING, show_default="the model's schedule",
+    help="A constant flow shift instead of the model's schedule: 3 for the Lightning LoRAs.")]
 TransformerOpt = Annotated[Optional[Path], typer.Option(
     envvar="QIMG_TRANSFORMER", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
     help="The transformer's weights from one file: .gguf (Q8_0, Q4_K_M, ...) or .safetensors (bf16, fp8, ComfyUI "
@@ -147,8 +153,11 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
 
 
 def model_of(p: dict) -> jobs.ModelSpec:
+    from .lora import parse_spec
+
     return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
-                          p["vae_tiling"], p["transformer"], p["dequantize"], p["quantize"])
+                          p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
+                          p["dequantize"], p["quantize"])
 
 
 def cache_of(p: dict) -> jobs.CacheSpec:
@@ -159,9 +168,10 @@ def output_of(p: dict) -> jobs.Output:
     return jobs.Output(p["out"], p["overwrite"], p["json_"])
 
 
-def shortcuts_of(p: dict) -> tuple[float, float]:
-    """--reuse and --cfg-until, off when not given (None: so a chain's command line overrides only what it gives)."""
-    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"]
+def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
+    """--reuse, --cfg-until and --shift, off when not given (None: so a chain's command line overrides only what
+    it gives)."""
+    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"]
 
 
 def edit_job(shape, p: dict) -> jobs.Edit:
@@ -194,6 +204,7 @@ def generate(
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None, shift: ShiftOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
@@ -227,6 +238,7 @@ def inpaint(
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None, shift: ShiftOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
@@ -254,6 +266,7 @@ def outpaint(
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None, shift: ShiftOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
@@ -275,19 +288,21 @@ def chain(
     overwrite: OverwriteOpt = False, json_: JsonOpt = False, cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
+    reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None,
+    shift: ShiftOpt = None,
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 
-    --steps, --cfg, --seed, --reuse and --cfg-until (given here or by a preset) apply to every edit and win over
-    the file's values;
+    --steps, --cfg, --seed, --reuse, --cfg-until and --shift (given here or by a preset) apply to every edit and
+    win over the file's values, and --lora to the whole chain;
     an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
     prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
     from .chain import read_chain
 
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
-                               ("cfg_until", cfg_until)) if v is not None}
+                               ("cfg_until", cfg_until), ("shift", shift)) if v is not None}
     edit_steps = tuple(read_chain(ctx, chain_file, given))
     execute(jobs.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
                        cache_of(locals()), preset), json_)
@@ -308,12 +323,15 @@ def list_presets(ctx: typer.Context):
 
 @app.command()
 def info(
-    image: Annotated[Path, typer.Argument(help="An image qimg wrote.", show_default=False)], json_: JsonOpt = False,
+    image: Annotated[Path, typer.Argument(help="An image qimg wrote, or a LoRA .safetensors file.",
+                                          show_default=False)], json_: JsonOpt = False,
 ):
-    """Print the parameters that made an image (stored in its PNG text chunk)."""
+    """Print the parameters that made an image (stored in its PNG text chunk), or a LoRA's format, rank, alpha
+    and the layers it targets."""
     from .metadata import describe, read_params
+    from .runner import lora_info
 
-    params = read_params(image)
+    params = lora_info(image) if image.suffix.lower() == ".safetensors" else read_params(image)
     print_result(json_line(params) if json_ else describe(params))
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import lora
+from .adapters import apply_adapters, targets
 from .cache import Store, fingerprint, pixel_key, prompt_key
 from .canvas import Canvas, edited, from_window, to_window, window_size
 from .errors import QimgError, UsageError
@@ -28,7 +30,7 @@ from .model.tiling import tiled_decode
 from .model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import (Reuse, ScheduleConfig, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised,
-                       reusing, true_cfg)
+                       reusing, shifted, true_cfg)
 from .transformer_weights import Source, load_transformer, provenance, tensor_sizes
 from .weights import load_module, read_config, read_json_object
 
@@ -138,12 +140,15 @@ class Engine:
     """offload: none keeps every component on the device; model loads text encoder, transformer and VAE
     (encoder and decoder apart) one at a time and frees each after use; blocks keeps the transformer's blocks
     in CPU memory and streams them to the device. compile: torch.compile the transformer blocks. attention:
-    the SDPA backend. vae_tiling: decode in tiles (auto: above TILE_ABOVE pixels). transformer, dequantize,
-    quantize: where the transformer's weights come from and whether they stay packed (transformer_weights.py)."""
+    the SDPA backend. vae_tiling: decode in tiles (auto: above TILE_ABOVE pixels). loras: lora.LoraSpec, read
+    and checked against the transformer's layers here, fused into its weights when it loads (a side branch on
+    packed layers). transformer, dequantize, quantize: where the transformer's weights come from and whether
+    they stay packed (transformer_weights.py)."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None,
                  offload: str = "none", compile: bool = False, attention: str = "auto", vae_tiling: str = "auto",
-                 transformer: Path | None = None, dequantize: bool | None = None, quantize: str = "none"):
+                 loras: tuple = (), transformer: Path | None = None, dequantize: bool | None = None,
+                 quantize: str = "none"):
         self.folder = folder
         self.cache = cache
         self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
@@ -162,6 +167,7 @@ class Engine:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
         except ValueError as e:
             raise QimgError(f"{folder / 'scheduler'}: {e}") from None
+        self.loras = tuple(lora.load(spec, self.layers) for spec in loras)
         self._text = self._transformer = None
         self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
 
@@ -178,6 +184,7 @@ class Engine:
             streamed = self.offload == "blocks"
             transformer = load_transformer(cfg, self.folder / "transformer", self.source, self.dtype,
                                            torch.device("cpu") if streamed else self.device)
+            apply_adapters(transformer, [one.adapters for one in self.loras])
             if streamed:
                 place_for_streaming(transformer, self.device)
             if self.compile:
@@ -195,9 +202,18 @@ class Engine:
         return self._vae[part]
 
     @cached_property
+    def layers(self) -> dict[str, tuple[int, int]]:
+        """The transformer's linear layers, (out, in) by name, from its config alone (built on the meta device)."""
+        cfg = self._config(TransformerConfig, "transformer")
+        with torch.device("meta"):
+            return targets(QwenImageTransformer(cfg))
+
+    @cached_property
     def model_fingerprint(self) -> str:
-        """The whole model's identity (weights, configs, tokenizer, a --transformer file), for output metadata."""
-        return "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint()) if p)
+        """The whole model's identity (weights, configs, tokenizer, a --transformer file, LoRAs), for output
+        metadata and caches."""
+        model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint()) if p)
+        return lora.fingerprint(model, self.loras)
 
     @cached_property
     def transformer_info(self) -> dict | None:
@@ -371,7 +387,7 @@ class Engine:
         self.check_size(width, height, encodes=False)
         h, w = height // 8, width // 8
         x = patchify(self._noise(seed, h, w))
-        sigmas = flow_sigmas(steps, x.shape[1], self.schedule).to(self.device)
+        sigmas = flow_sigmas(steps, x.shape[1], shifted(self.schedule, shortcuts.shift)).to(self.device)
         x = euler(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts), x, sigmas, callback)
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
@@ -384,7 +400,8 @@ class Engine:
         h, w = z0.shape[-2:]
         x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
         m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
-        sigmas = flow_sigmas(steps, x0.shape[1], self.schedule)[first_step(steps, strength):].to(self.device)
+        sigmas = flow_sigmas(steps, x0.shape[1], shifted(self.schedule, shortcuts.shift))[first_step(steps, strength):]
+        sigmas = sigmas.to(self.device)
         if len(sigmas) < 2:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask

@@ -18,6 +18,7 @@ class ModelSpec:
     compile: bool = False
     attention: str = "auto"
     vae_tiling: str = "auto"
+    loras: tuple = ()  # lora.LoraSpec, applied in order (they add up)
     transformer: Optional[Path] = None  # the transformer's weights from one file (GGUF, fp8, ...)
     dequantize: Optional[bool] = None  # unpack packed weights at load; None: on the CPU only
     quantize: str = "none"  # fp8: pack the transformer's block weights at load
@@ -46,11 +47,12 @@ class Prompt:
     seed: Optional[int] = None  # None: random, reported
     reuse: float = 0.0  # adaptive velocity reuse threshold; 0: off
     cfg_until: float = 1.0  # true CFG for this first fraction of the steps; 1: every step
+    shift: Optional[float] = None  # a constant flow shift (Lightning); None: the model's schedule
 
     def shortcuts(self):
         from .sampling import Shortcuts
 
-        return Shortcuts(self.reuse, self.cfg_until)
+        return Shortcuts(self.reuse, self.cfg_until, self.shift)
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,14 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     from .engine import DTYPES, Engine, pick_device, pick_dtype
     from .worker import warm
 
+    from .lora import identity
+
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
-    engine = warm.engine(folder, str(device), dtype, speed, lambda: Engine(folder, str(device), dtype, store, **speed))
+    key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
+    engine = warm.engine(folder, str(device), dtype, key,
+                         lambda: Engine(folder, str(device), dtype, store, loras=spec.loras, **speed))
     engine.cache = store
     return engine
 
@@ -95,6 +99,18 @@ def random_seed(seed: Optional[int]) -> int:
     return secrets.randbelow(2**32) if seed is None else seed
 
 
+def lora_info(path: Path) -> dict:
+    """`qimg info` on a LoRA file: lora.summary against Qwen-Image's layer names (the same in every variant)."""
+    import torch
+
+    from .adapters import targets
+    from .lora import summary
+    from .model.transformer import QwenImageTransformer, TransformerConfig
+
+    with torch.device("meta"):
+        return summary(path, targets(QwenImageTransformer(TransformerConfig())))
+
+
 # --- generate ----------------------------------------------------------------------------------------------
 
 
@@ -121,7 +137,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     done()
     params = output_params("generate", engine, job.preset, prompt=p.prompt, negative_prompt=negative_prompt,
                            seed=seed, width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse,
-                           cfg_until=p.cfg_until, calls=engine.calls - calls)
+                           cfg_until=p.cfg_until, shift=p.shift, calls=engine.calls - calls)
     out = save_output(engine, reporter, out, params, result.image, result.latent, overwrite, next_free)
     reporter.result(out, {**params, **cache_use(result)}, started)
 
@@ -250,7 +266,7 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
     height, width = result.image.shape[:2]
     params = output_params(job.kind, engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
                            width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
-                           calls=engine.calls - calls, strength=job.strength,
+                           shift=p.shift, calls=engine.calls - calls, strength=job.strength,
                            attn_mask=job.attn_mask, context=job.context, input=str(image),
                            mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
                            work_size=list(result.work_size), latent_cache=result.latent_cache)

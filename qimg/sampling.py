@@ -6,7 +6,7 @@ like the reference so the same steps give the same sigmas.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -40,6 +40,17 @@ class ScheduleConfig:
             raise ValueError(f"scheduler time_shift_type={d['time_shift_type']!r} is not supported")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def shifted(cfg: ScheduleConfig, shift: float | None) -> ScheduleConfig:
+    """`cfg` with a constant flow shift (None: unchanged): the schedule Qwen-Image-Lightning's scheduler config
+    gives, mu = ln shift at every resolution (base_shift = max_shift) and no stretch to a terminal sigma, so
+    sigma -> shift sigma / (1 + (shift - 1) sigma) (ComfyUI's ModelSamplingAuraFlow)."""
+    if shift is None:
+        return cfg
+    mu = math.log(shift)
+    return replace(cfg, use_dynamic_shifting=True, base_shift=mu, max_shift=mu, shift_terminal=None,
+                   time_shift_type="exponential")
 
 
 def shift_mu(seq_len: int, cfg: ScheduleConfig) -> float:
@@ -127,10 +138,12 @@ def true_cfg(velocity: Velocity, scale: float) -> Velocity:
 
 @dataclass(frozen=True)
 class Shortcuts:
-    """Fewer transformer calls for nearly the same image; the defaults change nothing."""
+    """Fewer transformer calls for nearly the same image, and the schedule distilled few-step models need; the
+    defaults change nothing."""
 
     reuse: float = 0.0  # adaptive velocity reuse threshold (`reusing`); 0: off
     cfg_until: float = 1.0  # true CFG for this first fraction of the steps (`cfg_until`); 1: every step
+    shift: float | None = None  # a constant flow shift replacing the model's schedule (`shifted`); None: the model's
 
 
 def cfg_until(guided: Velocity, conditional: Velocity, sigmas: torch.Tensor, fraction: float) -> Velocity:

@@ -1,0 +1,176 @@
+"""--lora and --shift end to end: the lightning-4 preset against QwenImagePipeline with Lightning's scheduler
+config and the same LoRA fused, provenance in the metadata, presets' relative paths, `qimg info` on a LoRA, and
+every refusal (one line, exit 2, nothing written)."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from qimg.adapters import targets
+from qimg.cache import fingerprint
+from qimg.cli import run
+from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.sampling import ScheduleConfig, flow_sigmas, shifted
+
+# Qwen-Image-Lightning's scheduler (ModelTC generate_with_diffusers.py), as users pass it to diffusers
+LIGHTNING = {"base_image_seq_len": 256, "base_shift": 1.0986122886681098, "invert_sigmas": False,
+             "max_image_seq_len": 8192, "max_shift": 1.0986122886681098, "num_train_timesteps": 1000, "shift": 1.0,
+             "shift_terminal": None, "stochastic_sampling": False, "time_shift_type": "exponential",
+             "use_beta_sigmas": False, "use_dynamic_shifting": True, "use_exponential_sigmas": False,
+             "use_karras_sigmas": False}
+PROMPT = "a red circle on a blue background"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def layers(tiny_model_dir):
+    cfg = TransformerConfig.from_dict(json.loads((tiny_model_dir / "transformer" / "config.json").read_text()))
+    with torch.device("meta"):
+        return targets(QwenImageTransformer(cfg))
+
+
+def lightning_lora(layers, seed=0, std=0.2) -> dict:
+    """Bare `<m>.lora_down/lora_up/alpha` keys over every linear layer, as the Lightning files are laid out."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m, (out, inp) in layers.items():
+        sd |= {f"{m}.lora_down.weight": std * torch.randn(8, inp, generator=g),
+               f"{m}.lora_up.weight": std * torch.randn(out, 8, generator=g), f"{m}.alpha": torch.tensor(4.0)}
+    return sd
+
+
+@pytest.fixture(scope="module")
+def lora_file(layers, tmp_path_factory):
+    file = tmp_path_factory.mktemp("lora") / "lightning.safetensors"
+    save_file(lightning_lora(layers), file)
+    return file
+
+
+def qimg(capsys, *args):
+    code = run([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+@pytest.mark.parametrize("seq_len", [64, 1024, 4096, 16384])
+def test_shift_gives_the_lightning_schedulers_sigmas(steps, seq_len):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING)
+    mu = calculate_shift(seq_len, LIGHTNING["base_image_seq_len"], LIGHTNING["max_image_seq_len"],
+                         LIGHTNING["base_shift"], LIGHTNING["max_shift"])
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = flow_sigmas(steps, seq_len, shifted(ScheduleConfig(), 3.0))  # from Qwen-Image's own config
+    assert torch.equal(ours, scheduler.sigmas.float())
+
+
+def test_lightning_4_matches_the_pipeline_with_the_lora_fused(tiny_model_dir, reference_pipeline, lora_file,
+                                                              capsys, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    out, plain = tmp_path / "lightning.png", tmp_path / "plain.png"
+    common = ["-m", tiny_model_dir, "-p", PROMPT, "--size", "64x64", "--seed", "5", "--device", "cpu", "--json"]
+    code, report, err = qimg(capsys, "generate", "--preset", "lightning-4", "--lora", lora_file, "-o", out, *common)
+    assert code == 0, err
+    report = json.loads(report)
+    assert (report["steps"], report["cfg"], report["shift"], report["calls"]) == (4, 1.0, 3.0, 4)  # one call a step
+    sha = __import__("hashlib").sha256(lora_file.read_bytes()).hexdigest()
+    assert report["loras"] == [dict(name=lora_file.name, sha256=sha, scale=1.0, format="lightning")]
+    assert report["model_fingerprint"] != fingerprint(tiny_model_dir)
+
+    r = reference_pipeline
+    pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING), r.vae, r.text_encoder,
+                             r.tokenizer, copy.deepcopy(r.transformer))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora_file))
+    pipe.fuse_lora()
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    ref = pipe(PROMPT, negative_prompt=" ", true_cfg_scale=1.0, width=64, height=64, num_inference_steps=4,
+               generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert len(calls) == 4
+    ours, ref = np.asarray(Image.open(out).convert("RGB")).astype(int), np.asarray(ref).astype(int)
+    assert np.abs(ours - ref).max() <= 1 and ref.std() > 1
+
+    code, _, err = qimg(capsys, "generate", "--steps", "4", "--cfg", "1", "--shift", "3", "-o", plain, *common)
+    assert code == 0, err
+    assert np.abs(np.asarray(Image.open(plain)).astype(int) - ours).mean() > 2  # the LoRA made a difference
+
+
+def test_preset_lora_paths_are_relative_to_the_preset(tiny_model_dir, lora_file, capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "presets"
+    (folder / "loras").mkdir(parents=True)
+    (folder / "loras" / "style.safetensors").write_bytes(lora_file.read_bytes())
+    (folder / "mine.yaml").write_text("steps: 1\nlora: [loras/style.safetensors:0.5]\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o.png"
+    code, report, err = qimg(capsys, "generate", "--preset", folder / "mine.yaml", "-m", tiny_model_dir, "-p", "x",
+                             "--size", "32x32", "--device", "cpu", "-o", out, "--json")
+    assert code == 0, err
+    (entry,) = json.loads(report)["loras"]
+    assert (entry["name"], entry["scale"]) == ("style.safetensors", 0.5)
+    assert json.loads(Image.open(out).text["qimg"])["loras"] == [entry]
+
+
+def test_info_on_a_lora(lora_file, capsys):
+    code, out, err = qimg(capsys, "info", lora_file, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["format"], info["rank"], info["alpha"], info["file"]) == ("lightning", 8, 4.0, lora_file.name)
+    assert info["modules"] == 34 and "transformer_blocks.*.img_mod.1 x2" in info["targets"]
+
+
+def refusal_files(layers, tmp_path):
+    base = lightning_lora(layers, std=1.0)
+    m = "transformer_blocks.0.attn.to_q"
+    out, inp = layers[m]
+    cases = {
+        "dora": (base | {f"{m}.dora_scale": torch.ones(out, 1)}, "DoRA"),
+        "text-encoder": (base | {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(4, 8)},
+                         "text-encoder"),
+        "diff": (base | {f"{m}.diff": torch.ones(out, inp)}, ".diff"),
+        "diff_b": (base | {f"{m}.diff_b": torch.ones(out)}, ".diff_b"),
+        "oft": (base | {f"{m}.oft_blocks": torch.ones(4, 4, 4)}, "OFT"),
+        "boft": (base | {f"{m}.boft_R": torch.ones(4, 4, 4)}, "BOFT"),
+        "unmatched": (base | {"transformer_blocks.9.attn.to_q.lora_down.weight": torch.ones(8, inp)},
+                      "transformer_blocks.9.attn.to_q.lora_down.weight"),
+        "shape": ({**base, f"{m}.lora_up.weight": torch.ones(out + 1, 8)}, f"but {m} is [{out}, {inp}]"),
+        "no-tensors": ({}, "holds no tensors"),
+    }
+    files = {}
+    for name, (sd, fragment) in cases.items():
+        files[name] = (tmp_path / f"{name}.safetensors", fragment)
+        save_file(sd, files[name][0])
+    files["empty"] = (tmp_path / "empty.safetensors", "is empty")
+    files["empty"][0].write_bytes(b"")
+    files["pickle"] = (tmp_path / "pickled.safetensors", "pickle")
+    torch.save(base, files["pickle"][0])
+    files["pt"] = (tmp_path / "lora.pt", "pickle")
+    files["pt"][0].write_bytes(b"\x80\x04")
+    files["missing"] = (tmp_path / "nope.safetensors", "no such file")
+    files["garbage"] = (tmp_path / "garbage.safetensors", "not a readable safetensors")
+    files["garbage"][0].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    return files
+
+
+def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, capsys, tmp_path):
+    """On the weightless model folder: a LoRA is refused before any weight loads."""
+    for name, (file, fragment) in refusal_files(layers, tmp_path).items():
+        out = tmp_path / f"{name}.png"
+        for command in (["generate", "-p", "x"], ["chain", tmp_path / "in.png", tmp_path / "c.yaml"]):
+            if command[0] == "chain":
+                Image.new("RGB", (32, 32)).save(command[1])
+                command[2].write_text("edits:\n  - inpaint: {prompt: x, rect: ['0,0,8,8']}\n")
+            code, _, err = qimg(capsys, *command, "-m", configs_only, "--lora", f"{file}:0.5", "--device", "cpu",
+                                "-o", out)
+            assert code == 2, (name, err)
+            assert err.count("\n") == 1 and err.startswith("qimg: error: ") and fragment in err, (name, err)
+            assert str(file) in err, (name, err)
+            assert not out.exists()
