@@ -205,7 +205,6 @@ def generate(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None, shift: ShiftOpt = None,
-    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Generate an image from a prompt."""
@@ -239,7 +238,6 @@ def inpaint(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None, shift: ShiftOpt = None,
-    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
@@ -267,7 +265,6 @@ def outpaint(
     cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None, shift: ShiftOpt = None,
-    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
@@ -290,7 +287,6 @@ def chain(
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, lora: LoraOpt = None,
     shift: ShiftOpt = None,
-    reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.

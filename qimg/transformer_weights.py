@@ -142,7 +142,7 @@ def provenance(source: Source) -> dict | None:
     if source.file is None:
         return info
     with open_weights(source.file) as found:
-        return {"file": source.file.name, "sha256": sha256(source.file), "format": found.format, **info}
+        return {"name": source.file.name, "sha256": sha256(source.file), "format": found.format, **info}
 
 
 def sha256(path: Path) -> str:

@@ -131,7 +131,7 @@ def test_generate_from_scaled_fp8_equals_a_folder_of_its_weights(tmp_path, tiny_
     image, report = generate(capsys, tiny_model_dir, tmp_path / "a.png", "--transformer", legacy, "--no-dequantize")
     assert np.abs(image - expected).max() <= 1
     info = report["transformer"]
-    assert info["file"] == "legacy.safetensors" and info["format"] == "safetensors F8_E4M3+BF16 scaled_fp8"
+    assert info["name"] == "legacy.safetensors" and info["format"] == "safetensors F8_E4M3+BF16 scaled_fp8"
     assert info["sha256"] == __import__("hashlib").sha256(legacy.read_bytes()).hexdigest()
     assert report["model_fingerprint"] != plain["model_fingerprint"] and "transformer" not in plain
     # from a preset, the file named relative to the preset; then from $QIMG_TRANSFORMER
@@ -140,7 +140,7 @@ def test_generate_from_scaled_fp8_equals_a_folder_of_its_weights(tmp_path, tiny_
     assert np.abs(image - expected).max() <= 1 and report["transformer"]["format"].endswith("comfy_quant")
     monkeypatch.setenv("QIMG_TRANSFORMER", str(comfy))
     image, report = generate(capsys, tiny_model_dir, tmp_path / "c.png")
-    assert np.abs(image - expected).max() <= 1 and report["transformer"]["file"] == "comfy.safetensors"
+    assert np.abs(image - expected).max() <= 1 and report["transformer"]["name"] == "comfy.safetensors"
 
 
 def test_quantize_fp8_equals_a_folder_of_the_rounded_weights(tmp_path, tiny_model_dir, state, capsys):
@@ -158,12 +158,19 @@ def test_quantize_fp8_equals_a_folder_of_the_rounded_weights(tmp_path, tiny_mode
     assert not np.array_equal(generate(capsys, tiny_model_dir, tmp_path / "p.png")[0], expected)  # fp8 shows
 
 
-def test_generate_from_gguf_matches_diffusers_gguf_pipeline(tmp_path, tiny_model_dir, state, capsys):
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, state):
+    """The tiny transformer as GGUF, its linear layers in every 32-block type (its rows are 32-128 wide), and the
+    float32 weights the file holds."""
+    kinds = dict(zip(linear_weights(state), ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"] * 20))
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    return path, write_gguf(path, state, kinds)
+
+
+def test_generate_from_gguf_matches_diffusers_gguf_pipeline(tmp_path, tiny_model_dir, tiny_gguf, capsys):
     from diffusers import GGUFQuantizationConfig, QwenImagePipeline, QwenImageTransformer2DModel
 
-    kinds = dict(zip(linear_weights(state), ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"] * 20))
-    path = tmp_path / "tiny.gguf"
-    write_gguf(path, state, kinds)
+    path, _ = tiny_gguf
     image, report = generate(capsys, tiny_model_dir, tmp_path / "g.png", "--transformer", path, "--no-dequantize")
     assert report["transformer"]["format"].startswith("gguf ")
     transformer = QwenImageTransformer2DModel.from_single_file(
@@ -174,6 +181,24 @@ def test_generate_from_gguf_matches_diffusers_gguf_pipeline(tmp_path, tiny_model
     ref = pipe("a red circle", negative_prompt=" ", true_cfg_scale=4.0, width=32, height=32, num_inference_steps=2,
                generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert np.abs(image - np.asarray(ref).astype(int)).max() <= 2
+
+
+def test_lora_on_packed_gguf_and_fp8_equals_it_fused_into_their_dense_weights(tmp_path, tiny_model_dir, state,
+                                                                            tiny_gguf, capsys):
+    from test_lora_cli import layers, lightning_lora
+
+    lora = tmp_path / "lora.safetensors"
+    save_file(lightning_lora(layers.__wrapped__(tiny_model_dir)), lora)
+    fp8 = tmp_path / "fp8.safetensors"
+    for file, held in ((tiny_gguf[0], tiny_gguf[1]), (fp8, fp8_file(fp8, state, "comfy_quant"))):
+        expected, _ = generate(capsys, dense_folder(tmp_path, tiny_model_dir, held, file.stem), tmp_path / "d.png",
+                               "--lora", f"{lora}:0.7", "--overwrite")
+        image, report = generate(capsys, tiny_model_dir, tmp_path / "p.png", "--transformer", file, "--no-dequantize",
+                                 "--lora", f"{lora}:0.7", "--overwrite")
+        assert np.abs(image - expected).max() <= 1, file
+        without, _ = generate(capsys, tiny_model_dir, tmp_path / "n.png", "--transformer", file, "--overwrite")
+        assert np.abs(without - expected).max() > 5  # the LoRA shows
+        assert report["loras"][0]["name"] == "lora.safetensors" and report["transformer"]["name"] == file.name
 
 
 # --- refusals -----------------------------------------------------------------------------------------------
