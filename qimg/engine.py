@@ -261,10 +261,12 @@ class Engine:
                              f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
         weights = self.weight_bytes
         if have is not None and need + weights > have:
+            fixes = ("--dtype bfloat16, or a quantized --transformer file (GGUF, fp8) with --no-dequantize"
+                     if self.device.type == "cpu" else "--offload blocks, a quantized --transformer file (GGUF, fp8) "
+                     "or --quantize fp8")
             raise UsageError(f"the transformer's weights take about {gigabytes(weights)} of {self.device.type} "
                              f"memory, {gigabytes(need + weights)} with the activations at {width}x{height}, and "
-                             f"the device has {gigabytes(have)}; use --offload blocks, a quantized --transformer "
-                             "file (GGUF, fp8) or --quantize fp8")
+                             f"the device has {gigabytes(have)}; use {fixes}")
 
     @cached_property
     def weight_bytes(self) -> int:
