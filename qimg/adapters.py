@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 KINDS = ("lora", "lokr", "loha")
+ROWS = 1024  # weight rows fused at a time: the float32 temporaries stay small beside the largest layer
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,24 @@ def apply_adapters(model: nn.Module, adapters: Sequence[Mapping[str, Adapter]]) 
     for name in dict.fromkeys(name for one in adapters for name in one):  # in order, each once
         module, updates = modules[name], [one[name] for one in adapters if name in one]
         if isinstance(module, nn.Linear):
-            w = module.weight
-            fused = w.float()
-            for update in updates:
-                fused += delta(update, w.device)
-            w.copy_(fused.to(w.dtype))
+            _fuse(module.weight, updates)
         else:
             for update in updates:
                 module.add_branch(*factors(update, _device(module)))
+
+
+def _fuse(w: torch.Tensor, updates: list[Adapter]) -> None:
+    """w += the sum of the updates, in float32, ROWS rows at a time (a low-rank update never becomes dense)."""
+    parts = [factors(update, w.device) for update in updates]
+    for start in range(0, w.shape[0], ROWS):
+        rows = w[start:start + ROWS]
+        fused = rows.float()
+        for down, up in parts:
+            if up is None:  # a dense update
+                fused += down[start:start + ROWS]
+            else:
+                fused.addmm_(up[start:start + ROWS], down)
+        rows.copy_(fused)
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -140,7 +140,6 @@ def forward_both(ref, ours):
 
 def test_forward_parity_with_peft_fuse(layers, models, tmp_path):
     """--lora f:0.7 (kohya, alpha 8) alone, then stacked with a PEFT file whose header gives lora_alpha/r."""
-    pytest.importorskip("peft")
     import copy
 
     kohya, peft = tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors"

@@ -174,3 +174,43 @@ def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, 
             assert err.count("\n") == 1 and err.startswith("qimg: error: ") and fragment in err, (name, err)
             assert str(file) in err, (name, err)
             assert not out.exists()
+
+
+def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(tiny_model_dir, lora_file, capsys,
+                                                                                 tmp_path):
+    image, plan, out = tmp_path / "in.png", tmp_path / "c.yaml", tmp_path / "out.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
+    plan.write_text("edits:\n  - inpaint: {prompt: x, rect: ['0,0,16,16']}\n  - outpaint: {prompt: y, right: 16}\n")
+    code, report, err = qimg(capsys, "chain", image, plan, "-m", tiny_model_dir, "--lora", f"{lora_file}:0.5",
+                             "--shift", "3", "--steps", "2", "--cfg", "1", "--device", "cpu", "-o", out, "--json")
+    assert code == 0, err
+    report = json.loads(report)
+    assert [entry["scale"] for entry in report["loras"]] == [0.5]
+    assert [entry["shift"] for entry in report["lineage"]] == [3.0, 3.0]
+
+
+def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny_model_dir, layers, tmp_path,
+                                                                            monkeypatch):
+    from qimg import runner
+    from qimg.jobs import ModelSpec
+    from qimg.lora import LoraSpec
+    from qimg.worker import warm
+
+    file = tmp_path / "style.safetensors"
+    save_file(lightning_lora(layers, seed=1), file)
+
+    def engine(*loras):
+        return runner.open_engine(tiny_model_dir, ModelSpec(device="cpu", dtype="float32", loras=loras), None)
+
+    monkeypatch.setattr(warm, "enabled", True)
+    try:
+        first = engine(LoraSpec(file, 0.5))
+        assert engine(LoraSpec(file, 0.5)) is first
+        other_scale = engine(LoraSpec(file, 1.0))
+        assert other_scale is not first and other_scale.model_fingerprint != first.model_fingerprint
+        save_file(lightning_lora(layers, seed=2), file)  # the same name, other weights
+        changed = engine(LoraSpec(file, 1.0))
+        assert changed is not other_scale and changed.model_fingerprint != other_scale.model_fingerprint
+        assert engine().loras == () and engine().model_fingerprint == fingerprint(tiny_model_dir)
+    finally:
+        warm.drop()
