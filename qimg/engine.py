@@ -22,7 +22,7 @@ from .cache import Store, fingerprint, pixel_key, prompt_key
 from .canvas import Canvas, edited, from_window, to_window, window_size
 from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
-from .memory import activation_bytes, device_bytes, gigabytes, resident_bytes
+from .memory import activation_bytes, check_weights, device_bytes, gigabytes, resident_bytes
 from .model.offload import place_for_streaming
 from .model.qwen2 import Qwen2Config
 from .model.text import TextEncoder, pad_batch
@@ -259,14 +259,7 @@ class Engine:
         if have is not None and need > have:
             raise UsageError(f"{width}x{height} would need about {gigabytes(need)} of {self.device.type} memory "
                              f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
-        weights = self.weight_bytes
-        if have is not None and need + weights > have:
-            fixes = ("--dtype bfloat16, or a quantized --transformer file (GGUF, fp8) with --no-dequantize"
-                     if self.device.type == "cpu" else "--offload blocks, a quantized --transformer file (GGUF, fp8) "
-                     "or --quantize fp8")
-            raise UsageError(f"the transformer's weights take about {gigabytes(weights)} of {self.device.type} "
-                             f"memory, {gigabytes(need + weights)} with the activations at {width}x{height}, and "
-                             f"the device has {gigabytes(have)}; use {fixes}")
+        check_weights(self.weight_bytes, need, have, self.device.type, (width, height))
 
     @cached_property
     def weight_bytes(self) -> int:

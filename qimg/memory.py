@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .errors import UsageError
 from .model.transformer import TransformerConfig
 from .model.vae import VAEConfig
 
@@ -57,3 +58,14 @@ def resident_bytes(sizes: dict[str, int], streamed: bool) -> int:
         else:
             rest += n
     return rest + sum(sorted(blocks.values())[-2:])
+
+
+def check_weights(weights: int, activations: int, have: int | None, device: str, size: tuple[int, int]) -> None:
+    """Refuse a run whose transformer weights (bytes resident on the device) and activations exceed the device."""
+    if have is None or weights + activations <= have:
+        return
+    fixes = ("--dtype bfloat16, or a quantized --transformer file (GGUF, fp8) with --no-dequantize" if device == "cpu"
+             else "--offload blocks, a quantized --transformer file (GGUF, fp8) or --quantize fp8")
+    raise UsageError(f"the transformer's weights take about {gigabytes(weights)} of {device} memory, "
+                     f"{gigabytes(weights + activations)} with the activations at {size[0]}x{size[1]}, and the device "
+                     f"has {gigabytes(have)}; use {fixes}")

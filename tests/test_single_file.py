@@ -248,3 +248,24 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_model_dir
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert err.startswith("qimg: error: --transformer ") and message in err, (name, err)
         assert not out.exists()
+
+
+def test_the_worker_keeps_an_engine_only_for_the_same_transformer_file(tmp_path, tiny_model_dir, monkeypatch):
+    from qimg.jobs import ModelSpec
+    from qimg.worker import warm
+
+    monkeypatch.setattr(warm, "enabled", True)
+    monkeypatch.setattr(warm, "_key", None)
+    monkeypatch.setattr(warm, "_engine", None)
+    file = tmp_path / "t.safetensors"
+    file.write_bytes(b"one")
+    made = []
+
+    def engine(spec):
+        return warm.engine(tiny_model_dir, "cpu", "float32", spec.speed(), lambda: made.append(1) or len(made))
+
+    assert engine(ModelSpec(transformer=file)) == engine(ModelSpec(transformer=file)) == 1
+    file.write_bytes(b"two")  # the same name, other weights: another model
+    assert engine(ModelSpec(transformer=file)) == 2
+    assert engine(ModelSpec(transformer=file, quantize="fp8")) == 3
+    assert engine(ModelSpec()) == 4
