@@ -9,6 +9,7 @@ the CPU, where unpacking every step costs more than the memory it saves): then e
 
 import hashlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class Source:
     def __post_init__(self):
         if self.quantize not in QUANTIZE:
             raise UsageError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        if self.file is not None and self.file.is_file():
+            start_sha256(self.file)  # tens of seconds for a large file: it runs while the job does
 
     @property
     def plain(self) -> bool:
@@ -145,7 +148,39 @@ def provenance(source: Source) -> dict | None:
         return {"name": source.file.name, "sha256": sha256(source.file), "format": found.format, **info}
 
 
+_digests: dict[tuple, tuple[threading.Thread, dict]] = {}  # (path, size, mtime) -> the hashing thread, its result
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def start_sha256(path: Path) -> None:
+    """Hash `path` in a background thread (hashlib releases the GIL), once per file version per process."""
+    key = _identity(path)
+    if key not in _digests:
+        result = {}
+
+        def work():
+            try:
+                result["hex"] = _hash(path)
+            except OSError:  # reported by sha256(), in the caller's thread, as one line
+                pass
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        _digests[key] = thread, result
+
+
 def sha256(path: Path) -> str:
+    start_sha256(path)
+    thread, result = _digests[_identity(path)]
+    thread.join()
+    return result["hex"] if "hex" in result else _hash(path)  # a failed read raises here, in the caller
+
+
+def _hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
