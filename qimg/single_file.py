@@ -67,8 +67,11 @@ def open_weights(path: Path):
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UsageError(f"--transformer {path} is a pickle file; qimg reads .gguf and .safetensors only, because "
                          "pickle files can run code")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UsageError(f"--transformer {path}: cannot read it ({e.strerror or e})") from None
     if magic == gguf_file.MAGIC:
         yield _gguf(path)
         return
