@@ -234,3 +234,17 @@ def test_branch_of_the_wrong_shape_is_refused(packed):
     with pytest.raises(ValueError, match="does not fit"):
         layer.add_branch(torch.zeros(256, 128), None)
     assert layer.branches == 0
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"GGUF" + (3).to_bytes(4, "little") + (2**40).to_bytes(8, "little") + bytes(8), "claims 1099511627776 tensors"),
+    (b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (1).to_bytes(8, "little") + (2**62).to_bytes(8, "little"),
+     "truncated"),  # a key 2**62 bytes long: refused before reading, never allocated
+    (b"GGUF" + (2**24).to_bytes(4, "little"), "GGUF version 16777216"),
+])
+def test_damaged_headers_are_refused_without_huge_reads(tmp_path, header, message):
+    path = tmp_path / "f.gguf"
+    path.write_bytes(header + bytes(64))
+    with pytest.raises(UsageError, match=message):
+        with open_weights(path):
+            pass
