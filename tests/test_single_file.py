@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from qimg.cli import run
+from qimg.errors import QimgWarning
 from qimg.model.quant import PackedLinear
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.single_file import folder_weights
@@ -70,12 +71,19 @@ def loaded(cfg, tiny_model_dir, path, dtype=torch.float32, dequantize=True):
     return load_transformer(cfg, tiny_model_dir / "transformer", Source(path, dequantize), dtype, CPU).state_dict()
 
 
-@pytest.mark.parametrize("prefix", ["", PREFIX])
+@pytest.mark.parametrize("prefix", ["", PREFIX, "all-in-one"])
 def test_bf16_file_bare_or_prefixed_gives_the_folder_weights(tmp_path, tiny_model_dir, state, cfg, prefix):
     path = tmp_path / "t.safetensors"
-    save_file({prefix + k: v.to(torch.bfloat16) for k, v in state.items()}, path)
+    others = {"first_stage_model.decoder.x": torch.zeros(2), "cond_stage_model.y": torch.zeros(2)}
+    tensors = {(prefix if prefix != "all-in-one" else PREFIX) + k: v.to(torch.bfloat16) for k, v in state.items()}
+    save_file({**tensors, **(others if prefix == "all-in-one" else {})}, path)
     folder = load_module(lambda: QwenImageTransformer(cfg), tiny_model_dir / "transformer", torch.bfloat16, CPU)
-    ours = loaded(cfg, tiny_model_dir, path, torch.bfloat16)
+    if prefix == "all-in-one":  # only the transformer's keys, and a warning says so
+        with pytest.warns(QimgWarning, match=f"all-in-one checkpoint: using its {len(state)} transformer weights .* "
+                                             "ignoring 2 keys of other components"):
+            ours = loaded(cfg, tiny_model_dir, path, torch.bfloat16)
+    else:
+        ours = loaded(cfg, tiny_model_dir, path, torch.bfloat16)
     assert ours.keys() == folder.state_dict().keys()
     assert all(torch.equal(ours[k], v) for k, v in folder.state_dict().items())
 
