@@ -122,7 +122,8 @@ CfgUntilOpt = Annotated[Optional[float], typer.Option(
     help="True CFG only for this first fraction of the steps, the conditional pass alone after.")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option(
     "--lora", rich_help_panel=MODEL, show_default=False,
-    help="A LoRA (or LoKr, LoHa) .safetensors file, FILE or FILE:SCALE (scale 1 by default); repeatable, they add up.")]
+    help="A LoRA (or LoKr, LoHa) .safetensors file, FILE or FILE:SCALE (scale 1 by default); repeatable, they "
+         "add up.")]
 ShiftOpt = Annotated[Optional[float], typer.Option(
     min=0.001, max=1000.0, rich_help_panel=SAMPLING, show_default="the model's schedule",
     help="A constant flow shift instead of the model's schedule: 3 for the Lightning LoRAs.")]

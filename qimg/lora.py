@@ -29,7 +29,7 @@ SHOWN = 5  # how many offending keys an error lists
 # dotted prefixes, longest first; `base_model.model.` is what PEFT's own save_pretrained writes
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 FLAT = ("lora_unet_", "lycoris_")  # kohya and LyCORIS: the layer's dots written as underscores
-TEXT_ENCODER = ("lora_te", "text_encoder", "te.", "te_", "text_model.", "lora_transformer_text")
+TEXT_ENCODER = ("lora_te", "text_encoder", "te.", "text_model.")  # kohya (lora_te1_...), diffusers, others
 PARTS = {  # key suffix -> (adapter kind, factor name)
     "lora_A.weight": ("lora", "down"), "lora_B.weight": ("lora", "up"),
     "lora_A.default.weight": ("lora", "down"), "lora_B.default.weight": ("lora", "up"),
@@ -38,13 +38,14 @@ PARTS = {  # key suffix -> (adapter kind, factor name)
     **{f"hada_{n}": ("loha", n) for n in ("w1_a", "w1_b", "w2_a", "w2_b")},
     "alpha": (None, "alpha"),
 }
-REFUSED = {  # key suffix -> what it is
+REFUSED = {  # a part of a key (between dots) -> what it is
     "dora_scale": "DoRA (dora_scale)", "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
     "diff": "full weight differences (.diff)", "diff_b": "bias differences (.diff_b)",
-    "oft_blocks": "OFT", "oft_diag": "OFT", "oft_R": "BOFT", "boft_R": "BOFT", "oft_r": "OFT",
+    "oft_blocks": "OFT (oft_blocks)", "oft_diag": "OFT (oft_diag)", "oft_R": "OFT (oft_R)", "oft_r": "OFT (oft_r)",
+    "boft_R": "BOFT (boft_R)", "boft_s": "BOFT (boft_s)",
     "lokr_t2": "Tucker-decomposed LoKr (lokr_t2, for convolutions)",
     "hada_t1": "Tucker-decomposed LoHa (hada_t1, for convolutions)", "hada_t2": "Tucker-decomposed LoHa (hada_t2)",
-    "lora_mid.weight": "LoCon (lora_mid, for convolutions)",
+    "lora_mid": "LoCon (lora_mid, for convolutions)",
 }
 COMPLETE = {"lora": ({"down", "up"},), "loha": ({"w1_a", "w1_b", "w2_a", "w2_b"},),
             "lokr": ({"w1"}, {"w1_a", "w1_b"})}  # lokr also needs w2 or w2_a + w2_b
@@ -130,13 +131,15 @@ def read_file(path: Path) -> tuple[dict, dict, str]:
 
 def split_key(key: str) -> tuple[str, str | None]:
     """(the layer part, the suffix naming the factor) of a key; suffix None when it is none qimg knows."""
-    for suffix in SUFFIXES:
+    for suffix in PARTS:  # none is another's tail at a dot
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     return key, None
 
 
-SUFFIXES = sorted((*PARTS, *REFUSED), key=len, reverse=True)  # longest first: diff_b before diff
+def refused(key: str) -> str | None:
+    """What a key of an adapter kind qimg cannot apply is (REFUSED), or None."""
+    return next((REFUSED[part] for part in key.split(".") if part in REFUSED), None)
 
 
 def layout(layer: str, suffix: str) -> tuple[str, str, bool]:
@@ -169,7 +172,25 @@ def peft_config(metadata: dict, what: str) -> dict | None:
     config = prefixed or config
     if config.get("use_dora"):
         raise UsageError(f"{what} is a DoRA (use_dora in its header); qimg applies LoRA, LoKr and LoHa only")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise UsageError(f"{what}: its header's {key} is not a JSON object")
+        for pattern, value in patterns.items():
+            number(value, f"{what}: its header's {key} {pattern[:40]!r}")
+            try:
+                re.compile(pattern)
+            except re.error:
+                raise UsageError(f"{what}: its header's {key} has an invalid pattern {pattern[:40]!r}") from None
+    for key in ("r", "lora_alpha"):
+        if key in config:
+            number(config[key], f"{what}: its header's {key}")
     return config
+
+
+def number(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UsageError(f"{where} must be a positive number, not {str(value)[:40]!r}")
 
 
 def pattern_value(patterns: dict | None, name: str, default):
@@ -183,7 +204,10 @@ def pattern_value(patterns: dict | None, name: str, default):
 
 def file_scale(kind: str, parts: dict, name: str, config: dict | None, what: str) -> float:
     """The file's own scale for one layer's adapter (the module docstring's rules)."""
-    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+    alpha = None
+    if "alpha" in parts:
+        if parts["alpha"].numel() != 1 or not math.isfinite(alpha := float(parts["alpha"].float().flatten()[0])):
+            raise UsageError(f"{what}: the alpha of {name} must be one finite number")
     if kind == "lora":
         rank = parts["down"].shape[0]
         if alpha is not None:
@@ -220,10 +244,9 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
     if text:
         raise UsageError(f"{what} holds text-encoder weights ({listing(text)}); qimg applies LoRAs to the "
                          "transformer only: use a transformer-only file")
-    refused = sorted(k for k in tensors if split_key(k)[1] in REFUSED)
-    if refused:
-        raise UsageError(f"{what} is {REFUSED[split_key(refused[0])[1]]} ({listing(refused)}); qimg applies LoRA, "
-                         "LoKr and LoHa only")
+    other = sorted(k for k in tensors if refused(k))
+    if other:
+        raise UsageError(f"{what} is {refused(other[0])} ({listing(other)}); qimg applies LoRA, LoKr and LoHa only")
     config = peft_config(metadata, what)
     flat = {name.replace(".", "_"): name for name in layers}
     groups, unmatched, layouts = {}, [], set()

@@ -98,7 +98,8 @@ def test_peft_header_scales(layers, meta, expected):
 def test_lokr_and_loha_files(layers):
     m, (out, inp) = "transformer_blocks.0.attn.to_q", layers["transformer_blocks.0.attn.to_q"]
     g = torch.Generator().manual_seed(3)
-    w1, w2a, w2b = torch.randn(2, 2, generator=g), torch.randn(out // 2, 3, generator=g), torch.randn(3, inp // 2, generator=g)
+    w1, w2a, w2b = (torch.randn(2, 2, generator=g), torch.randn(out // 2, 3, generator=g),
+                    torch.randn(3, inp // 2, generator=g))
     name = "lora_unet_" + m.replace(".", "_")
     sd = {f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2a, f"{name}.lokr_w2_b": w2b, f"{name}.alpha": torch.tensor(6.0)}
     format, adapters = map_keys(sd, {}, layers, 0.5, "test")
@@ -176,3 +177,35 @@ def test_summary_of_a_lora(layers, tmp_path):
     assert info["format"] == "kohya" and info["rank"] == RANK and info["alpha"] == ALPHA
     assert info["modules"] == len(layers)
     assert f"transformer_blocks.*.attn.to_q x{CFG.num_layers}" in info["targets"] and "img_in" in info["targets"]
+
+
+@pytest.mark.parametrize("meta,fragment", [
+    ("{not json", "not valid JSON"), ('["r"]', "not a JSON object"), ('{"r": "4"}', "header's r must be"),
+    ('{"lora_alpha": 0}', "header's lora_alpha must be"), ('{"alpha_pattern": {"(": 2}}', "invalid pattern"),
+    ('{"use_dora": true}', "DoRA"), ('{"r": 8}', "says rank 8"),
+])
+def test_bad_peft_headers_are_refused(layers, meta, fragment):
+    with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
+        map_keys(write(factors(layers), "peft"), {"lora_adapter_metadata": meta}, layers, 1.0, "test")
+
+
+def test_an_alpha_that_is_no_number_is_refused(layers):
+    sd = write(factors(layers), "kohya")
+    sd["lora_unet_img_in.alpha"] = torch.tensor([1.0, 2.0])
+    with pytest.raises(UsageError, match="the alpha of img_in must be one finite number"):
+        map_keys(sd, {}, layers, 1.0, "test")
+    sd["lora_unet_img_in.alpha"] = torch.tensor(float("nan"))
+    with pytest.raises(UsageError, match="the alpha of img_in"):
+        map_keys(sd, {}, layers, 1.0, "test")
+
+
+def test_peft_and_lycoris_prefixes_map_like_the_others(layers):
+    f = factors(layers)
+    expected = map_keys(write(f, "peft"), {}, layers, 1.0, "test")[1]
+    peft = {k.replace("transformer.", "base_model.model.", 1): v for k, v in write(f, "peft").items()}
+    lycoris = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in write(f, "kohya").items()}
+    for sd, name, scale in ((peft, "diffusers", 1.0), (lycoris, "lycoris", ALPHA / RANK)):
+        format, adapters = map_keys(sd, {}, layers, 1.0, "test")
+        assert format == name and adapters.keys() == expected.keys()
+        for m, a in adapters.items():
+            torch.testing.assert_close(delta(a), scale * delta(expected[m]))

@@ -96,6 +96,9 @@ def test_lightning_4_matches_the_pipeline_with_the_lora_fused(tiny_model_dir, re
     ref = pipe(PROMPT, negative_prompt=" ", true_cfg_scale=1.0, width=64, height=64, num_inference_steps=4,
                generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert len(calls) == 4
+    model_schedule = ScheduleConfig.from_dict(json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json")
+                                                         .read_text()))
+    assert torch.equal(flow_sigmas(4, 16, shifted(model_schedule, 3.0)), pipe.scheduler.sigmas.float())
     ours, ref = np.asarray(Image.open(out).convert("RGB")).astype(int), np.asarray(ref).astype(int)
     assert np.abs(ours - ref).max() <= 1 and ref.std() > 1
 
@@ -138,7 +141,7 @@ def refusal_files(layers, tmp_path):
         "diff": (base | {f"{m}.diff": torch.ones(out, inp)}, ".diff"),
         "diff_b": (base | {f"{m}.diff_b": torch.ones(out)}, ".diff_b"),
         "oft": (base | {f"{m}.oft_blocks": torch.ones(4, 4, 4)}, "OFT"),
-        "boft": (base | {f"{m}.boft_R": torch.ones(4, 4, 4)}, "BOFT"),
+        "boft": (base | {f"{m}.boft_R.weight": torch.ones(4, 4, 4)}, "BOFT"),
         "unmatched": (base | {"transformer_blocks.9.attn.to_q.lora_down.weight": torch.ones(8, inp)},
                       "transformer_blocks.9.attn.to_q.lora_down.weight"),
         "shape": ({**base, f"{m}.lora_up.weight": torch.ones(out + 1, 8)}, f"but {m} is [{out}, {inp}]"),
@@ -214,3 +217,17 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
         assert engine().loras == () and engine().model_fingerprint == fingerprint(tiny_model_dir)
     finally:
         warm.drop()
+
+
+def test_offload_modes_apply_the_lora_alike_and_again_after_a_reload(tiny_model_dir, lora_file):
+    from qimg.engine import Engine
+    from qimg.lora import LoraSpec
+
+    job = dict(prompt=PROMPT, negative_prompt=" ", width=32, height=32, steps=2, cfg=1.0, seed=3)
+    loras = (LoraSpec(lora_file, 0.7),)
+    baseline = Engine(tiny_model_dir, "cpu", "float32", loras=loras).generate(**job).image
+    assert not np.array_equal(baseline, Engine(tiny_model_dir, "cpu", "float32").generate(**job).image)
+    for offload in ("model", "blocks"):
+        engine = Engine(tiny_model_dir, "cpu", "float32", offload=offload, loras=loras)
+        assert np.array_equal(engine.generate(**job).image, baseline), offload
+        assert np.array_equal(engine.generate(**job).image, baseline), offload  # model: reloaded, fused once again
