@@ -248,3 +248,31 @@ def test_damaged_headers_are_refused_without_huge_reads(tmp_path, header, messag
     with pytest.raises(UsageError, match=message):
         with open_weights(path):
             pass
+
+
+def test_generate_with_the_mixed_file_matches_the_diffusers_gguf_pipeline(wide, tiny_model_dir, tmp_path, capsys):
+    """The tiny checkpoint's text encoder and VAE around the dim-256 transformer (its text width is theirs)."""
+    import shutil
+
+    from diffusers import GGUFQuantizationConfig, QwenImagePipeline, QwenImageTransformer2DModel
+    from PIL import Image
+
+    from qimg.cli import run
+
+    folder, path, _ = wide
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("transformer"))
+    shutil.copytree(folder / "transformer", model / "transformer")
+    out = tmp_path / "o.png"
+    code = run(["generate", "-m", str(model), "--transformer", str(path), "--no-dequantize", "-p", "a red circle",
+                "--size", "32x32", "--steps", "2", "--seed", "3", "--device", "cpu", "-o", str(out), "--no-cache"])
+    assert code == 0, capsys.readouterr().err
+    transformer = QwenImageTransformer2DModel.from_single_file(
+        str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), config=str(folder),
+        subfolder="transformer", dtype=torch.float32)
+    pipe = QwenImagePipeline.from_pretrained(model, transformer=transformer, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red circle", negative_prompt=" ", true_cfg_scale=4.0, width=32, height=32, num_inference_steps=2,
+               generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    ours, ref = np.asarray(Image.open(out).convert("RGB")).astype(int), np.asarray(ref).astype(int)
+    assert np.abs(ours - ref).max() <= 2 and ref.std() > 1
