@@ -110,7 +110,8 @@ def write_files(folder: Path, out: Path) -> dict[str, Path]:
         for name, t in state.items():
             block = name.startswith("transformer_blocks.") and t.ndim == 2
             qtype = kind if block else ("F32" if t.ndim == 1 else "BF16")
-            data = pack(t.float().numpy(), kind, rng) if block else quantize(t.float().numpy(), GGMLQuantizationType[qtype])
+            w = t.float().numpy()
+            data = pack(w, kind, rng) if block else quantize(w, GGMLQuantizationType[qtype])
             writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[qtype])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -148,13 +149,16 @@ def main():
                 out = subprocess.run([sys.executable, "-c", CHILD, str(folder), file, str(args.threads)], env=env,
                                      check=True, capture_output=True, text=True).stdout
                 runs[which].append(json.loads(out.splitlines()[-1]))
-        unpacked = {k: json.loads(subprocess.run([sys.executable, "-c", UNPACKED, str(folder), str(f), str(args.threads)],
-                                                 env=env, check=True, capture_output=True, text=True).stdout)["forward"]
-                    for k, f in files.items()}
+        unpacked = {}
+        for which, file in files.items():
+            out = subprocess.run([sys.executable, "-c", UNPACKED, str(folder), str(file), str(args.threads)], env=env,
+                                 check=True, capture_output=True, text=True).stdout
+            unpacked[which] = json.loads(out.splitlines()[-1])["forward"]
     print(machine())
     print(f"{args.layers} real-width blocks on CPU, {args.threads} threads, median of {args.reps} fresh processes; "
           "forward: 256 image + 64 text tokens, bfloat16\n")
-    print(f"{'weights':<8} {'file':>9} {'load':>7} {'peak added':>11} {'/ file':>7} {'forward':>8} {'unpacked once':>14}")
+    print(f"{'weights':<8} {'file':>9} {'load':>7} {'peak added':>11} {'/ file':>7} {'forward':>8} "
+          f"{'unpacked once':>14}")
     for which, results in runs.items():
         added = statistics.median(r["added"] for r in results)
         seconds = statistics.median(r["seconds"] for r in results)

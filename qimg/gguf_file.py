@@ -63,7 +63,8 @@ class Reader:
         if kind == ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
             if count > self.size:  # every item takes at least a byte
-                raise UsageError(f"--transformer {self.path}: a metadata array claims {count} items; the file is damaged")
+                raise UsageError(f"--transformer {self.path}: a metadata array claims {count} items; the file is "
+                                 "damaged")
             return [self.value(item) for _ in range(count)]
         raise UsageError(f"--transformer {self.path}: metadata of unknown type {kind}; not a GGUF file qimg can read")
 

@@ -52,7 +52,8 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], kinds: dict[str, str]
         if w.ndim == 1:
             data = data[0]
         writer.add_tensor(prefix + name, data, raw_dtype=GGMLQuantizationType[kind])
-        held[name] = torch.from_numpy(np.array(dequantize(data, GGMLQuantizationType[kind]), np.float32)).reshape(t.shape)
+        held[name] = torch.from_numpy(np.array(dequantize(data, GGMLQuantizationType[kind]), np.float32))
+        held[name] = held[name].reshape(t.shape)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

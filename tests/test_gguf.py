@@ -205,7 +205,8 @@ def test_lora_runs_beside_packed_weights(wide, packed):
     deltas = {}
     for i, (name, layer) in enumerate(n_m for n_m in packed.named_modules() if isinstance(n_m[1], PackedLinear)):
         if i % 2:  # a rank-4 LoRA, its scale folded into up
-            down, up = torch.randn(4, layer.in_features, generator=g) * 0.05, torch.randn(layer.out_features, 4, generator=g) * 0.05
+            down = torch.randn(4, layer.in_features, generator=g) * 0.05
+            up = torch.randn(layer.out_features, 4, generator=g) * 0.05
             layer.add_branch(down, up)
             deltas[name] = up @ down
         else:  # a dense delta (LoKr, LoHa)

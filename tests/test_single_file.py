@@ -240,7 +240,8 @@ def bad_files(tmp_path, state):
 
 REFUSALS = {
     "nvfp4": "layer transformer_blocks.0.attn.to_q is NVFP4", "blockwise": "block-wise or per-channel scales",
-    "int8": "to_q.weight is int8", "shape": "weights of the wrong shape for this config: transformer_blocks.0.attn.to_q",
+    "int8": "to_q.weight is int8",
+    "shape": "weights of the wrong shape for this config: transformer_blocks.0.attn.to_q",
     "aio": "holds no transformer weights", "flux": "architecture 'flux'", "iq": "IQ4_XS, which qimg does not read",
     "tq": "TQ1_0, which qimg does not read", "truncated": "is truncated", "pickle": "is a pickle file",
 }

@@ -122,7 +122,8 @@ def q5_k(b: Tensor) -> Tensor:
     sc, mn = _scale_min_k4(b[:, 4:16])
     d, dm = _f16(b[:, :2]).reshape(n, 1, 1) * sc, _f16(b[:, 2:4]).reshape(n, 1, 1) * mn
     ql = (b[:, 48:].reshape(n, 4, 1, 32) >> _shifts(0, 4, device=b.device).reshape(1, 1, 2, 1)) & 0x0F
-    qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 1, 8, 1)) & 1
+    bits = torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 1, 8, 1)
+    qh = (b[:, 16:48].reshape(n, 1, 1, 32) >> bits) & 1
     q = ql.reshape(n, 8, 32) | (qh.reshape(n, 8, 32) << 4)
     return (d * q.float() - dm).reshape(n, QK_K)
 
