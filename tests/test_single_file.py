@@ -233,6 +233,10 @@ def bad_files(tmp_path, state):
     truncated.write_bytes(truncated.read_bytes()[:-10])
     files.update(flux=raw_file(tmp_path / "flux.gguf", "flux"), iq=raw_file(tmp_path / "iq.gguf", kind="IQ4_XS"),
                  tq=raw_file(tmp_path / "tq.gguf", kind="TQ1_0"), truncated=truncated)
+    cut = tmp_path / "cut.safetensors"
+    save_file(state, cut)
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    files["cut"] = cut
     (tmp_path / "t.ckpt").write_bytes(b"pickle")
     files["pickle"] = tmp_path / "t.ckpt"
     return files
@@ -244,6 +248,7 @@ REFUSALS = {
     "shape": "weights of the wrong shape for this config: transformer_blocks.0.attn.to_q",
     "aio": "holds no transformer weights", "flux": "architecture 'flux'", "iq": "IQ4_XS, which qimg does not read",
     "tq": "TQ1_0, which qimg does not read", "truncated": "is truncated", "pickle": "is a pickle file",
+    "cut": "is neither a GGUF file nor a readable safetensors file",
 }
 
 
