@@ -24,7 +24,7 @@ KINDS = ("inpaint", "outpaint")
 # set once for the whole chain, on its command line
 CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size",
                "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
-               "lora"}
+               "lora", "transformer", "dequantize", "quantize"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY
 # Every edit's mask is built (a float per canvas pixel) before the model loads, and YAML aliases let a 256 KB

@@ -133,6 +133,15 @@ LoraOpt = Annotated[Optional[list[str]], typer.Option(
 ShiftOpt = Annotated[Optional[float], typer.Option(
     min=0.001, max=1000.0, rich_help_panel=SAMPLING, show_default="the model's schedule",
     help="A constant flow shift instead of the model's schedule: 3 for the Lightning LoRAs.")]
+TransformerOpt = Annotated[Optional[Path], typer.Option(
+    envvar="QIMG_TRANSFORMER", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
+    help="The transformer's weights from one file: .gguf (Q8_0, Q4_K_M, ...) or .safetensors (bf16, fp8, ComfyUI "
+         "scaled fp8); everything else comes from --model.")]
+DequantizeOpt = Annotated[Optional[bool], typer.Option(
+    "--dequantize/--no-dequantize", rich_help_panel=MODEL, show_default="on the CPU only",
+    help="Unpack GGUF/fp8 weights once at load (full size) instead of on every step (they stay small).")]
+QuantizeOpt = Annotated[Literal["none", "fp8"], typer.Option(
+    rich_help_panel=MODEL, help="fp8: keep the transformer's block weights as scaled fp8, about half of bf16's memory.")]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
@@ -154,7 +163,8 @@ def model_of(p: dict) -> jobs.ModelSpec:
     from .lora import parse_spec
 
     return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
-                          p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()))
+                          p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
+                          p["dequantize"], p["quantize"])
 
 
 def cache_of(p: dict) -> jobs.CacheSpec:
@@ -214,6 +224,7 @@ def generate(
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Generate an image from a prompt."""
     from .edits import parse_size
@@ -247,6 +258,7 @@ def inpaint(
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
@@ -274,6 +286,7 @@ def outpaint(
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -295,6 +308,7 @@ def chain(
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
     """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
 

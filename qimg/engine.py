@@ -22,7 +22,7 @@ from .cache import Store, fingerprint, pixel_key, prompt_key
 from .canvas import Canvas, edited, from_window, to_window, window_size
 from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
-from .memory import activation_bytes, device_bytes, gigabytes
+from .memory import activation_bytes, check_weights, device_bytes, gigabytes, resident_bytes
 from .model.offload import place_for_streaming
 from .model.qwen2 import Qwen2Config
 from .model.text import TextEncoder, pad_batch
@@ -32,6 +32,7 @@ from .model.vae import QwenImageVAE, VAEConfig
 from .preview import mapped, watching
 from .sampling import (Reuse, ScheduleConfig, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised,
                        reusing, shifted, true_cfg)
+from .transformer_weights import Source, load_transformer, provenance, tensor_sizes
 from .weights import load_module, read_config, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,11 +142,14 @@ class Engine:
     (encoder and decoder apart) one at a time and frees each after use; blocks keeps the transformer's blocks
     in CPU memory and streams them to the device. compile: torch.compile the transformer blocks. attention:
     the SDPA backend. vae_tiling: decode in tiles (auto: above TILE_ABOVE pixels). loras: lora.LoraSpec, read
-    and checked against the transformer's layers here, fused into its weights when it loads."""
+    and checked against the transformer's layers here, fused into its weights when it loads (a side branch on
+    packed layers). transformer, dequantize, quantize: where the transformer's weights come from and whether
+    they stay packed (transformer_weights.py)."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None,
                  offload: str = "none", compile: bool = False, attention: str = "auto", vae_tiling: str = "auto",
-                 loras: tuple = ()):
+                 loras: tuple = (), transformer: Path | None = None, dequantize: bool | None = None,
+                 quantize: str = "none"):
         self.folder = folder
         self.cache = cache
         self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
@@ -158,6 +162,7 @@ class Engine:
         if compile and offload == "blocks":
             raise UsageError("--compile does not combine with --offload blocks (the blocks run from streamed copies)")
         self.compile = compile
+        self.source = Source(Path(transformer) if transformer else None, dequantize, quantize)
         self.defaults = Defaults.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
@@ -178,8 +183,8 @@ class Engine:
         if self._transformer is None:
             cfg = self._config(TransformerConfig, "transformer")
             streamed = self.offload == "blocks"
-            transformer = load_module(lambda: QwenImageTransformer(cfg), self.folder / "transformer", self.dtype,
-                                      torch.device("cpu") if streamed else self.device)
+            transformer = load_transformer(cfg, self.folder / "transformer", self.source, self.dtype,
+                                           torch.device("cpu") if streamed else self.device)
             apply_adapters(transformer, [one.adapters for one in self.loras])
             if streamed:
                 place_for_streaming(transformer, self.device)
@@ -206,8 +211,15 @@ class Engine:
 
     @cached_property
     def model_fingerprint(self) -> str:
-        """The whole model's identity (weights, configs, tokenizer, LoRAs), for output metadata and caches."""
-        return lora.fingerprint(fingerprint(self.folder), self.loras)
+        """The whole model's identity (weights, configs, tokenizer, a --transformer file, LoRAs), for output
+        metadata and caches."""
+        model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint()) if p)
+        return lora.fingerprint(model, self.loras)
+
+    @cached_property
+    def transformer_info(self) -> dict | None:
+        """Where the transformer's weights came from when not the folder's: file name, sha256, format."""
+        return provenance(self.source)
 
     @cached_property
     def vae_fingerprint(self) -> str:
@@ -242,12 +254,20 @@ class Engine:
             if v <= 0 or v % MULTIPLE:
                 raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
         tile = (8 * TILE) ** 2 if not encodes and self.tiled(width, height) else None
-        need = activation_bytes(width, height, self._config(TransformerConfig, "transformer"),
-                                self._config(VAEConfig, "vae"), self.dtype.itemsize, tile)
+        cfg = self._config(TransformerConfig, "transformer")
+        need = activation_bytes(width, height, cfg, self._config(VAEConfig, "vae"), self.dtype.itemsize, tile)
         have = device_bytes(self.device)
         if have is not None and need > have:
             raise UsageError(f"{width}x{height} would need about {gigabytes(need)} of {self.device.type} memory "
                              f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
+        check_weights(self.weight_bytes, need, have, self.device.type, (width, height))
+
+    @cached_property
+    def weight_bytes(self) -> int:
+        """The transformer's weights resident on the device, at their packed sizes (read from the headers)."""
+        sizes = tensor_sizes(self._config(TransformerConfig, "transformer"), self.folder / "transformer", self.source,
+                             self.dtype, self.device)
+        return resident_bytes(sizes, self.offload == "blocks" and self.device.type != "cpu")
 
     def _release(self, component: str) -> None:
         """With offload=model, free a component ("text", "transformer", or the VAE's "encoder" or "decoder") once

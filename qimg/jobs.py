@@ -1,6 +1,7 @@
 """Jobs as data: what one command asks for, parsed and typed, with nothing loaded yet. The command line
 builds them (cli.py), the runner executes them (runner.py); batches, chains and the worker share both."""
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -18,10 +19,16 @@ class ModelSpec:
     attention: str = "auto"
     vae_tiling: str = "auto"
     loras: tuple = ()  # lora.LoraSpec, applied in order (they add up)
+    transformer: Optional[Path] = None  # the transformer's weights from one file (GGUF, fp8, ...)
+    dequantize: Optional[bool] = None  # unpack packed weights at load; None: on the CPU only
+    quantize: str = "none"  # fp8: pack the transformer's block weights at load
 
     def speed(self) -> dict:
-        """The Engine's memory and speed options."""
-        return dict(offload=self.offload, compile=self.compile, attention=self.attention, vae_tiling=self.vae_tiling)
+        """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:
+        the worker keys its kept engine off it)."""
+        return dict(offload=self.offload, compile=self.compile, attention=self.attention, vae_tiling=self.vae_tiling,
+                    transformer=os.path.abspath(self.transformer) if self.transformer else None,
+                    dequantize=self.dequantize, quantize=self.quantize)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .errors import UsageError
 from .model.transformer import TransformerConfig
 from .model.vae import VAEConfig
 
@@ -41,3 +42,30 @@ def device_bytes(device: torch.device) -> int | None:
 
 def gigabytes(n: float) -> str:
     return f"{n / 2**30:,.1f} GB" if n < 2**40 * 10 else f"{n / 2**40:,.0f} TB"
+
+
+def resident_bytes(sizes: dict[str, int], streamed: bool) -> int:
+    """Bytes of the transformer's weights (sizes: bytes per tensor name, packed where they stay packed) held on
+    the device at once: all of them, or with streamed blocks (--offload blocks) everything else plus two blocks,
+    the one running and the next being copied."""
+    if not streamed:
+        return sum(sizes.values())
+    blocks, rest = {}, 0
+    for name, n in sizes.items():
+        if name.startswith("transformer_blocks."):
+            index = name.split(".")[1]
+            blocks[index] = blocks.get(index, 0) + n
+        else:
+            rest += n
+    return rest + sum(sorted(blocks.values())[-2:])
+
+
+def check_weights(weights: int, activations: int, have: int | None, device: str, size: tuple[int, int]) -> None:
+    """Refuse a run whose transformer weights (bytes resident on the device) and activations exceed the device."""
+    if have is None or weights + activations <= have:
+        return
+    fixes = ("--dtype bfloat16, or a quantized --transformer file (GGUF, fp8) with --no-dequantize" if device == "cpu"
+             else "--offload blocks, a quantized --transformer file (GGUF, fp8) or --quantize fp8")
+    raise UsageError(f"the transformer's weights take about {gigabytes(weights)} of {device} memory, "
+                     f"{gigabytes(weights + activations)} with the activations at {size[0]}x{size[1]}, and the device "
+                     f"has {gigabytes(have)}; use {fixes}")

@@ -17,9 +17,11 @@ def output_params(command: str, engine, preset: str | None, lineage: list | None
     """Every output's parameters, one shape for all commands: the command, what it ran with (`fields`), the
     model (path and fingerprint), the --preset it took options from (None: none) and, for `qimg chain`, its
     lineage: one entry per edit that led to it (empty for a single command). loras: each LoRA fused into the
-    model (file name, sha256, scale, format)."""
+    model (file name, sha256, scale, format). When the transformer's weights came from a --transformer file or
+    --quantize, `transformer`: the file's name, sha256 and format."""
+    source = {"transformer": engine.transformer_info} if engine.transformer_info else {}
     return dict(command=command, **fields, model=str(engine.folder), model_fingerprint=engine.model_fingerprint,
-                loras=[one.record() for one in engine.loras], preset=preset, lineage=list(lineage or []))
+                **source, loras=[one.record() for one in engine.loras], preset=preset, lineage=list(lineage or []))
 
 
 def png_text(params: dict) -> dict[str, str]:

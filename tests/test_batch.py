@@ -69,9 +69,9 @@ def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_mo
     from qimg import engine
 
     loads = []
-    real = engine.load_module
-    monkeypatch.setattr(engine, "load_module", lambda build, path, *a, **k: loads.append(path.name) or
-                        real(build, path, *a, **k))
+    real = engine.load_transformer
+    monkeypatch.setattr(engine, "load_transformer", lambda cfg, path, *a, **k: loads.append(path.name) or
+                        real(cfg, path, *a, **k))
     photos, masks = folder
     out = tmp_path / "out"
     args = ["inpaint", photos, "-m", tiny_model_dir, "-p", "x", "--mask-dir", masks, "--out-dir", out,

@@ -6,6 +6,7 @@ with another key drops the old engine (and its device memory) before loading the
 
 import gc
 import sys
+from pathlib import Path
 
 enabled = False  # set by the worker process only
 _key = None
@@ -19,7 +20,9 @@ def engine(folder, device: str, dtype: str, speed: dict, make):
         return make()
     from ..cache import fingerprint
 
-    key = (str(folder), fingerprint(folder), device, dtype, tuple(sorted(speed.items())))
+    file = speed.get("transformer")  # a --transformer file is part of the model: changed, it is another one
+    weights = fingerprint(Path(file)) if file and Path(file).is_file() else None
+    key = (str(folder), fingerprint(folder), device, dtype, tuple(sorted(speed.items())), weights)
     if key != _key:
         drop()
         _engine = make()
@@ -42,5 +45,5 @@ def summary() -> dict | None:
     """What is loaded, for `qimg worker status`: None when nothing is."""
     if _key is None:
         return None
-    folder, fp, device, dtype, speed = _key
+    folder, fp, device, dtype, speed, _ = _key
     return dict(model=folder, fingerprint=fp[:16], device=device, dtype=dtype, **dict(speed))
