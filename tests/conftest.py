@@ -11,11 +11,33 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+from tiny_edit_checkpoint import build_tiny_edit_checkpoints  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_checkpoints(tmp_path_factory):
+    """The tiny Qwen-Image-Edit folders, built together (one set of weights): {"edit", "plus", "2511"}."""
+    return build_tiny_edit_checkpoints(tmp_path_factory.mktemp("tiny-edit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_dir(tiny_edit_checkpoints):
+    return tiny_edit_checkpoints["edit"]  # Qwen-Image-Edit: one picture
+
+
+@pytest.fixture(scope="session")
+def tiny_plus_dir(tiny_edit_checkpoints):
+    return tiny_edit_checkpoints["plus"]  # Qwen-Image-Edit-2509: one to three pictures
+
+
+@pytest.fixture(scope="session")
+def tiny_2511_dir(tiny_edit_checkpoints):
+    return tiny_edit_checkpoints["2511"]  # Qwen-Image-Edit-2511: 2509 with zero_cond_t
 
 
 @pytest.fixture(scope="session")

@@ -35,10 +35,10 @@ COMPONENTS = {
 }
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A Qwen2Tokenizer over a byte-level BPE trained on the prompt template (x100, so every template
-    word merges to one token and the system prefix is exactly the 34 tokens the reference drops) and
-    `texts`."""
+def train_tokenizer(texts: list[str], vocab_size: int, templates: tuple[str, ...] = (TEMPLATE,)):
+    """A Qwen2Tokenizer over a byte-level BPE trained on the prompt templates (x100, so every template
+    word merges to one token and each system prefix is exactly the tokens the reference drops: 34 for
+    the base template) and `texts`."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
     from transformers import Qwen2Tokenizer
@@ -51,7 +51,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     # Special tokens are cut out of the training text: they are whole tokens, never merged.
-    template = re.split(r"<\|im_(?:start|end)\|>", TEMPLATE.format(""))
+    specials = "|".join(re.escape(t) for t in SPECIAL_TOKENS)
+    template = [piece for t in templates for piece in re.split(specials, t.format(""))]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
@@ -74,9 +75,11 @@ def special_ids(tokenizer) -> tuple[dict, dict]:
                  image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>")))
 
 
-def text_encoder(tokenizer, hidden: int, layers: int = 2, heads: int = 4, kv_heads: int = 2):
-    """A small Qwen2_5_VLForConditionalGeneration (with a minimal vision tower, which the reference
-    class requires but text-to-image never runs) whose hidden size is the transformer's text width."""
+def text_encoder(tokenizer, hidden: int, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                 vision: dict | None = None):
+    """A small Qwen2_5_VLForConditionalGeneration whose hidden size is the transformer's text width. Its
+    vision tower is minimal unless `vision` (a vision_config) is given: the reference class requires one,
+    text-to-image never runs it; the edit models do."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text_ids, ids = special_ids(tokenizer)
@@ -90,8 +93,8 @@ def text_encoder(tokenizer, hidden: int, layers: int = 2, heads: int = 4, kv_hea
                          "mrope_section": sections},
         **text_ids,
     )
-    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=hidden,
-                  fullatt_block_indexes=[0])
+    vision = vision or dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=1, out_hidden_size=hidden,
+                            fullatt_block_indexes=[0])
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
 
 
