@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .cache import Store, fingerprint, pixel_key, prompt_key
-from .canvas import Canvas, edited, from_window, to_window, window_size
+from .canvas import Canvas, edited, place, to_window, window_size
 from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .memory import activation_bytes, device_bytes, gigabytes
@@ -29,7 +29,7 @@ from .model.transformer import QwenImageTransformer, TransformerConfig, patchify
 from .model.vae import QwenImageVAE, VAEConfig
 from .sampling import (Reuse, ScheduleConfig, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised,
                        reusing, true_cfg)
-from .weights import load_module, read_config, read_json_object
+from .weights import load_module, model_kind, read_config, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
@@ -51,6 +51,8 @@ class Defaults:
     cfg: float = 4.0
     negative_prompt: str = " "
     max_pixels: int = 1024 * 1024  # the working area edits are scaled to (Qwen-Image's ~1 megapixel)
+    edit_area: int = 1024 * 1024  # Edit models: the area pictures are resized to for the VAE (the reference's)
+    vision_area: int = 384 * 384  # Edit-2509/2511: the area pictures are resized to for the vision tower
 
     @classmethod
     def from_folder(cls, folder: Path) -> "Defaults":
@@ -162,10 +164,21 @@ class Engine:
         self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
 
     @property
-    def text(self) -> TextEncoder:
+    def text(self):
+        """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
-            self._text = TextEncoder(self.folder, self.dtype, self.device)
+            if self.kind == "qwen-image":
+                self._text = TextEncoder(self.folder, self.dtype, self.device)
+            else:
+                from .model.instruct_text import InstructEncoder
+
+                self._text = InstructEncoder(self.folder, self.dtype, self.device, plus=self.kind != "edit")
         return self._text
+
+    @cached_property
+    def kind(self) -> str:
+        """weights.model_kind: "qwen-image", "edit", "edit-2509" or "edit-2511"."""
+        return model_kind(self.folder)
 
     @property
     def transformer(self) -> QwenImageTransformer:
@@ -203,6 +216,8 @@ class Engine:
     def text_fingerprint(self) -> str:
         # dtype and device too: an embedding computed elsewhere would give a slightly different image
         parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
+        if (self.folder / "processor").is_dir():  # an Edit model's image sizes and vision tokens come from there
+            parts += (fingerprint(self.folder / "processor"),)
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
 
     @cached_property
@@ -319,19 +334,29 @@ class Engine:
 
         With guidance, the conditional and unconditional passes run as one batch of 2 (the shorter prompt
         zero-padded and its padding masked as keys), so a step reads the transformer's weights once."""
+        embeds = self.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt])
+        return self.guided_velocity(embeds, cfg, grid, sigmas, shortcuts, keep)
+
+    def guided_velocity(self, embeds: list[torch.Tensor], cfg: float, grid: tuple[int, int], sigmas: torch.Tensor,
+                        shortcuts: Shortcuts, keep=None, refs: torch.Tensor | None = None, ref_grids=()):
+        """_velocity from the prompt embeddings (the negative one second when cfg > 1). refs: (1, R, 64)
+        packed latents of reference pictures on grids `ref_grids`, shown to the model after the noisy tokens
+        (instruction editing)."""
         guided = cfg > 1
-        embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
         txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in embeds])
+        refs = None if refs is None else refs.to(self.device, self.dtype)
 
         def model(batch: int):  # the first `batch` prompts: both, or the conditional one alone
             def velocity(x, sigma):
                 x = x.expand(batch, -1, -1).to(self.dtype)
+                if refs is not None:
+                    x = torch.cat([x, refs.expand(batch, -1, -1)], dim=1)
                 # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
                 t = (sigma * 1000).to(self.dtype).expand(batch) / 1000
                 self.calls += batch
                 with self._attention_backend():
                     mask = None if txt_mask is None else txt_mask[:batch]  # None: no padding to mask
-                    return self.transformer(x, txt[:batch], mask, t, grid, keep).float()
+                    return self.transformer(x, txt[:batch], mask, t, grid, keep, ref_grids).float()
 
             return velocity
 
@@ -359,6 +384,14 @@ class Engine:
                        cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False,
                        callback=None, shortcuts: Shortcuts = Shortcuts()) -> torch.Tensor:
         """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0."""
+        embeds = self.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt])
+        return self.sample_known(z0, mask, embeds, steps, cfg, seed, strength, attn_mask, callback, shortcuts)
+
+    @torch.no_grad()
+    def sample_known(self, z0: torch.Tensor, mask: torch.Tensor, embeds: list[torch.Tensor], steps: int, cfg: float,
+                     seed: int, strength: float = 1.0, attn_mask: bool = False, callback=None,
+                     shortcuts: Shortcuts = Shortcuts(), refs: torch.Tensor | None = None, ref_grids=()):
+        """inpaint_latent from the prompt embeddings, with reference pictures as guided_velocity takes them."""
         h, w = z0.shape[-2:]
         x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
         m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
@@ -366,7 +399,7 @@ class Engine:
         if len(sigmas) < 2:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
-        velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts, keep)
+        velocity = self.guided_velocity(embeds, cfg, (h // 2, w // 2), sigmas, shortcuts, keep, refs, ref_grids)
         x = euler(velocity, noised(x0, noise, sigmas[0]), sigmas, callback, keep_known(x0, noise, m, len(sigmas) - 1))
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
@@ -443,6 +476,8 @@ class Engine:
             edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
                                            strength, attn_mask, context, callback, shortcuts)
             return Canvas.start(edit.image)
+        if canvas.work is not None:  # an instruction edit's latent is on another grid: start from its pixels
+            canvas = Canvas.start(self.render(canvas))
         self.check_size(*window_size(canvas.size, canvas.origin))
         if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
             work = pad_to_multiple(canvas.pixels, None)[0]
@@ -456,8 +491,7 @@ class Engine:
         """The canvas's pixels: its latent decoded once and composited over the known pixels."""
         if canvas.latent is None:
             return canvas.pixels
-        decoded = from_window(self.decode(canvas.latent), canvas.origin, canvas.size)
-        return composite(canvas.pixels, decoded, canvas.pending)
+        return composite(canvas.pixels, place(self.decode(canvas.latent), canvas), canvas.pending)
 
     def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
                            steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
