@@ -165,6 +165,20 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise QimgError(f"{folder} has no .safetensors weights")
 
 
+def weight_names(folder: Path) -> set[str]:
+    """The names of a component's tensors, read from the safetensors headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    names = set()
+    for file in safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
+    return names
+
+
 def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, only: tuple[str, ...] = (),
                 remap=None) -> nn.Module:
     """Build `build()` on the meta device and assign the folder's weights into it, checking every key.

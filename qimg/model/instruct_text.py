@@ -1,5 +1,27 @@
 """Instruction encoding for the Qwen-Image-Edit family: the instruction and its pictures through Qwen2.5-VL,
-exactly as the reference edit pipelines' `encode_prompt(prompt, image=...)` does it."""
+exactly as the reference edit pipelines' `encode_prompt(prompt, image=...)` does it.
+
+The instruction goes into the edit system template, with its pictures as <|vision_start|><|image_pad|>
+<|vision_end|>: one inline picture for Qwen-Image-Edit, "Picture N: " and the picture before the text for
+2509/2511. Each <|image_pad|> becomes as many tokens as the vision tower makes of its picture, the tower's
+tokens are spliced in there, and the language model runs with 3D mRoPE positions (as Qwen2.5-VL was trained,
+which diffusers 0.42.1 with transformers >= 5.15 no longer does: diffusers#14194). The last hidden state is
+kept minus the 64-token system prefix, picture tokens included. Unlike the base model's prompts nothing is cut:
+the reference applies no 512-token cap to edit prompts. A negative prompt is encoded with the same pictures.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import QimgError, UsageError
+from ..weights import load_module, read_config, read_json_object, weight_names
+from . import vision
+from .qwen2 import Qwen2Config, Qwen2Model, mrope_positions, remap_keys
+from .tokenizer import Tokenizer
+from .vision import VisionConfig, VisionTower
+from .vl_image import ImageConfig, preprocess
 
 # The edit pipelines' system prompt; its prefix through "user\n" is DROP tokens.
 SYSTEM = (
@@ -8,8 +30,82 @@ SYSTEM = (
     "image that meets the user's requirements while maintaining consistency with the original input where "
     "appropriate.<|im_end|>\n<|im_start|>user\n"
 )
-PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"  # the processor expands <|image_pad|> to the image's tokens
+PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"  # <|image_pad|> is expanded to the picture's tokens
 EDIT_TEMPLATE = SYSTEM + PICTURE + "{}<|im_end|>\n<|im_start|>assistant\n"  # Qwen-Image-Edit: one inline picture
 PLUS_TEMPLATE = SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"  # 2509/2511: "Picture N: " prefixes in the text
 PLUS_PICTURE = "Picture {}: " + PICTURE
 DROP = 64  # the reference's prompt_template_encode_start_idx: the system prefix, in Qwen2 tokens
+IMAGE_PAD = "<|image_pad|>"
+
+
+def prompt_text(prompt: str, pictures: int, plus: bool) -> str:
+    """The text the reference's processor gets for one prompt, before <|image_pad|> is expanded."""
+    if not plus:
+        return EDIT_TEMPLATE.format(prompt)
+    return PLUS_TEMPLATE.format("".join(PLUS_PICTURE.format(i + 1) for i in range(pictures)) + prompt)
+
+
+def expand_image_pads(ids: list[int], pad: int, counts: list[int]) -> list[int]:
+    """Each `pad` id repeated to its picture's token count, in order (the processor's replace_image_token)."""
+    if ids.count(pad) != len(counts):
+        raise UsageError(f"the instruction must not contain {IMAGE_PAD}: it marks where the pictures go")
+    counts, out = iter(counts), []
+    for i in ids:
+        out.extend([i] * next(counts) if i == pad else [i])
+    return out
+
+
+class InstructEncoder:
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, plus: bool):
+        processor, encoder = folder / "processor", folder / "text_encoder"
+        if not (processor / "preprocessor_config.json").is_file():
+            raise UsageError(f"{folder} has no processor/preprocessor_config.json: an edit model needs its "
+                             "processor/ folder (as Qwen-Image-Edit ships it); download it again")
+        if not encoder.is_dir():
+            raise QimgError(f"{encoder} is missing: the model folder is incomplete")
+        tokens = processor if any((processor / f).is_file() for f in ("tokenizer.json", "vocab.json")) else folder / "tokenizer"
+        self.tokenizer = Tokenizer(tokens)
+        prefix = len(self.tokenizer.ids([SYSTEM])[0])
+        if prefix != DROP:
+            raise QimgError(f"{tokens} is not Qwen-Image-Edit's tokenizer: it reads the edit template's prefix as "
+                            f"{prefix} tokens, not {DROP} (files missing or from another model?)")
+        self.pad = self.tokenizer.bpe.token_to_id(IMAGE_PAD)
+        config = read_config(encoder)
+        try:
+            cfg, vision_cfg = Qwen2Config.from_dict(config), VisionConfig.from_dict(config)
+            self.image_cfg = ImageConfig.from_dict(read_json_object(processor / "preprocessor_config.json"))
+        except (ValueError, TypeError) as e:
+            raise QimgError(f"{encoder / 'config.json'} or {processor / 'preprocessor_config.json'}: {e}") from None
+        sizes = ("patch_size", "temporal_patch_size")
+        if any(getattr(vision_cfg, k) != getattr(self.image_cfg, k) for k in sizes) or \
+                vision_cfg.spatial_merge_size != self.image_cfg.merge_size:
+            raise QimgError(f"{processor / 'preprocessor_config.json'} cuts patches of another size than "
+                            f"{encoder / 'config.json'}'s vision tower: they are from different models")
+        if not any(vision.remap_keys(k) for k in weight_names(encoder)):
+            raise UsageError(f"{encoder} has no vision tower weights (visual.* or model.visual.*): an edit model "
+                             "needs the full Qwen2.5-VL text encoder; download it again")
+        try:
+            self.model = load_module(lambda: Qwen2Model(cfg), encoder, dtype, device, remap=remap_keys)
+            self.vision = load_module(lambda: VisionTower(vision_cfg), encoder, dtype, device, remap=vision.remap_keys)
+        except QimgError as e:
+            raise QimgError(f"cannot load the text encoder from {folder}: {e}") from None
+        self.plus, self.dtype, self.device = plus, dtype, device
+
+    @torch.no_grad()
+    def encode(self, prompt: str, images: list[np.ndarray]) -> torch.Tensor:
+        """(tokens, dim) embedding of one instruction with its pictures ((H, W, 3) uint8, already at the size
+        the pipeline gives the processor), picture tokens included."""
+        if not self.plus and len(images) != 1:
+            raise UsageError(f"a Qwen-Image-Edit model takes exactly one picture, not {len(images)}")
+        patches = [preprocess(np.asarray(image), self.image_cfg) for image in images]
+        grids = [grid for _, grid in patches]
+        merge = self.image_cfg.merge_size
+        merged = [(h // merge, w // merge) for h, w in grids]
+        ids = self.tokenizer.ids([prompt_text(prompt, len(images), self.plus)])[0]
+        ids = torch.tensor([expand_image_pads(ids, self.pad, [h * w for h, w in merged])], device=self.device)
+        features, positions = None, None
+        if images:
+            pixels = torch.from_numpy(np.concatenate([rows for rows, _ in patches])).to(self.device, self.dtype)
+            features = self.vision(pixels, grids)
+            positions = mrope_positions(ids[0] == self.pad, merged)
+        return self.model(ids, images=features, positions=positions)[0, DROP:]

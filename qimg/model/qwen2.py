@@ -1,9 +1,11 @@
-"""The language model of Qwen2.5-VL, text only: what Qwen-Image's prompt encoder runs.
+"""The language model of Qwen2.5-VL: what Qwen-Image's prompt encoder runs.
 
-A native replacement for transformers' Qwen2_5_VLForConditionalGeneration restricted to text input:
-no vision tower, no vocabulary head, no KV cache. For text-only input the model's 3-section mRoPE
-gives all three sections the same position id, so it reduces to ordinary 1D RoPE over the whole
-head dim (tested against transformers). Module names are the checkpoint keys after `remap_keys`.
+A native replacement for transformers' Qwen2_5_VLForConditionalGeneration's language model: no vocabulary
+head, no KV cache. For text-only input the model's 3-section mRoPE gives all three sections the same
+position id, so it reduces to ordinary 1D RoPE over the whole head dim. The edit models splice the vision
+tower's tokens in at the <|image_pad|> tokens and give them 3D positions (`mrope_positions`): the rotary
+frequencies are split in `mrope_section` parts turned by the frame, row and column position (tested against
+transformers). Module names are the checkpoint keys after `remap_keys`.
 """
 
 import dataclasses
@@ -24,6 +26,8 @@ class Qwen2Config:
     num_key_value_heads: int = 4  # grouped-query attention: 7 query heads share each key/value head
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)  # rotary frequency slots turned by frame, row, column
+    image_token_id: int = 151655  # <|image_pad|>: where the vision tower's tokens go
 
     @property
     def head_dim(self) -> int:
@@ -38,6 +42,8 @@ class Qwen2Config:
         kw = {f.name: text[f.name] for f in dataclasses.fields(cls) if f.name in text}
         if "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
+        sections = rope.get("mrope_section") or (text.get("rope_scaling") or {}).get("mrope_section")
+        kw["mrope_section"] = tuple(sections or cls.mrope_section)
         if text.get("hidden_act", "silu") != "silu":
             raise ValueError(f"text encoder hidden_act={text['hidden_act']!r} is not supported (Qwen2.5-VL uses silu)")
         return cls(**kw)
@@ -45,7 +51,7 @@ class Qwen2Config:
     @classmethod
     def tiny(cls) -> "Qwen2Config":
         return cls(vocab_size=407, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
+                   num_key_value_heads=2, mrope_section=(2, 3, 3))
 
 
 def remap_keys(key: str) -> str | None:
@@ -71,6 +77,37 @@ def rope_table(n: int, head_dim: int, theta: float, dtype: torch.dtype, device) 
     # The reference's float32 expression; rounded to the activations' dtype like the reference.
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
     angles = torch.arange(n, device=device).float()[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def mrope_positions(image: Tensor, grids: list[tuple[int, int]]) -> Tensor:
+    """(3, N) frame, row, column position of each token. image: (N,) True at <|image_pad|> tokens, one run per
+    grid; grids: each picture's (rows, cols) in merged tokens. Text counts up by one in all three; a picture
+    starting at s is (s, s + row, s + col), and the text after it resumes at s + max(rows, cols) (the
+    reference's get_rope_index)."""
+    flags, out, pos, i = image.tolist(), [], 0, 0
+    grids = iter(grids)
+    while i < len(flags):
+        if flags[i]:
+            rows, cols = next(grids)
+            r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            out.append(torch.stack([torch.zeros(rows * cols, dtype=torch.long), r.flatten(), c.flatten()]) + pos)
+            pos, i = pos + max(rows, cols), i + rows * cols
+        else:
+            j = flags.index(True, i) if True in flags[i:] else len(flags)
+            out.append(torch.arange(pos, pos + j - i).expand(3, -1))
+            pos, i = pos + j - i, j
+    return torch.cat(out, dim=1)
+
+
+def mrope_table(positions: Tensor, head_dim: int, theta: float, sections: tuple[int, ...], dtype: torch.dtype,
+                device) -> tuple[Tensor, Tensor]:
+    """cos, sin (N, head_dim) for (3, N) positions: frequency slots split in `sections`, the first turned by
+    the frame position, the next by the row, the last by the column; halves duplicated for `rotate_half`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    angles = positions.to(device)[..., None].float() * inv_freq  # (3, N, head_dim/2)
+    angles = torch.cat([part[axis] for axis, part in enumerate(angles.split(list(sections), dim=-1))], dim=-1)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -157,13 +194,20 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, images: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
         """(B, N) token ids, (B, N) 1 = real token (padding on the right) -> (B, N, hidden) last hidden state,
-        after the final norm (the reference's `hidden_states[-1]`)."""
+        after the final norm (the reference's `hidden_states[-1]`). images: (tokens, hidden) from the vision
+        tower, replacing the <|image_pad|> tokens' embeddings in order; positions: (3, N) from
+        `mrope_positions`, shared by the batch (else 0..N-1)."""
         x = self.embed_tokens(input_ids)
-        n = input_ids.shape[1]
-        # Positions are 0..n-1 even for padded rows: the reference does the same for text-only input.
-        rope = rope_table(n, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, x.device)
+        if images is not None:
+            x[input_ids == self.cfg.image_token_id] = images.to(x.dtype)
+        n, cfg = input_ids.shape[1], self.cfg
+        if positions is None:  # 0..n-1 even for padded rows: the reference does the same for text-only input
+            rope = rope_table(n, cfg.head_dim, cfg.rope_theta, x.dtype, x.device)
+        else:
+            rope = mrope_table(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype, x.device)
         mask = causal_mask(attention_mask, n, x.device)
         for layer in self.layers:
             x = layer(x, rope, mask)
