@@ -277,23 +277,37 @@ class Engine:
         except (ValueError, TypeError) as e:
             raise QimgError(f"{self.folder / component / 'config.json'}: {e}") from None
 
-    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        embeds = [self._encode_prompt(p) for p in prompts]
+    def encode_prompts(self, prompts: list[str], pictures: tuple[np.ndarray, ...] = ()) -> list[torch.Tensor]:
+        """One embedding per prompt; with an Edit model, each encoded with the pictures (at the vision size)."""
+        embeds = [self._encode_prompt(p, pictures) for p in prompts]
         self._release("text")
         return embeds
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        key = prompt_key(prompt, self.text_fingerprint) if self.cache else None
+    def _encode_prompt(self, prompt: str, pictures: tuple[np.ndarray, ...] = ()) -> torch.Tensor:
+        key = prompt_key(self._prompt_text(prompt, len(pictures)), self.text_fingerprint, pictures) if self.cache \
+            else None
         spec = {"embed": (str(self.dtype).removeprefix("torch."), (None, self.text_width))}
         entry = self.cache.get("prompt", key, spec) if key else None
         if entry:
             return entry[0]["embed"].to(self.device)
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
-        embed = finite(self.text.encode([prompt])[0], self.dtype)
+        if self.kind == "qwen-image":
+            embed = finite(self.text.encode([prompt])[0], self.dtype)
+        else:
+            embed = finite(self.text.encode(prompt, list(pictures)), self.dtype)
         self.prompts_encoded += 1
         if self.cache:
             self.cache.put("prompt", key, {"embed": embed}, {"text_encoder": self.text_fingerprint})
         return embed
+
+    def _prompt_text(self, prompt: str, pictures: int) -> str:
+        """What the text encoder reads of a prompt: an Edit model's instruction in its template (the pictures'
+        places included), a Qwen-Image prompt as given (the template is fixed)."""
+        if self.kind == "qwen-image":
+            return prompt
+        from .model.instruct_text import prompt_text
+
+        return prompt_text(prompt, pictures, plus=self.kind != "edit")
 
     def _prompt_cache(self, encoded_before: int) -> str:
         """How the prompts of a call that started when `prompts_encoded` was encoded_before were found."""
