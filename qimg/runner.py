@@ -14,12 +14,12 @@ from typing import Optional
 
 from . import batch, edits
 from .errors import OutputExists, QimgError, UsageError, say
-from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Job, ModelSpec
+from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Instruct, Job, ModelSpec
 from .report import Reporter
 
 
 def execute(job: Job, reporter: Reporter) -> None:
-    run = {Generate: generate, Edit: edit, Chain: chain}[type(job)]
+    run = {Generate: generate, Edit: edit, Instruct: edit, Chain: chain}[type(job)]
     run(job, reporter)
 
 
@@ -40,6 +40,16 @@ def resolve_model(spec: ModelSpec) -> Path:
     from .weights import resolve_model as resolve
 
     return resolve(spec.model)
+
+
+def generation_model(folder: Path, command: str) -> None:
+    """Refuse an Edit model for a command that needs a Qwen-Image (generation) model, before it loads."""
+    from .weights import KIND_NAMES, model_kind
+
+    kind = model_kind(folder)
+    if kind != "qwen-image":
+        raise UsageError(f"{folder} is a {KIND_NAMES[kind]} model, which edits by instruction: use `qimg edit` "
+                         f"(with --mask or --rect to edit a part); `qimg {command}` needs a Qwen-Image model")
 
 
 def open_engine(folder: Path, spec: ModelSpec, store):
@@ -106,6 +116,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     p, overwrite = job.prompt, job.output.overwrite
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
+    generation_model(folder, "generate")
     seed = random_seed(p.seed)
     out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
     check_output(out, overwrite, size=job.size)
@@ -129,11 +140,14 @@ def generate(job: Generate, reporter: Reporter) -> None:
 # --- inpaint and outpaint, one file or a batch -------------------------------------------------------------
 
 
-def mask_builder(job: Edit):
-    """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None)."""
+def mask_builder(job: Edit | Instruct):
+    """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None).
+    An instruction edit without a mask builds None: it edits the whole picture."""
     from . import masks
 
     s = job.shape
+    if s is None:
+        return (lambda _image, pixels, _picture: (pixels, None)), (lambda image: None)
     if isinstance(s, InpaintMask):
         if s.mask and s.mask_dir:
             raise UsageError("give --mask or --mask-dir, not both")
@@ -169,8 +183,8 @@ def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind:
     return target, next_free
 
 
-def edit(job: Edit, reporter: Reporter) -> None:
-    """For each input build (canvas, mask), inpaint, save, report.
+def edit(job: Edit | Instruct, reporter: Reporter) -> None:
+    """For each input build (canvas, mask), inpaint (or edit by instruction), save, report.
 
     One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
     and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
@@ -186,6 +200,13 @@ def edit(job: Edit, reporter: Reporter) -> None:
     build, mask_file = mask_builder(job)
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
+    refs = job.refs if isinstance(job, Instruct) else ()
+    if isinstance(job, Instruct):
+        pictures = instruct_pictures(job, folder)
+        one = functools.partial(instruct_one, pictures=pictures)
+    else:
+        generation_model(folder, kind)
+        one, pictures = edit_one, ()
     if out_dir is not None:
         check_folder(out_dir, "--out-dir")
     if isinstance(job.shape, InpaintMask) and job.shape.mask_dir is not None and not job.shape.mask_dir.is_dir():
@@ -195,7 +216,7 @@ def edit(job: Edit, reporter: Reporter) -> None:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
-        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),))
+        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image), *refs))
     if is_batch and not (job.skip_existing or overwrite):
         batch.check_outputs_free(files, kind, out_dir)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
@@ -209,15 +230,18 @@ def edit(job: Edit, reporter: Reporter) -> None:
             failure = None
             try:
                 canvas, mask = edits.prepare(image, build)
-                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image),),
-                                     canvas.shape[1::-1])
+                if pictures:
+                    check_pictures(job, folder, image, canvas, pictures)
+                size = job.size if isinstance(job, Instruct) and job.size else canvas.shape[1::-1]
+                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image), *refs),
+                                     size)
             except QimgError as e:
                 failure = e
             else:
                 seed = batch.file_seed(job.prompt.seed, image) if is_batch and job.prompt.seed is not None \
                     else job.prompt.seed
                 try:
-                    edit_one(job, image, canvas, mask, target, seed, engine(), reporter, started)
+                    one(job, image, canvas, mask, target, seed, engine(), reporter, started)
                 except OutputExists as e:
                     failure = e
             if failure is not None:
@@ -254,6 +278,67 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
                            attn_mask=job.attn_mask, context=job.context, input=str(image),
                            mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
                            work_size=list(result.work_size), latent_cache=result.latent_cache)
+    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+                      target[1])
+    reporter.result(out, {**params, **cache_use(result)}, started)
+
+
+# --- edit: instructions with an Edit model -----------------------------------------------------------------
+
+
+def instruct_pictures(job: Instruct, folder: Path) -> tuple:
+    """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
+    from .files import load_image
+    from .instruct import check_model
+
+    if not job.prompt.prompt.strip():
+        raise UsageError("--prompt is empty: say what to change, e.g. -p 'replace the sky with a sunset'")
+    if job.size and job.shape is not None:
+        raise UsageError("--size does not combine with a mask: a masked edit keeps the input's pixels, and so "
+                         "its size")
+    if job.strength < 1 and job.shape is None:
+        raise UsageError(f"--strength {job.strength} needs a mask (--mask, --rect or --mask-dir): without one "
+                         "the whole picture is made anew")
+    kind = check_model(folder)
+    return kind, [load_image(ref)[0] for ref in job.refs]
+
+
+def check_pictures(job: Instruct, folder: Path, image: Path, pixels, pictures: tuple) -> None:
+    from .instruct import check_pictures as check
+
+    kind, refs = pictures
+    check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
+
+
+def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
+                 started: float, pictures: tuple) -> None:
+    """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
+    from .cache import array_hash
+    from .instruct import Areas, instruct
+    from .masks import selected_area
+    from .metadata import output_params
+    from .sampling import first_step
+
+    seed, d, p = random_seed(seed), engine.defaults, job.prompt
+    steps = p.steps or d.steps
+    cfg = d.cfg if p.cfg is None else p.cfg
+    negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
+    areas = Areas(job.edit_area or d.edit_area, job.vision_area or d.vision_area)
+    refs = pictures[1]
+    callback, done = reporter.steps("edit", steps - first_step(steps, job.strength))
+    calls = engine.calls
+    result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, job.strength, areas, job.size,
+                      callback, p.shortcuts())
+    done()
+    height, width = result.image.shape[:2]
+    params = output_params("edit", engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
+                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
+                           calls=engine.calls - calls, strength=job.strength, input=str(image),
+                           refs=[str(r) for r in job.refs], pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
+                           mask_area=None if mask is None else selected_area(mask),
+                           mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind,
+                           edit_area=areas.edit, vision_area=areas.vision, work_size=list(result.work_size),
+                           latent_cache=result.latent_cache)
     out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
                       target[1])
     reporter.result(out, {**params, **cache_use(result)}, started)
