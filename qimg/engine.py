@@ -490,8 +490,6 @@ class Engine:
             edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
                                            strength, attn_mask, context, callback, shortcuts)
             return Canvas.start(edit.image)
-        if canvas.work is not None:  # an instruction edit's latent is on another grid: start from its pixels
-            canvas = Canvas.start(self.render(canvas))
         self.check_size(*window_size(canvas.size, canvas.origin))
         if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
             work = pad_to_multiple(canvas.pixels, None)[0]

@@ -347,6 +347,20 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
 # --- chain -------------------------------------------------------------------------------------------------
 
 
+def chain_model(folder: Path, steps) -> None:
+    """A chain's edits all need the model it runs: instruction edits an Edit model, the others Qwen-Image."""
+    from .instruct import check_model
+
+    for step in steps:
+        try:
+            if step.kind == "edit":
+                check_model(folder, "chain")
+            else:
+                generation_model(folder, "chain")
+        except UsageError as e:
+            raise UsageError(f"{step.where}: {e}") from None
+
+
 def chain(job: Chain, reporter: Reporter) -> None:
     from . import chain as chains
     from .files import check_output, load_image
@@ -356,6 +370,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
     overwrite = job.output.overwrite
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
+    chain_model(folder, job.steps)
     pixels, picture = load_image(job.image)
     planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture)
     seed = random_seed(job.seed)
