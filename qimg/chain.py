@@ -59,10 +59,13 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
     if len(edits) > MAX_EDITS:
         raise UsageError(f"chain {path} has {len(edits)} edits; the limit is {MAX_EDITS} (split it: a chain can "
                          "start from the output of another)")
-    shared = {p.name for p in option_params(commands["inpaint"]).values()} & {
-        p.name for p in option_params(commands["outpaint"]).values()}
+    # The file's defaults: options every edit takes, of a chain of instruction edits or of inpaints and outpaints
+    # (an Edit model runs only the first kind, a Qwen-Image model only the others).
+    by_instruction = all(isinstance(e, dict) and list(e) == ["edit"] for e in edits)
+    group = [commands[kind] for kind in (("edit",) if by_instruction else ("inpaint", "outpaint"))]
+    shared = set.intersection(*({p.name for p in option_params(c).values()} for c in group))
     only_one = {p.name for c in commands.values() for p in c.params} - shared
-    defaults = check_options(ctx, commands["inpaint"], data, f"chain {path}", only_one | NOT_IN_EDITS | {"preset"})
+    defaults = check_options(ctx, group[0], data, f"chain {path}", only_one | NOT_IN_EDITS | {"preset"})
     steps = []
     for index, entry in enumerate(edits, 1):
         where = f"chain {path} edit {index}"
