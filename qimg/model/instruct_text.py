@@ -55,32 +55,51 @@ def expand_image_pads(ids: list[int], pad: int, counts: list[int]) -> list[int]:
     return out
 
 
+def edit_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer the edit pipelines run: their processor's (processor/), else tokenizer/ (the same files)."""
+    files = folder / "processor"
+    if not any((files / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        files = folder / "tokenizer"
+    tokenizer = Tokenizer(files)
+    prefix = len(tokenizer.ids([SYSTEM])[0])
+    if prefix != DROP:
+        raise QimgError(f"{files} is not Qwen-Image-Edit's tokenizer: it reads the edit template's prefix as "
+                        f"{prefix} tokens, not {DROP} (files missing or from another model?)")
+    return tokenizer
+
+
+def configs(encoder: Path, processor: Path) -> tuple[Qwen2Config, VisionConfig, ImageConfig]:
+    """The language model's, the vision tower's and the image processor's configs, checked to agree."""
+    config, preprocessor = encoder / "config.json", processor / "preprocessor_config.json"
+    d = read_config(encoder)
+    try:
+        cfg, vision_cfg = Qwen2Config.from_dict(d), VisionConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise QimgError(f"{config}: {e}") from None
+    try:
+        image_cfg = ImageConfig.from_dict(read_json_object(preprocessor))
+    except (ValueError, TypeError) as e:
+        raise QimgError(f"{preprocessor}: {e}") from None
+    patches = (vision_cfg.patch_size, vision_cfg.spatial_merge_size, vision_cfg.temporal_patch_size)
+    if patches != (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size):
+        raise QimgError(f"{preprocessor} cuts patches of another size than {config}'s vision tower: they are from "
+                        "different models")
+    return cfg, vision_cfg, image_cfg
+
+
 class InstructEncoder:
     def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, plus: bool):
+        """Qwen-Image-Edit's (plus=False) or 2509/2511's (plus=True) instruction encoder from a model folder:
+        the language model and vision tower from text_encoder/, the tokenizer and image sizes from processor/."""
         processor, encoder = folder / "processor", folder / "text_encoder"
         if not (processor / "preprocessor_config.json").is_file():
             raise UsageError(f"{folder} has no processor/preprocessor_config.json: an edit model needs its "
                              "processor/ folder (as Qwen-Image-Edit ships it); download it again")
         if not encoder.is_dir():
             raise QimgError(f"{encoder} is missing: the model folder is incomplete")
-        tokens = processor if any((processor / f).is_file() for f in ("tokenizer.json", "vocab.json")) else folder / "tokenizer"
-        self.tokenizer = Tokenizer(tokens)
-        prefix = len(self.tokenizer.ids([SYSTEM])[0])
-        if prefix != DROP:
-            raise QimgError(f"{tokens} is not Qwen-Image-Edit's tokenizer: it reads the edit template's prefix as "
-                            f"{prefix} tokens, not {DROP} (files missing or from another model?)")
+        self.tokenizer = edit_tokenizer(folder)
         self.pad = self.tokenizer.bpe.token_to_id(IMAGE_PAD)
-        config = read_config(encoder)
-        try:
-            cfg, vision_cfg = Qwen2Config.from_dict(config), VisionConfig.from_dict(config)
-            self.image_cfg = ImageConfig.from_dict(read_json_object(processor / "preprocessor_config.json"))
-        except (ValueError, TypeError) as e:
-            raise QimgError(f"{encoder / 'config.json'} or {processor / 'preprocessor_config.json'}: {e}") from None
-        sizes = ("patch_size", "temporal_patch_size")
-        if any(getattr(vision_cfg, k) != getattr(self.image_cfg, k) for k in sizes) or \
-                vision_cfg.spatial_merge_size != self.image_cfg.merge_size:
-            raise QimgError(f"{processor / 'preprocessor_config.json'} cuts patches of another size than "
-                            f"{encoder / 'config.json'}'s vision tower: they are from different models")
+        cfg, vision_cfg, self.image_cfg = configs(encoder, processor)
         if not any(vision.remap_keys(k) for k in weight_names(encoder)):
             raise UsageError(f"{encoder} has no vision tower weights (visual.* or model.visual.*): an edit model "
                              "needs the full Qwen2.5-VL text encoder; download it again")
@@ -90,22 +109,37 @@ class InstructEncoder:
         except QimgError as e:
             raise QimgError(f"cannot load the text encoder from {folder}: {e}") from None
         self.plus, self.dtype, self.device = plus, dtype, device
+        self.last = None  # (patch rows, grids, tower tokens) of the last pictures encoded
+
+    def inputs(self, prompt: str, images: list[np.ndarray]) -> tuple[list[int], list[np.ndarray], list[tuple]]:
+        """What the reference's processor makes of one prompt and its pictures: the token ids with every
+        <|image_pad|> expanded, each picture's patch rows, and its grid (rows, cols) in patches."""
+        if not self.plus and len(images) != 1:
+            raise UsageError(f"a Qwen-Image-Edit model takes exactly one picture, not {len(images)}")
+        patches = [preprocess(np.asarray(image), self.image_cfg) for image in images]
+        grids = [grid for _, grid in patches]
+        tokens = [h * w // self.image_cfg.merge_size ** 2 for h, w in grids]
+        ids = self.tokenizer.ids([prompt_text(prompt, len(images), self.plus)])[0]
+        return expand_image_pads(ids, self.pad, tokens), [rows for rows, _ in patches], grids
 
     @torch.no_grad()
     def encode(self, prompt: str, images: list[np.ndarray]) -> torch.Tensor:
         """(tokens, dim) embedding of one instruction with its pictures ((H, W, 3) uint8, already at the size
         the pipeline gives the processor), picture tokens included."""
-        if not self.plus and len(images) != 1:
-            raise UsageError(f"a Qwen-Image-Edit model takes exactly one picture, not {len(images)}")
-        patches = [preprocess(np.asarray(image), self.image_cfg) for image in images]
-        grids = [grid for _, grid in patches]
-        merge = self.image_cfg.merge_size
-        merged = [(h // merge, w // merge) for h, w in grids]
-        ids = self.tokenizer.ids([prompt_text(prompt, len(images), self.plus)])[0]
-        ids = torch.tensor([expand_image_pads(ids, self.pad, [h * w for h, w in merged])], device=self.device)
+        ids, rows, grids = self.inputs(prompt, images)
+        ids = torch.tensor([ids], device=self.device)
         features, positions = None, None
         if images:
-            pixels = torch.from_numpy(np.concatenate([rows for rows, _ in patches])).to(self.device, self.dtype)
-            features = self.vision(pixels, grids)
-            positions = mrope_positions(ids[0] == self.pad, merged)
+            features = self.features(rows, grids)
+            merge = self.image_cfg.merge_size
+            positions = mrope_positions(ids[0] == self.pad, [(h // merge, w // merge) for h, w in grids])
         return self.model(ids, images=features, positions=positions)[0, DROP:]
+
+    def features(self, rows: list[np.ndarray], grids: list[tuple[int, int]]) -> torch.Tensor:
+        """The vision tower's tokens for these pictures. The last pictures' are kept: the negative prompt is
+        encoded with the same pictures, and the tower is the costly part of a short prompt."""
+        last = self.last
+        if not (last and last[1] == grids and all(np.array_equal(a, b) for a, b in zip(last[0], rows))):
+            tokens = self.vision(torch.from_numpy(np.concatenate(rows)).to(self.device, self.dtype), grids)
+            self.last = last = (rows, grids, tokens)
+        return last[2]
