@@ -179,3 +179,31 @@ def test_chain_of_edits_keeps_outside_pixels_and_encodes_once(tiny_plus_dir, pho
     assert np.abs(after[touched].astype(int) - before[touched]).max() > 10
     seeds = [entry["seed"] for entry in report["lineage"]]
     assert len(set(seeds)) == 3 and 4 not in seeds  # each edit its own seed, derived from the chain's
+
+    # Run again: every edit comes from the cache (the chained keys cover the pictures), the same PNG results.
+    again = tmp_path / "again.png"
+    code, report, err = qimg(capsys, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
+                             "--seed", 4, "-o", again, "--json")
+    assert code == 0, err
+    assert [entry["cache"] for entry in report["lineage"]] == ["hit"] * 3 and len(encoded) == 1
+    assert np.array_equal(pixels(again), after)
+
+
+def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("wide", "odd"):
+        image = pixels(photos[name])
+        Image.fromarray(image).save(tmp_path / "in" / f"{name}.png")
+        mask = np.zeros(image.shape[:2], np.uint8)
+        mask[10:40, 20:70] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
+    code, _, err = qimg(capsys, "edit", tmp_path / "in", "--mask-dir", tmp_path / "masks", "--out-dir",
+                        tmp_path / "out", "-m", tiny_edit_dir, "-p", "a red hat", "--edit-area", 15360, "--steps", 1,
+                        "--cfg", 1, "--seed", 3, "--json")
+    assert code == 0, err
+    for name in ("wide", "odd"):
+        before, after = pixels(photos[name]), pixels(tmp_path / "out" / f"{name}.edit.png")
+        inside = pixels(tmp_path / "masks" / f"{name}.png")[..., 0] > 0
+        assert after.shape == before.shape and np.array_equal(after[~inside], before[~inside])
+        assert np.abs(after[inside].astype(int) - before[inside]).max() > 10
