@@ -347,14 +347,18 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
 # --- chain -------------------------------------------------------------------------------------------------
 
 
-def chain_model(folder: Path, steps) -> None:
-    """A chain's edits all need the model it runs: instruction edits an Edit model, the others Qwen-Image."""
-    from .instruct import check_model
+def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
+    """A chain's edits all need the model it runs: instruction edits an Edit model that takes their pictures
+    (the canvas of `size` and the refs), the others Qwen-Image."""
+    from .files import load_image
+    from .instruct import check_model, check_pictures
 
     for step in steps:
         try:
             if step.kind == "edit":
-                check_model(folder, "chain")
+                refs = step.options["ref"] or ()
+                check_pictures(check_model(folder, "chain"), [size, *(load_image(r)[0].shape[1::-1] for r in refs)],
+                               ["the input", *map(str, refs)])
             else:
                 generation_model(folder, "chain")
         except UsageError as e:
@@ -370,8 +374,8 @@ def chain(job: Chain, reporter: Reporter) -> None:
     overwrite = job.output.overwrite
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
-    chain_model(folder, job.steps)
     pixels, picture = load_image(job.image)
+    chain_model(folder, job.steps, pixels.shape[1::-1])
     planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture)
     seed = random_seed(job.seed)
     reads = chains.files_read(job.chain_file, job.steps)  # never written, --overwrite or not

@@ -131,8 +131,11 @@ def test_chain_steps_need_their_kind_of_model(tiny_model_dir, tiny_edit_dir, pic
                     "-o", str(tmp_path / "o.png")])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and fragment in err, err
-    (tmp_path / "soft.yaml").write_text('edits:\n  - edit: {prompt: "a hat", strength: 0.5}\n')
-    code = run(["chain", str(picture), str(tmp_path / "soft.yaml"), "-m", str(tiny_edit_dir), "--device", "cpu",
-                "--no-worker", "-o", str(tmp_path / "o.png")])
-    assert code == 2 and "strength 0.5 needs a mask" in capsys.readouterr().err
+    for text, fragment in [('{prompt: "a hat", strength: 0.5}', "strength 0.5 needs a mask"),
+                           ('{prompt: "a hat", ref: [in.png]}', "edit 1 (edit): --ref: Qwen-Image-Edit takes one")]:
+        (tmp_path / "bad.yaml").write_text(f"edits:\n  - edit: {text}\n")
+        code = run(["chain", str(picture), str(tmp_path / "bad.yaml"), "-m", str(tiny_edit_dir), "--device", "cpu",
+                    "--no-worker", "-o", str(tmp_path / "o.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "o.png").exists()
