@@ -310,7 +310,8 @@ def edit(
 def chain(
     ctx: typer.Context, image: Annotated[Path, typer.Argument(help="Input image.", show_default=False)],
     chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
-                                                    "{inpaint: {...}} / {outpaint: {...}}.", show_default=False)],
+                                                    "{inpaint: {...}} / {outpaint: {...}} / {edit: {...}}.",
+                                                    show_default=False)],
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     keep_steps: Annotated[Optional[Path], typer.Option(
@@ -320,7 +321,8 @@ def chain(
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
 ):
-    """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
+    """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
+    latent carried in memory between them.
 
     --steps, --cfg, --seed, --reuse and --cfg-until (given here or by a preset) apply to every edit and win over
     the file's values;

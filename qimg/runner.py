@@ -231,7 +231,7 @@ def edit(job: Edit | Instruct, reporter: Reporter) -> None:
             try:
                 canvas, mask = edits.prepare(image, build)
                 if pictures:
-                    check_pictures(job, folder, image, canvas, pictures)
+                    check_pictures(job, image, canvas, pictures)
                 size = job.size if isinstance(job, Instruct) and job.size else canvas.shape[1::-1]
                 target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image), *refs),
                                      size)
@@ -303,7 +303,8 @@ def instruct_pictures(job: Instruct, folder: Path) -> tuple:
     return kind, [load_image(ref)[0] for ref in job.refs]
 
 
-def check_pictures(job: Instruct, folder: Path, image: Path, pixels, pictures: tuple) -> None:
+def check_pictures(job: Instruct, image: Path, pixels, pictures: tuple) -> None:
+    """instruct.check_pictures for one input of the job and its refs; pictures: instruct_pictures'."""
     from .instruct import check_pictures as check
 
     kind, refs = pictures
