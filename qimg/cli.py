@@ -261,7 +261,10 @@ def any_size(value: Optional[str]) -> Optional[str]:
 
 @app.command()
 def edit(
-    images: ImagesArg, prompt: PromptOpt, negative_prompt: NegativeOpt = None,
+    images: ImagesArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT,
+                                        help="The instruction: what to change (any language).")],
+    negative_prompt: NegativeOpt = None,
     ref: Annotated[Optional[list[Path]], typer.Option(
         rich_help_panel=PROMPT, help="Another picture the instruction can name (Picture 2, 3); repeatable; "
                                      "Qwen-Image-Edit-2509/2511.")] = None,
