@@ -165,14 +165,13 @@ def sampling(step: Step, defaults, seed: int) -> dict:
     o = step.options
     seed = seed if o["seed"] is None else o["seed"]
     if step.kind == "edit":
-        kind = dict(seed=step_seed(seed, step.index), edit_area=o["edit_area"] or defaults.edit_area,
-                    vision_area=o["vision_area"] or defaults.vision_area)
+        seed = step_seed(seed, step.index)
+        extra = dict(edit_area=o["edit_area"] or defaults.edit_area, vision_area=o["vision_area"] or defaults.vision_area)
     else:
-        kind = dict(seed=seed, attn_mask=o["attn_mask"] == "on", context=o["context"])
+        extra = dict(attn_mask=o["attn_mask"] == "on", context=o["context"])
     return dict(prompt=o["prompt"], negative_prompt=defaults.negative_prompt if o["negative_prompt"] is None
                 else o["negative_prompt"], steps=o["steps"] or defaults.steps,
-                cfg=defaults.cfg if o["cfg"] is None else o["cfg"], seed=kind.pop("seed"),
-                strength=o["strength"], **kind,
+                cfg=defaults.cfg if o["cfg"] is None else o["cfg"], seed=seed, strength=o["strength"], **extra,
                 **{k: o[k] for k, off in SHORTCUTS_OFF.items() if o[k] not in (None, off)})  # on: earlier keys stay
 
 
