@@ -139,3 +139,20 @@ def test_chain_steps_need_their_kind_of_model(tiny_model_dir, tiny_edit_dir, pic
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_areas_come_from_qimg_json_and_the_command_line(tiny_edit_dir, picture, tmp_path, capsys, one_thread):
+    folder = shutil.copytree(tiny_edit_dir, tmp_path / "model")
+    (folder / "qimg.json").write_text(json.dumps({"edit_area": 64 * 64, "vision_area": 32 * 32, "steps": 1}))
+    for extra, work in [([], calculate_dimensions(64 * 64, 64 / 48)), (["--edit-area", "2048"], [64, 32])]:
+        code = run(["edit", str(picture), "-p", "x", "-m", str(folder), "--device", "cpu", "--no-worker", "--cfg", "1",
+                    "--json", "--no-cache", "-o", str(tmp_path / "o.png"), "--overwrite", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["work_size"] == list(work) and report["steps"] == 1 and report["vision_area"] == 32 * 32
+        assert pixels_of(tmp_path / "o.png").shape == (48, 64, 3)
+
+
+def pixels_of(path):
+    return np.asarray(Image.open(path).convert("RGB"))
