@@ -135,19 +135,15 @@ def working_size(canvas_size: tuple[int, int], areas: Areas) -> tuple[int, int]:
 
 @torch.no_grad()
 def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
-                negative_prompt: str, steps: int, cfg: float, seed: int, strength: float = 1.0,
-                areas: Areas | None = None, callback=None, shortcuts: Shortcuts = Shortcuts(),
+                negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
+                callback=None, shortcuts: Shortcuts = Shortcuts(),
                 work: tuple[int, int] | None = None) -> tuple[Canvas, bool]:
     """One instruction edit of a canvas (the picture being edited) with reference pictures `refs`, inside
     mask (H, W) in [0, 1] or, with None, everywhere; returns the canvas after it and whether the VAE encoder
     ran. work: the noisy image's (W, H), by default the canvas's working size; another needs mask None and
     strength 1 (the edit then starts from noise alone)."""
-    areas = areas or Areas(engine.defaults.edit_area, engine.defaults.vision_area)
     own = working_size(canvas.size, areas)
     work = work or own
-    if work != own and (mask is not None or strength < 1):
-        raise UsageError("a size of another aspect than the input's needs the whole picture edited at "
-                         "--strength 1 (no mask)")
     engine.check_size(*work)
     canvas = settle(engine, canvas, own)
     images = [engine.render(canvas), *refs]
@@ -166,18 +162,16 @@ def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, refs: l
 
 
 def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
-             negative_prompt: str, steps: int, cfg: float, seed: int, strength: float = 1.0,
-             areas: Areas | None = None, size: tuple[int, int] | None = None, callback=None,
-             shortcuts: Shortcuts = Shortcuts()) -> Edit:
+             negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
+             size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts()) -> Edit:
     """`qimg edit` of one image (H, W, 3) uint8: the result at the input's size, or `size` (W, H) (no mask),
     resampled from the working size (reported as work_size). With a mask, pixels where it is 0 are the input's
     bytes. The latent stands for no output (it is on the working grid, not the output's)."""
-    areas = areas or Areas(engine.defaults.edit_area, engine.defaults.vision_area)
     encoded_before = engine.prompts_encoded
     height, width = image.shape[:2]
     work = working_size(size or (width, height), areas)
     canvas, encoded = edit_canvas(engine, Canvas.start(image), mask, refs, prompt, negative_prompt, steps, cfg, seed,
-                                  strength, areas, callback, shortcuts, work)
+                                  areas, strength, callback, shortcuts, work)
     result = engine.render(canvas) if size is None else resample(engine.decode(canvas.latent), size)
     latent_cache = "off" if engine.cache is None else "miss" if encoded else "hit"
     return Edit(result, None, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)

@@ -328,7 +328,7 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
     refs = pictures[1]
     callback, done = reporter.steps("edit", steps - first_step(steps, job.strength))
     calls = engine.calls
-    result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, job.strength, areas, job.size,
+    result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, areas, job.strength, job.size,
                       callback, p.shortcuts())
     done()
     height, width = result.image.shape[:2]
