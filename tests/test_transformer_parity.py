@@ -161,12 +161,12 @@ def zero_cond_models(models):
 
 
 @torch.no_grad()
-def run_grids(models, grids, b, s, t, mask=None, seed=4):
+def run_grids(models, grids, b, s, t, mask=None, seed=4, dtype=torch.float32):
     """Both models over [noisy grid; reference grids], ours returning only the noisy tokens."""
     ref, ours = models
     g = torch.Generator().manual_seed(seed)
-    img = torch.randn(b, sum(h * w for h, w in grids), CFG.in_channels, generator=g)
-    txt = torch.randn(b, s, CFG.joint_attention_dim, generator=g)
+    img = torch.randn(b, sum(h * w for h, w in grids), CFG.in_channels, generator=g).to(dtype)
+    txt = torch.randn(b, s, CFG.joint_attention_dim, generator=g).to(dtype)
     n = grids[0][0] * grids[0][1]
     expected = ref(
         hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, timestep=t,
@@ -214,3 +214,13 @@ def test_multi_grid_token_count_is_checked(models):
     img, txt = inputs(1, 4, 6, s=4)
     with pytest.raises(ValueError, match="4x6 \\+ 2x2"):
         models[1](img, txt, None, torch.tensor([0.5]), (4, 6), refs=((2, 2),))
+
+
+def test_multi_grid_zero_cond_t_bf16_matches_reference(zero_cond_models):
+    ref, ours = zero_cond_models
+    ref16, ours16 = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    try:
+        out, expected = run_grids((ref16, ours16), GRIDS[1], 1, 5, torch.tensor([0.37]), seed=9, dtype=torch.bfloat16)
+        assert (out.float() - expected.float()).abs().max() <= 1e-3
+    finally:
+        ref.float(), ours.float()
