@@ -166,7 +166,8 @@ def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: l
              size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts()) -> Edit:
     """`qimg edit` of one image (H, W, 3) uint8: the result at the input's size, or `size` (W, H) (no mask),
     resampled from the working size (reported as work_size). With a mask, pixels where it is 0 are the input's
-    bytes. The latent stands for no output (it is on the working grid, not the output's)."""
+    bytes. The latent stands for the output only when the output is its decode as is (no mask, the output at the
+    working size): then an edit of the output finds it in the cache and never encodes it."""
     encoded_before = engine.prompts_encoded
     height, width = image.shape[:2]
     work = working_size(size or (width, height), areas)
@@ -174,4 +175,5 @@ def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: l
                                   areas, strength, callback, shortcuts, work)
     result = engine.render(canvas) if size is None else resample(engine.decode(canvas.latent), size)
     latent_cache = "off" if engine.cache is None else "miss" if encoded else "hit"
-    return Edit(result, None, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)
+    latent = canvas.latent if mask is None and result.shape[1::-1] == work else None
+    return Edit(result, latent, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)

@@ -225,3 +225,16 @@ def test_2511_latents_match_pipeline(tiny_2511_dir, pipelines, photos, monkeypat
                                  generator=torch.Generator().manual_seed(8), output_type="latent").images
     assert encoded and canvas.work == (160, 96)
     assert (patchify(canvas.latent) - expected).abs().max() <= 1e-4
+
+
+def test_editing_an_output_at_the_working_size_reuses_its_latent(tiny_edit_dir, photos, tmp_path, capsys):
+    common = ["-m", tiny_edit_dir, "--edit-area", 160 * 96, "--steps", 1, "--cfg", 1, "--json"]
+    code, report, err = qimg(capsys, "edit", photos["wide"], "-p", "a red hat", "-o", tmp_path / "1.png", *common)
+    assert code == 0 and report["work_size"] == [160, 96], err
+    code, report, err = qimg(capsys, "edit", tmp_path / "1.png", "-p", "a blue coat", "-o", tmp_path / "2.png",
+                             *common)
+    assert code == 0 and report["latent_cache"] == "hit", err  # the first edit's latent: no encoding, no drift
+    code, report, err = qimg(capsys, "edit", photos["odd"], "-p", "a red hat", "-o", tmp_path / "3.png", *common)
+    code, report, err = qimg(capsys, "edit", tmp_path / "3.png", "-p", "a blue coat", "-o", tmp_path / "4.png",
+                             *common)
+    assert code == 0 and report["latent_cache"] == "miss", err  # resampled to 451x300: its latent stands for no output
