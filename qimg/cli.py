@@ -288,6 +288,9 @@ def edit(
     vision_area: Annotated[Optional[int], typer.Option(
         min=28 * 28, max=PIXELS, rich_help_panel=SAMPLING, show_default="the model's, 147456",
         help="Pixels the pictures are resized to for the vision encoder (2509/2511).")] = None,
+    mask_crop: Annotated[Optional[int], typer.Option(
+        min=0, max=PIXELS, rich_help_panel=MASK, show_default="off: the whole picture",
+        help="Show the model only the mask's box plus this many pixels (finer on large pictures).")] = None,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
@@ -305,7 +308,7 @@ def edit(
         else None
     execute(jobs.Instruct(tuple(images), jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals())),
                           tuple(ref or ()), shape, strength, parse_size(size, multiple=1) if size else None, edit_area,
-                          vision_area, output_of(locals()), out_dir, skip_existing, model_of(locals()),
+                          vision_area, mask_crop, output_of(locals()), out_dir, skip_existing, model_of(locals()),
                           cache_of(locals()), preset), json_)
 
 

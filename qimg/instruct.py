@@ -24,7 +24,7 @@ import torch
 from .canvas import Canvas, resample
 from .engine import Edit, Engine
 from .errors import QimgWarning, UsageError
-from .masks import latent_mask, resize_mask
+from .masks import crop_box, latent_mask, resize_mask
 from .model.transformer import TransformerConfig, patchify
 from .sampling import Shortcuts
 from .weights import KIND_NAMES, builtin_model, model_kind, read_config
@@ -163,11 +163,22 @@ def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, refs: l
 
 def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
              negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
-             size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts()) -> Edit:
+             size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts(),
+             mask_crop: int | None = None) -> Edit:
     """`qimg edit` of one image (H, W, 3) uint8: the result at the input's size, or `size` (W, H) (no mask),
     resampled from the working size (reported as work_size). With a mask, pixels where it is 0 are the input's
     bytes. The latent stands for the output only when the output is its decode as is (no mask, the output at the
-    working size): then an edit of the output finds it in the cache and never encodes it."""
+    working size): then an edit of the output finds it in the cache and never encodes it.
+
+    mask_crop: with a mask, the model sees only the mask's box plus this many pixels around it (the reference
+    edit-inpaint pipeline's padding_mask_crop): finer detail on a large picture, less of it for the instruction."""
+    if mask is not None and mask_crop is not None:
+        x0, y0, x1, y1 = crop_box(mask, mask_crop, 0)
+        edit = instruct(engine, image[y0:y1, x0:x1], mask[y0:y1, x0:x1], refs, prompt, negative_prompt, steps, cfg,
+                        seed, areas, strength, None, callback, shortcuts)
+        result = image.copy()
+        result[y0:y1, x0:x1] = edit.image  # outside the mask the crop is the input's bytes: so is the whole
+        return replace(edit, image=result, latent=None, box=(x0, y0, x1, y1))
     encoded_before = engine.prompts_encoded
     height, width = image.shape[:2]
     work = working_size(size or (width, height), areas)

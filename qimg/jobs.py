@@ -126,6 +126,7 @@ class Instruct:
     size: Optional[tuple[int, int]] = None  # (W, H) of the output; None: the input's
     edit_area: Optional[int] = None  # None: the model's (qimg.json), else the reference's
     vision_area: Optional[int] = None
+    mask_crop: Optional[int] = None  # the model sees the mask's box plus this margin; None: the whole picture
     output: Output = field(default_factory=Output)
     out_dir: Optional[Path] = None
     skip_existing: bool = False

@@ -296,6 +296,8 @@ def instruct_pictures(job: Instruct, folder: Path) -> tuple:
     if job.size and job.shape is not None:
         raise UsageError("--size does not combine with a mask: a masked edit keeps the input's pixels, and so "
                          "its size")
+    if job.mask_crop is not None and job.shape is None:
+        raise UsageError(f"--mask-crop {job.mask_crop} needs a mask (--mask, --rect or --mask-dir) to crop around")
     if job.strength < 1 and job.shape is None:
         raise UsageError(f"--strength {job.strength} needs a mask (--mask, --rect or --mask-dir): without one "
                          "the whole picture is made anew")
@@ -329,7 +331,7 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
     callback, done = reporter.steps("edit", steps - first_step(steps, job.strength))
     calls = engine.calls
     result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, areas, job.strength, job.size,
-                      callback, p.shortcuts())
+                      callback, p.shortcuts(), job.mask_crop)
     done()
     height, width = result.image.shape[:2]
     params = output_params("edit", engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
@@ -338,7 +340,8 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
                            refs=[str(r) for r in job.refs], pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
                            mask_area=None if mask is None else selected_area(mask),
                            mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind,
-                           edit_area=areas.edit, vision_area=areas.vision, work_size=list(result.work_size),
+                           edit_area=areas.edit, vision_area=areas.vision, mask_crop=job.mask_crop,
+                           box=list(result.box), work_size=list(result.work_size),
                            latent_cache=result.latent_cache)
     out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
                       target[1])

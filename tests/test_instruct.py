@@ -238,3 +238,16 @@ def test_editing_an_output_at_the_working_size_reuses_its_latent(tiny_edit_dir, 
     code, report, err = qimg(capsys, "edit", tmp_path / "3.png", "-p", "a blue coat", "-o", tmp_path / "4.png",
                              *common)
     assert code == 0 and report["latent_cache"] == "miss", err  # resampled to 451x300: its latent stands for no output
+
+
+def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path, capsys):
+    code, report, err = qimg(capsys, "edit", photos["odd"], "-m", tiny_edit_dir, "-p", "a red hat", "--rect",
+                             "300,200,40,30", "--mask-crop", 20, "--edit-area", 64 * 48, "--steps", 1, "--cfg", 1,
+                             "-o", tmp_path / "o.png", "--json")
+    assert code == 0, err
+    assert report["box"] == [280, 180, 360, 250] and report["work_size"] == list(calculate_dimensions(64 * 48, 8 / 7))
+    before, after = pixels(photos["odd"]), pixels(tmp_path / "o.png")
+    inside = np.zeros(before.shape[:2], bool)
+    inside[200:230, 300:340] = True
+    assert after.shape == before.shape and np.array_equal(after[~inside], before[~inside])
+    assert np.abs(after[inside].astype(int) - before[inside]).max() > 10

@@ -86,6 +86,7 @@ CASES = {  # name: (model, extra arguments, fragment of the message)
     "empty instruction": ("edit", ["-p", "  "], "--prompt is empty"),
     "size with a mask": ("edit", ["--rect", "0,0,8,8", "--size", "64x64"], "--size does not combine with a mask"),
     "strength without a mask": ("edit", ["--strength", "0.5"], "--strength 0.5 needs a mask"),
+    "mask crop without a mask": ("edit", ["--mask-crop", "16"], "--mask-crop 16 needs a mask"),
     "empty mask": ("edit", ["--rect", "0,0,0,0"], "width and height must be positive"),
     "missing ref": ("plus", ["--ref", "{missing}"], "no such file"),
 }
