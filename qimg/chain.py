@@ -167,7 +167,8 @@ def sampling(step: Step, defaults, seed: int) -> dict:
     seed = seed if o["seed"] is None else o["seed"]
     if step.kind == "edit":
         seed = step_seed(seed, step.index)
-        extra = dict(edit_area=o["edit_area"] or defaults.edit_area, vision_area=o["vision_area"] or defaults.vision_area)
+        extra = dict(edit_area=o["edit_area"] or defaults.edit_area,
+                     vision_area=o["vision_area"] or defaults.vision_area)
     else:
         extra = dict(attn_mask=o["attn_mask"] == "on", context=o["context"])
     return dict(prompt=o["prompt"], negative_prompt=defaults.negative_prompt if o["negative_prompt"] is None

@@ -278,7 +278,8 @@ def edit(
                                               help="Stretch a mask of another size to the image.")] = False,
     invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
                                               help="Edit what the mask keeps and keep what it covers.")] = False,
-    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Dilate the mask by this many pixels.")] = 0,
+    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                      help="Dilate the mask by this many pixels.")] = 0,
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0,
     size: Annotated[Optional[str], typer.Option(callback=any_size, rich_help_panel=SAMPLING, show_default="the input's",
                                                 help="Output WIDTHxHEIGHT (no mask).")] = None,
@@ -306,10 +307,11 @@ def edit(
     masked = mask or mask_dir or rect
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
         else None
-    execute(jobs.Instruct(tuple(images), jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals())),
-                          tuple(ref or ()), shape, strength, parse_size(size, multiple=1) if size else None, edit_area,
-                          vision_area, mask_crop, output_of(locals()), out_dir, skip_existing, model_of(locals()),
-                          cache_of(locals()), preset), json_)
+    instruction = jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    execute(jobs.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
+                          parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
+                          output_of(locals()), out_dir, skip_existing, model_of(locals()), cache_of(locals()), preset),
+            json_)
 
 
 @app.command()

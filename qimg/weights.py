@@ -97,23 +97,6 @@ def model_kind(folder: Path) -> str:
     return "qwen-image"
 
 
-def weight_names(folder: Path) -> set[str]:
-    """The weight names of one component's checkpoint, read from the index or the files' headers only."""
-    from safetensors import SafetensorError, safe_open
-
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        return set(read_json_object(indexes[0]).get("weight_map") or {})
-    names = set()
-    for file in safetensors_files(folder):
-        try:
-            with safe_open(file, framework="pt") as f:
-                names.update(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
-    return names
-
-
 def read_config(folder: Path, name: str = "config.json") -> dict:
     file = folder / name
     if not file.is_file():
