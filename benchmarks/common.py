@@ -9,9 +9,14 @@ import time
 from pathlib import Path
 
 
+def tests_on_path() -> None:
+    """Make the tests' checkpoint builders importable."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
 def build_tiny_model(folder: Path) -> Path:
     """The tests' tiny random-weight checkpoint: it exercises every code path but judges no quality."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    tests_on_path()
     from tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(folder)

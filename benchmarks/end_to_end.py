@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python benchmarks/end_to_end.py                          # tiny random checkpoint
     PYTHONPATH=. python benchmarks/end_to_end.py --model /path/to/model --size 512x512 --steps 20
+    PYTHONPATH=. python benchmarks/end_to_end.py --edit                   # `qimg edit`, tiny Edit-2511 checkpoint
+
+With --edit the job is `qimg edit` of a --size picture at an edit area of its own size, against
+QwenImageEditPlusPipeline assembled as the tests assemble it (no torchvision: tests/tiny_edit_checkpoint.py).
 
 Both are fresh Python processes on the same model folder, same prompt, size, steps, true CFG and seed, on CPU
 in float32; each pays its imports, model loading, prompt encoding, sampling, decoding and the PNG write.
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import build_tiny_model, machine, timed
+from common import build_tiny_model, machine, timed, tests_on_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIFFUSERS_SCRIPT = """
@@ -32,6 +36,21 @@ image = pipe(prompt, negative_prompt=" ", true_cfg_scale=float(cfg), width=int(w
              num_inference_steps=int(steps), generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
 image.save(out)
 """
+EDIT_SCRIPT = """
+import sys, torch
+from PIL import Image
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+from tiny_edit_checkpoint import reference_edit_pipeline
+folder, prompt, width, height, steps, cfg, seed, picture, out = sys.argv[1:]
+area = int(width) * int(height)
+dimensions = plus.calculate_dimensions
+plus.calculate_dimensions = lambda a, ratio: dimensions(area if a == 1024 * 1024 else a, ratio)
+pipe = reference_edit_pipeline(__import__("pathlib").Path(folder))
+image = pipe(image=[Image.open(picture).convert("RGB")], prompt=prompt, negative_prompt=" ",
+             true_cfg_scale=float(cfg), num_inference_steps=int(steps), height=int(height), width=int(width),
+             generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
+image.save(out)
+"""
 
 
 def main():
@@ -42,20 +61,34 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--edit", action="store_true", help="qimg edit vs QwenImageEditPlusPipeline (tiny 2511 model)")
     args = p.parse_args()
     width, height = args.size.split("x")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    tests = str(ROOT / "tests")
+    path = os.pathsep.join([str(ROOT), tests, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or build_tiny_model(tmp / "tiny")
+        model = args.model or (build_tiny_edit_model(tmp / "tiny") if args.edit else build_tiny_model(tmp / "tiny"))
         outs = {"qimg": tmp / "qimg.png", "diffusers": tmp / "diffusers.png"}
         job = [str(model), args.prompt, width, height, str(args.steps), str(args.cfg), "0"]
-        commands = {
-            "qimg": [sys.executable, "-m", "qimg", "generate", "-m", job[0], "-p", job[1], "--size", args.size,
-                     "--steps", job[4], "--cfg", job[5], "--seed", job[6], "--device", "cpu", "--dtype", "float32",
-                     "-o", str(outs["qimg"]), "--no-cache"],  # every rep encodes its prompts, as diffusers does
-            "diffusers": [sys.executable, "-c", DIFFUSERS_SCRIPT, *job, str(outs["diffusers"])],
-        }
+        qimg = ["--steps", job[4], "--cfg", job[5], "--seed", job[6], "--device", "cpu", "--dtype", "float32",
+                "-o", str(outs["qimg"]), "--no-cache", "--no-worker"]  # every rep encodes its prompts, as diffusers does
+        if args.edit:
+            picture = tmp / "picture.png"
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (int(height), int(width), 3), np.uint8)).save(
+                picture)
+            commands = {
+                "qimg": [sys.executable, "-m", "qimg", "edit", str(picture), "-m", job[0], "-p", job[1],
+                         "--edit-area", str(int(width) * int(height)), *qimg],
+                "diffusers": [sys.executable, "-c", EDIT_SCRIPT, *job, str(picture), str(outs["diffusers"])],
+            }
+        else:
+            commands = {
+                "qimg": [sys.executable, "-m", "qimg", "generate", "-m", job[0], "-p", job[1], "--size", args.size,
+                         *qimg],
+                "diffusers": [sys.executable, "-c", DIFFUSERS_SCRIPT, *job, str(outs["diffusers"])],
+            }
 
         def runner(name):
             def run():
@@ -66,11 +99,19 @@ def main():
         seconds = timed({name: runner(name) for name in commands}, args.reps, warmup=1)
         a, b = (np.asarray(Image.open(outs[n]).convert("RGB")).astype(int) for n in ("qimg", "diffusers"))
         print(machine())
-        print(f"model {model if args.model else 'tiny random checkpoint'}, {args.size}, {args.steps} steps, "
+        print(f"{'qimg edit' if args.edit else 'qimg generate'}, model "
+              f"{model if args.model else 'tiny random checkpoint'}, {args.size}, {args.steps} steps, "
               f"cfg {args.cfg}, CPU float32, median of {args.reps} interleaved\n")
         print(f"{'diffusers':>10} {'qimg':>10} {'ratio':>6}   max |pixel diff|")
         print(f"{seconds['diffusers']:>9.2f}s {seconds['qimg']:>9.2f}s {seconds['diffusers'] / seconds['qimg']:>5.2f}x"
               f"   {np.abs(a - b).max()}")
+
+
+def build_tiny_edit_model(folder: Path) -> Path:
+    tests_on_path()
+    from tiny_edit_checkpoint import build_tiny_edit_checkpoints
+
+    return build_tiny_edit_checkpoints(folder)["2511"]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-LEFT_OUT = re.compile(r"(\.(inpaint|outpaint)(-\d+)?|_mask)$")  # stems a folder's listing skips
+LEFT_OUT = re.compile(r"(\.(inpaint|outpaint|edit)(-\d+)?|_mask)$")  # stems a folder's listing skips
 
 
 def expand_inputs(args: list[Path]) -> tuple[list[Path], bool]:

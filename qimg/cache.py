@@ -113,10 +113,11 @@ def pixel_key(image: np.ndarray, vae_fingerprint: str) -> str:
     return _digest("latent", array_hash(image), vae_fingerprint)
 
 
-def prompt_key(text: str, encoder_fingerprint: str) -> str:
+def prompt_key(text: str, encoder_fingerprint: str, pictures: tuple[np.ndarray, ...] = ()) -> str:
     """Key of a prompt's embedding under one text encoder (whose fingerprint should include the dtype and
-    device it ran in, so a cached embedding gives the same image as a freshly computed one)."""
-    return _digest("prompt", text, encoder_fingerprint)
+    device it ran in, so a cached embedding gives the same image as a freshly computed one). An instruction
+    for an Edit model is keyed by its text in the template and the pixels of the pictures it is encoded with."""
+    return _digest("prompt", text, encoder_fingerprint, *map(array_hash, pictures))
 
 
 def fingerprint(folder: Path, sample: int = 64 * 1024, samples: int = 8, head: int = 256 * 1024) -> str:

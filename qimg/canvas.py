@@ -12,7 +12,10 @@ original's latent; only cells an edge or a soft mask cuts through differ from a 
 
 The latent covers a window of the canvas whose top-left sits at `origin`, 0 to 7 pixels above and left of
 the canvas, so that an outpaint by any number of pixels keeps the old cells on the new grid; its sides are
-multiples of 16 (8x VAE cells, 2x2 transformer patches). Everything here is pure numpy/torch.
+multiples of 16 (8x VAE cells, 2x2 transformer patches). An instruction edit (instruct.py) runs the model on
+the whole canvas resampled to its working size instead: its latent then covers the canvas at `work` (W, H),
+and its decode is resampled back onto the canvas; the same compositing keeps untouched pixels exact.
+Everything here is pure numpy/torch.
 """
 
 from dataclasses import dataclass, replace
@@ -20,6 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .masks import outpaint_canvas
 
@@ -33,6 +37,7 @@ class Canvas:
     pending: np.ndarray  # (H, W) float32 in [0, 1]: weight of the latent's decode over `pixels`
     latent: torch.Tensor | None = None  # (1, 16, h, w) over the window; None: encode `pixels` when needed
     origin: tuple[int, int] = (0, 0)  # the window's top-left on the canvas, (x, y), each in (-8, 0]
+    work: tuple[int, int] | None = None  # (W, H) of a latent covering the whole canvas resampled; None: the window
 
     @classmethod
     def start(cls, pixels: np.ndarray) -> "Canvas":
@@ -60,6 +65,20 @@ def from_window(image: np.ndarray, origin: tuple[int, int], size: tuple[int, int
     """The canvas part of an image decoded from the window."""
     (ox, oy), (w, h) = origin, size
     return image[-oy : -oy + h, -ox : -ox + w]
+
+
+def place(decoded: np.ndarray, canvas: Canvas) -> np.ndarray:
+    """The canvas's latent, decoded, as pixels of the canvas: its window's part, or resampled from `work`."""
+    if canvas.work is None:
+        return from_window(decoded, canvas.origin, canvas.size)
+    return resample(decoded, canvas.size)
+
+
+def resample(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 to (W, H) = size with LANCZOS, the reference pipelines' resize; unchanged when it fits."""
+    if image.shape[1::-1] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize(tuple(size), Image.LANCZOS))
 
 
 def edited(canvas: Canvas, mask: np.ndarray, latent: torch.Tensor) -> Canvas:

@@ -294,11 +294,77 @@ def outpaint(
     execute(edit_job(shape, locals()), json_)
 
 
+def any_size(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        from .edits import parse_size
+
+        parse_size(value, multiple=1)  # a UsageError names --size
+    return value
+
+
+@app.command()
+def edit(
+    images: ImagesArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT,
+                                        help="The instruction: what to change (any language).")],
+    negative_prompt: NegativeOpt = None,
+    ref: Annotated[Optional[list[Path]], typer.Option(
+        rich_help_panel=PROMPT, help="Another picture the instruction can name (Picture 2, 3); repeatable; "
+                                     "Qwen-Image-Edit-2509/2511.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=MASK, help="Edit only here: white edits, black keeps (byte-identical), grey blends.")] = None,
+    mask_dir: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=MASK, help="Masks for a batch: <stem>.png or <stem>_mask.png.")] = None,
+    rect: Annotated[Optional[list[str]], typer.Option(
+        rich_help_panel=MASK, help="Edit only inside X,Y,W,H (pixels or percent); repeatable (union).")] = None,
+    mask_resize: Annotated[bool, typer.Option(rich_help_panel=MASK,
+                                              help="Stretch a mask of another size to the image.")] = False,
+    invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
+                                              help="Edit what the mask keeps and keep what it covers.")] = False,
+    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                      help="Dilate the mask by this many pixels.")] = 0,
+    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0,
+    size: Annotated[Optional[str], typer.Option(callback=any_size, rich_help_panel=SAMPLING, show_default="the input's",
+                                                help="Output WIDTHxHEIGHT (no mask).")] = None,
+    edit_area: Annotated[Optional[int], typer.Option(
+        min=32 * 32, max=PIXELS, rich_help_panel=SAMPLING, show_default="the model's, 1048576",
+        help="Pixels the pictures are resized to for the model (the result is resized back).")] = None,
+    vision_area: Annotated[Optional[int], typer.Option(
+        min=28 * 28, max=PIXELS, rich_help_panel=SAMPLING, show_default="the model's, 147456",
+        help="Pixels the pictures are resized to for the vision encoder (2509/2511).")] = None,
+    mask_crop: Annotated[Optional[int], typer.Option(
+        min=0, max=PIXELS, rich_help_panel=MASK, show_default="off: the whole picture",
+        help="Show the model only the mask's box plus this many pixels (finer on large pictures).")] = None,
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
+    out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+):
+    """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
+    mask (pixels outside it stay byte-identical). The result has the input's size."""
+    from .edits import parse_size
+
+    masked = mask or mask_dir or rect
+    shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
+        else None
+    instruction = jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    execute(jobs.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
+                          parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
+                          output_of(locals()), out_dir, skip_existing, model_of(locals()), cache_of(locals()), preset),
+            json_)
+
+
 @app.command()
 def chain(
     ctx: typer.Context, image: Annotated[Path, typer.Argument(help="Input image.", show_default=False)],
     chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
-                                                    "{inpaint: {...}} / {outpaint: {...}}.", show_default=False)],
+                                                    "{inpaint: {...}} / {outpaint: {...}} / {edit: {...}}.",
+                                                    show_default=False)],
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     keep_steps: Annotated[Optional[Path], typer.Option(
@@ -310,7 +376,8 @@ def chain(
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
 ):
-    """Run a list of inpaint/outpaint edits in one process, the latent carried in memory between them.
+    """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
+    latent carried in memory between them.
 
     --steps, --cfg, --seed, --reuse, --cfg-until and --shift (given here or by a preset) apply to every edit and
     win over the file's values, and --lora to the whole chain;

@@ -57,5 +57,6 @@ def prepare(image: Path, build_mask):
 
     pixels, picture = load_image(image)
     canvas, mask = build_mask(image, pixels, picture)
-    masks.ensure_not_empty(mask, "the mask")
+    if mask is not None:  # None: an instruction edit of the whole picture
+        masks.ensure_not_empty(mask, "the mask")
     return canvas, mask

@@ -19,7 +19,7 @@ from PIL import Image
 from . import lora
 from .adapters import apply_adapters, targets
 from .cache import Store, fingerprint, pixel_key, prompt_key
-from .canvas import Canvas, edited, from_window, to_window, window_size
+from .canvas import Canvas, edited, place, to_window, window_size
 from .errors import QimgError, UsageError
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .memory import activation_bytes, check_weights, device_bytes, gigabytes, resident_bytes
@@ -33,7 +33,7 @@ from .preview import mapped, watching
 from .sampling import (Reuse, ScheduleConfig, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised,
                        reusing, shifted, true_cfg)
 from .transformer_weights import Source, load_transformer, provenance, tensor_sizes
-from .weights import load_module, read_config, read_json_object
+from .weights import load_module, model_kind, read_config, read_json_object
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
@@ -55,6 +55,8 @@ class Defaults:
     cfg: float = 4.0
     negative_prompt: str = " "
     max_pixels: int = 1024 * 1024  # the working area edits are scaled to (Qwen-Image's ~1 megapixel)
+    edit_area: int = 1024 * 1024  # Edit models: the area pictures are resized to for the VAE (the reference's)
+    vision_area: int = 384 * 384  # Edit-2509/2511: the area pictures are resized to for the vision tower
 
     @classmethod
     def from_folder(cls, folder: Path) -> "Defaults":
@@ -173,10 +175,21 @@ class Engine:
         self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
 
     @property
-    def text(self) -> TextEncoder:
+    def text(self):
+        """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
-            self._text = TextEncoder(self.folder, self.dtype, self.device)
+            if self.kind == "qwen-image":
+                self._text = TextEncoder(self.folder, self.dtype, self.device)
+            else:
+                from .model.instruct_text import InstructEncoder
+
+                self._text = InstructEncoder(self.folder, self.dtype, self.device, plus=self.kind != "edit")
         return self._text
+
+    @cached_property
+    def kind(self) -> str:
+        """weights.model_kind: "qwen-image", "edit", "edit-2509" or "edit-2511"."""
+        return model_kind(self.folder)
 
     @property
     def transformer(self) -> QwenImageTransformer:
@@ -229,6 +242,8 @@ class Engine:
     def text_fingerprint(self) -> str:
         # dtype and device too: an embedding computed elsewhere would give a slightly different image
         parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
+        if (self.folder / "processor").is_dir():  # an Edit model's image sizes and vision tokens come from there
+            parts += (fingerprint(self.folder / "processor"),)
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
 
     @cached_property
@@ -296,23 +311,37 @@ class Engine:
         except (ValueError, TypeError) as e:
             raise QimgError(f"{self.folder / component / 'config.json'}: {e}") from None
 
-    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        embeds = [self._encode_prompt(p) for p in prompts]
+    def encode_prompts(self, prompts: list[str], pictures: tuple[np.ndarray, ...] = ()) -> list[torch.Tensor]:
+        """One embedding per prompt; with an Edit model, each encoded with the pictures (at the vision size)."""
+        embeds = [self._encode_prompt(p, pictures) for p in prompts]
         self._release("text")
         return embeds
 
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        key = prompt_key(prompt, self.text_fingerprint) if self.cache else None
+    def _encode_prompt(self, prompt: str, pictures: tuple[np.ndarray, ...] = ()) -> torch.Tensor:
+        key = prompt_key(self._prompt_text(prompt, len(pictures)), self.text_fingerprint, pictures) if self.cache \
+            else None
         spec = {"embed": (str(self.dtype).removeprefix("torch."), (None, self.text_width))}
         entry = self.cache.get("prompt", key, spec) if key else None
         if entry:
             return entry[0]["embed"].to(self.device)
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
-        embed = finite(self.text.encode([prompt])[0], self.dtype)
+        if self.kind == "qwen-image":
+            embed = finite(self.text.encode([prompt])[0], self.dtype)
+        else:
+            embed = finite(self.text.encode(prompt, list(pictures)), self.dtype)
         self.prompts_encoded += 1
         if self.cache:
             self.cache.put("prompt", key, {"embed": embed}, {"text_encoder": self.text_fingerprint})
         return embed
+
+    def _prompt_text(self, prompt: str, pictures: int) -> str:
+        """What the text encoder reads of a prompt: an Edit model's instruction in its template (the pictures'
+        places included), a Qwen-Image prompt as given (the template is fixed)."""
+        if self.kind == "qwen-image":
+            return prompt
+        from .model.instruct_text import prompt_text
+
+        return prompt_text(prompt, pictures, plus=self.kind != "edit")
 
     def _prompt_cache(self, encoded_before: int) -> str:
         """How the prompts of a call that started when `prompts_encoded` was encoded_before were found."""
@@ -353,19 +382,29 @@ class Engine:
 
         With guidance, the conditional and unconditional passes run as one batch of 2 (the shorter prompt
         zero-padded and its padding masked as keys), so a step reads the transformer's weights once."""
+        embeds = self.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt])
+        return self.guided_velocity(embeds, cfg, grid, sigmas, shortcuts, keep)
+
+    def guided_velocity(self, embeds: list[torch.Tensor], cfg: float, grid: tuple[int, int], sigmas: torch.Tensor,
+                        shortcuts: Shortcuts, keep=None, refs: torch.Tensor | None = None, ref_grids=()):
+        """_velocity from the prompt embeddings (the negative one second when cfg > 1). refs: (1, R, 64)
+        packed latents of reference pictures on grids `ref_grids`, shown to the model after the noisy tokens
+        (instruction editing)."""
         guided = cfg > 1
-        embeds = self.encode_prompts([prompt, negative_prompt] if guided else [prompt])
         txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in embeds])
+        refs = None if refs is None else refs.to(self.device, self.dtype)
 
         def model(batch: int):  # the first `batch` prompts: both, or the conditional one alone
             def velocity(x, sigma):
                 x = x.expand(batch, -1, -1).to(self.dtype)
+                if refs is not None:
+                    x = torch.cat([x, refs.expand(batch, -1, -1)], dim=1)
                 # The reference feeds timestep = sigma * 1000 in the model dtype, divided back by 1000.
                 t = (sigma * 1000).to(self.dtype).expand(batch) / 1000
                 self.calls += batch
                 with self._attention_backend():
                     mask = None if txt_mask is None else txt_mask[:batch]  # None: no padding to mask
-                    return self.transformer(x, txt[:batch], mask, t, grid, keep).float()
+                    return self.transformer(x, txt[:batch], mask, t, grid, keep, ref_grids).float()
 
             return velocity
 
@@ -398,6 +437,15 @@ class Engine:
                        callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> torch.Tensor:
         """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0.
         `preview` sees each step's estimate of the result, blended as the last step blends."""
+        embeds = self.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt])
+        return self.sample_known(z0, mask, embeds, steps, cfg, seed, strength, attn_mask, callback, shortcuts,
+                                 preview=preview)
+
+    @torch.no_grad()
+    def sample_known(self, z0: torch.Tensor, mask: torch.Tensor, embeds: list[torch.Tensor], steps: int, cfg: float,
+                     seed: int, strength: float = 1.0, attn_mask: bool = False, callback=None,
+                     shortcuts: Shortcuts = Shortcuts(), refs: torch.Tensor | None = None, ref_grids=(), preview=None):
+        """inpaint_latent from the prompt embeddings, with reference pictures as guided_velocity takes them."""
         h, w = z0.shape[-2:]
         x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
         m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
@@ -406,7 +454,7 @@ class Engine:
         if len(sigmas) < 2:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
-        velocity = self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts, keep)
+        velocity = self.guided_velocity(embeds, cfg, (h // 2, w // 2), sigmas, shortcuts, keep, refs, ref_grids)
         blend = keep_known(x0, noise, m, len(sigmas) - 1)
         velocity, callback = watching(velocity, callback, sigmas, mapped(
             preview, lambda z: unpatchify(blend(len(sigmas) - 2, z, sigmas[-1]), h, w)))
@@ -504,8 +552,7 @@ class Engine:
         """The canvas's pixels: its latent decoded once and composited over the known pixels."""
         if canvas.latent is None:
             return canvas.pixels
-        decoded = from_window(self.decode(canvas.latent), canvas.origin, canvas.size)
-        return composite(canvas.pixels, decoded, canvas.pending)
+        return composite(canvas.pixels, place(self.decode(canvas.latent), canvas), canvas.pending)
 
     def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
                            steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,

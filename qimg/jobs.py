@@ -126,6 +126,28 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class Instruct:
+    """edit: an instruction applied with an Edit model to one file or a batch, everywhere or inside a mask."""
+
+    images: tuple[Path, ...]
+    prompt: Prompt
+    refs: tuple[Path, ...] = ()  # Pictures 2, 3...: the same for every input
+    shape: Optional[InpaintMask] = None  # None: the whole picture
+    strength: float = 1.0
+    size: Optional[tuple[int, int]] = None  # (W, H) of the output; None: the input's
+    edit_area: Optional[int] = None  # None: the model's (qimg.json), else the reference's
+    vision_area: Optional[int] = None
+    mask_crop: Optional[int] = None  # the model sees the mask's box plus this margin; None: the whole picture
+    output: Output = field(default_factory=Output)
+    out_dir: Optional[Path] = None
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+    kind = "edit"
+
+
+@dataclass(frozen=True)
 class Chain:
     """A chain file's edits (read and checked by the command line: chain.Step) run on one image."""
 
@@ -140,4 +162,4 @@ class Chain:
     preset: Optional[str] = None
 
 
-Job = Union[Generate, Edit, Chain]
+Job = Union[Generate, Edit, Instruct, Chain]

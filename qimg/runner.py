@@ -14,12 +14,12 @@ from typing import Optional
 
 from . import batch, edits
 from .errors import OutputExists, QimgError, UsageError, say
-from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Job, ModelSpec
+from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Instruct, Job, ModelSpec
 from .report import Reporter
 
 
 def execute(job: Job, reporter: Reporter) -> None:
-    run = {Generate: generate, Edit: edit, Chain: chain}[type(job)]
+    run = {Generate: generate, Edit: edit, Instruct: edit, Chain: chain}[type(job)]
     run(job, reporter)
 
 
@@ -40,6 +40,16 @@ def resolve_model(spec: ModelSpec) -> Path:
     from .weights import resolve_model as resolve
 
     return resolve(spec.model)
+
+
+def generation_model(folder: Path, command: str) -> None:
+    """Refuse an Edit model for a command that needs a Qwen-Image (generation) model, before it loads."""
+    from .weights import KIND_NAMES, model_kind
+
+    kind = model_kind(folder)
+    if kind != "qwen-image":
+        raise UsageError(f"{folder} is a {KIND_NAMES[kind]} model, which edits by instruction: use `qimg edit` "
+                         f"(with --mask or --rect to edit a part); `qimg {command}` needs a Qwen-Image model")
 
 
 def open_engine(folder: Path, spec: ModelSpec, store):
@@ -162,6 +172,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     p, overwrite = job.prompt, job.output.overwrite
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
+    generation_model(folder, "generate")
     seed = random_seed(p.seed)
     out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
     check_output(out, overwrite, size=job.size)
@@ -189,11 +200,14 @@ def generate(job: Generate, reporter: Reporter) -> None:
 # --- inpaint and outpaint, one file or a batch -------------------------------------------------------------
 
 
-def mask_builder(job: Edit):
-    """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None)."""
+def mask_builder(job: Edit | Instruct):
+    """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None).
+    An instruction edit without a mask builds None: it edits the whole picture."""
     from . import masks
 
     s = job.shape
+    if s is None:
+        return (lambda _image, pixels, _picture: (pixels, None)), (lambda image: None)
     if isinstance(s, InpaintMask):
         if s.mask and s.mask_dir:
             raise UsageError("give --mask or --mask-dir, not both")
@@ -229,7 +243,7 @@ def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind:
     return target, next_free
 
 
-def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
+def edit_previews(job: Edit | Instruct, files: list[Path], is_batch: bool, mask_file, refs=()):
     """previews(image, its output) -> its PreviewFile (None without --preview): for one input, the file --preview
     names, checked when asked; for a batch, its output's name in the --preview folder, all of them checked
     here, before anything runs, against every file the batch reads or writes."""
@@ -240,8 +254,8 @@ def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
         return lambda image, out: None
     if not is_batch:
         def previews(image, out):
-            check_preview(where, {out: "the output", image: "the input image", mask_file(image): "the mask"},
-                          job.output.overwrite)
+            check_preview(where, {out: "the output", image: "the input image", mask_file(image): "the mask",
+                                  **{r: "a --ref picture" for r in refs}}, job.output.overwrite)
             return PreviewFile(where, every)
 
         return previews
@@ -251,6 +265,7 @@ def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
         return where / batch.output_name(image, job.kind, None).name
 
     taken = {batch.real(f): f"the input {f}" for f in files}
+    taken.update((batch.real(r), f"the --ref picture {r}") for r in refs)
     taken.update((batch.real(batch.output_name(f, job.kind, job.out_dir)), f"the output of {f}") for f in files)
     for f in files:
         try:
@@ -267,8 +282,8 @@ def edit_previews(job: Edit, files: list[Path], is_batch: bool, mask_file):
     return lambda image, out: PreviewFile(path(image), every)
 
 
-def edit(job: Edit, reporter: Reporter) -> None:
-    """For each input build (canvas, mask), inpaint, save, report.
+def edit(job: Edit | Instruct, reporter: Reporter) -> None:
+    """For each input build (canvas, mask), inpaint (or edit by instruction), save, report.
 
     One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
     and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
@@ -284,6 +299,13 @@ def edit(job: Edit, reporter: Reporter) -> None:
     build, mask_file = mask_builder(job)
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
+    refs = job.refs if isinstance(job, Instruct) else ()
+    if isinstance(job, Instruct):
+        pictures = instruct_pictures(job, folder)
+        one = functools.partial(instruct_one, pictures=pictures)
+    else:
+        generation_model(folder, kind)
+        one, pictures = edit_one, ()
     if out_dir is not None:
         check_folder(out_dir, "--out-dir")
     if isinstance(job.shape, InpaintMask) and job.shape.mask_dir is not None and not job.shape.mask_dir.is_dir():
@@ -293,10 +315,10 @@ def edit(job: Edit, reporter: Reporter) -> None:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
-        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),))
+        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image), *refs))
     if is_batch and not (job.skip_existing or overwrite):
         batch.check_outputs_free(files, kind, out_dir)
-    previews = edit_previews(job, files, is_batch, mask_file)
+    previews = edit_previews(job, files, is_batch, mask_file, refs)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
     failed = []
     advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
@@ -308,8 +330,11 @@ def edit(job: Edit, reporter: Reporter) -> None:
             failure = None
             try:
                 canvas, mask = edits.prepare(image, build)
-                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image),),
-                                     canvas.shape[1::-1])
+                if pictures:
+                    check_pictures(job, image, canvas, pictures)
+                size = job.size if isinstance(job, Instruct) and job.size else canvas.shape[1::-1]
+                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image), *refs),
+                                     size)
                 preview = previews(image, target[0])
             except QimgError as e:
                 failure = e
@@ -317,7 +342,7 @@ def edit(job: Edit, reporter: Reporter) -> None:
                 seed = batch.file_seed(job.prompt.seed, image) if is_batch and job.prompt.seed is not None \
                     else job.prompt.seed
                 try:
-                    edit_one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview)
+                    one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview)
                 except OutputExists as e:
                     failure = e
             if failure is not None:
@@ -359,7 +384,90 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
     reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
 
 
+# --- edit: instructions with an Edit model -----------------------------------------------------------------
+
+
+def instruct_pictures(job: Instruct, folder: Path) -> tuple:
+    """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
+    from .files import load_image
+    from .instruct import check_model
+
+    if not job.prompt.prompt.strip():
+        raise UsageError("--prompt is empty: say what to change, e.g. -p 'replace the sky with a sunset'")
+    if job.size and job.shape is not None:
+        raise UsageError("--size does not combine with a mask: a masked edit keeps the input's pixels, and so "
+                         "its size")
+    if job.mask_crop is not None and job.shape is None:
+        raise UsageError(f"--mask-crop {job.mask_crop} needs a mask (--mask, --rect or --mask-dir) to crop around")
+    if job.strength < 1 and job.shape is None:
+        raise UsageError(f"--strength {job.strength} needs a mask (--mask, --rect or --mask-dir): without one "
+                         "the whole picture is made anew")
+    kind = check_model(folder)
+    return kind, [load_image(ref)[0] for ref in job.refs]
+
+
+def check_pictures(job: Instruct, image: Path, pixels, pictures: tuple) -> None:
+    """instruct.check_pictures for one input of the job and its refs; pictures: instruct_pictures'."""
+    from .instruct import check_pictures as check
+
+    kind, refs = pictures
+    check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
+
+
+def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
+                 started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple) -> None:
+    """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
+    from .cache import array_hash
+    from .instruct import Areas, instruct
+    from .masks import selected_area
+    from .metadata import output_params
+    from .sampling import first_step
+
+    seed, d, p = random_seed(seed), engine.defaults, job.prompt
+    steps = p.steps or d.steps
+    cfg = d.cfg if p.cfg is None else p.cfg
+    negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
+    areas = Areas(job.edit_area or d.edit_area, job.vision_area or d.vision_area)
+    refs = pictures[1]
+    callback, done = reporter.steps("edit", steps - first_step(steps, job.strength))
+    calls = engine.calls
+    result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, areas, job.strength, job.size,
+                      callback, p.shortcuts(), job.mask_crop, preview)
+    done()
+    height, width = result.image.shape[:2]
+    params = output_params("edit", engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
+                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
+                           shift=p.shift, calls=engine.calls - calls, strength=job.strength, input=str(image),
+                           refs=[str(r) for r in job.refs], pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
+                           mask_area=None if mask is None else selected_area(mask),
+                           mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind,
+                           edit_area=areas.edit, vision_area=areas.vision, mask_crop=job.mask_crop,
+                           box=list(result.box), work_size=list(result.work_size),
+                           latent_cache=result.latent_cache)
+    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+                      target[1])
+    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+
+
 # --- chain -------------------------------------------------------------------------------------------------
+
+
+def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
+    """A chain's edits all need the model it runs: instruction edits an Edit model that takes their pictures
+    (the canvas of `size` and the refs), the others Qwen-Image."""
+    from .files import load_image
+    from .instruct import check_model, check_pictures
+
+    for step in steps:
+        try:
+            if step.kind == "edit":
+                refs = step.options["ref"] or ()
+                check_pictures(check_model(folder, "chain"), [size, *(load_image(r)[0].shape[1::-1] for r in refs)],
+                               ["the input", *map(str, refs)])
+            else:
+                generation_model(folder, "chain")
+        except UsageError as e:
+            raise UsageError(f"{step.where}: {e}") from None
 
 
 def chain(job: Chain, reporter: Reporter) -> None:
@@ -372,6 +480,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
     pixels, picture = load_image(job.image)
+    chain_model(folder, job.steps, pixels.shape[1::-1])
     planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture)
     seed = random_seed(job.seed)
     reads = chains.files_read(job.chain_file, job.steps)  # never written, --overwrite or not

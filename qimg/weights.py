@@ -14,7 +14,11 @@ from torch import nn
 
 from .errors import QimgError, UsageError
 
-PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"}
+PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
+             "QwenImageEditPlusPipeline"}
+# What each kind of model folder is called in messages: model_kind's answers.
+KIND_NAMES = {"qwen-image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-2509",
+              "edit-2511": "Qwen-Image-Edit-2511"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHOWN = 5  # how many offending key names an error lists
 BUILTIN = Path(__file__).parent / "builtin" / "shapes"  # the demo model shipped in the package
@@ -78,6 +82,19 @@ def check_model_folder(path: Path) -> Path:
             raise UsageError(f"{path} is a {name[:60]} model, not Qwen-Image (model_index.json)")
         raise UsageError(f"{path}: model_index.json names no pipeline (_class_name); not a Qwen-Image model folder")
     return path
+
+
+def model_kind(folder: Path) -> str:
+    """"qwen-image" (text to image), or the Edit model a folder holds, from its model_index.json: "edit"
+    (QwenImageEditPipeline, one picture), "edit-2509" (QwenImageEditPlusPipeline, one to three pictures), or
+    "edit-2511" when that pipeline's transformer config sets zero_cond_t (2511 differs only there)."""
+    name = read_json_object(folder / "model_index.json", UsageError).get("_class_name")
+    if name == "QwenImageEditPipeline":
+        return "edit"
+    if name == "QwenImageEditPlusPipeline":
+        config = folder / "transformer" / "config.json"
+        return "edit-2511" if config.is_file() and read_json_object(config).get("zero_cond_t") else "edit-2509"
+    return "qwen-image"
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict:

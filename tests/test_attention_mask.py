@@ -70,7 +70,7 @@ def test_plan_edge_cases():
     assert plan.mask is None
 
     nothing_kept = attention_plan(None, torch.zeros(5, dtype=torch.bool), txt_len=3, img_len=5)
-    assert nothing_kept == (None, None, None)  # plain attention, not a split with an empty group
+    assert nothing_kept == (None, None, None, None)  # plain attention, not a split with an empty group
 
     all_kept = attention_plan(None, torch.ones(5, dtype=torch.bool), txt_len=3, img_len=5)
     assert all_kept.rest.tolist() == [0, 1, 2]  # only text attends to everything
@@ -167,3 +167,19 @@ def test_bad_keep_is_refused(model):
         model(img, txt, None, t, (4, 4), keep=torch.ones(15, dtype=torch.bool))
     with pytest.raises(ValueError, match="keep must be a bool tensor of shape"):
         model(img, txt, None, t, (4, 4), keep=torch.ones(16))
+
+
+@torch.no_grad()
+def test_reference_tokens_see_everything_and_are_seen_by_the_hole_only(model, monkeypatch):
+    # Instruction editing: a reference picture's tokens follow the noisy grid's. With a keep mask they are
+    # never kept: like text they attend to every token, and only text and edited tokens attend to them.
+    grid, refs = (4, 5), ((3, 3),)
+    g = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(1, 29, CFG.in_channels, generator=g), torch.randn(1, 6, CFG.joint_attention_dim, generator=g)
+    t, keep = torch.tensor([0.6]), rect_keep(*grid, 1, 1, 3, 3)
+    out = model(img, txt, None, t, grid, keep=keep, refs=refs)
+    mask = dense_mask(torch.cat([keep, torch.zeros(9, dtype=torch.bool)]), torch.ones(1, 6))
+    with monkeypatch.context() as m:
+        m.setattr(transformer, "attention", lambda q, k, v, _: dense_attention(q, k, v, mask))
+        expected = model(img, txt, None, t, grid, refs=refs)
+    assert out.shape == (1, 20, 4 * CFG.out_channels) and (out - expected).abs().max() <= TOL

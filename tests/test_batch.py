@@ -40,7 +40,8 @@ def folder(tmp_path):
 
 
 def test_folder_listing_skips_outputs_masks_and_other_files(tmp_path):
-    for name in ["a.png", "a.inpaint.png", "a.outpaint-2.png", "a_mask.png", "b.JPG", "notes.txt"]:
+    for name in ["a.png", "a.inpaint.png", "a.outpaint-2.png", "a.edit.png", "a.edit-3.png", "a_mask.png", "b.JPG",
+                 "notes.txt"]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
     files, batch = expand_inputs([tmp_path])

@@ -146,8 +146,8 @@ def test_missing_preset(tmp_path, capsys, name, fragment):
 def test_presets_lists_the_bundled_ones_with_their_contents(capsys):
     code, out, err = qimg(capsys, "presets")
     assert code == 0, err
-    for name, fits, line in [("fast", "generate, inpaint, outpaint, chain", "reuse: 0.1"),
-                             ("quality", "(generate, inpaint, outpaint)", "steps: 60"),
+    for name, fits, line in [("fast", "generate, inpaint, outpaint, edit, chain", "reuse: 0.1"),
+                             ("quality", "(generate, inpaint, outpaint, edit)", "steps: 60"),
                              ("wide-outpaint", "(outpaint)", "left: 256"),
                              ("product-recolour", "(inpaint)", "strength: 0.8")]:
         assert name in out and fits in out and line in out, out
@@ -162,6 +162,7 @@ def test_every_bundled_preset_checks_against_the_commands_it_lists(capsys):
 
     group = typer.main.get_command(app)
     arguments = {"generate": ["-p", "x"], "inpaint": ["i.png", "-p", "x"], "outpaint": ["i.png", "-p", "x"],
+                 "edit": ["i.png", "-p", "x"],
                  "chain": ["i.png", "c.yaml"]}
     for name, path in presets.bundled().items():
         options = presets.read_yaml(path, "preset")

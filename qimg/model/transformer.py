@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from qimg.model.rope import apply_rope, joint_rope
 
-# Flags of diffusers' class for other Qwen-Image variants (guidance distillation, Edit-2511's zero_cond_t,
-# Layered's extra t-cond and 3D rope). The base model sets none; we refuse them rather than ignore them.
-_UNSUPPORTED_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+# Flags of diffusers' class for other Qwen-Image variants (guidance distillation, Layered's extra t-cond and
+# 3D rope). The base and Edit models set none; we refuse them rather than ignore them.
+_UNSUPPORTED_FLAGS = ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
 # Present in Qwen/Qwen-Image's transformer/config.json (a Flux leftover); diffusers drops it unused.
 _IGNORED_KEYS = ("pooled_projection_dim",)
 
@@ -33,6 +33,7 @@ class TransformerConfig:
     num_attention_heads: int = 24
     joint_attention_dim: int = 3584  # Qwen2.5-VL-7B hidden size
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)  # (frame, row, col) slices of the head dim
+    zero_cond_t: bool = False  # Edit-2511: reference image tokens are modulated at t = 0, the noisy ones at t
 
     def __post_init__(self):
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
@@ -55,7 +56,8 @@ class TransformerConfig:
                 continue
             if key in _UNSUPPORTED_FLAGS:
                 if value:
-                    raise ValueError(f"transformer config: {key}={value!r} is not supported (Qwen-Image has it off)")
+                    raise ValueError(f"transformer config: {key}={value!r} is not supported (a Qwen-Image-Layered "
+                                     "or guidance-distilled model; Qwen-Image and its Edit models have it off)")
                 continue
             if key not in fields:
                 raise ValueError(f"transformer config: unknown key {key!r}")
@@ -138,21 +140,34 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kept: 
 
 
 class AttentionPlan(NamedTuple):
-    """Who attends to whom: built once per forward and shared by every block, like the rope tables."""
+    """Who attends to whom, and which image tokens are noisy: built once per forward and shared by every
+    block, like the rope tables."""
 
     mask: Tensor | None  # (B, 1, 1, S + L) text padding key mask; None when there is no padding
     kept: Tensor | None = None  # (K,) [text; image] indices of kept image tokens; None = plain attention
     rest: Tensor | None = None  # (S + L - K,) indices of text and edited image tokens: they see everything
+    noisy: int | None = None  # image tokens [0, noisy) are the noisy grid's, the rest reference images'
 
 
-def attention_plan(txt_mask: Tensor | None, keep: Tensor | None, txt_len: int, img_len: int) -> AttentionPlan:
+def attention_plan(txt_mask: Tensor | None, keep: Tensor | None, txt_len: int, img_len: int,
+                   noisy: int | None = None) -> AttentionPlan:
     """Plan for the joint [text; image] sequence. keep: (L,) bool, True = image token outside the edit mask."""
     mask = joint_attention_mask(txt_mask, img_len)
     if keep is None or not keep.any():  # nothing kept: plain joint attention
-        return AttentionPlan(mask)
+        return AttentionPlan(mask, noisy=noisy)
     kept = keep.nonzero()[:, 0] + txt_len  # positions in [text; image]
     edited = (~keep).nonzero()[:, 0] + txt_len
-    return AttentionPlan(mask, kept, torch.cat([torch.arange(txt_len, device=keep.device), edited]))
+    return AttentionPlan(mask, kept, torch.cat([torch.arange(txt_len, device=keep.device), edited]), noisy)
+
+
+def tokenwise(fn, x: Tensor, *params: Tensor, split: int | None) -> Tensor:
+    """fn(x, *params) for (B, L, dim) x and (B, K, dim) modulation params. K = 1: every token takes row 0.
+    K = 2 (zero_cond_t): tokens [0, split) take row 0, the rest row 1, without a (B, L, dim) copy of each."""
+    if params[0].shape[1] == 1:
+        return fn(x, *params)
+    head = fn(x[:, :split], *(p[:, :1] for p in params))
+    tail = fn(x[:, split:], *(p[:, 1:] for p in params))
+    return torch.cat([head, tail], dim=1)
 
 
 # --- modules ----------------------------------------------------------------------------------------
@@ -236,20 +251,22 @@ class QwenImageBlock(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], plan: AttentionPlan
     ) -> tuple[Tensor, Tensor]:
-        # prepare img: each modulation tensor is (B, 1, dim)
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)[:, None].chunk(6, -1)
-        img_x = modulate(layer_norm(img), img_shift1, img_scale1)
+        """vec: (B, K, dim) timestep embeddings; row 0 is t, row 1 (zero_cond_t) t = 0 for reference tokens."""
+        # prepare img: each modulation tensor is (B, K, dim), applied per token by tokenwise
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, -1)
+        img_x = tokenwise(modulate, layer_norm(img), img_shift1, img_scale1, split=plan.noisy)
 
-        # prepare txt
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)[:, None].chunk(6, -1)
+        # prepare txt: the text stream always takes t
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec[:, :1]).chunk(6, -1)
         txt_x = modulate(layer_norm(txt), txt_shift1, txt_scale1)
 
         # joint attention
         img_attn, txt_attn = self.attn(img_x, txt_x, rope, plan)
 
         # img residuals
-        img = img + img_gate1 * img_attn
-        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+        img = img + tokenwise(torch.mul, img_attn, img_gate1, split=plan.noisy)
+        img_x = tokenwise(modulate, layer_norm(img), img_shift2, img_scale2, split=plan.noisy)
+        img = img + tokenwise(torch.mul, self.img_mlp(img_x), img_gate2, split=plan.noisy)
 
         # txt residuals
         txt = txt + txt_gate1 * txt_attn
@@ -288,31 +305,41 @@ class QwenImageTransformer(nn.Module):
 
     def forward(
         self, img: Tensor, txt: Tensor, txt_mask: Tensor | None, t: Tensor, grid: tuple[int, int],
-        keep: Tensor | None = None,
+        keep: Tensor | None = None, refs: tuple[tuple[int, int], ...] = (),
     ) -> Tensor:
-        """Velocity (B, L, patch*patch*out_channels) for packed latents img (B, L, in_channels).
+        """Velocity (B, N, patch*patch*out_channels) for packed latents img (B, L, in_channels).
 
         txt: (B, S, joint_attention_dim) text hidden states; txt_mask: (B, S), 1 = real token, or None.
-        t: (B,) in [0, 1] (the reference pipeline's timestep / 1000). grid: (h, w) in patches, L == h*w.
-        keep: optional (L,) bool inpainting attention mask, True = kept token (outside the edit), shared by
-        the batch. Kept tokens then attend only to kept tokens; text and edited tokens attend to everything,
-        so information flows into the hole but never back out. None = plain attention (the reference).
+        t: (B,) in [0, 1] (the reference pipeline's timestep / 1000). grid: (h, w) in patches of the noisy
+        image, N == h*w. refs: (h, w) grids of reference images (instruction editing) whose clean tokens
+        follow the noisy ones in img, so L == N + their sizes; only the noisy tokens' velocity is returned
+        (the reference pipelines slice it so).
+        keep: optional (N,) bool inpainting attention mask, True = kept token (outside the edit), shared by
+        the batch. Kept tokens then attend only to kept tokens; text, edited and reference tokens attend to
+        everything, so information flows into the hole but never back out. None = plain attention.
         """
-        h, w = grid
-        if img.shape[1] != h * w:
-            raise ValueError(f"image has {img.shape[1]} tokens but grid {h}x{w} needs {h * w}")
-        if keep is not None and (keep.dtype != torch.bool or keep.shape != (h * w,)):
-            raise ValueError(f"keep must be a bool tensor of shape ({h * w},), got {keep.dtype} {tuple(keep.shape)}")
+        grids = (tuple(grid), *map(tuple, refs))
+        n, need = grid[0] * grid[1], sum(h * w for h, w in grids)
+        if img.shape[1] != need:
+            sizes = " + ".join(f"{h}x{w}" for h, w in grids)
+            raise ValueError(f"image has {img.shape[1]} tokens but grids {sizes} need {need}")
+        if keep is not None and (keep.dtype != torch.bool or keep.shape != (n,)):
+            raise ValueError(f"keep must be a bool tensor of shape ({n},), got {keep.dtype} {tuple(keep.shape)}")
         img = self.img_in(img)  # (B, L, dim)
         txt = self.txt_in(self.txt_norm(txt))  # (B, S, dim)
         t = t.to(img.dtype)  # the reference rounds t to the model dtype before embedding it
-        vec = self.time_text_embed["timestep_embedder"](timestep_embedding(t).to(img.dtype))  # (B, dim)
-        cos, sin = joint_rope(h, w, txt.shape[1], tuple(self.cfg.axes_dims_rope))
+        if self.cfg.zero_cond_t and refs:  # row 1: t = 0 for the reference tokens (diffusers' modulate_index)
+            t = torch.stack([t, t * 0], dim=1)  # (B, 2)
+        vec = self.time_text_embed["timestep_embedder"](timestep_embedding(t.flatten()).to(img.dtype))
+        vec = vec.reshape(img.shape[0], -1, vec.shape[-1])  # (B, K, dim)
+        cos, sin = joint_rope(grids, txt.shape[1], tuple(self.cfg.axes_dims_rope))
         rope = (cos.to(img.device), sin.to(img.device))  # (S + L, head_dim/2) float32
-        plan = attention_plan(txt_mask, None if keep is None else keep.to(img.device), txt.shape[1], img.shape[1])
+        if keep is not None:  # reference tokens are never kept: like text, they see everything
+            keep = torch.cat([keep.to(img.device), keep.new_zeros(img.shape[1] - n, device=img.device)])
+        plan = attention_plan(txt_mask, keep, txt.shape[1], img.shape[1], n)
 
         img, txt = self.run_blocks(img, txt, vec, rope, plan)
-        return self.proj_out(self.norm_out(img, vec))
+        return self.proj_out(self.norm_out(img[:, :n], vec[:, 0]))
 
     def run_blocks(self, img: Tensor, txt: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], plan: AttentionPlan):
         """The block stack. Offloading replaces this with one that streams the blocks' weights (offload.py)."""

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from ..errors import STOPS, say
 from . import paths
 
-MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "chain")  # the others are quick in-process
+MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain")  # the others are quick in-process
 OFF = ("0", "false", "off", "no")  # QIMG_WORKER values that mean in-process
 DEFAULT_IDLE = 600
 READY_TIMEOUT = 120.0  # seconds a starting worker may take to import torch and listen

@@ -1,0 +1,159 @@
+"""`qimg edit`'s sizing and model kinds, and every refusal: one line on stderr, exit 2, nothing written."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qimg.cache import prompt_key
+from qimg.cli import run
+from qimg.errors import QimgWarning
+from qimg.instruct import calculate_dimensions, check_pictures
+from qimg.weights import model_kind
+
+
+def test_calculate_dimensions_is_the_reference_s():
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions as edit_dims
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as plus_dims
+
+    for area in (1024 * 1024, 384 * 384, 15360):
+        for w, h in [(451, 300), (1920, 1080), (1080, 1920), (1, 1), (1000, 999), (640, 480), (13, 700)]:
+            ours = calculate_dimensions(area, w / h)
+            assert ours == edit_dims(area, w / h)[:2] == plus_dims(area, w / h) or min(plus_dims(area, w / h)) < 32
+    assert calculate_dimensions(1024 * 1024, 451 / 300) == (1248, 832)  # the research notes' figure
+    assert calculate_dimensions(64 * 64, 1 / 200) == (32, 896)  # never an empty side
+
+
+def test_model_kinds(tiny_model_dir, tiny_edit_checkpoints):
+    assert model_kind(tiny_model_dir) == "qwen-image"
+    assert {k: model_kind(f) for k, f in tiny_edit_checkpoints.items()} == {
+        "edit": "edit", "plus": "edit-2509", "2511": "edit-2511"}
+
+
+def test_prompt_key_covers_the_pictures():
+    a, b = np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
+    assert prompt_key("x", "fp") == prompt_key("x", "fp", ())  # base prompts keep their keys
+    keys = {prompt_key("x", "fp", ()), prompt_key("x", "fp", (a,)), prompt_key("x", "fp", (b,)),
+            prompt_key("x", "fp", (a, b)), prompt_key("x", "fp", (b, a))}
+    assert len(keys) == 5
+
+
+def test_picture_checks():
+    with pytest.raises(Exception, match="takes one picture"):
+        check_pictures("edit", [(64, 64), (64, 64)], ["a.png", "b.png"])
+    with pytest.raises(Exception, match="over 200:1"):
+        check_pictures("edit-2509", [(64, 64), (4010, 20)], ["a.png", "b.png"])
+    check_pictures("edit-2509", [(64, 64)] * 3, ["a.png"] * 3)
+    with pytest.warns(QimgWarning, match="4 pictures"):
+        check_pictures("edit-2511", [(64, 64)] * 4, ["a.png"] * 4)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, tiny_edit_dir):
+    """Edit folders damaged one way each."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("broken")
+    no_processor = shutil.copytree(tiny_edit_dir, root / "no-processor")
+    shutil.rmtree(no_processor / "processor")
+    no_vision = shutil.copytree(tiny_edit_dir, root / "no-vision")
+    for file in (no_vision / "text_encoder").glob("*.safetensors"):
+        save_file({k: v for k, v in load_file(file).items() if "visual" not in k}, file)
+    layered = shutil.copytree(tiny_edit_dir, root / "layered")
+    config = layered / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"use_layer3d_rope": True}))
+    return {"no-processor": no_processor, "no-vision": no_vision, "layered": layered}
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)).save(path)
+    Image.fromarray(np.zeros((10, 2010, 3), np.uint8)).save(tmp_path / "thin.png")
+    return path
+
+
+CASES = {  # name: (model, extra arguments, fragment of the message)
+    "base model": ("base", [], "is a Qwen-Image model; `qimg edit` needs a Qwen-Image-Edit model"),
+    "built-in model": ("builtin", [], "the built-in model only generates: pass --model"),
+    "no processor": ("no-processor", [], "no processor/preprocessor_config.json"),
+    "no vision weights": ("no-vision", [], "has no vision tower weights"),
+    "layered": ("layered", [], "use_layer3d_rope=True is not supported"),
+    "ref on Edit v1": ("edit", ["--ref", "{in}"], "--ref: Qwen-Image-Edit takes one picture"),
+    "elongated ref": ("plus", ["--ref", "{thin}"], "over 200:1"),
+    "empty instruction": ("edit", ["-p", "  "], "--prompt is empty"),
+    "size with a mask": ("edit", ["--rect", "0,0,8,8", "--size", "64x64"], "--size does not combine with a mask"),
+    "strength without a mask": ("edit", ["--strength", "0.5"], "--strength 0.5 needs a mask"),
+    "mask crop without a mask": ("edit", ["--mask-crop", "16"], "--mask-crop 16 needs a mask"),
+    "empty mask": ("edit", ["--rect", "0,0,0,0"], "width and height must be positive"),
+    "missing ref": ("plus", ["--ref", "{missing}"], "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_errors_are_one_line_exit_2_and_write_nothing(case, broken, tiny_model_dir, tiny_edit_checkpoints, picture,
+                                                      tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("QIMG_MODEL", raising=False)
+    model, extra, fragment = CASES[case]
+    folders = {"base": tiny_model_dir, "edit": tiny_edit_checkpoints["edit"], "plus": tiny_edit_checkpoints["plus"],
+               **broken}
+    names = {"in": picture, "thin": tmp_path / "thin.png", "missing": tmp_path / "missing.png"}
+    extra = [a.format(**{k: str(v) for k, v in names.items()}) for a in extra]
+    before = set(tmp_path.rglob("*"))
+    args = ["edit", str(picture), "-p", "make it red", *extra, "--device", "cpu", "--no-worker", "--steps", "1",
+            "--edit-area", "3072", "--vision-area", "1024", "-o", str(tmp_path / "out.png")]
+    code = run(args + ([] if model == "builtin" else ["-m", str(folders[model])]))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("qimg: error: ") and fragment in err, err
+    assert set(tmp_path.rglob("*")) - before <= {p for p in tmp_path.rglob("*") if "qimg-cache" in p.parts}
+
+
+@pytest.mark.parametrize("command", [["generate"], ["inpaint", "{in}", "--rect", "0,0,8,8"],
+                                     ["outpaint", "{in}", "--left", "16"]], ids=["generate", "inpaint", "outpaint"])
+def test_edit_models_refuse_the_generation_commands(command, tiny_edit_dir, picture, tmp_path, capsys):
+    args = [a.replace("{in}", str(picture)) for a in command]
+    code = run([*args, "-p", "x", "-m", str(tiny_edit_dir), "--device", "cpu", "--no-worker",
+                "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "is a Qwen-Image-Edit model, which edits by instruction: use `qimg edit`" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_chain_steps_need_their_kind_of_model(tiny_model_dir, tiny_edit_dir, picture, tmp_path, capsys):
+    (tmp_path / "edit.yaml").write_text('edits:\n  - edit: {prompt: "a hat"}\n')
+    (tmp_path / "inpaint.yaml").write_text('edits:\n  - inpaint: {prompt: "a hat", rect: "0,0,8,8"}\n')
+    for chain, model, fragment in [("edit.yaml", tiny_model_dir, "edit 1 (edit): "),
+                                   ("inpaint.yaml", tiny_edit_dir, "edit 1 (inpaint): ")]:
+        code = run(["chain", str(picture), str(tmp_path / chain), "-m", str(model), "--device", "cpu", "--no-worker",
+                    "-o", str(tmp_path / "o.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    for text, fragment in [('{prompt: "a hat", strength: 0.5}', "strength 0.5 needs a mask"),
+                           ('{prompt: "a hat", ref: [in.png]}', "edit 1 (edit): --ref: Qwen-Image-Edit takes one")]:
+        (tmp_path / "bad.yaml").write_text(f"edits:\n  - edit: {text}\n")
+        code = run(["chain", str(picture), str(tmp_path / "bad.yaml"), "-m", str(tiny_edit_dir), "--device", "cpu",
+                    "--no-worker", "-o", str(tmp_path / "o.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_areas_come_from_qimg_json_and_the_command_line(tiny_edit_dir, picture, tmp_path, capsys, one_thread):
+    folder = shutil.copytree(tiny_edit_dir, tmp_path / "model")
+    (folder / "qimg.json").write_text(json.dumps({"edit_area": 64 * 64, "vision_area": 32 * 32, "steps": 1}))
+    for extra, work in [([], calculate_dimensions(64 * 64, 64 / 48)), (["--edit-area", "2048"], [64, 32])]:
+        code = run(["edit", str(picture), "-p", "x", "-m", str(folder), "--device", "cpu", "--no-worker", "--cfg", "1",
+                    "--json", "--no-cache", "-o", str(tmp_path / "o.png"), "--overwrite", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["work_size"] == list(work) and report["steps"] == 1 and report["vision_area"] == 32 * 32
+        assert pixels_of(tmp_path / "o.png").shape == (48, 64, 3)
+
+
+def pixels_of(path):
+    return np.asarray(Image.open(path).convert("RGB"))
