@@ -251,3 +251,50 @@ def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path,
     inside[200:230, 300:340] = True
     assert after.shape == before.shape and np.array_equal(after[~inside], before[~inside])
     assert np.abs(after[inside].astype(int) - before[inside]).max() > 10
+
+
+@pytest.mark.parametrize("extra", [("--size", "100x50"), ("--rect", "300,200,40,30", "--mask-crop", 20),
+                                   ("--rect", "10,10,200,100")])
+def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_path, capsys, extra):
+    """Every preview has the output's size and, with a mask, the input's pixels outside it; the last one is the
+    output; the output is the same with or without previews."""
+    from qimg import files
+
+    written, save = [], files.save_image
+
+    def spy(image, path, *args, **kwargs):
+        if path.name == "live.png":
+            written.append(np.asarray(image))
+        return save(image, path, *args, **kwargs)
+
+    common = ["-m", tiny_plus_dir, "-p", "a red hat", "--edit-area", 160 * 96, "--vision-area", VISION_AREA,
+              "--steps", 3, "--cfg", 1, "--seed", 5, *extra, "--json"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(files, "save_image", spy)
+        code, report, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "o.png", "--preview",
+                                 tmp_path / "live.png", "--preview-every", 1, *common)
+    assert code == 0, err
+    assert report["previews"] == 3 == len(written)  # steps 1 and 2, then the result
+    code, _, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "plain.png", *common)
+    assert code == 0, err
+    out, before = pixels(tmp_path / "o.png"), pixels(photos["odd"])
+    assert np.array_equal(out, pixels(tmp_path / "plain.png"))
+    assert np.array_equal(written[-1], out) and Image.open(tmp_path / "live.png").text[files.PREVIEW_CHUNK] == "result"
+    assert all(w.shape == out.shape for w in written) and not np.array_equal(written[0], out)
+    if "--rect" in extra:
+        x, y, w, h = map(int, extra[1].split(","))
+        outside = np.ones(before.shape[:2], bool)
+        outside[y:y + h, x:x + w] = False
+        assert all(np.array_equal(p[outside], before[outside]) for p in written)
+
+
+def test_a_chain_of_edits_previews_its_canvas(tiny_plus_dir, photos, tmp_path, capsys):
+    (tmp_path / "chain.yaml").write_text(
+        "steps: 2\ncfg: 1\nedit_area: 15360\nvision_area: 4096\nedits:\n"
+        '  - edit: {prompt: "a red hat", rect: "0,0,120,90"}\n'
+        '  - edit: {prompt: "a blue sky", rect: "300,20,100,100"}\n')
+    out, live = tmp_path / "c.png", tmp_path / "live.png"
+    code, report, err = qimg(capsys, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
+                             "--seed", 4, "-o", out, "--preview", live, "--preview-every", 1, "--json")
+    assert code == 0, err
+    assert report["previews"] >= 3 and np.array_equal(pixels(live), pixels(out))
