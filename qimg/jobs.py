@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from .shard import Shard
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -17,6 +19,7 @@ class ModelSpec:
     compile: bool = False
     attention: str = "auto"
     vae_tiling: str = "auto"
+    local_rank: Optional[int] = None  # torchrun's LOCAL_RANK (--shard auto): with device auto, that GPU
 
     def speed(self) -> dict:
         """The Engine's memory and speed options."""
@@ -108,6 +111,9 @@ class Edit:
     model: ModelSpec = field(default_factory=ModelSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     preset: Optional[str] = None
+    shard: Optional[Shard] = None  # --shard: only this part of the batch
+    member: bool = False  # one file of a batch whose other files run elsewhere (a Ray actor's): named, seeded,
+    # reported as in the batch, whose up-front checks the batch's own process made
 
     @property
     def kind(self) -> str:
@@ -129,4 +135,29 @@ class Chain:
     preset: Optional[str] = None
 
 
-Job = Union[Generate, Edit, Chain]
+@dataclass(frozen=True)
+class Prompts:
+    """generate --prompts FILE: one image per entry of the file (prompts.py), <out_dir>/<n>-<slug>.png."""
+
+    file: Path
+    prompt: Prompt  # the command line's values for every entry (its prompt text unused); an entry's own win
+    size: Optional[tuple[int, int]] = None
+    output: Output = field(default_factory=Output)
+    out_dir: Path = Path(".")
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+    shard: Optional[Shard] = None
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """--ray: the batch's files spread over a pool of Ray actors, each holding one loaded engine."""
+
+    address: str  # local: a cluster started for the run; auto: $RAY_ADDRESS or the running one; else an address
+    workers: Optional[int] = None  # --ray-workers: this many actors on CPUs; None: one per GPU of the cluster
+    retries: int = 2  # a file whose actor failed or was lost runs again on another, this many times
+
+
+Job = Union[Generate, Edit, Chain, Prompts]

@@ -12,14 +12,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import batch, edits
+from dataclasses import replace
+from typing import NamedTuple
+
+from . import batch, edits, shard
 from .errors import OutputExists, QimgError, UsageError, say
-from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Job, ModelSpec
+from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Job, ModelSpec, Output, Prompts
 from .report import Reporter
 
 
 def execute(job: Job, reporter: Reporter) -> None:
-    run = {Generate: generate, Edit: edit, Chain: chain}[type(job)]
+    run = {Generate: generate, Edit: edit, Chain: chain, Prompts: prompts}[type(job)]
     run(job, reporter)
 
 
@@ -48,8 +51,12 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     from .engine import DTYPES, Engine, pick_device, pick_dtype
     from .worker import warm
 
+    import torch
+
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
+    if spec.device == "auto":
+        device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
     engine = warm.engine(folder, str(device), dtype, speed, lambda: Engine(folder, str(device), dtype, store, **speed))
     engine.cache = store
@@ -169,14 +176,18 @@ def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind:
     return target, next_free
 
 
-def edit(job: Edit, reporter: Reporter) -> None:
-    """For each input build (canvas, mask), inpaint, save, report.
+class EditPlan(NamedTuple):
+    files: list  # the inputs this run edits (this shard's)
+    is_batch: bool
+    build: object  # mask_builder's
+    mask_file: object
+    store: object
+    folder: Path
 
-    One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
-    and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
-    or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
-    and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
-    of a write still ends it at once. The model loads once, for the first input that needs it."""
+
+def edit_plan(job: Edit) -> EditPlan:
+    """Every check of an edit that needs no model, and the inputs it runs on: of a batch with --shard, that
+    shard's (the batch-wide checks see every input, so every shard refuses the same batch)."""
     from .files import check_folder
 
     kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
@@ -190,14 +201,36 @@ def edit(job: Edit, reporter: Reporter) -> None:
         check_folder(out_dir, "--out-dir")
     if isinstance(job.shape, InpaintMask) and job.shape.mask_dir is not None and not job.shape.mask_dir.is_dir():
         raise UsageError(f"--mask-dir {job.shape.mask_dir} is not a folder; give the folder of the masks")
-    files, is_batch = batch.expand_inputs(list(job.images))
+    named, is_batch = batch.named_inputs(list(job.images))
+    files, is_batch = [f for f, _ in named], is_batch or job.member
     if is_batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
         batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),))
-    if is_batch and not (job.skip_existing or overwrite):
+    files = [f for f, _ in shard.select(named, lambda item: item[1], job.shard)]
+    announce_shard(job.shard, len(files), len(named), "images")
+    if is_batch and not (job.skip_existing or overwrite or job.member):
         batch.check_outputs_free(files, kind, out_dir)
+    return EditPlan(files, is_batch, build, mask_file, store, folder)
+
+
+def announce_shard(part, chosen: int, total: int, what: str) -> None:
+    """The line that tells the processes' logs apart: which shard this is and how much of the batch it takes."""
+    if part is not None:
+        say(f"qimg: shard {part}: {chosen} of {total} {what}")
+
+
+def edit(job: Edit, reporter: Reporter) -> None:
+    """For each input build (canvas, mask), inpaint, save, report.
+
+    One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
+    and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
+    or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
+    and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
+    of a write still ends it at once. The model loads once, for the first input that needs it."""
+    kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
+    files, is_batch, build, mask_file, store, folder = edit_plan(job)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
     failed = []
     advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
@@ -227,7 +260,7 @@ def edit(job: Edit, reporter: Reporter) -> None:
                 reporter.failed(image, failure)
         advance()
     if failed:
-        raise QimgError(f"{len(failed)} of {len(files)} images failed: {', '.join(map(str, failed))}")
+        raise batch.failed_summary(failed, len(files), "images")
 
 
 def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
@@ -257,6 +290,61 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
     out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
                       target[1])
     reporter.result(out, {**params, **cache_use(result)}, started)
+
+
+# --- generate --prompts ------------------------------------------------------------------------------------
+
+
+def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
+    """Every check of generate --prompts that needs no model, and this shard's entries as generate jobs:
+    (how messages name the entry, its job). As a folder batch: fixed output names, refused up front if any
+    exists unless --skip-existing or --overwrite, each entry's seed its own or derived from --seed and its
+    output name."""
+    from . import prompts as prompt_file
+    from .files import check_folder
+
+    if job.skip_existing and job.output.overwrite:
+        raise UsageError("give --skip-existing or --overwrite, not both")
+    if job.output.out is not None:
+        raise UsageError("--out names one file but --prompts makes one per prompt; use --out-dir")
+    open_cache(job.cache)
+    resolve_model(job.model)
+    check_folder(job.out_dir, "--out-dir")
+    entries = prompt_file.read(job.file)
+    chosen = shard.select(entries, lambda e: e.name, job.shard)
+    announce_shard(job.shard, len(chosen), len(entries), "prompts")
+    p = job.prompt
+    jobs = [(f"{job.file} {e.where}", Generate(
+        replace(p, prompt=e.prompt, negative_prompt=p.negative_prompt if e.negative_prompt is None else e.negative_prompt,
+                seed=e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)),
+        e.size or job.size, Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json), job.model,
+        job.cache, job.preset)) for e in chosen]
+    if not (job.skip_existing or job.output.overwrite):
+        batch.check_free([g.output.out for _, g in jobs])
+    return jobs
+
+
+def prompts(job: Prompts, reporter: Reporter) -> None:
+    """generate --prompts: each entry as a generate job, with one engine kept for all (worker/warm.py). An
+    output that appears while the batch runs, or a size the device cannot hold, is that entry's failure: the
+    others complete, and the run ends with a summary and exit 1."""
+    from .worker import warm
+
+    runs, failed = prompt_jobs(job), []
+    advance = reporter.bar("prompts", len(runs))
+    with warm.kept():
+        for where, gen in runs:
+            if job.skip_existing and os.path.lexists(gen.output.out):
+                reporter.skipped(where, gen.output.out)
+            else:
+                try:
+                    generate(gen, reporter)
+                except (UsageError, OutputExists) as e:
+                    failed.append(where)
+                    reporter.failed(where, e)
+            advance()
+    if failed:
+        raise batch.failed_summary(failed, len(runs), "prompts")
 
 
 # --- chain -------------------------------------------------------------------------------------------------
