@@ -6,15 +6,18 @@ save; its lines come back to this process, which prints them, draws the one prog
 batch's summary. A file whose actor failed or was lost runs again on another, --retries times; one that
 fails every time is reported like a bad file. Ray is imported only here, only with --ray."""
 
+import contextlib
+import io
 import logging
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import batch, runner
-from .errors import OutputExists, QimgError, UsageError, failure_line, say
+from .errors import OutputExists, QimgError, QimgWarning, UsageError, failure_line, say
 from .jobs import Edit, Job, Prompts, RaySpec
 from .report import Reporter
 
@@ -80,9 +83,12 @@ class Actor:
         return os.getpid()
 
     def run(self, item: Item) -> list:
-        """The file's lines as records (Recorder), for the client to print; a raised error is a failed attempt."""
+        """The file's lines as records (Recorder), for the client to print: its warnings, and what it wrote to
+        stderr, first; a raised error is a failed attempt."""
         test_exit(item)
-        with Recorder() as recorder:
+        with Recorder() as recorder, contextlib.redirect_stderr(io.StringIO()) as err, \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", QimgWarning)
             try:
                 runner.execute(item.job, recorder)
             except QimgError as e:  # a bad file is reported (as by a local batch), not retried
@@ -90,7 +96,8 @@ class Actor:
                     if not isinstance(e, (UsageError, OutputExists)):
                         raise
                     recorder.failed(item.label, e)
-        return recorder.records
+        lines = [("warning", str(w.message)) for w in caught if issubclass(w.category, QimgWarning)]
+        return lines + [("line", line) for line in err.getvalue().splitlines()] + recorder.records
 
 
 def test_exit(item: Item) -> None:
@@ -130,6 +137,10 @@ def replay(records: list, reporter: Reporter) -> bool:
             reporter.result(Path(out), params, time.perf_counter() - seconds)
         elif kind == "skipped":
             reporter.skipped(rest[0], Path(rest[1]))
+        elif kind == "warning":
+            warnings.warn(rest[0], QimgWarning)
+        elif kind == "line":
+            say(rest[0])
         else:
             reporter.failed(rest[0], QimgError(rest[1]))
             bad = True
@@ -211,7 +222,7 @@ class Pool:
 
 def connect(ray, address: str) -> None:
     """Join the cluster --ray names: local starts one on this machine for the run (shut down after)."""
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=False)  # the actors' lines come back as records
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, **quiet)
