@@ -128,7 +128,7 @@ ShardOpt = Annotated[Optional[str], typer.Option(
     rich_help_panel=SCALE, show_default="all", help="I/N: only the batch's inputs whose name hashes to shard I of N "
     "(from 0); auto: from RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT.")]
 RayOpt = Annotated[Optional[str], typer.Option(
-    rich_help_panel=SCALE, metavar="ADDRESS", help="Spread the batch over Ray actors (pip install 'qimg[ray]'): "
+    rich_help_panel=SCALE, metavar="ADDRESS", help="Spread the batch over Ray actors (pip install 'qimg\\[ray]'): "
     "local (a cluster started for the run), auto ($RAY_ADDRESS or the running one) or the cluster's address.")]
 RayWorkersOpt = Annotated[Optional[int], typer.Option(
     min=1, max=100_000, rich_help_panel=SCALE, show_default="one per GPU of the cluster",

@@ -57,8 +57,8 @@ def read(path: Path) -> list[Entry]:
     else:
         entries, problems = _line_entries(path, data, path.suffix.lower() == ".jsonl")
     if problems:
-        more = f" (and {len(problems) - 1} more: {', '.join(problems[1:4])}{'...' if len(problems) > 4 else ''})" \
-            if len(problems) > 1 else ""
+        others = [problem.split(":")[0] for problem in problems[1:]]  # "line 7", "entry 3 (line 9)"
+        more = f" (and {len(others)} more: {', '.join(others[:5])}{'...' if len(others) > 5 else ''})" if others else ""
         raise UsageError(f"--prompts {path} {problems[0]}{more}")
     if not entries:
         raise UsageError(f"--prompts {path} holds no prompts")

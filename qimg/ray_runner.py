@@ -10,6 +10,8 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -61,7 +63,8 @@ def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
             todo.append(item)
     failed = Pool(spec).run(todo, reporter, advance) if todo else []
     if failed:
-        raise batch.failed_summary(failed, len(work), what)
+        order = {item.label: i for i, item in enumerate(work)}
+        raise batch.failed_summary(sorted(failed, key=order.get), len(work), what)  # the batch's order, as locally
 
 
 class Actor:
@@ -166,6 +169,22 @@ class Pool:
         return self.make(os.getcwd(), self.env), self.started
 
     def run(self, todo: deque, reporter: Reporter, advance) -> list[str]:
+        self.stdout, sys.stdout = sys.stdout, sys.stderr  # Ray prints the cluster's news to stdout (see ours)
+        try:
+            return self.feed(todo, reporter, advance)
+        finally:
+            sys.stdout = self.stdout
+
+    @contextlib.contextmanager
+    def ours(self):
+        """stdout back for this thread's results (--json stays JSON), Ray's threads still on stderr."""
+        sys.stdout = ThreadStdout(self.stdout, sys.stderr)
+        try:
+            yield
+        finally:
+            sys.stdout = sys.stderr
+
+    def feed(self, todo: deque, reporter: Reporter, advance) -> list[str]:
         ray = self.ray
         connect(ray, self.spec.address)
         try:
@@ -198,7 +217,9 @@ class Pool:
                     self.retry(item, n, failure_line(e.cause or e), todo, failed, reporter, advance)
                 else:
                     if item is not None:
-                        if replay(records, reporter):
+                        with self.ours():
+                            bad = replay(records, reporter)
+                        if bad:
                             failed.append(item.label)
                         advance()
                 idle.append((actor, n))
@@ -216,8 +237,26 @@ class Pool:
             todo.appendleft(item)
             return
         failed.append(item.label)
-        reporter.failed(item.label, QimgError(f"failed {item.attempts} times: {error}"))
+        with self.ours():
+            reporter.failed(item.label, QimgError(f"failed {item.attempts} times: {error}"))
         advance()
+
+
+class ThreadStdout:
+    """sys.stdout that is the real one for one thread and stderr for the others."""
+
+    def __init__(self, stdout, stderr):
+        self.stdout, self.stderr, self.thread = stdout, stderr, threading.current_thread()
+
+    def write(self, text: str) -> int:
+        return (self.stdout if threading.current_thread() is self.thread else self.stderr).write(text)
+
+    def flush(self) -> None:
+        self.stdout.flush()
+        self.stderr.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stdout, name)
 
 
 def connect(ray, address: str) -> None:
