@@ -53,13 +53,15 @@ def cluster():
             time.sleep(0.2)
         yield text.split("ray start --address='")[1].split("'")[0]
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its daemons and exits
+        try:
+            head.wait(timeout=30)
+        finally:
             try:
-                os.killpg(head.pid, sig)
+                os.killpg(head.pid, signal.SIGKILL)  # anything of the group left (workers, a stuck daemon)
             except ProcessLookupError:
-                break
-            time.sleep(3)
-        head.wait()
+                pass
+            head.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
