@@ -66,6 +66,7 @@ class Generate:
     model: ModelSpec = field(default_factory=ModelSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     preset: Optional[str] = None  # recorded in the metadata
+    member: bool = False  # one entry of a --prompts batch: its output named "output", not "--out", in messages
 
 
 @dataclass(frozen=True)

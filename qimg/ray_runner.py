@@ -52,7 +52,7 @@ def items(job: Job) -> tuple[list[Item], str]:
 
 
 def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
-    work, what = items(job)
+    work, what = items(on_actors(job, spec))
     advance = reporter.bar(what, len(work))
     todo = deque()
     for item in work:
@@ -65,6 +65,21 @@ def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
     if failed:
         order = {item.label: i for i, item in enumerate(work)}
         raise batch.failed_summary(sorted(failed, key=order.get), len(work), what)  # the batch's order, as locally
+
+
+def on_actors(job: Job, spec: RaySpec) -> Job:
+    """The job with the device its actors have: a GPU each (Ray shows each its own as cuda:0), or with
+    --ray-workers only CPUs (--device auto would otherwise take a GPU of the node it lands on)."""
+    device = job.model.device
+    if spec.workers is not None:
+        if device not in ("auto", "cpu"):
+            raise UsageError(f"--ray-workers runs actors on CPUs; --device {device} cannot go with it (use cpu, "
+                             "or leave --ray-workers out for one actor per GPU)")
+        return replace(job, model=replace(job.model, device="cpu"))
+    if device not in ("auto", "cuda"):
+        raise UsageError(f"--ray gives each actor one GPU of its own; --device {device} cannot go with it (use "
+                         "auto or cuda, or --ray-workers N for actors on CPUs)")
+    return job
 
 
 class Actor:

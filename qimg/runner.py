@@ -115,7 +115,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     folder = resolve_model(job.model)
     seed = random_seed(p.seed)
     out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
-    check_output(out, overwrite, size=job.size)
+    check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
     engine = open_engine(folder, job.model, store)
     d = engine.defaults
     width, height = job.size or (d.width, d.height)
@@ -318,7 +318,7 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
         replace(p, prompt=e.prompt, negative_prompt=p.negative_prompt if e.negative_prompt is None else e.negative_prompt,
                 seed=e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)),
         e.size or job.size, Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json), job.model,
-        job.cache, job.preset)) for e in chosen]
+        job.cache, job.preset, member=True)) for e in chosen]
     if not (job.skip_existing or job.output.overwrite):
         batch.check_free([g.output.out for _, g in jobs])
     return jobs

@@ -59,6 +59,25 @@ def test_a_prompts_file_makes_one_image_per_entry(tmp_path, capsys, one_thread):
     assert {n: (tmp_path / "sh" / n).read_bytes() for n in names} == {n: (out / n).read_bytes() for n in names}
 
 
+def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, capsys, monkeypatch, one_thread):
+    from qimg import runner
+
+    file = tmp_path / "p.txt"
+    file.write_text("one\ntwo\nthree\n")
+    real = runner.generate
+
+    def first_makes_the_second(job, reporter):  # another program writes entry 2's output while entry 1 runs
+        (tmp_path / "0002-two.png").write_bytes(b"theirs")
+        return real(job, reporter)
+
+    monkeypatch.setattr(runner, "generate", first_makes_the_second)
+    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
+    assert code == 1 and [Path(r["output"]).name for r in lines if "output" in r] == ["0001-one.png", "0003-three.png"]
+    assert (tmp_path / "0002-two.png").read_bytes() == b"theirs"
+    assert f"qimg: error: {file} line 2: output {tmp_path / '0002-two.png'} exists" in err
+    assert err.strip().splitlines()[-1] == f"qimg: error: 1 of 3 prompts failed: {file} line 2"
+
+
 def test_yaml_prompts(tmp_path, capsys, one_thread):
     file = tmp_path / "p.yaml"
     file.write_text("- a red circle\n- prompt: a blue square\n  seed: 3\n")

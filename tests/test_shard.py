@@ -194,3 +194,19 @@ def test_a_killed_shard_resumes_with_skip_existing(tmp_path, capsys, one_thread)
     assert sorted(Path(r["output"]).name for r in lines if "seed" in r) == sorted(
         f"{Path(n).stem}.inpaint.png" for n in mine if f"{Path(n).stem}.inpaint.png" not in done)  # none twice
     assert outputs(out) == {f"{Path(n).stem}.inpaint.png": whole[f"{Path(n).stem}.inpaint.png"] for n in mine}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["inpaint", "PHOTOS/p0.png", "--rect", "0,0,8,8", "--ray", "local"], "--ray spreads a batch over actors"),
+    (["inpaint", "PHOTOS", "--rect", "0,0,8,8", "--ray", "local", "--device", "cuda:1"],
+     "--ray gives each actor one GPU of its own; --device cuda:1 cannot go with it"),
+    (["outpaint", "PHOTOS", "--right", "16", "--ray", "auto", "--ray-workers", "2", "--device", "mps"],
+     "--ray-workers runs actors on CPUs; --device mps cannot go with it"),
+    (["inpaint", "PHOTOS", "--rect", "0,0,8,8", "--retries", "3"], "--retries goes with --ray ADDRESS"),
+    (["inpaint", "PHOTOS", "--rect", "0,0,8,8", "--shard", "2/2"], "--shard 2/2: shards count from 0"),
+])
+def test_scale_usage_errors_come_before_any_work(tmp_path, capsys, args, fragment):
+    make_photos(tmp_path / "PHOTOS", ["p0.png", "p1.png"])
+    code, lines, err = qimg(capsys, *[str(tmp_path / a) if a.startswith("PHOTOS") else a for a in args], "-p", "x")
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "PHOTOS").iterdir()) == ["p0.png", "p1.png"]
