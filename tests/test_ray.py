@@ -53,15 +53,16 @@ def cluster():
             time.sleep(0.2)
         yield text.split("ray start --address='")[1].split("'")[0]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its daemons and exits
+        os.killpg(head.pid, signal.SIGTERM)  # the head, its daemons and workers: the whole group
         try:
-            head.wait(timeout=30)
-        finally:
-            try:
-                os.killpg(head.pid, signal.SIGKILL)  # anything of the group left (workers, a stuck daemon)
-            except ProcessLookupError:
-                pass
-            head.wait()
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever did not stop
+        except ProcessLookupError:
+            pass
+        head.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
