@@ -46,7 +46,7 @@ def named_inputs(args: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
             batch = True
         else:
             files.append((arg, arg.name))
-    unique = list({real(f): (f, name) for f, name in reversed(files)}.values())[::-1]  # each file once, first place kept
+    unique = list({real(f): (f, name) for f, name in reversed(files)}.values())[::-1]  # each file once, first kept
     return unique, batch
 
 

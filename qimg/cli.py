@@ -220,7 +220,7 @@ def generate(
         help="What to draw (any language); or --prompts.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(
         rich_help_panel=PROMPT, help="A batch: one prompt per line, or a .jsonl/.yaml list of prompts or of "
-                                     "{prompt, seed, size, negative_prompt}; writes <out-dir>/<n>-<slug>.png.")] = None,
+        "{prompt, seed, size, negative_prompt}; writes <out-dir>/<n>-<slug>.png.")] = None,
     negative_prompt: NegativeOpt = None, size: SizeOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None, model: ModelOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None, overwrite: OverwriteOpt = False,
@@ -230,8 +230,8 @@ def generate(
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     out_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT, show_default="the working folder",
                                                     help="With --prompts: the folder for the outputs.")] = None,
-    skip_existing: Annotated[bool, typer.Option(rich_help_panel=OUTPUT,
-                                                help="With --prompts: skip entries whose output exists (resume).")] = False,
+    skip_existing: Annotated[bool, typer.Option(
+        rich_help_panel=OUTPUT, help="With --prompts: skip entries whose output exists (resume).")] = False,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
 ):
     """Generate an image from a prompt, or one per entry of a --prompts file."""

@@ -9,11 +9,9 @@ import functools
 import os
 import secrets
 import time
-from pathlib import Path
-from typing import Optional
-
 from dataclasses import replace
-from typing import NamedTuple
+from pathlib import Path
+from typing import NamedTuple, Optional
 
 from . import batch, edits, shard
 from .errors import OutputExists, QimgError, UsageError, say
@@ -48,10 +46,10 @@ def resolve_model(spec: ModelSpec) -> Path:
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
     same numbers (worker/warm.py), then serving this job's cache."""
+    import torch
+
     from .engine import DTYPES, Engine, pick_device, pick_dtype
     from .worker import warm
-
-    import torch
 
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
@@ -313,15 +311,20 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
     entries = prompt_file.read(job.file)
     chosen = shard.select(entries, lambda e: e.name, job.shard)
     announce_shard(job.shard, len(chosen), len(entries), "prompts")
-    p = job.prompt
-    jobs = [(f"{job.file} {e.where}", Generate(
-        replace(p, prompt=e.prompt, negative_prompt=p.negative_prompt if e.negative_prompt is None else e.negative_prompt,
-                seed=e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)),
-        e.size or job.size, Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json), job.model,
-        job.cache, job.preset, member=True)) for e in chosen]
+    runs = [(f"{job.file} {e.where}", entry_job(job, e)) for e in chosen]
     if not (job.skip_existing or job.output.overwrite):
-        batch.check_free([g.output.out for _, g in jobs])
-    return jobs
+        batch.check_free([g.output.out for _, g in runs])
+    return runs
+
+
+def entry_job(job: Prompts, e) -> Generate:
+    """A prompts file's entry (prompts.Entry) as a generate job: its own values win over the command line's."""
+    p = job.prompt
+    seed = e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)
+    negative = p.negative_prompt if e.negative_prompt is None else e.negative_prompt
+    return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
+                    Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json), job.model, job.cache,
+                    job.preset, member=True)
 
 
 def prompts(job: Prompts, reporter: Reporter) -> None:
