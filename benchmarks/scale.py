@@ -86,9 +86,9 @@ def main():
         wall = statistics.median(seconds[kind])
         print(f"{kind:22s} {wall:7.1f} s   {base / wall:5.2f} x")
     print(f"outputs byte-identical  {'yes' if same else 'NO'}")
-    job = statistics.median(r["seconds"] for _, r in lines[kinds[0]])
-    ray_job = statistics.median(r["seconds"] for _, r in lines[kinds[2]])
-    print(f"one file in the single process {job:.2f} s, on a Ray actor {ray_job:.2f} s (the job itself)")
+    jobs = {kind: statistics.median(r["seconds"] for _, r in lines[kind]) for kind in kinds}
+    print("one file's own job (median): " + ", ".join(f"{kind} {t:.2f} s" for kind, t in jobs.items()) +
+          "  (longer in parallel: the processes share the cores)")
     print(f"Ray's per-file overhead  {ray_overhead(lines[kinds[2]]):.3f} s  (actor time outside the jobs, per file)")
     print(f"Ray's start-up           {min(t - r['seconds'] for t, r in lines[kinds[2]]):.1f} s  "
           "(cluster, actors, model load: until the first job started)")

@@ -108,6 +108,28 @@ def test_sharded_runs_never_go_to_the_worker(monkeypatch):
         assert client.maybe_submit(["inpaint", "photos", "-p", "x", *extra]) is None
 
 
+def test_a_result_line_is_written_at_once(monkeypatch):
+    # torchrun's ranks share one stdout: a line written in two pieces (the text, then its newline) can have
+    # another rank's line land between them, and `--json > results.jsonl` would not be JSON lines
+    from qimg.report import print_result
+
+    writes = []
+
+    class Stdout:
+        encoding = "utf-8"
+
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    print_result('{"output": "a.png"}')
+    assert writes == ['{"output": "a.png"}\n']
+
+
 # --- the shards' outputs are the batch's -------------------------------------------------------------------
 
 
