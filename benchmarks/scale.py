@@ -60,38 +60,44 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=24)
     p.add_argument("--steps", type=int, help="[default: the model's, 24]")
-    p.add_argument("--reps", type=int, default=1, help="runs of each, interleaved; the median is reported")
+    p.add_argument("--reps", type=int, default=1, help="runs of each, interleaved; medians are reported")
     args = p.parse_args()
     kinds = ("1 process", "2 shards (torchrun)", "Ray, 2 actors")
-    seconds = {kind: [] for kind in kinds}
+    runs = {kind: [] for kind in kinds}  # (wall, lines) per run
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prompts = tmp / "prompts.txt"
         prompts.write_text("".join(f"a {COLOURS[i % 6]} {SHAPES[i % 4]}, number {i}\n" for i in range(args.prompts)))
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "OMP_NUM_THREADS": "1", "QIMG_WORKER": "0", "HF_HUB_OFFLINE": "1"}
-        outputs, lines = {}, {}
+        outputs = {}
         for rep in range(args.reps):
             for kind in kinds:
                 out = tmp / f"{kind[:1]}{rep}"
-                wall, lines[kind] = timed_run(command(kind, prompts, out, args.steps), env)
-                seconds[kind].append(wall)
-                outputs[kind] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
-    same = all(o == outputs[kinds[0]] and len(o) == args.prompts for o in outputs.values())
-    base = statistics.median(seconds[kinds[0]])
+                runs[kind].append(timed_run(command(kind, prompts, out, args.steps), env))
+                outputs[kind, rep] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+    first = outputs[kinds[0], 0]
+    same = len(first) == args.prompts and all(o == first for o in outputs.values())
+
+    def median(kind, of):
+        return statistics.median(of(wall, lines) for wall, lines in runs[kind])
+
+    base = median(kinds[0], lambda wall, _: wall)
     print(machine())
     print(f"{args.prompts} x generate (built-in model, steps {args.steps or 'default'}), one torch thread per "
-          f"process, median of {args.reps}\n")
+          f"process, medians of {args.reps}\n")
+    print(f"{'':22s} {'wall':>7s}  {'ratio':>6s}  {'start':>6s}  {'one file':>8s}")
     for kind in kinds:
-        wall = statistics.median(seconds[kind])
-        print(f"{kind:22s} {wall:7.1f} s   {base / wall:5.2f} x")
+        wall = median(kind, lambda wall, _: wall)
+        start = median(kind, lambda _, lines: min(t - r["seconds"] for t, r in lines))
+        job = statistics.median(r["seconds"] for _, lines in runs[kind] for _, r in lines)
+        print(f"{kind:22s} {wall:6.1f}s  {base / wall:5.2f}x  {start:5.1f}s  {job:7.2f}s")
+    print("(start: until the first job began: Python and qimg start-up, torchrun's or Ray's own (cluster, actor "
+          "processes); the first job of each process also imports torch and loads the model. one file: a job's own "
+          "seconds, longer when the processes share busy cores)")
     print(f"outputs byte-identical  {'yes' if same else 'NO'}")
-    jobs = {kind: statistics.median(r["seconds"] for _, r in lines[kind]) for kind in kinds}
-    print("one file's own job (median): " + ", ".join(f"{kind} {t:.2f} s" for kind, t in jobs.items()) +
-          "  (longer in parallel: the processes share the cores)")
-    print(f"Ray's per-file overhead  {ray_overhead(lines[kinds[2]]):.3f} s  (actor time outside the jobs, per file)")
-    print(f"Ray's start-up           {min(t - r['seconds'] for t, r in lines[kinds[2]]):.1f} s  "
-          "(cluster, actors, model load: until the first job started)")
+    print(f"Ray's per-file overhead  {median(kinds[2], lambda _, lines: ray_overhead(lines)):.3f} s  "
+          "(actor time outside the jobs, per file)")
 
 
 if __name__ == "__main__":
