@@ -34,7 +34,6 @@ class Item:
     job: Job  # the one-file job an actor runs
     attempts: int = 0
     tried: set = field(default_factory=set)  # actors it failed on
-    error: str = ""  # the last failure
 
 
 def items(job: Job) -> tuple[list[Item], str]:
@@ -61,7 +60,7 @@ def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
             advance()
         else:
             todo.append(item)
-    failed = Pool(spec).run(todo, reporter, advance) if todo else []
+    failed = Pool(spec, job.output.overwrite).run(todo, reporter, advance) if todo else []
     if failed:
         order = {item.label: i for i, item in enumerate(work)}
         raise batch.failed_summary(sorted(failed, key=order.get), len(work), what)  # the batch's order, as locally
@@ -168,7 +167,7 @@ def replay(records: list, reporter: Reporter) -> bool:
 class Pool:
     """The actors and the loop that feeds them: each idle actor takes the next file; a lost actor is replaced."""
 
-    def __init__(self, spec: RaySpec):
+    def __init__(self, spec: RaySpec, overwrite: bool = False):
         try:
             import ray
         except ImportError:
@@ -177,7 +176,7 @@ class Pool:
         options = dict(num_cpus=1) if spec.workers else dict(num_cpus=1, num_gpus=1)
         self.make = ray.remote(**options, max_restarts=0, max_task_retries=0)(Actor).remote
         self.env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
-        self.started, self.first_error = 0, None
+        self.started, self.first_error, self.overwrite = 0, None, overwrite
 
     def spawn(self):
         self.started += 1
@@ -193,11 +192,11 @@ class Pool:
     @contextlib.contextmanager
     def ours(self):
         """stdout back for this thread's results (--json stays JSON), Ray's threads still on stderr."""
-        sys.stdout = ThreadStdout(self.stdout, sys.stderr)
+        before, sys.stdout = sys.stdout, ThreadStdout(self.stdout, sys.stderr)
         try:
             yield
         finally:
-            sys.stdout = sys.stderr
+            sys.stdout = before
 
     def feed(self, todo: deque, reporter: Reporter, advance) -> list[str]:
         ray = self.ray
@@ -246,7 +245,11 @@ class Pool:
         """Run `item` again on another actor, or after --retries report it as the batch reports a bad file."""
         item.attempts += 1
         item.tried.add(actor)
-        item.error = error
+        if not self.overwrite and os.path.lexists(item.target):  # written (atomically) before its actor was lost
+            with self.ours():
+                reporter.skipped(item.label, item.target)
+            advance()
+            return
         if item.attempts <= self.spec.retries:
             say(f"qimg: warning: {item.label}: {error}; running it again ({item.attempts} of {self.spec.retries})")
             todo.appendleft(item)

@@ -132,3 +132,22 @@ def test_prompts_over_ray(cluster, ray_env, tmp_path, capsys):
     assert code == 0, err
     assert sorted(Path(r["output"]).name for r in lines) == ["0001-a-red-circle.png", "0002-a-blue-square.png"]
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+
+
+def test_a_file_written_before_its_actor_was_lost_is_not_run_again(tmp_path, capsys):
+    from collections import deque
+
+    from qimg.jobs import RaySpec
+    from qimg.ray_runner import Item, Pool
+    from qimg.report import Reporter
+
+    target = tmp_path / "p0.inpaint.png"
+    target.write_bytes(b"complete: outputs are written atomically")
+    todo, failed, advanced = deque(), [], []
+    pool = Pool(RaySpec("local", 2))
+    pool.stdout = sys.stdout
+    with Reporter() as reporter:
+        pool.retry(Item("photos/p0.png", target, None), 1, "its Ray actor was lost", todo, failed, reporter,
+                    lambda: advanced.append(1))
+    assert (list(todo), failed, advanced) == ([], [], [1])
+    assert f"{target}  exists, skipped" in capsys.readouterr().err
