@@ -86,15 +86,16 @@ def main():
     print(machine())
     print(f"{args.prompts} x generate (built-in model, steps {args.steps or 'default'}), one torch thread per "
           f"process, medians of {args.reps}\n")
-    print(f"{'':22s} {'wall':>7s}  {'ratio':>6s}  {'start':>6s}  {'one file':>8s}")
+    print(f"{'':22s} {'wall':>7s}  {'ratio':>6s}  {'start':>6s}  {'one file':>8s}  {'exit':>6s}")
     for kind in kinds:
         wall = median(kind, lambda wall, _: wall)
         start = median(kind, lambda _, lines: min(t - r["seconds"] for t, r in lines))
         job = statistics.median(r["seconds"] for _, lines in runs[kind] for _, r in lines)
-        print(f"{kind:22s} {wall:6.1f}s  {base / wall:5.2f}x  {start:5.1f}s  {job:7.2f}s")
+        end = median(kind, lambda wall, lines: wall - max(t for t, _ in lines))
+        print(f"{kind:22s} {wall:6.1f}s  {base / wall:5.2f}x  {start:5.1f}s  {job:7.2f}s  {end:5.1f}s")
     print("(start: until the first job began: Python and qimg start-up, torchrun's or Ray's own (cluster, actor "
           "processes); the first job of each process also imports torch and loads the model. one file: a job's own "
-          "seconds, longer when the processes share busy cores)")
+          "seconds, longer when the processes share busy cores; exit: from the last result to the command's exit)")
     print(f"outputs byte-identical  {'yes' if same else 'NO'}")
     print(f"Ray's per-file overhead  {median(kinds[2], lambda _, lines: ray_overhead(lines)):.3f} s  "
           "(actor time outside the jobs, per file)")
