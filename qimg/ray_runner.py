@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -279,16 +280,30 @@ class ThreadStdout:
 
 def connect(ray, address: str) -> None:
     """Join the cluster --ray names: local starts one on this machine for the run (shut down after)."""
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=False)  # the actors' lines come back as records
+    quiet = dict(log_to_driver=False)  # the actors' lines come back as records
+    check_reachable(address)
     try:
-        if address == "local":
-            ray.init(address="local", include_dashboard=False, **quiet)
+        if address == "local":  # a cluster for this run alone: Ray's notices about clusters (auth tokens) are noise
+            ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR, **quiet)
         else:
-            ray.init(address=address, **quiet)
+            ray.init(address=address, logging_level=logging.WARNING, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "$RAY_ADDRESS or a running cluster" if address == "auto" else address
         raise QimgError(f"--ray {address}: cannot join the Ray cluster at {where} ({str(e).splitlines()[0][:160]})"
                         ) from None
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT address must answer before Ray is asked to join it: Ray itself retries a dead address for
+    minutes, one warning after another."""
+    host, _, port = address.rpartition(":")
+    if address in ("local", "auto") or "://" in address or not host or not port.isdigit():
+        return  # Ray's to resolve
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise QimgError(f"--ray {address}: nothing answers there ({e.strerror or e}); give the address "
+                        "`ray start --head` printed, or auto") from None
 
 
 def actor_count(ray, spec: RaySpec) -> int:

@@ -151,3 +151,15 @@ def test_a_file_written_before_its_actor_was_lost_is_not_run_again(tmp_path, cap
                     lambda: advanced.append(1))
     assert (list(todo), failed, advanced) == ([], [], [1])
     assert f"{target}  exists, skipped" in capsys.readouterr().err
+
+
+def test_an_address_where_nothing_answers_fails_at_once(tmp_path, capsys):
+    file = tmp_path / "p.txt"
+    file.write_text("a red circle\n")
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", f"127.0.0.1:{port}",
+                        "--ray-workers", "2")
+    assert code == 1 and f"--ray 127.0.0.1:{port}: nothing answers there" in err and time.monotonic() - started < 30
