@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import QimgError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 LEFT_OUT = re.compile(r"(\.(inpaint|outpaint|edit)(-\d+)?|_mask)$")  # stems a folder's listing skips
@@ -20,6 +20,14 @@ def expand_inputs(args: list[Path]) -> tuple[list[Path], bool]:
     files, sorted, leaving out qimg's own outputs (`*.inpaint.png`, `*.outpaint-2.png`) and `*_mask` files, so
     re-running over a folder does not edit its results. A glob the shell left alone (quoted, or Windows)
     gives its matches. Several arguments, a folder or a glob make a batch; one file does not."""
+    named, batch = named_inputs(args)
+    return [f for f, _ in named], batch
+
+
+def named_inputs(args: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
+    """expand_inputs' files, each with its name relative to the batch's root (what --shard divides by, the
+    same on every machine whatever the working folder or mount point): a folder's files by their name in
+    it, a glob's matches relative to the glob's fixed leading folders, a file given alone by its name."""
     files, batch = [], len(args) > 1
     for arg in args:
         if arg.is_dir():
@@ -27,18 +35,26 @@ def expand_inputs(args: list[Path]) -> tuple[list[Path], bool]:
                            and not LEFT_OUT.search(p.stem))
             if not found:
                 raise UsageError(f"folder {arg} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files += found
+            files += [(p, p.name) for p in found]
             batch = True
         elif not arg.exists() and glob.has_magic(str(arg)):
             found = sorted(Path(p) for p in glob.glob(str(arg)) if Path(p).is_file())
             if not found:
                 raise UsageError(f"no files match {str(arg)!r}")
-            files += found
+            root = os.path.join(*(_fixed_parts(arg) or (".",)))
+            files += [(p, Path(os.path.relpath(p, root)).as_posix()) for p in found]
             batch = True
         else:
-            files.append(arg)
-    unique = list({real(f): f for f in reversed(files)}.values())[::-1]  # each file once, first place kept
+            files.append((arg, arg.name))
+    unique = list({real(f): (f, name) for f, name in reversed(files)}.values())[::-1]  # each file once, first kept
     return unique, batch
+
+
+def _fixed_parts(pattern: Path) -> tuple[str, ...]:
+    """The leading parts of a glob with no wildcard in them."""
+    parts = pattern.parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return parts[:fixed]
 
 
 def real(path: Path) -> Path:
@@ -60,7 +76,12 @@ def mask_for(mask_dir: Path, image: Path) -> Path:
 def file_seed(seed: int, image: Path) -> int:
     """A batch file's own seed: fixed by the batch seed and the file's name (not its folder), so a re-run or a
     resumed run gives every file the seed it had, and files differ from one another."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{image.name}".encode()).digest()[:4], "big")
+    return name_seed(seed, image.name)
+
+
+def name_seed(seed: int, name: str) -> int:
+    """The seed of a batch's item called `name` (an input's file name, a prompt file's output name)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:4], "big")
 
 
 def output_name(image: Path, kind: str, out_dir: Path | None) -> Path:
@@ -101,9 +122,18 @@ def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads) 
 def check_outputs_free(files: list[Path], kind: str, out_dir: Path | None) -> None:
     """Refuse, before anything runs, a batch whose outputs exist already: without --skip-existing or
     --overwrite it is unclear whether the user means to resume or to redo, and a guess costs work or files."""
-    outputs = (output_name(f, kind, out_dir) for f in files)
+    check_free([output_name(f, kind, out_dir) for f in files])
+
+
+def check_free(outputs: list[Path]) -> None:
+    """check_outputs_free for a batch's output paths."""
     taken = [out for out in outputs if os.path.lexists(out)]  # a dangling symlink too
     if taken:
         named = ", ".join(map(str, taken[:3])) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-        raise UsageError(f"{len(taken)} of {len(files)} outputs exist already ({named}); pass --skip-existing to "
-                         "resume the batch, or --overwrite to replace them")
+        raise UsageError(f"{len(taken)} of {len(outputs)} outputs exist already ({named}); pass --skip-existing "
+                         "to resume the batch, or --overwrite to replace them")
+
+
+def failed_summary(failed: list, total: int, what: str) -> QimgError:
+    """The error a batch ends with when some of its items failed (exit 1), naming them."""
+    return QimgError(f"{len(failed)} of {total} {what} failed: {', '.join(map(str, failed))}")

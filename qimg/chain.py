@@ -28,7 +28,8 @@ KINDS = ("inpaint", "outpaint", "edit")
 CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size",
                "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
                "lora", "transformer", "dequantize", "quantize"}
-BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir"}  # inpaint/outpaint over many files: no place in a chain
+BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir",  # inpaint/outpaint over many files: no place in a chain
+              "shard", "ray", "ray_workers", "retries"}
 # edit's --size and --mask-crop: a chain's canvas keeps its size, and its latent covers the whole of it
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY | {"size", "mask_crop"}
 # Every edit's mask is built (a float per canvas pixel) before the model loads, and YAML aliases let a 256 KB

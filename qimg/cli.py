@@ -24,8 +24,8 @@ app = typer.Typer(
     help="Generate and edit images with Qwen-Image from the shell.",
 )
 
-PROMPT, MASK, SAMPLING, MODEL, OUTPUT, CACHE, SPEED = (
-    "Prompt", "Mask", "Sampling", "Model and device", "Output", "Cache", "Speed")
+PROMPT, MASK, SAMPLING, MODEL, OUTPUT, CACHE, SPEED, SCALE = (
+    "Prompt", "Mask", "Sampling", "Model and device", "Output", "Cache", "Speed", "Many GPUs, many machines")
 
 
 def utf8_text(value: Optional[str]) -> Optional[str]:
@@ -146,6 +146,18 @@ NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                          help="Soft edge width in pixels outside the mask.")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    rich_help_panel=SCALE, show_default="all", help="I/N: only the batch's inputs whose name hashes to shard I of N "
+    "(from 0); auto: from RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT.")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    rich_help_panel=SCALE, metavar="ADDRESS", help="Spread the batch over Ray actors (pip install 'qimg\\[ray]'): "
+    "local (a cluster started for the run), auto ($RAY_ADDRESS or the running one) or the cluster's address.")]
+RayWorkersOpt = Annotated[Optional[int], typer.Option(
+    min=1, max=100_000, rich_help_panel=SCALE, show_default="one per GPU of the cluster",
+    help="With --ray: this many actors, one CPU each.")]
+RetriesOpt = Annotated[int, typer.Option(
+    min=0, max=100, rich_help_panel=SCALE,
+    help="With --ray: run a file whose actor failed or was lost again on another, this many times.")]
 Anchor = Literal["center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right"]
 
 
@@ -159,12 +171,13 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
 # The parts of a job every model command declares alike, from the command's parameters (its `locals()`).
 
 
-def model_of(p: dict) -> jobs.ModelSpec:
+def model_of(p: dict, part=None) -> jobs.ModelSpec:
+    """part: the --shard, whose torchrun LOCAL_RANK picks the GPU under --device auto."""
     from .lora import parse_spec
 
     return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
-                          p["dequantize"], p["quantize"])
+                          p["dequantize"], p["quantize"], part.local_rank if part is not None else None)
 
 
 def cache_of(p: dict) -> jobs.CacheSpec:
@@ -194,18 +207,41 @@ def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
 
 def edit_job(shape, p: dict) -> jobs.Edit:
     """inpaint's and outpaint's job: the mask's options in `shape`, the rest from the command's parameters."""
+    part = shard_of(p)
     return jobs.Edit(tuple(p["images"]), shape, jobs.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
                                                             p["seed"], *shortcuts_of(p)),
                      p["strength"], p["attn_mask"], p["context"], output_of(p), p["out_dir"], p["skip_existing"],
-                     model_of(p), cache_of(p), p["preset"])
+                     model_of(p, part), cache_of(p), p["preset"], part)
 
 
-def execute(job: jobs.Job, as_json: bool) -> None:
+def shard_of(p: dict):
+    """--shard as a shard.Shard (None: the whole batch)."""
+    from . import shard
+
+    return shard.parse(p["shard"]) if p["shard"] is not None else None
+
+
+def ray_of(p: dict) -> Optional[jobs.RaySpec]:
+    """--ray, --ray-workers and --retries as a jobs.RaySpec (None: no Ray)."""
+    if p["ray"] is None:
+        for name in ("ray_workers", "retries"):
+            if p[name] != {"ray_workers": None, "retries": 2}[name]:
+                raise UsageError(f"--{name.replace('_', '-')} goes with --ray ADDRESS")
+        return None
+    return jobs.RaySpec(p["ray"], p["ray_workers"], p["retries"])
+
+
+def execute(job: jobs.Job, as_json: bool, ray: Optional[jobs.RaySpec] = None) -> None:
     from . import runner
 
     with Reporter(as_json) as reporter:
         try:
-            runner.execute(job, reporter)
+            if ray is not None:
+                from . import ray_runner
+
+                ray_runner.execute(job, ray, reporter)
+            else:
+                runner.execute(job, reporter)
         except Interrupted as e:
             e.written = reporter.written  # the stop's message names what was finished
             raise
@@ -216,7 +252,13 @@ def execute(job: jobs.Job, as_json: bool) -> None:
 
 @app.command()
 def generate(
-    prompt: PromptOpt, negative_prompt: NegativeOpt = None, size: SizeOpt = None, steps: StepsOpt = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT, show_default=False,
+        help="What to draw (any language); or --prompts.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=PROMPT, help="A batch: one prompt per line, or a .jsonl/.yaml list of prompts or of "
+        "{prompt, seed, size, negative_prompt}; writes <out-dir>/<n>-<slug>.png.")] = None,
+    negative_prompt: NegativeOpt = None, size: SizeOpt = None, steps: StepsOpt = None,
     cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None, model: ModelOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
@@ -225,13 +267,32 @@ def generate(
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    out_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT, show_default="the working folder",
+                                                    help="With --prompts: the folder for the outputs.")] = None,
+    skip_existing: Annotated[bool, typer.Option(
+        rich_help_panel=OUTPUT, help="With --prompts: skip entries whose output exists (resume).")] = False,
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
 ):
-    """Generate an image from a prompt."""
+    """Generate an image from a prompt, or one per entry of a --prompts file."""
     from .edits import parse_size
 
-    execute(jobs.Generate(jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals())),
-                          parse_size(size) if size else None,
-                          output_of(locals()), model_of(locals()), cache_of(locals()), preset), json_)
+    if (prompt is None) == (prompts is None):
+        raise UsageError("give --prompt TEXT or --prompts FILE" + (", not both" if prompts else ""))
+    if prompts is None:
+        for name, value, default in (("--out-dir", out_dir, None), ("--skip-existing", skip_existing, False),
+                                     ("--shard", shard, None), ("--ray", ray, None)):
+            if value != default:
+                raise UsageError(f"{name} goes with --prompts FILE (a batch)")
+    p = jobs.Prompt(prompt or "", negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    if prompts is None:
+        job = jobs.Generate(p, parse_size(size) if size else None, output_of(locals()), model_of(locals()),
+                            cache_of(locals()), preset)
+    else:
+        part = shard_of(locals())
+        job = jobs.Prompts(prompts, p, parse_size(size) if size else None, output_of(locals()),
+                           out_dir or Path("."), skip_existing, model_of(locals(), part), cache_of(locals()), preset,
+                           part)
+    execute(job, json_, ray_of(locals()))
 
 
 @app.command()
@@ -259,10 +320,11 @@ def inpaint(
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
-    execute(edit_job(shape, locals()), json_)
+    execute(edit_job(shape, locals()), json_, ray_of(locals()))
 
 
 @app.command()
@@ -287,11 +349,12 @@ def outpaint(
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
     shape = jobs.Outpaint(left, right, top, bottom, expand, to, anchor, feather)
-    execute(edit_job(shape, locals()), json_)
+    execute(edit_job(shape, locals()), json_, ray_of(locals()))
 
 
 def any_size(value: Optional[str]) -> Optional[str]:
@@ -344,6 +407,7 @@ def edit(
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
     mask (pixels outside it stay byte-identical). The result has the input's size."""
@@ -353,10 +417,12 @@ def edit(
     shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
         else None
     instruction = jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    part = shard_of(locals())
     execute(jobs.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
                           parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
-                          output_of(locals()), out_dir, skip_existing, model_of(locals()), cache_of(locals()), preset),
-            json_)
+                          output_of(locals()), out_dir, skip_existing, model_of(locals(), part), cache_of(locals()),
+                          preset, part),
+            json_, ray_of(locals()))
 
 
 @app.command()

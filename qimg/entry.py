@@ -36,13 +36,17 @@ def main() -> None:
     taken = [signum for signum in STOPS if signal.getsignal(signum) is not signal.SIG_IGN]
     for signum in taken:
         signal.signal(signum, _stop_while_starting)
-    from .worker.client import maybe_submit
+    from .worker.client import maybe_submit, spreads
 
     code = maybe_submit(sys.argv[1:])  # a running worker first (the client imports nothing heavy)
     if code is None:
         from .cli import run
 
         code = run(sys.argv[1:])
+        if spreads(sys.argv[1:]):
+            from .torchrun import finish
+
+            finish(code, taken)  # under torchrun, a failed shard lets the others finish
     for signum in taken:  # the run is over and has said so: a signal now changes nothing
         signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

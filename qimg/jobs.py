@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from .shard import Shard
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -22,6 +24,7 @@ class ModelSpec:
     transformer: Optional[Path] = None  # the transformer's weights from one file (GGUF, fp8, ...)
     dequantize: Optional[bool] = None  # unpack packed weights at load; None: on the CPU only
     quantize: str = "none"  # fp8: pack the transformer's block weights at load
+    local_rank: Optional[int] = None  # torchrun's LOCAL_RANK (--shard auto): with device auto, that GPU
 
     def speed(self) -> dict:
         """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:
@@ -74,6 +77,7 @@ class Generate:
     model: ModelSpec = field(default_factory=ModelSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     preset: Optional[str] = None  # recorded in the metadata
+    member: bool = False  # one entry of a --prompts batch: its output named "output", not "--out", in messages
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,9 @@ class Edit:
     model: ModelSpec = field(default_factory=ModelSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     preset: Optional[str] = None
+    shard: Optional[Shard] = None  # --shard: only this part of the batch
+    member: bool = False  # one file of a batch whose other files run elsewhere (a Ray actor's): named, seeded,
+    # reported as in the batch, whose up-front checks the batch's own process made
 
     @property
     def kind(self) -> str:
@@ -144,6 +151,8 @@ class Instruct:
     model: ModelSpec = field(default_factory=ModelSpec)
     cache: CacheSpec = field(default_factory=CacheSpec)
     preset: Optional[str] = None
+    shard: Optional[Shard] = None  # --shard: only this part of the batch
+    member: bool = False  # one file of a batch run elsewhere (a Ray actor's), as in Edit
     kind = "edit"
 
 
@@ -162,4 +171,29 @@ class Chain:
     preset: Optional[str] = None
 
 
-Job = Union[Generate, Edit, Instruct, Chain]
+@dataclass(frozen=True)
+class Prompts:
+    """generate --prompts FILE: one image per entry of the file (prompts.py), <out_dir>/<n>-<slug>.png."""
+
+    file: Path
+    prompt: Prompt  # the command line's values for every entry (its prompt text unused); an entry's own win
+    size: Optional[tuple[int, int]] = None
+    output: Output = field(default_factory=Output)
+    out_dir: Path = Path(".")
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+    shard: Optional[Shard] = None
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """--ray: the batch's files spread over a pool of Ray actors, each holding one loaded engine."""
+
+    address: str  # local: a cluster started for the run; auto: $RAY_ADDRESS or the running one; else an address
+    workers: Optional[int] = None  # --ray-workers: this many actors on CPUs; None: one per GPU of the cluster
+    retries: int = 2  # a file whose actor failed or was lost runs again on another, this many times
+
+
+Job = Union[Generate, Edit, Instruct, Chain, Prompts]

@@ -33,7 +33,8 @@ def print_result(text: str) -> None:
     except UnicodeEncodeError:
         text = text.encode(encoding, "backslashreplace").decode(encoding)
     try:
-        print(text, flush=True)
+        sys.stdout.write(text + "\n")  # one write: the lines of processes sharing a stdout (torchrun's) never mix
+        sys.stdout.flush()
     except BrokenPipeError:
         _stdout_to_null()
     except OSError as e:

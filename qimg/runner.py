@@ -9,17 +9,18 @@ import functools
 import os
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
-from . import batch, edits
+from . import batch, edits, shard
 from .errors import OutputExists, QimgError, UsageError, say
-from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Instruct, Job, ModelSpec
+from .jobs import CacheSpec, Chain, Edit, Generate, InpaintMask, Instruct, Job, ModelSpec, Output, Prompts
 from .report import Reporter
 
 
 def execute(job: Job, reporter: Reporter) -> None:
-    run = {Generate: generate, Edit: edit, Instruct: edit, Chain: chain}[type(job)]
+    run = {Generate: generate, Edit: edit, Instruct: edit, Chain: chain, Prompts: prompts}[type(job)]
     run(job, reporter)
 
 
@@ -55,6 +56,8 @@ def generation_model(folder: Path, command: str) -> None:
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
     same numbers (worker/warm.py), then serving this job's cache."""
+    import torch
+
     from .engine import DTYPES, Engine, pick_device, pick_dtype
     from .worker import warm
 
@@ -62,6 +65,8 @@ def open_engine(folder: Path, spec: ModelSpec, store):
 
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
+    if spec.device == "auto":
+        device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
     key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
     engine = warm.engine(folder, str(device), dtype, key,
@@ -175,7 +180,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     generation_model(folder, "generate")
     seed = random_seed(p.seed)
     out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
-    check_output(out, overwrite, size=job.size)
+    check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
     preview = preview_file(job.output.preview, job.output.preview_every)
     if preview:
         check_preview(preview.path, {out: "the output"}, overwrite)
@@ -282,14 +287,20 @@ def edit_previews(job: Edit | Instruct, files: list[Path], is_batch: bool, mask_
     return lambda image, out: PreviewFile(path(image), every)
 
 
-def edit(job: Edit | Instruct, reporter: Reporter) -> None:
-    """For each input build (canvas, mask), inpaint (or edit by instruction), save, report.
+class EditPlan(NamedTuple):
+    files: list  # the inputs this run edits (this shard's)
+    is_batch: bool
+    build: object  # mask_builder's
+    mask_file: object
+    store: object
+    folder: Path
+    refs: tuple  # an instruction edit's --ref pictures, read by every input
+    pictures: tuple  # instruct_pictures' (model kind, refs' pixels); () for inpaint and outpaint
 
-    One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
-    and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
-    or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
-    and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
-    of a write still ends it at once. The model loads once, for the first input that needs it."""
+
+def edit_plan(job: Edit | Instruct) -> EditPlan:
+    """Every check of an edit that needs no model, and the inputs it runs on: of a batch with --shard, that
+    shard's (the batch-wide checks see every input, so every shard refuses the same batch)."""
     from .files import check_folder
 
     kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
@@ -302,22 +313,44 @@ def edit(job: Edit | Instruct, reporter: Reporter) -> None:
     refs = job.refs if isinstance(job, Instruct) else ()
     if isinstance(job, Instruct):
         pictures = instruct_pictures(job, folder)
-        one = functools.partial(instruct_one, pictures=pictures)
     else:
         generation_model(folder, kind)
-        one, pictures = edit_one, ()
+        pictures = ()
     if out_dir is not None:
         check_folder(out_dir, "--out-dir")
     if isinstance(job.shape, InpaintMask) and job.shape.mask_dir is not None and not job.shape.mask_dir.is_dir():
         raise UsageError(f"--mask-dir {job.shape.mask_dir} is not a folder; give the folder of the masks")
-    files, is_batch = batch.expand_inputs(list(job.images))
+    named, is_batch = batch.named_inputs(list(job.images))
+    files, is_batch = [f for f, _ in named], is_batch or job.member
     if is_batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
         batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image), *refs))
-    if is_batch and not (job.skip_existing or overwrite):
+    files = [f for f, _ in shard.select(named, lambda item: item[1], job.shard)]
+    announce_shard(job.shard, len(files), len(named), "images")
+    if is_batch and not (job.skip_existing or overwrite or job.member):
         batch.check_outputs_free(files, kind, out_dir)
+    return EditPlan(files, is_batch, build, mask_file, store, folder, refs, pictures)
+
+
+def announce_shard(part, chosen: int, total: int, what: str) -> None:
+    """The line that tells the processes' logs apart: which shard this is and how much of the batch it takes."""
+    if part is not None:
+        say(f"qimg: shard {part}: {chosen} of {total} {what}")
+
+
+def edit(job: Edit | Instruct, reporter: Reporter) -> None:
+    """For each input build (canvas, mask), inpaint (or edit by instruction), save, report.
+
+    One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
+    and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
+    or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
+    and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
+    of a write still ends it at once. The model loads once, for the first input that needs it."""
+    kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
+    files, is_batch, build, mask_file, store, folder, refs, pictures = edit_plan(job)
+    one = functools.partial(instruct_one, pictures=pictures) if pictures else edit_one
     previews = edit_previews(job, files, is_batch, mask_file, refs)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
     failed = []
@@ -352,7 +385,7 @@ def edit(job: Edit | Instruct, reporter: Reporter) -> None:
                 reporter.failed(image, failure)
         advance()
     if failed:
-        raise QimgError(f"{len(failed)} of {len(files)} images failed: {', '.join(map(str, failed))}")
+        raise batch.failed_summary(failed, len(files), "images")
 
 
 def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
@@ -447,6 +480,66 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
     out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
                       target[1])
     reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+
+
+# --- generate --prompts ------------------------------------------------------------------------------------
+
+
+def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
+    """Every check of generate --prompts that needs no model, and this shard's entries as generate jobs:
+    (how messages name the entry, its job). As a folder batch: fixed output names, refused up front if any
+    exists unless --skip-existing or --overwrite, each entry's seed its own or derived from --seed and its
+    output name."""
+    from . import prompts as prompt_file
+    from .files import check_folder
+
+    if job.skip_existing and job.output.overwrite:
+        raise UsageError("give --skip-existing or --overwrite, not both")
+    if job.output.out is not None:
+        raise UsageError("--out names one file but --prompts makes one per prompt; use --out-dir")
+    open_cache(job.cache)
+    resolve_model(job.model)
+    check_folder(job.out_dir, "--out-dir")
+    entries = prompt_file.read(job.file)
+    chosen = shard.select(entries, lambda e: e.name, job.shard)
+    announce_shard(job.shard, len(chosen), len(entries), "prompts")
+    runs = [(f"{job.file} {e.where}", entry_job(job, e)) for e in chosen]
+    if not (job.skip_existing or job.output.overwrite):
+        batch.check_free([g.output.out for _, g in runs])
+    return runs
+
+
+def entry_job(job: Prompts, e) -> Generate:
+    """A prompts file's entry (prompts.Entry) as a generate job: its own values win over the command line's."""
+    p = job.prompt
+    seed = e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)
+    negative = p.negative_prompt if e.negative_prompt is None else e.negative_prompt
+    return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
+                    Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json), job.model, job.cache,
+                    job.preset, member=True)
+
+
+def prompts(job: Prompts, reporter: Reporter) -> None:
+    """generate --prompts: each entry as a generate job, with one engine kept for all (worker/warm.py). An
+    output that appears while the batch runs, or a size the device cannot hold, is that entry's failure: the
+    others complete, and the run ends with a summary and exit 1."""
+    from .worker import warm
+
+    runs, failed = prompt_jobs(job), []
+    advance = reporter.bar("prompts", len(runs))
+    with warm.kept():
+        for where, gen in runs:
+            if job.skip_existing and os.path.lexists(gen.output.out):
+                reporter.skipped(where, gen.output.out)
+            else:
+                try:
+                    generate(gen, reporter)
+                except (UsageError, OutputExists) as e:
+                    failed.append(where)
+                    reporter.failed(where, e)
+            advance()
+    if failed:
+        raise batch.failed_summary(failed, len(runs), "prompts")
 
 
 # --- chain -------------------------------------------------------------------------------------------------

@@ -225,6 +225,7 @@ edits:
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n', ["edit 1 (inpaint)", "attn_mask", "not one of 'on', 'off'"]),
     ('  - blur: {radius: 3}\n', ["edit 1", "expected {inpaint"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, out_dir: o}\n', ["edit 1 (inpaint)", "unknown key 'out_dir'"]),
+    ('  - outpaint: {right: 16, prompt: x, ray_workers: 2}\n', ["edit 1 (outpaint)", "unknown key 'ray_workers'"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, no_cache: true}\n', ["edit 1 (inpaint)", "unknown key 'no_cache'"]),
     ('  - inpaint: [1, 2]\n', ["edit 1 (inpaint)", "expected a mapping"]),
     ('  []\n', ["needs `edits:`"]),

@@ -72,3 +72,22 @@ def test_no_import_circles():
 def test_the_graph_sees_imports():
     # The checks above pass trivially if the parser finds nothing: the engine's own imports must show.
     assert {"qimg.cache", "qimg.sampling"} <= graph()["qimg.engine"]
+
+
+def test_ray_is_imported_only_when_asked_for():
+    # Ray is an optional extra (qimg[ray]): no module imports it, or the module that does, at its top level
+    # (where any run would), and only qimg.ray_runner imports it at all.
+    found = modules()
+    importers, top_level = set(), set()
+    for name, path in found.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "ray" for a in node.names):
+                importers.add(name)
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and (
+                    any(a.name.split(".")[0] == "ray" or a.name == "ray_runner" for a in node.names)
+                    or (getattr(node, "module", None) or "").split(".")[-1] in ("ray", "ray_runner")):
+                top_level.add(name)
+    assert importers == {"qimg.ray_runner"} and top_level == set()
+    assert "qimg.ray_runner" in graph()["qimg.cli"]  # the walk does see the lazy import

@@ -69,6 +69,9 @@ def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, o
     ("out: x.png\n", ["unknown key 'out'"]),
     ("overwrite: true\n", ["unknown key 'overwrite'"]),  # only the command line may let a run replace files
     ("preset: other\n", ["unknown key 'preset'"]),
+    ("shard: 0/2\n", ["unknown key 'shard'"]),  # which part of a batch, and where it runs, are each run's own
+    ("ray: auto\n", ["unknown key 'ray'"]),
+    ("prompts: p.txt\n", ["unknown key 'prompts'"]),
     ("steps: 2\nsteps-: 3\n", ["unknown key 'steps-'"]),
     ("negative-prompt: a\nnegative_prompt: b\n", ["given twice"]),
     ("steps: 2\ncfg: 1\nsteps: 3\n", ["not valid YAML", "line 3", "key 'steps' is given twice"]),

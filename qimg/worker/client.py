@@ -17,6 +17,8 @@ from ..errors import STOPS, say
 from . import paths
 
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain")  # the others are quick in-process
+SPREADING = ("--shard", "--ray")  # runs that divide a batch between processes: each runs its part itself, never
+# queued behind the others in one worker (torchrun's ranks would take turns in it, on its one device)
 OFF = ("0", "false", "off", "no")  # QIMG_WORKER values that mean in-process
 DEFAULT_IDLE = 600
 READY_TIMEOUT = 120.0  # seconds a starting worker may take to import torch and listen
@@ -57,6 +59,11 @@ class Messages:
 def command_of(argv: list[str]) -> str | None:
     """The subcommand: the first argument that is not an option (the root options are all flags)."""
     return next((a for a in argv if not a.startswith("-")), None)
+
+
+def spreads(argv: list[str]) -> bool:
+    """Whether the command divides its batch between processes (--shard, --ray)."""
+    return any(a.split("=", 1)[0] in SPREADING for a in argv)
 
 
 def connect() -> socket.socket | None:
@@ -121,10 +128,11 @@ def start(idle: float = DEFAULT_IDLE) -> tuple[int, bool]:
 
 def maybe_submit(argv: list[str]) -> int | None:
     """Run a model command in the worker and return its exit code; None when it should run in-process:
-    not a model command, --no-worker or QIMG_WORKER=0, no worker running (QIMG_WORKER=auto starts one),
+    not a model command, --no-worker or QIMG_WORKER=0, --shard or --ray, no worker running (QIMG_WORKER=auto
+    starts one),
     or the worker could not be reached before the job started."""
     mode = os.environ.get("QIMG_WORKER", "1").strip().lower()
-    if mode in OFF or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS:
+    if mode in OFF or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS or spreads(argv):
         return None
     try:
         if not paths.check_dir(paths.socket_dir(), create=mode == "auto"):

@@ -6,6 +6,7 @@ with another key drops the old engine (and its device memory) before loading the
 
 import gc
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 enabled = False  # set by the worker process only
@@ -28,6 +29,22 @@ def engine(folder, device: str, dtype: str, speed: dict, make):
         _engine = make()
         _key = key
     return _engine
+
+
+@contextmanager
+def kept():
+    """Within: engines are kept between jobs as in the worker, for a batch of jobs run in one process
+    (generate --prompts); dropped after, unless this is the worker."""
+    global enabled
+    if enabled:
+        yield
+        return
+    enabled = True
+    try:
+        yield
+    finally:
+        enabled = False
+        drop()
 
 
 def drop() -> None:
