@@ -500,6 +500,11 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
     open_cache(job.cache)
     resolve_model(job.model)
     check_folder(job.out_dir, "--out-dir")
+    if job.output.preview is not None:  # a folder, each entry's preview named as its output
+        check_folder(job.output.preview, "--preview")
+        if batch.real(job.output.preview) == batch.real(job.out_dir):
+            raise UsageError(f"--preview {job.output.preview} is the --out-dir: the previews would replace the "
+                             "outputs; give another folder")
     entries = prompt_file.read(job.file)
     chosen = shard.select(entries, lambda e: e.name, job.shard)
     announce_shard(job.shard, len(chosen), len(entries), "prompts")
@@ -515,7 +520,9 @@ def entry_job(job: Prompts, e) -> Generate:
     seed = e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)
     negative = p.negative_prompt if e.negative_prompt is None else e.negative_prompt
     return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
-                    Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json), job.model, job.cache,
+                    Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json,
+                           job.output.preview and job.output.preview / e.name, job.output.preview_every),
+                    job.model, job.cache,
                     job.preset, member=True)
 
 

@@ -15,6 +15,7 @@ from tiny_edit_checkpoint import reference_edit_pipeline, small_areas
 from qimg.cli import run
 from qimg.engine import Engine
 from qimg.instruct import calculate_dimensions
+from qimg.metadata import read_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VISION_AREA = 64 * 64
@@ -207,6 +208,20 @@ def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
         inside = pixels(tmp_path / "masks" / f"{name}.png")[..., 0] > 0
         assert after.shape == before.shape and np.array_equal(after[~inside], before[~inside])
         assert np.abs(after[inside].astype(int) - before[inside]).max() > 10
+    # --shard: the two shards' outputs are the whole batch's (their pixels and parameters but for the cache's
+    # use, a hit now), no file in both
+    for i in (0, 1):
+        code, _, err = qimg(capsys, "edit", tmp_path / "in", "--mask-dir", tmp_path / "masks", "--out-dir",
+                            tmp_path / f"shard{i}", "-m", tiny_edit_dir, "-p", "a red hat", "--edit-area", 15360,
+                            "--steps", 1, "--cfg", 1, "--seed", 3, "--shard", f"{i}/2", "--json")
+        assert code == 0, err
+    shards = [sorted(p.name for p in (tmp_path / f"shard{i}").glob("*.png")) for i in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == ["odd.edit.png", "wide.edit.png"]
+    for i, names in enumerate(shards):
+        for name in names:
+            ours, whole = (read_params(folder / name) for folder in (tmp_path / f"shard{i}", tmp_path / "out"))
+            assert ours.pop("latent_cache") == "hit" and whole.pop("latent_cache") == "miss" and ours == whole
+            assert np.array_equal(pixels(tmp_path / f"shard{i}" / name), pixels(tmp_path / "out" / name))
 
 
 def test_2511_latents_match_pipeline(tiny_2511_dir, pipelines, photos, monkeypatch):

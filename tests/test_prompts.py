@@ -124,3 +124,23 @@ def test_prompts_usage_errors(tmp_path, capsys, monkeypatch, args, fragment):
     Path("FILE").write_text("a cat\n")
     code, _, err = qimg(capsys, "generate", *args)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_previews_of_a_prompts_batch_go_to_a_folder(tmp_path, capsys, one_thread):
+    file = tmp_path / "prompts.txt"
+    file.write_text("a red circle\na blue square\n")
+    out, live = tmp_path / "out", tmp_path / "live"
+    out.mkdir()
+    live.mkdir()
+    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--preview", live, "--seed", 3,
+                            *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in live.iterdir()) == sorted(p.name for p in out.iterdir()) == \
+        ["0001-a-red-circle.png", "0002-a-blue-square.png"]
+    assert all(r["previews"] >= 1 for r in lines)
+    for name in ("0001-a-red-circle.png", "0002-a-blue-square.png"):
+        assert list(Image.open(live / name).convert("RGB").getdata()) == \
+            list(Image.open(out / name).convert("RGB").getdata())
+    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--preview", out, "--overwrite",
+                        *FAST)
+    assert code == 2 and "is the --out-dir" in err and len(err.strip().splitlines()) == 1
