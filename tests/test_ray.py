@@ -38,9 +38,14 @@ def cluster():
     log = open(Path(temp) / "head.log", "w+")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), "QIMG_WORKER": "0",
            "OMP_NUM_THREADS": "1"}
+    # With ray[client] installed the head also serves Ray Client, on 10001 unless told: give it a free port. The
+    # plain `ray` the test extra installs has no client, and refuses the option.
+    from ray._private.utils import get_ray_client_dependency_error
+
+    client = [] if get_ray_client_dependency_error() else ["--ray-client-server-port", str(free_port())]
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                              "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats", "--port", "0",
-                             "--ray-client-server-port", str(free_port()), "--temp-dir", temp],
+                             *client, "--temp-dir", temp],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -53,7 +58,10 @@ def cluster():
             time.sleep(0.2)
         yield text.split("ray start --address='")[1].split("'")[0]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head, its daemons and workers: the whole group
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # the head, its daemons and workers: the whole group
+        except ProcessLookupError:  # the head failed to start, and the group is gone with it
+            pass
         try:
             head.wait(timeout=5)
         except subprocess.TimeoutExpired:
