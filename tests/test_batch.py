@@ -67,11 +67,11 @@ def test_file_seeds_differ_by_name_and_not_by_folder():
 
 def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_model_dir, folder, tmp_path, capsys,
                                                                         monkeypatch):
-    from qimg import engine
+    from qimg import components
 
     loads = []
-    real = engine.load_transformer
-    monkeypatch.setattr(engine, "load_transformer", lambda cfg, path, *a, **k: loads.append(path.name) or
+    real = components.load_transformer
+    monkeypatch.setattr(components, "load_transformer", lambda cfg, path, *a, **k: loads.append(path.name) or
                         real(cfg, path, *a, **k))
     photos, masks = folder
     out = tmp_path / "out"

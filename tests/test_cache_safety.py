@@ -238,9 +238,9 @@ def test_preset_may_not_choose_the_cache(tmp_path, capsys):
 
 def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny_model_dir, tmp_path, capsys,
                                                                              cache_dir, monkeypatch):
-    from qimg import engine
+    from qimg import sampler
 
-    monkeypatch.setattr(engine, "euler", lambda velocity, x, *args, **kwargs: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(sampler, "euler", lambda velocity, x, *args, **kwargs: torch.full_like(x, float("nan")))
     out = tmp_path / "o.png"
     code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "--steps", "1",
                         "--device", "cpu", "--dtype", "float32", "-o", out)

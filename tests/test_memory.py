@@ -68,14 +68,14 @@ def test_packed_sizes_of_the_real_transformer_match_the_published_files():
 
 
 def test_weights_too_large_for_the_device_are_refused_before_loading(capsys, tmp_path, tiny_model_dir, monkeypatch):
-    from qimg import engine
+    from qimg import sampler
     from qimg.cli import run
     from qimg.weights import read_config
 
     tiny = (TransformerConfig.from_dict(read_config(tiny_model_dir / "transformer")),
             VAEConfig.from_dict(read_config(tiny_model_dir / "vae")))
     room = activation_bytes(32, 32, *tiny, 4) + 1000  # for the activations, not for the weights
-    monkeypatch.setattr(engine, "device_bytes", lambda device: room)
+    monkeypatch.setattr(sampler, "device_bytes", lambda device: room)
     code = run(["generate", "-p", "x", "--size", "32x32", "-m", str(tiny_model_dir), "--device", "cpu",
                 "-o", str(tmp_path / "o.png"), "--no-cache"])
     err = capsys.readouterr().err.strip()
