@@ -60,17 +60,17 @@ def test_a_prompts_file_makes_one_image_per_entry(tmp_path, capsys, one_thread):
 
 
 def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, capsys, monkeypatch, one_thread):
-    from qimg import runner
+    from qimg.runner import generate as generating
 
     file = tmp_path / "p.txt"
     file.write_text("one\ntwo\nthree\n")
-    real = runner.generate
+    real = generating.generate
 
     def first_makes_the_second(job, reporter):  # another program writes entry 2's output while entry 1 runs
         (tmp_path / "0002-two.png").write_bytes(b"theirs")
         return real(job, reporter)
 
-    monkeypatch.setattr(runner, "generate", first_makes_the_second)
+    monkeypatch.setattr(generating, "generate", first_makes_the_second)
     code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
     assert code == 1 and [Path(r["output"]).name for r in lines if "output" in r] == ["0001-one.png", "0003-three.png"]
     assert (tmp_path / "0002-two.png").read_bytes() == b"theirs"
