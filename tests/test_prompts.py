@@ -118,6 +118,8 @@ def test_a_bad_prompts_file_is_refused_up_front_naming_the_line(tmp_path, capsys
     (["--prompts", "FILE", "--skip-existing", "--overwrite"], "not both"),
     (["--prompts", "FILE", "--ray-workers", "2"], "--ray-workers goes with --ray ADDRESS"),
     (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+    (["--prompts", "."], "--prompts . is a folder; give a text, .jsonl or .yaml file"),
+    (["--prompts", "/dev/zero"], f"--prompts /dev/zero is over {64 * 1024 * 1024} bytes; split it"),
 ])
 def test_prompts_usage_errors(tmp_path, capsys, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
