@@ -16,7 +16,7 @@ import torch
 from common import machine, timed
 
 from qimg.engine import Engine
-from qimg.runner import PreviewFile
+from qimg.runner.previews import PreviewFile
 from qimg.weights import builtin_model
 
 PROMPT = "a red circle above a blue square"

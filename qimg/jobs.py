@@ -1,5 +1,5 @@
 """Jobs as data: what one command asks for, parsed and typed, with nothing loaded yet. The command line
-builds them (cli.py), the runner executes them (runner.py); batches, chains and the worker share both."""
+builds them (cli.py), the runner executes them (runner/); batches, chains and the worker share both."""
 
 import os
 from dataclasses import dataclass, field

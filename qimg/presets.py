@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, get_origin
 import typer
 
 from .errors import UsageError
+from .small_files import read_small
 
 MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
 # a preset cannot pull in another, aim every run at one output or preview file, nor let runs replace files unasked
@@ -48,17 +49,7 @@ def read_yaml(path: Path, what: str) -> dict:
     """A YAML file whose top level is a mapping; any problem is one UsageError line naming the file."""
     import yaml
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)  # bounded: a path to /dev/zero or a huge file cannot exhaust memory
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{what} {path} is a folder") from None
-    except OSError as e:
-        raise UsageError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
-    if len(data) > MAX_BYTES:
-        raise UsageError(f"{what} {path} is over {MAX_BYTES} bytes, the limit")
+    data = read_small(path, what, MAX_BYTES)
     try:
         loader = yaml.SafeLoader(data)
         try:

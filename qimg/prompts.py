@@ -14,6 +14,7 @@ from typing import Optional
 
 from .edits import parse_size
 from .errors import UsageError
+from .small_files import read_small
 
 MAX_BYTES = 64 * 1024 * 1024  # a million prompts fit; a path to /dev/zero cannot exhaust memory
 KEYS = ("prompt", "seed", "size", "negative_prompt")
@@ -51,7 +52,7 @@ def slug(text: str) -> str:
 def read(path: Path) -> list[Entry]:
     """The entries of a prompts file; the first problem is one UsageError naming the file and line, with how
     many other lines are bad too, so a large file is fixed in one pass."""
-    data = _read_bytes(path)
+    data = read_small(path, "--prompts", MAX_BYTES, "; give a text, .jsonl or .yaml file", "; split it")
     if path.suffix.lower() in (".yaml", ".yml"):
         entries, problems = _yaml_entries(path, data)
     else:
@@ -63,21 +64,6 @@ def read(path: Path) -> list[Entry]:
     if not entries:
         raise UsageError(f"--prompts {path} holds no prompts")
     return entries
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"--prompts {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"--prompts {path} is a folder; give a text, .jsonl or .yaml file") from None
-    except OSError as e:
-        raise UsageError(f"--prompts {path}: cannot read it ({e.strerror or e})") from None
-    if len(data) > MAX_BYTES:
-        raise UsageError(f"--prompts {path} is over {MAX_BYTES} bytes; split it")
-    return data
 
 
 def _line_entries(path: Path, data: bytes, jsonl: bool):

@@ -1,6 +1,6 @@
 """--ray: a batch's files spread over a pool of Ray actors, one per GPU (or --ray-workers N on CPUs), each
 holding one loaded engine and taking the next file when it finishes one, so slow and fast machines share the
-work. Each file runs on an actor as a one-file job of the batch (runner.py, the engine kept between files as
+work. Each file runs on an actor as a one-file job of the batch (runner/, the engine kept between files as
 in the worker), written by the actor straight to its target path (shared storage) with the usual atomic
 save; its lines come back to this process, which prints them, draws the one progress bar and ends with the
 batch's summary. A file whose actor failed or was lost runs again on another, --retries times; one that
@@ -23,6 +23,8 @@ from . import batch, runner
 from .errors import OutputExists, QimgError, QimgWarning, UsageError, failure_line, say
 from .jobs import Edit, Instruct, Job, Prompts, RaySpec
 from .report import Reporter
+from .runner.edit import edit_plan
+from .runner.generate import prompt_jobs
 
 FORWARDED = ("QIMG_", "HF_")  # the client's settings the actors take: model, cache, hub (QIMG_DEBUG too)
 TEST_EXIT = "QIMG_TEST_ACTOR_EXIT"  # tests: "NAME" makes an actor exit on the file NAME, "NAME:MARK" only once
@@ -41,9 +43,9 @@ def items(job: Job) -> tuple[list[Item], str]:
     """The batch as one-file jobs, after every check that needs no model (runner's, for the whole batch and
     this --shard), and what the bar counts."""
     if isinstance(job, Prompts):
-        return [Item(where, gen.output.out, gen) for where, gen in runner.prompt_jobs(job)], "prompts"
+        return [Item(where, gen.output.out, gen) for where, gen in prompt_jobs(job)], "prompts"
     if isinstance(job, (Edit, Instruct)):
-        files, is_batch = runner.edit_plan(job)[:2]
+        files, is_batch = edit_plan(job)[:2]
         if not is_batch:
             raise UsageError("--ray spreads a batch over actors; give a folder, several files or a glob")
         return [Item(str(f), batch.output_name(f, job.kind, job.out_dir),

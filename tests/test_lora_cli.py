@@ -194,16 +194,16 @@ def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(
 
 def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny_model_dir, layers, tmp_path,
                                                                             monkeypatch):
-    from qimg import runner
     from qimg.jobs import ModelSpec
     from qimg.lora import LoraSpec
+    from qimg.runner.shared import open_engine
     from qimg.worker import warm
 
     file = tmp_path / "style.safetensors"
     save_file(lightning_lora(layers, seed=1), file)
 
     def engine(*loras):
-        return runner.open_engine(tiny_model_dir, ModelSpec(device="cpu", dtype="float32", loras=loras), None)
+        return open_engine(tiny_model_dir, ModelSpec(device="cpu", dtype="float32", loras=loras), None)
 
     monkeypatch.setattr(warm, "enabled", True)
     try:

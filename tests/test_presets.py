@@ -140,7 +140,8 @@ def test_preset_for_another_command_is_refused(tmp_path, capsys):
     assert code == 2 and "unknown key 'left'" in one_line(err)
 
 
-@pytest.mark.parametrize("name, fragment", [("no-such-preset", "bundled: fast"), ("missing.yaml", "no such file")])
+@pytest.mark.parametrize("name, fragment", [("no-such-preset", "bundled: fast"), ("missing.yaml", "no such file"),
+                                            ("/", "preset / is a folder")])
 def test_missing_preset(tmp_path, capsys, name, fragment):
     code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "--preset", name)
     assert code == 2 and fragment in one_line(err)

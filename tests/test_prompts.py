@@ -60,17 +60,17 @@ def test_a_prompts_file_makes_one_image_per_entry(tmp_path, capsys, one_thread):
 
 
 def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, capsys, monkeypatch, one_thread):
-    from qimg import runner
+    from qimg.runner import generate as generating
 
     file = tmp_path / "p.txt"
     file.write_text("one\ntwo\nthree\n")
-    real = runner.generate
+    real = generating.generate
 
     def first_makes_the_second(job, reporter):  # another program writes entry 2's output while entry 1 runs
         (tmp_path / "0002-two.png").write_bytes(b"theirs")
         return real(job, reporter)
 
-    monkeypatch.setattr(runner, "generate", first_makes_the_second)
+    monkeypatch.setattr(generating, "generate", first_makes_the_second)
     code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
     assert code == 1 and [Path(r["output"]).name for r in lines if "output" in r] == ["0001-one.png", "0003-three.png"]
     assert (tmp_path / "0002-two.png").read_bytes() == b"theirs"
@@ -118,6 +118,8 @@ def test_a_bad_prompts_file_is_refused_up_front_naming_the_line(tmp_path, capsys
     (["--prompts", "FILE", "--skip-existing", "--overwrite"], "not both"),
     (["--prompts", "FILE", "--ray-workers", "2"], "--ray-workers goes with --ray ADDRESS"),
     (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
+    (["--prompts", "."], "--prompts . is a folder; give a text, .jsonl or .yaml file"),
+    (["--prompts", "/dev/zero"], f"--prompts /dev/zero is over {64 * 1024 * 1024} bytes; split it"),
 ])
 def test_prompts_usage_errors(tmp_path, capsys, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
