@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from .canvas import Canvas, edited, place, to_window, window_size
-from .components import DTYPES, pick_device, pick_dtype  # noqa: F401  (runner.py imports them from here)
 from .masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from .preview import mapped
 from .sampler import Sampler

@@ -47,10 +47,10 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     same numbers (worker/warm.py), then serving this job's cache."""
     import torch
 
-    from ..engine import DTYPES, Engine, pick_device, pick_dtype
-    from ..worker import warm
-
+    from ..components import DTYPES, pick_device, pick_dtype
+    from ..engine import Engine
     from ..lora import identity
+    from ..worker import warm
 
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
