@@ -5,6 +5,7 @@ its line named."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -141,8 +142,8 @@ def test_previews_of_a_prompts_batch_go_to_a_folder(tmp_path, capsys, one_thread
         ["0001-a-red-circle.png", "0002-a-blue-square.png"]
     assert all(r["previews"] >= 1 for r in lines)
     for name in ("0001-a-red-circle.png", "0002-a-blue-square.png"):
-        assert list(Image.open(live / name).convert("RGB").getdata()) == \
-            list(Image.open(out / name).convert("RGB").getdata())
+        assert np.array_equal(np.asarray(Image.open(live / name).convert("RGB")),
+                              np.asarray(Image.open(out / name).convert("RGB")))
     code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--preview", out, "--overwrite",
                         *FAST)
     assert code == 2 and "is the --out-dir" in err and len(err.strip().splitlines()) == 1
