@@ -101,11 +101,13 @@ def check_distinct_outputs(files: list[Path], kind: str, out_dir: Path | None) -
         seen[out] = f
 
 
-def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads) -> None:
-    """Refuse a batch in which an output would replace a file the batch reads (any input, any input's mask),
-    --overwrite or not: the files are read one after another, so a replaced one would be read as the new
-    picture. reads(image): the other files that input's edit reads; one it cannot name fails in its turn."""
+def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads, refs: tuple = ()) -> None:
+    """Refuse a batch in which an output would replace a file the batch reads (any input, any input's mask, a
+    --ref picture every edit reads), --overwrite or not: the files are read one after another, so a replaced
+    one would be read as the new picture. reads(image): the masks that input's edit reads; one it cannot name
+    fails in its turn."""
     read = {real(f): f"input {f}" for f in files}
+    read.update((real(r), f"the --ref picture {r}") for r in refs)
     for f in files:
         try:
             others = reads(f)

@@ -95,6 +95,9 @@ def read_chain(ctx, path: Path, overrides: dict) -> list[Step]:
             resolved["mask"] = path.parent / resolved["mask"]  # relative to the chain file; absolute stays
         if resolved.get("ref"):
             resolved["ref"] = [path.parent / ref for ref in resolved["ref"]]
+        if kind == "edit" and not (resolved.get("prompt") or "").strip():
+            raise UsageError(f"{where}: the prompt is empty: say what to change, e.g. prompt: replace the sky "
+                             "with a sunset")
         steps.append(Step(index, kind, where, {**resolved, "preset": preset}))
     return steps
 

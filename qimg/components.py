@@ -8,6 +8,7 @@ output; `weight_bytes` what the transformer's weights take on the device.
 """
 
 import gc
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -59,7 +60,28 @@ class Defaults:
         unknown = sorted(d.keys() - names)
         if unknown:
             raise QimgError(f"{file}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+        for name, value in d.items():
+            check_default(file, name, value, cls.__dataclass_fields__[name].default)
         return cls(**d)
+
+
+# The least value each number in qimg.json may take: what the command line's options allow.
+LEAST = {"width": 16, "height": 16, "steps": 1, "cfg": 0, "max_pixels": 16 * 16, "edit_area": 32 * 32,
+         "vision_area": 28 * 28}
+
+
+def check_default(file: Path, name: str, value, default) -> None:
+    """A qimg.json value of the kind its default is (a whole number, a number, a text) and not below LEAST."""
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise QimgError(f"{file}: {name} must be a text, not {value!r}")
+        return
+    whole = isinstance(default, int)
+    kinds = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < LEAST[name]:
+        raise QimgError(f"{file}: {name} must be a {'whole ' if whole else ''}number of at least {LEAST[name]}, "
+                        f"not {value!r}")
 
 
 def pick_device(name: str) -> torch.device:

@@ -145,8 +145,8 @@ def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] =
     if not path.exists():
         return
     if _same_file(path, read_only):
-        raise UsageError(f"{what} {path} is a file this run reads (a mask or a chain file), which qimg never "
-                         "replaces; choose another name")
+        raise UsageError(f"{what} {path} is a file this run reads (a mask, a --ref picture or a chain file), "
+                         "which qimg never replaces; choose another name")
     if overwrite:
         return
     if _same_file(path, inputs):

@@ -72,6 +72,7 @@ def picture(tmp_path):
     path = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)).save(path)
     Image.fromarray(np.zeros((10, 2010, 3), np.uint8)).save(tmp_path / "thin.png")
+    shutil.copy(path, tmp_path / "ref.png")
     return path
 
 
@@ -89,6 +90,8 @@ CASES = {  # name: (model, extra arguments, fragment of the message)
     "mask crop without a mask": ("edit", ["--mask-crop", "16"], "--mask-crop 16 needs a mask"),
     "empty mask": ("edit", ["--rect", "0,0,0,0"], "width and height must be positive"),
     "missing ref": ("plus", ["--ref", "{missing}"], "no such file"),
+    "huge size": ("edit", ["--size", "60000x60000"], "--size 60000x60000 is 60000x60000 = 3,600 megapixels"),
+    "output is the ref": ("plus", ["--ref", "{ref}", "-o", "{ref}", "--overwrite"], "a --ref picture"),
 }
 
 
@@ -99,11 +102,12 @@ def test_errors_are_one_line_exit_2_and_write_nothing(case, broken, tiny_model_d
     model, extra, fragment = CASES[case]
     folders = {"base": tiny_model_dir, "edit": tiny_edit_checkpoints["edit"], "plus": tiny_edit_checkpoints["plus"],
                **broken}
-    names = {"in": picture, "thin": tmp_path / "thin.png", "missing": tmp_path / "missing.png"}
+    names = {"in": picture, "thin": tmp_path / "thin.png", "ref": tmp_path / "ref.png",
+             "missing": tmp_path / "missing.png"}
     extra = [a.format(**{k: str(v) for k, v in names.items()}) for a in extra]
     before = set(tmp_path.rglob("*"))
-    args = ["edit", str(picture), "-p", "make it red", *extra, "--device", "cpu", "--no-worker", "--steps", "1",
-            "--edit-area", "3072", "--vision-area", "1024", "-o", str(tmp_path / "out.png")]
+    args = ["edit", str(picture), "-p", "make it red", "-o", str(tmp_path / "out.png"), *extra, "--device", "cpu",
+            "--no-worker", "--steps", "1", "--edit-area", "3072", "--vision-area", "1024"]
     code = run(args + ([] if model == "builtin" else ["-m", str(folders[model])]))
     err = capsys.readouterr().err
     assert code == 2, err
@@ -157,3 +161,29 @@ def test_areas_come_from_qimg_json_and_the_command_line(tiny_edit_dir, picture, 
 
 def pixels_of(path):
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_a_chain_edit_step_needs_an_instruction(tiny_edit_dir, picture, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text('edits:\n  - edit: {prompt: "a hat"}\n  - edit: {prompt: "  "}\n')
+    code = run(["chain", str(picture), str(tmp_path / "c.yaml"), "-m", str(tiny_edit_dir), "-o",
+                str(tmp_path / "out.png"), "--device", "cpu", "--no-worker", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "edit 2 (edit): the prompt is empty" in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"edit_area": "big"}, "edit_area must be a whole number of at least 1024"),
+    ({"edit_area": 5}, "edit_area must be a whole number"),
+    ({"vision_area": -3}, "vision_area must be"),
+    ({"steps": True}, "steps must be"),
+    ({"cfg": "4"}, "cfg must be a number of at least 0"),
+    ({"negative_prompt": 3}, "negative_prompt must be a text")])
+def test_qimg_json_values_are_checked(values, fragment, tiny_edit_dir, picture, tmp_path, capsys):
+    folder = shutil.copytree(tiny_edit_dir, tmp_path / "model")
+    (folder / "qimg.json").write_text(json.dumps(values))
+    code = run(["edit", str(picture), "-p", "x", "-m", str(folder), "-o", str(tmp_path / "out.png"), "--device",
+                "cpu", "--no-worker", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "qimg.json: " + fragment in err, err
+    assert not (tmp_path / "out.png").exists()

@@ -196,6 +196,14 @@ def test_a_batch_writes_one_preview_per_input_into_the_folder(tiny_model_dir, ph
         assert report["previews"] == 2
         preview, out = tmp_path / "previews" / f"{name}.inpaint.png", folder / f"{name}.inpaint.png"
         assert np.array_equal(pixels(preview), pixels(out))
+    # A batch's previews go to a folder of their own: not a .png name, not the inputs' folder (a later run
+    # over it would take them for inputs).
+    for where, fragment in [(tmp_path / "p.png", "into a folder; give a folder"), (folder, "holds inputs")]:
+        code, _, err = qimg(capsys, "inpaint", folder, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir,
+                            "--preview", where, "--steps", "2", "--overwrite", *FAST)
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "p.png").exists() and sorted(os.listdir(folder)) == [
+        "a.inpaint.png", "a.png", "b.inpaint.png", "b.png"]
 
 
 def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path):

@@ -100,7 +100,7 @@ def edit_plan(job: Edit | Instruct) -> EditPlan:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
-        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image), *refs))
+        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),), refs)
     files = [f for f, _ in shard.select(named, lambda item: item[1], job.shard)]
     announce_shard(job.shard, len(files), len(named), "images")
     if is_batch and not (job.skip_existing or overwrite or job.member):
@@ -190,7 +190,7 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
 
 def instruct_pictures(job: Instruct, folder: Path) -> tuple:
     """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
-    from ..files import load_image
+    from ..files import check_pixels, load_image
     from ..instruct import check_model
 
     if not job.prompt.prompt.strip():
@@ -198,6 +198,8 @@ def instruct_pictures(job: Instruct, folder: Path) -> tuple:
     if job.size and job.shape is not None:
         raise UsageError("--size does not combine with a mask: a masked edit keeps the input's pixels, and so "
                          "its size")
+    if job.size:
+        check_pixels(job.size, f"--size {job.size[0]}x{job.size[1]}", "give a smaller size")
     if job.mask_crop is not None and job.shape is None:
         raise UsageError(f"--mask-crop {job.mask_crop} needs a mask (--mask, --rect or --mask-dir) to crop around")
     if job.strength < 1 and job.shape is None:

@@ -2,6 +2,7 @@
 result with its parameters; for an edit batch, one file each in the --preview folder, all checked before
 anything runs."""
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -67,7 +68,12 @@ def edit_previews(job: Edit | Instruct, files: list[Path], is_batch: bool, mask_
             return PreviewFile(where, every)
 
         return previews
+    if where.suffix.lower() == ".png" and not os.path.lexists(where):  # (an existing file: check_folder says so)
+        raise UsageError(f"--preview {where}: a batch writes one preview per input, into a folder; give a folder")
     check_folder(where, "--preview")
+    if any(batch.real(f.parent) == batch.real(where) for f in files):
+        raise UsageError(f"--preview {where} holds inputs of this batch: previews there would be read as inputs by "
+                         "the next run over it; give another folder")
 
     def path(image):
         return where / batch.output_name(image, job.kind, None).name
