@@ -66,6 +66,9 @@ def parse_spec(text: str) -> LoraSpec:
         try:
             value = float(scale)
         except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise UsageError(f"--lora {text}: the scale {scale!r} is not a number (FILE:SCALE, e.g. "
+                                 f"{path}:0.8)") from None
             return LoraSpec(Path(text))
         if not math.isfinite(value):
             raise UsageError(f"--lora {text}: the scale {scale} is not a finite number")
@@ -208,6 +211,9 @@ def file_scale(kind: str, parts: dict, name: str, config: dict | None, what: str
     if "alpha" in parts:
         if parts["alpha"].numel() != 1 or not math.isfinite(alpha := float(parts["alpha"].float().flatten()[0])):
             raise UsageError(f"{what}: the alpha of {name} must be one finite number")
+        if alpha == 0:
+            raise UsageError(f"{what}: the alpha of {name} is 0, which makes its update nothing; the file is "
+                             "damaged or was saved wrongly")
     if kind == "lora":
         rank = parts["down"].shape[0]
         if alpha is not None:
@@ -263,8 +269,11 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
         if suffix != "alpha":  # bare alphas sit beside any layout
             layouts.add(style)
         kind, part = PARTS[suffix]
-        group = groups.setdefault(name, {"kinds": set(), "parts": {}, "key": key})
-        group["parts"][part] = tensors[key]
+        group = groups.setdefault(name, {"kinds": set(), "parts": {}, "keys": {}, "key": key})
+        if part in group["parts"]:  # the same layer under two key layouts: neither may silently win
+            raise UsageError(f"{what}: {group['keys'][part]} and {key} are the same {part} of {name}; a file "
+                             "holds each layer once")
+        group["parts"][part], group["keys"][part] = tensors[key], key
         if kind:
             group["kinds"].add(kind)
     if unmatched:
@@ -282,6 +291,9 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
             raise UsageError(f"{what}: the {kind} adapter of {name} is incomplete (has {', '.join(sorted(factors))})")
         if any(t.ndim != 2 for t in factors.values()):
             raise UsageError(f"{what}: {key}: adapter factors must be matrices (this one is for a convolution?)")
+        if not all(t.is_floating_point() and bool(t.isfinite().all()) for t in factors.values()):
+            raise UsageError(f"{what}: the factors of {name} are not all finite floating-point numbers; the file "
+                             "is damaged or not a LoRA: download it again")
         adapter = Adapter(kind, factors, strength * file_scale(kind, parts, name, config, what))
         if kind == "lora" and factors["down"].shape[0] != factors["up"].shape[1]:
             raise UsageError(f"{what}: {name}: its down and up factors have different ranks")

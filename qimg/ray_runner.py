@@ -297,15 +297,17 @@ def connect(ray, address: str) -> None:
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
     """A HOST:PORT address must answer before Ray is asked to join it: Ray itself retries a dead address for
-    minutes, one warning after another."""
-    host, _, port = address.rpartition(":")
-    if address in ("local", "auto") or "://" in address or not host or not port.isdigit():
+    minutes, one warning after another. auto: the address in $RAY_ADDRESS, when it gives one."""
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    host, _, port = target.rpartition(":")
+    if target in ("", "local", "auto") or "://" in target or not host or not port.isdigit():
         return  # Ray's to resolve
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
-        raise QimgError(f"--ray {address}: nothing answers there ({e.strerror or e}); give the address "
-                        "`ray start --head` printed, or auto") from None
+        where = f"at $RAY_ADDRESS {target}" if address == "auto" else "there"
+        raise QimgError(f"--ray {address}: nothing answers {where} ({e.strerror or e}); give the address "
+                        "`ray start --head` printed") from None
 
 
 def actor_count(ray, spec: RaySpec) -> int:

@@ -37,6 +37,9 @@ class Source:
     def __post_init__(self):
         if self.quantize not in QUANTIZE:
             raise UsageError(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        if self.quantize != "none" and self.file is not None and self.file.suffix.lower() == ".gguf":
+            raise UsageError(f"--quantize {self.quantize} packs dense weights; {self.file} is GGUF, already "
+                             "quantized: leave --quantize out")
         if self.file is not None and self.file.is_file():
             start_sha256(self.file)  # tens of seconds for a large file: it runs while the job does
 

@@ -209,3 +209,27 @@ def test_peft_and_lycoris_prefixes_map_like_the_others(layers):
         assert format == name and adapters.keys() == expected.keys()
         for m, a in adapters.items():
             torch.testing.assert_close(delta(a), scale * delta(expected[m]))
+
+
+def test_a_layer_in_two_layouts_or_with_unusable_factors_is_refused(layers):
+    """Nothing of a file may be dropped or applied as nothing without a word."""
+    f = factors(layers)
+    one = {"img_in": f["img_in"]}
+    with pytest.raises(UsageError, match="are the same down of img_in"):
+        map_keys(write(one, "peft") | write(one, "lightning", alpha=False), {}, layers, 1.0, "test")
+    sd = write(one, "kohya")
+    sd["lora_unet_img_in.alpha"] = torch.tensor(0.0)
+    with pytest.raises(UsageError, match="the alpha of img_in is 0"):
+        map_keys(sd, {}, layers, 1.0, "test")
+    for bad in (torch.full_like(f["img_in"][0], float("nan")), f["img_in"][0].to(torch.int8)):
+        with pytest.raises(UsageError, match="not all finite floating-point"):
+            map_keys(write({"img_in": (bad, f["img_in"][1])}, "peft"), {}, layers, 1.0, "test")
+
+
+def test_a_scale_that_is_no_number_is_named(tmp_path):
+    file = tmp_path / "l.safetensors"
+    file.write_bytes(b"x")
+    for text in (f"{file}:abc", f"{file}:"):
+        with pytest.raises(UsageError, match="is not a number"):
+            parse_spec(text)
+    assert parse_spec(f"{tmp_path}/other:abc").path.name == "other:abc"  # no such file: the colon is its name's

@@ -171,3 +171,11 @@ def test_an_address_where_nothing_answers_fails_at_once(tmp_path, capsys):
     code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", f"127.0.0.1:{port}",
                         "--ray-workers", "2")
     assert code == 1 and f"--ray 127.0.0.1:{port}: nothing answers there" in err and time.monotonic() - started < 30
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as m:  # auto: the address $RAY_ADDRESS gives is checked the same way
+        m.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", "auto",
+                            "--ray-workers", "2")
+    assert code == 1 and f"--ray auto: nothing answers at $RAY_ADDRESS 127.0.0.1:{port}" in err, err
+    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", "--overwrite")
+    assert code == 2 and "--ray needs an address (local, auto or HOST:PORT), not '--overwrite'" in err, err

@@ -283,3 +283,11 @@ def test_the_worker_keeps_an_engine_only_for_the_same_transformer_file(tmp_path,
     assert engine(ModelSpec(transformer=file)) == 2
     assert engine(ModelSpec(transformer=file, quantize="fp8")) == 3
     assert engine(ModelSpec()) == 4
+
+
+def test_quantize_refuses_a_gguf_file(tmp_path):
+    from qimg.errors import UsageError
+
+    (tmp_path / "t.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UsageError, match="is GGUF, already quantized"):
+        Source(tmp_path / "t.gguf", None, "fp8")
