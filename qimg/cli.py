@@ -289,12 +289,19 @@ def info(
 # --- Running -----------------------------------------------------------------------------------------------
 
 
+def bare_ray_is_local(args: list[str]) -> list[str]:
+    """`--ray` with no address (last, or followed by another option) means `--ray local`, as an option with an
+    optional value would, which Typer has not."""
+    return [a for i, arg in enumerate(args) for a in ([arg, "local"] if arg == "--ray" and (
+        i + 1 == len(args) or args[i + 1].startswith("-")) else [arg])]
+
+
 def run(args: list[str]) -> int:
     """Run the CLI and return its exit code; every failure becomes one line on stderr."""
     debug = "--debug" in args or os.environ.get("QIMG_DEBUG", "") not in ("", "0")
     try:
         with signals_raise(), warnings_as_lines():
-            code = app(args=args, prog_name="qimg", standalone_mode=False)
+            code = app(args=bare_ray_is_local(args), prog_name="qimg", standalone_mode=False)
         return code if isinstance(code, int) else 0
     except TyperException as e:
         if e.format_message():  # empty after no-args help

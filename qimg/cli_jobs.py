@@ -65,6 +65,4 @@ def ray_of(p: dict) -> Optional[jobs.RaySpec]:
             if p[name] != {"ray_workers": None, "retries": 2}[name]:
                 raise UsageError(f"--{name.replace('_', '-')} goes with --ray ADDRESS")
         return None
-    if p["ray"].startswith("-"):  # `--ray --out-dir d`: the next option was taken for the address
-        raise UsageError(f"--ray needs an address (local, auto or HOST:PORT), not {p['ray']!r}: e.g. --ray local")
     return jobs.RaySpec(p["ray"], p["ray_workers"], p["retries"])

@@ -177,5 +177,12 @@ def test_an_address_where_nothing_answers_fails_at_once(tmp_path, capsys):
         code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", "auto",
                             "--ray-workers", "2")
     assert code == 1 and f"--ray auto: nothing answers at $RAY_ADDRESS 127.0.0.1:{port}" in err, err
-    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", "--overwrite")
-    assert code == 2 and "--ray needs an address (local, auto or HOST:PORT), not '--overwrite'" in err, err
+
+
+
+def test_a_bare_ray_means_a_local_cluster():
+    from qimg.cli import bare_ray_is_local
+
+    assert bare_ray_is_local(["inpaint", "d/", "--ray"]) == ["inpaint", "d/", "--ray", "local"]
+    assert bare_ray_is_local(["generate", "--ray", "--out-dir", "o"]) == ["generate", "--ray", "local", "--out-dir", "o"]
+    assert bare_ray_is_local(["inpaint", "--ray", "auto", "d/"]) == ["inpaint", "--ray", "auto", "d/"]
