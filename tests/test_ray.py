@@ -184,5 +184,6 @@ def test_a_bare_ray_means_a_local_cluster():
     from qimg.cli import bare_ray_is_local
 
     assert bare_ray_is_local(["inpaint", "d/", "--ray"]) == ["inpaint", "d/", "--ray", "local"]
-    assert bare_ray_is_local(["generate", "--ray", "--out-dir", "o"]) == ["generate", "--ray", "local", "--out-dir", "o"]
+    assert bare_ray_is_local(["generate", "--ray", "--out-dir", "o"]) == [
+        "generate", "--ray", "local", "--out-dir", "o"]
     assert bare_ray_is_local(["inpaint", "--ray", "auto", "d/"]) == ["inpaint", "--ray", "auto", "d/"]
