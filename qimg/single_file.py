@@ -65,8 +65,8 @@ def open_weights(path: Path):
         raise UsageError(f"--transformer {path}: {'is a folder' if path.is_dir() else 'no such file'}; pass one "
                          ".gguf or .safetensors file (the model folder goes to --model)")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UsageError(f"--transformer {path} is a pickle file; qimg reads .gguf and .safetensors only, because "
-                         "pickle files can run code")
+        raise UsageError(f"--transformer {path} is a {path.suffix} file, the suffix of pickle files; qimg reads "
+                         ".gguf and .safetensors only, because pickle files can run code")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

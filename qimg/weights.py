@@ -86,10 +86,11 @@ def check_model_folder(path: Path) -> Path:
 
 def model_kind(folder: Path) -> str:
     """"qwen-image" (text to image), or the Edit model a folder holds, from its model_index.json: "edit"
-    (QwenImageEditPipeline, one picture), "edit-2509" (QwenImageEditPlusPipeline, one to three pictures), or
-    "edit-2511" when that pipeline's transformer config sets zero_cond_t (2511 differs only there)."""
+    (QwenImageEditPipeline, one picture; QwenImageEditInpaintPipeline, the same model saved by diffusers' inpaint
+    pipeline), "edit-2509" (QwenImageEditPlusPipeline, one to three pictures), or "edit-2511" when that
+    pipeline's transformer config sets zero_cond_t (2511 differs only there)."""
     name = read_json_object(folder / "model_index.json", UsageError).get("_class_name")
-    if name == "QwenImageEditPipeline":
+    if name in ("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"):
         return "edit"
     if name == "QwenImageEditPlusPipeline":
         config = folder / "transformer" / "config.json"

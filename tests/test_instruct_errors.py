@@ -32,6 +32,14 @@ def test_model_kinds(tiny_model_dir, tiny_edit_checkpoints):
         "edit": "edit", "plus": "edit-2509", "2511": "edit-2511"}
 
 
+def test_an_edit_model_saved_by_the_inpaint_pipeline_is_qwen_image_edit(tiny_edit_dir, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    index = json.loads((tiny_edit_dir / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "QwenImageEditInpaintPipeline"}))
+    assert model_kind(folder) == "edit"
+
+
 def test_prompt_key_covers_the_pictures():
     a, b = np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
     assert prompt_key("x", "fp") == prompt_key("x", "fp", ())  # base prompts keep their keys

@@ -247,7 +247,7 @@ REFUSALS = {
     "int8": "to_q.weight is int8",
     "shape": "weights of the wrong shape for this config: transformer_blocks.0.attn.to_q",
     "aio": "holds no transformer weights", "flux": "architecture 'flux'", "iq": "IQ4_XS, which qimg does not read",
-    "tq": "TQ1_0, which qimg does not read", "truncated": "is truncated", "pickle": "is a pickle file",
+    "tq": "TQ1_0, which qimg does not read", "truncated": "is truncated", "pickle": "the suffix of pickle files",
     "cut": "is neither a GGUF file nor a readable safetensors file",
 }
 
