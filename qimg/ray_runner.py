@@ -296,18 +296,43 @@ def connect(ray, address: str) -> None:
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
-    """A HOST:PORT address must answer before Ray is asked to join it: Ray itself retries a dead address for
-    minutes, one warning after another. auto: the address in $RAY_ADDRESS, when it gives one."""
+    """A HOST:PORT address must answer, and answer as Ray's GCS does (gRPC: HTTP/2), before Ray is asked to join
+    it: Ray itself retries a dead or foreign address for minutes, one warning after another. auto: the address
+    in $RAY_ADDRESS, when it gives one."""
     target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
     host, _, port = target.rpartition(":")
     if target in ("", "local", "auto") or "://" in target or not host or not port.isdigit():
         return  # Ray's to resolve
+    where = f"at $RAY_ADDRESS {target}" if address == "auto" else "there"
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            speaks = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") or speaks_http2(conn)
     except OSError as e:
-        where = f"at $RAY_ADDRESS {target}" if address == "auto" else "there"
         raise QimgError(f"--ray {address}: nothing answers {where} ({e.strerror or e}); give the address "
                         "`ray start --head` printed") from None
+    if not speaks:
+        raise QimgError(f"--ray {address}: what answers {where} is not a Ray cluster (no gRPC reply); give the "
+                        "address `ray start --head` printed")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
+
+
+def speaks_http2(conn: socket.socket) -> bool:
+    """Whether the server on `conn` answers HTTP/2's client preface with a SETTINGS frame, as every gRPC server
+    (Ray's GCS) does at once."""
+    conn.sendall(HTTP2_PREFACE)
+    conn.settimeout(3)  # a gRPC server answers at once
+    head = b""
+    try:
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:  # a timeout: a server that waits for something else
+        return False
+    return head[3] == 4  # the frame type: SETTINGS
 
 
 def actor_count(ray, spec: RaySpec) -> int:

@@ -187,3 +187,19 @@ def test_a_bare_ray_means_a_local_cluster():
     assert bare_ray_is_local(["generate", "--ray", "--out-dir", "o"]) == [
         "generate", "--ray", "local", "--out-dir", "o"]
     assert bare_ray_is_local(["inpaint", "--ray", "auto", "d/"]) == ["inpaint", "--ray", "auto", "d/"]
+
+
+def test_an_address_that_is_not_ray_fails_at_once(tmp_path, capsys):
+    """Something that accepts connections but is no gRPC server: refused in seconds, not after Ray's minutes
+    of retries and warnings."""
+    file = tmp_path / "p.txt"
+    file.write_text("a red circle\n")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray",
+                            f"127.0.0.1:{port}", "--ray-workers", "2")
+    assert code == 1 and err.count("\n") == 1 and "is not a Ray cluster" in err, err
+    assert time.monotonic() - started < 30
