@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import QimgError, UsageError
+from .errors import QimgError, UsageError, listing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 LEFT_OUT = re.compile(r"(\.(inpaint|outpaint|edit)(-\d+)?|_mask)$")  # stems a folder's listing skips
@@ -131,9 +131,8 @@ def check_free(outputs: list[Path]) -> None:
     """check_outputs_free for a batch's output paths."""
     taken = [out for out in outputs if os.path.lexists(out)]  # a dangling symlink too
     if taken:
-        named = ", ".join(map(str, taken[:3])) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-        raise UsageError(f"{len(taken)} of {len(outputs)} outputs exist already ({named}); pass --skip-existing "
-                         "to resume the batch, or --overwrite to replace them")
+        raise UsageError(f"{len(taken)} of {len(outputs)} outputs exist already ({listing(map(str, taken), 3)}); "
+                         "pass --skip-existing to resume the batch, or --overwrite to replace them")
 
 
 def failed_summary(failed: list, total: int, what: str) -> QimgError:

@@ -93,6 +93,12 @@ def failure_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first} (rerun with --debug for details)"
 
 
+def listing(items, shown: int = 5) -> str:
+    """The first `shown` of `items` for a message, and how many more there are."""
+    items = list(items)
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
 def printable(text: str) -> str:
     """`text` with control and format characters (Cc, Cf) and lone surrogates (Cs) escaped as \\uXXXX, so a
     file name printed to the terminal cannot move the cursor or recolour the text after it."""

@@ -23,9 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, listing
 
-SHOWN = 5  # how many offending keys an error lists
 # dotted prefixes, longest first; `base_model.model.` is what PEFT's own save_pretrained writes
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 FLAT = ("lora_unet_", "lycoris_")  # kohya and LyCORIS: the layer's dots written as underscores
@@ -234,11 +233,6 @@ def file_scale(kind: str, parts: dict, name: str, config: dict | None, what: str
         if f"{factor}_b" in parts:
             return alpha / parts[f"{factor}_b"].shape[0]
     return 1.0
-
-
-def listing(items) -> str:
-    items = list(items)
-    return ", ".join(items[:SHOWN]) + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
 
 
 def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what: str) -> tuple[str, dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QimgError, UsageError
+from .errors import QimgError, UsageError, listing
 
 PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
              "QwenImageEditPlusPipeline"}
@@ -196,17 +196,13 @@ def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, o
 def check_keys(folder: Path | str, expected: dict, found: dict[str, tuple], error: type[QimgError] = QimgError) -> None:
     """expected: the module's state dict; found: the checkpoint's shape for every key. error: UsageError for a
     file the user named (--transformer), QimgError for a damaged model folder."""
-    def listing(keys):
-        keys = sorted(keys)
-        return ", ".join(keys[:SHOWN]) + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
-
     missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing:
-        raise error(f"{folder}: missing weights {listing(missing)}")
+        raise error(f"{folder}: missing weights {listing(sorted(missing))}")
     if unexpected:
-        raise error(f"{folder}: unexpected weights {listing(unexpected)}")
+        raise error(f"{folder}: unexpected weights {listing(sorted(unexpected))}")
     wrong = [f"{k} {found[k]} (expected {tuple(v.shape)})" for k, v in expected.items()
              if found[k] != tuple(v.shape)]
     if wrong:
-        raise error(f"{folder}: weights of the wrong shape for this config: {listing(wrong)}")
+        raise error(f"{folder}: weights of the wrong shape for this config: {listing(sorted(wrong))}")
 
