@@ -2,6 +2,7 @@
 qimg version, installation and code (a worker of another one, or one started before the code changed,
 is never used), and a log file."""
 
+import functools
 import hashlib
 import os
 import stat
@@ -21,8 +22,10 @@ def socket_dir() -> Path:
     return Path(runtime) / "qimg" if runtime else Path(tempfile.gettempdir()) / f"qimg-{os.getuid()}"
 
 
+@functools.cache
 def installation_tag() -> str:
-    """A short hash of the qimg version, its package folder, the Python running it and its code."""
+    """A short hash of the qimg version, its package folder, the Python running it and its code: the code this
+    process loaded, so worked out once (the client asks for the socket and the lock, and again while it waits)."""
     package = Path(__file__).resolve().parent.parent
     return hashlib.sha256(f"{__version__}\0{package}\0{sys.executable}\0{code_state(package)}".encode()).hexdigest()[:12]
 
