@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import json, resource, sys, time
 t = time.perf_counter()
-from qimg.cli import run
+from qimg.cli.app import run
 code = run(sys.argv[1:])
 sys.stderr.write(json.dumps({"code": code, "wall": time.perf_counter() - t,
                              "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}) + "\\n")
@@ -96,7 +96,7 @@ def drift(args, folder: Path, photo: np.ndarray) -> None:
     import torch
 
     from qimg.cache import Store
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
     from qimg.masks import feather, grow, latent_mask, pad_to_multiple, rect_mask
 
     torch.set_num_threads(args.threads)

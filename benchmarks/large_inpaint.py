@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common import build_tiny_model, machine  # noqa: E402
-from qimg.engine import Engine  # noqa: E402
+from qimg.engine.engine import Engine  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
 

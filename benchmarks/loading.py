@@ -34,10 +34,10 @@ import json, sys, time, torch
 from pathlib import Path
 which, folder = sys.argv[1], Path(sys.argv[2])
 if which.startswith("qimg"):
-    from qimg.adapters import apply_adapters, targets
-    from qimg.lora import LoraSpec, load as load_lora
+    from qimg.weights.adapters import apply_adapters, targets
+    from qimg.weights.lora import LoraSpec, load as load_lora
     from qimg.model.transformer import QwenImageTransformer, TransformerConfig
-    from qimg.weights import load_module, read_config
+    from qimg.weights.folders import load_module, read_config
     cfg = TransformerConfig.from_dict(read_config(folder))
 
     def load():
@@ -92,7 +92,7 @@ def write_checkpoint(folder: Path, layers: int) -> int:
 
 def write_lora(file: Path, layers: int, rank: int) -> int:
     """A random bfloat16 rank-`rank` kohya LoRA over every linear layer; returns its size in bytes."""
-    from qimg.adapters import targets
+    from qimg.weights.adapters import targets
     from qimg.model.transformer import QwenImageTransformer, TransformerConfig
     from safetensors.torch import save_file
 

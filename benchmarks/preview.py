@@ -15,9 +15,9 @@ import torch
 
 from common import machine, timed
 
-from qimg.engine import Engine
-from qimg.runner.previews import PreviewFile
-from qimg.weights import builtin_model
+from qimg.engine.engine import Engine
+from qimg.jobs.previews import PreviewFile
+from qimg.weights.folders import builtin_model
 
 PROMPT = "a red circle above a blue square"
 

@@ -34,8 +34,8 @@ from pathlib import Path
 torch.set_num_threads(int(sys.argv[3]))
 folder, file = Path(sys.argv[1]), (Path(sys.argv[2]) if sys.argv[2] != "-" else None)
 from qimg.model.transformer import TransformerConfig
-from qimg.transformer_weights import Source, load_transformer
-from qimg.weights import read_config
+from qimg.weights.transformer import Source, load_transformer
+from qimg.weights.folders import read_config
 cfg = TransformerConfig.from_dict(read_config(folder))
 
 def status(key):
@@ -70,8 +70,8 @@ from pathlib import Path
 torch.set_num_threads(int(sys.argv[3]))
 folder, file = Path(sys.argv[1]), Path(sys.argv[2])
 from qimg.model.transformer import TransformerConfig
-from qimg.transformer_weights import Source, load_transformer
-from qimg.weights import read_config
+from qimg.weights.transformer import Source, load_transformer
+from qimg.weights.folders import read_config
 cfg = TransformerConfig.from_dict(read_config(folder))
 model = load_transformer(cfg, folder, Source(file, dequantize=True), torch.bfloat16, torch.device("cpu"))
 g = torch.Generator().manual_seed(0)

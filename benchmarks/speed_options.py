@@ -19,9 +19,9 @@ from common import machine
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_shortcuts import measure  # noqa: E402  (the quality gates' own measurement)
 
-from qimg.engine import Engine  # noqa: E402
+from qimg.engine.engine import Engine  # noqa: E402
 from qimg.sampling import Shortcuts  # noqa: E402
-from qimg.weights import builtin_model  # noqa: E402
+from qimg.weights.folders import builtin_model  # noqa: E402
 
 SETTINGS = {"--reuse 0.05": Shortcuts(reuse=0.05), "--reuse 0.1": Shortcuts(reuse=0.1),
             "--reuse 0.2": Shortcuts(reuse=0.2), "--cfg-until 0.5": Shortcuts(cfg_until=0.5),

@@ -21,9 +21,9 @@ HEAVY = ("torch", "transformers", "diffusers", "tokenizers", "safetensors", "num
 REPORT = f"import sys; print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)"
 CASES = {
     "python -c pass": "pass",
-    "qimg --help": "from qimg.cli import run; run(['--help'])",
+    "qimg --help": "from qimg.cli.app import run; run(['--help'])",
     "import torch": "import torch",
-    "import qimg.engine": "import qimg.engine",
+    "import qimg.engine.engine": "import qimg.engine.engine",
     "diffusers QwenImagePipeline": "from diffusers import QwenImagePipeline",
     "transformers Qwen2.5-VL class": "from transformers import Qwen2_5_VLForConditionalGeneration",
 }

@@ -1,3 +1,3 @@
-from .entry import main
+from qimg.cli.main import main
 
 main()

@@ -79,7 +79,7 @@ def parse_bytes(text: str) -> int:
 
 def size_option(text: str) -> int:
     """--cache-size in bytes, or a UsageError naming it (or $QIMG_CACHE_SIZE, when that is where it came from)."""
-    from .errors import UsageError
+    from qimg.errors import UsageError
 
     try:
         return parse_bytes(text)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .errors import UsageError
-from .files import check_pixels, grey_fraction, read_image
+from qimg.errors import UsageError
+from qimg.images import check_pixels, grey_fraction, read_image
 
 Mask = np.ndarray  # (H, W) float32 in [0, 1]
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive

@@ -3,7 +3,7 @@ on purpose, unlike files.py (numpy, Pillow): presets.py reads through it, and `q
 
 from pathlib import Path
 
-from .errors import UsageError
+from qimg.errors import UsageError
 
 
 def read_small(path: Path, what: str, limit: int, folder_fix: str = "", over_fix: str = ", the limit") -> bytes:

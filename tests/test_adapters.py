@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from qimg.adapters import Adapter, apply_adapters, delta, factors, targets
+from qimg.weights.adapters import Adapter, apply_adapters, delta, factors, targets
 
 
 def lora(out=6, inp=5, rank=2, scale=0.5, seed=0, dtype=torch.float32):
@@ -75,9 +75,9 @@ def test_other_layers_take_side_branches_with_float32_factors():
 
 
 def test_fusing_in_row_chunks_equals_fusing_whole(monkeypatch):
-    import qimg.adapters
+    import qimg.weights.adapters
 
-    monkeypatch.setattr(qimg.adapters, "ROWS", 4)  # 6 rows: a chunk of 4 and one of 2
+    monkeypatch.setattr(qimg.weights.adapters, "ROWS", 4)  # 6 rows: a chunk of 4 and one of 2
     layer = nn.Linear(5, 6)
     before = layer.weight.clone()
     a, lokr = lora(seed=4), Adapter("lokr", {"w1": torch.ones(2, 1), "w2": torch.ones(3, 5)}, 0.5)

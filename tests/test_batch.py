@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from qimg.batch import expand_inputs, file_seed, mask_for
-from qimg.cli import run
+from qimg.jobs.batch import expand_inputs, file_seed, mask_for
+from qimg.cli.app import run
 
 COMMON = ["--steps", "2", "--device", "cpu", "--json"]
 
@@ -67,7 +67,7 @@ def test_file_seeds_differ_by_name_and_not_by_folder():
 
 def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_model_dir, folder, tmp_path, capsys,
                                                                         monkeypatch):
-    from qimg import components
+    from qimg.engine import components
 
     loads = []
     real = components.load_transformer
@@ -194,7 +194,7 @@ def test_an_output_that_would_replace_another_input_is_refused(configs_only, fol
 
 def test_outputs_that_appear_while_the_batch_runs_are_kept_and_only_their_files_fail(tiny_model_dir, folder, tmp_path,
                                                                                       capsys, monkeypatch, one_thread):
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     photos, masks = folder
     out = tmp_path / "out"
@@ -244,7 +244,7 @@ def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_pa
 
     from test_interrupts import leftovers, signal_self
 
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     photos, masks = folder
     out = tmp_path / "out"

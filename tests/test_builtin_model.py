@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qimg.engine import Engine
+from qimg.engine.engine import Engine
 from qimg.model.text import DROP, TEMPLATE
 from qimg.train.evaluate import evaluate
-from qimg.weights import BUILTIN, builtin_model
+from qimg.weights.folders import BUILTIN, builtin_model
 
 PROMPT = "a red circle on the left of a blue background"
 RATIO = 1.1  # swapped-shape over true-shape loss on the object tokens (test_shape_word_changes_the_prediction)

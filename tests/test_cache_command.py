@@ -4,7 +4,7 @@ or all) and nothing else, while other runs may be reading them."""
 import json
 import os
 
-from qimg.cli import run
+from qimg.cli.app import run
 
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "4", "--size", "32x32"]
 

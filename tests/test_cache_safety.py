@@ -216,7 +216,7 @@ def test_parse_bytes_gives_a_bounded_int_or_value_error(text):
 
 @pytest.mark.parametrize("size", ["abc", "9" * 400, "inf"])
 def test_bad_cache_size_is_refused_before_torch_loads(size):
-    probe = ("import sys; from qimg.cli import run; code = run(['generate', '-p', 'x', '--cache-size', "
+    probe = ("import sys; from qimg.cli.app import run; code = run(['generate', '-p', 'x', '--cache-size', "
              f"{size!r}]); print(code, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.split()[-2:] == ["2", "False"]
@@ -238,7 +238,7 @@ def test_preset_may_not_choose_the_cache(tmp_path, capsys):
 
 def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny_model_dir, tmp_path, capsys,
                                                                              cache_dir, monkeypatch):
-    from qimg import sampler
+    from qimg.engine import latents as sampler
 
     monkeypatch.setattr(sampler, "euler", lambda velocity, x, *args, **kwargs: torch.full_like(x, float("nan")))
     out = tmp_path / "o.png"
@@ -250,9 +250,9 @@ def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny
 
 def test_chain_entry_of_another_size_is_not_what_a_chain_expects(tiny_model_dir):
     from qimg.cache import mismatch
-    from qimg.canvas import Canvas
-    from qimg.chain import expected
-    from qimg.engine import Engine
+    from qimg.engine.canvas import Canvas
+    from qimg.jobs.chain_steps import expected
+    from qimg.engine.engine import Engine
 
     specs = expected(Engine(tiny_model_dir, "cpu"), Canvas.start(np.zeros((128, 128, 3), np.uint8)))
     for fits, tensors in [(False, {"pixels": torch.zeros(40, 40, 3, dtype=torch.uint8)}),
@@ -263,7 +263,7 @@ def test_chain_entry_of_another_size_is_not_what_a_chain_expects(tiny_model_dir)
 
 
 def test_a_bad_cache_size_from_the_environment_names_the_variable(monkeypatch, capsys, tmp_path):
-    from qimg.cli import run
+    from qimg.cli.app import run
 
     monkeypatch.setenv("QIMG_CACHE_SIZE", "9x")
     assert run(["generate", "-p", "x", "-o", str(tmp_path / "o.png")]) == 2

@@ -25,17 +25,17 @@ def photo(tmp_path_factory):
 @pytest.fixture
 def spy(monkeypatch):
     """Records what the engine loads and runs, calling straight through to the real code."""
-    import qimg.components
+    import qimg.engine.components
     import qimg.model.vae
 
     seen = {"loaded": [], "text_encoders": 0, "vae_encoder_runs": 0}
-    load_module, encoder_forward = qimg.components.load_module, qimg.model.vae.Encoder.forward
+    load_module, encoder_forward = qimg.engine.components.load_module, qimg.model.vae.Encoder.forward
 
     def recording_load(build, folder, *args, only=()):
         seen["loaded"].append((folder.name, only))
         return load_module(build, folder, *args, only=only)
 
-    class RecordingTextEncoder(qimg.components.TextEncoder):
+    class RecordingTextEncoder(qimg.engine.components.TextEncoder):
         def __init__(self, *args):
             seen["text_encoders"] += 1
             super().__init__(*args)
@@ -44,8 +44,8 @@ def spy(monkeypatch):
         seen["vae_encoder_runs"] += 1
         return encoder_forward(self, x)
 
-    monkeypatch.setattr(qimg.components, "load_module", recording_load)
-    monkeypatch.setattr(qimg.components, "TextEncoder", RecordingTextEncoder)
+    monkeypatch.setattr(qimg.engine.components, "load_module", recording_load)
+    monkeypatch.setattr(qimg.engine.components, "TextEncoder", RecordingTextEncoder)
     monkeypatch.setattr(qimg.model.vae.Encoder, "forward", recording_forward)
     seen["vae_encoder_loaded"] = lambda: any(name == "vae" and "encoder." in only for name, only in seen["loaded"])
     return seen

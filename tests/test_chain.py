@@ -412,7 +412,7 @@ def test_chain_files_that_are_not_utf8_text(tiny_model_dir, photo, tmp_path, cap
 
 
 def test_merge_keys_stay_allowed_and_a_key_beside_them_wins(tmp_path):
-    from qimg.presets import read_yaml
+    from qimg.cli.presets import read_yaml
 
     path = write_chain(tmp_path, "edits:\n  - inpaint: &e {rect: '0,0,9,9', prompt: x, steps: 1}\n"
                                  "  - inpaint: {<<: *e, steps: 2}\n")
@@ -425,7 +425,7 @@ BIG_CHAIN = "prompt: x\nedits:\n  - outpaint: {to: 4000x4000}\n" + "  - inpaint:
 def test_a_wrong_model_fails_before_the_chain_is_planned(photo, tmp_path, capsys, monkeypatch):
     # Reading the file is bounded (256 KB, checked when the command line is parsed); planning its edits on the
     # input is the costly part, and the model comes first.
-    from qimg import chain as chains
+    from qimg.jobs import chain_steps as chains
 
     monkeypatch.setattr(chains, "plan", lambda *a: pytest.fail("planned the chain before finding the model"))
     chain_file = write_chain(tmp_path, BIG_CHAIN)
@@ -439,7 +439,7 @@ def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(config
     """An outpaint to 4000x4000 then 24 full-canvas edits: planning once kept a float32 mask per edit (1.6 GB)."""
     import tracemalloc
 
-    from qimg import chain as chains
+    from qimg.jobs import chain_steps as chains
     from qimg.errors import QimgError
 
     plan, peaks = chains.plan, []

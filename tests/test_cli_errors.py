@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from qimg.cli import run
+from qimg.cli.app import run
 
 
 def qimg(capsys, *args):
@@ -110,7 +110,7 @@ def test_unknown_device(capsys, tmp_path, fake_model):
 
 
 def test_help_does_not_import_torch_numpy_or_pil():
-    probe = ("import sys; from qimg.cli import run; run(['--help']); run(['generate', '--help']); "
+    probe = ("import sys; from qimg.cli.app import run; run(['--help']); run(['generate', '--help']); "
              "print([m for m in ('torch', 'numpy', 'PIL') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from qimg.cli import run
+from qimg.cli.app import run
 
 COMMON = ["--steps", "3", "--seed", "4", "--device", "cpu", "--json"]
 
@@ -82,7 +82,7 @@ def test_strength_below_one_stays_closer_to_the_input(tiny_model_dir):
     # In latent space: the tiny VAE has random weights, so its pixels cannot show closeness to the input.
     import torch
 
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     engine = Engine(tiny_model_dir, "cpu", "float32")
     z0 = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""The error matrix: every input a user can get wrong, through the real CLI (`qimg.cli.run`, in process).
+"""The error matrix: every input a user can get wrong, through the real CLI (`qimg.cli.app.run`, in process).
 
 Each case checks the exit code (2 usage, 1 runtime), one line on stderr naming the thing, no traceback,
 and that nothing was written. Cases that must fail before any weights load use `configs_only`: a model
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from qimg.cli import run
+from qimg.cli.app import run
 
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1"]
 
@@ -156,7 +156,7 @@ def test_a_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     from PIL import ImageFile
 
     from qimg.errors import UsageError
-    from qimg.files import read_image
+    from qimg.images import read_image
 
     path = tmp_path / "bomb.png"
     path.write_bytes(raw_png(20000, 20000, 8, 2, b"\0" * 100))
@@ -532,7 +532,7 @@ def test_mixed_language_prompt_is_fine(capsys, tmp_path, tiny_model_dir, one_thr
 def test_out_of_memory(capsys, tmp_path, tiny_model_dir, monkeypatch, error):
     import torch
 
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     def oom(*args, **kwargs):
         if error == "cuda":
@@ -547,7 +547,7 @@ def test_out_of_memory(capsys, tmp_path, tiny_model_dir, monkeypatch, error):
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir, monkeypatch):
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
@@ -558,7 +558,7 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_multi_line_errors_are_cut_to_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch):
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     def fail(*args, **kwargs):
         raise RuntimeError("first line\nsecond line\nthird")

@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import data
 
-from qimg import masks, presets
-from qimg.cli import app, run
-from qimg.edits import parse_size
+from qimg import masks
+from qimg.cli import presets
+from qimg.cli.app import app, run
+from qimg.jobs.edit_inputs import parse_size
 from qimg.errors import UsageError
-from qimg.metadata import png_text
+from qimg.jobs.metadata import png_text
 
 fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT = st.text(alphabet=st.sampled_from("0123456789x%,.-+ eE\t×a"), max_size=20) | st.text(max_size=12)

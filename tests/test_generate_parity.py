@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qimg.cli import run
-from qimg.engine import Engine
+from qimg.cli.app import run
+from qimg.engine.engine import Engine
 
 PROMPTS = ["a red circle on a blue background", "蓝色背景上的红色圆形", "a 红色 circle on the left"]
 

@@ -14,8 +14,8 @@ from qimg.errors import UsageError
 from qimg.model.offload import place_for_streaming
 from qimg.model.quant import PackedLinear, dequantize
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
-from qimg.single_file import open_weights
-from qimg.transformer_weights import Source, load_transformer
+from qimg.weights.single_file import open_weights
+from qimg.weights.transformer import Source, load_transformer
 from quant_files import write_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -258,7 +258,7 @@ def test_generate_with_the_mixed_file_matches_the_diffusers_gguf_pipeline(wide, 
     from diffusers import GGUFQuantizationConfig, QwenImagePipeline, QwenImageTransformer2DModel
     from PIL import Image
 
-    from qimg.cli import run
+    from qimg.cli.app import run
 
     folder, path, _ = wide
     model = tmp_path / "model"

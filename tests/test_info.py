@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from qimg.cache import array_hash, fingerprint
-from qimg.cli import run
+from qimg.cli.app import run
 from qimg.masks import rect_mask
 
 

@@ -12,10 +12,10 @@ from skimage import data
 
 from tiny_edit_checkpoint import reference_edit_pipeline, small_areas
 
-from qimg.cli import run
-from qimg.engine import Engine
-from qimg.instruct import calculate_dimensions
-from qimg.metadata import read_params
+from qimg.cli.app import run
+from qimg.engine.engine import Engine
+from qimg.engine.instruct import calculate_dimensions
+from qimg.jobs.metadata import read_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VISION_AREA = 64 * 64
@@ -225,8 +225,8 @@ def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
 
 
 def test_2511_latents_match_pipeline(tiny_2511_dir, pipelines, photos, monkeypatch):
-    from qimg.canvas import Canvas
-    from qimg.instruct import Areas, edit_canvas
+    from qimg.engine.canvas import Canvas
+    from qimg.engine.instruct import Areas, edit_canvas
     from qimg.model.transformer import patchify
 
     image, ref = pixels(photos["wide"]), pixels(photos["ref2"])
@@ -273,7 +273,7 @@ def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path,
 def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_path, capsys, extra):
     """Every preview has the output's size and, with a mask, the input's pixels outside it; the last one is the
     output; the output is the same with or without previews."""
-    from qimg import files
+    from qimg import images as files
 
     written, save = [], files.save_image
 

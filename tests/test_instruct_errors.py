@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from qimg.cache import prompt_key
-from qimg.cli import run
+from qimg.cli.app import run
 from qimg.errors import QimgWarning
-from qimg.instruct import calculate_dimensions, check_pictures
-from qimg.weights import model_kind
+from qimg.engine.instruct import calculate_dimensions, check_pictures
+from qimg.weights.folders import model_kind
 
 
 def test_calculate_dimensions_is_the_reference_s():

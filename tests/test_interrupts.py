@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qimg.cli import run
+from qimg.cli.app import run
 from qimg.errors import STOPS
-from qimg.report import Reporter
+from qimg.jobs.report import Reporter
 
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1", "--size", "32x32"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def signal_self(signum):
 
 @pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_while_sampling_writes_nothing(capsys, tmp_path, tiny_model_dir, monkeypatch, signum, code, word):
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     monkeypatch.setattr(Engine, "generate", signal_self(signum))
     before = signal.getsignal(signum)
@@ -76,7 +76,7 @@ def test_signal_in_the_middle_of_writing_keeps_the_old_file(capsys, tmp_path, ti
 def test_save_writes_a_synced_temp_file_beside_the_target_then_renames(tmp_path, monkeypatch, overwrite, publish):
     """With --overwrite the temp file is renamed over the target; without, hard-linked to it, which fails
     rather than replace a file that appeared meanwhile."""
-    from qimg.files import save_image
+    from qimg.images import save_image
 
     calls = []
     real = {name: getattr(os, name) for name in ("fsync", "replace", "link")}
@@ -95,7 +95,7 @@ def test_save_writes_a_synced_temp_file_beside_the_target_then_renames(tmp_path,
 
 def test_a_file_that_appears_during_the_save_is_kept(tmp_path, monkeypatch):
     from qimg.errors import OutputExists
-    from qimg.files import save_image
+    from qimg.images import save_image
 
     out = tmp_path / "o.png"
     real_fsync = os.fsync
@@ -234,7 +234,7 @@ def test_signals_at_random_moments_stop_cleanly(tmp_path, tiny_model_dir):
 
 
 def test_stale_temp_files_are_removed_and_live_ones_kept(tmp_path):
-    from qimg.files import STALE_TEMP_SECONDS, remove_stale_temps
+    from qimg.images import STALE_TEMP_SECONDS, remove_stale_temps
 
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
@@ -256,7 +256,7 @@ def test_stale_temp_files_are_removed_and_live_ones_kept(tmp_path):
 
 def test_a_default_name_taken_during_the_run_takes_the_next_number(capsys, tmp_path, tiny_model_dir, monkeypatch):
     """Two runs started together pick one default name; the one that saves second takes the next number."""
-    from qimg.engine import Engine
+    from qimg.engine.engine import Engine
 
     real = Engine.generate
 

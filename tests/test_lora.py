@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-from qimg.adapters import apply_adapters, delta, targets
+from qimg.weights.adapters import apply_adapters, delta, targets
 from qimg.errors import UsageError
-from qimg.lora import LoraSpec, load, map_keys, parse_spec, summary
+from qimg.weights.lora import LoraSpec, load, map_keys, parse_spec, summary
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 
 CFG = TransformerConfig.tiny()

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qimg.adapters import targets
+from qimg.weights.adapters import targets
 from qimg.cache import fingerprint
-from qimg.cli import run
+from qimg.cli.app import run
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.sampling import ScheduleConfig, flow_sigmas, shifted
 
@@ -194,10 +194,10 @@ def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(
 
 def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny_model_dir, layers, tmp_path,
                                                                             monkeypatch):
-    from qimg.jobs import ModelSpec
-    from qimg.lora import LoraSpec
-    from qimg.runner.shared import open_engine
-    from qimg.worker import warm
+    from qimg.jobs.spec import ModelSpec
+    from qimg.weights.lora import LoraSpec
+    from qimg.jobs.common import open_engine
+    from qimg.jobs import kept_engine as warm
 
     file = tmp_path / "style.safetensors"
     save_file(lightning_lora(layers, seed=1), file)
@@ -220,8 +220,8 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
 
 
 def test_offload_modes_apply_the_lora_alike_and_again_after_a_reload(tiny_model_dir, lora_file):
-    from qimg.engine import Engine
-    from qimg.lora import LoraSpec
+    from qimg.engine.engine import Engine
+    from qimg.weights.lora import LoraSpec
 
     job = dict(prompt=PROMPT, negative_prompt=" ", width=32, height=32, steps=2, cfg=1.0, seed=3)
     loras = (LoraSpec(lora_file, 0.7),)

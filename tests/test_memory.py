@@ -1,6 +1,6 @@
 """The working-memory estimate that refuses absurd sizes before any weights load."""
 
-from qimg.memory import activation_bytes, gigabytes
+from qimg.engine.memory import activation_bytes, gigabytes
 from qimg.model.transformer import TransformerConfig
 from qimg.model.vae import VAEConfig
 
@@ -45,10 +45,10 @@ def test_packed_sizes_of_the_real_transformer_match_the_published_files():
 
     import torch
 
-    from qimg.memory import resident_bytes
+    from qimg.engine.memory import resident_bytes
     from qimg.model.quant import packed_size
     from qimg.model.transformer import QwenImageTransformer, TransformerConfig
-    from qimg.transformer_weights import Source, tensor_sizes
+    from qimg.weights.transformer import Source, tensor_sizes
 
     cfg, gpu = TransformerConfig(), torch.device("meta")  # any device but the CPU keeps weights packed
     dense = tensor_sizes(cfg, None, Source(), torch.bfloat16, gpu)
@@ -68,9 +68,9 @@ def test_packed_sizes_of_the_real_transformer_match_the_published_files():
 
 
 def test_weights_too_large_for_the_device_are_refused_before_loading(capsys, tmp_path, tiny_model_dir, monkeypatch):
-    from qimg import sampler
-    from qimg.cli import run
-    from qimg.weights import read_config
+    from qimg.engine import latents as sampler
+    from qimg.cli.app import run
+    from qimg.weights.folders import read_config
 
     tiny = (TransformerConfig.from_dict(read_config(tiny_model_dir / "transformer")),
             VAEConfig.from_dict(read_config(tiny_model_dir / "vae")))

@@ -65,7 +65,7 @@ def test_a_batch_out_dir_that_cannot_be_a_folder_is_refused_up_front(capsys, tmp
 
 
 def test_a_default_name_held_by_a_dangling_symlink_is_numbered(tmp_path):
-    from qimg.files import default_output
+    from qimg.images import default_output
 
     (tmp_path / "qimg-1.png").symlink_to(tmp_path / "gone.png")
     assert default_output("qimg-1", tmp_path) == tmp_path / "qimg-1-2.png"
@@ -101,7 +101,7 @@ def test_outpaint_refuses_a_result_the_format_cannot_hold(capsys, tmp_path, phot
 
 def test_the_pixel_limit_and_its_message_agree(tmp_path):
     from qimg.errors import UsageError
-    from qimg.files import read_image
+    from qimg.images import read_image
 
     path = tmp_path / "big.png"
     path.write_bytes(raw_png(11500, 11400, 8, 2, b"\0" * 100))  # 131.1 million pixels
@@ -119,7 +119,7 @@ def test_escape_sequences_in_file_names_are_not_sent_to_the_terminal(capsys, tmp
 
 
 def test_a_large_xmp_chunk_does_not_make_an_input_unreadable(tmp_path):
-    from qimg.files import load_image, read_image
+    from qimg.images import load_image, read_image
 
     info = PngImagePlugin.PngInfo()
     info.add_itxt("XML:com.adobe.xmp", "<x/>" * 400_000, zip=True)  # 1.6 MB once decompressed
@@ -189,7 +189,7 @@ def test_info_on_an_ascii_stdout_escapes_and_a_full_stdout_is_one_line(tmp_path,
 @pytest.mark.parametrize("colour_type, channels", [(2, 3), (6, 4)])
 def test_16_bit_rgb_pngs_round_to_8_bits(tmp_path, colour_type, channels):
     """round(v / 257), as the README says and 16-bit greyscale does; not Pillow's high byte (v >> 8)."""
-    from qimg.files import read_image
+    from qimg.images import read_image
 
     v = np.random.default_rng(1).integers(0, 65536, (6, 5, channels)).astype(">u2")
     raw = v.view(np.uint8).reshape(6, -1)

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from qimg.cli import run
+from qimg.cli.app import run
 
 
 def qimg(capsys, *args):
@@ -49,7 +49,7 @@ def test_preset_values_apply_and_explicit_flags_win(tiny_model_dir, tmp_path, ca
 
 
 def test_bundled_preset_by_name(tiny_model_dir, tmp_path, capsys, monkeypatch, one_thread):
-    from qimg import presets
+    from qimg.cli import presets
 
     monkeypatch.setattr(presets, "bundled_folder", lambda: tmp_path / "bundled")
     (tmp_path / "bundled").mkdir()
@@ -161,8 +161,8 @@ def test_every_bundled_preset_checks_against_the_commands_it_lists(capsys):
     """`qimg presets` says which commands a preset fits; each of those must accept it."""
     import typer
 
-    from qimg import presets
-    from qimg.cli import app
+    from qimg.cli import presets
+    from qimg.cli.app import app
 
     group = typer.main.get_command(app)
     arguments = {"generate": ["-p", "x"], "inpaint": ["i.png", "-p", "x"], "outpaint": ["i.png", "-p", "x"],

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qimg.cli import run
-from qimg.preview import watching
+from qimg.cli.app import run
+from qimg.engine.preview import watching
 from qimg.sampling import euler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def pixels(path: Path) -> np.ndarray:
 @pytest.fixture
 def written(monkeypatch):
     """Every image saved, as (file name, pixels), in order."""
-    from qimg import files
+    from qimg import images as files
 
     saved, save = [], files.save_image
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qimg.batch import name_seed
-from qimg.cli import run
-from qimg.metadata import read_params
-from qimg.prompts import slug
+from qimg.jobs.batch import name_seed
+from qimg.cli.app import run
+from qimg.jobs.metadata import read_params
+from qimg.jobs.prompts_file import slug
 
 FAST = ["--steps", "2", "--device", "cpu", "--no-cache", "--size", "32x32", "--json"]
 
@@ -61,7 +61,7 @@ def test_a_prompts_file_makes_one_image_per_entry(tmp_path, capsys, one_thread):
 
 
 def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, capsys, monkeypatch, one_thread):
-    from qimg.runner import generate as generating
+    from qimg.jobs import generate as generating
 
     file = tmp_path / "p.txt"
     file.write_text("one\ntwo\nthree\n")

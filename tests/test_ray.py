@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qimg.cli import run
+from qimg.cli.app import run
 
 pytest.importorskip("ray")
 
@@ -145,9 +145,9 @@ def test_prompts_over_ray(cluster, ray_env, tmp_path, capsys):
 def test_a_file_written_before_its_actor_was_lost_is_not_run_again(tmp_path, capsys):
     from collections import deque
 
-    from qimg.jobs import RaySpec
-    from qimg.ray_runner import Item, Pool
-    from qimg.report import Reporter
+    from qimg.jobs.spec import RaySpec
+    from qimg.jobs.ray_runner import Item, Pool
+    from qimg.jobs.report import Reporter
 
     target = tmp_path / "p0.inpaint.png"
     target.write_bytes(b"complete: outputs are written atomically")
@@ -181,7 +181,7 @@ def test_an_address_where_nothing_answers_fails_at_once(tmp_path, capsys):
 
 
 def test_a_bare_ray_means_a_local_cluster():
-    from qimg.cli import bare_ray_is_local
+    from qimg.cli.app import bare_ray_is_local
 
     assert bare_ray_is_local(["inpaint", "d/", "--ray"]) == ["inpaint", "d/", "--ray", "local"]
     assert bare_ray_is_local(["generate", "--ray", "--out-dir", "o"]) == [

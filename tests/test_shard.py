@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qimg import shard
-from qimg.batch import named_inputs
-from qimg.cli import run
+from qimg.jobs import shard
+from qimg.jobs.batch import named_inputs
+from qimg.cli.app import run
 from qimg.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def test_sharded_runs_never_go_to_the_worker(monkeypatch):
 def test_a_result_line_is_written_at_once(monkeypatch):
     # torchrun's ranks share one stdout: a line written in two pieces (the text, then its newline) can have
     # another rank's line land between them, and `--json > results.jsonl` would not be JSON lines
-    from qimg.report import print_result
+    from qimg.jobs.report import print_result
 
     writes = []
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from qimg.cli import run
+from qimg.cli.app import run
 from qimg.sampling import Reuse, Shortcuts, euler, reusing
 
 FAST = ["--steps", "6", "--seed", "3", "--device", "cpu", "--size", "32x32", "--no-cache"]
@@ -45,8 +45,8 @@ def measure(engine, shortcuts: Shortcuts, n: int = 12) -> dict:
 
 @pytest.fixture(scope="module")
 def builtin_engine(one_thread):
-    from qimg.engine import Engine
-    from qimg.weights import builtin_model
+    from qimg.engine.engine import Engine
+    from qimg.weights.folders import builtin_model
 
     return Engine(builtin_model(), "cpu", "float32")
 

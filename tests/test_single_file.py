@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qimg.cli import run
+from qimg.cli.app import run
 from qimg.errors import QimgWarning
 from qimg.model.quant import PackedLinear
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
-from qimg.single_file import folder_weights
-from qimg.transformer_weights import Source, load_transformer
-from qimg.weights import load_module, read_config
+from qimg.weights.single_file import folder_weights
+from qimg.weights.transformer import Source, load_transformer
+from qimg.weights.folders import load_module, read_config
 from quant_files import write_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,8 +265,8 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_model_dir
 
 
 def test_the_worker_keeps_an_engine_only_for_the_same_transformer_file(tmp_path, tiny_model_dir, monkeypatch):
-    from qimg.jobs import ModelSpec
-    from qimg.worker import warm
+    from qimg.jobs.spec import ModelSpec
+    from qimg.jobs import kept_engine as warm
 
     monkeypatch.setattr(warm, "enabled", True)
     monkeypatch.setattr(warm, "_key", None)

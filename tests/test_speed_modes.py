@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import qimg.sampler
-from qimg.cli import run
-from qimg.engine import Engine
+import qimg.engine.latents
+from qimg.cli.app import run
+from qimg.engine.engine import Engine
 from qimg.model.tiling import tile_starts, tiled_decode
 
 JOB = dict(prompt="a red circle", negative_prompt=" ", width=64, height=48, steps=2, cfg=4.0, seed=3)
@@ -79,12 +79,12 @@ def test_tiled_decode_is_close_to_a_whole_decode(tiny_model_dir):
 
 
 def test_engine_tiles_only_when_asked_or_above_the_threshold(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(qimg.sampler, "TILE", 24)  # small tiles, so a small latent spans several
+    monkeypatch.setattr(qimg.engine.latents, "TILE", 24)  # small tiles, so a small latent spans several
     latent = torch.randn(1, 16, 40, 40, generator=torch.Generator().manual_seed(1))  # 320 x 320 px
     decoded = {mode: Engine(tiny_model_dir, "cpu", "float32", vae_tiling=mode).decode(latent)
                for mode in ("off", "on", "auto")}
     assert np.array_equal(decoded["auto"], decoded["off"]) and not np.array_equal(decoded["on"], decoded["off"])
-    monkeypatch.setattr(qimg.sampler, "TILE_ABOVE", 256 * 256)
+    monkeypatch.setattr(qimg.engine.latents, "TILE_ABOVE", 256 * 256)
     assert np.array_equal(Engine(tiny_model_dir, "cpu", "float32").decode(latent), decoded["on"])
 
 

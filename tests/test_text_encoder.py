@@ -150,7 +150,7 @@ def test_keys_match_transformers_language_model_at_real_size():
 
 def test_generate_imports_neither_transformers_nor_dynamo(tiny_model_dir, tmp_path):
     probe = (
-        "import sys; from qimg.cli import run; "
+        "import sys; from qimg.cli.app import run; "
         f"code = run(['generate', '-m', {str(tiny_model_dir)!r}, '-p', 'x', '--size', '32x32', '--steps', '1', "
         f"'--cfg', '2', '-o', {str(tmp_path / 'o.png')!r}]); "
         "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers', 'accelerate') "

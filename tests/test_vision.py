@@ -15,7 +15,7 @@ from qimg.errors import UsageError
 from qimg.model import vision
 from qimg.model.vision import VisionConfig, VisionTower
 from qimg.model.vl_image import ImageConfig, preprocess
-from qimg.weights import load_module, read_config
+from qimg.weights.folders import load_module, read_config
 
 CPU = torch.device("cpu")
 SIZES = [  # (height, width)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qimg.errors import QimgError
-from qimg.weights import load_module, safetensors_files
+from qimg.weights.folders import load_module, safetensors_files
 
 
 class Net(nn.Module):

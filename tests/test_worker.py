@@ -110,7 +110,7 @@ def test_the_client_imports_nothing_heavy(env, tiny_model_dir, tmp_path):
 import sys
 from qimg.worker.client import maybe_submit
 assert maybe_submit(["generate", "-p", "x", "-m", {str(tiny_model_dir)!r}, "--size", "16x16", *{FAST!r}]) == 0
-print(json.dumps(sorted(m for m in ("torch", "numpy", "PIL", "typer", "rich", "qimg.cli") if m in sys.modules)))
+print(json.dumps(sorted(m for m in ("torch", "numpy", "PIL", "typer", "rich", "qimg.cli.app") if m in sys.modules)))
 """.replace("import sys", "import json, sys")
     import os
     import subprocess

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import QimgError, QimgWarning
-from ..weights import load_module, read_config
-from .qwen2 import Qwen2Config, Qwen2Model, remap_keys
-from .tokenizer import Tokenizer
+from qimg.errors import QimgError, QimgWarning
+from qimg.weights.folders import load_module, read_config
+from qimg.model.qwen2 import Qwen2Config, Qwen2Model, remap_keys
+from qimg.model.tokenizer import Tokenizer
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import QimgError
-from ..weights import read_json_object
+from qimg.errors import QimgError
+from qimg.weights.folders import read_json_object
 
 # transformers' Qwen2 PRETOKENIZE_REGEX: contractions, letter runs, single digits, punctuation, spaces.
 SPLIT_REGEX = (

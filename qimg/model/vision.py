@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .qwen2 import RMSNorm
+from qimg.model.qwen2 import RMSNorm
 
 EPS = 1e-6  # every RMSNorm of the tower (transformers hard-codes it)
 

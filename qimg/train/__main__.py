@@ -1,7 +1,7 @@
 import argparse
 from pathlib import Path
 
-from .train import main
+from qimg.train.train import main
 
 parser = argparse.ArgumentParser(prog="python -m qimg.train", description="Train the built-in shapes model.")
 parser.add_argument("out", type=Path, help="folder to write the model to (diffusers layout)")

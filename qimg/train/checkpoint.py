@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..model.text import TEMPLATE
+from qimg.model.text import TEMPLATE
 
 # In Qwen's order; the text encoder config points its vision token ids at the last four.
 SPECIAL_TOKENS = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shapes import COLORS, LANGUAGES, POSITIONS, article, caption, nearest_color, sample_scene
+from qimg.train.shapes import COLORS, LANGUAGES, POSITIONS, article, caption, nearest_color, sample_scene
 
 MIN_AREA = 30  # pixels; smaller regions are noise
 
@@ -156,8 +156,8 @@ def markdown(table: dict) -> str:
 
 
 def main() -> None:
-    from ..engine import Engine
-    from ..weights import builtin_model
+    from qimg.engine.engine import Engine
+    from qimg.weights.folders import builtin_model
 
     parser = argparse.ArgumentParser(prog="python -m qimg.train.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, nargs="?", default=None, help="model folder [default: built-in]")

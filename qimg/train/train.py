@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..model.text import DROP, TEMPLATE, pad_batch
-from ..model.transformer import QwenImageTransformer, TransformerConfig, patchify
-from ..model.vae import CausalConv3d, QwenImageVAE, VAEConfig
-from ..sampling import noised, time_shift
-from .checkpoint import special_ids, text_encoder, train_tokenizer, write_folder
-from .evaluate import background
-from .shapes import LANGUAGES, SHAPES, Scene, caption, render, sample_scene, words
+from qimg.model.text import DROP, TEMPLATE, pad_batch
+from qimg.model.transformer import QwenImageTransformer, TransformerConfig, patchify
+from qimg.model.vae import CausalConv3d, QwenImageVAE, VAEConfig
+from qimg.sampling import noised, time_shift
+from qimg.train.checkpoint import special_ids, text_encoder, train_tokenizer, write_folder
+from qimg.train.evaluate import background
+from qimg.train.shapes import LANGUAGES, SHAPES, Scene, caption, render, sample_scene, words
 
 SIZE = 128  # native resolution: 16x16 latents, 64 image tokens
 TEXT_WIDTH = 128
@@ -271,7 +271,7 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
 
 def load_part(folder: Path, name: str):
     """The VAE or transformer of an exported model, in float32."""
-    from ..weights import read_config
+    from qimg.weights.folders import read_config
 
     build = {"vae": lambda c: QwenImageVAE(VAEConfig.from_dict(c)),
              "transformer": lambda c: QwenImageTransformer(TransformerConfig.from_dict(c))}[name]

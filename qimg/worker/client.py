@@ -13,8 +13,8 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..errors import STOPS, say
-from . import paths
+from qimg.errors import STOPS, say
+from qimg.worker import paths
 
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain")  # the others are quick in-process
 SPREADING = ("--shard", "--ray")  # runs that divide a batch between processes: each runs its part itself, never

@@ -1,7 +1,7 @@
 """The worker process: `python -m qimg.worker.server --socket PATH --idle SECONDS` (started by
 `qimg worker start` or QIMG_WORKER=auto). An acceptor thread takes connections from this user only and
 queues jobs; the main thread runs them one at a time, in arrival order, each with its client's standard
-streams, working directory, environment and umask, through `qimg.cli.run`, the in-process runner."""
+streams, working directory, environment and umask, through `qimg.cli.app.run`, the in-process runner."""
 
 import argparse
 import collections
@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import STOPS, say
-from . import paths, warm
-from .client import Messages, send
+from qimg.errors import STOPS, say
+from qimg.worker import paths
+from qimg.jobs import kept_engine as warm
+from qimg.worker.client import Messages, send
 
 HOME = "/"  # the worker's working directory between jobs
 
@@ -313,7 +314,7 @@ def run_job(job: Job) -> int:
 
 
 def run_cancellable(job: Job) -> int:
-    from qimg.cli import run
+    from qimg.cli.app import run
     from qimg.errors import Interrupted, say, signals_raise
 
     code = None
@@ -351,8 +352,8 @@ def main() -> None:
     args = p.parse_args()
     log = Log(paths.log_path())
     threading.excepthook = lambda a: log(f"thread {a.thread.name}: {a.exc_type.__name__}: {a.exc_value}")
-    import qimg.cli  # noqa: F401  (with torch and the model code: the first job should not pay for them)
-    import qimg.engine  # noqa: F401
+    import qimg.cli.app  # noqa: F401  (with torch and the model code: the first job should not pay for them)
+    import qimg.engine.engine  # noqa: F401
 
     warm.enabled = True
     # Outside a job's run the worker's own handler takes the stopping signals (Worker.signalled). Not SIG_IGN:

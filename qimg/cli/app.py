@@ -1,0 +1,341 @@
+"""The `qimg` command line: the commands, their options (shared ones declared in cli_options.py) parsed into a
+job (jobs.py; the parts every command shares built by cli_jobs.py), handed to the runner.
+
+Nothing here loads a model or writes a file; torch is imported only by the runner, so `qimg --help` stays
+instant. `run` is the one place errors become a line on stderr and an exit code.
+"""
+
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.exceptions import TyperException
+
+from qimg.cli import cache_commands
+from qimg.jobs import spec as jobs
+from qimg.cli import presets
+from qimg.cli.to_job import cache_of, edit_job, model_of, output_of, ray_of, shard_of, shortcuts_of
+from qimg.cli.options import (MASK, OUTPUT, PIXELS, PROMPT, SAMPLING, Anchor, AttentionOpt, AttnMaskOpt, CacheDirOpt,
+                          CacheSizeOpt, CfgOpt, CfgUntilOpt, CompileOpt, ContextOpt, DequantizeOpt, DeviceOpt,
+                          DtypeOpt, FeatherOpt, ImagesArg, JsonOpt, LoraOpt, ModelOpt, NegativeOpt, NoCacheOpt,
+                          NoWorkerOpt, OffloadOpt, OutDirOpt, OutOpt, OverwriteOpt, PresetOpt, PreviewEveryOpt,
+                          PreviewOpt, PromptOpt, QuantizeOpt, RayOpt, RayWorkersOpt, RetriesOpt, ReuseOpt, SeedOpt,
+                          ShardOpt, ShiftOpt, SizeOpt, SkipExistingOpt, StepsOpt, StrengthOpt, TilingOpt,
+                          TransformerOpt, any_size, utf8_text)
+from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
+from qimg.jobs.report import Reporter, json_line, print_result
+from qimg.cli.worker_commands import app as worker_app
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Generate and edit images with Qwen-Image from the shell.",
+)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", help="Show tracebacks.")] = False,
+          no_worker: Annotated[bool, typer.Option(
+              "--no-worker", help="Run in this process even when a worker runs (also QIMG_WORKER=0).")] = False):
+    pass
+
+
+def execute(job: jobs.Job, as_json: bool, ray: Optional[jobs.RaySpec] = None) -> None:
+    from qimg.jobs import run as runner
+
+    with Reporter(as_json) as reporter:
+        try:
+            if ray is not None:
+                from qimg.jobs import ray_runner
+
+                ray_runner.execute(job, ray, reporter)
+            else:
+                runner.execute(job, reporter)
+        except Interrupted as e:
+            e.written = reporter.written  # the stop's message names what was finished
+            raise
+
+
+# --- Commands ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT, show_default=False,
+        help="What to draw (any language); or --prompts.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=PROMPT, help="A batch: one prompt per line, or a .jsonl/.yaml list of prompts or of "
+        "{prompt, seed, size, negative_prompt}; writes <out-dir>/<n>-<slug>.png.")] = None,
+    negative_prompt: NegativeOpt = None, size: SizeOpt = None, steps: StepsOpt = None,
+    cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None, model: ModelOpt = None,
+    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None, overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    out_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT, show_default="the working folder",
+                                                    help="With --prompts: the folder for the outputs.")] = None,
+    skip_existing: Annotated[bool, typer.Option(
+        rich_help_panel=OUTPUT, help="With --prompts: skip entries whose output exists (resume).")] = False,
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+):
+    """Generate an image from a prompt, or one per entry of a --prompts file."""
+    from qimg.jobs.edit_inputs import parse_size
+
+    if (prompt is None) == (prompts is None):
+        raise UsageError("give --prompt TEXT or --prompts FILE" + (", not both" if prompts else ""))
+    if prompts is None:
+        for name, value, default in (("--out-dir", out_dir, None), ("--skip-existing", skip_existing, False),
+                                     ("--shard", shard, None), ("--ray", ray, None)):
+            if value != default:
+                raise UsageError(f"{name} goes with --prompts FILE (a batch)")
+    p = jobs.Prompt(prompt or "", negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    if prompts is None:
+        job = jobs.Generate(p, parse_size(size) if size else None, output_of(locals()), model_of(locals()),
+                            cache_of(locals()), preset)
+    else:
+        part = shard_of(locals())
+        job = jobs.Prompts(prompts, p, parse_size(size) if size else None, output_of(locals()),
+                           out_dir or Path("."), skip_existing, model_of(locals(), part), cache_of(locals()), preset,
+                           part)
+    execute(job, json_, ray_of(locals()))
+
+
+@app.command()
+def inpaint(
+    images: ImagesArg, prompt: PromptOpt, negative_prompt: NegativeOpt = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=MASK, help="Mask image: white regenerates, black keeps, grey blends; transparent pixels "
+                                   "regenerate.")] = None,
+    mask_dir: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=MASK, help="Masks for a batch: <stem>.png or <stem>_mask.png.")] = None,
+    rect: Annotated[Optional[list[str]], typer.Option(
+        rich_help_panel=MASK, help="X,Y,W,H in pixels or percent; repeatable (union).")] = None,
+    mask_resize: Annotated[bool, typer.Option(rich_help_panel=MASK,
+                                              help="Stretch a mask of another size to the image.")] = False,
+    invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
+                                              help="Regenerate what the mask keeps and keep what it covers.")] = False,
+    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Dilate the mask by this many pixels.")] = 0,
+    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = 64,
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
+    out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+):
+    """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
+    shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
+    execute(edit_job(shape, locals()), json_, ray_of(locals()))
+
+
+@app.command()
+def outpaint(
+    images: ImagesArg, prompt: PromptOpt, negative_prompt: NegativeOpt = None,
+    left: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on the left.")] = 0,
+    right: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on the right.")] = 0,
+    top: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on top.")] = 0,
+    bottom: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add at the bottom.")] = 0,
+    expand: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                        help="Pixels to add on every side not anchored.")] = 0,
+    to: Annotated[Optional[str], typer.Option(rich_help_panel=MASK, help="Grow the canvas to WIDTHxHEIGHT.")] = None,
+    anchor: Annotated[Anchor, typer.Option(rich_help_panel=MASK,
+                                           help="Where the original sits on the grown canvas.")] = "center",
+    feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = 64,
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
+    out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+):
+    """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
+    --feather band along the grown sides that is blended so the seam does not show."""
+    shape = jobs.Outpaint(left, right, top, bottom, expand, to, anchor, feather)
+    execute(edit_job(shape, locals()), json_, ray_of(locals()))
+
+
+@app.command()
+def edit(
+    images: ImagesArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT,
+                                        help="The instruction: what to change (any language).")],
+    negative_prompt: NegativeOpt = None,
+    ref: Annotated[Optional[list[Path]], typer.Option(
+        rich_help_panel=PROMPT, help="Another picture the instruction can name (Picture 2, 3); repeatable; "
+                                     "Qwen-Image-Edit-2509/2511.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=MASK, help="Edit only here: white edits, black keeps (byte-identical), grey blends.")] = None,
+    mask_dir: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=MASK, help="Masks for a batch: <stem>.png or <stem>_mask.png.")] = None,
+    rect: Annotated[Optional[list[str]], typer.Option(
+        rich_help_panel=MASK, help="Edit only inside X,Y,W,H (pixels or percent); repeatable (union).")] = None,
+    mask_resize: Annotated[bool, typer.Option(rich_help_panel=MASK,
+                                              help="Stretch a mask of another size to the image.")] = False,
+    invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
+                                              help="Edit what the mask keeps and keep what it covers.")] = False,
+    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                      help="Dilate the mask by this many pixels.")] = 0,
+    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0,
+    size: Annotated[Optional[str], typer.Option(callback=any_size, rich_help_panel=SAMPLING, show_default="the input's",
+                                                help="Output WIDTHxHEIGHT (no mask).")] = None,
+    edit_area: Annotated[Optional[int], typer.Option(
+        min=32 * 32, max=PIXELS, rich_help_panel=SAMPLING, show_default="the model's, 1048576",
+        help="Pixels the pictures are resized to for the model (the result is resized back).")] = None,
+    vision_area: Annotated[Optional[int], typer.Option(
+        min=28 * 28, max=PIXELS, rich_help_panel=SAMPLING, show_default="the model's, 147456",
+        help="Pixels the pictures are resized to for the vision encoder (2509/2511).")] = None,
+    mask_crop: Annotated[Optional[int], typer.Option(
+        min=0, max=PIXELS, rich_help_panel=MASK, show_default="off: the whole picture",
+        help="Show the model only the mask's box plus this many pixels (finer on large pictures).")] = None,
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
+    out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
+    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
+    cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
+    preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+):
+    """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
+    mask (pixels outside it stay byte-identical). The result has the input's size."""
+    from qimg.jobs.edit_inputs import parse_size
+
+    masked = mask or mask_dir or rect
+    shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
+        else None
+    instruction = jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    part = shard_of(locals())
+    execute(jobs.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
+                          parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
+                          output_of(locals()), out_dir, skip_existing, model_of(locals(), part), cache_of(locals()),
+                          preset, part),
+            json_, ray_of(locals()))
+
+
+@app.command()
+def chain(
+    ctx: typer.Context, image: Annotated[Path, typer.Argument(help="Input image.", show_default=False)],
+    chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
+                                                    "{inpaint: {...}} / {outpaint: {...}} / {edit: {...}}.",
+                                                    show_default=False)],
+    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
+    keep_steps: Annotated[Optional[Path], typer.Option(
+        rich_help_panel=OUTPUT, help="Folder to write each edit's image to, as <stem>.<NN>-<kind>.png.")] = None,
+    overwrite: OverwriteOpt = False, json_: JsonOpt = False, cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
+    compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
+    reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
+    preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
+    transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+):
+    """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
+    latent carried in memory between them.
+
+    --steps, --cfg, --seed, --reuse, --cfg-until and --shift (given here or by a preset) apply to every edit and
+    win over the file's values, and --lora to the whole chain;
+    an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
+    prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
+    from qimg.jobs.chain_steps import read_chain
+
+    given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
+                               ("cfg_until", cfg_until), ("shift", shift)) if v is not None}
+    edit_steps = tuple(read_chain(ctx, chain_file, given))
+    execute(jobs.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
+                       cache_of(locals()), preset), json_)
+
+
+app.add_typer(worker_app, name="worker")
+app.add_typer(cache_commands.app, name="cache")
+
+
+@app.command("presets")
+def list_presets(ctx: typer.Context):
+    """List the bundled presets: the commands each fits, its file and its contents."""
+    for name, path in presets.bundled().items():
+        fits = presets.fitting_commands(ctx.parent.command, presets.read_yaml(path, "preset"))
+        print_result(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
+        print_result("".join(f"    {line}\n" for line in path.read_text().splitlines()))
+
+
+@app.command()
+def info(
+    image: Annotated[Path, typer.Argument(help="An image qimg wrote, or a LoRA .safetensors file.",
+                                          show_default=False)], json_: JsonOpt = False,
+):
+    """Print the parameters that made an image (stored in its PNG text chunk), or a LoRA's format, rank, alpha
+    and the layers it targets."""
+    from qimg.jobs.metadata import describe, read_params
+    from qimg.jobs.run import lora_info
+
+    params = lora_info(image) if image.suffix.lower() == ".safetensors" else read_params(image)
+    print_result(json_line(params) if json_ else describe(params))
+
+
+# --- Running -----------------------------------------------------------------------------------------------
+
+
+def bare_ray_is_local(args: list[str]) -> list[str]:
+    """`--ray` with no address (last, or followed by another option) means `--ray local`, as an option with an
+    optional value would, which Typer has not."""
+    return [a for i, arg in enumerate(args) for a in ([arg, "local"] if arg == "--ray" and (
+        i + 1 == len(args) or args[i + 1].startswith("-")) else [arg])]
+
+
+def run(args: list[str]) -> int:
+    """Run the CLI and return its exit code; every failure becomes one line on stderr."""
+    debug = "--debug" in args or os.environ.get("QIMG_DEBUG", "") not in ("", "0")
+    try:
+        with signals_raise(), warnings_as_lines():
+            code = app(args=bare_ray_is_local(args), prog_name="qimg", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except TyperException as e:
+        if e.format_message():  # empty after no-args help
+            say(f"qimg: error: {presets.parser_message(e.format_message())}")
+        return e.exit_code
+    except Interrupted as e:
+        say(e.message())
+        return e.code
+    except QimgError as e:
+        if debug:
+            raise
+        say(f"qimg: error: {e}")
+        return e.code
+    except Exception as e:
+        if debug:
+            raise
+        say(f"qimg: error: {failure_line(e)}")
+        return 1
+
+
+@contextmanager
+def warnings_as_lines():
+    """Show qimg's warnings as `qimg: warning: ...` lines on stderr, every time; leave others alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", QimgWarning)
+        show = warnings.showwarning
+
+        def show_line(message, category, *args, **kwargs):
+            if issubclass(category, QimgWarning):
+                say(f"qimg: warning: {message}")
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_line
+        yield

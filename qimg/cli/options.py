@@ -1,0 +1,153 @@
+"""The options the `qimg` commands share, declared once as `Annotated` aliases: their types, ranges, help
+panels and help text, and the callbacks that check a value as it is parsed. cli.py declares the commands
+with them."""
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from qimg.cli import presets
+
+PROMPT, MASK, SAMPLING, MODEL, OUTPUT, CACHE, SPEED, SCALE = (
+    "Prompt", "Mask", "Sampling", "Model and device", "Output", "Cache", "Speed", "Many GPUs, many machines")
+
+
+def utf8_text(value: Optional[str]) -> Optional[str]:
+    """Refuse text that is not UTF-8 (on POSIX, undecodable argv bytes arrive as surrogates)."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise typer.BadParameter(f"byte {e.object[e.start].encode('utf-8', 'surrogateescape')!r} at character "
+                                     f"{e.start} is not UTF-8; pass text in UTF-8") from None
+    return value
+
+
+def device_name(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
+def size_value(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        from qimg.jobs.edit_inputs import parse_size
+
+        parse_size(value)  # a UsageError names --size
+    return value
+
+
+def any_size(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        from qimg.jobs.edit_inputs import parse_size
+
+        parse_size(value, multiple=1)  # a UsageError names --size
+    return value
+
+
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT,
+                                        help="What to draw (any language).")]
+NegativeOpt = Annotated[Optional[str], typer.Option(callback=utf8_text, rich_help_panel=PROMPT,
+                                                    show_default="the model's, ' '", help="What to steer away from.")]
+SizeOpt = Annotated[Optional[str], typer.Option(callback=size_value, rich_help_panel=SAMPLING,
+                                                show_default="the model's", help="WIDTHxHEIGHT, multiples of 16.")]
+StepsOpt = Annotated[Optional[int], typer.Option(min=1, max=1000, rich_help_panel=SAMPLING,
+                                                 show_default="the model's, 50", help="Sampling steps.")]
+CfgOpt = Annotated[Optional[float], typer.Option(min=0.0, max=100.0, rich_help_panel=SAMPLING,
+                                                 help="True CFG scale; 1 or less turns guidance off.")]
+SeedOpt = Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, rich_help_panel=SAMPLING,
+                                                show_default="random, reported", help="Random seed.")]
+StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=SAMPLING,
+                                            help="How far to re-noise the masked area; 1 = from scratch.")]
+AttnMaskOpt = Annotated[Literal["on", "off"], typer.Option(
+    rich_help_panel=SAMPLING, help="on: kept pixels never attend to the edited area or the text; off: they do.")]
+PIXELS = 2**31 - 1  # the largest pixel count an option takes: far past any image; huge numbers never reach the math
+ContextOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=SAMPLING,
+                                         help="Pixels around the mask the model sees on large images.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", envvar="QIMG_MODEL", show_envvar=True, rich_help_panel=MODEL,
+    show_default="builtin", help="Model folder (diffusers layout), Hugging Face repo id (Qwen/Qwen-Image), or "
+                                 "builtin: the small shapes model.")]
+DeviceOpt = Annotated[str, typer.Option(callback=device_name, rich_help_panel=MODEL,
+                                        help="Where to run: auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option(
+    rich_help_panel=MODEL, help="Number format; auto: bfloat16 on GPUs, float32 on CPU.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", rich_help_panel=OUTPUT,
+                                                help="Output image (.png, .jpg, .webp).")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    rich_help_panel=OUTPUT, help="Replace existing outputs (--out, the input image included, or the default "
+                                 "names), atomically; without it qimg never replaces a file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT,
+                                       help="Print one JSON object per result on stdout.")]
+OutDirOpt = Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT,
+                                                   help="Folder for the outputs, named <stem>.<command>.png.")]
+SkipExistingOpt = Annotated[bool, typer.Option(rich_help_panel=OUTPUT,
+                                               help="Skip inputs whose <stem>.<command>.png exists (resume).")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(
+    rich_help_panel=CACHE, show_default="$QIMG_CACHE_DIR, else the user cache folder",
+    help="Latent and prompt cache folder.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", rich_help_panel=CACHE, help="Neither read nor write the cache.")]
+CacheSizeOpt = Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True, rich_help_panel=CACHE,
+                                           help="Cache size cap; least recently used entries go first; 0: no cache.")]
+OffloadOpt = Annotated[Literal["none", "model", "blocks"], typer.Option(
+    rich_help_panel=SPEED, help="none; model: load text encoder, transformer and VAE one at a time; blocks: "
+                                "stream the transformer's blocks from CPU memory.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", rich_help_panel=SPEED,
+                                          help="torch.compile the transformer blocks (slow first step).")]
+AttentionOpt = Annotated[Literal["auto", "math", "flash", "efficient", "cudnn"], typer.Option(
+    rich_help_panel=SPEED, help="Attention kernel; auto: PyTorch picks.")]
+TilingOpt = Annotated[Literal["auto", "on", "off"], typer.Option(
+    rich_help_panel=SPEED, help="Decode the VAE in tiles; auto: images over 4 megapixels.")]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    is_eager=True, callback=presets.apply, rich_help_panel=SAMPLING,
+    help="Options from a preset: a bundled name (see `qimg presets`) or a YAML file; flags given here win.")]
+ImagesArg = Annotated[list[Path], typer.Argument(
+    help="Input image(s): files, folders (their images, not qimg outputs) or quoted globs.", show_default=False)]
+ReuseOpt = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, rich_help_panel=SPEED, show_default="0: off",
+    help="Reuse the last velocity while the model's output is estimated to change less than this (0.05-0.2 "
+         "trade a little fidelity for 25-55% fewer transformer calls).")]
+CfgUntilOpt = Annotated[Optional[float], typer.Option(
+    min=0.0, max=1.0, rich_help_panel=SPEED, show_default="1: every step",
+    help="True CFG only for this first fraction of the steps, the conditional pass alone after.")]
+PreviewOpt = Annotated[Optional[Path], typer.Option(
+    rich_help_panel=OUTPUT, help="Write the current estimate of the image to this file as it renders, replaced "
+                                 "atomically, the last time by the result; for a batch, a folder (one file each).")]
+PreviewEveryOpt = Annotated[Optional[int], typer.Option(
+    min=1, max=1000, rich_help_panel=OUTPUT, show_default="about a tenth of the steps",
+    help="Steps between --preview writes.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", rich_help_panel=MODEL, show_default=False,
+    help="A LoRA (or LoKr, LoHa) .safetensors file, FILE or FILE:SCALE (scale 1 by default); repeatable, they "
+         "add up.")]
+ShiftOpt = Annotated[Optional[float], typer.Option(
+    min=0.001, max=1000.0, rich_help_panel=SAMPLING, show_default="the model's schedule",
+    help="A constant flow shift instead of the model's schedule: 3 for the Lightning LoRAs.")]
+TransformerOpt = Annotated[Optional[Path], typer.Option(
+    envvar="QIMG_TRANSFORMER", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
+    help="The transformer's weights from one file: .gguf (Q8_0, Q4_K_M, ...) or .safetensors (bf16, fp8, ComfyUI "
+         "scaled fp8); everything else comes from --model.")]
+DequantizeOpt = Annotated[Optional[bool], typer.Option(
+    "--dequantize/--no-dequantize", rich_help_panel=MODEL, show_default="on the CPU only",
+    help="Unpack GGUF/fp8 weights once at load (full size) instead of on every step (they stay small).")]
+QuantizeOpt = Annotated[Literal["none", "fp8"], typer.Option(
+    rich_help_panel=MODEL, help="fp8: keep the transformer's block weights as scaled fp8, about half of bf16's memory.")]
+NoWorkerOpt = Annotated[bool, typer.Option(
+    "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
+FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                         help="Soft edge width in pixels outside the mask.")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    rich_help_panel=SCALE, show_default="all", help="I/N: only the batch's inputs whose name hashes to shard I of N "
+    "(from 0); auto: from RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT.")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    rich_help_panel=SCALE, metavar="ADDRESS", help="Spread the batch over Ray actors (pip install 'qimg\\[ray]'): "
+    "local (a cluster started for the run), auto ($RAY_ADDRESS or the running one) or the cluster's address.")]
+RayWorkersOpt = Annotated[Optional[int], typer.Option(
+    min=1, max=100_000, rich_help_panel=SCALE, show_default="one per GPU of the cluster",
+    help="With --ray: this many actors, one CPU each.")]
+RetriesOpt = Annotated[int, typer.Option(
+    min=0, max=100, rich_help_panel=SCALE,
+    help="With --ray: run a file whose actor failed or was lost again on another, this many times.")]
+Anchor = Literal["center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right"]

@@ -1,0 +1,69 @@
+"""The parts of a job (jobs.py) every model command declares alike, built from the command's parameters (its
+`locals()`): the model, the cache, the output, the shortcuts, the --shard and --ray, and inpaint's and
+outpaint's whole job."""
+
+from typing import Optional
+
+from qimg.jobs import spec as jobs
+from qimg.errors import UsageError
+
+
+def model_of(p: dict, part=None) -> jobs.ModelSpec:
+    """part: the --shard, whose torchrun LOCAL_RANK picks the GPU under --device auto."""
+    from qimg.weights.lora import parse_spec
+
+    return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
+                          p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
+                          p["dequantize"], p["quantize"], part.local_rank if part is not None else None)
+
+
+def cache_of(p: dict) -> jobs.CacheSpec:
+    return jobs.CacheSpec(p["cache_dir"], p["no_cache"], p["cache_size"])
+
+
+def output_of(p: dict) -> jobs.Output:
+    return jobs.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p))
+
+
+def preview_every(p: dict) -> Optional[int]:
+    """--preview-every; on the command line only with --preview (a preset's applies when a run previews)."""
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+
+    given = get_current_context().get_parameter_source("preview_every") is ParameterSource.COMMANDLINE
+    if given and p["preview"] is None:
+        raise UsageError(f"--preview-every {p['preview_every']} needs --preview FILE, the file to write them to")
+    return p["preview_every"]
+
+
+def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
+    """--reuse, --cfg-until and --shift, off when not given (None: so a chain's command line overrides only what
+    it gives)."""
+    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"]
+
+
+def edit_job(shape, p: dict) -> jobs.Edit:
+    """inpaint's and outpaint's job: the mask's options in `shape`, the rest from the command's parameters."""
+    part = shard_of(p)
+    return jobs.Edit(tuple(p["images"]), shape, jobs.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
+                                                            p["seed"], *shortcuts_of(p)),
+                     p["strength"], p["attn_mask"], p["context"], output_of(p), p["out_dir"], p["skip_existing"],
+                     model_of(p, part), cache_of(p), p["preset"], part)
+
+
+def shard_of(p: dict):
+    """--shard as a shard.Shard (None: the whole batch)."""
+    from qimg.jobs import shard
+
+    return shard.parse(p["shard"]) if p["shard"] is not None else None
+
+
+def ray_of(p: dict) -> Optional[jobs.RaySpec]:
+    """--ray, --ray-workers and --retries as a jobs.RaySpec (None: no Ray)."""
+    if p["ray"] is None:
+        for name in ("ray_workers", "retries"):
+            if p[name] != {"ray_workers": None, "retries": 2}[name]:
+                origin = f" (given here or by preset {p['preset']})" if p.get("preset") else ""
+                raise UsageError(f"--{name.replace('_', '-')}{origin} goes with --ray ADDRESS")
+        return None
+    return jobs.RaySpec(p["ray"], p["ray_workers"], p["retries"])

@@ -1,0 +1,274 @@
+"""The model components an engine holds, and what identifies them.
+
+Each component loads on first use, so a run that never needs the text encoder or the VAE never loads it: the
+text encoder (an Edit model's instruction encoder), the transformer (with its LoRAs, from the folder or a
+single file, transformer_weights.py) and the VAE's encoder and decoder apart. With --offload model each is
+freed once its part of the job is done. Fingerprints say which weights computed a cached tensor or an
+output; `weight_bytes` what the transformer's weights take on the device.
+"""
+
+import gc
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from qimg.weights import lora
+from qimg.weights.adapters import apply_adapters, targets
+from qimg.cache import Store, fingerprint
+from qimg.errors import QimgError, UsageError
+from qimg.engine.memory import resident_bytes
+from qimg.model.offload import place_for_streaming
+from qimg.model.qwen2 import Qwen2Config
+from qimg.model.text import TextEncoder
+from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.model.vae import QwenImageVAE, VAEConfig
+from qimg.sampling import ScheduleConfig
+from qimg.weights.transformer import Source, load_transformer, provenance, tensor_sizes
+from qimg.weights.folders import load_module, model_kind, read_config, read_json_object
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAE_PARTS = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}  # key prefixes
+OFFLOAD = ("none", "model", "blocks")
+ATTENTION = ("auto", "math", "flash", "efficient", "cudnn")  # auto: let PyTorch's SDPA pick
+TILING = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Sampling defaults: the reference pipeline's, unless the model folder's `qimg.json` says otherwise."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 50
+    cfg: float = 4.0
+    negative_prompt: str = " "
+    max_pixels: int = 1024 * 1024  # the working area edits are scaled to (Qwen-Image's ~1 megapixel)
+    edit_area: int = 1024 * 1024  # Edit models: the area pictures are resized to for the VAE (the reference's)
+    vision_area: int = 384 * 384  # Edit-2509/2511: the area pictures are resized to for the vision tower
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Defaults":
+        file = folder / "qimg.json"
+        if not file.is_file():
+            return cls()
+        d = read_json_object(file)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(d.keys() - names)
+        if unknown:
+            raise QimgError(f"{file}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+        for name, value in d.items():
+            check_default(file, name, value, cls.__dataclass_fields__[name].default)
+        return cls(**d)
+
+
+# The least value each number in qimg.json may take: what the command line's options allow.
+LEAST = {"width": 16, "height": 16, "steps": 1, "cfg": 0, "max_pixels": 16 * 16, "edit_area": 32 * 32,
+         "vision_area": 28 * 28}
+
+
+def check_default(file: Path, name: str, value, default) -> None:
+    """A qimg.json value of the kind its default is (a whole number, a number, a text) and not below LEAST."""
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise QimgError(f"{file}: {name} must be a text, not {value!r}")
+        return
+    whole = isinstance(default, int)
+    kinds = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < LEAST[name]:
+        raise QimgError(f"{file}: {name} must be a {'whole ' if whole else ''}number of at least {LEAST[name]}, "
+                        f"not {value!r}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+class Components:
+    """offload: none keeps every component on the device; model loads text encoder, transformer and VAE
+    (encoder and decoder apart) one at a time and frees each after use; blocks keeps the transformer's blocks
+    in CPU memory and streams them to the device. compile: torch.compile the transformer blocks. attention:
+    the SDPA backend. vae_tiling: decode in tiles (auto: above sampler.TILE_ABOVE pixels). loras:
+    lora.LoraSpec, read and checked against the transformer's layers here, fused into its weights when it
+    loads (a side branch on packed layers). transformer, dequantize, quantize: where the transformer's weights
+    come from and whether they stay packed (transformer_weights.py)."""
+
+    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None,
+                 offload: str = "none", compile: bool = False, attention: str = "auto", vae_tiling: str = "auto",
+                 loras: tuple = (), transformer: Path | None = None, dequantize: bool | None = None,
+                 quantize: str = "none"):
+        self.folder = folder
+        self.cache = cache
+        self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
+        self.calls = 0  # transformer samples run (a CFG pair counts 2): a job's share is the difference
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.offload = check_choice("--offload", offload, OFFLOAD)
+        self.attention = check_choice("--attention", attention, ATTENTION)
+        self.vae_tiling = check_choice("--vae-tiling", vae_tiling, TILING)
+        if compile and offload == "blocks":
+            raise UsageError("--compile does not combine with --offload blocks (the blocks run from streamed copies)")
+        self.compile = compile
+        self.source = Source(Path(transformer) if transformer else None, dequantize, quantize)
+        self.defaults = Defaults.from_folder(folder)
+        try:
+            self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
+        except ValueError as e:
+            raise QimgError(f"{folder / 'scheduler'}: {e}") from None
+        self.loras = tuple(lora.load(spec, self.layers) for spec in loras)
+        self._text = self._transformer = None
+        self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
+
+    @property
+    def text(self):
+        """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
+        if self._text is None:
+            if self.kind == "qwen-image":
+                self._text = TextEncoder(self.folder, self.dtype, self.device)
+            else:
+                from qimg.model.instruct_text import InstructEncoder
+
+                self._text = InstructEncoder(self.folder, self.dtype, self.device, plus=self.kind != "edit")
+        return self._text
+
+    @cached_property
+    def kind(self) -> str:
+        """weights.model_kind: "qwen-image", "edit", "edit-2509" or "edit-2511"."""
+        return model_kind(self.folder)
+
+    @property
+    def transformer(self) -> QwenImageTransformer:
+        if self._transformer is None:
+            cfg = self._config(TransformerConfig, "transformer")
+            streamed = self.offload == "blocks"
+            transformer = load_transformer(cfg, self.folder / "transformer", self.source, self.dtype,
+                                           torch.device("cpu") if streamed else self.device)
+            apply_adapters(transformer, [one.adapters for one in self.loras])
+            if streamed:
+                place_for_streaming(transformer, self.device)
+            if self.compile:
+                transformer.compile_blocks()
+            self._transformer = transformer
+        return self._transformer
+
+    def vae(self, part: str) -> QwenImageVAE:
+        """The VAE with only `part`'s weights loaded: a run that finds its input's latent in the cache, or
+        generates from noise, never loads the encoder."""
+        if part not in self._vae:
+            cfg = self._config(VAEConfig, "vae")
+            self._vae[part] = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype, self.device,
+                                          only=VAE_PARTS[part])
+        return self._vae[part]
+
+    @cached_property
+    def layers(self) -> dict[str, tuple[int, int]]:
+        """The transformer's linear layers, (out, in) by name, from its config alone (built on the meta device)."""
+        cfg = self._config(TransformerConfig, "transformer")
+        with torch.device("meta"):
+            return targets(QwenImageTransformer(cfg))
+
+    @cached_property
+    def model_fingerprint(self) -> str:
+        """The whole model's identity (weights, configs, tokenizer, a --transformer file, LoRAs), for output
+        metadata and caches."""
+        model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint()) if p)
+        return lora.fingerprint(model, self.loras)
+
+    @cached_property
+    def transformer_info(self) -> dict | None:
+        """Where the transformer's weights came from when not the folder's: file name, sha256, format."""
+        return provenance(self.source)
+
+    @cached_property
+    def vae_fingerprint(self) -> str:
+        return fingerprint(self.folder / "vae")
+
+    @cached_property
+    def text_fingerprint(self) -> str:
+        # dtype and device too: an embedding computed elsewhere would give a slightly different image
+        parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
+        if (self.folder / "processor").is_dir():  # an Edit model's image sizes and vision tokens come from there
+            parts += (fingerprint(self.folder / "processor"),)
+        return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
+
+    @cached_property
+    def z_dim(self) -> int:
+        """Channels of a latent."""
+        return self._config(VAEConfig, "vae").z_dim
+
+    @cached_property
+    def text_width(self) -> int:
+        """Width of a prompt embedding (the text encoder's hidden size)."""
+        if not (self.folder / "text_encoder").is_dir():  # said as the text encoder says it
+            raise QimgError(f"{self.folder / 'text_encoder'} is missing: the model folder is incomplete")
+        return self._config(Qwen2Config, "text_encoder").hidden_size
+
+    @cached_property
+    def weight_bytes(self) -> int:
+        """The transformer's weights resident on the device, at their packed sizes (read from the headers)."""
+        sizes = tensor_sizes(self._config(TransformerConfig, "transformer"), self.folder / "transformer", self.source,
+                             self.dtype, self.device)
+        return resident_bytes(sizes, self.offload == "blocks" and self.device.type != "cpu")
+
+    def _release(self, component: str) -> None:
+        """With offload=model, free a component ("text", "transformer", or the VAE's "encoder" or "decoder") once
+        its part of the job is done; it reloads when next needed."""
+        if self.offload != "model":
+            return
+        if component in VAE_PARTS:
+            self._vae.pop(component, None)
+        else:
+            setattr(self, f"_{component}", None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _attention_backend(self):
+        if self.attention == "auto":
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+        return sdpa_kernel(getattr(SDPBackend, names[self.attention]))
+
+    def _config(self, cls, component: str):
+        try:
+            return cls.from_dict(read_config(self.folder / component))
+        except (ValueError, TypeError) as e:
+            raise QimgError(f"{self.folder / component / 'config.json'}: {e}") from None

@@ -1,0 +1,201 @@
+"""Instruction editing (`qimg edit`) with the Qwen-Image-Edit models: the picture being edited, and on 2509/2511
+up to two more, shown to the model twice, as the reference pipelines (diffusers' QwenImageEdit(Plus)Pipeline)
+show them: to the vision tower inside the text encoder, and as clean latent tokens after the noisy ones.
+
+Sizes are the reference's. Every picture is resized (LANCZOS) to about `edit_area` pixels at its own aspect,
+sides rounded to 32, for the VAE; the vision tower sees the same image on Qwen-Image-Edit, and a resize to
+about `vision_area` on 2509/2511. The noisy image has the edited picture's working size, so a masked edit
+starts from, and keeps outside its mask, that picture's own latent (the reference's edit-inpaint blend).
+
+On purpose unlike the reference: the result is resampled back to the input's size (the reference returns
+its working size), and a masked edit is composited over the input, so pixels outside the mask are the
+input's bytes. In a chain the latent is carried between instruction edits on the same working grid
+(canvas.py), so the chain never encodes its own output.
+"""
+
+import math
+import warnings
+from dataclasses import replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from qimg.engine.canvas import Canvas, resample
+from qimg.engine.engine import Edit, Engine
+from qimg.errors import QimgWarning, UsageError
+from qimg.masks import crop_box, latent_mask, resize_mask
+from qimg.model.transformer import TransformerConfig, patchify
+from qimg.engine.preview import mapped
+from qimg.sampling import Shortcuts
+from qimg.weights.folders import KIND_NAMES, builtin_model, model_kind, read_config
+
+MAX_PICTURES = 3  # what 2509/2511 were trained with ("Picture 1..3"); more run, with a warning
+MAX_ASPECT = 200  # the vision tower's processor refuses pictures more elongated than this
+
+
+class Areas(NamedTuple):
+    edit: int  # pixels of a picture resized for the VAE (and the noisy image)
+    vision: int  # pixels of a picture resized for 2509/2511's vision tower
+
+
+def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """(W, H) of about `area` pixels at aspect `ratio` = W / H, sides rounded to multiples of 32 (the reference
+    pipelines' calculate_dimensions; at least 32, where the reference would give an empty image)."""
+    width = math.sqrt(area * ratio)
+    height = width / ratio
+    return max(32, round(width / 32) * 32), max(32, round(height / 32) * 32)
+
+
+def aspect(size: tuple[int, int]) -> float:
+    return size[0] / size[1]
+
+
+def check_model(folder, command: str = "edit") -> str:
+    """The Edit model kind of `folder`, or a UsageError: a Qwen-Image (generation) model, or a transformer
+    config qimg cannot run (Qwen-Image-Layered's flags), before anything loads."""
+    kind = model_kind(folder)
+    if kind == "qwen-image":
+        if folder == builtin_model():
+            raise UsageError(f"`qimg {command}` needs a Qwen-Image-Edit model folder; the built-in model only "
+                             "generates: pass --model /path/to/Qwen-Image-Edit-2511 (or set QIMG_MODEL)")
+        raise UsageError(f"{folder} is a Qwen-Image model; `qimg {command}` needs a Qwen-Image-Edit model "
+                         "(Qwen-Image-Edit, -2509 or -2511): pass its folder with --model")
+    try:
+        TransformerConfig.from_dict(read_config(folder / "transformer"))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{folder / 'transformer' / 'config.json'}: {e}") from None
+    return kind
+
+
+def check_pictures(kind: str, sizes: list[tuple[int, int]], names: list[str]) -> None:
+    """Refuse, before anything loads, pictures the model cannot take: more than one on Qwen-Image-Edit, or one
+    too elongated for the vision tower. Warn above three on 2509/2511."""
+    if kind == "edit" and len(sizes) > 1:
+        raise UsageError(f"--ref: {KIND_NAMES[kind]} takes one picture; reference pictures need "
+                         "Qwen-Image-Edit-2509 or -2511")
+    for (w, h), name in zip(sizes, names):
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise UsageError(f"{name} is {w}x{h}: over {MAX_ASPECT}:1, more elongated than the vision encoder "
+                             "takes; crop it first")
+    if len(sizes) > MAX_PICTURES:
+        warnings.warn(f"{len(sizes)} pictures: {KIND_NAMES[kind]} was trained with up to {MAX_PICTURES}",
+                      QimgWarning, stacklevel=2)
+
+
+def vision_pictures(kind: str, images: list[np.ndarray], areas: Areas) -> tuple[np.ndarray, ...]:
+    """What the vision tower is given of each picture: on Qwen-Image-Edit the VAE's resize, on 2509/2511 one
+    to about the vision area (the processor then fits it to its 28-pixel patches)."""
+    area = areas.edit if kind == "edit" else areas.vision
+    return tuple(resample(image, calculate_dimensions(area, aspect(image.shape[1::-1]))) for image in images)
+
+
+class References(NamedTuple):
+    tokens: torch.Tensor  # (1, R, 64) the pictures' packed latents, in order
+    grids: tuple[tuple[int, int], ...]  # each picture's (h, w) in transformer patches
+    first: torch.Tensor  # (1, 16, h, w) Picture 1's latent
+    encoded: bool  # whether the VAE encoder ran (else every latent was carried or cached)
+
+
+def references(engine: Engine, images: list[np.ndarray], areas: Areas, first: torch.Tensor | None = None) -> References:
+    """The pictures' latents, each resized to its working size: `first` (Picture 1's, carried by a chain) when
+    given, the others from the cache or the VAE encoder."""
+    latents, encoded = [], False
+    for i, image in enumerate(images):
+        if i == 0 and first is not None:
+            latents.append(first)
+            continue
+        size = calculate_dimensions(areas.edit, aspect(image.shape[1::-1]))
+        engine.check_size(*size)
+        work = resample(image, size)
+        latent, cache = engine.input_latent(work, work, whole=True)
+        latents.append(latent)
+        encoded |= cache != "hit"
+    tokens = torch.cat([patchify(z.float()) for z in latents], dim=1)
+    grids = tuple((z.shape[-2] // 2, z.shape[-1] // 2) for z in latents)
+    return References(tokens, grids, latents[0], encoded)
+
+
+def settle(engine: Engine, canvas: Canvas, work: tuple[int, int]) -> Canvas:
+    """The canvas with its latent on the `work` grid, or with none: a latent on another grid (an inpaint's
+    window, another working size) is decoded into the canvas's pixels first."""
+    if canvas.latent is None or canvas.work == work:
+        return canvas
+    return Canvas.start(engine.render(canvas))
+
+
+def edited(canvas: Canvas, mask: np.ndarray | None, latent: torch.Tensor, work: tuple[int, int]) -> Canvas:
+    """The settled canvas after an instruction edit inside `mask` (None: everywhere) that made `latent`."""
+    mask = np.ones(canvas.pixels.shape[:2], np.float32) if mask is None else mask
+    return replace(canvas, pending=1 - (1 - canvas.pending) * (1 - mask), latent=latent, origin=(0, 0), work=work)
+
+
+def working_size(canvas_size: tuple[int, int], areas: Areas) -> tuple[int, int]:
+    return calculate_dimensions(areas.edit, aspect(canvas_size))
+
+
+@torch.no_grad()
+def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
+                negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
+                callback=None, shortcuts: Shortcuts = Shortcuts(),
+                work: tuple[int, int] | None = None, preview=None) -> tuple[Canvas, bool]:
+    """One instruction edit of a canvas (the picture being edited) with reference pictures `refs`, inside
+    mask (H, W) in [0, 1] or, with None, everywhere; returns the canvas after it and whether the VAE encoder
+    ran. work: the noisy image's (W, H), by default the canvas's working size; another needs mask None and
+    strength 1 (the edit then starts from noise alone). `preview` (preview.Preview) sees each step's estimate
+    of the canvas after the edit."""
+    own = working_size(canvas.size, areas)
+    work = work or own
+    engine.check_size(*work)
+    canvas = settle(engine, canvas, own)
+    images = [engine.render(canvas), *refs]
+    # The instruction first: a model folder without its processor or vision weights fails before any encoding.
+    vision = vision_pictures(engine.kind, images, areas)
+    embeds = engine.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt], vision)
+    known = references(engine, images, areas, canvas.latent)
+    w, h = work
+    if mask is None:  # from noise alone: x0 is never used (sigma 1, a mask of ones), so any latent does
+        z0, cells = torch.zeros(1, known.first.shape[1], h // 8, w // 8), torch.ones(h // 8, w // 8)
+    else:
+        z0, cells = known.first, torch.from_numpy(latent_mask(resize_mask(mask, work), 8))
+    latent = engine.sample_known(z0, cells, embeds, steps, cfg, seed, strength, False, callback, shortcuts,
+                                 known.tokens, known.grids, mapped(preview, lambda z: edited(canvas, mask, z, work)))
+    return edited(canvas, mask, latent, work), known.encoded
+
+
+def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
+             negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
+             size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts(),
+             mask_crop: int | None = None, preview=None) -> Edit:
+    """`qimg edit` of one image (H, W, 3) uint8: the result at the input's size, or `size` (W, H) (no mask),
+    resampled from the working size (reported as work_size). With a mask, pixels where it is 0 are the input's
+    bytes. The latent stands for the output only when the output is its decode as is (no mask, the output at the
+    working size): then an edit of the output finds it in the cache and never encodes it.
+
+    mask_crop: with a mask, the model sees only the mask's box plus this many pixels around it (the reference
+    edit-inpaint pipeline's padding_mask_crop): finer detail on a large picture, less of it for the instruction.
+    `preview` (preview.Preview) sees each step's estimate of the result."""
+    if mask is not None and mask_crop is not None:
+        x0, y0, x1, y1 = crop_box(mask, mask_crop, 0)
+
+        def pasted(crop: np.ndarray) -> np.ndarray:
+            whole = image.copy()
+            whole[y0:y1, x0:x1] = crop  # outside the mask the crop is the input's bytes: so is the whole
+            return whole
+
+        edit = instruct(engine, image[y0:y1, x0:x1], mask[y0:y1, x0:x1], refs, prompt, negative_prompt, steps, cfg,
+                        seed, areas, strength, None, callback, shortcuts, preview=mapped(preview, pasted))
+        return replace(edit, image=pasted(edit.image), latent=None, box=(x0, y0, x1, y1))
+    encoded_before = engine.prompts_encoded
+    height, width = image.shape[:2]
+    work = working_size(size or (width, height), areas)
+
+    def image_of(canvas: Canvas) -> np.ndarray:
+        return engine.render(canvas) if size is None else resample(engine.decode(canvas.latent), size)
+
+    canvas, encoded = edit_canvas(engine, Canvas.start(image), mask, refs, prompt, negative_prompt, steps, cfg, seed,
+                                  areas, strength, callback, shortcuts, work, mapped(preview, image_of))
+    result = image_of(canvas)
+    latent_cache = "off" if engine.cache is None else "miss" if encoded else "hit"
+    latent = canvas.latent if mask is None and result.shape[1::-1] == work else None
+    return Edit(result, latent, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)

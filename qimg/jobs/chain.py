@@ -1,0 +1,78 @@
+"""chain: a chain file's edits run on one input in one process, the latent carried between them (qimg/chain.py
+plans and runs them); the checks that need no model first, then the output and --keep-steps files saved."""
+
+import time
+from pathlib import Path
+
+from qimg.jobs import batch
+from qimg.errors import UsageError
+from qimg.jobs.spec import Chain
+from qimg.jobs.report import Reporter
+from qimg.jobs.edit import edit_output
+from qimg.jobs.previews import last_preview, preview_file
+from qimg.jobs.common import generation_model, open_cache, open_engine, random_seed, resolve_model, save_output
+
+
+def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
+    """A chain's edits all need the model it runs: instruction edits an Edit model that takes their pictures
+    (the canvas of `size` and the refs), the others Qwen-Image."""
+    from qimg.images import load_image
+    from qimg.engine.instruct import check_model, check_pictures
+
+    for step in steps:
+        try:
+            if step.kind == "edit":
+                refs = step.options["ref"] or ()
+                check_pictures(check_model(folder, "chain"), [size, *(load_image(r)[0].shape[1::-1] for r in refs)],
+                               ["the input", *map(str, refs)])
+            else:
+                generation_model(folder, "chain")
+        except UsageError as e:
+            raise UsageError(f"{step.where}: {e}") from None
+
+
+def chain(job: Chain, reporter: Reporter) -> None:
+    from qimg.jobs import chain_steps as chains
+    from qimg.images import check_output, check_preview, load_image
+    from qimg.jobs.metadata import output_params
+
+    started = time.perf_counter()
+    overwrite = job.output.overwrite
+    store = open_cache(job.cache)
+    folder = resolve_model(job.model)
+    pixels, picture = load_image(job.image)
+    chain_model(folder, job.steps, pixels.shape[1::-1])
+    planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture)
+    seed = random_seed(job.seed)
+    reads = chains.files_read(job.chain_file, job.steps)  # never written, --overwrite or not
+    sizes = {p.step.index: p.size for p in planned}  # each edit's result, (width, height)
+    out, next_free = edit_output(job.image, job.output.out, None, "chain", overwrite, read_only=reads,
+                                 size=planned[-1].size)
+    step_files = chains.step_files(job.image, job.steps, job.keep_steps) if job.keep_steps is not None else {}
+    for index, step_file in step_files.items():
+        check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file", sizes[index])
+        if batch.real(step_file) == batch.real(out):
+            raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
+    preview = preview_file(job.output.preview, job.output.preview_every)
+    if preview:
+        taken = {out: "the output", job.image: "the input image", **{r: "a file this chain reads" for r in reads},
+                 **{f: f"the --keep-steps file of edit {i}" for i, f in step_files.items()}}
+        check_preview(preview.path, taken, overwrite)
+    engine = open_engine(folder, job.model, store)
+
+    def params(canvas, lineage: list) -> dict:
+        width, height = canvas.size
+        seeds = sorted({entry["seed"] for entry in lineage})  # those the edits used
+        return output_params("chain", engine, job.preset, lineage, input=str(job.image),
+                             chain=str(job.chain_file), seed=seeds[0] if len(seeds) == 1 else seeds,
+                             width=width, height=height, calls=sum(entry["calls"] for entry in lineage))
+
+    lineage = []
+    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview):
+        lineage.append(entry)
+        if done.step.index in step_files:
+            save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage),
+                        engine.render(canvas), overwrite=overwrite)
+    final, image = params(canvas, lineage), engine.render(canvas)
+    out = save_output(engine, reporter, out, final, image, overwrite=overwrite, next_free=next_free)
+    reporter.result(out, {**final, **last_preview(preview, image, final)}, started)

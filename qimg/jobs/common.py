@@ -1,0 +1,109 @@
+"""What every job does around its engine call: open the cache, find the model (and refuse the wrong kind), open
+the engine (the worker's kept one when it computes the same numbers), name and save outputs, pick a seed, say
+which --shard runs."""
+
+import functools
+import secrets
+from pathlib import Path
+from typing import Optional
+
+from qimg.jobs import shard
+from qimg.errors import UsageError, say
+from qimg.jobs.spec import CacheSpec, ModelSpec
+from qimg.jobs.report import Reporter
+
+
+def open_cache(spec: CacheSpec):
+    """The latent and prompt store, or None with --no-cache or --cache-size 0; checked before any work (and
+    before torch is imported)."""
+    from qimg.cache import Store, default_cache_dir, size_option
+
+    max_bytes = size_option(spec.size)
+    if spec.off or max_bytes == 0:
+        return None
+    return Store(spec.folder or default_cache_dir(), max_bytes, lambda message: say(f"qimg: warning: {message}"))
+
+
+def resolve_model(spec: ModelSpec) -> Path:
+    """The model folder --model names (weights.resolve_model): every job finds it first, so a wrong --model
+    shows before any input is read or planned."""
+    from qimg.weights.folders import resolve_model as resolve
+
+    return resolve(spec.model)
+
+
+def generation_model(folder: Path, command: str) -> None:
+    """Refuse an Edit model for a command that needs a Qwen-Image (generation) model, before it loads."""
+    from qimg.weights.folders import KIND_NAMES, model_kind
+
+    kind = model_kind(folder)
+    if kind != "qwen-image":
+        raise UsageError(f"{folder} is a {KIND_NAMES[kind]} model, which edits by instruction: use `qimg edit` "
+                         f"(with --mask or --rect to edit a part); `qimg {command}` needs a Qwen-Image model")
+
+
+def open_engine(folder: Path, spec: ModelSpec, store):
+    """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
+    same numbers (worker/warm.py), then serving this job's cache."""
+    import torch
+
+    from qimg.engine.components import DTYPES, pick_device, pick_dtype
+    from qimg.engine.engine import Engine
+    from qimg.weights.lora import identity
+    from qimg.jobs import kept_engine as warm
+
+    speed = spec.speed()
+    device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
+    if spec.device == "auto":
+        device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
+    dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
+    key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
+    engine = warm.engine(folder, str(device), dtype, key,
+                         lambda: Engine(folder, str(device), dtype, store, loras=spec.loras, **speed))
+    engine.cache = store
+    return engine
+
+
+def save_output(engine, reporter: Reporter, out: Path, params: dict, image, latent=None,
+                overwrite: bool = False, next_free=None) -> Path:
+    """The one way an output is written: atomically (files.save_image; an existing file only with
+    `overwrite`; a default numbered name taken meanwhile gives way to `next_free()`), with its parameters
+    (metadata.py), told to the reporter; then `latent` (when it stands for the image 1:1) is cached under its
+    pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can be found again. Returns
+    where the image went."""
+    from PIL import Image
+
+    from qimg.images import save_image
+    from qimg.jobs.metadata import png_text
+
+    out = save_image(Image.fromarray(image), out, png_text(params), overwrite, next_free)
+    reporter.saved(out)
+    if out.suffix.lower() == ".png":
+        engine.cache_latent(image, latent)
+    return out
+
+
+def output_target(out: Optional[Path], stem: str, folder: Path, numbered: bool):
+    """(path, next_free): `out` when given (next_free None: it is the user's name, never changed), else the
+    default name (files.default_output) and, when it is numbered, how to find the next free one should
+    another run take it first."""
+    from qimg.images import default_output
+
+    if out:
+        return out, None
+    return default_output(stem, folder, numbered), (functools.partial(default_output, stem, folder) if numbered
+                                                    else None)
+
+
+def cache_use(result) -> dict:
+    return dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
+
+
+def random_seed(seed: Optional[int]) -> int:
+    return secrets.randbelow(2**32) if seed is None else seed
+
+
+def announce_shard(part, chosen: int, total: int, what: str) -> None:
+    """The line that tells the processes' logs apart: which shard this is and how much of the batch it takes."""
+    if part is not None:
+        say(f"qimg: shard {part}: {chosen} of {total} {what}")

@@ -1,0 +1,254 @@
+"""inpaint, outpaint and edit (by instruction, with an Edit model): one input file, or a batch of them.
+
+edit_plan does every check that needs no model for the whole batch (and picks this --shard's inputs); edit
+runs the inputs, each one's canvas and mask built by mask_builder and its output named by edit_output."""
+
+import functools
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from qimg.jobs import batch
+from qimg.jobs import edit_inputs as edits
+from qimg.jobs import shard
+from qimg.errors import OutputExists, QimgError, UsageError
+from qimg.jobs.spec import Edit, InpaintMask, Instruct
+from qimg.jobs.report import Reporter
+from qimg.jobs.previews import PreviewFile, edit_previews, last_preview
+from qimg.jobs.common import (announce_shard, cache_use, generation_model, open_cache, open_engine, output_target,
+                     random_seed, resolve_model, save_output)
+
+
+def mask_builder(job: Edit | Instruct):
+    """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None).
+    An instruction edit without a mask builds None: it edits the whole picture."""
+    from qimg import masks
+
+    s = job.shape
+    if s is None:
+        return (lambda _image, pixels, _picture: (pixels, None)), (lambda image: None)
+    if isinstance(s, InpaintMask):
+        if s.mask and s.mask_dir:
+            raise UsageError("give --mask or --mask-dir, not both")
+
+        def mask_file(image):
+            return s.mask or (s.mask_dir and batch.mask_for(s.mask_dir, image))
+
+        def build(image, pixels, picture):
+            return pixels, edits.inpaint_mask(pixels.shape[1::-1], picture, image, mask_file(image), s.rect,
+                                              s.mask_resize, s.invert_mask, s.grow, s.feather)
+
+        return build, mask_file
+
+    def build(_image, pixels, _picture):
+        margins = edits.outpaint_margins(pixels.shape[1::-1], s.left, s.right, s.top, s.bottom, s.expand, s.to,
+                                         s.anchor)
+        return masks.outpaint_canvas(pixels, margins, s.feather)
+
+    return build, lambda image: None
+
+
+def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
+                is_batch: bool = False, inputs=(), read_only=(), size=None):
+    """Where an edit goes, checked by files.check_output (`size`: the result's, if known), and the
+    `next_free` for save_output: --out, or `<stem>.<kind>.png` in --out-dir or beside the input. A single
+    run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps it. An existing
+    file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
+    from qimg.images import check_output
+
+    target, next_free = output_target(out, f"{image.stem}.{kind}", out_dir or image.parent,
+                                      not (is_batch or overwrite))
+    check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output", size)
+    return target, next_free
+
+
+class EditPlan(NamedTuple):
+    files: list  # the inputs this run edits (this shard's)
+    is_batch: bool
+    build: object  # mask_builder's
+    mask_file: object
+    store: object
+    folder: Path
+    refs: tuple  # an instruction edit's --ref pictures, read by every input
+    pictures: tuple  # instruct_pictures' (model kind, refs' pixels); () for inpaint and outpaint
+
+
+def edit_plan(job: Edit | Instruct) -> EditPlan:
+    """Every check of an edit that needs no model, and the inputs it runs on: of a batch with --shard, that
+    shard's (the batch-wide checks see every input, so every shard refuses the same batch)."""
+    from qimg.images import check_folder
+
+    kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
+    edits.check_strength(job.strength)
+    if job.skip_existing and overwrite:
+        raise UsageError("give --skip-existing or --overwrite, not both")
+    build, mask_file = mask_builder(job)
+    store = open_cache(job.cache)
+    folder = resolve_model(job.model)
+    refs = job.refs if isinstance(job, Instruct) else ()
+    if isinstance(job, Instruct):
+        pictures = instruct_pictures(job, folder)
+    else:
+        generation_model(folder, kind)
+        pictures = ()
+    if out_dir is not None:
+        check_folder(out_dir, "--out-dir")
+    if isinstance(job.shape, InpaintMask) and job.shape.mask_dir is not None and not job.shape.mask_dir.is_dir():
+        raise UsageError(f"--mask-dir {job.shape.mask_dir} is not a folder; give the folder of the masks")
+    named, is_batch = batch.named_inputs(list(job.images))
+    files, is_batch = [f for f, _ in named], is_batch or job.member
+    if is_batch and out:
+        raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
+    batch.check_distinct_outputs(files, kind, out_dir)
+    if is_batch:
+        batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),), refs)
+    files = [f for f, _ in shard.select(named, lambda item: item[1], job.shard)]
+    announce_shard(job.shard, len(files), len(named), "images")
+    if is_batch and not (job.skip_existing or overwrite or job.member):
+        batch.check_outputs_free(files, kind, out_dir)
+    return EditPlan(files, is_batch, build, mask_file, store, folder, refs, pictures)
+
+
+def edit(job: Edit | Instruct, reporter: Reporter) -> None:
+    """For each input build (canvas, mask), inpaint (or edit by instruction), save, report.
+
+    One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
+    and if any exists already the batch is refused before anything runs, unless --skip-existing (skip them)
+    or --overwrite (replace them). A bad input, or an output that appears while the batch runs, is reported
+    and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
+    of a write still ends it at once. The model loads once, for the first input that needs it."""
+    kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
+    files, is_batch, build, mask_file, store, folder, refs, pictures = edit_plan(job)
+    one = functools.partial(instruct_one, pictures=pictures) if pictures else edit_one
+    previews = edit_previews(job, files, is_batch, mask_file, refs)
+    engine = functools.cache(lambda: open_engine(folder, job.model, store))
+    failed = []
+    advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
+    for image in files:
+        started, done = time.perf_counter(), out or batch.output_name(image, kind, out_dir)
+        if job.skip_existing and os.path.lexists(done):  # a dangling symlink exists too
+            reporter.skipped(image, done)
+        else:
+            failure = None
+            try:
+                canvas, mask = edits.prepare(image, build)
+                if pictures:
+                    check_pictures(job, image, canvas, pictures)
+                size = job.size if isinstance(job, Instruct) and job.size else canvas.shape[1::-1]
+                target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image), *refs),
+                                     size)
+                preview = previews(image, target[0])
+            except QimgError as e:
+                failure = e
+            else:
+                seed = batch.file_seed(job.prompt.seed, image) if is_batch and job.prompt.seed is not None \
+                    else job.prompt.seed
+                try:
+                    one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview)
+                except OutputExists as e:
+                    failure = e
+            if failure is not None:
+                if not is_batch:
+                    raise failure
+                failed.append(image)
+                reporter.failed(image, failure)
+        advance()
+    if failed:
+        raise batch.failed_summary(failed, len(files), "images")
+
+
+def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
+             started: float, preview: Optional[PreviewFile] = None) -> None:
+    """target: edit_output's (path, next_free)."""
+    from qimg.cache import array_hash
+    from qimg.masks import selected_area
+    from qimg.jobs.metadata import output_params
+    from qimg.sampling import first_step
+
+    seed, d, p = random_seed(seed), engine.defaults, job.prompt
+    steps = p.steps or d.steps
+    cfg = d.cfg if p.cfg is None else p.cfg
+    negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
+    callback, done = reporter.steps(job.kind, steps - first_step(steps, job.strength))
+    calls = engine.calls
+    result = engine.inpaint(canvas, mask, p.prompt, negative, steps, cfg, seed, job.strength, job.attn_mask == "on",
+                            job.context, callback, p.shortcuts(), preview)
+    done()
+    height, width = result.image.shape[:2]
+    params = output_params(job.kind, engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
+                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
+                           shift=p.shift, calls=engine.calls - calls, strength=job.strength,
+                           attn_mask=job.attn_mask, context=job.context, input=str(image),
+                           mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
+                           work_size=list(result.work_size), latent_cache=result.latent_cache)
+    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+                      target[1])
+    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+
+
+# --- edit: instructions with an Edit model -----------------------------------------------------------------
+
+
+def instruct_pictures(job: Instruct, folder: Path) -> tuple:
+    """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
+    from qimg.images import check_pixels, load_image
+    from qimg.engine.instruct import check_model
+
+    if not job.prompt.prompt.strip():
+        raise UsageError("--prompt is empty: say what to change, e.g. -p 'replace the sky with a sunset'")
+    if job.size and job.shape is not None:
+        raise UsageError("--size does not combine with a mask: a masked edit keeps the input's pixels, and so "
+                         "its size")
+    if job.size:
+        check_pixels(job.size, f"--size {job.size[0]}x{job.size[1]}", "give a smaller size")
+    if job.mask_crop is not None and job.shape is None:
+        raise UsageError(f"--mask-crop {job.mask_crop} needs a mask (--mask, --rect or --mask-dir) to crop around")
+    if job.strength < 1 and job.shape is None:
+        raise UsageError(f"--strength {job.strength} needs a mask (--mask, --rect or --mask-dir): without one "
+                         "the whole picture is made anew")
+    kind = check_model(folder)
+    return kind, [load_image(ref)[0] for ref in job.refs]
+
+
+def check_pictures(job: Instruct, image: Path, pixels, pictures: tuple) -> None:
+    """instruct.check_pictures for one input of the job and its refs; pictures: instruct_pictures'."""
+    from qimg.engine.instruct import check_pictures as check
+
+    kind, refs = pictures
+    check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
+
+
+def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
+                 started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple) -> None:
+    """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
+    from qimg.cache import array_hash
+    from qimg.engine.instruct import Areas, instruct
+    from qimg.masks import selected_area
+    from qimg.jobs.metadata import output_params
+    from qimg.sampling import first_step
+
+    seed, d, p = random_seed(seed), engine.defaults, job.prompt
+    steps = p.steps or d.steps
+    cfg = d.cfg if p.cfg is None else p.cfg
+    negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
+    areas = Areas(job.edit_area or d.edit_area, job.vision_area or d.vision_area)
+    refs = pictures[1]
+    callback, done = reporter.steps("edit", steps - first_step(steps, job.strength))
+    calls = engine.calls
+    result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, areas, job.strength, job.size,
+                      callback, p.shortcuts(), job.mask_crop, preview)
+    done()
+    height, width = result.image.shape[:2]
+    params = output_params("edit", engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
+                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
+                           shift=p.shift, calls=engine.calls - calls, strength=job.strength, input=str(image),
+                           refs=[str(r) for r in job.refs], pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
+                           mask_area=None if mask is None else selected_area(mask),
+                           mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind,
+                           edit_area=areas.edit, vision_area=areas.vision, mask_crop=job.mask_crop,
+                           box=list(result.box), work_size=list(result.work_size),
+                           latent_cache=result.latent_cache)
+    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+                      target[1])
+    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)

@@ -1,0 +1,62 @@
+"""From an edit's options to what the engine takes: the canvas and mask of an inpaint or outpaint, checked
+before any model loads. Shared by single edits, batches and chains."""
+
+from pathlib import Path
+
+import numpy as np
+
+from qimg import masks
+from qimg.errors import UsageError
+
+
+def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[int, int]:
+    if len(text) > 40:  # far past any real size; and the message quotes what it refuses
+        raise UsageError(f"{option} {text[:37]!r}...: not WIDTHxHEIGHT (too long), e.g. 1024x768")
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
+    for name, v in (("width", w), ("height", h)):
+        if v <= 0 or v % multiple:
+            raise UsageError(f"{option} {text}: {name} {v} must be a positive multiple of {multiple}")
+    return w, h
+
+
+def check_strength(strength: float) -> None:
+    if strength <= 0:
+        raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
+
+
+def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, invert_mask, grow, feather):
+    """The final inpaint mask on an image of size (W, H) from the options: --mask and --rect (union), else the
+    input's transparency (`picture`, None when there is none to use); then invert, grow, feather."""
+    width, height = size
+    parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
+    if rect:
+        parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
+    if not parts:
+        alpha = masks.alpha_mask(picture) if picture is not None else None
+        if alpha is None:
+            raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
+        parts.append(alpha)
+    m = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
+    # One step at a time, each dropping the last: a 4000x4000 mask is 64 MB, and a chain builds one per edit.
+    m = masks.invert(m) if invert_mask else m
+    m = masks.grow(m, grow) if grow else m
+    return masks.feather(m, feather) if feather else m
+
+
+def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:
+    target = parse_size(to, "--to", multiple=1) if to else None
+    return masks.outpaint_margins(size, left, right, top, bottom, expand, target, anchor)
+
+
+def prepare(image: Path, build_mask):
+    """Read an input and build its (canvas, mask): every problem with the file shows here, before the model."""
+    from qimg.images import load_image
+
+    pixels, picture = load_image(image)
+    canvas, mask = build_mask(image, pixels, picture)
+    if mask is not None:  # None: an instruction edit of the whole picture
+        masks.ensure_not_empty(mask, "the mask")
+    return canvas, mask

@@ -1,0 +1,113 @@
+"""generate: one prompt, one image; and generate --prompts, each entry of a prompts file as a generate job of
+one batch (fixed output names, per-entry seeds), with one engine kept for all."""
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from qimg.jobs import batch
+from qimg.jobs import shard
+from qimg.errors import OutputExists, UsageError
+from qimg.jobs.spec import Generate, Output, Prompts
+from qimg.jobs.report import Reporter
+from qimg.jobs.previews import last_preview, preview_file
+from qimg.jobs.common import (announce_shard, cache_use, generation_model, open_cache, open_engine, output_target,
+                     random_seed, resolve_model, save_output)
+
+
+def generate(job: Generate, reporter: Reporter) -> None:
+    from qimg.images import check_format_size, check_output, check_preview
+    from qimg.jobs.metadata import output_params
+
+    started = time.perf_counter()
+    p, overwrite = job.prompt, job.output.overwrite
+    store = open_cache(job.cache)
+    folder = resolve_model(job.model)
+    generation_model(folder, "generate")
+    seed = random_seed(p.seed)
+    out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
+    check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
+    preview = preview_file(job.output.preview, job.output.preview_every)
+    if preview:
+        check_preview(preview.path, {out: "the output"}, overwrite)
+    engine = open_engine(folder, job.model, store)
+    d = engine.defaults
+    width, height = job.size or (d.width, d.height)
+    check_format_size(out, (width, height))
+    steps, cfg = p.steps or d.steps, d.cfg if p.cfg is None else p.cfg
+    negative_prompt = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
+    callback, done = reporter.steps("generating", steps)
+    calls = engine.calls
+    result = engine.generate(p.prompt, negative_prompt, width, height, steps, cfg, seed, callback, p.shortcuts(),
+                             preview)
+    done()
+    params = output_params("generate", engine, job.preset, prompt=p.prompt, negative_prompt=negative_prompt,
+                           seed=seed, width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse,
+                           cfg_until=p.cfg_until, shift=p.shift, calls=engine.calls - calls)
+    out = save_output(engine, reporter, out, params, result.image, result.latent, overwrite, next_free)
+    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+
+
+def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
+    """Every check of generate --prompts that needs no model, and this shard's entries as generate jobs:
+    (how messages name the entry, its job). As a folder batch: fixed output names, refused up front if any
+    exists unless --skip-existing or --overwrite, each entry's seed its own or derived from --seed and its
+    output name."""
+    from qimg.jobs import prompts_file as prompt_file
+    from qimg.images import check_folder
+
+    if job.skip_existing and job.output.overwrite:
+        raise UsageError("give --skip-existing or --overwrite, not both")
+    if job.output.out is not None:
+        raise UsageError("--out names one file but --prompts makes one per prompt; use --out-dir")
+    open_cache(job.cache)
+    resolve_model(job.model)
+    check_folder(job.out_dir, "--out-dir")
+    if job.output.preview is not None:  # a folder, each entry's preview named as its output
+        check_folder(job.output.preview, "--preview")
+        if batch.real(job.output.preview) == batch.real(job.out_dir):
+            raise UsageError(f"--preview {job.output.preview} is the --out-dir: the previews would replace the "
+                             "outputs; give another folder")
+    entries = prompt_file.read(job.file)
+    chosen = shard.select(entries, lambda e: e.name, job.shard)
+    announce_shard(job.shard, len(chosen), len(entries), "prompts")
+    runs = [(f"{job.file} {e.where}", entry_job(job, e)) for e in chosen]
+    if not (job.skip_existing or job.output.overwrite):
+        batch.check_free([g.output.out for _, g in runs])
+    return runs
+
+
+def entry_job(job: Prompts, e) -> Generate:
+    """A prompts file's entry (prompts.Entry) as a generate job: its own values win over the command line's."""
+    p = job.prompt
+    seed = e.seed if e.seed is not None else None if p.seed is None else batch.name_seed(p.seed, e.name)
+    negative = p.negative_prompt if e.negative_prompt is None else e.negative_prompt
+    return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
+                    Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json,
+                           job.output.preview and job.output.preview / e.name, job.output.preview_every),
+                    job.model, job.cache,
+                    job.preset, member=True)
+
+
+def prompts(job: Prompts, reporter: Reporter) -> None:
+    """generate --prompts: each entry as a generate job, with one engine kept for all (worker/warm.py). An
+    output that appears while the batch runs, or a size the device cannot hold, is that entry's failure: the
+    others complete, and the run ends with a summary and exit 1."""
+    from qimg.jobs import kept_engine as warm
+
+    runs, failed = prompt_jobs(job), []
+    advance = reporter.bar("prompts", len(runs))
+    with warm.kept():
+        for where, gen in runs:
+            if job.skip_existing and os.path.lexists(gen.output.out):
+                reporter.skipped(where, gen.output.out)
+            else:
+                try:
+                    generate(gen, reporter)
+                except (UsageError, OutputExists) as e:
+                    failed.append(where)
+                    reporter.failed(where, e)
+            advance()
+    if failed:
+        raise batch.failed_summary(failed, len(runs), "prompts")

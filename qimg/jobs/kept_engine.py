@@ -1,0 +1,66 @@
+"""The worker keeps the last engine it loaded; outside the worker `engine` just makes a new one.
+
+The key holds everything that changes the numbers an engine computes: the resolved model folder and its
+fingerprint (a folder whose files changed is another model), device, dtype and the speed options. A job
+with another key drops the old engine (and its device memory) before loading the new one."""
+
+import gc
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+enabled = False  # set by the worker process only
+_key = None
+_engine = None
+
+
+def engine(folder, device: str, dtype: str, speed: dict, make):
+    """The kept engine when this job's key matches, else `make()` (kept for the next job in the worker)."""
+    global _key, _engine
+    if not enabled:
+        return make()
+    from qimg.cache import fingerprint
+
+    file = speed.get("transformer")  # a --transformer file is part of the model: changed, it is another one
+    weights = fingerprint(Path(file)) if file and Path(file).is_file() else None
+    key = (str(folder), fingerprint(folder), device, dtype, tuple(sorted(speed.items())), weights)
+    if key != _key:
+        drop()
+        _engine = make()
+        _key = key
+    return _engine
+
+
+@contextmanager
+def kept():
+    """Within: engines are kept between jobs as in the worker, for a batch of jobs run in one process
+    (generate --prompts); dropped after, unless this is the worker."""
+    global enabled
+    if enabled:
+        yield
+        return
+    enabled = True
+    try:
+        yield
+    finally:
+        enabled = False
+        drop()
+
+
+def drop() -> None:
+    global _key, _engine
+    if _engine is None:
+        return
+    _key = _engine = None
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summary() -> dict | None:
+    """What is loaded, for `qimg worker status`: None when nothing is."""
+    if _key is None:
+        return None
+    folder, fp, device, dtype, speed, _ = _key
+    return dict(model=folder, fingerprint=fp[:16], device=device, dtype=dtype, **dict(speed))

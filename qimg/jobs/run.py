@@ -1,0 +1,34 @@
+"""The job runner: executes a job (jobs.py) against an engine and reports through a Reporter.
+
+Every check that needs no model runs before one loads (the cache options, the model folder, output names,
+input files, masks, chain plans), so a mistake costs nothing. In the worker, the engine of the last job
+stays loaded for the next (worker/warm.py). One module per kind of job: generate.py (one prompt, or a
+--prompts batch), edit.py (inpaint, outpaint, edit; one file or a batch), chain.py; previews.py writes
+--preview files, shared.py what every job does around its engine call (cache, model, engine, saving).
+"""
+
+from pathlib import Path
+
+from qimg.jobs.spec import Chain, Edit, Generate, Instruct, Job, Prompts
+from qimg.jobs.report import Reporter
+from qimg.jobs import chain
+from qimg.jobs import edit
+from qimg.jobs import generate
+
+
+def execute(job: Job, reporter: Reporter) -> None:
+    run = {Generate: generate.generate, Edit: edit.edit, Instruct: edit.edit, Chain: chain.chain,
+           Prompts: generate.prompts}[type(job)]
+    run(job, reporter)
+
+
+def lora_info(path: Path) -> dict:
+    """`qimg info` on a LoRA file: lora.summary against Qwen-Image's layer names (the same in every variant)."""
+    import torch
+
+    from qimg.weights.adapters import targets
+    from qimg.weights.lora import summary
+    from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+
+    with torch.device("meta"):
+        return summary(path, targets(QwenImageTransformer(TransformerConfig())))

@@ -1,0 +1,199 @@
+"""Jobs as data: what one command asks for, parsed and typed, with nothing loaded yet. The command line
+builds them (cli.py), the runner executes them (runner/); batches, chains and the worker share both."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from qimg.jobs.shard import Shard
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which engine runs the job: everything that changes its numbers or its memory use."""
+
+    model: Optional[str] = None  # folder, repo id or builtin; None: $QIMG_MODEL, else builtin
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    compile: bool = False
+    attention: str = "auto"
+    vae_tiling: str = "auto"
+    loras: tuple = ()  # lora.LoraSpec, applied in order (they add up)
+    transformer: Optional[Path] = None  # the transformer's weights from one file (GGUF, fp8, ...)
+    dequantize: Optional[bool] = None  # unpack packed weights at load; None: on the CPU only
+    quantize: str = "none"  # fp8: pack the transformer's block weights at load
+    local_rank: Optional[int] = None  # torchrun's LOCAL_RANK (--shard auto): with device auto, that GPU
+
+    def speed(self) -> dict:
+        """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:
+        the worker keys its kept engine off it)."""
+        return dict(offload=self.offload, compile=self.compile, attention=self.attention, vae_tiling=self.vae_tiling,
+                    transformer=os.path.abspath(self.transformer) if self.transformer else None,
+                    dequantize=self.dequantize, quantize=self.quantize)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    folder: Optional[Path] = None  # None: the default cache folder
+    off: bool = False
+    size: str = "2GB"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt: str
+    negative_prompt: Optional[str] = None  # None: the model's
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    seed: Optional[int] = None  # None: random, reported
+    reuse: float = 0.0  # adaptive velocity reuse threshold; 0: off
+    cfg_until: float = 1.0  # true CFG for this first fraction of the steps; 1: every step
+    shift: Optional[float] = None  # a constant flow shift (Lightning); None: the model's schedule
+
+    def shortcuts(self):
+        from qimg.sampling import Shortcuts
+
+        return Shortcuts(self.reuse, self.cfg_until, self.shift)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where results go and how they are reported."""
+
+    out: Optional[Path] = None
+    overwrite: bool = False
+    as_json: bool = False
+    preview: Optional[Path] = None  # the running estimate of the image, replaced as it renders; a batch: a folder
+    preview_every: Optional[int] = None  # steps between previews; None: about a tenth of the steps
+
+
+@dataclass(frozen=True)
+class Generate:
+    prompt: Prompt
+    size: Optional[tuple[int, int]] = None  # (W, H); None: the model's
+    output: Output = field(default_factory=Output)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None  # recorded in the metadata
+    member: bool = False  # one entry of a --prompts batch: its output named "output", not "--out", in messages
+
+
+@dataclass(frozen=True)
+class InpaintMask:
+    """How each input's inpaint mask is made."""
+
+    mask: Optional[Path] = None
+    mask_dir: Optional[Path] = None  # a batch: DIR/<stem>.png or DIR/<stem>_mask.png per input
+    rect: tuple[str, ...] = ()
+    mask_resize: bool = False
+    invert_mask: bool = False
+    grow: int = 0
+    feather: int = 0
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """How far each input's canvas grows."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+    expand: int = 0
+    to: Optional[str] = None  # WxH
+    anchor: str = "center"
+    feather: int = 32
+
+
+@dataclass(frozen=True)
+class Edit:
+    """inpaint or outpaint over one file or a batch (files, folders, globs)."""
+
+    images: tuple[Path, ...]
+    shape: Union[InpaintMask, Outpaint]
+    prompt: Prompt
+    strength: float = 1.0
+    attn_mask: str = "off"
+    context: int = 64
+    output: Output = field(default_factory=Output)
+    out_dir: Optional[Path] = None
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+    shard: Optional[Shard] = None  # --shard: only this part of the batch
+    member: bool = False  # one file of a batch whose other files run elsewhere (a Ray actor's): named, seeded,
+    # reported as in the batch, whose up-front checks the batch's own process made
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if isinstance(self.shape, InpaintMask) else "outpaint"
+
+
+@dataclass(frozen=True)
+class Instruct:
+    """edit: an instruction applied with an Edit model to one file or a batch, everywhere or inside a mask."""
+
+    images: tuple[Path, ...]
+    prompt: Prompt
+    refs: tuple[Path, ...] = ()  # Pictures 2, 3...: the same for every input
+    shape: Optional[InpaintMask] = None  # None: the whole picture
+    strength: float = 1.0
+    size: Optional[tuple[int, int]] = None  # (W, H) of the output; None: the input's
+    edit_area: Optional[int] = None  # None: the model's (qimg.json), else the reference's
+    vision_area: Optional[int] = None
+    mask_crop: Optional[int] = None  # the model sees the mask's box plus this margin; None: the whole picture
+    output: Output = field(default_factory=Output)
+    out_dir: Optional[Path] = None
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+    shard: Optional[Shard] = None  # --shard: only this part of the batch
+    member: bool = False  # one file of a batch run elsewhere (a Ray actor's), as in Edit
+    kind = "edit"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain file's edits (read and checked by the command line: chain.Step) run on one image."""
+
+    image: Path
+    chain_file: Path
+    steps: tuple  # chain.Step, one per edit
+    seed: Optional[int] = None
+    keep_steps: Optional[Path] = None
+    output: Output = field(default_factory=Output)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """generate --prompts FILE: one image per entry of the file (prompts.py), <out_dir>/<n>-<slug>.png."""
+
+    file: Path
+    prompt: Prompt  # the command line's values for every entry (its prompt text unused); an entry's own win
+    size: Optional[tuple[int, int]] = None
+    output: Output = field(default_factory=Output)
+    out_dir: Path = Path(".")
+    skip_existing: bool = False
+    model: ModelSpec = field(default_factory=ModelSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    preset: Optional[str] = None
+    shard: Optional[Shard] = None
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """--ray: the batch's files spread over a pool of Ray actors, each holding one loaded engine."""
+
+    address: str  # local: a cluster started for the run; auto: $RAY_ADDRESS or the running one; else an address
+    workers: Optional[int] = None  # --ray-workers: this many actors on CPUs; None: one per GPU of the cluster
+    retries: int = 2  # a file whose actor failed or was lost runs again on another, this many times
+
+
+Job = Union[Generate, Edit, Instruct, Chain, Prompts]

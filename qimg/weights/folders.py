@@ -1,0 +1,208 @@
+"""Find Qwen-Image checkpoints (diffusers folder layout) and load safetensors weights strictly.
+
+A model is a folder with `model_index.json` and one sub-folder per component, or a Hugging Face repo id
+resolved through the local hub cache. Weights are read tensor by tensor straight into their target
+dtype and device and assigned into a module built on the meta device, so loading never holds a second
+float32 copy. Only safetensors are read: pickle files can run code when loaded.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qimg.errors import QimgError, UsageError, listing
+
+PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
+             "QwenImageEditPlusPipeline"}
+# What each kind of model folder is called in messages: model_kind's answers.
+KIND_NAMES = {"qwen-image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-2509",
+              "edit-2511": "Qwen-Image-Edit-2511"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SHOWN = 5  # how many offending key names an error lists
+BUILTIN = Path(__file__).resolve().parent.parent / "builtin" / "shapes"  # the demo model shipped in the package
+
+
+def builtin_model() -> Path:
+    if not (BUILTIN / "model_index.json").is_file():
+        raise QimgError(f"the built-in model is missing from this install ({BUILTIN}); reinstall qimg or pass --model")
+    return BUILTIN
+
+
+def resolve_model(spec: str | None) -> Path:
+    """The built-in model (None or "builtin"), a local folder, or a repo id (`Qwen/Qwen-Image`) found in
+    the hub cache or fetched into it."""
+    if spec in (None, "", "builtin"):
+        return builtin_model()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return check_model_folder(path)
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")) or not _repo_id(spec):
+        raise UsageError(f"model folder not found: {spec}")
+    return check_model_folder(_from_hub(spec))
+
+
+def _repo_id(spec: str) -> bool:
+    """Whether `spec` can name a Hugging Face repo (huggingface_hub would refuse it with a traceback)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    # Everything but pickle weights: we never read them, and they double the download.
+    kwargs = dict(repo_id=repo_id, ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES])
+    try:
+        return Path(snapshot_download(local_files_only=True, **kwargs))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(**kwargs))
+    except Exception as e:
+        raise QimgError(
+            f"model {repo_id!r} is not in the Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}); download it elsewhere and pass its folder: --model /path/to/{repo_id.split('/')[1]}"
+        ) from None
+
+
+def check_model_folder(path: Path) -> Path:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"{path} is not a Qwen-Image model folder: model_index.json is missing")
+    name = read_json_object(index, UsageError).get("_class_name")
+    if not isinstance(name, str) or name not in PIPELINES:
+        if isinstance(name, str) and name:
+            raise UsageError(f"{path} is a {name[:60]} model, not Qwen-Image (model_index.json)")
+        raise UsageError(f"{path}: model_index.json names no pipeline (_class_name); not a Qwen-Image model folder")
+    return path
+
+
+def model_kind(folder: Path) -> str:
+    """"qwen-image" (text to image), or the Edit model a folder holds, from its model_index.json: "edit"
+    (QwenImageEditPipeline, one picture; QwenImageEditInpaintPipeline, the same model saved by diffusers' inpaint
+    pipeline), "edit-2509" (QwenImageEditPlusPipeline, one to three pictures), or "edit-2511" when that
+    pipeline's transformer config sets zero_cond_t (2511 differs only there)."""
+    name = read_json_object(folder / "model_index.json", UsageError).get("_class_name")
+    if name in ("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"):
+        return "edit"
+    if name == "QwenImageEditPlusPipeline":
+        config = folder / "transformer" / "config.json"
+        return "edit-2511" if config.is_file() and read_json_object(config).get("zero_cond_t") else "edit-2509"
+    return "qwen-image"
+
+
+def read_config(folder: Path, name: str = "config.json") -> dict:
+    file = folder / name
+    if not file.is_file():
+        raise QimgError(f"{file} is missing: the model folder is incomplete")
+    return read_json_object(file)
+
+
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+              type(None): "null"}
+
+
+def read_json_object(file: Path, error: type[QimgError] = QimgError) -> dict:
+    """A model folder's JSON file whose top level must be an object. A file that cannot be read or parsed is
+    one `error` line naming it (a QimgError, like the folder's other damage; model_index.json, read to accept
+    --model, a UsageError); valid JSON of the wrong shape is a UsageError: a file of the wrong kind."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise error(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise error(f"{file}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{file} holds {JSON_KINDS.get(type(data), 'something else')}, not an object; is it the "
+                         "right file?")
+    return data
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of one component: the shards named by an index, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = read_json_object(indexes[0]).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise UsageError(f"{indexes[0]}: weight_map must be an object of weight name: shard file")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise QimgError(f"{folder}: shards named in {indexes[0].name} are missing: {', '.join(missing[:SHOWN])}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise QimgError(
+            f"{folder} has only pickle weights ({pickles[0]}); qimg reads safetensors only, because pickle "
+            "files can run code. Convert them to safetensors first."
+        )
+    raise QimgError(f"{folder} has no .safetensors weights")
+
+
+def weight_names(folder: Path) -> set[str]:
+    """The names of a component's tensors, read from the safetensors headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    names = set()
+    for file in safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
+    return names
+
+
+def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, only: tuple[str, ...] = (),
+                remap=None) -> nn.Module:
+    """Build `build()` on the meta device and assign the folder's weights into it, checking every key.
+
+    With `only` (module key prefixes) just those weights are read; the rest stay on the meta device, costing
+    no memory (the VAE's encoder is not loaded for a run that only decodes). Every key is still checked.
+    remap: checkpoint key -> module key, or None to skip that tensor without reading or checking it."""
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        module = build()
+    expected = module.state_dict()
+    shapes, state = {}, {}
+    for file in safetensors_files(folder):
+        try:
+            with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
+                for key in f.keys():
+                    name = remap(key) if remap else key
+                    if name is None:
+                        continue
+                    shapes[name] = tuple(f.get_slice(key).get_shape())
+                    if not only or name.startswith(only):
+                        state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
+    check_keys(folder, expected, shapes)
+    module.load_state_dict(state, assign=True, strict=not only)
+    return module.eval().requires_grad_(False)
+
+
+def check_keys(folder: Path | str, expected: dict, found: dict[str, tuple], error: type[QimgError] = QimgError) -> None:
+    """expected: the module's state dict; found: the checkpoint's shape for every key. error: UsageError for a
+    file the user named (--transformer), QimgError for a damaged model folder."""
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing:
+        raise error(f"{folder}: missing weights {listing(sorted(missing))}")
+    if unexpected:
+        raise error(f"{folder}: unexpected weights {listing(sorted(unexpected))}")
+    wrong = [f"{k} {found[k]} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if found[k] != tuple(v.shape)]
+    if wrong:
+        raise error(f"{folder}: weights of the wrong shape for this config: {listing(sorted(wrong))}")
+
