@@ -15,10 +15,14 @@ import argparse
 import math
 
 import torch
-
 from common import machine, sync, timed
+
 from qimg.model.transformer import (
-    QwenImageTransformer, TransformerConfig, attention, attention_plan, split_attention,
+    QwenImageTransformer,
+    TransformerConfig,
+    attention,
+    attention_plan,
+    split_attention,
 )
 
 

@@ -26,10 +26,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import build_tiny_model, machine, timed
 from PIL import Image
 from skimage import data
-
-from common import build_tiny_model, machine, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red lantern", "a neon sign", "a vending machine"]

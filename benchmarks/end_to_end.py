@@ -21,9 +21,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import build_tiny_model, machine, tests_on_path, timed
 from PIL import Image
-
-from common import build_tiny_model, machine, timed, tests_on_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DIFFUSERS_SCRIPT = """

@@ -15,8 +15,8 @@ import dataclasses
 import time
 
 import torch
-
 from common import machine, timed
+
 from qimg.model.offload import BlockStream
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 

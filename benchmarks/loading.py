@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,9 +73,9 @@ print(json.dumps({"seconds": seconds, "added": status("VmHWM") - before}))
 def write_checkpoint(folder: Path, layers: int) -> int:
     """A random bfloat16 checkpoint in diffusers' layout; returns the weight file's size in bytes."""
     from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import save_file
 
     from qimg.model.transformer import QwenImageTransformer, TransformerConfig
-    from safetensors.torch import save_file
 
     cfg = TransformerConfig(num_layers=layers)
     with torch.device("meta"):
@@ -92,9 +91,10 @@ def write_checkpoint(folder: Path, layers: int) -> int:
 
 def write_lora(file: Path, layers: int, rank: int) -> int:
     """A random bfloat16 rank-`rank` kohya LoRA over every linear layer; returns its size in bytes."""
-    from qimg.weights.adapters import targets
-    from qimg.model.transformer import QwenImageTransformer, TransformerConfig
     from safetensors.torch import save_file
+
+    from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+    from qimg.weights.adapters import targets
 
     with torch.device("meta"):
         shapes = targets(QwenImageTransformer(TransformerConfig(num_layers=layers)))

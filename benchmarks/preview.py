@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import machine, timed
 
 from qimg.engine.engine import Engine

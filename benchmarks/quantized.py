@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import machine
 from loading import write_checkpoint
 

@@ -29,8 +29,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from common import build_tiny_model, machine  # noqa: E402
+
 from qimg.engine.engine import Engine  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 

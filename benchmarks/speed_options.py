@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 
 import torch
-
 from common import machine, sync, timed
+
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 
 

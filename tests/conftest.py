@@ -9,7 +9,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from tiny_edit_checkpoint import build_tiny_edit_checkpoints  # noqa: E402
 

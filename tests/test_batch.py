@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from qimg.jobs.batch import expand_inputs, file_seed, mask_for
 from qimg.cli.app import run
+from qimg.jobs.batch import expand_inputs, file_seed, mask_for
 
 COMMON = ["--steps", "2", "--device", "cpu", "--json"]
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-
 from test_edit import pixels, qimg
 
 from qimg.cache import array_hash, fingerprint
@@ -439,8 +438,8 @@ def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(config
     """An outpaint to 4000x4000 then 24 full-canvas edits: planning once kept a float32 mask per edit (1.6 GB)."""
     import tracemalloc
 
-    from qimg.jobs import chain_steps as chains
     from qimg.errors import QimgError
+    from qimg.jobs import chain_steps as chains
 
     plan, peaks = chains.plan, []
 

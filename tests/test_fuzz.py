@@ -29,8 +29,8 @@ from skimage import data
 from qimg import masks
 from qimg.cli import presets
 from qimg.cli.app import app, run
-from qimg.jobs.edit_inputs import parse_size
 from qimg.errors import UsageError
+from qimg.jobs.edit_inputs import parse_size
 from qimg.jobs.metadata import png_text
 
 fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
+from quant_files import write_gguf
 
 from qimg.errors import UsageError
 from qimg.model.offload import place_for_streaming
@@ -16,7 +17,6 @@ from qimg.model.quant import PackedLinear, dequantize
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.weights.single_file import open_weights
 from qimg.weights.transformer import Source, load_transformer
-from quant_files import write_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

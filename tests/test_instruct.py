@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
-
 from tiny_edit_checkpoint import reference_edit_pipeline, small_areas
 
 from qimg.cli.app import run

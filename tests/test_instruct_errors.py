@@ -9,8 +9,8 @@ from PIL import Image
 
 from qimg.cache import prompt_key
 from qimg.cli.app import run
-from qimg.errors import QimgWarning
 from qimg.engine.instruct import calculate_dimensions, check_pictures
+from qimg.errors import QimgWarning
 from qimg.weights.folders import model_kind
 
 

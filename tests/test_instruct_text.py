@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tiny_edit_checkpoint import reference_edit_pipeline, reference_processor
 
 from qimg.errors import QimgError, UsageError

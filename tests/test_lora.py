@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from safetensors.torch import save_file
 
-from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-from qimg.weights.adapters import apply_adapters, delta, targets
 from qimg.errors import UsageError
-from qimg.weights.lora import LoraSpec, load, map_keys, parse_spec, summary
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.weights.adapters import apply_adapters, delta, targets
+from qimg.weights.lora import LoraSpec, load, map_keys, parse_spec, summary
 
 CFG = TransformerConfig.tiny()
 RANK, ALPHA = 4, 8.0

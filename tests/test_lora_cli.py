@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qimg.weights.adapters import targets
 from qimg.cache import fingerprint
 from qimg.cli.app import run
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.sampling import ScheduleConfig, flow_sigmas, shifted
+from qimg.weights.adapters import targets
 
 # Qwen-Image-Lightning's scheduler (ModelTC generate_with_diffusers.py), as users pass it to diffusers
 LIGHTNING = {"base_image_seq_len": 256, "base_shift": 1.0986122886681098, "invert_sigmas": False,
@@ -194,10 +194,10 @@ def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(
 
 def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny_model_dir, layers, tmp_path,
                                                                             monkeypatch):
+    from qimg.jobs import kept_engine
+    from qimg.jobs.common import open_engine
     from qimg.jobs.spec import ModelSpec
     from qimg.weights.lora import LoraSpec
-    from qimg.jobs.common import open_engine
-    from qimg.jobs import kept_engine as warm
 
     file = tmp_path / "style.safetensors"
     save_file(lightning_lora(layers, seed=1), file)
@@ -205,7 +205,7 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
     def engine(*loras):
         return open_engine(tiny_model_dir, ModelSpec(device="cpu", dtype="float32", loras=loras), None)
 
-    monkeypatch.setattr(warm, "enabled", True)
+    monkeypatch.setattr(kept_engine, "enabled", True)
     try:
         first = engine(LoraSpec(file, 0.5))
         assert engine(LoraSpec(file, 0.5)) is first
@@ -216,7 +216,7 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
         assert changed is not other_scale and changed.model_fingerprint != other_scale.model_fingerprint
         assert engine().loras == () and engine().model_fingerprint == fingerprint(tiny_model_dir)
     finally:
-        warm.drop()
+        kept_engine.drop()
 
 
 def test_offload_modes_apply_the_lora_alike_and_again_after_a_reload(tiny_model_dir, lora_file):

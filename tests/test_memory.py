@@ -68,8 +68,8 @@ def test_packed_sizes_of_the_real_transformer_match_the_published_files():
 
 
 def test_weights_too_large_for_the_device_are_refused_before_loading(capsys, tmp_path, tiny_model_dir, monkeypatch):
-    from qimg.engine import latents as sampler
     from qimg.cli.app import run
+    from qimg.engine import latents as sampler
     from qimg.weights.folders import read_config
 
     tiny = (TransformerConfig.from_dict(read_config(tiny_model_dir / "transformer")),

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
-
 from test_error_matrix import one_line, qimg, raw_png
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qimg.jobs.batch import name_seed
 from qimg.cli.app import run
+from qimg.jobs.batch import name_seed
 from qimg.jobs.metadata import read_params
 from qimg.jobs.prompts_file import slug
 

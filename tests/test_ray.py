@@ -145,9 +145,9 @@ def test_prompts_over_ray(cluster, ray_env, tmp_path, capsys):
 def test_a_file_written_before_its_actor_was_lost_is_not_run_again(tmp_path, capsys):
     from collections import deque
 
-    from qimg.jobs.spec import RaySpec
     from qimg.jobs.ray_runner import Item, Pool
     from qimg.jobs.report import Reporter
+    from qimg.jobs.spec import RaySpec
 
     target = tmp_path / "p0.inpaint.png"
     target.write_bytes(b"complete: outputs are written atomically")

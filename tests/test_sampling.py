@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
-from qimg.sampling import ScheduleConfig, euler, flow_sigmas, first_step, keep_known, noised, shift_mu, true_cfg
+from qimg.sampling import ScheduleConfig, euler, first_step, flow_sigmas, keep_known, noised, shift_mu, true_cfg
 
 QWEN_SCHEDULER = dict(
     base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192, max_shift=0.9,

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qimg.jobs import shard
-from qimg.jobs.batch import named_inputs
 from qimg.cli.app import run
 from qimg.errors import UsageError
+from qimg.jobs import shard
+from qimg.jobs.batch import named_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["-p", "a red circle", "--steps", "2", "--seed", "7", "--device", "cpu", "--no-cache"]

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from quant_files import write_gguf
 from safetensors.torch import save_file
 
 from qimg.cli.app import run
 from qimg.errors import QimgWarning
 from qimg.model.quant import PackedLinear
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.weights.folders import load_module, read_config
 from qimg.weights.single_file import folder_weights
 from qimg.weights.transformer import Source, load_transformer
-from qimg.weights.folders import load_module, read_config
-from quant_files import write_gguf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PREFIX = "model.diffusion_model."
@@ -265,18 +265,18 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_model_dir
 
 
 def test_the_worker_keeps_an_engine_only_for_the_same_transformer_file(tmp_path, tiny_model_dir, monkeypatch):
+    from qimg.jobs import kept_engine
     from qimg.jobs.spec import ModelSpec
-    from qimg.jobs import kept_engine as warm
 
-    monkeypatch.setattr(warm, "enabled", True)
-    monkeypatch.setattr(warm, "_key", None)
-    monkeypatch.setattr(warm, "_engine", None)
+    monkeypatch.setattr(kept_engine, "enabled", True)
+    monkeypatch.setattr(kept_engine, "_key", None)
+    monkeypatch.setattr(kept_engine, "_engine", None)
     file = tmp_path / "t.safetensors"
     file.write_bytes(b"one")
     made = []
 
     def engine(spec):
-        return warm.engine(tiny_model_dir, "cpu", "float32", spec.speed(), lambda: made.append(1) or len(made))
+        return kept_engine.engine(tiny_model_dir, "cpu", "float32", spec.speed(), lambda: made.append(1) or len(made))
 
     assert engine(ModelSpec(transformer=file)) == engine(ModelSpec(transformer=file)) == 1
     file.write_bytes(b"two")  # the same name, other weights: another model

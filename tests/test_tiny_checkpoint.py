@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 from tiny_checkpoint import build_tiny_checkpoint
+from transformers import AutoTokenizer
 
 from qimg.model.text import TEMPLATE as PROMPT_TEMPLATE
 from qimg.train.checkpoint import SCHEDULER_CONFIG

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
-
 from tiny_edit_checkpoint import KINDS, reference_edit_pipeline, small_areas
+from transformers import AutoTokenizer
 
 from qimg.model.instruct_text import DROP, EDIT_TEMPLATE, SYSTEM
 from qimg.model.text import DROP as BASE_DROP

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 import torch
-
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
 from qimg.model.rope import joint_rope
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig, patchify, unpatchify
 

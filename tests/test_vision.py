@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tiny_edit_checkpoint import preprocessor_config
 
 from qimg.errors import UsageError

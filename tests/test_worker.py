@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-
 from worker_helpers import FAST, qimg, start, status, stop, worker_env
 
 

@@ -7,9 +7,9 @@ import stat
 import time
 
 import pytest
+from worker_helpers import FAST, gone, qimg, start, status, stop, wait_for_log, worker_env
 
 from qimg.worker import paths
-from worker_helpers import FAST, gone, qimg, start, status, stop, wait_for_log, worker_env
 
 # ~20 s on the tiny model with one thread (1000 CFG steps over 1024 tokens): a job still running when the test
 # acts on it, however idle the machine

@@ -9,9 +9,9 @@ import socket
 import time
 
 import pytest
+from worker_helpers import FAST, qimg, start, status, stop, worker_env
 
 from qimg.worker.client import Messages, job_message, send
-from worker_helpers import FAST, qimg, start, status, stop, worker_env
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from tiny_checkpoint import PROMPTS, TEXT_HIDDEN, perturb
 
 from qimg.model.instruct_text import EDIT_TEMPLATE, PLUS_PICTURE

@@ -1,5 +1,5 @@
 """The `qimg` command line: the commands, their options (shared ones declared in cli_options.py) parsed into a
-job (jobs.py; the parts every command shares built by cli_jobs.py), handed to the runner.
+job (spec.py; the parts every command shares built by cli_jobs.py), handed to the runner.
 
 Nothing here loads a model or writes a file; torch is imported only by the runner, so `qimg --help` stays
 instant. `run` is the one place errors become a line on stderr and an exit code.
@@ -14,20 +14,63 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException
 
-from qimg.cli import cache_commands
-from qimg.jobs import spec as jobs
-from qimg.cli import presets
+from qimg.cli import cache_commands, presets
+from qimg.cli.options import (
+    MASK,
+    OUTPUT,
+    PIXELS,
+    PROMPT,
+    SAMPLING,
+    Anchor,
+    AttentionOpt,
+    AttnMaskOpt,
+    CacheDirOpt,
+    CacheSizeOpt,
+    CfgOpt,
+    CfgUntilOpt,
+    CompileOpt,
+    ContextOpt,
+    DequantizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FeatherOpt,
+    ImagesArg,
+    JsonOpt,
+    LoraOpt,
+    ModelOpt,
+    NegativeOpt,
+    NoCacheOpt,
+    NoWorkerOpt,
+    OffloadOpt,
+    OutDirOpt,
+    OutOpt,
+    OverwriteOpt,
+    PresetOpt,
+    PreviewEveryOpt,
+    PreviewOpt,
+    PromptOpt,
+    QuantizeOpt,
+    RayOpt,
+    RayWorkersOpt,
+    RetriesOpt,
+    ReuseOpt,
+    SeedOpt,
+    ShardOpt,
+    ShiftOpt,
+    SizeOpt,
+    SkipExistingOpt,
+    StepsOpt,
+    StrengthOpt,
+    TilingOpt,
+    TransformerOpt,
+    any_size,
+    utf8_text,
+)
 from qimg.cli.to_job import cache_of, edit_job, model_of, output_of, ray_of, shard_of, shortcuts_of
-from qimg.cli.options import (MASK, OUTPUT, PIXELS, PROMPT, SAMPLING, Anchor, AttentionOpt, AttnMaskOpt, CacheDirOpt,
-                          CacheSizeOpt, CfgOpt, CfgUntilOpt, CompileOpt, ContextOpt, DequantizeOpt, DeviceOpt,
-                          DtypeOpt, FeatherOpt, ImagesArg, JsonOpt, LoraOpt, ModelOpt, NegativeOpt, NoCacheOpt,
-                          NoWorkerOpt, OffloadOpt, OutDirOpt, OutOpt, OverwriteOpt, PresetOpt, PreviewEveryOpt,
-                          PreviewOpt, PromptOpt, QuantizeOpt, RayOpt, RayWorkersOpt, RetriesOpt, ReuseOpt, SeedOpt,
-                          ShardOpt, ShiftOpt, SizeOpt, SkipExistingOpt, StepsOpt, StrengthOpt, TilingOpt,
-                          TransformerOpt, any_size, utf8_text)
-from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
-from qimg.jobs.report import Reporter, json_line, print_result
 from qimg.cli.worker_commands import app as worker_app
+from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
+from qimg.jobs import spec
+from qimg.jobs.report import Reporter, json_line, print_result
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,8 +85,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
     pass
 
 
-def execute(job: jobs.Job, as_json: bool, ray: Optional[jobs.RaySpec] = None) -> None:
-    from qimg.jobs import run as runner
+def execute(job: spec.Job, as_json: bool, ray: Optional[spec.RaySpec] = None) -> None:
+    from qimg.jobs import runner
 
     with Reporter(as_json) as reporter:
         try:
@@ -94,13 +137,13 @@ def generate(
                                      ("--shard", shard, None), ("--ray", ray, None)):
             if value != default:
                 raise UsageError(f"{name} goes with --prompts FILE (a batch)")
-    p = jobs.Prompt(prompt or "", negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    p = spec.Prompt(prompt or "", negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
     if prompts is None:
-        job = jobs.Generate(p, parse_size(size) if size else None, output_of(locals()), model_of(locals()),
+        job = spec.Generate(p, parse_size(size) if size else None, output_of(locals()), model_of(locals()),
                             cache_of(locals()), preset)
     else:
         part = shard_of(locals())
-        job = jobs.Prompts(prompts, p, parse_size(size) if size else None, output_of(locals()),
+        job = spec.Prompts(prompts, p, parse_size(size) if size else None, output_of(locals()),
                            out_dir or Path("."), skip_existing, model_of(locals(), part), cache_of(locals()), preset,
                            part)
     execute(job, json_, ray_of(locals()))
@@ -134,7 +177,7 @@ def inpaint(
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
-    shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
+    shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
     execute(edit_job(shape, locals()), json_, ray_of(locals()))
 
 
@@ -164,7 +207,7 @@ def outpaint(
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
-    shape = jobs.Outpaint(left, right, top, bottom, expand, to, anchor, feather)
+    shape = spec.Outpaint(left, right, top, bottom, expand, to, anchor, feather)
     execute(edit_job(shape, locals()), json_, ray_of(locals()))
 
 
@@ -217,11 +260,11 @@ def edit(
     from qimg.jobs.edit_inputs import parse_size
 
     masked = mask or mask_dir or rect
-    shape = jobs.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
+    shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
         else None
-    instruction = jobs.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
+    instruction = spec.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
     part = shard_of(locals())
-    execute(jobs.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
+    execute(spec.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
                           parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
                           output_of(locals()), out_dir, skip_existing, model_of(locals(), part), cache_of(locals()),
                           preset, part),
@@ -257,7 +300,7 @@ def chain(
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
                                ("cfg_until", cfg_until), ("shift", shift)) if v is not None}
     edit_steps = tuple(read_chain(ctx, chain_file, given))
-    execute(jobs.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
+    execute(spec.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
                        cache_of(locals()), preset), json_)
 
 
@@ -282,7 +325,7 @@ def info(
     """Print the parameters that made an image (stored in its PNG text chunk), or a LoRA's format, rank, alpha
     and the layers it targets."""
     from qimg.jobs.metadata import describe, read_params
-    from qimg.jobs.run import lora_info
+    from qimg.jobs.runner import lora_info
 
     params = lora_info(image) if image.suffix.lower() == ".safetensors" else read_params(image)
     print_result(json_line(params) if json_ else describe(params))

@@ -1,28 +1,28 @@
-"""The parts of a job (jobs.py) every model command declares alike, built from the command's parameters (its
+"""The parts of a job (spec.py) every model command declares alike, built from the command's parameters (its
 `locals()`): the model, the cache, the output, the shortcuts, the --shard and --ray, and inpaint's and
 outpaint's whole job."""
 
 from typing import Optional
 
-from qimg.jobs import spec as jobs
 from qimg.errors import UsageError
+from qimg.jobs import spec
 
 
-def model_of(p: dict, part=None) -> jobs.ModelSpec:
+def model_of(p: dict, part=None) -> spec.ModelSpec:
     """part: the --shard, whose torchrun LOCAL_RANK picks the GPU under --device auto."""
     from qimg.weights.lora import parse_spec
 
-    return jobs.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
+    return spec.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
                           p["dequantize"], p["quantize"], part.local_rank if part is not None else None)
 
 
-def cache_of(p: dict) -> jobs.CacheSpec:
-    return jobs.CacheSpec(p["cache_dir"], p["no_cache"], p["cache_size"])
+def cache_of(p: dict) -> spec.CacheSpec:
+    return spec.CacheSpec(p["cache_dir"], p["no_cache"], p["cache_size"])
 
 
-def output_of(p: dict) -> jobs.Output:
-    return jobs.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p))
+def output_of(p: dict) -> spec.Output:
+    return spec.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p))
 
 
 def preview_every(p: dict) -> Optional[int]:
@@ -42,10 +42,10 @@ def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
     return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"]
 
 
-def edit_job(shape, p: dict) -> jobs.Edit:
+def edit_job(shape, p: dict) -> spec.Edit:
     """inpaint's and outpaint's job: the mask's options in `shape`, the rest from the command's parameters."""
     part = shard_of(p)
-    return jobs.Edit(tuple(p["images"]), shape, jobs.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
+    return spec.Edit(tuple(p["images"]), shape, spec.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
                                                             p["seed"], *shortcuts_of(p)),
                      p["strength"], p["attn_mask"], p["context"], output_of(p), p["out_dir"], p["skip_existing"],
                      model_of(p, part), cache_of(p), p["preset"], part)
@@ -58,12 +58,12 @@ def shard_of(p: dict):
     return shard.parse(p["shard"]) if p["shard"] is not None else None
 
 
-def ray_of(p: dict) -> Optional[jobs.RaySpec]:
-    """--ray, --ray-workers and --retries as a jobs.RaySpec (None: no Ray)."""
+def ray_of(p: dict) -> Optional[spec.RaySpec]:
+    """--ray, --ray-workers and --retries as a spec.RaySpec (None: no Ray)."""
     if p["ray"] is None:
         for name in ("ray_workers", "retries"):
             if p[name] != {"ray_workers": None, "retries": 2}[name]:
                 origin = f" (given here or by preset {p['preset']})" if p.get("preset") else ""
                 raise UsageError(f"--{name.replace('_', '-')}{origin} goes with --ray ADDRESS")
         return None
-    return jobs.RaySpec(p["ray"], p["ray_workers"], p["retries"])
+    return spec.RaySpec(p["ray"], p["ray_workers"], p["retries"])

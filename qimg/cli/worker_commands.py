@@ -6,8 +6,7 @@ import typer
 
 from qimg.errors import QimgError, UsageError, say
 from qimg.jobs.report import json_line, print_result
-from qimg.worker import client
-from qimg.worker import paths
+from qimg.worker import client, paths
 
 app = typer.Typer(no_args_is_help=True, help="A background worker that keeps the model loaded between commands.")
 

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from qimg.engine.canvas import Canvas, edited, place, to_window, window_size
-from qimg.masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
-from qimg.engine.preview import mapped
 from qimg.engine.latents import Sampler
+from qimg.engine.preview import mapped
+from qimg.masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
 from qimg.sampling import Shortcuts
 
 

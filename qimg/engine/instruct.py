@@ -23,10 +23,10 @@ import torch
 
 from qimg.engine.canvas import Canvas, resample
 from qimg.engine.engine import Edit, Engine
+from qimg.engine.preview import mapped
 from qimg.errors import QimgWarning, UsageError
 from qimg.masks import crop_box, latent_mask, resize_mask
 from qimg.model.transformer import TransformerConfig, patchify
-from qimg.engine.preview import mapped
 from qimg.sampling import Shortcuts
 from qimg.weights.folders import KIND_NAMES, builtin_model, model_kind, read_config
 

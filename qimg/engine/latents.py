@@ -12,15 +12,26 @@ import torch
 
 from qimg.cache import pixel_key, prompt_key
 from qimg.engine.components import Components
-from qimg.errors import QimgError, UsageError
 from qimg.engine.memory import activation_bytes, check_weights, device_bytes, gigabytes
+from qimg.engine.preview import mapped, watching
+from qimg.errors import QimgError, UsageError
 from qimg.model.text import pad_batch
 from qimg.model.tiling import tiled_decode
 from qimg.model.transformer import TransformerConfig, patchify, unpatchify
 from qimg.model.vae import VAEConfig
-from qimg.engine.preview import mapped, watching
-from qimg.sampling import (Reuse, Shortcuts, cfg_until, euler, first_step, flow_sigmas, keep_known, noised, reusing,
-                       shifted, true_cfg)
+from qimg.sampling import (
+    Reuse,
+    Shortcuts,
+    cfg_until,
+    euler,
+    first_step,
+    flow_sigmas,
+    keep_known,
+    noised,
+    reusing,
+    shifted,
+    true_cfg,
+)
 
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
 TILE_ABOVE = 2048 * 2048  # decoded pixels above which "auto" decodes the VAE in tiles

@@ -4,20 +4,20 @@ plans and runs them); the checks that need no model first, then the output and -
 import time
 from pathlib import Path
 
-from qimg.jobs import batch
 from qimg.errors import UsageError
-from qimg.jobs.spec import Chain
-from qimg.jobs.report import Reporter
+from qimg.jobs import batch
+from qimg.jobs.common import generation_model, open_cache, open_engine, random_seed, resolve_model, save_output
 from qimg.jobs.edit import edit_output
 from qimg.jobs.previews import last_preview, preview_file
-from qimg.jobs.common import generation_model, open_cache, open_engine, random_seed, resolve_model, save_output
+from qimg.jobs.report import Reporter
+from qimg.jobs.spec import Chain
 
 
 def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
     """A chain's edits all need the model it runs: instruction edits an Edit model that takes their pictures
     (the canvas of `size` and the refs), the others Qwen-Image."""
-    from qimg.images import load_image
     from qimg.engine.instruct import check_model, check_pictures
+    from qimg.images import load_image
 
     for step in steps:
         try:
@@ -32,8 +32,8 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
 
 
 def chain(job: Chain, reporter: Reporter) -> None:
-    from qimg.jobs import chain_steps as chains
     from qimg.images import check_output, check_preview, load_image
+    from qimg.jobs import chain_steps as chains
     from qimg.jobs.metadata import output_params
 
     started = time.perf_counter()

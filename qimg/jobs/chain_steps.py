@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qimg.engine.canvas import Canvas, edited, grow, window_size
-from qimg.jobs.edit_inputs import check_strength, inpaint_mask, outpaint_margins
-from qimg.errors import QimgError, UsageError, failure_line
-from qimg.masks import ensure_not_empty
 from qimg.cli.presets import NOT_IN_PRESETS, check_options, describe, find, option_params, parser_message, read_yaml
+from qimg.engine.canvas import Canvas, edited, grow, window_size
 from qimg.engine.preview import mapped
+from qimg.errors import QimgError, UsageError, failure_line
+from qimg.jobs.edit_inputs import check_strength, inpaint_mask, outpaint_margins
+from qimg.masks import ensure_not_empty
 
 KINDS = ("inpaint", "outpaint", "edit")
 # set once for the whole chain, on its command line
@@ -213,8 +213,8 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
     key is in the engine's cache (None: no cache) are read from it instead of run. picture: the input, as
     load_image gave it (its transparency may be the first edit's mask). Progress goes to the reporter
     (report.Reporter); `preview` (preview.Preview) sees the rendered canvas as each edit that runs samples."""
-    from qimg.engine import instruct
     from qimg.cache import array_hash
+    from qimg.engine import instruct
     from qimg.images import load_image
     from qimg.sampling import first_step
 

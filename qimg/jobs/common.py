@@ -7,10 +7,10 @@ import secrets
 from pathlib import Path
 from typing import Optional
 
-from qimg.jobs import shard
 from qimg.errors import UsageError, say
-from qimg.jobs.spec import CacheSpec, ModelSpec
+from qimg.jobs import shard
 from qimg.jobs.report import Reporter
+from qimg.jobs.spec import CacheSpec, ModelSpec
 
 
 def open_cache(spec: CacheSpec):
@@ -44,13 +44,13 @@ def generation_model(folder: Path, command: str) -> None:
 
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
-    same numbers (worker/warm.py), then serving this job's cache."""
+    same numbers (worker/kept_engine.py), then serving this job's cache."""
     import torch
 
     from qimg.engine.components import DTYPES, pick_device, pick_dtype
     from qimg.engine.engine import Engine
+    from qimg.jobs import kept_engine
     from qimg.weights.lora import identity
-    from qimg.jobs import kept_engine as warm
 
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
@@ -58,7 +58,7 @@ def open_engine(folder: Path, spec: ModelSpec, store):
         device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
     key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
-    engine = warm.engine(folder, str(device), dtype, key,
+    engine = kept_engine.engine(folder, str(device), dtype, key,
                          lambda: Engine(folder, str(device), dtype, store, loras=spec.loras, **speed))
     engine.cache = store
     return engine

@@ -9,15 +9,22 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from qimg.jobs import batch
-from qimg.jobs import edit_inputs as edits
-from qimg.jobs import shard
 from qimg.errors import OutputExists, QimgError, UsageError
-from qimg.jobs.spec import Edit, InpaintMask, Instruct
-from qimg.jobs.report import Reporter
+from qimg.jobs import batch, edit_inputs, shard
+from qimg.jobs.common import (
+    announce_shard,
+    cache_use,
+    generation_model,
+    open_cache,
+    open_engine,
+    output_target,
+    random_seed,
+    resolve_model,
+    save_output,
+)
 from qimg.jobs.previews import PreviewFile, edit_previews, last_preview
-from qimg.jobs.common import (announce_shard, cache_use, generation_model, open_cache, open_engine, output_target,
-                     random_seed, resolve_model, save_output)
+from qimg.jobs.report import Reporter
+from qimg.jobs.spec import Edit, InpaintMask, Instruct
 
 
 def mask_builder(job: Edit | Instruct):
@@ -36,13 +43,13 @@ def mask_builder(job: Edit | Instruct):
             return s.mask or (s.mask_dir and batch.mask_for(s.mask_dir, image))
 
         def build(image, pixels, picture):
-            return pixels, edits.inpaint_mask(pixels.shape[1::-1], picture, image, mask_file(image), s.rect,
+            return pixels, edit_inputs.inpaint_mask(pixels.shape[1::-1], picture, image, mask_file(image), s.rect,
                                               s.mask_resize, s.invert_mask, s.grow, s.feather)
 
         return build, mask_file
 
     def build(_image, pixels, _picture):
-        margins = edits.outpaint_margins(pixels.shape[1::-1], s.left, s.right, s.top, s.bottom, s.expand, s.to,
+        margins = edit_inputs.outpaint_margins(pixels.shape[1::-1], s.left, s.right, s.top, s.bottom, s.expand, s.to,
                                          s.anchor)
         return masks.outpaint_canvas(pixels, margins, s.feather)
 
@@ -80,7 +87,7 @@ def edit_plan(job: Edit | Instruct) -> EditPlan:
     from qimg.images import check_folder
 
     kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
-    edits.check_strength(job.strength)
+    edit_inputs.check_strength(job.strength)
     if job.skip_existing and overwrite:
         raise UsageError("give --skip-existing or --overwrite, not both")
     build, mask_file = mask_builder(job)
@@ -132,7 +139,7 @@ def edit(job: Edit | Instruct, reporter: Reporter) -> None:
         else:
             failure = None
             try:
-                canvas, mask = edits.prepare(image, build)
+                canvas, mask = edit_inputs.prepare(image, build)
                 if pictures:
                     check_pictures(job, image, canvas, pictures)
                 size = job.size if isinstance(job, Instruct) and job.size else canvas.shape[1::-1]
@@ -162,8 +169,8 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
              started: float, preview: Optional[PreviewFile] = None) -> None:
     """target: edit_output's (path, next_free)."""
     from qimg.cache import array_hash
-    from qimg.masks import selected_area
     from qimg.jobs.metadata import output_params
+    from qimg.masks import selected_area
     from qimg.sampling import first_step
 
     seed, d, p = random_seed(seed), engine.defaults, job.prompt
@@ -192,8 +199,8 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
 
 def instruct_pictures(job: Instruct, folder: Path) -> tuple:
     """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
-    from qimg.images import check_pixels, load_image
     from qimg.engine.instruct import check_model
+    from qimg.images import check_pixels, load_image
 
     if not job.prompt.prompt.strip():
         raise UsageError("--prompt is empty: say what to change, e.g. -p 'replace the sky with a sunset'")
@@ -224,8 +231,8 @@ def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optiona
     """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
     from qimg.cache import array_hash
     from qimg.engine.instruct import Areas, instruct
-    from qimg.masks import selected_area
     from qimg.jobs.metadata import output_params
+    from qimg.masks import selected_area
     from qimg.sampling import first_step
 
     seed, d, p = random_seed(seed), engine.defaults, job.prompt

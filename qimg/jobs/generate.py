@@ -6,14 +6,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from qimg.jobs import batch
-from qimg.jobs import shard
 from qimg.errors import OutputExists, UsageError
-from qimg.jobs.spec import Generate, Output, Prompts
-from qimg.jobs.report import Reporter
+from qimg.jobs import batch, shard
+from qimg.jobs.common import (
+    announce_shard,
+    cache_use,
+    generation_model,
+    open_cache,
+    open_engine,
+    output_target,
+    random_seed,
+    resolve_model,
+    save_output,
+)
 from qimg.jobs.previews import last_preview, preview_file
-from qimg.jobs.common import (announce_shard, cache_use, generation_model, open_cache, open_engine, output_target,
-                     random_seed, resolve_model, save_output)
+from qimg.jobs.report import Reporter
+from qimg.jobs.spec import Generate, Output, Prompts
 
 
 def generate(job: Generate, reporter: Reporter) -> None:
@@ -54,8 +62,8 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
     (how messages name the entry, its job). As a folder batch: fixed output names, refused up front if any
     exists unless --skip-existing or --overwrite, each entry's seed its own or derived from --seed and its
     output name."""
-    from qimg.jobs import prompts_file as prompt_file
     from qimg.images import check_folder
+    from qimg.jobs import prompts_file
 
     if job.skip_existing and job.output.overwrite:
         raise UsageError("give --skip-existing or --overwrite, not both")
@@ -69,7 +77,7 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
         if batch.real(job.output.preview) == batch.real(job.out_dir):
             raise UsageError(f"--preview {job.output.preview} is the --out-dir: the previews would replace the "
                              "outputs; give another folder")
-    entries = prompt_file.read(job.file)
+    entries = prompts_file.read(job.file)
     chosen = shard.select(entries, lambda e: e.name, job.shard)
     announce_shard(job.shard, len(chosen), len(entries), "prompts")
     runs = [(f"{job.file} {e.where}", entry_job(job, e)) for e in chosen]
@@ -91,14 +99,14 @@ def entry_job(job: Prompts, e) -> Generate:
 
 
 def prompts(job: Prompts, reporter: Reporter) -> None:
-    """generate --prompts: each entry as a generate job, with one engine kept for all (worker/warm.py). An
+    """generate --prompts: each entry as a generate job, with one engine kept for all (worker/kept_engine.py). An
     output that appears while the batch runs, or a size the device cannot hold, is that entry's failure: the
     others complete, and the run ends with a summary and exit 1."""
-    from qimg.jobs import kept_engine as warm
+    from qimg.jobs import kept_engine
 
     runs, failed = prompt_jobs(job), []
     advance = reporter.bar("prompts", len(runs))
-    with warm.kept():
+    with kept_engine.kept():
         for where, gen in runs:
             if job.skip_existing and os.path.lexists(gen.output.out):
                 reporter.skipped(where, gen.output.out)

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from qimg.jobs import batch
 from qimg.errors import UsageError
+from qimg.jobs import batch
 from qimg.jobs.spec import Edit, Instruct
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from qimg.jobs.edit_inputs import parse_size
 from qimg.errors import UsageError
+from qimg.jobs.edit_inputs import parse_size
 from qimg.small_files import read_small
 
 MAX_BYTES = 64 * 1024 * 1024  # a million prompts fit; a path to /dev/zero cannot exhaust memory

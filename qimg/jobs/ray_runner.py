@@ -19,13 +19,12 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qimg.jobs import batch
-from qimg.jobs import run as runner
 from qimg.errors import OutputExists, QimgError, QimgWarning, UsageError, failure_line, say
-from qimg.jobs.spec import Edit, Instruct, Job, Prompts, RaySpec
-from qimg.jobs.report import Reporter
+from qimg.jobs import batch, runner
 from qimg.jobs.edit import edit_plan
 from qimg.jobs.generate import prompt_jobs
+from qimg.jobs.report import Reporter
+from qimg.jobs.spec import Edit, Instruct, Job, Prompts, RaySpec
 
 FORWARDED = ("QIMG_", "HF_")  # the client's settings the actors take: model, cache, hub (QIMG_DEBUG too)
 TEST_EXIT = "QIMG_TEST_ACTOR_EXIT"  # tests: "NAME" makes an actor exit on the file NAME, "NAME:MARK" only once
@@ -96,9 +95,9 @@ class Actor:
         except OSError as e:
             raise QimgError(f"the client's working folder {cwd} is not on this machine ({e.strerror}); run from "
                             "a folder every machine of the cluster has (shared storage)") from None
-        from qimg.jobs import kept_engine as warm
+        from qimg.jobs import kept_engine
 
-        warm.enabled = True  # keep the engine between files
+        kept_engine.enabled = True  # keep the engine between files
 
     def pid(self) -> int:
         return os.getpid()

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from qimg.errors import QimgError, UsageError
-from qimg.weights.folders import load_module, read_config, read_json_object, weight_names
 from qimg.model import vision
 from qimg.model.qwen2 import Qwen2Config, Qwen2Model, mrope_positions, remap_keys
 from qimg.model.tokenizer import Tokenizer
 from qimg.model.vision import VisionConfig, VisionTower
 from qimg.model.vl_image import ImageConfig, preprocess
+from qimg.weights.folders import load_module, read_config, read_json_object, weight_names
 
 # The edit pipelines' system prompt; its prefix through "user\n" is DROP tokens.
 SYSTEM = (

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from qimg.errors import QimgError, QimgWarning
-from qimg.weights.folders import load_module, read_config
 from qimg.model.qwen2 import Qwen2Config, Qwen2Model, remap_keys
 from qimg.model.tokenizer import Tokenizer
+from qimg.weights.folders import load_module, read_config
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "

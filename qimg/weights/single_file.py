@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from qimg.weights import gguf_file
 from qimg.errors import QimgError, UsageError
 from qimg.model.quant import FP8
+from qimg.weights import gguf_file
 from qimg.weights.folders import PICKLE_SUFFIXES, safetensors_files
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI checkpoints, longest first

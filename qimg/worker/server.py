@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qimg.errors import STOPS, say
+from qimg.jobs import kept_engine
 from qimg.worker import paths
-from qimg.jobs import kept_engine as warm
 from qimg.worker.client import Messages, send
 
 HOME = "/"  # the worker's working directory between jobs
@@ -193,7 +193,7 @@ class Worker:
     def status(self) -> dict:
         with self.cond:
             return dict(pid=os.getpid(), uptime=round(time.time() - self.born, 1), jobs_run=self.jobs_run,
-                        busy=self.current is not None, queued=len(self.jobs), loaded=warm.summary(),
+                        busy=self.current is not None, queued=len(self.jobs), loaded=kept_engine.summary(),
                         memory=resident_bytes(), idle_exit=self.idle, socket=str(self.path),
                         log=str(self.log.path), python=sys.executable)
 
@@ -355,7 +355,7 @@ def main() -> None:
     import qimg.cli.app  # noqa: F401  (with torch and the model code: the first job should not pay for them)
     import qimg.engine.engine  # noqa: F401
 
-    warm.enabled = True
+    kept_engine.enabled = True
     # Outside a job's run the worker's own handler takes the stopping signals (Worker.signalled). Not SIG_IGN:
     # a job's run keeps ignored signals ignored, and cancelling it is a signal sent to this thread.
     os.chdir(HOME)  # not the folder it was started from, which may be deleted

@@ -9,11 +9,9 @@ stays loaded for the next (worker/warm.py). One module per kind of job: generate
 
 from pathlib import Path
 
-from qimg.jobs.spec import Chain, Edit, Generate, Instruct, Job, Prompts
+from qimg.jobs import chain, edit, generate
 from qimg.jobs.report import Reporter
-from qimg.jobs import chain
-from qimg.jobs import edit
-from qimg.jobs import generate
+from qimg.jobs.spec import Chain, Edit, Generate, Instruct, Job, Prompts
 
 
 def execute(job: Job, reporter: Reporter) -> None:
@@ -26,9 +24,9 @@ def lora_info(path: Path) -> dict:
     """`qimg info` on a LoRA file: lora.summary against Qwen-Image's layer names (the same in every variant)."""
     import torch
 
+    from qimg.model.transformer import QwenImageTransformer, TransformerConfig
     from qimg.weights.adapters import targets
     from qimg.weights.lora import summary
-    from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 
     with torch.device("meta"):
         return summary(path, targets(QwenImageTransformer(TransformerConfig())))
