@@ -2,10 +2,14 @@
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 # Before anything imports huggingface_hub (it reads these once): no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Interim: test modules still import helpers from each other across the package folders.
+sys.path[:0] = [str(p) for p in sorted(Path(__file__).parent.iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

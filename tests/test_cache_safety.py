@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
-from test_edit import qimg
+from test_inpaint_outpaint import qimg
 
 from qimg.cache import FORMAT, MAX_BYTES, TAG, Store, _tensor_hash, parse_bytes
 

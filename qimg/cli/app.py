@@ -264,7 +264,7 @@ def edit(
         else None
     instruction = spec.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
     part = shard_of(locals())
-    execute(spec.Instruct(tuple(images), instruction, tuple(ref or ()), shape, strength,
+    execute(spec.Edit(tuple(images), instruction, tuple(ref or ()), shape, strength,
                           parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
                           output_of(locals()), out_dir, skip_existing, model_of(locals(), part), cache_of(locals()),
                           preset, part),

@@ -42,10 +42,10 @@ def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
     return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"]
 
 
-def edit_job(shape, p: dict) -> spec.Edit:
+def edit_job(shape, p: dict) -> spec.Inpaint:
     """inpaint's and outpaint's job: the mask's options in `shape`, the rest from the command's parameters."""
     part = shard_of(p)
-    return spec.Edit(tuple(p["images"]), shape, spec.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
+    return spec.Inpaint(tuple(p["images"]), shape, spec.Prompt(p["prompt"], p["negative_prompt"], p["steps"], p["cfg"],
                                                             p["seed"], *shortcuts_of(p)),
                      p["strength"], p["attn_mask"], p["context"], output_of(p), p["out_dir"], p["skip_existing"],
                      model_of(p, part), cache_of(p), p["preset"], part)

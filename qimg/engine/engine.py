@@ -21,7 +21,7 @@ from qimg.sampling import Shortcuts
 
 
 @dataclass(frozen=True)
-class Output:
+class Result:
     image: np.ndarray  # (H, W, 3) uint8
     # (1, 16, h, w) normalized: the latent the image came from, when it covers the image 1:1 (padded right and
     # bottom to a multiple of 16); None when the model ran on a crop or a resized copy
@@ -31,7 +31,7 @@ class Output:
 
 
 @dataclass(frozen=True)
-class Edit(Output):
+class EditResult(Result):
     box: tuple[int, int, int, int]  # the region the model saw, (x0, y0, x1, y1) in input pixels
     work_size: tuple[int, int]  # (W, H) the model ran at
 
@@ -40,17 +40,17 @@ class Engine(Sampler):
     """A model loaded on demand (components.py) and sampled (sampler.py), making images."""
 
     def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
-                 seed: int, callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> Output:
+                 seed: int, callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> Result:
         """`preview` (preview.Preview) sees each step's estimate of the image."""
         encoded_before = self.prompts_encoded
         latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback, shortcuts,
                                       mapped(preview, self.decode))
-        return Output(self.decode(latent), latent, "off" if self.cache is None else "miss",
+        return Result(self.decode(latent), latent, "off" if self.cache is None else "miss",
                       self._prompt_cache(encoded_before))
 
     def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
                 cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> "Edit":
+                callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> "EditResult":
         """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
         size and is byte-identical to it wherever the mask is 0; soft mask values blend.
 
@@ -75,7 +75,7 @@ class Engine(Sampler):
         # model ran on the whole image at its size, if the padding strip is still what padding the result gives.
         padded = pad_to_multiple(result, None)[0]
         fits = np.array_equal(padded[height:], work[height:]) and np.array_equal(padded[:, width:], work[:, width:])
-        return Edit(result, canvas.latent if fits else None, latent_cache, self._prompt_cache(encoded_before),
+        return EditResult(result, canvas.latent if fits else None, latent_cache, self._prompt_cache(encoded_before),
                     (0, 0, width, height), work.shape[1::-1])
 
     def edit_canvas(self, canvas: Canvas, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
@@ -110,7 +110,7 @@ class Engine(Sampler):
 
     def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
                            steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
-                           callback, shortcuts: Shortcuts, preview=None) -> "Edit":
+                           callback, shortcuts: Shortcuts, preview=None) -> "EditResult":
         """inpaint for an image over the working area: the mask's box plus context, scaled to fit it. The model
         sees a resampled copy, so no cached latent stands for it and its latent stands for no output."""
         max_pixels = self.defaults.max_pixels
@@ -130,4 +130,4 @@ class Engine(Sampler):
 
         latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback,
                                      shortcuts, mapped(preview, paste))
-        return Edit(paste(latent), None, latent_cache, self._prompt_cache(encoded_before), (x0, y0, x1, y1), size)
+        return EditResult(paste(latent), None, latent_cache, self._prompt_cache(encoded_before), (x0, y0, x1, y1), size)

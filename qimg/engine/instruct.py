@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qimg.engine.canvas import Canvas, resample
-from qimg.engine.engine import Edit, Engine
+from qimg.engine.engine import EditResult, Engine
 from qimg.engine.preview import mapped
 from qimg.errors import QimgWarning, UsageError
 from qimg.masks import crop_box, latent_mask, resize_mask
@@ -166,7 +166,7 @@ def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, refs: l
 def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
              negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
              size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts(),
-             mask_crop: int | None = None, preview=None) -> Edit:
+             mask_crop: int | None = None, preview=None) -> EditResult:
     """`qimg edit` of one image (H, W, 3) uint8: the result at the input's size, or `size` (W, H) (no mask),
     resampled from the working size (reported as work_size). With a mask, pixels where it is 0 are the input's
     bytes. The latent stands for the output only when the output is its decode as is (no mask, the output at the
@@ -198,4 +198,4 @@ def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: l
     result = image_of(canvas)
     latent_cache = "off" if engine.cache is None else "miss" if encoded else "hit"
     latent = canvas.latent if mask is None and result.shape[1::-1] == work else None
-    return Edit(result, latent, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)
+    return EditResult(result, latent, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)

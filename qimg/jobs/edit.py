@@ -24,10 +24,10 @@ from qimg.jobs.common import (
 )
 from qimg.jobs.previews import PreviewFile, edit_previews, last_preview
 from qimg.jobs.report import Reporter
-from qimg.jobs.spec import Edit, InpaintMask, Instruct
+from qimg.jobs.spec import Edit, Inpaint, InpaintMask
 
 
-def mask_builder(job: Edit | Instruct):
+def mask_builder(job: Inpaint | Edit):
     """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None).
     An instruction edit without a mask builds None: it edits the whole picture."""
     from qimg import masks
@@ -81,7 +81,7 @@ class EditPlan(NamedTuple):
     pictures: tuple  # instruct_pictures' (model kind, refs' pixels); () for inpaint and outpaint
 
 
-def edit_plan(job: Edit | Instruct) -> EditPlan:
+def edit_plan(job: Inpaint | Edit) -> EditPlan:
     """Every check of an edit that needs no model, and the inputs it runs on: of a batch with --shard, that
     shard's (the batch-wide checks see every input, so every shard refuses the same batch)."""
     from qimg.images import check_folder
@@ -93,8 +93,8 @@ def edit_plan(job: Edit | Instruct) -> EditPlan:
     build, mask_file = mask_builder(job)
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
-    refs = job.refs if isinstance(job, Instruct) else ()
-    if isinstance(job, Instruct):
+    refs = job.refs if isinstance(job, Edit) else ()
+    if isinstance(job, Edit):
         pictures = instruct_pictures(job, folder)
     else:
         generation_model(folder, kind)
@@ -117,7 +117,7 @@ def edit_plan(job: Edit | Instruct) -> EditPlan:
     return EditPlan(files, is_batch, build, mask_file, store, folder, refs, pictures)
 
 
-def edit(job: Edit | Instruct, reporter: Reporter) -> None:
+def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
     """For each input build (canvas, mask), inpaint (or edit by instruction), save, report.
 
     One input file runs as a plain command: its errors end the run. In a batch the outputs have fixed names,
@@ -142,7 +142,7 @@ def edit(job: Edit | Instruct, reporter: Reporter) -> None:
                 canvas, mask = edit_inputs.prepare(image, build)
                 if pictures:
                     check_pictures(job, image, canvas, pictures)
-                size = job.size if isinstance(job, Instruct) and job.size else canvas.shape[1::-1]
+                size = job.size if isinstance(job, Edit) and job.size else canvas.shape[1::-1]
                 target = edit_output(image, out, out_dir, kind, overwrite, is_batch, files, (mask_file(image), *refs),
                                      size)
                 preview = previews(image, target[0])
@@ -165,7 +165,7 @@ def edit(job: Edit | Instruct, reporter: Reporter) -> None:
         raise batch.failed_summary(failed, len(files), "images")
 
 
-def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
+def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
              started: float, preview: Optional[PreviewFile] = None) -> None:
     """target: edit_output's (path, next_free)."""
     from qimg.cache import array_hash
@@ -197,7 +197,7 @@ def edit_one(job: Edit, image: Path, canvas, mask, target, seed: Optional[int], 
 # --- edit: instructions with an Edit model -----------------------------------------------------------------
 
 
-def instruct_pictures(job: Instruct, folder: Path) -> tuple:
+def instruct_pictures(job: Edit, folder: Path) -> tuple:
     """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
     from qimg.engine.instruct import check_model
     from qimg.images import check_pixels, load_image
@@ -218,7 +218,7 @@ def instruct_pictures(job: Instruct, folder: Path) -> tuple:
     return kind, [load_image(ref)[0] for ref in job.refs]
 
 
-def check_pictures(job: Instruct, image: Path, pixels, pictures: tuple) -> None:
+def check_pictures(job: Edit, image: Path, pixels, pictures: tuple) -> None:
     """instruct.check_pictures for one input of the job and its refs; pictures: instruct_pictures'."""
     from qimg.engine.instruct import check_pictures as check
 
@@ -226,7 +226,7 @@ def check_pictures(job: Instruct, image: Path, pixels, pictures: tuple) -> None:
     check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
 
 
-def instruct_one(job: Instruct, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
+def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
                  started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple) -> None:
     """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
     from qimg.cache import array_hash

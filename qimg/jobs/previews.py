@@ -9,7 +9,7 @@ from typing import Optional
 
 from qimg.errors import UsageError
 from qimg.jobs import batch
-from qimg.jobs.spec import Edit, Instruct
+from qimg.jobs.spec import Edit, Inpaint
 
 
 class PreviewFile:
@@ -52,7 +52,7 @@ def last_preview(preview: Optional[PreviewFile], image, params: dict) -> dict:
     return dict(previews=preview.count, preview_seconds=round(preview.seconds, 3))
 
 
-def edit_previews(job: Edit | Instruct, files: list[Path], is_batch: bool, mask_file, refs=()):
+def edit_previews(job: Inpaint | Edit, files: list[Path], is_batch: bool, mask_file, refs=()):
     """previews(image, its output) -> its PreviewFile (None without --preview): for one input, the file --preview
     names, checked when asked; for a batch, its output's name in the --preview folder, all of them checked
     here, before anything runs, against every file the batch reads or writes."""

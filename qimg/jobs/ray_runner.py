@@ -24,7 +24,7 @@ from qimg.jobs import batch, runner
 from qimg.jobs.edit import edit_plan
 from qimg.jobs.generate import prompt_jobs
 from qimg.jobs.report import Reporter
-from qimg.jobs.spec import Edit, Instruct, Job, Prompts, RaySpec
+from qimg.jobs.spec import Edit, Inpaint, Job, Prompts, RaySpec
 
 FORWARDED = ("QIMG_", "HF_")  # the client's settings the actors take: model, cache, hub (QIMG_DEBUG too)
 TEST_EXIT = "QIMG_TEST_ACTOR_EXIT"  # tests: "NAME" makes an actor exit on the file NAME, "NAME:MARK" only once
@@ -44,7 +44,7 @@ def items(job: Job) -> tuple[list[Item], str]:
     this --shard), and what the bar counts."""
     if isinstance(job, Prompts):
         return [Item(where, gen.output.out, gen) for where, gen in prompt_jobs(job)], "prompts"
-    if isinstance(job, (Edit, Instruct)):
+    if isinstance(job, (Inpaint, Edit)):
         files, is_batch = edit_plan(job)[:2]
         if not is_batch:
             raise UsageError("--ray spreads a batch over actors; give a folder, several files or a glob")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from qimg.jobs import chain, edit, generate
 from qimg.jobs.report import Reporter
-from qimg.jobs.spec import Chain, Edit, Generate, Instruct, Job, Prompts
+from qimg.jobs.spec import Chain, Edit, Generate, Inpaint, Job, Prompts
 
 
 def execute(job: Job, reporter: Reporter) -> None:
-    run = {Generate: generate.generate, Edit: edit.edit, Instruct: edit.edit, Chain: chain.chain,
+    run = {Generate: generate.generate, Inpaint: edit.edit, Edit: edit.edit, Chain: chain.chain,
            Prompts: generate.prompts}[type(job)]
     run(job, reporter)
 

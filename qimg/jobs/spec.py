@@ -108,7 +108,7 @@ class Outpaint:
 
 
 @dataclass(frozen=True)
-class Edit:
+class Inpaint:
     """inpaint or outpaint over one file or a batch (files, folders, globs)."""
 
     images: tuple[Path, ...]
@@ -133,7 +133,7 @@ class Edit:
 
 
 @dataclass(frozen=True)
-class Instruct:
+class Edit:
     """edit: an instruction applied with an Edit model to one file or a batch, everywhere or inside a mask."""
 
     images: tuple[Path, ...]
@@ -196,4 +196,4 @@ class RaySpec:
     retries: int = 2  # a file whose actor failed or was lost runs again on another, this many times
 
 
-Job = Union[Generate, Edit, Instruct, Chain, Prompts]
+Job = Union[Generate, Inpaint, Edit, Chain, Prompts]

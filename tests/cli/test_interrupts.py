@@ -19,7 +19,7 @@ from qimg.errors import STOPS
 from qimg.jobs.report import Reporter
 
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1", "--size", "32x32"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def leftovers(folder: Path) -> list[str]:

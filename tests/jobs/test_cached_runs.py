@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from test_edit import pixels, qimg
+from test_inpaint_outpaint import pixels, qimg
 
 COMMON = ["--steps", "2", "--seed", "4", "--device", "cpu", "--json"]
 

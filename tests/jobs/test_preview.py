@@ -22,7 +22,7 @@ from qimg.cli.app import run
 from qimg.engine.preview import watching
 from qimg.sampling import euler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--seed", "3", "--device", "cpu", "--no-cache", "--cfg", "4"]
 
 

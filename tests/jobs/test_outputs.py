@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from test_error_matrix import one_line, qimg, raw_png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1"]
 
 

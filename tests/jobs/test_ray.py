@@ -19,7 +19,7 @@ from qimg.cli.app import run
 
 pytest.importorskip("ray")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--rect", "8,8,16,16", "-p", "a red circle", "--steps", "2", "--seed", "7", "--device", "cpu", "--no-cache",
         "--json"]
 

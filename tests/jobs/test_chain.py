@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from test_edit import pixels, qimg
+from test_inpaint_outpaint import pixels, qimg
 
 from qimg.cache import array_hash, fingerprint
 from qimg.model.transformer import QwenImageTransformer

@@ -19,7 +19,7 @@ from qimg.errors import UsageError
 from qimg.jobs import shard
 from qimg.jobs.batch import named_inputs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["-p", "a red circle", "--steps", "2", "--seed", "7", "--device", "cpu", "--no-cache"]
 
 
