@@ -128,7 +128,8 @@ def drift(args, folder: Path, photo: np.ndarray) -> None:
                   f"{10 * np.log10(255**2 / mse):12.2f}  {status}")
             image = result.image
         finals[mode] = image
-    print(f"final image, cache vs none: mean |diff| {np.abs(finals['cache'].astype(np.int16) - finals['none']).mean():.2f}"
+    diff = np.abs(finals['cache'].astype(np.int16) - finals['none']).mean()
+    print(f"final image, cache vs none: mean |diff| {diff:.2f}"
           " (the rounds differ where they edit: their starting latents differ)")
 
 

@@ -72,7 +72,7 @@ def main():
         outs = {"qimg": tmp / "qimg.png", "diffusers": tmp / "diffusers.png"}
         job = [str(model), args.prompt, width, height, str(args.steps), str(args.cfg), "0"]
         qimg = ["--steps", job[4], "--cfg", job[5], "--seed", job[6], "--device", "cpu", "--dtype", "float32",
-                "-o", str(outs["qimg"]), "--no-cache", "--no-worker"]  # every rep encodes its prompts, as diffusers does
+                "-o", str(outs["qimg"]), "--no-cache", "--no-worker"]  # every rep encodes its prompts, as diffusers
         if args.edit:
             picture = tmp / "picture.png"
             Image.fromarray(np.random.default_rng(0).integers(0, 256, (int(height), int(width), 3), np.uint8)).save(

@@ -27,7 +27,8 @@ def forward_flops(cfg: TransformerConfig, img: int, txt: int) -> float:
     """Matmul FLOPs of one batch-1 forward: projections and MLPs of both streams, attention, modulation."""
     d = cfg.dim
     per_block = 2 * (img + txt) * 12 * d * d + 4 * (img + txt) ** 2 * d + 2 * 2 * 6 * d * d
-    return cfg.num_layers * per_block + 2 * img * (cfg.in_channels + 4 * cfg.out_channels) * d + 2 * txt * cfg.joint_attention_dim * d
+    ends = 2 * img * (cfg.in_channels + 4 * cfg.out_channels) * d + 2 * txt * cfg.joint_attention_dim * d
+    return cfg.num_layers * per_block + ends
 
 
 def main():
@@ -67,8 +68,8 @@ def main():
     one = slice(0, 1)
 
     def reference(b):
-        return models["diffusers"](hidden_states=img[b], encoder_hidden_states=txt[b], encoder_hidden_states_mask=None, timestep=t[b],
-                   img_shapes=[[(1, side, side)]], return_dict=False)[0]
+        return models["diffusers"](hidden_states=img[b], encoder_hidden_states=txt[b], encoder_hidden_states_mask=None,
+                                   timestep=t[b], img_shapes=[[(1, side, side)]], return_dict=False)[0]
 
     def qimg(b=one):
         return ours(img[b], txt[b], None, t[b], (side, side))

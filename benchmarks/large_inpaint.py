@@ -89,7 +89,8 @@ def main():
     if tiny:
         build_tiny_model(folder)
     else:  # a copy whose qimg.json we may overwrite; big weight files are symlinked, not copied
-        shutil.copytree(args.model.resolve(), folder, copy_function=os.symlink, ignore=shutil.ignore_patterns("qimg.json"))
+        shutil.copytree(args.model.resolve(), folder, copy_function=os.symlink,
+                        ignore=shutil.ignore_patterns("qimg.json"))
     src = args.model / "qimg.json" if args.model else None
     d = json.loads(src.read_text()) if src and src.is_file() else {}
     (folder / "qimg.json").write_text(json.dumps({**d, "max_pixels": args.max_pixels}))

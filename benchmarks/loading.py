@@ -136,7 +136,8 @@ def main():
         added = statistics.median(r["added"] for r in results)
         files = size + (lora_size if which.endswith("+lora") else 0)
         print(f"{which:<14} {seconds:>7.2f}s {added / 2**30:>8.2f} GiB {added / files:>6.2f}x")
-    ratio = statistics.median(r["seconds"] for r in runs["diffusers"]) / statistics.median(r["seconds"] for r in runs["qimg"])
+    median = {which: statistics.median(r["seconds"] for r in runs[which]) for which in ("diffusers", "qimg")}
+    ratio = median["diffusers"] / median["qimg"]
     print(f"\nload time ratio diffusers / qimg: {ratio:.2f}x")
 
 

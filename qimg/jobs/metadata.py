@@ -63,4 +63,5 @@ def describe(params: dict) -> str:
     character escaped, so a crafted prompt cannot move the cursor, recolour or reorder the terminal's text."""
     names = {name: printable(name) for name in params}
     width = max(map(len, names.values()), default=0)
-    return "\n".join(f"{names[k].ljust(width)}  {printable(json.dumps(v, ensure_ascii=False))}" for k, v in params.items())
+    return "\n".join(f"{names[k].ljust(width)}  {printable(json.dumps(v, ensure_ascii=False))}"
+                     for k, v in params.items())

@@ -1,8 +1,8 @@
 """A sharded run under torchrun: torchrun stops every rank as soon as one exits non-zero, so a shard that
 ended with a bad file (exit 1, its other files done) would cut the other shards short. Each rank counts
 itself finished in the key-value store torchrun's agent hosts (TORCHELASTIC_USE_AGENT_STORE, its default;
-no process group), and one that failed waits until every rank has before it exits. A rank that dies outright is torchrun's to handle: it stops them all, and a
-re-run with --skip-existing resumes."""
+no process group), and one that failed waits until every rank has before it exits. A rank that dies outright
+is torchrun's to handle: it stops them all, and a re-run with --skip-existing resumes."""
 
 import os
 import signal

@@ -152,7 +152,8 @@ class Attention(nn.Module):
         def heads(t, n):  # (B, N, n*D) -> (B, n, N, D)
             return t.unflatten(-1, (n, -1)).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(x), self.heads), heads(self.k_proj(x), self.kv_heads), heads(self.v_proj(x), self.kv_heads)
+        q = heads(self.q_proj(x), self.heads)
+        k, v = heads(self.k_proj(x), self.kv_heads), heads(self.v_proj(x), self.kv_heads)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         group = self.heads // self.kv_heads  # each key/value head serves `group` query heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -190,7 +191,8 @@ class Qwen2Model(nn.Module):
         self.cfg = cfg
         # Given a weight, Embedding skips its normal_ init: on the meta device that init imports torch._dynamo
         # (~2-4 s of a run's start) and the loader overwrites the weight anyway.
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -16,7 +16,8 @@ parser.add_argument("--new-tokenizer", action="store_true",
                     help="with --resume: build the tokenizer afresh and move the text encoder's embeddings to it")
 parser.add_argument("--vae-from", type=Path, default=None,
                     help="take the trained VAE of an exported model instead of training one")
-parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the MMDiT and text encoder (a third of it with --resume alone)")
+parser.add_argument("--lr", type=float, default=3e-4,
+                    help="peak learning rate of the MMDiT and text encoder (a third of it with --resume alone)")
 parser.add_argument("--shifted", type=float, default=0.25,
                     help="share of each batch's timesteps shifted towards noise, where the prompt decides the scene")
 parser.add_argument("--object-weight", type=float, default=4.0,

@@ -3,8 +3,8 @@
     python -m qimg.train.evaluate [MODEL_FOLDER] [--per-language 30]
 
 Each generated image is read back with plain pixel statistics: the background is the colour of the
-image border, the object is the largest connected region of pixels nearer another colour, its colour the nearest reference
-colour to its median, its position the nearest anchor to its centroid, and its shape follows from how
+image border, the object is the largest connected region of pixels nearer another colour, its colour the nearest
+reference colour to its median, its position the nearest anchor to its centroid, and its shape follows from how
 much of its bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2). The same reader recovers
 the generator's own scenes exactly (a test checks this), so it measures the model, not itself.
 """

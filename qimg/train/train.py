@@ -204,9 +204,9 @@ def train_dit(latents: torch.Tensor, scenes: list, prompts: Prompts, model: Qwen
               seed: int, batch: int = 32, peak: float = 3e-4, shifted: float = 0.25,
               ema_decay: float = 0.995, objects: torch.Tensor | None = None, object_weight: float = 1.0,
               contrast: float = 0.0, margin: float = 0.1) -> nn.ModuleDict:
-    """Flow matching (see flow_errors), with the fraction `shifted` of each batch's timesteps shifted towards noise (see SHIFT). The text
-    encoder's language model learns through the transformer; both are averaged (EMA) together, so the
-    exported pair matches, and the averages are returned.
+    """Flow matching (see flow_errors), with the fraction `shifted` of each batch's timesteps shifted towards noise
+    (see SHIFT). The text encoder's language model learns through the transformer; both are averaged (EMA)
+    together, so the exported pair matches, and the averages are returned.
 
     objects: (N, L) bool object tokens of each scene (object_tokens), whose errors count object_weight
     times. contrast > 0 adds the shape contrast: the batch's conditional samples at CONTRAST_T, under

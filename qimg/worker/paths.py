@@ -27,7 +27,8 @@ def installation_tag() -> str:
     """A short hash of the qimg version, its package folder, the Python running it and its code: the code this
     process loaded, so worked out once (the client asks for the socket and the lock, and again while it waits)."""
     package = Path(__file__).resolve().parent.parent
-    return hashlib.sha256(f"{__version__}\0{package}\0{sys.executable}\0{code_state(package)}".encode()).hexdigest()[:12]
+    state = f"{__version__}\0{package}\0{sys.executable}\0{code_state(package)}"
+    return hashlib.sha256(state.encode()).hexdigest()[:12]
 
 
 def code_state(package: Path) -> str:
