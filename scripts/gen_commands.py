@@ -166,7 +166,7 @@ def render() -> str:
         "",
         "What each command's `--help` prints, on one page. Options are grouped as `--help` groups them, and every",
         "command also takes `--help`. The options the model commands share are explained with their",
-        "topic: [editing and masks](editing.md), [models and weight files](models.md), [LoRAs](loras.md),",
+        "topic: [generating and editing](editing.md), [models and weight files](models.md), [LoRAs](loras.md),",
         "[scaling out](scaling.md), [performance](performance.md), [exit codes](exit-codes.md).",
         "",
     ]
