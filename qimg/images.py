@@ -1,5 +1,5 @@
-"""Image files: reading any input Pillow knows as plain pixels, choosing an output name that clobbers nothing,
-checking a folder is writable, atomic saves."""
+"""Image files: reading any input Pillow knows as plain pixels, checking an output can be written (and clobbers
+nothing), atomic saves. What outputs are called is jobs/names.py's."""
 
 import errno
 import os
@@ -124,15 +124,6 @@ def load_image(path: Path) -> tuple[np.ndarray, Image.Image]:
     except ValueError:
         raise UsageError(f"image {path} has colour mode {upright.mode}, which qimg cannot convert; "
                          "save it as RGB") from None
-
-
-def default_output(stem: str, folder: Path = Path("."), numbered: bool = True) -> Path:
-    """`stem.png`, or (`numbered`) `stem-2.png`, `stem-3.png`... whichever does not exist yet."""
-    path, n = folder / f"{stem}.png", 1
-    while numbered and os.path.lexists(path):  # a dangling symlink takes its name too
-        n += 1
-        path = folder / f"{stem}-{n}.png"
-    return path
 
 
 def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (),

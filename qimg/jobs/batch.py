@@ -1,16 +1,15 @@
-"""Batches: which files the IMAGE arguments name, their masks, seeds and output names. Pure path logic, so
-every problem with the arguments shows before a model loads."""
+"""Batches: which files the IMAGE arguments name, their masks and seeds, and the checks of their outputs (named
+by names.py). Pure path logic, so every problem with the arguments shows before a model loads."""
 
 import glob
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from qimg.errors import QimgError, UsageError, listing
+from qimg.jobs import names
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-LEFT_OUT = re.compile(r"(\.(inpaint|outpaint|edit)(-\d+)?|_mask)$")  # stems a folder's listing skips
 
 
 def expand_inputs(args: list[Path]) -> tuple[list[Path], bool]:
@@ -32,7 +31,7 @@ def named_inputs(args: list[Path]) -> tuple[list[tuple[Path, str]], bool]:
     for arg in args:
         if arg.is_dir():
             found = sorted(p for p in arg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not LEFT_OUT.search(p.stem))
+                           and not names.LEFT_OUT.search(p.stem))
             if not found:
                 raise UsageError(f"folder {arg} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += [(p, p.name) for p in found]
@@ -84,16 +83,11 @@ def name_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:4], "big")
 
 
-def output_name(image: Path, kind: str, out_dir: Path | None) -> Path:
-    """Where an edit of `image` goes when no --out names it: `<stem>.<kind>.png` in out_dir or beside the input."""
-    return (out_dir or image.parent) / f"{image.stem}.{kind}.png"
-
-
 def check_distinct_outputs(files: list[Path], kind: str, out_dir: Path | None) -> None:
     """Refuse a batch in which two inputs would write one output, or an output would replace another input."""
     seen, inputs = {}, {real(f) for f in files}
     for f in files:
-        out = output_name(f, kind, out_dir)
+        out = names.edit_output(f, kind, out_dir)
         if out in seen:
             raise UsageError(f"{seen[out]} and {f} would both write {out}; run them with different --out-dir")
         if real(out) in inputs:
@@ -115,7 +109,7 @@ def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads, 
             continue
         read.update((real(p), f"the mask of {f}") for p in others if p is not None and real(p) not in read)
     for f in files:
-        out = output_name(f, kind, out_dir)
+        out = names.edit_output(f, kind, out_dir)
         if real(out) in read:
             raise UsageError(f"{out}, the output of {f}, is {read[real(out)]}, which this batch reads and never "
                              "replaces; write the outputs elsewhere with --out-dir")
@@ -124,7 +118,7 @@ def check_reads_kept(files: list[Path], kind: str, out_dir: Path | None, reads, 
 def check_outputs_free(files: list[Path], kind: str, out_dir: Path | None) -> None:
     """Refuse, before anything runs, a batch whose outputs exist already: without --skip-existing or
     --overwrite it is unclear whether the user means to resume or to redo, and a guess costs work or files."""
-    check_free([output_name(f, kind, out_dir) for f in files])
+    check_free([names.edit_output(f, kind, out_dir) for f in files])
 
 
 def check_free(outputs: list[Path]) -> None:

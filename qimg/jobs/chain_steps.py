@@ -20,6 +20,7 @@ from qimg.cli.presets import NOT_IN_PRESETS, check_options, describe, find, opti
 from qimg.engine.canvas import Canvas, edited, grow, window_size
 from qimg.engine.preview import mapped
 from qimg.errors import QimgError, UsageError, failure_line
+from qimg.jobs import names
 from qimg.jobs.edit_inputs import check_strength, inpaint_mask, outpaint_margins
 from qimg.masks import ensure_not_empty
 
@@ -114,7 +115,7 @@ def step_files(image: Path, steps: list[Step], folder: Path) -> dict[int, Path]:
     batch's outputs, so a folder holds one run's steps: existing ones are replaced only with --overwrite."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--keep-steps {folder} is a file; give a folder")
-    return {s.index: folder / f"{image.stem}.{s.index:02d}-{s.kind}.png" for s in steps}
+    return {s.index: names.kept_step(folder, image, s.index, s.kind) for s in steps}
 
 
 def resolve(command, kind: str, values: dict, where: str) -> dict:

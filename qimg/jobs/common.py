@@ -83,16 +83,13 @@ def save_output(engine, reporter: Reporter, out: Path, params: dict, image, late
     return out
 
 
-def output_target(out: Optional[Path], stem: str, folder: Path, numbered: bool):
+def output_target(out: Optional[Path], default, numbered: bool):
     """(path, next_free): `out` when given (next_free None: it is the user's name, never changed), else the
-    default name (files.default_output) and, when it is numbered, how to find the next free one should
-    another run take it first."""
-    from qimg.images import default_output
-
+    default name, default(numbered) (a jobs.names function), and, when it is numbered, how to find the next
+    free one should another run take it first."""
     if out:
         return out, None
-    return default_output(stem, folder, numbered), (functools.partial(default_output, stem, folder) if numbered
-                                                    else None)
+    return default(numbered), (functools.partial(default, True) if numbered else None)
 
 
 def cache_use(result) -> dict:

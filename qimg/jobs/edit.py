@@ -1,7 +1,8 @@
 """inpaint, outpaint and edit (by instruction, with an Edit model): one input file, or a batch of them.
 
 edit_plan does every check that needs no model for the whole batch (and picks this --shard's inputs); edit
-runs the inputs, each one's canvas and mask built by mask_builder and its output named by edit_output."""
+runs the inputs, each one's canvas and mask built by mask_builder and its output named by edit_output
+(names.edit_output, which the --skip-existing check asks too)."""
 
 import functools
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from qimg.errors import OutputExists, QimgError, UsageError
-from qimg.jobs import batch, edit_inputs, shard
+from qimg.jobs import batch, edit_inputs, names, shard
 from qimg.jobs.common import (
     announce_shard,
     cache_use,
@@ -64,7 +65,7 @@ def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind:
     file (the input among them) is replaced only with --overwrite; `read_only` ones never."""
     from qimg.images import check_output
 
-    target, next_free = output_target(out, f"{image.stem}.{kind}", out_dir or image.parent,
+    target, next_free = output_target(out, functools.partial(names.edit_output, image, kind, out_dir),
                                       not (is_batch or overwrite))
     check_output(target, overwrite, (image, *inputs), read_only, "--out" if out else "output", size)
     return target, next_free
@@ -133,7 +134,7 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
     failed = []
     advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
     for image in files:
-        started, done = time.perf_counter(), out or batch.output_name(image, kind, out_dir)
+        started, done = time.perf_counter(), out or names.edit_output(image, kind, out_dir)
         if job.skip_existing and os.path.lexists(done):  # a dangling symlink exists too
             reporter.skipped(image, done)
         else:

@@ -1,13 +1,13 @@
 """generate: one prompt, one image; and generate --prompts, each entry of a prompts file as a generate job of
 one batch (fixed output names, per-entry seeds), with one engine kept for all."""
 
+import functools
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from qimg.errors import OutputExists, UsageError
-from qimg.jobs import batch, shard
+from qimg.jobs import batch, names, shard
 from qimg.jobs.common import (
     announce_shard,
     cache_use,
@@ -34,7 +34,7 @@ def generate(job: Generate, reporter: Reporter) -> None:
     folder = resolve_model(job.model)
     generation_model(folder, "generate")
     seed = random_seed(p.seed)
-    out, next_free = output_target(job.output.out, f"qimg-{seed}", Path("."), not overwrite)
+    out, next_free = output_target(job.output.out, functools.partial(names.generate_output, seed), not overwrite)
     check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
     preview = preview_file(job.output.preview, job.output.preview_every)
     if preview:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from qimg.errors import UsageError
-from qimg.jobs import batch
+from qimg.jobs import batch, names
 from qimg.jobs.spec import Edit, Inpaint
 
 
@@ -76,11 +76,11 @@ def edit_previews(job: Inpaint | Edit, files: list[Path], is_batch: bool, mask_f
                          "the next run over it; give another folder")
 
     def path(image):
-        return where / batch.output_name(image, job.kind, None).name
+        return names.batch_preview(where, image, job.kind)
 
     taken = {batch.real(f): f"the input {f}" for f in files}
     taken.update((batch.real(r), f"the --ref picture {r}") for r in refs)
-    taken.update((batch.real(batch.output_name(f, job.kind, job.out_dir)), f"the output of {f}") for f in files)
+    taken.update((batch.real(names.edit_output(f, job.kind, job.out_dir)), f"the output of {f}") for f in files)
     for f in files:
         try:
             mask = mask_file(f)

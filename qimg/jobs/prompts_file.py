@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from qimg.errors import UsageError
+from qimg.jobs import names
 from qimg.jobs.edit_inputs import parse_size
 from qimg.small_files import read_small
 
@@ -32,9 +33,8 @@ class Entry:
 
     @property
     def name(self) -> str:
-        """The output's file name, `<n>-<slug>.png` (n padded to 4 digits so listings sort)."""
-        s = slug(self.prompt)
-        return f"{self.n:04d}-{s}.png" if s else f"{self.n:04d}.png"
+        """The output's file name, `<n>-<slug>.png` (names.prompt_output)."""
+        return names.prompt_output(self.n, slug(self.prompt))
 
 
 def slug(text: str) -> str:

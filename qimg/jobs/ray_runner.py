@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qimg.errors import OutputExists, QimgError, QimgWarning, UsageError, failure_line, say
-from qimg.jobs import batch, runner
+from qimg.jobs import batch, names, runner
 from qimg.jobs.edit import edit_plan
 from qimg.jobs.generate import prompt_jobs
 from qimg.jobs.report import Reporter
@@ -48,7 +48,7 @@ def items(job: Job) -> tuple[list[Item], str]:
         files, is_batch = edit_plan(job)[:2]
         if not is_batch:
             raise UsageError("--ray spreads a batch over actors; give a folder, several files or a glob")
-        return [Item(str(f), batch.output_name(f, job.kind, job.out_dir),
+        return [Item(str(f), names.edit_output(f, job.kind, job.out_dir),
                      replace(job, images=(f,), member=True, shard=None)) for f in files], "images"
     raise UsageError("--ray runs batches: inpaint, outpaint, edit, generate --prompts")
 

@@ -64,10 +64,10 @@ def test_a_batch_out_dir_that_cannot_be_a_folder_is_refused_up_front(capsys, tmp
 
 
 def test_a_default_name_held_by_a_dangling_symlink_is_numbered(tmp_path):
-    from qimg.images import default_output
+    from qimg.jobs.names import free_name
 
     (tmp_path / "qimg-1.png").symlink_to(tmp_path / "gone.png")
-    assert default_output("qimg-1", tmp_path) == tmp_path / "qimg-1-2.png"
+    assert free_name("qimg-1", tmp_path) == tmp_path / "qimg-1-2.png"
 
 
 def test_a_batch_counts_a_dangling_symlink_output_as_existing(capsys, tmp_path, photo, configs_only):
