@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from qimg import option_values
 from qimg.errors import UsageError
 from qimg.images import check_pixels, grey_fraction, read_image
 
@@ -226,11 +227,15 @@ def crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 # --- Outpainting -----------------------------------------------------------------------------------------
 
-# Where the original sits on the grown canvas, as (x, y) fractions: 0 = touching the left/top edge.
-ANCHORS = {
-    "center": (0.5, 0.5), "left": (0, 0.5), "right": (1, 0.5), "top": (0.5, 0), "bottom": (0.5, 1),
-    "top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1),
-}  # fmt: skip
+
+def _side(anchor: str, low: str, high: str) -> float:
+    parts = anchor.split("-")
+    return 0 if low in parts else 1 if high in parts else 0.5
+
+
+# Where the original sits on the grown canvas, as (x, y) fractions: 0 = touching the left/top edge; read from
+# each anchor's name (its left/right and top/bottom parts; the middle where it names neither).
+ANCHORS = {anchor: (_side(anchor, "left", "right"), _side(anchor, "top", "bottom")) for anchor in option_values.ANCHORS}
 
 
 def outpaint_margins(

@@ -64,6 +64,7 @@ from qimg.cli.options import (
     TilingOpt,
     TransformerOpt,
     any_size,
+    to_size,
     utf8_text,
 )
 from qimg.cli.to_job import cache_of, edit_job, model_of, output_of, ray_of, shard_of, shortcuts_of
@@ -71,6 +72,7 @@ from qimg.cli.worker_commands import app as worker_app
 from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 from qimg.jobs import spec
 from qimg.jobs.report import Reporter, json_line, print_result
+from qimg.option_values import CACHE_SIZE, CONTEXT, RAY_RETRIES
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -116,7 +118,7 @@ def generate(
     cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None, model: ModelOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
-    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    cache_size: CacheSizeOpt = CACHE_SIZE, offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
@@ -125,11 +127,9 @@ def generate(
                                                     help="With --prompts: the folder for the outputs.")] = None,
     skip_existing: Annotated[bool, typer.Option(
         rich_help_panel=OUTPUT, help="With --prompts: skip entries whose output exists (resume).")] = False,
-    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Generate an image from a prompt, or one per entry of a --prompts file."""
-    from qimg.jobs.edit_inputs import parse_size
-
     if (prompt is None) == (prompts is None):
         raise UsageError("give --prompt TEXT or --prompts FILE" + (", not both" if prompts else ""))
     if prompts is None:
@@ -139,11 +139,11 @@ def generate(
                 raise UsageError(f"{name} goes with --prompts FILE (a batch)")
     p = spec.Prompt(prompt or "", negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
     if prompts is None:
-        job = spec.Generate(p, parse_size(size) if size else None, output_of(locals()), model_of(locals()),
+        job = spec.Generate(p, size, output_of(locals()), model_of(locals()),
                             cache_of(locals()), preset)
     else:
         part = shard_of(locals())
-        job = spec.Prompts(prompts, p, parse_size(size) if size else None, output_of(locals()),
+        job = spec.Prompts(prompts, p, size, output_of(locals()),
                            out_dir or Path("."), skip_existing, model_of(locals(), part), cache_of(locals()), preset,
                            part)
     execute(job, json_, ray_of(locals()))
@@ -164,17 +164,17 @@ def inpaint(
     invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
                                               help="Regenerate what the mask keeps and keep what it covers.")] = False,
     grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Dilate the mask by this many pixels.")] = 0,
-    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = 64,
+    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = CONTEXT,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
-    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    cache_size: CacheSizeOpt = CACHE_SIZE, offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
-    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
@@ -190,20 +190,22 @@ def outpaint(
     bottom: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add at the bottom.")] = 0,
     expand: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                         help="Pixels to add on every side not anchored.")] = 0,
-    to: Annotated[Optional[str], typer.Option(rich_help_panel=MASK, help="Grow the canvas to WIDTHxHEIGHT.")] = None,
+    to: Annotated[Optional[str], typer.Option(callback=to_size, rich_help_panel=MASK,
+                                             help="Grow the canvas to WIDTHxHEIGHT.")] = None,
     anchor: Annotated[Anchor, typer.Option(rich_help_panel=MASK,
                                            help="Where the original sits on the grown canvas.")] = "center",
-    feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = 64,
+    feather: FeatherOpt = 32, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off",
+    context: ContextOpt = CONTEXT,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
-    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    cache_size: CacheSizeOpt = CACHE_SIZE, offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
-    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -248,24 +250,22 @@ def edit(
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
     json_: JsonOpt = False, cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False,
-    cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none", compile_: CompileOpt = False,
+    cache_size: CacheSizeOpt = CACHE_SIZE, offload: OffloadOpt = "none", compile_: CompileOpt = False,
     attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None,
     cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False, preview: PreviewOpt = None,
     preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
-    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = 2,
+    shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
     mask (pixels outside it stay byte-identical). The result has the input's size."""
-    from qimg.jobs.edit_inputs import parse_size
-
     masked = mask or mask_dir or rect
     shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
         else None
     instruction = spec.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
     part = shard_of(locals())
     execute(spec.Edit(tuple(images), instruction, tuple(ref or ()), shape, strength,
-                          parse_size(size, multiple=1) if size else None, edit_area, vision_area, mask_crop,
+                          size, edit_area, vision_area, mask_crop,
                           output_of(locals()), out_dir, skip_existing, model_of(locals(), part), cache_of(locals()),
                           preset, part),
             json_, ray_of(locals()))
@@ -282,7 +282,7 @@ def chain(
     keep_steps: Annotated[Optional[Path], typer.Option(
         rich_help_panel=OUTPUT, help="Folder to write each edit's image to, as <stem>.<NN>-<kind>.png.")] = None,
     overwrite: OverwriteOpt = False, json_: JsonOpt = False, cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = "2GB", offload: OffloadOpt = "none",
+    no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = CACHE_SIZE, offload: OffloadOpt = "none",
     compile_: CompileOpt = False, attention: AttentionOpt = "auto", vae_tiling: TilingOpt = "auto",
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,

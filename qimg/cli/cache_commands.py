@@ -7,6 +7,7 @@ import typer
 
 from qimg.errors import say
 from qimg.jobs.report import json_line, print_result
+from qimg.option_values import CACHE_SIZE
 
 app = typer.Typer(help="The latent and prompt cache: where it is, what it holds; `qimg cache clear` empties it.")
 KINDS = {"latent": "latent", "prompt": "prompt", "edit": "chain"}  # as the user says it: as the store files it
@@ -15,7 +16,7 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(
     show_default="$QIMG_CACHE_DIR, else the user cache folder", help="The cache folder.")]
 
 
-def open_store(folder: Optional[Path], size: str = "2GB"):
+def open_store(folder: Optional[Path], size: str = CACHE_SIZE):
     from qimg.cache import Store, default_cache_dir, size_option
 
     max_bytes = size_option(size)
@@ -38,7 +39,7 @@ def entries(n: int) -> str:
 def show(
     ctx: typer.Context, cache_dir: CacheDirOpt = None,
     cache_size: Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True,
-                                            help="The size cap the commands use; 0: no cache.")] = "2GB",
+                                            help="The size cap the commands use; 0: no cache.")] = CACHE_SIZE,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ):
     """Show where the cache is, its size, its entries by kind and its cap."""
@@ -64,7 +65,7 @@ def show(
 @app.command()
 def clear(
     cache_dir: CacheDirOpt = None,
-    kind: Annotated[Optional[Literal["latent", "prompt", "edit"]], typer.Option(
+    kind: Annotated[Optional[Literal[tuple(KINDS)]], typer.Option(
         show_default="every kind", help="Remove only these entries: latent, prompt or edit (chain edits).")] = None,
 ):
     """Empty the cache (or one kind of entry); safe while other qimg commands use it."""

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from qimg.cli import presets
+from qimg.option_values import ANCHORS, ATTENTION, ATTN_MASK, DTYPES, OFFLOAD, QUANTIZE, TILING, parse_size
 
 PROMPT, MASK, SAMPLING, MODEL, OUTPUT, CACHE, SPEED, SCALE = (
     "Prompt", "Mask", "Sampling", "Model and device", "Output", "Cache", "Speed", "Many GPUs, many machines")
@@ -31,20 +32,19 @@ def device_name(value: str) -> str:
     return value
 
 
-def size_value(value: Optional[str]) -> Optional[str]:
-    if value is not None:
-        from qimg.jobs.edit_inputs import parse_size
-
-        parse_size(value)  # a UsageError names --size
-    return value
+def size_value(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """--size as (width, height), multiples of 16, parsed as the job is built; a UsageError names --size."""
+    return parse_size(value) if value is not None else None
 
 
-def any_size(value: Optional[str]) -> Optional[str]:
-    if value is not None:
-        from qimg.jobs.edit_inputs import parse_size
+def any_size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """edit's --size as (width, height), any positive sides."""
+    return parse_size(value, multiple=1) if value is not None else None
 
-        parse_size(value, multiple=1)  # a UsageError names --size
-    return value
+
+def to_size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """outpaint's --to as (width, height): a malformed one is one usage line before any file is read."""
+    return parse_size(value, "--to", multiple=1) if value is not None else None
 
 
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", callback=utf8_text, rich_help_panel=PROMPT,
@@ -61,7 +61,7 @@ SeedOpt = Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, rich_help_
                                                 show_default="random, reported", help="Random seed.")]
 StrengthOpt = Annotated[float, typer.Option(min=0.0, max=1.0, rich_help_panel=SAMPLING,
                                             help="How far to re-noise the masked area; 1 = from scratch.")]
-AttnMaskOpt = Annotated[Literal["on", "off"], typer.Option(
+AttnMaskOpt = Annotated[Literal[ATTN_MASK], typer.Option(
     rich_help_panel=SAMPLING, help="on: kept pixels never attend to the edited area or the text; off: they do.")]
 PIXELS = 2**31 - 1  # the largest pixel count an option takes: far past any image; huge numbers never reach the math
 ContextOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=SAMPLING,
@@ -72,7 +72,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
                                  "builtin: the small shapes model.")]
 DeviceOpt = Annotated[str, typer.Option(callback=device_name, rich_help_panel=MODEL,
                                         help="Where to run: auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option(
+DtypeOpt = Annotated[Literal[("auto", *DTYPES)], typer.Option(
     rich_help_panel=MODEL, help="Number format; auto: bfloat16 on GPUs, float32 on CPU.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", rich_help_panel=OUTPUT,
                                                 help="Output image (.png, .jpg, .webp).")]
@@ -91,14 +91,14 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option(
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", rich_help_panel=CACHE, help="Neither read nor write the cache.")]
 CacheSizeOpt = Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True, rich_help_panel=CACHE,
                                            help="Cache size cap; least recently used entries go first; 0: no cache.")]
-OffloadOpt = Annotated[Literal["none", "model", "blocks"], typer.Option(
+OffloadOpt = Annotated[Literal[OFFLOAD], typer.Option(
     rich_help_panel=SPEED, help="none; model: load text encoder, transformer and VAE one at a time; blocks: "
                                 "stream the transformer's blocks from CPU memory.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", rich_help_panel=SPEED,
                                           help="torch.compile the transformer blocks (slow first step).")]
-AttentionOpt = Annotated[Literal["auto", "math", "flash", "efficient", "cudnn"], typer.Option(
+AttentionOpt = Annotated[Literal[ATTENTION], typer.Option(
     rich_help_panel=SPEED, help="Attention kernel; auto: PyTorch picks.")]
-TilingOpt = Annotated[Literal["auto", "on", "off"], typer.Option(
+TilingOpt = Annotated[Literal[TILING], typer.Option(
     rich_help_panel=SPEED, help="Decode the VAE in tiles; auto: images over 4 megapixels.")]
 PresetOpt = Annotated[Optional[str], typer.Option(
     is_eager=True, callback=presets.apply, rich_help_panel=SAMPLING,
@@ -132,7 +132,7 @@ TransformerOpt = Annotated[Optional[Path], typer.Option(
 DequantizeOpt = Annotated[Optional[bool], typer.Option(
     "--dequantize/--no-dequantize", rich_help_panel=MODEL, show_default="on the CPU only",
     help="Unpack GGUF/fp8 weights once at load (full size) instead of on every step (they stay small).")]
-QuantizeOpt = Annotated[Literal["none", "fp8"], typer.Option(
+QuantizeOpt = Annotated[Literal[QUANTIZE], typer.Option(
     rich_help_panel=MODEL, help="fp8: keep the transformer's block weights as scaled fp8, about half of bf16's memory.")]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
@@ -150,4 +150,4 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option(
 RetriesOpt = Annotated[int, typer.Option(
     min=0, max=100, rich_help_panel=SCALE,
     help="With --ray: run a file whose actor failed or was lost again on another, this many times.")]
-Anchor = Literal["center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right"]
+Anchor = Literal[ANCHORS]

@@ -6,6 +6,7 @@ from typing import Optional
 
 from qimg.errors import UsageError
 from qimg.jobs import spec
+from qimg.option_values import RAY_RETRIES
 
 
 def model_of(p: dict, part=None) -> spec.ModelSpec:
@@ -62,7 +63,7 @@ def ray_of(p: dict) -> Optional[spec.RaySpec]:
     """--ray, --ray-workers and --retries as a spec.RaySpec (None: no Ray)."""
     if p["ray"] is None:
         for name in ("ray_workers", "retries"):
-            if p[name] != {"ray_workers": None, "retries": 2}[name]:
+            if p[name] != {"ray_workers": None, "retries": RAY_RETRIES}[name]:
                 origin = f" (given here or by preset {p['preset']})" if p.get("preset") else ""
                 raise UsageError(f"--{name.replace('_', '-')}{origin} goes with --ray ADDRESS")
         return None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qimg import option_values
 from qimg.cache import Store, fingerprint
 from qimg.engine.memory import resident_bytes
 from qimg.errors import QimgError, UsageError
@@ -24,17 +25,15 @@ from qimg.model.qwen2 import Qwen2Config
 from qimg.model.text import TextEncoder
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.model.vae import QwenImageVAE, VAEConfig
+from qimg.option_values import ATTENTION, OFFLOAD, TILING
 from qimg.sampling import ScheduleConfig
 from qimg.weights import lora
 from qimg.weights.adapters import apply_adapters, targets
 from qimg.weights.folders import load_module, model_kind, read_config, read_json_object
 from qimg.weights.transformer import Source, load_transformer, provenance, tensor_sizes
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in option_values.DTYPES}
 VAE_PARTS = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}  # key prefixes
-OFFLOAD = ("none", "model", "blocks")
-ATTENTION = ("auto", "math", "flash", "efficient", "cudnn")  # auto: let PyTorch's SDPA pick
-TILING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from qimg.engine.canvas import Canvas, edited, grow, window_size
 from qimg.engine.preview import mapped
 from qimg.errors import QimgError, UsageError, failure_line
 from qimg.jobs import names
-from qimg.jobs.edit_inputs import check_strength, inpaint_mask, outpaint_margins
-from qimg.masks import ensure_not_empty
+from qimg.jobs.edit_inputs import check_strength, inpaint_mask
+from qimg.masks import ensure_not_empty, outpaint_margins
 
 KINDS = ("inpaint", "outpaint", "edit")
 # set once for the whole chain, on its command line
@@ -126,6 +126,8 @@ def resolve(command, kind: str, values: dict, where: str) -> dict:
         return command.make_context(kind, ["-"], default_map=values).params
     except TyperException as e:
         raise UsageError(f"{where}: {parser_message(e.format_message())}") from None
+    except UsageError as e:  # a value the command's callback parses (to: WxH)
+        raise UsageError(f"{where}: {e}") from None
 
 
 def plan(steps: list[Step], size: tuple[int, int], picture) -> list[Planned]:

@@ -50,7 +50,7 @@ def mask_builder(job: Inpaint | Edit):
         return build, mask_file
 
     def build(_image, pixels, _picture):
-        margins = edit_inputs.outpaint_margins(pixels.shape[1::-1], s.left, s.right, s.top, s.bottom, s.expand, s.to,
+        margins = masks.outpaint_margins(pixels.shape[1::-1], s.left, s.right, s.top, s.bottom, s.expand, s.to,
                                          s.anchor)
         return masks.outpaint_canvas(pixels, margins, s.feather)
 

@@ -9,19 +9,6 @@ from qimg import masks
 from qimg.errors import UsageError
 
 
-def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[int, int]:
-    if len(text) > 40:  # far past any real size; and the message quotes what it refuses
-        raise UsageError(f"{option} {text[:37]!r}...: not WIDTHxHEIGHT (too long), e.g. 1024x768")
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"{option} {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
-    for name, v in (("width", w), ("height", h)):
-        if v <= 0 or v % multiple:
-            raise UsageError(f"{option} {text}: {name} {v} must be a positive multiple of {multiple}")
-    return w, h
-
-
 def check_strength(strength: float) -> None:
     if strength <= 0:
         raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
@@ -44,11 +31,6 @@ def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, inve
     m = masks.invert(m) if invert_mask else m
     m = masks.grow(m, grow) if grow else m
     return masks.feather(m, feather) if feather else m
-
-
-def outpaint_margins(size, left, right, top, bottom, expand, to, anchor) -> tuple[int, int, int, int]:
-    target = parse_size(to, "--to", multiple=1) if to else None
-    return masks.outpaint_margins(size, left, right, top, bottom, expand, target, anchor)
 
 
 def prepare(image: Path, build_mask):

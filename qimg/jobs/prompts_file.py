@@ -14,7 +14,7 @@ from typing import Optional
 
 from qimg.errors import UsageError
 from qimg.jobs import names
-from qimg.jobs.edit_inputs import parse_size
+from qimg.option_values import parse_size
 from qimg.small_files import read_small
 
 MAX_BYTES = 64 * 1024 * 1024  # a million prompts fit; a path to /dev/zero cannot exhaust memory

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from qimg.jobs.shard import Shard
+from qimg.option_values import CACHE_SIZE, CONTEXT, RAY_RETRIES
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ModelSpec:
 class CacheSpec:
     folder: Optional[Path] = None  # None: the default cache folder
     off: bool = False
-    size: str = "2GB"
+    size: str = CACHE_SIZE
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Outpaint:
     top: int = 0
     bottom: int = 0
     expand: int = 0
-    to: Optional[str] = None  # WxH
+    to: Optional[tuple[int, int]] = None  # (W, H): --to, parsed by the command line
     anchor: str = "center"
     feather: int = 32
 
@@ -116,7 +117,7 @@ class Inpaint:
     prompt: Prompt
     strength: float = 1.0
     attn_mask: str = "off"
-    context: int = 64
+    context: int = CONTEXT
     output: Output = field(default_factory=Output)
     out_dir: Optional[Path] = None
     skip_existing: bool = False
@@ -193,7 +194,7 @@ class RaySpec:
 
     address: str  # local: a cluster started for the run; auto: $RAY_ADDRESS or the running one; else an address
     workers: Optional[int] = None  # --ray-workers: this many actors on CPUs; None: one per GPU of the cluster
-    retries: int = 2  # a file whose actor failed or was lost runs again on another, this many times
+    retries: int = RAY_RETRIES  # a file whose actor failed or was lost runs again on another, this many times
 
 
 Job = Union[Generate, Inpaint, Edit, Chain, Prompts]

@@ -21,10 +21,10 @@ from qimg.cache import fingerprint
 from qimg.errors import QimgError, QimgWarning, UsageError
 from qimg.model.quant import BLOCKS, FP8, PackedLinear, dequantize, packed_size, quantize_fp8
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.option_values import QUANTIZE
 from qimg.weights.folders import check_keys, load_module
 from qimg.weights.single_file import Weight, folder_weights, open_weights
 
-QUANTIZE = ("none", "fp8")
 QUANTIZED = "transformer_blocks."  # --quantize packs the blocks' linear layers; the small in/out layers stay dense
 
 

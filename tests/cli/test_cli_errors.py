@@ -45,6 +45,39 @@ def test_bad_size_is_a_usage_error(capsys, tmp_path, fake_model, size):
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("command, size, parsed", [("generate", "64x48", (64, 48)), ("edit", "50x30", (50, 30))])
+def test_size_is_parsed_once_into_the_job(capsys, tmp_path, monkeypatch, command, size, parsed):
+    from qimg.cli import app
+
+    jobs = []
+    monkeypatch.setattr(app, "execute", lambda job, *rest: jobs.append(job))
+    code, _, err = qimg(capsys, command, *([str(tmp_path / "in.png")] if command == "edit" else []), "-p", "x",
+                        "--size", size)
+    assert code == 0 and err == "" and [job.size for job in jobs] == [parsed]
+    code, _, err = qimg(capsys, command, *([str(tmp_path / "in.png")] if command == "edit" else []), "-p", "x",
+                        "--size", "16xq")
+    assert code == 2 and len(jobs) == 1
+    assert_one_line(err, "--size '16xq' is not WIDTHxHEIGHT")
+
+
+def test_bad_to_on_an_outpaint_batch_is_one_usage_line_before_any_file_is_read(capsys, tmp_path, monkeypatch,
+                                                                               configs_only):
+    """--to is parsed with the command line: not once per input (it was: two lines and exit 1 for two files)."""
+    from PIL import Image
+
+    from qimg import images
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    monkeypatch.setattr(images, "load_image", lambda *a: pytest.fail("an input was read"))
+    before = sorted(tmp_path.iterdir())
+    code, out, err = qimg(capsys, "outpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-p", "x",
+                          "--to", "64xq", "-m", str(configs_only))
+    assert code == 2 and out == ""
+    assert_one_line(err, "--to '64xq' is not WIDTHxHEIGHT")
+    assert sorted(tmp_path.iterdir()) == before
+
+
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_non_positive_steps_is_a_usage_error(capsys, tmp_path, fake_model, steps):
     code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "--steps", steps,

@@ -30,8 +30,8 @@ from qimg import masks
 from qimg.cli import presets
 from qimg.cli.app import app, run
 from qimg.errors import UsageError
-from qimg.jobs.edit_inputs import parse_size
 from qimg.jobs.metadata import png_text
+from qimg.option_values import parse_size
 
 fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT = st.text(alphabet=st.sampled_from("0123456789x%,.-+ eE\t×a"), max_size=20) | st.text(max_size=12)

@@ -1,0 +1,38 @@
+"""The values qimg's options take, each declared once: every fixed choice list as one tuple (the CLI's `Literal`
+types are built from them, and the engine, weights, masks and cache check or use the same tuple), the
+defaults more than one layer states, and the WIDTHxHEIGHT parser of --size, --to and prompts files' sizes.
+
+It imports nothing heavy (no torch, numpy or PIL): the CLI reads it while `qimg --help` stays instant."""
+
+from qimg.errors import UsageError
+
+# --- Choices -------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype, besides auto (bfloat16 on GPUs, float32 on CPU)
+OFFLOAD = ("none", "model", "blocks")
+ATTENTION = ("auto", "math", "flash", "efficient", "cudnn")  # auto: let PyTorch's SDPA pick
+TILING = ("auto", "on", "off")  # --vae-tiling
+QUANTIZE = ("none", "fp8")
+ATTN_MASK = ("on", "off")
+# --anchor: where the original sits on outpaint's grown canvas (masks.anchor_fractions places each)
+ANCHORS = ("center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right")
+
+# --- Defaults ------------------------------------------------------------------------------------------------
+
+CACHE_SIZE = "2GB"  # --cache-size: the cache's cap
+RAY_RETRIES = 2  # --retries: runs of a file whose Ray actor failed or was lost, on another
+CONTEXT = 64  # --context: pixels around the mask an inpaint on a large image shows the model
+
+
+def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` as (width, height), each a positive multiple of `multiple`; a UsageError names `option`."""
+    if len(text) > 40:  # far past any real size; and the message quotes what it refuses
+        raise UsageError(f"{option} {text[:37]!r}...: not WIDTHxHEIGHT (too long), e.g. 1024x768")
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
+    for name, v in (("width", w), ("height", h)):
+        if v <= 0 or v % multiple:
+            raise UsageError(f"{option} {text}: {name} {v} must be a positive multiple of {multiple}")
+    return w, h
