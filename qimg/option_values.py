@@ -1,5 +1,5 @@
 """The values qimg's options take, each declared once: every fixed choice list as one tuple (the CLI's `Literal`
-types are built from them, and the engine, weights, masks and cache check or use the same tuple), the
+types are built from them, and the engine, weights and masks check or use the same tuple), the
 defaults more than one layer states, and the WIDTHxHEIGHT parser of --size, --to and prompts files' sizes.
 
 It imports nothing heavy (no torch, numpy or PIL): the CLI reads it while `qimg --help` stays instant."""

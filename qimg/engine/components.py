@@ -29,7 +29,7 @@ from qimg.option_values import ATTENTION, OFFLOAD, TILING
 from qimg.sampling import ScheduleConfig
 from qimg.weights import lora
 from qimg.weights.adapters import apply_adapters, targets
-from qimg.weights.folders import load_module, model_kind, read_config, read_json_object
+from qimg.weights.folders import ModelKind, load_module, model_kind, read_config, read_json_object
 from qimg.weights.transformer import Source, load_transformer, provenance, tensor_sizes
 
 DTYPES = {name: getattr(torch, name) for name in option_values.DTYPES}
@@ -158,17 +158,17 @@ class Components:
     def text(self):
         """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
-            if self.kind == "qwen-image":
+            if not self.kind.edits:
                 self._text = TextEncoder(self.folder, self.dtype, self.device)
             else:
                 from qimg.model.instruct_text import InstructEncoder
 
-                self._text = InstructEncoder(self.folder, self.dtype, self.device, plus=self.kind != "edit")
+                self._text = InstructEncoder(self.folder, self.dtype, self.device, plus=self.kind.plus)
         return self._text
 
     @cached_property
-    def kind(self) -> str:
-        """weights.model_kind: "qwen-image", "edit", "edit-2509" or "edit-2511"."""
+    def kind(self) -> ModelKind:
+        """weights.model_kind's: QWEN_IMAGE, EDIT, EDIT_2509 or EDIT_2511."""
         return model_kind(self.folder)
 
     @property

@@ -28,7 +28,7 @@ from qimg.errors import QimgWarning, UsageError
 from qimg.masks import crop_box, latent_mask, resize_mask
 from qimg.model.transformer import TransformerConfig, patchify
 from qimg.sampling import Shortcuts
-from qimg.weights.folders import KIND_NAMES, builtin_model, model_kind, read_config
+from qimg.weights.folders import ModelKind, builtin_model, model_kind, read_config
 
 MAX_PICTURES = 3  # what 2509/2511 were trained with ("Picture 1..3"); more run, with a warning
 MAX_ASPECT = 200  # the vision tower's processor refuses pictures more elongated than this
@@ -51,11 +51,11 @@ def aspect(size: tuple[int, int]) -> float:
     return size[0] / size[1]
 
 
-def check_model(folder, command: str = "edit") -> str:
+def check_model(folder, command: str = "edit") -> ModelKind:
     """The Edit model kind of `folder`, or a UsageError: a Qwen-Image (generation) model, or a transformer
     config qimg cannot run (Qwen-Image-Layered's flags), before anything loads."""
     kind = model_kind(folder)
-    if kind == "qwen-image":
+    if not kind.edits:
         if folder == builtin_model():
             raise UsageError(f"`qimg {command}` needs a Qwen-Image-Edit model folder; the built-in model only "
                              "generates: pass --model /path/to/Qwen-Image-Edit-2511 (or set QIMG_MODEL)")
@@ -68,25 +68,25 @@ def check_model(folder, command: str = "edit") -> str:
     return kind
 
 
-def check_pictures(kind: str, sizes: list[tuple[int, int]], names: list[str]) -> None:
+def check_pictures(kind: ModelKind, sizes: list[tuple[int, int]], names: list[str]) -> None:
     """Refuse, before anything loads, pictures the model cannot take: more than one on Qwen-Image-Edit, or one
     too elongated for the vision tower. Warn above three on 2509/2511."""
-    if kind == "edit" and len(sizes) > 1:
-        raise UsageError(f"--ref: {KIND_NAMES[kind]} takes one picture; reference pictures need "
+    if not kind.plus and len(sizes) > 1:
+        raise UsageError(f"--ref: {kind.display} takes one picture; reference pictures need "
                          "Qwen-Image-Edit-2509 or -2511")
     for (w, h), name in zip(sizes, names):
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise UsageError(f"{name} is {w}x{h}: over {MAX_ASPECT}:1, more elongated than the vision encoder "
                              "takes; crop it first")
     if len(sizes) > MAX_PICTURES:
-        warnings.warn(f"{len(sizes)} pictures: {KIND_NAMES[kind]} was trained with up to {MAX_PICTURES}",
+        warnings.warn(f"{len(sizes)} pictures: {kind.display} was trained with up to {MAX_PICTURES}",
                       QimgWarning, stacklevel=2)
 
 
-def vision_pictures(kind: str, images: list[np.ndarray], areas: Areas) -> tuple[np.ndarray, ...]:
+def vision_pictures(kind: ModelKind, images: list[np.ndarray], areas: Areas) -> tuple[np.ndarray, ...]:
     """What the vision tower is given of each picture: on Qwen-Image-Edit the VAE's resize, on 2509/2511 one
     to about the vision area (the processor then fits it to its 28-pixel patches)."""
-    area = areas.edit if kind == "edit" else areas.vision
+    area = areas.vision if kind.plus else areas.edit
     return tuple(resample(image, calculate_dimensions(area, aspect(image.shape[1::-1]))) for image in images)
 
 

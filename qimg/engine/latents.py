@@ -92,7 +92,7 @@ class Sampler(Components):
         if entry:
             return entry[0]["embed"].to(self.device)
         # One call per prompt, as the reference does, so padding never changes a prompt's embedding.
-        if self.kind == "qwen-image":
+        if not self.kind.edits:
             embed = finite(self.text.encode([prompt])[0], self.dtype)
         else:
             embed = finite(self.text.encode(prompt, list(pictures)), self.dtype)
@@ -104,11 +104,11 @@ class Sampler(Components):
     def _prompt_text(self, prompt: str, pictures: int) -> str:
         """What the text encoder reads of a prompt: an Edit model's instruction in its template (the pictures'
         places included), a Qwen-Image prompt as given (the template is fixed)."""
-        if self.kind == "qwen-image":
+        if not self.kind.edits:
             return prompt
         from qimg.model.instruct_text import prompt_text
 
-        return prompt_text(prompt, pictures, plus=self.kind != "edit")
+        return prompt_text(prompt, pictures, plus=self.kind.plus)
 
     def _prompt_cache(self, encoded_before: int) -> str:
         """How the prompts of a call that started when `prompts_encoded` was encoded_before were found."""

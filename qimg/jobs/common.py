@@ -34,11 +34,11 @@ def resolve_model(spec: ModelSpec) -> Path:
 
 def generation_model(folder: Path, command: str) -> None:
     """Refuse an Edit model for a command that needs a Qwen-Image (generation) model, before it loads."""
-    from qimg.weights.folders import KIND_NAMES, model_kind
+    from qimg.weights.folders import model_kind
 
     kind = model_kind(folder)
-    if kind != "qwen-image":
-        raise UsageError(f"{folder} is a {KIND_NAMES[kind]} model, which edits by instruction: use `qimg edit` "
+    if kind.edits:
+        raise UsageError(f"{folder} is a {kind.display} model, which edits by instruction: use `qimg edit` "
                          f"(with --mask or --rect to edit a part); `qimg {command}` needs a Qwen-Image model")
 
 

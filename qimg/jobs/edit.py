@@ -253,7 +253,7 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
                            shift=p.shift, calls=engine.calls - calls, strength=job.strength, input=str(image),
                            refs=[str(r) for r in job.refs], pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
                            mask_area=None if mask is None else selected_area(mask),
-                           mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind,
+                           mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind.name,
                            edit_area=areas.edit, vision_area=areas.vision, mask_crop=job.mask_crop,
                            box=list(result.box), work_size=list(result.work_size),
                            latent_cache=result.latent_cache)

@@ -7,6 +7,7 @@ float32 copy. Only safetensors are read: pickle files can run code when loaded.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,9 +17,6 @@ from qimg.errors import QimgError, UsageError, listing
 
 PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
              "QwenImageEditPlusPipeline"}
-# What each kind of model folder is called in messages: model_kind's answers.
-KIND_NAMES = {"qwen-image": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-2509": "Qwen-Image-Edit-2509",
-              "edit-2511": "Qwen-Image-Edit-2511"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHOWN = 5  # how many offending key names an error lists
 BUILTIN = Path(__file__).resolve().parent.parent / "builtin" / "shapes"  # the demo model shipped in the package
@@ -84,18 +82,34 @@ def check_model_folder(path: Path) -> Path:
     return path
 
 
-def model_kind(folder: Path) -> str:
-    """"qwen-image" (text to image), or the Edit model a folder holds, from its model_index.json: "edit"
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model folder holds (model_kind's answer): one of QWEN_IMAGE, EDIT, EDIT_2509, EDIT_2511."""
+
+    name: str  # as the metadata records it: "qwen-image", "edit", "edit-2509", "edit-2511"
+    display: str  # as messages name it: "Qwen-Image-Edit-2509"
+    edits: bool = False  # an Edit model: it edits by instruction (`qimg edit`), it does not generate
+    plus: bool = False  # 2509/2511: several pictures, named "Picture N" in the prompt, sized for the vision tower
+
+
+QWEN_IMAGE = ModelKind("qwen-image", "Qwen-Image")
+EDIT = ModelKind("edit", "Qwen-Image-Edit", edits=True)
+EDIT_2509 = ModelKind("edit-2509", "Qwen-Image-Edit-2509", edits=True, plus=True)
+EDIT_2511 = ModelKind("edit-2511", "Qwen-Image-Edit-2511", edits=True, plus=True)
+
+
+def model_kind(folder: Path) -> ModelKind:
+    """QWEN_IMAGE (text to image), or the Edit model a folder holds, from its model_index.json: EDIT
     (QwenImageEditPipeline, one picture; QwenImageEditInpaintPipeline, the same model saved by diffusers' inpaint
-    pipeline), "edit-2509" (QwenImageEditPlusPipeline, one to three pictures), or "edit-2511" when that
+    pipeline), EDIT_2509 (QwenImageEditPlusPipeline, one to three pictures), or EDIT_2511 when that
     pipeline's transformer config sets zero_cond_t (2511 differs only there)."""
     name = read_json_object(folder / "model_index.json", UsageError).get("_class_name")
     if name in ("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"):
-        return "edit"
+        return EDIT
     if name == "QwenImageEditPlusPipeline":
         config = folder / "transformer" / "config.json"
-        return "edit-2511" if config.is_file() and read_json_object(config).get("zero_cond_t") else "edit-2509"
-    return "qwen-image"
+        return EDIT_2511 if config.is_file() and read_json_object(config).get("zero_cond_t") else EDIT_2509
+    return QWEN_IMAGE
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict:

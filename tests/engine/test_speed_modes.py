@@ -102,6 +102,24 @@ def test_bad_speed_options_are_usage_errors(tiny_model_dir, tmp_path, capsys, ar
     assert not (tmp_path / "o.png").exists()
 
 
+def test_the_cli_offers_exactly_the_choices_the_layers_below_check():
+    """One tuple per choice list: the CLI's Literal types are the engine's, the weights' and the masks' lists."""
+    from typing import get_args
+
+    from qimg import masks
+    from qimg.cli import options
+    from qimg.engine import components
+    from qimg.weights import transformer
+
+    def offered(option):
+        return get_args(get_args(option)[0])  # Annotated[Literal[...], Option] -> the Literal's values
+
+    assert offered(options.DtypeOpt) == ("auto", *components.DTYPES)
+    assert offered(options.OffloadOpt) == components.OFFLOAD and offered(options.AttentionOpt) == components.ATTENTION
+    assert offered(options.TilingOpt) == components.TILING and offered(options.QuantizeOpt) == transformer.QUANTIZE
+    assert get_args(options.Anchor) == tuple(masks.ANCHORS)
+
+
 def test_chain_takes_the_speed_options_but_its_edits_do_not(tiny_model_dir, tmp_path, capsys):
     from PIL import Image
 

@@ -11,7 +11,7 @@ from qimg.cache import prompt_key
 from qimg.cli.app import run
 from qimg.engine.instruct import calculate_dimensions, check_pictures
 from qimg.errors import QimgWarning
-from qimg.weights.folders import model_kind
+from qimg.weights.folders import EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE, model_kind
 
 
 def test_calculate_dimensions_is_the_reference_s():
@@ -27,9 +27,11 @@ def test_calculate_dimensions_is_the_reference_s():
 
 
 def test_model_kinds(tiny_model_dir, tiny_edit_checkpoints):
-    assert model_kind(tiny_model_dir) == "qwen-image"
+    assert model_kind(tiny_model_dir) == QWEN_IMAGE and not QWEN_IMAGE.edits
     assert {k: model_kind(f) for k, f in tiny_edit_checkpoints.items()} == {
-        "edit": "edit", "plus": "edit-2509", "2511": "edit-2511"}
+        "edit": EDIT, "plus": EDIT_2509, "2511": EDIT_2511}
+    assert [(k.name, k.edits, k.plus) for k in (EDIT, EDIT_2509, EDIT_2511)] == [
+        ("edit", True, False), ("edit-2509", True, True), ("edit-2511", True, True)]
 
 
 def test_an_edit_model_saved_by_the_inpaint_pipeline_is_qwen_image_edit(tiny_edit_dir, tmp_path):
@@ -37,7 +39,7 @@ def test_an_edit_model_saved_by_the_inpaint_pipeline_is_qwen_image_edit(tiny_edi
     folder.mkdir()
     index = json.loads((tiny_edit_dir / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "QwenImageEditInpaintPipeline"}))
-    assert model_kind(folder) == "edit"
+    assert model_kind(folder) == EDIT
 
 
 def test_prompt_key_covers_the_pictures():
@@ -50,12 +52,12 @@ def test_prompt_key_covers_the_pictures():
 
 def test_picture_checks():
     with pytest.raises(Exception, match="takes one picture"):
-        check_pictures("edit", [(64, 64), (64, 64)], ["a.png", "b.png"])
+        check_pictures(EDIT, [(64, 64), (64, 64)], ["a.png", "b.png"])
     with pytest.raises(Exception, match="over 200:1"):
-        check_pictures("edit-2509", [(64, 64), (4010, 20)], ["a.png", "b.png"])
-    check_pictures("edit-2509", [(64, 64)] * 3, ["a.png"] * 3)
+        check_pictures(EDIT_2509, [(64, 64), (4010, 20)], ["a.png", "b.png"])
+    check_pictures(EDIT_2509, [(64, 64)] * 3, ["a.png"] * 3)
     with pytest.warns(QimgWarning, match="4 pictures"):
-        check_pictures("edit-2511", [(64, 64)] * 4, ["a.png"] * 4)
+        check_pictures(EDIT_2511, [(64, 64)] * 4, ["a.png"] * 4)
 
 
 @pytest.fixture(scope="module")
