@@ -97,6 +97,7 @@ def drift(args, folder: Path, photo: np.ndarray) -> None:
 
     from qimg.cache import Store
     from qimg.engine.engine import Engine
+    from qimg.engine.request import Sampling
     from qimg.masks import feather, grow, latent_mask, pad_to_multiple, rect_mask
 
     torch.set_num_threads(args.threads)
@@ -117,7 +118,8 @@ def drift(args, folder: Path, photo: np.ndarray) -> None:
             seen = engine.decode(z0).astype(np.float32)[:h, :w]
             kept = np.kron(keep, np.ones((8, 8), bool))[:h, :w]
             mse = np.mean((seen[kept] - image[kept].astype(np.float32)) ** 2)
-            result = engine.inpaint(image, mask, "a red lantern", " ", args.steps, 4.0, 100 + k, args.strength)
+            sampling = Sampling("a red lantern", " ", args.steps, 4.0, 100 + k, args.strength)
+            result = engine.inpaint(image, mask, sampling)
             if mode == "cache":
                 engine.cache_latent(result.image, result.latent)
             assert np.array_equal(result.image[mask == 0], image[mask == 0]), "changed a pixel outside the mask"

@@ -34,6 +34,7 @@ from common import build_tiny_model, machine  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from qimg.engine.engine import Engine  # noqa: E402
+from qimg.engine.request import Sampling  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main():
             if can_reset:
                 peak_reset()
             t = time.perf_counter()
-            edit = engine.inpaint(img, m, args.prompt, " ", args.steps, args.cfg, args.seed,
+            edit = engine.inpaint(img, m, Sampling(args.prompt, " ", args.steps, args.cfg, args.seed),
                                   attn_mask=args.attn_mask, context=args.context)
             dt = time.perf_counter() - t
             if i > 0:

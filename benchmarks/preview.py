@@ -15,6 +15,7 @@ import torch
 from common import machine, timed
 
 from qimg.engine.engine import Engine
+from qimg.engine.request import Sampling
 from qimg.jobs.previews import PreviewFile
 from qimg.weights.folders import builtin_model
 
@@ -38,12 +39,12 @@ def main():
 
         def run(every=None, name=None):
             hook = None if name is None else PreviewFile(folder / f"{name}.png", every)
-            engine.generate(PROMPT, " ", side, side, args.steps, 4.0, 7, preview=hook)
+            engine.generate(Sampling(PROMPT, " ", args.steps, 4.0, 7), side, side, preview=hook)
             hooks[name] = hook
 
         t = timed({"none": run, "default": lambda: run(None, "default"), "every": lambda: run(1, "every")},
                   args.reps)
-        latent = engine.generate_latent(PROMPT, " ", side, side, args.steps, 4.0, 7)
+        latent = engine.generate_latent(Sampling(PROMPT, " ", args.steps, 4.0, 7), side, side)
         image = engine.decode(latent)
         write = PreviewFile(folder / "write.png", None)
         parts = timed({"decode": lambda: engine.decode(latent), "write": lambda: write.write(lambda: image, "1/2")},

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from common import build_tiny_model, machine  # noqa: E402
 
 from qimg.engine.engine import Engine  # noqa: E402
+from qimg.engine.request import Sampling  # noqa: E402
 from qimg.masks import feather, rect_mask  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee")
@@ -129,8 +130,8 @@ def main():
     # Warm-up (not timed): loads the components so the first timed run does not pay for it.
     warm = photo(args.photos[0])
     wh, ww = warm.shape[:2]
-    engine.inpaint(warm, rect_mask([centred_rect(ww, wh, args.hole)], ww, wh), args.prompt, args.negative_prompt,
-                   1, args.cfg, 0)
+    engine.inpaint(warm, rect_mask([centred_rect(ww, wh, args.hole)], ww, wh),
+                   Sampling(args.prompt, args.negative_prompt, 1, args.cfg, 0))
 
     header = (f"{'photo':<10} {'size':>9} | {'in seam':>7} {'in grad':>7} | {'off seam+':>9} {'on seam+':>9} | "
               f"{'off grad+':>9} {'on grad+':>9} | {'off s':>6} {'on s':>6}")
@@ -148,8 +149,8 @@ def main():
             for on in (False, True):  # interleaved so load drift hits both alike
                 key = "on" if on else "off"
                 t = time.perf_counter()
-                edit = engine.inpaint(img, mask, args.prompt, args.negative_prompt, args.steps, args.cfg, seed,
-                                      attn_mask=on)
+                sampling = Sampling(args.prompt, args.negative_prompt, args.steps, args.cfg, seed)
+                edit = engine.inpaint(img, mask, sampling, attn_mask=on)
                 row[f"{key}_t"].append(time.perf_counter() - t)
                 seam, grad = seam_metrics(edit.image, rect, args.feather, args.band)
                 row[f"{key}_seam"].append(seam - in_seam)

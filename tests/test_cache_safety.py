@@ -251,8 +251,8 @@ def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny
 def test_chain_entry_of_another_size_is_not_what_a_chain_expects(tiny_model_dir):
     from qimg.cache import mismatch
     from qimg.engine.canvas import Canvas
+    from qimg.engine.chain import expected
     from qimg.engine.engine import Engine
-    from qimg.jobs.chain_steps import expected
 
     specs = expected(Engine(tiny_model_dir, "cpu"), Canvas.start(np.zeros((128, 128, 3), np.uint8)))
     for fits, tensors in [(False, {"pixels": torch.zeros(40, 40, 3, dtype=torch.uint8)}),

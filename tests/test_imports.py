@@ -71,7 +71,7 @@ def test_no_import_circles():
 
 def test_the_graph_sees_imports():
     # The checks above pass trivially if the parser finds nothing: the engine's own imports must show.
-    assert {"qimg.engine.latents", "qimg.sampling"} <= graph()["qimg.engine.engine"]
+    assert {"qimg.engine.latents", "qimg.engine.request"} <= graph()["qimg.engine.engine"]
 
 
 def test_ray_is_imported_only_when_asked_for():

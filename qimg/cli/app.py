@@ -295,7 +295,7 @@ def chain(
     win over the file's values, and --lora to the whole chain;
     an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
     prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
-    from qimg.jobs.chain_steps import read_chain
+    from qimg.cli.chain_file import read_chain
 
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
                                ("cfg_until", cfg_until), ("shift", shift)) if v is not None}

@@ -1,10 +1,11 @@
 """The engine: the one object callers hold, which turns requests into images.
 
 It stands on two layers: components.py loads the model's components on first use and says what identifies
-them; sampler.py turns prompts and pixels into latents and latents into pixels, through the cache. Here the
-requests become images: generate, inpaint (an outpaint is a canvas and a mask, then an inpaint), one edit of
-a chain (`edit_canvas`) and its `render`; instruct.py edits by instruction on the same engine.
-The engine never prints and never writes output files; the CLI does that.
+them; latents.py (`Sampler`) turns prompts and pixels into latents and latents into pixels, through the cache.
+Here the requests (a request.Sampling, with the pixels, mask or canvas it works on) become images: generate,
+inpaint (an outpaint is a canvas and a mask, then an inpaint), one edit of a chain (`edit_canvas`) and its
+`render`. instruct.py edits by instruction on the same engine; chain.py applies a chain's edits, cached.
+The engine never prints and never writes output files; the job layer (qimg/jobs) does that.
 """
 
 from dataclasses import dataclass, replace
@@ -16,8 +17,8 @@ from PIL import Image
 from qimg.engine.canvas import Canvas, edited, place, to_window, window_size
 from qimg.engine.latents import Sampler
 from qimg.engine.preview import mapped
+from qimg.engine.request import Sampling
 from qimg.masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
-from qimg.sampling import Shortcuts
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,18 @@ class EditResult(Result):
 
 
 class Engine(Sampler):
-    """A model loaded on demand (components.py) and sampled (sampler.py), making images."""
+    """A model loaded on demand (components.py) and sampled (latents.py), making images."""
 
-    def generate(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int, cfg: float,
-                 seed: int, callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> Result:
-        """`preview` (preview.Preview) sees each step's estimate of the image."""
+    def generate(self, sampling: Sampling, width: int, height: int, callback=None, preview=None) -> Result:
+        """An image of width x height for the sampling's prompt; `preview` (preview.Preview) sees each step's
+        estimate of it."""
         encoded_before = self.prompts_encoded
-        latent = self.generate_latent(prompt, negative_prompt, width, height, steps, cfg, seed, callback, shortcuts,
-                                      mapped(preview, self.decode))
+        latent = self.generate_latent(sampling, width, height, callback, mapped(preview, self.decode))
         return Result(self.decode(latent), latent, "off" if self.cache is None else "miss",
                       self._prompt_cache(encoded_before))
 
-    def inpaint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
-                cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> "EditResult":
+    def inpaint(self, image: np.ndarray, mask: np.ndarray, sampling: Sampling, attn_mask: bool = False,
+                context: int = 64, callback=None, preview=None) -> "EditResult":
         """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
         size and is byte-identical to it wherever the mask is 0; soft mask values blend.
 
@@ -61,14 +60,13 @@ class Engine(Sampler):
         `preview` (preview.Preview) sees each step's estimate of the result, composited as the result is."""
         height, width = mask.shape
         if width * height > self.defaults.max_pixels:
-            return self._inpaint_resampled(image, mask, prompt, negative_prompt, steps, cfg, seed, strength,
-                                           attn_mask, context, callback, shortcuts, preview)
+            return self._inpaint_resampled(image, mask, sampling, attn_mask, context, callback, preview)
         encoded_before = self.prompts_encoded
         work = pad_to_multiple(image, None)[0]
         self.check_size(*work.shape[1::-1])
         z0, latent_cache = self.input_latent(image, work, whole=True)
-        canvas = self.edit_canvas(replace(Canvas.start(image), latent=z0), mask, prompt, negative_prompt, steps,
-                                  cfg, seed, strength, attn_mask, context, callback, shortcuts, preview)
+        canvas = self.edit_canvas(replace(Canvas.start(image), latent=z0), mask, sampling, attn_mask, context,
+                                  callback, preview)
         result = self.render(canvas)
         # Where the mask keeps, the latent is z0 and the result the input's own pixels; where it edits, both hold
         # the new content (the pixels blended at soft mask values): the latent stands for the result, as the
@@ -78,9 +76,8 @@ class Engine(Sampler):
         return EditResult(result, canvas.latent if fits else None, latent_cache, self._prompt_cache(encoded_before),
                     (0, 0, width, height), work.shape[1::-1])
 
-    def edit_canvas(self, canvas: Canvas, mask: np.ndarray, prompt: str, negative_prompt: str, steps: int,
-                    cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False, context: int = 64,
-                    callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> Canvas:
+    def edit_canvas(self, canvas: Canvas, mask: np.ndarray, sampling: Sampling, attn_mask: bool = False,
+                    context: int = 64, callback=None, preview=None) -> Canvas:
         """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded
         (but for `preview`, which sees each step's estimate of the canvas rendered).
         A canvas that carries no latent yet starts from its pixels' latent, from the cache when stored.
@@ -89,16 +86,14 @@ class Engine(Sampler):
         which has no latent to carry): it is rendered, edited as `inpaint` does, and its pixels kept."""
         width, height = canvas.size
         if width * height > self.defaults.max_pixels:
-            edit = self._inpaint_resampled(self.render(canvas), mask, prompt, negative_prompt, steps, cfg, seed,
-                                           strength, attn_mask, context, callback, shortcuts, preview)
+            edit = self._inpaint_resampled(self.render(canvas), mask, sampling, attn_mask, context, callback, preview)
             return Canvas.start(edit.image)
         self.check_size(*window_size(canvas.size, canvas.origin))
         if canvas.latent is None:  # the whole canvas at its own size: its pixels' latent may be cached
             work = pad_to_multiple(canvas.pixels, None)[0]
             canvas = replace(canvas, latent=self.input_latent(canvas.pixels, work, whole=True)[0])
         m = torch.from_numpy(latent_mask(to_window(mask, canvas.origin), 8))
-        latent = self.inpaint_latent(canvas.latent, m, prompt, negative_prompt, steps, cfg, seed, strength,
-                                     attn_mask, callback, shortcuts,
+        latent = self.inpaint_latent(canvas.latent, m, sampling, attn_mask, callback,
                                      mapped(preview, lambda z: self.render(edited(canvas, mask, z))))
         return edited(canvas, mask, latent)
 
@@ -108,9 +103,8 @@ class Engine(Sampler):
             return canvas.pixels
         return composite(canvas.pixels, place(self.decode(canvas.latent), canvas), canvas.pending)
 
-    def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative_prompt: str,
-                           steps: int, cfg: float, seed: int, strength: float, attn_mask: bool, context: int,
-                           callback, shortcuts: Shortcuts, preview=None) -> "EditResult":
+    def _inpaint_resampled(self, image: np.ndarray, mask: np.ndarray, sampling: Sampling, attn_mask: bool,
+                           context: int, callback, preview=None) -> "EditResult":
         """inpaint for an image over the working area: the mask's box plus context, scaled to fit it. The model
         sees a resampled copy, so no cached latent stands for it and its latent stands for no output."""
         max_pixels = self.defaults.max_pixels
@@ -128,6 +122,5 @@ class Engine(Sampler):
                                                                                            Image.LANCZOS))
             return composite(image, generated, mask)
 
-        latent = self.inpaint_latent(z0, m, prompt, negative_prompt, steps, cfg, seed, strength, attn_mask, callback,
-                                     shortcuts, mapped(preview, paste))
+        latent = self.inpaint_latent(z0, m, sampling, attn_mask, callback, mapped(preview, paste))
         return EditResult(paste(latent), None, latent_cache, self._prompt_cache(encoded_before), (x0, y0, x1, y1), size)

@@ -23,11 +23,12 @@ import torch
 
 from qimg.engine.canvas import Canvas, resample
 from qimg.engine.engine import EditResult, Engine
+from qimg.engine.latents import Condition
 from qimg.engine.preview import mapped
+from qimg.engine.request import Sampling
 from qimg.errors import QimgWarning, UsageError
 from qimg.masks import crop_box, latent_mask, resize_mask
 from qimg.model.transformer import TransformerConfig, patchify
-from qimg.sampling import Shortcuts
 from qimg.weights.folders import ModelKind, builtin_model, model_kind, read_config
 
 MAX_PICTURES = 3  # what 2509/2511 were trained with ("Picture 1..3"); more run, with a warning
@@ -37,6 +38,14 @@ MAX_ASPECT = 200  # the vision tower's processor refuses pictures more elongated
 class Areas(NamedTuple):
     edit: int  # pixels of a picture resized for the VAE (and the noisy image)
     vision: int  # pixels of a picture resized for 2509/2511's vision tower
+
+
+class Pictures(NamedTuple):
+    """What an instruction edit shows the model besides the picture it edits: the reference pictures (Pictures
+    2, 3...) and the areas every picture is resized to."""
+
+    refs: list[np.ndarray]  # (H, W, 3) uint8 each
+    areas: Areas
 
 
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
@@ -135,67 +144,67 @@ def working_size(canvas_size: tuple[int, int], areas: Areas) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
-                negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
-                callback=None, shortcuts: Shortcuts = Shortcuts(),
-                work: tuple[int, int] | None = None, preview=None) -> tuple[Canvas, bool]:
-    """One instruction edit of a canvas (the picture being edited) with reference pictures `refs`, inside
-    mask (H, W) in [0, 1] or, with None, everywhere; returns the canvas after it and whether the VAE encoder
-    ran. work: the noisy image's (W, H), by default the canvas's working size; another needs mask None and
-    strength 1 (the edit then starts from noise alone). `preview` (preview.Preview) sees each step's estimate
-    of the canvas after the edit."""
+def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, pictures: Pictures, sampling: Sampling,
+                callback=None, work: tuple[int, int] | None = None, preview=None) -> tuple[Canvas, bool]:
+    """One instruction edit of a canvas (the picture being edited) with the reference pictures of `pictures`,
+    inside mask (H, W) in [0, 1] or, with None, everywhere; returns the canvas after it and whether the VAE
+    encoder ran. work: the noisy image's (W, H), by default the canvas's working size; another needs mask None
+    and strength 1 (the edit then starts from noise alone). `preview` (preview.Preview) sees each step's
+    estimate of the canvas after the edit."""
+    areas = pictures.areas
     own = working_size(canvas.size, areas)
     work = work or own
     engine.check_size(*work)
     canvas = settle(engine, canvas, own)
-    images = [engine.render(canvas), *refs]
+    images = [engine.render(canvas), *pictures.refs]
     # The instruction first: a model folder without its processor or vision weights fails before any encoding.
     vision = vision_pictures(engine.kind, images, areas)
-    embeds = engine.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt], vision)
+    embeds = engine.encode_prompts(sampling.prompts, vision)
     known = references(engine, images, areas, canvas.latent)
     w, h = work
     if mask is None:  # from noise alone: x0 is never used (sigma 1, a mask of ones), so any latent does
         z0, cells = torch.zeros(1, known.first.shape[1], h // 8, w // 8), torch.ones(h // 8, w // 8)
     else:
         z0, cells = known.first, torch.from_numpy(latent_mask(resize_mask(mask, work), 8))
-    latent = engine.sample_known(z0, cells, embeds, steps, cfg, seed, strength, False, callback, shortcuts,
-                                 known.tokens, known.grids, mapped(preview, lambda z: edited(canvas, mask, z, work)))
+    latent = engine.sample_known(z0, cells, Condition(embeds, known.tokens, known.grids), sampling, False, callback,
+                                 mapped(preview, lambda z: edited(canvas, mask, z, work)))
     return edited(canvas, mask, latent, work), known.encoded
 
 
-def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, refs: list[np.ndarray], prompt: str,
-             negative_prompt: str, steps: int, cfg: float, seed: int, areas: Areas, strength: float = 1.0,
-             size: tuple[int, int] | None = None, callback=None, shortcuts: Shortcuts = Shortcuts(),
-             mask_crop: int | None = None, preview=None) -> EditResult:
+def instruct(engine: Engine, image: np.ndarray, mask: np.ndarray | None, pictures: Pictures, sampling: Sampling,
+             size: tuple[int, int] | None = None, callback=None, preview=None) -> EditResult:
     """`qimg edit` of one image (H, W, 3) uint8: the result at the input's size, or `size` (W, H) (no mask),
     resampled from the working size (reported as work_size). With a mask, pixels where it is 0 are the input's
     bytes. The latent stands for the output only when the output is its decode as is (no mask, the output at the
     working size): then an edit of the output finds it in the cache and never encodes it.
-
-    mask_crop: with a mask, the model sees only the mask's box plus this many pixels around it (the reference
-    edit-inpaint pipeline's padding_mask_crop): finer detail on a large picture, less of it for the instruction.
     `preview` (preview.Preview) sees each step's estimate of the result."""
-    if mask is not None and mask_crop is not None:
-        x0, y0, x1, y1 = crop_box(mask, mask_crop, 0)
-
-        def pasted(crop: np.ndarray) -> np.ndarray:
-            whole = image.copy()
-            whole[y0:y1, x0:x1] = crop  # outside the mask the crop is the input's bytes: so is the whole
-            return whole
-
-        edit = instruct(engine, image[y0:y1, x0:x1], mask[y0:y1, x0:x1], refs, prompt, negative_prompt, steps, cfg,
-                        seed, areas, strength, None, callback, shortcuts, preview=mapped(preview, pasted))
-        return replace(edit, image=pasted(edit.image), latent=None, box=(x0, y0, x1, y1))
     encoded_before = engine.prompts_encoded
     height, width = image.shape[:2]
-    work = working_size(size or (width, height), areas)
+    work = working_size(size or (width, height), pictures.areas)
 
     def image_of(canvas: Canvas) -> np.ndarray:
         return engine.render(canvas) if size is None else resample(engine.decode(canvas.latent), size)
 
-    canvas, encoded = edit_canvas(engine, Canvas.start(image), mask, refs, prompt, negative_prompt, steps, cfg, seed,
-                                  areas, strength, callback, shortcuts, work, mapped(preview, image_of))
+    canvas, encoded = edit_canvas(engine, Canvas.start(image), mask, pictures, sampling, callback, work,
+                                  mapped(preview, image_of))
     result = image_of(canvas)
     latent_cache = "off" if engine.cache is None else "miss" if encoded else "hit"
     latent = canvas.latent if mask is None and result.shape[1::-1] == work else None
     return EditResult(result, latent, latent_cache, engine._prompt_cache(encoded_before), (0, 0, width, height), work)
+
+
+def instruct_cropped(engine: Engine, image: np.ndarray, mask: np.ndarray, mask_crop: int, pictures: Pictures,
+                     sampling: Sampling, callback=None, preview=None) -> EditResult:
+    """`instruct` inside a mask where the model sees only the mask's box plus `mask_crop` pixels around it (the
+    reference edit-inpaint pipeline's padding_mask_crop): finer detail on a large picture, less of it for the
+    instruction. The crop's result is pasted back at the input's size."""
+    x0, y0, x1, y1 = crop_box(mask, mask_crop, 0)
+
+    def pasted(crop: np.ndarray) -> np.ndarray:
+        whole = image.copy()
+        whole[y0:y1, x0:x1] = crop  # outside the mask the crop is the input's bytes: so is the whole
+        return whole
+
+    edit = instruct(engine, image[y0:y1, x0:x1], mask[y0:y1, x0:x1], pictures, sampling, None, callback,
+                    mapped(preview, pasted))
+    return replace(edit, image=pasted(edit.image), latent=None, box=(x0, y0, x1, y1))

@@ -7,6 +7,8 @@ so an edit of it skips the VAE's encoder) and latents pixels (decoded in tiles w
 refuses a size the model cannot take or the device could not hold, before any weights load.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -14,6 +16,7 @@ from qimg.cache import pixel_key, prompt_key
 from qimg.engine.components import Components
 from qimg.engine.memory import activation_bytes, check_weights, device_bytes, gigabytes
 from qimg.engine.preview import mapped, watching
+from qimg.engine.request import Sampling
 from qimg.errors import QimgError, UsageError
 from qimg.model.text import pad_batch
 from qimg.model.tiling import tiled_decode
@@ -21,7 +24,6 @@ from qimg.model.transformer import TransformerConfig, patchify, unpatchify
 from qimg.model.vae import VAEConfig
 from qimg.sampling import (
     Reuse,
-    Shortcuts,
     cfg_until,
     euler,
     first_step,
@@ -52,6 +54,16 @@ def finite(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         others = " or ".join(d for d in ("bfloat16", "float32") if d != name)
         raise QimgError(f"the model produced non-finite values (NaN/inf) in {name}; use --dtype {others}")
     return t
+
+
+class Condition(NamedTuple):
+    """What the model is conditioned on: the prompt embeddings (the negative one second when cfg > 1) and, for
+    instruction editing, reference pictures' packed latents (1, R, 64) on grids `ref_grids` ((h, w) in patches
+    each), shown to the model after the noisy tokens."""
+
+    embeds: list[torch.Tensor]
+    refs: torch.Tensor | None = None
+    ref_grids: tuple[tuple[int, int], ...] = ()
 
 
 class Sampler(Components):
@@ -142,24 +154,18 @@ class Sampler(Components):
         noise = torch.randn((1, 16, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=self.dtype)
         return noise.float().to(self.device)
 
-    def _velocity(self, prompt: str, negative_prompt: str, cfg: float, grid: tuple[int, int], sigmas: torch.Tensor,
-                  shortcuts: Shortcuts, keep=None):
-        """The guided velocity field for one prompt over a latent grid (h, w) in patches, for the steps of
-        `sigmas`, with the shortcuts asked for (CFG only early, adaptive reuse).
+    def guided_velocity(self, condition: Condition, sampling: Sampling, grid: tuple[int, int], sigmas: torch.Tensor,
+                        keep=None):
+        """The guided velocity field over a latent grid (h, w) in patches, for the steps of `sigmas`, with the
+        sampling's guidance and shortcuts (CFG only early, adaptive reuse). keep: (L,) tokens the attention
+        may leave out as queries (wholly outside an inpaint's mask), or None.
 
         With guidance, the conditional and unconditional passes run as one batch of 2 (the shorter prompt
         zero-padded and its padding masked as keys), so a step reads the transformer's weights once."""
-        embeds = self.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt])
-        return self.guided_velocity(embeds, cfg, grid, sigmas, shortcuts, keep)
-
-    def guided_velocity(self, embeds: list[torch.Tensor], cfg: float, grid: tuple[int, int], sigmas: torch.Tensor,
-                        shortcuts: Shortcuts, keep=None, refs: torch.Tensor | None = None, ref_grids=()):
-        """_velocity from the prompt embeddings (the negative one second when cfg > 1). refs: (1, R, 64)
-        packed latents of reference pictures on grids `ref_grids`, shown to the model after the noisy tokens
-        (instruction editing)."""
+        cfg, shortcuts, ref_grids = sampling.cfg, sampling.shortcuts, condition.ref_grids
         guided = cfg > 1
-        txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in embeds])
-        refs = None if refs is None else refs.to(self.device, self.dtype)
+        txt, txt_mask = pad_batch([e.to(self.device, self.dtype) for e in condition.embeds])
+        refs = None if condition.refs is None else condition.refs.to(self.device, self.dtype)
 
         def model(batch: int):  # the first `batch` prompts: both, or the conditional one alone
             def velocity(x, sigma):
@@ -175,7 +181,7 @@ class Sampler(Components):
 
             return velocity
 
-        velocity = model(len(embeds))
+        velocity = model(len(condition.embeds))
         if guided:
             velocity = true_cfg(velocity, cfg)
             if shortcuts.cfg_until < 1:
@@ -183,45 +189,44 @@ class Sampler(Components):
         return reusing(velocity, sigmas, Reuse(shortcuts.reuse)) if shortcuts.reuse > 0 else velocity
 
     @torch.no_grad()
-    def generate_latent(self, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                        cfg: float, seed: int, callback=None, shortcuts: Shortcuts = Shortcuts(),
+    def generate_latent(self, sampling: Sampling, width: int, height: int, callback=None,
                         preview=None) -> torch.Tensor:
-        """Sample a normalized latent (1, 16, height/8, width/8) for one prompt; `preview` (preview.Preview)
-        sees each step's estimate of it."""
+        """Sample a normalized latent (1, 16, height/8, width/8) for one prompt (the sampling's strength is
+        not used: generating starts from noise); `preview` (preview.Preview) sees each step's estimate of it."""
         self.check_size(width, height, encodes=False)
         h, w = height // 8, width // 8
-        x = patchify(self._noise(seed, h, w))
-        sigmas = flow_sigmas(steps, x.shape[1], shifted(self.schedule, shortcuts.shift)).to(self.device)
-        velocity, callback = watching(self._velocity(prompt, negative_prompt, cfg, (h // 2, w // 2), sigmas, shortcuts),
+        x = patchify(self._noise(sampling.seed, h, w))
+        sigmas = flow_sigmas(sampling.steps, x.shape[1], shifted(self.schedule, sampling.shortcuts.shift))
+        sigmas = sigmas.to(self.device)
+        condition = Condition(self.encode_prompts(sampling.prompts))
+        velocity, callback = watching(self.guided_velocity(condition, sampling, (h // 2, w // 2), sigmas),
                                       callback, sigmas, mapped(preview, lambda z: unpatchify(z, h, w)))
         x = euler(velocity, x, sigmas, callback)
         self._release("transformer")
         return finite(unpatchify(x, h, w), self.dtype)
 
     @torch.no_grad()
-    def inpaint_latent(self, z0: torch.Tensor, mask: torch.Tensor, prompt: str, negative_prompt: str, steps: int,
-                       cfg: float, seed: int, strength: float = 1.0, attn_mask: bool = False,
-                       callback=None, shortcuts: Shortcuts = Shortcuts(), preview=None) -> torch.Tensor:
+    def inpaint_latent(self, z0: torch.Tensor, mask: torch.Tensor, sampling: Sampling, attn_mask: bool = False,
+                       callback=None, preview=None) -> torch.Tensor:
         """Regenerate latent z0 (1, 16, h, w) where mask (h, w) in [0, 1] says so; the rest ends exactly z0.
         `preview` sees each step's estimate of the result, blended as the last step blends."""
-        embeds = self.encode_prompts([prompt, negative_prompt] if cfg > 1 else [prompt])
-        return self.sample_known(z0, mask, embeds, steps, cfg, seed, strength, attn_mask, callback, shortcuts,
-                                 preview=preview)
+        condition = Condition(self.encode_prompts(sampling.prompts))
+        return self.sample_known(z0, mask, condition, sampling, attn_mask, callback, preview)
 
     @torch.no_grad()
-    def sample_known(self, z0: torch.Tensor, mask: torch.Tensor, embeds: list[torch.Tensor], steps: int, cfg: float,
-                     seed: int, strength: float = 1.0, attn_mask: bool = False, callback=None,
-                     shortcuts: Shortcuts = Shortcuts(), refs: torch.Tensor | None = None, ref_grids=(), preview=None):
+    def sample_known(self, z0: torch.Tensor, mask: torch.Tensor, condition: Condition, sampling: Sampling,
+                     attn_mask: bool = False, callback=None, preview=None) -> torch.Tensor:
         """inpaint_latent from the prompt embeddings, with reference pictures as guided_velocity takes them."""
+        steps, strength = sampling.steps, sampling.strength
         h, w = z0.shape[-2:]
-        x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(seed, h, w))
+        x0, noise = patchify(z0.float().to(self.device)), patchify(self._noise(sampling.seed, h, w))
         m = patchify(mask.float().to(self.device)[None, None].expand(1, 16, h, w))
-        sigmas = flow_sigmas(steps, x0.shape[1], shifted(self.schedule, shortcuts.shift))[first_step(steps, strength):]
-        sigmas = sigmas.to(self.device)
+        schedule = shifted(self.schedule, sampling.shortcuts.shift)
+        sigmas = flow_sigmas(steps, x0.shape[1], schedule)[first_step(steps, strength):].to(self.device)
         if len(sigmas) < 2:
             raise UsageError(f"--strength {strength} with {steps} steps runs no step; raise one of them")
         keep = (m[0] == 0).all(-1) if attn_mask else None  # (L,) tokens wholly outside the mask
-        velocity = self.guided_velocity(embeds, cfg, (h // 2, w // 2), sigmas, shortcuts, keep, refs, ref_grids)
+        velocity = self.guided_velocity(condition, sampling, (h // 2, w // 2), sigmas, keep)
         blend = keep_known(x0, noise, m, len(sigmas) - 1)
         velocity, callback = watching(velocity, callback, sigmas, mapped(
             preview, lambda z: unpatchify(blend(len(sigmas) - 2, z, sigmas[-1]), h, w)))

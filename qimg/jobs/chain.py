@@ -1,5 +1,6 @@
-"""chain: a chain file's edits run on one input in one process, the latent carried between them (qimg/chain.py
-plans and runs them); the checks that need no model first, then the output and --keep-steps files saved."""
+"""chain: a chain file's edits (read by the command line into the job's steps) run on one input in one process,
+the latent carried between them (chain_plan.py plans and walks them); the checks that need no model first, then
+the output and --keep-steps files saved."""
 
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
     for step in steps:
         try:
             if step.kind == "edit":
-                refs = step.options["ref"] or ()
+                refs = step.refs
                 check_pictures(check_model(folder, "chain"), [size, *(load_image(r)[0].shape[1::-1] for r in refs)],
                                ["the input", *map(str, refs)])
             else:
@@ -33,7 +34,7 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
 
 def chain(job: Chain, reporter: Reporter) -> None:
     from qimg.images import check_output, check_preview, load_image
-    from qimg.jobs import chain_steps as chains
+    from qimg.jobs import chain_plan as chains
     from qimg.jobs.metadata import output_params
 
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """What every job does around its engine call: open the cache, find the model (and refuse the wrong kind), open
 the engine (the worker's kept one when it computes the same numbers), name and save outputs, pick a seed, say
-which --shard runs."""
+which --shard runs; and the tail generate, inpaint/outpaint and edit share (`sample_and_save`)."""
 
 import functools
 import secrets
@@ -9,6 +9,7 @@ from typing import Optional
 
 from qimg.errors import UsageError, say
 from qimg.jobs import shard
+from qimg.jobs.previews import last_preview
 from qimg.jobs.report import Reporter
 from qimg.jobs.spec import CacheSpec, ModelSpec
 
@@ -92,8 +93,29 @@ def output_target(out: Optional[Path], default, numbered: bool):
     return default(numbered), (functools.partial(default, True) if numbered else None)
 
 
-def cache_use(result) -> dict:
-    return dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
+def sample_and_save(job, command: str, engine, reporter: Reporter, sampling, sample, target, preview,
+                    started: float, fields=lambda result: {}) -> None:
+    """The end of every job that makes one output with one sampling run (generate, inpaint, outpaint, edit):
+    `sample(callback)` runs the engine (an engine.Result) under the reporter's progress over the steps the
+    sampling (engine.request.Sampling) takes; the output's parameters (the command, the sampling's, the result's
+    size, the transformer calls, then `fields(result)`) are saved with it to target (output_target's (path,
+    next_free)) and reported with the cache use and the last --preview; started: when the job began."""
+    from qimg.jobs.metadata import output_params
+
+    callback, done = reporter.steps("generating" if command == "generate" else command, sampling.steps_run)
+    calls = engine.calls
+    result = sample(callback)
+    done()
+    height, width = result.image.shape[:2]
+    s, shortcuts = sampling, sampling.shortcuts
+    params = output_params(command, engine, job.preset, prompt=s.prompt, negative_prompt=s.negative_prompt,
+                           seed=s.seed, width=width, height=height, steps=s.steps, cfg=s.cfg, reuse=shortcuts.reuse,
+                           cfg_until=shortcuts.cfg_until, shift=shortcuts.shift, calls=engine.calls - calls,
+                           **fields(result))
+    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+                      target[1])
+    cache_use = dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
+    reporter.result(out, {**params, **cache_use, **last_preview(preview, result.image, params)}, started)
 
 
 def random_seed(seed: Optional[int]) -> int:

@@ -14,16 +14,15 @@ from qimg.errors import OutputExists, QimgError, UsageError
 from qimg.jobs import batch, edit_inputs, names, shard
 from qimg.jobs.common import (
     announce_shard,
-    cache_use,
     generation_model,
     open_cache,
     open_engine,
     output_target,
     random_seed,
     resolve_model,
-    save_output,
+    sample_and_save,
 )
-from qimg.jobs.previews import PreviewFile, edit_previews, last_preview
+from qimg.jobs.previews import PreviewFile, edit_previews
 from qimg.jobs.report import Reporter
 from qimg.jobs.spec import Edit, Inpaint, InpaintMask
 
@@ -170,29 +169,19 @@ def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int
              started: float, preview: Optional[PreviewFile] = None) -> None:
     """target: edit_output's (path, next_free)."""
     from qimg.cache import array_hash
-    from qimg.jobs.metadata import output_params
     from qimg.masks import selected_area
-    from qimg.sampling import first_step
 
-    seed, d, p = random_seed(seed), engine.defaults, job.prompt
-    steps = p.steps or d.steps
-    cfg = d.cfg if p.cfg is None else p.cfg
-    negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
-    callback, done = reporter.steps(job.kind, steps - first_step(steps, job.strength))
-    calls = engine.calls
-    result = engine.inpaint(canvas, mask, p.prompt, negative, steps, cfg, seed, job.strength, job.attn_mask == "on",
-                            job.context, callback, p.shortcuts(), preview)
-    done()
-    height, width = result.image.shape[:2]
-    params = output_params(job.kind, engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
-                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
-                           shift=p.shift, calls=engine.calls - calls, strength=job.strength,
-                           attn_mask=job.attn_mask, context=job.context, input=str(image),
-                           mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
-                           work_size=list(result.work_size), latent_cache=result.latent_cache)
-    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
-                      target[1])
-    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+    sampling = job.prompt.resolve(engine.defaults, random_seed(seed), job.strength)
+
+    def fields(result) -> dict:
+        return dict(strength=job.strength, attn_mask=job.attn_mask, context=job.context, input=str(image),
+                    mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
+                    work_size=list(result.work_size), latent_cache=result.latent_cache)
+
+    sample_and_save(job, job.kind, engine, reporter, sampling,
+                    lambda callback: engine.inpaint(canvas, mask, sampling, job.attn_mask == "on", job.context,
+                                                    callback, preview),
+                    target, preview, started, fields)
 
 
 # --- edit: instructions with an Edit model -----------------------------------------------------------------
@@ -231,32 +220,24 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
                  started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple) -> None:
     """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
     from qimg.cache import array_hash
-    from qimg.engine.instruct import Areas, instruct
-    from qimg.jobs.metadata import output_params
+    from qimg.engine.instruct import Areas, Pictures, instruct, instruct_cropped
     from qimg.masks import selected_area
-    from qimg.sampling import first_step
 
-    seed, d, p = random_seed(seed), engine.defaults, job.prompt
-    steps = p.steps or d.steps
-    cfg = d.cfg if p.cfg is None else p.cfg
-    negative = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
-    areas = Areas(job.edit_area or d.edit_area, job.vision_area or d.vision_area)
-    refs = pictures[1]
-    callback, done = reporter.steps("edit", steps - first_step(steps, job.strength))
-    calls = engine.calls
-    result = instruct(engine, pixels, mask, refs, p.prompt, negative, steps, cfg, seed, areas, job.strength, job.size,
-                      callback, p.shortcuts(), job.mask_crop, preview)
-    done()
-    height, width = result.image.shape[:2]
-    params = output_params("edit", engine, job.preset, prompt=p.prompt, negative_prompt=negative, seed=seed,
-                           width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse, cfg_until=p.cfg_until,
-                           shift=p.shift, calls=engine.calls - calls, strength=job.strength, input=str(image),
-                           refs=[str(r) for r in job.refs], pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
-                           mask_area=None if mask is None else selected_area(mask),
-                           mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind.name,
-                           edit_area=areas.edit, vision_area=areas.vision, mask_crop=job.mask_crop,
-                           box=list(result.box), work_size=list(result.work_size),
-                           latent_cache=result.latent_cache)
-    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
-                      target[1])
-    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+    d, refs = engine.defaults, pictures[1]
+    sampling = job.prompt.resolve(d, random_seed(seed), job.strength)
+    shown = Pictures(refs, Areas(job.edit_area or d.edit_area, job.vision_area or d.vision_area))
+
+    def sample(callback):
+        if mask is not None and job.mask_crop is not None:
+            return instruct_cropped(engine, pixels, mask, job.mask_crop, shown, sampling, callback, preview)
+        return instruct(engine, pixels, mask, shown, sampling, job.size, callback, preview)
+
+    def fields(result) -> dict:
+        return dict(strength=job.strength, input=str(image), refs=[str(r) for r in job.refs],
+                    pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
+                    mask_area=None if mask is None else selected_area(mask),
+                    mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind.name,
+                    edit_area=shown.areas.edit, vision_area=shown.areas.vision, mask_crop=job.mask_crop,
+                    box=list(result.box), work_size=list(result.work_size), latent_cache=result.latent_cache)
+
+    sample_and_save(job, "edit", engine, reporter, sampling, sample, target, preview, started, fields)

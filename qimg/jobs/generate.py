@@ -10,51 +10,40 @@ from qimg.errors import OutputExists, UsageError
 from qimg.jobs import batch, names, shard
 from qimg.jobs.common import (
     announce_shard,
-    cache_use,
     generation_model,
     open_cache,
     open_engine,
     output_target,
     random_seed,
     resolve_model,
-    save_output,
+    sample_and_save,
 )
-from qimg.jobs.previews import last_preview, preview_file
+from qimg.jobs.previews import preview_file
 from qimg.jobs.report import Reporter
 from qimg.jobs.spec import Generate, Output, Prompts
 
 
 def generate(job: Generate, reporter: Reporter) -> None:
     from qimg.images import check_format_size, check_output, check_preview
-    from qimg.jobs.metadata import output_params
 
     started = time.perf_counter()
-    p, overwrite = job.prompt, job.output.overwrite
+    overwrite = job.output.overwrite
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
     generation_model(folder, "generate")
-    seed = random_seed(p.seed)
+    seed = random_seed(job.prompt.seed)
     out, next_free = output_target(job.output.out, functools.partial(names.generate_output, seed), not overwrite)
     check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
     preview = preview_file(job.output.preview, job.output.preview_every)
     if preview:
         check_preview(preview.path, {out: "the output"}, overwrite)
     engine = open_engine(folder, job.model, store)
-    d = engine.defaults
-    width, height = job.size or (d.width, d.height)
+    width, height = job.size or (engine.defaults.width, engine.defaults.height)
     check_format_size(out, (width, height))
-    steps, cfg = p.steps or d.steps, d.cfg if p.cfg is None else p.cfg
-    negative_prompt = d.negative_prompt if p.negative_prompt is None else p.negative_prompt
-    callback, done = reporter.steps("generating", steps)
-    calls = engine.calls
-    result = engine.generate(p.prompt, negative_prompt, width, height, steps, cfg, seed, callback, p.shortcuts(),
-                             preview)
-    done()
-    params = output_params("generate", engine, job.preset, prompt=p.prompt, negative_prompt=negative_prompt,
-                           seed=seed, width=width, height=height, steps=steps, cfg=cfg, reuse=p.reuse,
-                           cfg_until=p.cfg_until, shift=p.shift, calls=engine.calls - calls)
-    out = save_output(engine, reporter, out, params, result.image, result.latent, overwrite, next_free)
-    reporter.result(out, {**params, **cache_use(result), **last_preview(preview, result.image, params)}, started)
+    sampling = job.prompt.resolve(engine.defaults, seed)
+    sample_and_save(job, "generate", engine, reporter, sampling,
+                    lambda callback: engine.generate(sampling, width, height, callback, preview), (out, next_free),
+                    preview, started)
 
 
 def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:

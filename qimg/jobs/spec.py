@@ -1,5 +1,7 @@
 """Jobs as data: what one command asks for, parsed and typed, with nothing loaded yet. The command line
-builds them (cli.py), the runner executes them (runner/); batches, chains and the worker share both."""
+builds them (cli/app.py, cli/to_job.py, cli/chain_file.py), the runner executes them (jobs/runner.py); batches and
+chains are jobs too. The worker does not share these classes: its client sends the command's argv and the
+server runs the command line again (worker/server.py)."""
 
 import os
 from dataclasses import dataclass, field
@@ -53,10 +55,16 @@ class Prompt:
     cfg_until: float = 1.0  # true CFG for this first fraction of the steps; 1: every step
     shift: Optional[float] = None  # a constant flow shift (Lightning); None: the model's schedule
 
-    def shortcuts(self):
+    def resolve(self, defaults, seed: int, strength: float = 1.0):
+        """The request the engine takes (engine.request.Sampling), every value this prompt leaves open filled in
+        from the model's `defaults` (components.Defaults); the seed is the caller's (a random one, a batch
+        file's, a chain edit's)."""
+        from qimg.engine.request import Sampling
         from qimg.sampling import Shortcuts
 
-        return Shortcuts(self.reuse, self.cfg_until, self.shift)
+        return Sampling(self.prompt, defaults.negative_prompt if self.negative_prompt is None else self.negative_prompt,
+                        self.steps or defaults.steps, defaults.cfg if self.cfg is None else self.cfg, seed, strength,
+                        Shortcuts(self.reuse, self.cfg_until, self.shift))
 
 
 @dataclass(frozen=True)
@@ -158,12 +166,31 @@ class Edit:
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    """One edit of a chain file, its options resolved by the command line (cli/chain_file.py): the edit's own
+    over its preset's over the file's defaults, the chain's command line over all."""
+
+    index: int  # 1-based, as errors and reports say it
+    kind: str  # "inpaint", "outpaint" or "edit"
+    where: str  # how errors name it: the chain file, the index, the kind
+    prompt: Prompt
+    shape: Union[InpaintMask, Outpaint, None]  # None: an instruction edit of the whole picture
+    strength: float = 1.0
+    refs: tuple[Path, ...] = ()  # an instruction edit's Pictures 2, 3...
+    attn_mask: str = "off"  # an inpaint's or outpaint's
+    context: int = CONTEXT
+    edit_area: Optional[int] = None  # an instruction edit's; None: the model's
+    vision_area: Optional[int] = None
+    preset: Optional[str] = None  # the edit's own --preset, recorded in the lineage
+
+
+@dataclass(frozen=True)
 class Chain:
-    """A chain file's edits (read and checked by the command line: chain.Step) run on one image."""
+    """A chain file's edits (read and checked by the command line) run on one image."""
 
     image: Path
     chain_file: Path
-    steps: tuple  # chain.Step, one per edit
+    steps: tuple[ChainStep, ...]  # one per edit
     seed: Optional[int] = None
     keep_steps: Optional[Path] = None
     output: Output = field(default_factory=Output)

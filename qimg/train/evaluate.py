@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qimg.engine.request import Sampling
 from qimg.train.shapes import COLORS, LANGUAGES, POSITIONS, article, caption, nearest_color, sample_scene
 
 MIN_AREA = 30  # pixels; smaller regions are noise
@@ -109,7 +110,7 @@ def evaluate(engine, per_language: int = 30, seed: int = 1000, steps: int | None
             scene = sample_scene(rng, objects=1)
             form = "position" if i % 2 == 0 else "plain"
             prompt = caption(scene, rng, language, form)
-            image = engine.generate(prompt, d.negative_prompt, d.width, d.height, steps, cfg, seed + i).image
+            image = engine.generate(Sampling(prompt, d.negative_prompt, steps, cfg, seed + i), d.width, d.height).image
             got, want = analyse(image), scene.things[0]
             ok = {
                 "background": got["background"] == scene.background,
@@ -133,13 +134,14 @@ def _inpaint_rate(engine, rng, n, seed, steps, cfg, cases) -> float:
         scene = sample_scene(rng, objects=1)
         side = rng.choice(list(INPAINT_BOX))
         scene_prompt = caption(scene, rng, "en", "position").replace(scene.things[0].position, side, 1)
-        image = engine.generate(scene_prompt, d.negative_prompt, d.width, d.height, steps, cfg, seed + i).image
+        sampling = Sampling(scene_prompt, d.negative_prompt, steps, cfg, seed + i)
+        image = engine.generate(sampling, d.width, d.height).image
         color = rng.choice([c for c in COLORS if c not in (scene.background, scene.things[0].color)])
         x0, y0, x1, y1 = INPAINT_BOX[side]
         mask = np.zeros(image.shape[:2], np.float32)
         mask[y0:y1, x0:x1] = 1
         prompt = f"{article(color)} {color} triangle"
-        edit = engine.inpaint(image, mask, prompt, d.negative_prompt, steps, cfg, seed + i)
+        edit = engine.inpaint(image, mask, Sampling(prompt, d.negative_prompt, steps, cfg, seed + i))
         got = dominant_color(edit.image, INPAINT_BOX[side])
         hits += got == color
         cases.append({"language": "inpaint", "prompt": f"{scene_prompt} + {prompt}", "found": got,

@@ -225,15 +225,16 @@ def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
 
 def test_2511_latents_match_pipeline(tiny_2511_dir, pipelines, photos, monkeypatch):
     from qimg.engine.canvas import Canvas
-    from qimg.engine.instruct import Areas, edit_canvas
+    from qimg.engine.instruct import Areas, Pictures, edit_canvas
+    from qimg.engine.request import Sampling
     from qimg.model.transformer import patchify
 
     image, ref = pixels(photos["wide"]), pixels(photos["ref2"])
     area = image.shape[0] * image.shape[1]
     small_areas(monkeypatch, area, VISION_AREA)
     engine = Engine(tiny_2511_dir, "cpu", "float32")
-    canvas, encoded = edit_canvas(engine, Canvas.start(image), None, [ref], "picture 2's sky", " ", 3, 3.0, 8,
-                                  Areas(area, VISION_AREA))
+    canvas, encoded = edit_canvas(engine, Canvas.start(image), None, Pictures([ref], Areas(area, VISION_AREA)),
+                                  Sampling("picture 2's sky", " ", 3, 3.0, 8))
     expected = pipelines["2511"](image=[Image.fromarray(image), Image.fromarray(ref)], prompt="picture 2's sky",
                                  negative_prompt=" ", true_cfg_scale=3.0, num_inference_steps=3, height=96, width=160,
                                  generator=torch.Generator().manual_seed(8), output_type="latent").images

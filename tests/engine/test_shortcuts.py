@@ -13,6 +13,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from qimg.cli.app import run
+from qimg.engine.request import Sampling
 from qimg.sampling import Reuse, Shortcuts, euler, reusing
 
 FAST = ["--steps", "6", "--seed", "3", "--device", "cpu", "--size", "32x32", "--no-cache"]
@@ -32,10 +33,10 @@ def measure(engine, shortcuts: Shortcuts, n: int = 12) -> dict:
     psnr, ssim, calls, full_calls, seconds, full_seconds = [], [], 0, 0, 0.0, 0.0
     for prompt, seed in cases(n):
         before, started = engine.calls, time.perf_counter()
-        full = engine.generate(prompt, " ", 128, 128, 24, 4.0, seed).image
+        full = engine.generate(Sampling(prompt, " ", 24, 4.0, seed), 128, 128).image
         full_calls, full_seconds = full_calls + engine.calls - before, full_seconds + time.perf_counter() - started
         before, started = engine.calls, time.perf_counter()
-        fast = engine.generate(prompt, " ", 128, 128, 24, 4.0, seed, shortcuts=shortcuts).image
+        fast = engine.generate(Sampling(prompt, " ", 24, 4.0, seed, shortcuts=shortcuts), 128, 128).image
         calls, seconds = calls + engine.calls - before, seconds + time.perf_counter() - started
         psnr.append(100.0 if np.array_equal(full, fast) else peak_signal_noise_ratio(full, fast))
         ssim.append(structural_similarity(full, fast, channel_axis=2))

@@ -9,9 +9,10 @@ import torch
 import qimg.engine.latents
 from qimg.cli.app import run
 from qimg.engine.engine import Engine
+from qimg.engine.request import Sampling
 from qimg.model.tiling import tile_starts, tiled_decode
 
-JOB = dict(prompt="a red circle", negative_prompt=" ", width=64, height=48, steps=2, cfg=4.0, seed=3)
+JOB = dict(sampling=Sampling("a red circle", " ", steps=2, cfg=4.0, seed=3), width=64, height=48)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,7 @@ def test_offload_modes_give_identical_inpaints_with_the_attention_mask(tiny_mode
     image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     mask = np.zeros((48, 64), np.float32)
     mask[8:24, 16:40] = 1
-    job = dict(prompt="a red circle", negative_prompt=" ", steps=2, cfg=4.0, seed=3, attn_mask=True)
+    job = dict(sampling=Sampling("a red circle", " ", steps=2, cfg=4.0, seed=3), attn_mask=True)
     base = Engine(tiny_model_dir, "cpu", "float32").inpaint(image, mask, **job).image
     engine = Engine(tiny_model_dir, "cpu", "float32", offload=offload)
     assert np.array_equal(engine.inpaint(image, mask, **job).image, base)

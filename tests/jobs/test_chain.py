@@ -424,7 +424,7 @@ BIG_CHAIN = "prompt: x\nedits:\n  - outpaint: {to: 4000x4000}\n" + "  - inpaint:
 def test_a_wrong_model_fails_before_the_chain_is_planned(photo, tmp_path, capsys, monkeypatch):
     # Reading the file is bounded (256 KB, checked when the command line is parsed); planning its edits on the
     # input is the costly part, and the model comes first.
-    from qimg.jobs import chain_steps as chains
+    from qimg.jobs import chain_plan as chains
 
     monkeypatch.setattr(chains, "plan", lambda *a: pytest.fail("planned the chain before finding the model"))
     chain_file = write_chain(tmp_path, BIG_CHAIN)
@@ -439,7 +439,7 @@ def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(config
     import tracemalloc
 
     from qimg.errors import QimgError
-    from qimg.jobs import chain_steps as chains
+    from qimg.jobs import chain_plan as chains
 
     plan, peaks = chains.plan, []
 

@@ -83,6 +83,7 @@ def test_strength_below_one_stays_closer_to_the_input(tiny_model_dir):
     import torch
 
     from qimg.engine.engine import Engine
+    from qimg.engine.request import Sampling
 
     engine = Engine(tiny_model_dir, "cpu", "float32")
     z0 = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(0))
@@ -90,7 +91,7 @@ def test_strength_below_one_stays_closer_to_the_input(tiny_model_dir):
     mask[2:6, 4:10] = 1
     distance = {}
     for strength in (1.0, 0.5, 0.1):
-        z = engine.inpaint_latent(z0, mask, "x", " ", 10, 4.0, 3, strength)
+        z = engine.inpaint_latent(z0, mask, Sampling("x", " ", 10, 4.0, 3, strength))
         assert torch.equal(z[..., mask == 0], z0[..., mask == 0])
         distance[strength] = (z - z0)[..., mask == 1].abs().mean().item()
     assert distance[0.1] < distance[0.5] < distance[1.0]

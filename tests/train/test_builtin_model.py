@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from qimg.engine.engine import Engine
+from qimg.engine.request import Sampling
 from qimg.model.text import DROP, TEMPLATE
 from qimg.train.evaluate import evaluate
 from qimg.weights.folders import BUILTIN, builtin_model
@@ -52,7 +53,7 @@ def test_same_image_as_the_reference_pipeline(engine):
     d = engine.defaults
     ref = pipe(PROMPT, negative_prompt=d.negative_prompt, true_cfg_scale=d.cfg, num_inference_steps=d.steps,
                width=d.width, height=d.height, generator=torch.Generator("cpu").manual_seed(3)).images[0]
-    ours = engine.generate(PROMPT, d.negative_prompt, d.width, d.height, d.steps, d.cfg, 3).image
+    ours = engine.generate(Sampling(PROMPT, d.negative_prompt, d.steps, d.cfg, 3), d.width, d.height).image
     assert np.abs(np.asarray(ref).astype(int) - ours).max() <= 1
 
 

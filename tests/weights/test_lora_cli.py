@@ -221,9 +221,10 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
 
 def test_offload_modes_apply_the_lora_alike_and_again_after_a_reload(tiny_model_dir, lora_file):
     from qimg.engine.engine import Engine
+    from qimg.engine.request import Sampling
     from qimg.weights.lora import LoraSpec
 
-    job = dict(prompt=PROMPT, negative_prompt=" ", width=32, height=32, steps=2, cfg=1.0, seed=3)
+    job = dict(sampling=Sampling(PROMPT, " ", steps=2, cfg=1.0, seed=3), width=32, height=32)
     loras = (LoraSpec(lora_file, 0.7),)
     baseline = Engine(tiny_model_dir, "cpu", "float32", loras=loras).generate(**job).image
     assert not np.array_equal(baseline, Engine(tiny_model_dir, "cpu", "float32").generate(**job).image)
