@@ -17,19 +17,20 @@ from pathlib import Path
 import torch
 
 from qimg import option_values
-from qimg.cache import Store, fingerprint
+from qimg.cache import Store
 from qimg.engine.memory import resident_bytes
 from qimg.errors import QimgError, UsageError
 from qimg.model.offload import place_for_streaming
 from qimg.model.qwen2 import Qwen2Config
-from qimg.model.text import TextEncoder
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.model.vae import QwenImageVAE, VAEConfig
 from qimg.option_values import ATTENTION, OFFLOAD, TILING
 from qimg.sampling import ScheduleConfig
 from qimg.weights import lora
 from qimg.weights.adapters import apply_adapters, targets
+from qimg.weights.fingerprint import fingerprint
 from qimg.weights.folders import ModelKind, load_module, model_kind, read_config, read_json_object
+from qimg.weights.text_encoder import load_instruct_encoder, load_text_encoder
 from qimg.weights.transformer import Source, load_transformer, provenance, tensor_sizes
 
 DTYPES = {name: getattr(torch, name) for name in option_values.DTYPES}
@@ -159,11 +160,9 @@ class Components:
         """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
             if not self.kind.edits:
-                self._text = TextEncoder(self.folder, self.dtype, self.device)
+                self._text = load_text_encoder(self.folder, self.dtype, self.device)
             else:
-                from qimg.model.instruct_text import InstructEncoder
-
-                self._text = InstructEncoder(self.folder, self.dtype, self.device, plus=self.kind.plus)
+                self._text = load_instruct_encoder(self.folder, self.dtype, self.device, plus=self.kind.plus)
         return self._text
 
     @cached_property

@@ -19,7 +19,7 @@ def engine(folder, device: str, dtype: str, speed: dict, make):
     global _key, _engine
     if not enabled:
         return make()
-    from qimg.cache import fingerprint
+    from qimg.weights.fingerprint import fingerprint
 
     file = speed.get("transformer")  # a --transformer file is part of the model: changed, it is another one
     weights = fingerprint(Path(file)) if file and Path(file).is_file() else None

@@ -8,20 +8,18 @@ tokens are spliced in there, and the language model runs with 3D mRoPE positions
 which diffusers 0.42.1 with transformers >= 5.15 no longer does: diffusers#14194). The last hidden state is
 kept minus the 64-token system prefix, picture tokens included. Unlike the base model's prompts nothing is cut:
 the reference applies no 512-token cap to edit prompts. A negative prompt is encoded with the same pictures.
+The tokenizer, language model, vision tower and image config come in built: weights/text_encoder.py reads them
+from a model folder.
 """
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from qimg.errors import QimgError, UsageError
-from qimg.model import vision
-from qimg.model.qwen2 import Qwen2Config, Qwen2Model, mrope_positions, remap_keys
+from qimg.errors import UsageError
+from qimg.model.qwen2 import Qwen2Model, mrope_positions
 from qimg.model.tokenizer import Tokenizer
-from qimg.model.vision import VisionConfig, VisionTower
+from qimg.model.vision import VisionTower
 from qimg.model.vl_image import ImageConfig, preprocess
-from qimg.weights.folders import load_module, read_config, read_json_object, weight_names
 
 # The edit pipelines' system prompt; its prefix through "user\n" is DROP tokens.
 SYSTEM = (
@@ -55,59 +53,13 @@ def expand_image_pads(ids: list[int], pad: int, counts: list[int]) -> list[int]:
     return out
 
 
-def edit_tokenizer(folder: Path) -> Tokenizer:
-    """The tokenizer the edit pipelines run: their processor's (processor/), else tokenizer/ (the same files)."""
-    files = folder / "processor"
-    if not any((files / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        files = folder / "tokenizer"
-    tokenizer = Tokenizer(files)
-    prefix = len(tokenizer.ids([SYSTEM])[0])
-    if prefix != DROP:
-        raise QimgError(f"{files} is not Qwen-Image-Edit's tokenizer: it reads the edit template's prefix as "
-                        f"{prefix} tokens, not {DROP} (files missing or from another model?)")
-    return tokenizer
-
-
-def configs(encoder: Path, processor: Path) -> tuple[Qwen2Config, VisionConfig, ImageConfig]:
-    """The language model's, the vision tower's and the image processor's configs, checked to agree."""
-    config, preprocessor = encoder / "config.json", processor / "preprocessor_config.json"
-    d = read_config(encoder)
-    try:
-        cfg, vision_cfg = Qwen2Config.from_dict(d), VisionConfig.from_dict(d)
-    except (ValueError, TypeError) as e:
-        raise QimgError(f"{config}: {e}") from None
-    try:
-        image_cfg = ImageConfig.from_dict(read_json_object(preprocessor))
-    except (ValueError, TypeError) as e:
-        raise QimgError(f"{preprocessor}: {e}") from None
-    patches = (vision_cfg.patch_size, vision_cfg.spatial_merge_size, vision_cfg.temporal_patch_size)
-    if patches != (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size):
-        raise QimgError(f"{preprocessor} cuts patches of another size than {config}'s vision tower: they are from "
-                        "different models")
-    return cfg, vision_cfg, image_cfg
-
-
 class InstructEncoder:
-    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device, plus: bool):
-        """Qwen-Image-Edit's (plus=False) or 2509/2511's (plus=True) instruction encoder from a model folder:
-        the language model and vision tower from text_encoder/, the tokenizer and image sizes from processor/."""
-        processor, encoder = folder / "processor", folder / "text_encoder"
-        if not (processor / "preprocessor_config.json").is_file():
-            raise UsageError(f"{folder} has no processor/preprocessor_config.json: an edit model needs its "
-                             "processor/ folder (as Qwen-Image-Edit ships it); download it again")
-        if not encoder.is_dir():
-            raise QimgError(f"{encoder} is missing: the model folder is incomplete")
-        self.tokenizer = edit_tokenizer(folder)
-        self.pad = self.tokenizer.bpe.token_to_id(IMAGE_PAD)
-        cfg, vision_cfg, self.image_cfg = configs(encoder, processor)
-        if not any(vision.remap_keys(k) for k in weight_names(encoder)):
-            raise UsageError(f"{encoder} has no vision tower weights (visual.* or model.visual.*): an edit model "
-                             "needs the full Qwen2.5-VL text encoder; download it again")
-        try:
-            self.model = load_module(lambda: Qwen2Model(cfg), encoder, dtype, device, remap=remap_keys)
-            self.vision = load_module(lambda: VisionTower(vision_cfg), encoder, dtype, device, remap=vision.remap_keys)
-        except QimgError as e:
-            raise QimgError(f"cannot load the text encoder from {folder}: {e}") from None
+    def __init__(self, tokenizer: Tokenizer, model: Qwen2Model, vision: VisionTower, image_cfg: ImageConfig,
+                 plus: bool, dtype: torch.dtype, device: torch.device):
+        """Qwen-Image-Edit's (plus=False) or 2509/2511's (plus=True) instruction encoder: the language model and
+        vision tower (in dtype, on device), the tokenizer and the image processor's config."""
+        self.tokenizer, self.model, self.vision, self.image_cfg = tokenizer, model, vision, image_cfg
+        self.pad = tokenizer.bpe.token_to_id(IMAGE_PAD)
         self.plus, self.dtype, self.device = plus, dtype, device
         self.last = None  # (patch rows, grids, tower tokens) of the last pictures encoded
 

@@ -1,18 +1,17 @@
 """Prompt encoding with Qwen2.5-VL's language model, exactly as the reference pipeline does it.
 
 The prompt is wrapped in Qwen-Image's system template, run through the language model, and the last
-hidden state of the real (unpadded) tokens is kept, minus the template's first 34 positions.
+hidden state of the real (unpadded) tokens is kept, minus the template's first 34 positions. The tokenizer and
+the language model come in built: weights/text_encoder.py reads them from a model folder.
 """
 
 import warnings
-from pathlib import Path
 
 import torch
 
-from qimg.errors import QimgError, QimgWarning
-from qimg.model.qwen2 import Qwen2Config, Qwen2Model, remap_keys
+from qimg.errors import QimgWarning
+from qimg.model.qwen2 import Qwen2Model
 from qimg.model.tokenizer import Tokenizer
-from qimg.weights.folders import load_module, read_config
 
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -25,24 +24,8 @@ MAX_EMBED = 512  # embeddings kept per prompt (the pipeline's default max_sequen
 
 
 class TextEncoder:
-    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
-        for part in ("tokenizer", "text_encoder"):
-            if not (folder / part).is_dir():
-                raise QimgError(f"{folder / part} is missing: the model folder is incomplete")
-        self.tokenizer = Tokenizer(folder / "tokenizer")
-        prefix = len(self.tokenizer.ids([TEMPLATE.split("{}")[0]])[0])
-        if prefix != DROP:  # a vocabulary from another model, or one missing its merges, reads it otherwise
-            raise QimgError(f"{folder / 'tokenizer'} is not Qwen-Image's tokenizer: it reads the prompt template's "
-                            f"prefix as {prefix} tokens, not {DROP} (files missing or from another model?)")
-        try:
-            cfg = Qwen2Config.from_dict(read_config(folder / "text_encoder"))
-        except (ValueError, TypeError) as e:
-            raise QimgError(f"{folder / 'text_encoder' / 'config.json'}: {e}") from None
-        try:
-            self.model = load_module(lambda: Qwen2Model(cfg), folder / "text_encoder", dtype, device, remap=remap_keys)
-        except QimgError as e:
-            raise QimgError(f"cannot load the text encoder from {folder}: {e}") from None
-        self.device = device
+    def __init__(self, tokenizer: Tokenizer, model: Qwen2Model, device: torch.device):
+        self.tokenizer, self.model, self.device = tokenizer, model, device
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:

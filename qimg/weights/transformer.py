@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qimg.cache import fingerprint
 from qimg.errors import QimgError, QimgWarning, UsageError
 from qimg.model.quant import BLOCKS, FP8, PackedLinear, dequantize, packed_size, quantize_fp8
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.option_values import QUANTIZE
+from qimg.weights.fingerprint import fingerprint
 from qimg.weights.folders import check_keys, load_module
 from qimg.weights.single_file import Weight, folder_weights, open_weights
 

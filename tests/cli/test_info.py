@@ -5,9 +5,10 @@ import json
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from qimg.cache import array_hash, fingerprint
+from qimg.cache import array_hash
 from qimg.cli.app import run
 from qimg.masks import rect_mask
+from qimg.weights.fingerprint import fingerprint
 
 
 def qimg(capsys, *args):

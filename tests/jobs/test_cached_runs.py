@@ -34,17 +34,18 @@ def spy(monkeypatch):
         seen["loaded"].append((folder.name, only))
         return load_module(build, folder, *args, only=only)
 
-    class RecordingTextEncoder(qimg.engine.components.TextEncoder):
-        def __init__(self, *args):
-            seen["text_encoders"] += 1
-            super().__init__(*args)
+    load_text_encoder = qimg.engine.components.load_text_encoder
+
+    def recording_text_encoder(*args):
+        seen["text_encoders"] += 1
+        return load_text_encoder(*args)
 
     def recording_forward(self, x):
         seen["vae_encoder_runs"] += 1
         return encoder_forward(self, x)
 
     monkeypatch.setattr(qimg.engine.components, "load_module", recording_load)
-    monkeypatch.setattr(qimg.engine.components, "TextEncoder", RecordingTextEncoder)
+    monkeypatch.setattr(qimg.engine.components, "load_text_encoder", recording_text_encoder)
     monkeypatch.setattr(qimg.model.vae.Encoder, "forward", recording_forward)
     seen["vae_encoder_loaded"] = lambda: any(name == "vae" and "encoder." in only for name, only in seen["loaded"])
     return seen

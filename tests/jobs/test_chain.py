@@ -10,8 +10,9 @@ from PIL import Image
 from skimage import data
 from test_inpaint_outpaint import pixels, qimg
 
-from qimg.cache import array_hash, fingerprint
+from qimg.cache import array_hash
 from qimg.model.transformer import QwenImageTransformer
+from qimg.weights.fingerprint import fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from tiny_edit_checkpoint import reference_edit_pipeline, reference_processor
 
 from qimg.errors import QimgError, UsageError
 from qimg.model import instruct_text
-from qimg.model.instruct_text import DROP, InstructEncoder, prompt_text
+from qimg.model.instruct_text import DROP, prompt_text
+from qimg.weights.text_encoder import load_instruct_encoder
 
 CPU = torch.device("cpu")
 PROMPT = "把左边那只白色的cat改成黑色的"
@@ -28,8 +29,8 @@ def pictures(n):
 
 @pytest.fixture(scope="module")
 def encoders(tiny_edit_dir, tiny_plus_dir):
-    return {"edit": InstructEncoder(tiny_edit_dir, torch.float32, CPU, plus=False),
-            "plus": InstructEncoder(tiny_plus_dir, torch.float32, CPU, plus=True)}
+    return {"edit": load_instruct_encoder(tiny_edit_dir, torch.float32, CPU, plus=False),
+            "plus": load_instruct_encoder(tiny_plus_dir, torch.float32, CPU, plus=True)}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_missing_processor_is_one_line(tiny_plus_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_plus_dir, folder, ignore=shutil.ignore_patterns("processor"))
     with pytest.raises(UsageError) as e:
-        InstructEncoder(folder, torch.float32, CPU, plus=True)
+        load_instruct_encoder(folder, torch.float32, CPU, plus=True)
     assert "processor/preprocessor_config.json" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -141,7 +142,7 @@ def test_missing_vision_weights_is_one_line(tiny_plus_dir, tmp_path):
     file = folder / "text_encoder" / "model.safetensors"
     save_file({k: v for k, v in load_file(file).items() if not k.startswith("visual.")}, file)
     with pytest.raises(UsageError) as e:
-        InstructEncoder(folder, torch.float32, CPU, plus=True)
+        load_instruct_encoder(folder, torch.float32, CPU, plus=True)
     assert "has no vision tower weights" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -151,4 +152,4 @@ def test_mismatched_processor_is_one_line(tiny_plus_dir, tmp_path):
     config = folder / "processor" / "preprocessor_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"patch_size": 16}))
     with pytest.raises(QimgError, match="patches of another size"):
-        InstructEncoder(folder, torch.float32, CPU, plus=True)
+        load_instruct_encoder(folder, torch.float32, CPU, plus=True)

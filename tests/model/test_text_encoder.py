@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qimg.model.qwen2 import Qwen2Config, Qwen2Model, rope_table
-from qimg.model.text import DROP, MAX_TOKENS, TEMPLATE, TextEncoder
-from qimg.model.tokenizer import Tokenizer
+from qimg.model.text import DROP, MAX_TOKENS, TEMPLATE
+from qimg.weights.text_encoder import load_text_encoder
+from qimg.weights.tokenizer import read_tokenizer
 
 PROMPTS = [
     "a red circle on a blue background",
@@ -59,7 +60,7 @@ def reference_ids(tokenizer, texts, max_length=MAX_TOKENS + DROP):
 
 @pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
 def test_token_ids_match_transformers(tiny_model_dir, vocab_folder, reference, layout):
-    ours = Tokenizer(tiny_model_dir / "tokenizer" if layout == "tokenizer.json" else vocab_folder)
+    ours = read_tokenizer(tiny_model_dir / "tokenizer" if layout == "tokenizer.json" else vocab_folder)
     texts = [TEMPLATE.format(p) for p in PROMPTS + [LONG]]
     for batch in [texts[:1], texts[1:2], texts]:  # alone, and right-padded to the longest
         ids, mask = ours(batch, MAX_TOKENS + DROP)
@@ -78,7 +79,7 @@ def test_vocab_layout_refuses_out_of_order_added_tokens(vocab_folder, tmp_path):
     config["added_tokens_decoder"][str(int(first) + 100)] = config["added_tokens_decoder"].pop(first)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(QimgError, match="should have id"):
-        Tokenizer(tmp_path)
+        read_tokenizer(tmp_path)
 
 
 def test_text_only_mrope_is_plain_rope(reference):
@@ -98,7 +99,7 @@ def test_text_only_mrope_is_plain_rope(reference):
 
 def test_hidden_states_match_transformers_padded_and_truncated(tiny_model_dir, reference):
     tokenizer, model = reference
-    encoder = TextEncoder(tiny_model_dir, torch.float32, torch.device("cpu"))
+    encoder = load_text_encoder(tiny_model_dir, torch.float32, torch.device("cpu"))
     texts = [TEMPLATE.format(p) for p in PROMPTS + [LONG]]
     ids, mask = reference_ids(tokenizer, texts)
     assert (mask == 0).any() and mask.shape[1] == MAX_TOKENS + DROP  # padding and truncation both exercised
@@ -120,8 +121,8 @@ def test_both_checkpoint_key_layouts_load_and_skip_vision_and_head(tiny_model_di
                for k, v in state.items()}
     save_file(renamed, file)
     prompt = [PROMPTS[2]]
-    new = TextEncoder(tmp_path / "m", torch.float32, torch.device("cpu")).encode(prompt)[0]
-    old = TextEncoder(tiny_model_dir, torch.float32, torch.device("cpu")).encode(prompt)[0]
+    new = load_text_encoder(tmp_path / "m", torch.float32, torch.device("cpu")).encode(prompt)[0]
+    old = load_text_encoder(tiny_model_dir, torch.float32, torch.device("cpu")).encode(prompt)[0]
     assert torch.equal(new, old)
     assert not any("visual" in k or "lm_head" in k for k in Qwen2Model(Qwen2Config.tiny()).state_dict())
 

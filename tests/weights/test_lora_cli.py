@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qimg.cache import fingerprint
 from qimg.cli.app import run
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.sampling import ScheduleConfig, flow_sigmas, shifted
 from qimg.weights.adapters import targets
+from qimg.weights.fingerprint import fingerprint
 
 # Qwen-Image-Lightning's scheduler (ModelTC generate_with_diffusers.py), as users pass it to diffusers
 LIGHTNING = {"base_image_seq_len": 256, "base_shift": 1.0986122886681098, "invert_sigmas": False,

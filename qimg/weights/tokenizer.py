@@ -1,0 +1,71 @@
+"""Read a tokenizer folder into Qwen2's tokenizer (model/tokenizer.py), built with the `tokenizers` library
+directly.
+
+A `tokenizer/` folder holds either a `tokenizer.json` (the whole pipeline, as transformers >= 5 saves
+it) or, like Qwen/Qwen-Image, `vocab.json` + `merges.txt` + `tokenizer_config.json`: for those we build
+the same pipeline transformers' Qwen2Tokenizer builds (NFC, Qwen2's split regex, byte-level BPE) and
+add the special tokens the config lists, at the ids it gives them.
+"""
+
+from pathlib import Path
+
+from qimg.errors import QimgError
+from qimg.model.tokenizer import PAD, SPLIT_REGEX, Tokenizer
+from qimg.weights.folders import read_json_object
+
+
+def read_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer a folder's files describe; a QimgError naming the file when they are missing or wrong."""
+    config = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    bpe = _from_tokenizer_json(folder) if (folder / "tokenizer.json").is_file() else _from_vocab(folder, config)
+    pad = config.get("pad_token") or PAD
+    pad = pad["content"] if isinstance(pad, dict) else pad
+    pad_id = bpe.token_to_id(pad)
+    if pad_id is None:
+        raise QimgError(f"{folder}: the pad token {pad!r} is not in the vocabulary")
+    return Tokenizer(bpe, pad_id)
+
+
+def _from_tokenizer_json(folder: Path):
+    from tokenizers import Tokenizer as Pipeline
+
+    try:
+        bpe = Pipeline.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise QimgError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+    bpe.no_truncation()  # we cut and pad ourselves, exactly as the reference pipeline asks
+    bpe.no_padding()
+    return bpe
+
+
+def _from_vocab(folder: Path, config: dict):
+    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Pipeline
+    from tokenizers.models import BPE
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not vocab.is_file() or not merges.is_file():
+        raise QimgError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: the model folder is incomplete")
+    bpe = Pipeline(BPE.from_file(str(vocab), str(merges), unk_token=None, continuing_subword_prefix="",
+                                 end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    for token_id, (content, special) in sorted(_added_tokens(folder, config).items()):
+        token = AddedToken(content, special=special, normalized=False)
+        (bpe.add_special_tokens if special else bpe.add_tokens)([token])
+        if bpe.token_to_id(content) != token_id:  # added tokens take the next free id: they must come in order
+            raise QimgError(f"{folder}: added token {content!r} should have id {token_id}, not {bpe.token_to_id(content)}")
+    return bpe
+
+
+def _added_tokens(folder: Path, config: dict) -> dict[int, tuple[str, bool]]:
+    """{id: (content, special)} from tokenizer_config.json's added_tokens_decoder, else added_tokens.json."""
+    if "added_tokens_decoder" in config:
+        return {int(i): (t["content"], t.get("special", True)) for i, t in config["added_tokens_decoder"].items()}
+    if (folder / "added_tokens.json").is_file():
+        return {i: (content, True) for content, i in read_json_object(folder / "added_tokens.json").items()}
+    raise QimgError(f"{folder}: tokenizer_config.json lists no added tokens (<|im_start|> ...) and added_tokens.json is missing")
