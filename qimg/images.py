@@ -1,5 +1,6 @@
-"""Image files: reading any input Pillow knows as plain pixels, checking an output can be written (and clobbers
-nothing), atomic saves. What outputs are called is jobs/names.py's."""
+"""Image files: reading any input Pillow knows as plain pixels (and a mask file, or an input's transparency, as
+mask values), checking an output can be written (and clobbers nothing), atomic saves. What outputs are called
+is jobs/names.py's."""
 
 import errno
 import os
@@ -14,12 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from qimg.errors import OutputExists, QimgError, QimgWarning, UsageError
+from qimg.option_values import MAX_INPUT_PIXELS, check_pixels
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-# Inputs larger than this are refused from their header, before a byte is decoded (a decompression bomb
-# is a small file claiming a huge size). 128 MP covers 100 MP medium-format photos; the masks and the
-# compositing of such an image take ~50 bytes a pixel.
-MAX_INPUT_PIXELS = 128_000_000
 PREVIEW_CHUNK = "qimg-preview"  # the PNG text chunk marking a --preview file: "step/steps", or "result"
 TEMP_PREFIX = ".qimg-"  # temporary outputs: `.qimg-<name>.<pid>-<random>.tmp` beside the final file
 STALE_TEMP_SECONDS = 15 * 60  # a temp file this old is stale even if its pid is alive (a reused pid)
@@ -92,14 +90,6 @@ def _rounded_16_bit(img: Image.Image, path: Path) -> Image.Image:
     return rounded
 
 
-def check_pixels(size: tuple[int, int], what: str, fix: str = "downscale it first") -> None:
-    """Refuse an image (or a canvas about to be made) over MAX_INPUT_PIXELS, naming its size."""
-    width, height = size
-    if width * height > MAX_INPUT_PIXELS:
-        raise UsageError(f"{what} is {width}x{height} = {width * height / 1e6:,.0f} megapixels; qimg works on "
-                         f"images up to {MAX_INPUT_PIXELS / 1e6:.0f} megapixels ({fix})")
-
-
 def grey_fraction(img: Image.Image) -> np.ndarray | None:
     """A high-depth greyscale image as float32 (H, W) in [0, 1], or None for any other mode (8-bit modes
     convert exactly with Pillow; these do not: Pillow clips 16-bit values to 255)."""
@@ -124,6 +114,38 @@ def load_image(path: Path) -> tuple[np.ndarray, Image.Image]:
     except ValueError:
         raise UsageError(f"image {path} has colour mode {upright.mode}, which qimg cannot convert; "
                          "save it as RGB") from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file's values, float32 (H, W) in [0, 1]: white regenerates, black keeps, grey blends.
+
+    A mask with real transparency uses its alpha instead, transparent = regenerate (OpenAI's image-edit
+    convention); an alpha channel that is opaque everywhere is ignored, because people save black-and-white
+    masks as RGBA. The EXIF orientation is applied, as it must be for the image, so both are compared upright.
+    """
+    img = read_image(path, "mask")
+    alpha = _alpha(img)
+    if alpha is not None and alpha.min() < 255:
+        return 1 - alpha.astype(np.float32) / 255
+    grey = grey_fraction(img)
+    if grey is not None:
+        return grey
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255  # Pillow's luma: ITU-R 601
+
+
+def alpha_mask(image: Image.Image) -> np.ndarray | None:
+    """For an input image with transparent pixels, the mask 1 - alpha (transparent = regenerate); else None."""
+    alpha = _alpha(image)
+    if alpha is None or alpha.min() == 255:
+        return None
+    return 1 - alpha.astype(np.float32) / 255
+
+
+def _alpha(img: Image.Image) -> np.ndarray | None:
+    """The alpha channel as uint8 (H, W), or None when the image has none (palette transparency counts)."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        return np.asarray(img.convert("RGBA").getchannel("A"))
+    return None
 
 
 def check_output(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (),

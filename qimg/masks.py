@@ -1,68 +1,27 @@
-"""Masks: where to regenerate. Loading, rectangles, grow/feather, latent grids, outpaint canvases, compositing.
+"""Masks: where to regenerate. Rectangles, resizing, grow/feather, latent grids, outpaint margins and canvases,
+crop boxes, compositing.
 
 A mask is a float32 array (H, W) in [0, 1]: 1 = regenerate, 0 = keep, in between = blend. Images are uint8
-arrays (H, W, C). Everything here is a pure numpy/Pillow function, so it is cheap to test and runs before
-any model loads: a bad mask file or rectangle fails in milliseconds.
+arrays (H, W, C). Everything here is a pure numpy/Pillow function on arrays and numbers, reading no file, so it
+is cheap to test and runs before any model loads: a bad rectangle or margin fails in milliseconds. Mask files
+and an input's transparency are read by images.py (read_mask, alpha_mask) and checked against their image by
+jobs/edit_inputs.py (load_mask).
 """
 
 import math
 import re
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from qimg import option_values
 from qimg.errors import UsageError
-from qimg.images import check_pixels, grey_fraction, read_image
 
 Mask = np.ndarray  # (H, W) float32 in [0, 1]
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
 
-# --- Loading ---------------------------------------------------------------------------------------------
-
-
-def load_mask(path: str | Path, size: tuple[int, int], resize: bool = False) -> Mask:
-    """Read a mask file for an image of `size` (W, H). White regenerates, black keeps, grey blends.
-
-    A mask with real transparency uses its alpha instead, transparent = regenerate (OpenAI's image-edit
-    convention); an alpha channel that is opaque everywhere is ignored, because people save black-and-white
-    masks as RGBA. The EXIF orientation is applied, as it must be for the image, so both are compared upright.
-    A mask of another size is an error unless `resize`, which stretches it bilinearly to the image.
-    """
-    m = _mask_values(read_image(path, "mask"))
-    (w, h), (width, height) = (m.shape[1], m.shape[0]), size
-    if (w, h) == (width, height):
-        return m
-    if not resize:
-        raise UsageError(f"mask {path} is {w}x{h} but the image is {width}x{height}; pass --mask-resize to scale it")
-    return resize_mask(m, size)
-
-
-def alpha_mask(image: Image.Image) -> Mask | None:
-    """For an input image with transparent pixels, the mask 1 - alpha (transparent = regenerate); else None."""
-    alpha = _alpha(image)
-    if alpha is None or alpha.min() == 255:
-        return None
-    return 1 - alpha.astype(np.float32) / 255
-
-
-def _mask_values(img: Image.Image) -> Mask:
-    alpha = _alpha(img)
-    if alpha is not None and alpha.min() < 255:
-        return 1 - alpha.astype(np.float32) / 255
-    grey = grey_fraction(img)
-    if grey is not None:
-        return grey
-    return np.asarray(img.convert("L"), dtype=np.float32) / 255  # Pillow's luma: ITU-R 601
-
-
-def _alpha(img: Image.Image) -> np.ndarray | None:
-    """The alpha channel as uint8 (H, W), or None when the image has none (palette transparency counts)."""
-    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
-        return np.asarray(img.convert("RGBA").getchannel("A"))
-    return None
+# --- Resizing --------------------------------------------------------------------------------------------
 
 
 def resize_mask(m: Mask, size: tuple[int, int]) -> Mask:
@@ -252,7 +211,7 @@ def outpaint_margins(
 
     `expand` adds to every side the image is not anchored to (anchor "left" keeps the left edge); `to` grows
     the canvas to (W, H), splitting the extra by the anchor (centre: halves, the odd pixel right/bottom).
-    Explicit sides add to expand; `to` stands alone.
+    Explicit sides add to expand; `to` stands alone. A canvas over option_values.MAX_INPUT_PIXELS is refused.
     """
     if anchor not in ANCHORS:
         raise UsageError(f"--anchor {anchor!r}: expected one of {', '.join(ANCHORS)}")
@@ -278,7 +237,8 @@ def outpaint_margins(
         raise UsageError(
             "nothing to outpaint: give --left/--right/--top/--bottom, --expand, or a --to larger than the image"
         )
-    check_pixels((width + margins[0] + margins[1], height + margins[2] + margins[3]), "the outpainted canvas", "add fewer pixels")
+    option_values.check_pixels((width + margins[0] + margins[1], height + margins[2] + margins[3]),
+                               "the outpainted canvas", "add fewer pixels")
     return margins
 
 

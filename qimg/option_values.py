@@ -1,6 +1,7 @@
 """The values qimg's options take, each declared once: every fixed choice list as one tuple (the CLI's `Literal`
 types are built from them, and the engine, weights and masks check or use the same tuple), the
-defaults more than one layer states, and the WIDTHxHEIGHT parser of --size, --to and prompts files' sizes.
+defaults more than one layer states, the WIDTHxHEIGHT parser of --size, --to and prompts files' sizes, and the
+largest image qimg works on (inputs, --size and an outpainted canvas are checked against it).
 
 It imports nothing heavy (no torch, numpy or PIL): the CLI reads it while `qimg --help` stays instant."""
 
@@ -36,3 +37,19 @@ def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[i
         if v <= 0 or v % multiple:
             raise UsageError(f"{option} {text}: {name} {v} must be a positive multiple of {multiple}")
     return w, h
+
+
+# --- Limits --------------------------------------------------------------------------------------------------
+
+# Inputs larger than this are refused from their header, before a byte is decoded (a decompression bomb
+# is a small file claiming a huge size). 128 MP covers 100 MP medium-format photos; the masks and the
+# compositing of such an image take ~50 bytes a pixel.
+MAX_INPUT_PIXELS = 128_000_000
+
+
+def check_pixels(size: tuple[int, int], what: str, fix: str = "downscale it first") -> None:
+    """Refuse an image (or a canvas about to be made) over MAX_INPUT_PIXELS, naming its size."""
+    width, height = size
+    if width * height > MAX_INPUT_PIXELS:
+        raise UsageError(f"{what} is {width}x{height} = {width * height / 1e6:,.0f} megapixels; qimg works on "
+                         f"images up to {MAX_INPUT_PIXELS / 1e6:.0f} megapixels ({fix})")

@@ -1,4 +1,5 @@
-"""Masks: property tests for the math, example tests for every file convention and every bad input."""
+"""Masks: property tests for the math, example tests for every mask file convention (read by images.read_mask,
+matched to the image by jobs/edit_inputs.load_mask) and every bad input."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from PIL import Image
 
 from qimg import masks
 from qimg.errors import UsageError
+from qimg.images import alpha_mask
+from qimg.jobs.edit_inputs import load_mask
 
 fast = settings(max_examples=50, deadline=None)
 
@@ -284,14 +287,14 @@ def save(tmp_path, image, name="m.png", **kw):
 
 
 def test_load_greyscale(tmp_path):
-    m = masks.load_mask(save(tmp_path, Image.fromarray(GREY)), (4, 1))
+    m = load_mask(save(tmp_path, Image.fromarray(GREY)), (4, 1))
     assert m.dtype == np.float32
     np.testing.assert_allclose(m, GREY / 255, atol=1e-7)
 
 
 def test_load_rgb_uses_luminance(tmp_path):
     rgb = np.array([[[255, 255, 255], [0, 0, 0], [255, 0, 0], [0, 255, 0]]], np.uint8)
-    m = masks.load_mask(save(tmp_path, Image.fromarray(rgb)), (4, 1))
+    m = load_mask(save(tmp_path, Image.fromarray(rgb)), (4, 1))
     np.testing.assert_allclose(m, [[1, 0, 0.299, 0.587]], atol=1 / 255)
 
 
@@ -299,46 +302,46 @@ def test_load_rgba_with_transparency_uses_alpha(tmp_path):
     rgba = np.zeros((1, 4, 4), np.uint8)
     rgba[..., :3] = 255  # white everywhere: luminance would say "regenerate all"
     rgba[..., 3] = [0, 128, 255, 255]
-    m = masks.load_mask(save(tmp_path, Image.fromarray(rgba)), (4, 1))
+    m = load_mask(save(tmp_path, Image.fromarray(rgba)), (4, 1))
     np.testing.assert_allclose(m, [[1, 127 / 255, 0, 0]], atol=1e-6)
 
 
 def test_load_opaque_rgba_uses_luminance(tmp_path):
     rgba = np.full((1, 4, 4), 255, np.uint8)
     rgba[0, :, :3] = GREY[0, :, None]
-    m = masks.load_mask(save(tmp_path, Image.fromarray(rgba)), (4, 1))
+    m = load_mask(save(tmp_path, Image.fromarray(rgba)), (4, 1))
     np.testing.assert_allclose(m, GREY / 255, atol=1e-7)
 
 
 def test_load_la_with_transparency_uses_alpha(tmp_path):
     la = np.stack([np.full((1, 4), 255, np.uint8), np.array([[255, 0, 255, 0]], np.uint8)], axis=-1)
-    m = masks.load_mask(save(tmp_path, Image.fromarray(la, "LA")), (4, 1))
+    m = load_mask(save(tmp_path, Image.fromarray(la, "LA")), (4, 1))
     np.testing.assert_array_equal(m, [[0, 1, 0, 1]])
 
 
 def test_load_palette_with_transparent_index(tmp_path):
     p = Image.fromarray(np.array([[0, 1, 1, 0]], np.uint8), "P")
     p.putpalette([0, 0, 0, 255, 255, 255])
-    m = masks.load_mask(save(tmp_path, p, transparency=1), (4, 1))
+    m = load_mask(save(tmp_path, p, transparency=1), (4, 1))
     np.testing.assert_array_equal(m, [[0, 1, 1, 0]])  # index 1 is transparent: regenerate
 
 
 def test_load_palette_without_transparency_uses_luminance(tmp_path):
     p = Image.fromarray(np.array([[0, 1, 1, 0]], np.uint8), "P")
     p.putpalette([0, 0, 0, 255, 255, 255])
-    np.testing.assert_array_equal(masks.load_mask(save(tmp_path, p), (4, 1)), [[0, 1, 1, 0]])
+    np.testing.assert_array_equal(load_mask(save(tmp_path, p), (4, 1)), [[0, 1, 1, 0]])
 
 
 def test_load_16_bit_greyscale(tmp_path):
     a = np.array([[0, 16384, 32768, 65535]], np.uint16)
-    m = masks.load_mask(save(tmp_path, Image.fromarray(a)), (4, 1))
+    m = load_mask(save(tmp_path, Image.fromarray(a)), (4, 1))
     np.testing.assert_allclose(m, a / 65535, atol=1e-6)
 
 
 def test_load_jpeg(tmp_path):
     a = np.zeros((16, 16), np.uint8)
     a[:, 8:] = 255
-    m = masks.load_mask(save(tmp_path, Image.fromarray(a), "m.jpg", quality=95), (16, 16))
+    m = load_mask(save(tmp_path, Image.fromarray(a), "m.jpg", quality=95), (16, 16))
     assert (m[:, :6] < 0.05).all() and (m[:, 10:] > 0.95).all()
 
 
@@ -348,38 +351,38 @@ def test_load_applies_exif_orientation(tmp_path):
     img = Image.fromarray(a)
     exif = img.getexif()
     exif[0x0112] = 6  # stored rotated: display is 90 degrees clockwise, so 2x4 on disk is 4 tall on screen
-    m = masks.load_mask(save(tmp_path, img, "m.jpg", exif=exif, quality=100), (2, 4))
+    m = load_mask(save(tmp_path, img, "m.jpg", exif=exif, quality=100), (2, 4))
     assert m.shape == (4, 2) and m[0, 1] > 0.5
 
 
 def test_size_mismatch_names_both_sizes(tmp_path):
     path = save(tmp_path, Image.new("L", (100, 80), 255))
     with pytest.raises(UsageError) as e:
-        masks.load_mask(path, (120, 90))
+        load_mask(path, (120, 90))
     assert str(e.value) == f"mask {path} is 100x80 but the image is 120x90; pass --mask-resize to scale it"
-    m = masks.load_mask(path, (120, 90), resize=True)
+    m = load_mask(path, (120, 90), resize=True)
     assert m.shape == (90, 120) and (m == 1).all()
 
 
 def test_unreadable_masks_name_the_file(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        masks.load_mask(tmp_path / "missing.png", (4, 4))
+        load_mask(tmp_path / "missing.png", (4, 4))
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     with pytest.raises(UsageError, match=f"mask {text} is not an image"):
-        masks.load_mask(text, (4, 4))
+        load_mask(text, (4, 4))
     broken = save(tmp_path, Image.new("L", (64, 64)), "broken.png")
     broken.write_bytes(broken.read_bytes()[:60])
     with pytest.raises(UsageError, match="broken.png"):
-        masks.load_mask(broken, (64, 64))
+        load_mask(broken, (64, 64))
 
 
 def test_alpha_mask_of_an_input_image():
-    assert masks.alpha_mask(Image.new("RGB", (3, 2))) is None
-    assert masks.alpha_mask(Image.new("RGBA", (3, 2), (1, 2, 3, 255))) is None
+    assert alpha_mask(Image.new("RGB", (3, 2))) is None
+    assert alpha_mask(Image.new("RGBA", (3, 2), (1, 2, 3, 255))) is None
     rgba = np.full((2, 3, 4), 255, np.uint8)
     rgba[1, 2, 3] = 0
-    m = masks.alpha_mask(Image.fromarray(rgba))
+    m = alpha_mask(Image.fromarray(rgba))
     assert m.shape == (2, 3) and m[1, 2] == 1 and m.sum() == 1
 
 

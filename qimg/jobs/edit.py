@@ -190,7 +190,8 @@ def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int
 def instruct_pictures(job: Edit, folder: Path) -> tuple:
     """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
     from qimg.engine.instruct import check_model
-    from qimg.images import check_pixels, load_image
+    from qimg.images import load_image
+    from qimg.option_values import check_pixels
 
     if not job.prompt.prompt.strip():
         raise UsageError("--prompt is empty: say what to change, e.g. -p 'replace the sky with a sunset'")

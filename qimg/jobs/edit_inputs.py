@@ -1,5 +1,6 @@
 """From an edit's options to what the engine takes: the canvas and mask of an inpaint or outpaint, checked
-before any model loads. Shared by single edits, batches and chains."""
+before any model loads (mask files read and matched to their image here). Shared by single edits, batches and
+chains."""
 
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 
 from qimg import masks
 from qimg.errors import UsageError
+from qimg.images import alpha_mask, load_image, read_mask
 
 
 def check_strength(strength: float) -> None:
@@ -14,15 +16,27 @@ def check_strength(strength: float) -> None:
         raise UsageError(f"--strength {strength}: must be above 0 (1 regenerates from scratch)")
 
 
+def load_mask(path: str | Path, size: tuple[int, int], resize: bool = False) -> masks.Mask:
+    """A mask file (images.read_mask) for an image of `size` (W, H). A mask of another size is an error unless
+    `resize`, which stretches it bilinearly to the image."""
+    m = read_mask(path)
+    (w, h), (width, height) = (m.shape[1], m.shape[0]), size
+    if (w, h) == (width, height):
+        return m
+    if not resize:
+        raise UsageError(f"mask {path} is {w}x{h} but the image is {width}x{height}; pass --mask-resize to scale it")
+    return masks.resize_mask(m, size)
+
+
 def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, invert_mask, grow, feather):
     """The final inpaint mask on an image of size (W, H) from the options: --mask and --rect (union), else the
     input's transparency (`picture`, None when there is none to use); then invert, grow, feather."""
     width, height = size
-    parts = [masks.load_mask(mask, (width, height), mask_resize)] if mask else []
+    parts = [load_mask(mask, (width, height), mask_resize)] if mask else []
     if rect:
         parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
     if not parts:
-        alpha = masks.alpha_mask(picture) if picture is not None else None
+        alpha = alpha_mask(picture) if picture is not None else None
         if alpha is None:
             raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
         parts.append(alpha)
@@ -35,8 +49,6 @@ def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, inve
 
 def prepare(image: Path, build_mask):
     """Read an input and build its (canvas, mask): every problem with the file shows here, before the model."""
-    from qimg.images import load_image
-
     pixels, picture = load_image(image)
     canvas, mask = build_mask(image, pixels, picture)
     if mask is not None:  # None: an instruction edit of the whole picture
