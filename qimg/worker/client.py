@@ -1,9 +1,10 @@
 """The light side of the worker: decide whether a command goes to a worker, start one, submit a job and
-relay its exit code. Imports only the standard library (no torch, numpy, PIL or typer), so a submitted job
-costs a bare Python start-up."""
+relay its exit code. A job is sent as its argv with this process's standard streams (their file descriptors),
+working directory, environment and umask (protocol.job_message); the worker re-runs the command line on them,
+so no job classes cross the socket. Imports only the standard library (no torch, numpy, PIL or typer), so a
+submitted job costs a bare Python start-up."""
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 
 from qimg.errors import STOPS, say
 from qimg.worker import paths
+from qimg.worker.protocol import Messages, job_message, send
 
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain")  # the others are quick in-process
 SPREADING = ("--shard", "--ray")  # runs that divide a batch between processes: each runs its part itself, never
@@ -26,34 +28,6 @@ READY_TIMEOUT = 120.0  # seconds a starting worker may take to import torch and 
 
 class WorkerError(Exception):
     """The worker could not be started or asked; the message is one line for the user."""
-
-
-def send(sock: socket.socket, message: dict, fds=()) -> None:
-    """One message: a JSON line; `fds` (file descriptors) travel with its first bytes (SCM_RIGHTS)."""
-    data = (json.dumps(message) + "\n").encode()
-    sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
-    sock.sendall(data[sent:])
-
-
-class Messages:
-    """The JSON lines arriving on a socket, and the file descriptors that came with them."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buffer, self.fds = sock, b"", []
-
-    def next(self) -> dict | None:
-        """The next message, or None when the other side closed (or vanished)."""
-        while b"\n" not in self.buffer:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 3)
-            except (ConnectionResetError, BrokenPipeError):
-                return None
-            self.fds += fds
-            if not data:
-                return None
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
 
 
 def command_of(argv: list[str]) -> str | None:
@@ -148,22 +122,6 @@ def maybe_submit(argv: list[str]) -> int | None:
         return None
     with sock:
         return submit(sock, argv)
-
-
-def job_message(argv: list[str]) -> dict | None:
-    """What the worker needs to run the job as this process would: None when it cannot (a closed standard
-    stream, a working directory that is gone), and the job runs in-process."""
-    try:
-        cwd = os.getcwd()
-        for fd in (0, 1, 2):
-            os.fstat(fd)
-    except OSError:
-        return None
-    umask = os.umask(0)
-    os.umask(umask)
-    streams = [dict(encoding=getattr(s, "encoding", None) or "utf-8", errors=getattr(s, "errors", None) or "strict")
-               for s in (sys.stdin, sys.stdout, sys.stderr)]
-    return dict(op="run", argv=argv, cwd=cwd, env=dict(os.environ), umask=umask, streams=streams)
 
 
 def submit(sock: socket.socket, argv: list[str]) -> int | None:

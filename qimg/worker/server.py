@@ -1,7 +1,9 @@
 """The worker process: `python -m qimg.worker.server --socket PATH --idle SECONDS` (started by
 `qimg worker start` or QIMG_WORKER=auto). An acceptor thread takes connections from this user only and
-queues jobs; the main thread runs them one at a time, in arrival order, each with its client's standard
-streams, working directory, environment and umask, through `qimg.cli.app.run`, the in-process runner."""
+queues jobs; the main thread runs them one at a time, in arrival order. A job is a client's argv and its
+standard streams' file descriptors (protocol.py): the server re-runs the command line on them, with the
+client's working directory, environment and umask, through `qimg.cli.app.run` as `qimg` would in-process
+(qimg.cli.in_worker, which also keeps the engine between jobs). No job classes cross the socket."""
 
 import argparse
 import collections
@@ -16,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qimg.cli import in_worker
 from qimg.errors import STOPS, say
-from qimg.jobs import kept_engine
 from qimg.worker import paths
-from qimg.worker.client import Messages, send
+from qimg.worker.protocol import Messages, send, well_formed
 
 HOME = "/"  # the worker's working directory between jobs
 
@@ -193,7 +195,7 @@ class Worker:
     def status(self) -> dict:
         with self.cond:
             return dict(pid=os.getpid(), uptime=round(time.time() - self.born, 1), jobs_run=self.jobs_run,
-                        busy=self.current is not None, queued=len(self.jobs), loaded=kept_engine.summary(),
+                        busy=self.current is not None, queued=len(self.jobs), loaded=in_worker.loaded(),
                         memory=resident_bytes(), idle_exit=self.idle, socket=str(self.path),
                         log=str(self.log.path), python=sys.executable)
 
@@ -248,13 +250,6 @@ def send_quietly(conn: socket.socket, message: dict) -> None:
         send(conn, message)
     except OSError:
         pass  # the client went away; its reader thread cancels the job
-
-
-def well_formed(message: dict) -> bool:
-    types = dict(argv=list, cwd=str, env=dict, umask=int, streams=list)
-    return all(isinstance(message.get(k), t) for k, t in types.items()) and len(message["streams"]) == 3 and all(
-        isinstance(s, dict) and isinstance(s.get("encoding"), str) and isinstance(s.get("errors"), str)
-        for s in message["streams"]) and all(isinstance(a, str) for a in message["argv"])
 
 
 def close_all(fds) -> None:
@@ -314,7 +309,6 @@ def run_job(job: Job) -> int:
 
 
 def run_cancellable(job: Job) -> int:
-    from qimg.cli.app import run
     from qimg.errors import Interrupted, say, signals_raise
 
     code = None
@@ -323,7 +317,7 @@ def run_cancellable(job: Job) -> int:
             try:
                 if job.cancelled is not None:
                     raise Interrupted(job.cancelled)
-                code = run(job.message["argv"])
+                code = in_worker.run(job.message["argv"])
             except Interrupted as e:
                 if code is None:
                     say(e.message())
@@ -352,10 +346,7 @@ def main() -> None:
     args = p.parse_args()
     log = Log(paths.log_path())
     threading.excepthook = lambda a: log(f"thread {a.thread.name}: {a.exc_type.__name__}: {a.exc_value}")
-    import qimg.cli.app  # noqa: F401  (with torch and the model code: the first job should not pay for them)
-    import qimg.engine.engine  # noqa: F401
-
-    kept_engine.enabled = True
+    in_worker.prepare()
     # Outside a job's run the worker's own handler takes the stopping signals (Worker.signalled). Not SIG_IGN:
     # a job's run keeps ignored signals ignored, and cancelling it is a signal sent to this thread.
     os.chdir(HOME)  # not the folder it was started from, which may be deleted

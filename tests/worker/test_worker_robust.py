@@ -11,7 +11,7 @@ import time
 import pytest
 from worker_helpers import FAST, qimg, start, status, stop, worker_env
 
-from qimg.worker.client import Messages, job_message, send
+from qimg.worker.protocol import Messages, job_message, send
 
 
 @pytest.fixture(scope="module")
