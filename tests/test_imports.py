@@ -1,5 +1,22 @@
-"""The layers stay layered: only the entry points import the command line, and no qimg module takes part in an
-import circle (lazy imports inside functions count too: a circle broken only by import order is still one)."""
+"""The layers stay layered: every import (lazy ones inside functions too) goes down the layers below, and no
+qimg module takes part in an import circle (a circle broken only by import order is still one).
+
+    layer (modules)                      may import (besides itself)
+    entry (qimg.__main__)                cli
+    cli (qimg.cli.*, cli.main included)  jobs, engine, sampling, masks, weights, model, worker, basics
+    jobs                                 engine, sampling, masks, weights, model, basics
+    engine                               sampling, masks, weights, model, basics
+    sampling, masks                      basics
+    weights                              model, basics
+    model                                basics
+    basics (qimg, errors, small_files,   basics: usable from anywhere, they import only each other
+            images, cache)
+    worker                               qimg, errors, small_files; qimg.worker.server also cli
+    train (a separate tool)              engine, model, weights, sampling, basics; nothing imports it
+
+So only the CLI, the worker's server and qimg.__main__ import the CLI, nothing below the CLI imports the worker,
+and model code imports neither the weights nor the engine.
+"""
 
 import ast
 from pathlib import Path
@@ -7,7 +24,22 @@ from pathlib import Path
 import qimg
 
 PACKAGE = Path(qimg.__file__).resolve().parent
-ENTRY_POINTS = {"qimg.cli.main", "qimg.__main__", "qimg.worker.server"}  # they start the program: cli is theirs to run
+BASICS = {"qimg", "qimg.errors", "qimg.small_files", "qimg.images", "qimg.cache"}  # "qimg": its __version__
+MAY_IMPORT = {
+    "entry": {"cli"},
+    "cli": {"jobs", "engine", "sampling", "masks", "weights", "model", "worker", "basics"},
+    "jobs": {"engine", "sampling", "masks", "weights", "model", "basics"},
+    "engine": {"sampling", "masks", "weights", "model", "basics"},
+    "sampling": {"basics"},
+    "masks": {"basics"},
+    "weights": {"model", "basics"},
+    "model": {"basics"},
+    "basics": set(),
+    "worker": set(),  # only the modules below: the client must stay light, the server runs the CLI
+    "train": {"engine", "model", "weights", "sampling", "basics"},
+}
+WORKER_MAY_IMPORT = {"qimg", "qimg.errors", "qimg.small_files"}
+WORKER_SERVER = "qimg.worker.server"
 
 
 def module_name(path: Path) -> str:
@@ -45,9 +77,36 @@ def graph() -> dict[str, set[str]]:
     return {name: imports_of(name, path, known) for name, path in found.items()}
 
 
-def test_only_entry_points_import_the_cli():
-    importers = sorted(name for name, deps in graph().items() if "qimg.cli.app" in deps and name not in ENTRY_POINTS)
-    assert importers == []
+def layer(name: str) -> str:
+    """The layer of a qimg module: basics, entry, or its package (cli, jobs, engine, ...) or flat module."""
+    if name in BASICS:
+        return "basics"
+    return "entry" if name == "qimg.__main__" else name.split(".")[1]
+
+
+def allowed(importer: str, imported: str) -> bool:
+    ours, theirs = layer(importer), layer(imported)
+    if ours == "worker":
+        return theirs == "worker" or imported in WORKER_MAY_IMPORT or (importer == WORKER_SERVER and theirs == "cli")
+    return theirs == ours or theirs in MAY_IMPORT[ours]
+
+
+def test_the_layering_rules_say_what_they_mean():
+    # The check below passes trivially if the rules allow everything: a few imports each way.
+    assert allowed("qimg.engine.components", "qimg.weights.folders") and allowed("qimg.weights.lora", "qimg.errors")
+    assert not allowed("qimg.model.text", "qimg.weights.folders") and not allowed("qimg.images", "qimg.masks")
+    assert not allowed("qimg.jobs.chain_steps", "qimg.cli.presets") and not allowed("qimg.jobs.common", "qimg.worker")
+    assert allowed("qimg.worker.server", "qimg.cli.app") and not allowed("qimg.worker.client", "qimg.cli.app")
+    assert not allowed("qimg.worker.server", "qimg.jobs.kept_engine") and not allowed("qimg.engine.engine", "qimg.train")
+
+
+def test_imports_go_down_the_layers():
+    edges = graph()
+    unknown = sorted({layer(name) for name in edges} - MAY_IMPORT.keys())
+    assert unknown == [], f"modules of no layer (add them to MAY_IMPORT): {unknown}"
+    offending = [f"{name} -> {dep}" for name, deps in sorted(edges.items()) for dep in sorted(deps)
+                 if not allowed(name, dep)]
+    assert offending == [], "imports against the layering:\n" + "\n".join(offending)
 
 
 def test_no_import_circles():
