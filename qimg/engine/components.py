@@ -1,10 +1,11 @@
 """The model components an engine holds, and what identifies them.
 
 Each component loads on first use, so a run that never needs the text encoder or the VAE never loads it: the
-text encoder (an Edit model's instruction encoder), the transformer (with its LoRAs, from the folder or a
-single file, transformer_weights.py) and the VAE's encoder and decoder apart. With --offload model each is
-freed once its part of the job is done. Fingerprints say which weights computed a cached tensor or an
-output; `weight_bytes` what the transformer's weights take on the device.
+text encoder (an Edit model's instruction encoder; weights/text_encoder.py), the transformer (with its LoRAs,
+from the folder or a single file, weights/transformer.py) and the VAE's encoder and decoder apart. With
+--offload model each is freed once its part of the job is done. Fingerprints (weights/fingerprint.py) say
+which weights computed a cached tensor or an output; `weight_bytes` what the transformer's weights take on
+the device.
 """
 
 import gc
@@ -127,7 +128,7 @@ class Components:
     the SDPA backend. vae_tiling: decode in tiles (auto: above sampler.TILE_ABOVE pixels). loras:
     lora.LoraSpec, read and checked against the transformer's layers here, fused into its weights when it
     loads (a side branch on packed layers). transformer, dequantize, quantize: where the transformer's weights
-    come from and whether they stay packed (transformer_weights.py)."""
+    come from and whether they stay packed (weights/transformer.py)."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None,
                  offload: str = "none", compile: bool = False, attention: str = "auto", vae_tiling: str = "auto",
