@@ -97,7 +97,8 @@ def test_the_layering_rules_say_what_they_mean():
     assert not allowed("qimg.model.text", "qimg.weights.folders") and not allowed("qimg.images", "qimg.masks")
     assert not allowed("qimg.jobs.chain_steps", "qimg.cli.presets") and not allowed("qimg.jobs.common", "qimg.worker")
     assert allowed("qimg.worker.server", "qimg.cli.app") and not allowed("qimg.worker.client", "qimg.cli.app")
-    assert not allowed("qimg.worker.server", "qimg.jobs.kept_engine") and not allowed("qimg.engine.engine", "qimg.train")
+    assert not allowed("qimg.worker.server", "qimg.jobs.kept_engine")
+    assert not allowed("qimg.engine.engine", "qimg.train") and not allowed("qimg.sampling", "qimg.model.rope")
 
 
 def test_imports_go_down_the_layers():

@@ -45,7 +45,8 @@ def _from_vocab(folder: Path, config: dict):
 
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not vocab.is_file() or not merges.is_file():
-        raise QimgError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: the model folder is incomplete")
+        raise QimgError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: the model folder is "
+                        "incomplete")
     bpe = Pipeline(BPE.from_file(str(vocab), str(merges), unk_token=None, continuing_subword_prefix="",
                                  end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
@@ -58,7 +59,8 @@ def _from_vocab(folder: Path, config: dict):
         token = AddedToken(content, special=special, normalized=False)
         (bpe.add_special_tokens if special else bpe.add_tokens)([token])
         if bpe.token_to_id(content) != token_id:  # added tokens take the next free id: they must come in order
-            raise QimgError(f"{folder}: added token {content!r} should have id {token_id}, not {bpe.token_to_id(content)}")
+            raise QimgError(f"{folder}: added token {content!r} should have id {token_id}, not "
+                            f"{bpe.token_to_id(content)}")
     return bpe
 
 
@@ -68,4 +70,5 @@ def _added_tokens(folder: Path, config: dict) -> dict[int, tuple[str, bool]]:
         return {int(i): (t["content"], t.get("special", True)) for i, t in config["added_tokens_decoder"].items()}
     if (folder / "added_tokens.json").is_file():
         return {i: (content, True) for content, i in read_json_object(folder / "added_tokens.json").items()}
-    raise QimgError(f"{folder}: tokenizer_config.json lists no added tokens (<|im_start|> ...) and added_tokens.json is missing")
+    raise QimgError(f"{folder}: tokenizer_config.json lists no added tokens (<|im_start|> ...) and "
+                    "added_tokens.json is missing")
