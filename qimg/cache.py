@@ -169,7 +169,8 @@ def claim(folder: Path, create: bool) -> Path | None:
     for root in (folder, folder / "qimg"):
         if _owned(root):
             return root
-        if create and (not os.path.lexists(root) or root.is_dir() and not root.is_symlink() and not any(root.iterdir())):
+        empty_dir = root.is_dir() and not root.is_symlink() and not any(root.iterdir())
+        if create and (not os.path.lexists(root) or empty_dir):
             root.mkdir(parents=True, exist_ok=True)
             (root / TAG).write_text(TAG_TEXT)
             return root

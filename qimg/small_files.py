@@ -1,5 +1,5 @@
 """Reading a file that is meant to be small (a preset, a chain, a prompts file) without trusting its size. Light
-on purpose, unlike files.py (numpy, Pillow): presets.py reads through it, and `qimg presets` stays quick."""
+on purpose, unlike images.py (numpy, Pillow): cli/presets.py reads through it, and `qimg presets` stays quick."""
 
 from pathlib import Path
 

@@ -1,5 +1,5 @@
-"""The `qimg` command line: the commands, their options (shared ones declared in cli_options.py) parsed into a
-job (spec.py; the parts every command shares built by cli_jobs.py), handed to the runner.
+"""The `qimg` command line: the commands, their options (shared ones declared in options.py) parsed into a
+job (jobs/spec.py; the parts every command shares built by to_job.py), handed to the job runner.
 
 Nothing here loads a model or writes a file; torch is imported only by the runner, so `qimg --help` stays
 instant. `run` is the one place errors become a line on stderr and an exit code.
@@ -163,7 +163,8 @@ def inpaint(
                                               help="Stretch a mask of another size to the image.")] = False,
     invert_mask: Annotated[bool, typer.Option(rich_help_panel=MASK,
                                               help="Regenerate what the mask keeps and keep what it covers.")] = False,
-    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Dilate the mask by this many pixels.")] = 0,
+    grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                      help="Dilate the mask by this many pixels.")] = 0,
     feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = CONTEXT,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
@@ -185,9 +186,11 @@ def inpaint(
 def outpaint(
     images: ImagesArg, prompt: PromptOpt, negative_prompt: NegativeOpt = None,
     left: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on the left.")] = 0,
-    right: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on the right.")] = 0,
+    right: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                       help="Pixels to add on the right.")] = 0,
     top: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add on top.")] = 0,
-    bottom: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK, help="Pixels to add at the bottom.")] = 0,
+    bottom: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
+                                        help="Pixels to add at the bottom.")] = 0,
     expand: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                         help="Pixels to add on every side not anchored.")] = 0,
     to: Annotated[Optional[str], typer.Option(callback=to_size, rich_help_panel=MASK,

@@ -88,7 +88,8 @@ SkipExistingOpt = Annotated[bool, typer.Option(rich_help_panel=OUTPUT,
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
     rich_help_panel=CACHE, show_default="$QIMG_CACHE_DIR, else the user cache folder",
     help="Latent and prompt cache folder.")]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", rich_help_panel=CACHE, help="Neither read nor write the cache.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", rich_help_panel=CACHE,
+                                          help="Neither read nor write the cache.")]
 CacheSizeOpt = Annotated[str, typer.Option(envvar="QIMG_CACHE_SIZE", show_envvar=True, rich_help_panel=CACHE,
                                            help="Cache size cap; least recently used entries go first; 0: no cache.")]
 OffloadOpt = Annotated[Literal[OFFLOAD], typer.Option(
@@ -133,7 +134,8 @@ DequantizeOpt = Annotated[Optional[bool], typer.Option(
     "--dequantize/--no-dequantize", rich_help_panel=MODEL, show_default="on the CPU only",
     help="Unpack GGUF/fp8 weights once at load (full size) instead of on every step (they stay small).")]
 QuantizeOpt = Annotated[Literal[QUANTIZE], typer.Option(
-    rich_help_panel=MODEL, help="fp8: keep the transformer's block weights as scaled fp8, about half of bf16's memory.")]
+    rich_help_panel=MODEL,
+    help="fp8: keep the transformer's block weights as scaled fp8, about half of bf16's memory.")]
 NoWorkerOpt = Annotated[bool, typer.Option(
     "--no-worker", rich_help_panel=MODEL, help="Run in this process even when a worker runs (also QIMG_WORKER=0).")]
 FeatherOpt = Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,

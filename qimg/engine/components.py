@@ -121,38 +121,51 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How the components load and run. offload: none keeps every component on the device; model loads text
+    encoder, transformer and VAE (encoder and decoder apart) one at a time and frees each after use; blocks keeps
+    the transformer's blocks in CPU memory and streams them to the device. compile: torch.compile the transformer
+    blocks. attention: the SDPA backend. vae_tiling: decode in tiles (auto: above latents.TILE_ABOVE pixels).
+    loras: lora.LoraSpec, read and checked against the transformer's layers when the components are made, fused
+    into its weights when it loads (a side branch on packed layers). transformer, dequantize, quantize: where the
+    transformer's weights come from and whether they stay packed (weights/transformer.py)."""
+
+    offload: str = "none"
+    compile: bool = False
+    attention: str = "auto"
+    vae_tiling: str = "auto"
+    loras: tuple = ()
+    transformer: Path | None = None
+    dequantize: bool | None = None
+    quantize: str = "none"
+
+
 class Components:
-    """offload: none keeps every component on the device; model loads text encoder, transformer and VAE
-    (encoder and decoder apart) one at a time and frees each after use; blocks keeps the transformer's blocks
-    in CPU memory and streams them to the device. compile: torch.compile the transformer blocks. attention:
-    the SDPA backend. vae_tiling: decode in tiles (auto: above sampler.TILE_ABOVE pixels). loras:
-    lora.LoraSpec, read and checked against the transformer's layers here, fused into its weights when it
-    loads (a side branch on packed layers). transformer, dequantize, quantize: where the transformer's weights
-    come from and whether they stay packed (weights/transformer.py)."""
+    """A model folder's components, loaded on first use onto `device` in `dtype` as `loading` says."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto", cache: Store | None = None,
-                 offload: str = "none", compile: bool = False, attention: str = "auto", vae_tiling: str = "auto",
-                 loras: tuple = (), transformer: Path | None = None, dequantize: bool | None = None,
-                 quantize: str = "none"):
+                 loading: Loading = Loading()):
         self.folder = folder
         self.cache = cache
         self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
         self.calls = 0  # transformer samples run (a CFG pair counts 2): a job's share is the difference
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.offload = check_choice("--offload", offload, OFFLOAD)
-        self.attention = check_choice("--attention", attention, ATTENTION)
-        self.vae_tiling = check_choice("--vae-tiling", vae_tiling, TILING)
-        if compile and offload == "blocks":
+        self.offload = check_choice("--offload", loading.offload, OFFLOAD)
+        self.attention = check_choice("--attention", loading.attention, ATTENTION)
+        self.vae_tiling = check_choice("--vae-tiling", loading.vae_tiling, TILING)
+        if loading.compile and loading.offload == "blocks":
             raise UsageError("--compile does not combine with --offload blocks (the blocks run from streamed copies)")
-        self.compile = compile
-        self.source = Source(Path(transformer) if transformer else None, dequantize, quantize)
+        self.compile = loading.compile
+        transformer = Path(loading.transformer) if loading.transformer else None
+        self.source = Source(transformer, loading.dequantize, loading.quantize)
         self.defaults = Defaults.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
         except ValueError as e:
             raise QimgError(f"{folder / 'scheduler'}: {e}") from None
-        self.loras = tuple(lora.load(spec, self.layers) for spec in loras)
+        self.loras = tuple(lora.load(spec, self.layers) for spec in loading.loras)
         self._text = self._transformer = None
         self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
 
@@ -263,7 +276,8 @@ class Components:
             return nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        names = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+        names = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION"}
         return sdpa_kernel(getattr(SDPBackend, names[self.attention]))
 
     def _config(self, cls, component: str):

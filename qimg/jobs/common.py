@@ -48,7 +48,7 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     same numbers (worker/kept_engine.py), then serving this job's cache."""
     import torch
 
-    from qimg.engine.components import DTYPES, pick_device, pick_dtype
+    from qimg.engine.components import DTYPES, Loading, pick_device, pick_dtype
     from qimg.engine.engine import Engine
     from qimg.jobs import kept_engine
     from qimg.weights.lora import identity
@@ -60,7 +60,7 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
     key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
     engine = kept_engine.engine(folder, str(device), dtype, key,
-                         lambda: Engine(folder, str(device), dtype, store, loras=spec.loras, **speed))
+                                lambda: Engine(folder, str(device), dtype, store, Loading(loras=spec.loras, **speed)))
     engine.cache = store
     return engine
 

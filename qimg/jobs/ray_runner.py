@@ -1,6 +1,6 @@
 """--ray: a batch's files spread over a pool of Ray actors, one per GPU (or --ray-workers N on CPUs), each
 holding one loaded engine and taking the next file when it finishes one, so slow and fast machines share the
-work. Each file runs on an actor as a one-file job of the batch (runner/, the engine kept between files as
+work. Each file runs on an actor as a one-file job of the batch (runner.py, the engine kept between files as
 in the worker), written by the actor straight to its target path (shared storage) with the usual atomic
 save; its lines come back to this process, which prints them, draws the one progress bar and ends with the
 batch's summary. A file whose actor failed or was lost runs again on another, --retries times; one that

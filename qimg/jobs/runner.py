@@ -1,10 +1,10 @@
-"""The job runner: executes a job (jobs.py) against an engine and reports through a Reporter.
+"""The job runner: executes a job (spec.py) against an engine and reports through a Reporter.
 
 Every check that needs no model runs before one loads (the cache options, the model folder, output names,
 input files, masks, chain plans), so a mistake costs nothing. In the worker, the engine of the last job
-stays loaded for the next (worker/warm.py). One module per kind of job: generate.py (one prompt, or a
+stays loaded for the next (kept_engine.py). One module per kind of job: generate.py (one prompt, or a
 --prompts batch), edit.py (inpaint, outpaint, edit; one file or a batch), chain.py; previews.py writes
---preview files, shared.py what every job does around its engine call (cache, model, engine, saving).
+--preview files, common.py what every job does around its engine call (cache, model, engine, saving).
 """
 
 from pathlib import Path

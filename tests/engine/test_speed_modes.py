@@ -8,6 +8,7 @@ import torch
 
 import qimg.engine.latents
 from qimg.cli.app import run
+from qimg.engine.components import Loading
 from qimg.engine.engine import Engine
 from qimg.engine.request import Sampling
 from qimg.model.tiling import tile_starts, tiled_decode
@@ -24,7 +25,7 @@ def baseline(tiny_model_dir):
 
 @pytest.mark.parametrize("offload", ["model", "blocks"])
 def test_offload_modes_give_identical_images(tiny_model_dir, baseline, offload):
-    engine = Engine(tiny_model_dir, "cpu", "float32", offload=offload)
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload=offload))
     image = engine.generate(**JOB).image
     assert np.array_equal(image, baseline) and baseline.std() > 1
     if offload == "model":  # each component was freed after its part of the job
@@ -41,14 +42,14 @@ def test_offload_modes_give_identical_inpaints_with_the_attention_mask(tiny_mode
     mask[8:24, 16:40] = 1
     job = dict(sampling=Sampling("a red circle", " ", steps=2, cfg=4.0, seed=3), attn_mask=True)
     base = Engine(tiny_model_dir, "cpu", "float32").inpaint(image, mask, **job).image
-    engine = Engine(tiny_model_dir, "cpu", "float32", offload=offload)
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload=offload))
     assert np.array_equal(engine.inpaint(image, mask, **job).image, base)
     if offload == "model":
         assert engine._text is None and engine._transformer is None and engine._vae == {}
 
 
 def test_model_offload_loads_only_the_vae_part_it_needs(tiny_model_dir, monkeypatch):
-    engine = Engine(tiny_model_dir, "cpu", "float32", offload="model")
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload="model"))
     loaded = []
     vae = engine.vae
     monkeypatch.setattr(engine, "vae", lambda part: loaded.append(part) or vae(part))
@@ -57,7 +58,7 @@ def test_model_offload_loads_only_the_vae_part_it_needs(tiny_model_dir, monkeypa
 
 
 def test_math_attention_backend_matches_auto(tiny_model_dir, baseline):
-    image = Engine(tiny_model_dir, "cpu", "float32", attention="math").generate(**JOB).image
+    image = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(attention="math")).generate(**JOB).image
     assert np.abs(image.astype(int) - baseline).max() <= 1
 
 
@@ -82,7 +83,7 @@ def test_tiled_decode_is_close_to_a_whole_decode(tiny_model_dir):
 def test_engine_tiles_only_when_asked_or_above_the_threshold(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(qimg.engine.latents, "TILE", 24)  # small tiles, so a small latent spans several
     latent = torch.randn(1, 16, 40, 40, generator=torch.Generator().manual_seed(1))  # 320 x 320 px
-    decoded = {mode: Engine(tiny_model_dir, "cpu", "float32", vae_tiling=mode).decode(latent)
+    decoded = {mode: Engine(tiny_model_dir, "cpu", "float32", loading=Loading(vae_tiling=mode)).decode(latent)
                for mode in ("off", "on", "auto")}
     assert np.array_equal(decoded["auto"], decoded["off"]) and not np.array_equal(decoded["on"], decoded["off"])
     monkeypatch.setattr(qimg.engine.latents, "TILE_ABOVE", 256 * 256)

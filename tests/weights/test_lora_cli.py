@@ -220,15 +220,16 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
 
 
 def test_offload_modes_apply_the_lora_alike_and_again_after_a_reload(tiny_model_dir, lora_file):
+    from qimg.engine.components import Loading
     from qimg.engine.engine import Engine
     from qimg.engine.request import Sampling
     from qimg.weights.lora import LoraSpec
 
     job = dict(sampling=Sampling(PROMPT, " ", steps=2, cfg=1.0, seed=3), width=32, height=32)
     loras = (LoraSpec(lora_file, 0.7),)
-    baseline = Engine(tiny_model_dir, "cpu", "float32", loras=loras).generate(**job).image
+    baseline = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(loras=loras)).generate(**job).image
     assert not np.array_equal(baseline, Engine(tiny_model_dir, "cpu", "float32").generate(**job).image)
     for offload in ("model", "blocks"):
-        engine = Engine(tiny_model_dir, "cpu", "float32", offload=offload, loras=loras)
+        engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload=offload, loras=loras))
         assert np.array_equal(engine.generate(**job).image, baseline), offload
         assert np.array_equal(engine.generate(**job).image, baseline), offload  # model: reloaded, fused once again
