@@ -1,18 +1,18 @@
-"""Shared fixtures: one tiny random Qwen-Image checkpoint per session, and diffusers loaded on it."""
+"""Shared fixtures: the tiny random Qwen-Image checkpoints (one build per session) and diffusers loaded on them,
+`cli` (qimg run in this process), `photo` (a real photo as a PNG), and a private cache for every test."""
 
+import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 # Before anything imports huggingface_hub (it reads these once): no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-# Interim: test modules still import helpers from each other across the package folders.
-sys.path[:0] = [str(p) for p in sorted(Path(__file__).parent.iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))]
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from tiny_edit_checkpoint import build_tiny_edit_checkpoints  # noqa: E402
 
@@ -88,3 +88,47 @@ def store(tmp_path):
     s = Store(tmp_path / "cache", 10**6, messages.append)
     s.messages = messages
     return s
+
+
+class CLI:
+    """`qimg ARGS` run in this process through `qimg.cli.app.run` (no worker, no subprocess), with what it printed
+    taken from capsys. Each call returns (exit code, stdout, stderr); `json` and `lines` parse stdout."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args) -> tuple[int, str, str]:
+        from qimg.cli.app import run
+
+        code = run([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def json(self, *args) -> tuple[int, dict | None, str]:
+        """stdout as one JSON document (`--json` of a single run); None when the run failed or printed nothing."""
+        code, out, err = self(*args)
+        return code, (json.loads(out) if code == 0 and out else None), err
+
+    def lines(self, *args) -> tuple[int, list, str]:
+        """stdout as JSON lines, one per line printed (`--json` of a batch, a prompts file or a shard)."""
+        code, out, err = self(*args)
+        return code, [json.loads(line) for line in out.splitlines()], err
+
+
+@pytest.fixture
+def cli(capsys):
+    return CLI(capsys)
+
+
+@pytest.fixture
+def photo(request, tmp_path):
+    """A real photo as a PNG file, written fresh for each test (so a test may change or replace it): skimage's
+    astronaut (512x512 RGB) cut by the test module's `PHOTO` slice, e.g. `PHOTO = np.s_[:300, :451]` for an
+    odd-sized 451x300 crop; without one, `np.s_[::8, ::8]`, the whole picture at 64x64. The file is
+    tmp_path / "astronaut.png"."""
+    from skimage import data
+
+    path = tmp_path / "astronaut.png"
+    crop = getattr(request.module, "PHOTO", np.s_[::8, ::8])
+    Image.fromarray(np.ascontiguousarray(data.astronaut()[crop])).save(path)
+    return path

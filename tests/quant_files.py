@@ -59,3 +59,21 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], kinds: dict[str, str]
     writer.write_tensors_to_file()
     writer.close()
     return held
+
+
+def raw_gguf(path: Path, arch="qwen_image", kind="Q8_0") -> Path:
+    """One 256-wide tensor of type `kind` with random bytes (any type, even those gguf cannot quantize)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    qtype = GGMLQuantizationType[kind]
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    writer = GGUFWriter(str(path), arch=arch)
+    data = np.random.default_rng(0).integers(0, 256, (4, 256 // block * nbytes), dtype=np.uint8)
+    if kind == "Q8_0":
+        data[:, ::nbytes] = 0  # finite scales
+    writer.add_tensor("transformer_blocks.0.attn.to_q.weight", data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

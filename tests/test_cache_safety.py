@@ -13,7 +13,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
-from test_inpaint_outpaint import qimg
 
 from qimg.cache import FORMAT, MAX_BYTES, TAG, Store, _tensor_hash, parse_bytes
 
@@ -181,6 +180,7 @@ def test_put_refuses_non_finite_tensors(store):
     assert not store.path("latent", KEY).exists() and "non-finite" in store.messages[0]
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4), st.integers(0, 10**6))
 def test_randomly_damaged_entry_is_recomputed_or_unchanged(store, flips, cut):
@@ -204,6 +204,7 @@ def test_parse_bytes_refuses_huge_and_non_numbers(text):
         parse_bytes(text)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("0123456789.kKmMgGtTbB eE-+inf"), max_size=40) | st.text(max_size=20))
 def test_parse_bytes_gives_a_bounded_int_or_value_error(text):
@@ -214,6 +215,7 @@ def test_parse_bytes_gives_a_bounded_int_or_value_error(text):
     assert isinstance(size, int) and 0 <= size <= MAX_BYTES
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("size", ["abc", "9" * 400, "inf"])
 def test_bad_cache_size_is_refused_before_torch_loads(size):
     probe = ("import sys; from qimg.cli.app import run; code = run(['generate', '-p', 'x', '--cache-size', "
@@ -223,27 +225,28 @@ def test_bad_cache_size_is_refused_before_torch_loads(size):
     assert result.stderr.count("\n") == 1 and "--cache-size" in result.stderr
 
 
-def test_cache_size_zero_neither_reads_nor_writes(tiny_model_dir, tmp_path, capsys, cache_dir):
+@pytest.mark.slow
+def test_cache_size_zero_neither_reads_nor_writes(tiny_model_dir, tmp_path, cli, cache_dir):
     args = ["generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "--steps", "1", "--device", "cpu", "--json"]
-    code, report, err = qimg(capsys, *args, "-o", tmp_path / "1.png", "--cache-size", "0")
+    code, report, err = cli.json(*args, "-o", tmp_path / "1.png", "--cache-size", "0")
     assert code == 0 and report["prompt_cache"] == "off" and not cache_dir.exists(), err
 
 
-def test_preset_may_not_choose_the_cache(tmp_path, capsys):
+def test_preset_may_not_choose_the_cache(tmp_path, cli):
     for key, value in [("cache_dir", "models"), ("cache_size", "1KB"), ("no_cache", "true")]:
         (tmp_path / "p.yaml").write_text(f"{key}: {value}\n")
-        code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tmp_path, "--preset", tmp_path / "p.yaml")
+        code, _, err = cli.json("generate", "-p", "x", "-m", tmp_path, "--preset", tmp_path / "p.yaml")
         assert code == 2 and f"unknown key {key!r}" in err and err.count("\n") == 1
 
 
-def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny_model_dir, tmp_path, capsys,
+def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny_model_dir, tmp_path, cli,
                                                                              cache_dir, monkeypatch):
     from qimg.engine import latents as sampler
 
     monkeypatch.setattr(sampler, "euler", lambda velocity, x, *args, **kwargs: torch.full_like(x, float("nan")))
     out = tmp_path / "o.png"
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "--steps", "1",
-                        "--device", "cpu", "--dtype", "float32", "-o", out)
+    code, _, err = cli.json("generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "--steps", "1",
+                            "--device", "cpu", "--dtype", "float32", "-o", out)
     assert code == 1 and err.count("\n") == 1 and "non-finite values (NaN/inf) in float32; use --dtype bfloat16" in err
     assert not out.exists() and not list(cache_dir.glob("latent/*/*")) and not list(cache_dir.glob("chain/*/*"))
 
@@ -262,7 +265,7 @@ def test_chain_entry_of_another_size_is_not_what_a_chain_expects(tiny_model_dir)
         assert any(mismatch(tensors, spec) is None for spec in specs) == fits
 
 
-def test_a_bad_cache_size_from_the_environment_names_the_variable(monkeypatch, capsys, tmp_path):
+def test_a_bad_cache_size_from_the_environment_names_the_variable(monkeypatch, capsys, cli, tmp_path):
     from qimg.cli.app import run
 
     monkeypatch.setenv("QIMG_CACHE_SIZE", "9x")

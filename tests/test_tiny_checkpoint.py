@@ -53,6 +53,7 @@ def test_build_is_deterministic(tmp_path, tiny_model_dir):
         assert (a / name).read_bytes() != (b / name).read_bytes()
 
 
+@pytest.mark.parity
 def test_template_prefix_is_exactly_the_dropped_34_tokens(tiny_model_dir, reference_pipeline):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     assert type(tok).__name__ == type(reference_pipeline.tokenizer).__name__ == "Qwen2Tokenizer"
@@ -63,6 +64,7 @@ def test_template_prefix_is_exactly_the_dropped_34_tokens(tiny_model_dir, refere
     assert tok.decode(tok(CHINESE).input_ids) == CHINESE
 
 
+@pytest.mark.parity
 def test_encode_prompt_keeps_prompt_and_suffix(reference_pipeline):
     tok = reference_pipeline.tokenizer
     suffix = len(tok(PROMPT_TEMPLATE.split("{}")[1]).input_ids)
@@ -74,6 +76,7 @@ def test_encode_prompt_keeps_prompt_and_suffix(reference_pipeline):
     assert torch.isfinite(embeds).all()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     "prompt, height, width", [(ENGLISH, 64, 64), (CHINESE, 48, 80)], ids=["english-64x64", "chinese-48x80"]
 )

@@ -29,6 +29,7 @@ def test_layout(tiny_edit_checkpoints):
         assert encoder["vision_config"]["depth"] == 2 and encoder["vision_config"]["fullatt_block_indexes"] == [1]
 
 
+@pytest.mark.parity
 def test_template_prefixes_are_the_dropped_tokens(tiny_edit_dir):
     for part in ("tokenizer", "processor"):
         tokenizer = AutoTokenizer.from_pretrained(tiny_edit_dir / part)
@@ -38,6 +39,7 @@ def test_template_prefixes_are_the_dropped_tokens(tiny_edit_dir):
         assert ids[DROP] == tokenizer.convert_tokens_to_ids("<|vision_start|>")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", ["edit", "2511"])
 def test_reference_pipeline_runs_with_small_areas(tiny_edit_checkpoints, kind, monkeypatch, one_thread):
     small_areas(monkeypatch, 96 * 64, 56 * 56)

@@ -9,22 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from qimg.cli.app import run
-
-
-def qimg(capsys, *args):
-    code = run(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(err, *fragments):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from helpers import one_line
 
 
 @pytest.fixture
@@ -37,11 +22,11 @@ def fake_model(tmp_path):
 
 
 @pytest.mark.parametrize("size", ["100x100", "0x64", "-16x64", "64", "axb", "64x64x64"])
-def test_bad_size_is_a_usage_error(capsys, tmp_path, fake_model, size):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "--size", size,
-                        "-o", str(tmp_path / "o.png"))
+def test_bad_size_is_a_usage_error(cli, tmp_path, fake_model, size):
+    code, _, err = cli("generate", "-p", "x", "-m", str(fake_model), "--size", size,
+                       "-o", str(tmp_path / "o.png"))
     assert code == 2
-    assert_one_line(err, "--size")
+    one_line(err, "--size")
     assert not (tmp_path / "o.png").exists()
 
 
@@ -79,69 +64,70 @@ def test_bad_to_on_an_outpaint_batch_is_one_usage_line_before_any_file_is_read(c
 
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
-def test_non_positive_steps_is_a_usage_error(capsys, tmp_path, fake_model, steps):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "--steps", steps,
-                        "-o", str(tmp_path / "o.png"))
+def test_non_positive_steps_is_a_usage_error(cli, tmp_path, fake_model, steps):
+    code, _, err = cli("generate", "-p", "x", "-m", str(fake_model), "--steps", steps,
+                       "-o", str(tmp_path / "o.png"))
     assert code == 2
-    assert_one_line(err, "--steps")
+    one_line(err, "--steps")
 
 
-def test_missing_model_folder(capsys, tmp_path):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "o.png"))
+def test_missing_model_folder(cli, tmp_path):
+    code, _, err = cli("generate", "-p", "x", "-m", str(tmp_path / "nope"), "-o", str(tmp_path / "o.png"))
     assert code == 2
-    assert_one_line(err, "model folder not found", "nope")
+    one_line(err, "model folder not found", "nope")
 
 
-def test_folder_that_is_not_a_model(capsys, tmp_path):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(tmp_path), "-o", str(tmp_path / "o.png"))
+def test_folder_that_is_not_a_model(cli, tmp_path):
+    code, _, err = cli("generate", "-p", "x", "-m", str(tmp_path), "-o", str(tmp_path / "o.png"))
     assert code == 2
-    assert_one_line(err, "not a Qwen-Image model folder", "model_index.json")
+    one_line(err, "not a Qwen-Image model folder", "model_index.json")
 
 
-def test_model_of_another_family(capsys, tmp_path):
+def test_model_of_another_family(cli, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(tmp_path), "-o", str(tmp_path / "o.png"))
+    code, _, err = cli("generate", "-p", "x", "-m", str(tmp_path), "-o", str(tmp_path / "o.png"))
     assert code == 2
-    assert_one_line(err, "StableDiffusionPipeline", "not Qwen-Image")
+    one_line(err, "StableDiffusionPipeline", "not Qwen-Image")
 
 
-def test_uncached_repo_id_names_the_folder_to_pass(capsys, tmp_path, monkeypatch):
+def test_uncached_repo_id_names_the_folder_to_pass(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", "Qwen/Qwen-Image", "-o", str(tmp_path / "o.png"))
+    code, _, err = cli("generate", "-p", "x", "-m", "Qwen/Qwen-Image", "-o", str(tmp_path / "o.png"))
     assert code == 1
-    assert_one_line(err, "Qwen/Qwen-Image", "--model /path/to/Qwen-Image")
+    one_line(err, "Qwen/Qwen-Image", "--model /path/to/Qwen-Image")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output_folder(capsys, tmp_path, fake_model):
+def test_unwritable_output_folder(cli, tmp_path, fake_model):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "-o", str(locked / "o.png"))
+    code, _, err = cli("generate", "-p", "x", "-m", str(fake_model), "-o", str(locked / "o.png"))
     assert code == 2
-    assert_one_line(err, "not writable")
+    one_line(err, "not writable")
 
 
-def test_output_in_a_path_under_a_file(capsys, tmp_path, fake_model):
+def test_output_in_a_path_under_a_file(cli, tmp_path, fake_model):
     (tmp_path / "file").write_text("")
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "-o", str(tmp_path / "file" / "o.png"))
+    code, _, err = cli("generate", "-p", "x", "-m", str(fake_model), "-o", str(tmp_path / "file" / "o.png"))
     assert code == 2
-    assert_one_line(err, f"folder {tmp_path / 'file'} is a file, not a folder")
+    one_line(err, f"folder {tmp_path / 'file'} is a file, not a folder")
 
 
-def test_unknown_output_format(capsys, tmp_path, fake_model):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "-o", str(tmp_path / "o.gif"))
+def test_unknown_output_format(cli, tmp_path, fake_model):
+    code, _, err = cli("generate", "-p", "x", "-m", str(fake_model), "-o", str(tmp_path / "o.gif"))
     assert code == 2
-    assert_one_line(err, "unknown image format", ".gif")
+    one_line(err, "unknown image format", ".gif")
 
 
-def test_unknown_device(capsys, tmp_path, fake_model):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", str(fake_model), "--device", "tpu",
-                        "-o", str(tmp_path / "o.png"))
+def test_unknown_device(cli, tmp_path, fake_model):
+    code, _, err = cli("generate", "-p", "x", "-m", str(fake_model), "--device", "tpu",
+                       "-o", str(tmp_path / "o.png"))
     assert code == 2
-    assert_one_line(err, "--device")
+    one_line(err, "--device")
 
 
+@pytest.mark.subprocess
 def test_help_does_not_import_torch_numpy_or_pil():
     probe = ("import sys; from qimg.cli.app import run; run(['--help']); run(['generate', '--help']); "
              "print([m for m in ('torch', 'numpy', 'PIL') if m in sys.modules])")
@@ -149,6 +135,7 @@ def test_help_does_not_import_torch_numpy_or_pil():
     assert out.strip().endswith("[]")
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "qimg", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout

@@ -11,54 +11,15 @@ import os
 import re
 import shutil
 import stat
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from helpers import corrupt_files, one_line, pixels, raw_png
 from PIL import Image
-from skimage import data
 
 from qimg.cli.app import run
 
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1"]
-
-
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err, *fragments):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def raw_png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
-    """A PNG written by hand, for what Pillow cannot write (48-bit RGB) or should never see (a huge header)."""
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows))
-            + png_chunk(b"IEND", b""))
-
-
-@pytest.fixture(scope="module")
-def photo():
-    return data.astronaut()[::8, ::8].copy()  # (64, 64, 3) uint8, a real photo
-
-
-@pytest.fixture
-def photo_png(tmp_path, photo):
-    path = tmp_path / "photo.png"
-    Image.fromarray(photo).save(path)
-    return path
 
 
 def broken_copy(tiny_model_dir, tmp_path, edit):
@@ -70,86 +31,59 @@ def broken_copy(tiny_model_dir, tmp_path, edit):
 
 # --- input images and masks ------------------------------------------------------------------------------
 
-def corrupt_files(folder, photo):
-    good = folder / "good.png"
-    Image.fromarray(photo).save(good)
-    raw = good.read_bytes()
-    idat = raw.index(b"IDAT")
-    flipped = bytearray(raw)
-    flipped[idat + 40] ^= 0xFF  # inside the compressed data: the chunk CRC no longer matches
-    files = {
-        "missing": (folder / "missing.png", "no such file"),
-        "folder": (folder, "is a folder"),
-        "zero-byte": (folder / "empty.png", "is empty (0 bytes)"),
-        "truncated": (folder / "truncated.png", "cannot read it as an image"),
-        "corrupt": (folder / "flipped.png", "cannot read it as an image"),
-        "not an image": (folder / "notes.png", "is not an image file"),
-        "bomb": (folder / "bomb.png", "12000x12000 = 144 megapixels"),
-        "huge bomb": (folder / "huge.png", "claims a size over"),
-    }
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "truncated.png").write_bytes(raw[: len(raw) // 2])
-    (folder / "flipped.png").write_bytes(bytes(flipped))
-    (folder / "notes.png").write_text("shopping list: eggs")
-    # Tiny files claiming huge sizes: decoding them would allocate gigabytes; the header is enough to refuse.
-    (folder / "bomb.png").write_bytes(raw_png(12000, 12000, 8, 2, b"\0" * 100))
-    (folder / "huge.png").write_bytes(raw_png(60000, 60000, 8, 2, b"\0" * 100))
-    return files
-
-
 CORRUPT = ["missing", "folder", "zero-byte", "truncated", "corrupt", "not an image", "bomb", "huge bomb"]
 
 
 @pytest.mark.parametrize("case", [c for c in CORRUPT if c != "folder"])  # inpaint takes a folder as a batch
-def test_bad_input_image(capsys, tmp_path, photo, configs_only, case):
-    path, message = corrupt_files(tmp_path, photo)[case]
+def test_bad_input_image(cli, tmp_path, photo, configs_only, case):
+    path, message = corrupt_files(tmp_path, pixels(photo))[case]
     out = tmp_path / "out.png"
-    code, _, err = qimg(capsys, "inpaint", path, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only, "-o", out)
+    code, _, err = cli("inpaint", path, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only, "-o", out)
     assert code == 2
     one_line(err, f"image {path}", message)
     assert not out.exists()
 
 
-def test_folder_as_the_input_image(capsys, tmp_path, configs_only):
+def test_folder_as_the_input_image(cli, tmp_path, configs_only):
     """inpaint and outpaint take a folder as a batch of its images; chain takes one image."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "c.yaml").write_text('edits:\n  - inpaint: {rect: "0,0,8,8", prompt: x}\n')
-    code, _, err = qimg(capsys, "inpaint", tmp_path / "empty", "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
+    code, _, err = cli("inpaint", tmp_path / "empty", "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
     assert code == 2
     one_line(err, f"folder {tmp_path / 'empty'} has no images")
-    code, _, err = qimg(capsys, "chain", tmp_path / "empty", tmp_path / "c.yaml", "-m", configs_only)
+    code, _, err = cli("chain", tmp_path / "empty", tmp_path / "c.yaml", "-m", configs_only)
     assert code == 2
     one_line(err, f"image {tmp_path / 'empty'} is a folder")
     assert list(tmp_path.rglob("*.png")) == []
 
 
 @pytest.mark.parametrize("case", CORRUPT)
-def test_bad_mask(capsys, tmp_path, photo, photo_png, configs_only, case):
-    path, message = corrupt_files(tmp_path, photo)[case]
+def test_bad_mask(cli, tmp_path, photo, configs_only, case):
+    path, message = corrupt_files(tmp_path, pixels(photo))[case]
     out = tmp_path / "out.png"
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--mask", path, "--mask-resize", "-m", configs_only,
-                        "-o", out)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--mask", path, "--mask-resize", "-m", configs_only,
+                       "-o", out)
     assert code == 2
     one_line(err, f"mask {path}", message)
     assert not out.exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_image(capsys, tmp_path, photo_png, configs_only):
-    photo_png.chmod(0)
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
+def test_unreadable_image(cli, tmp_path, photo, configs_only):
+    photo.chmod(0)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
     assert code == 2
-    one_line(err, str(photo_png), "permission denied")
+    one_line(err, str(photo), "permission denied")
 
 
-def test_unreadable_image_as_root_too(capsys, tmp_path, photo_png, configs_only, monkeypatch):
+def test_unreadable_image_as_root_too(cli, tmp_path, photo, configs_only, monkeypatch):
     def denied(path, *args, **kwargs):  # what the OS says to a non-root user for a mode-000 file
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(Image, "open", denied)
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
     assert code == 2
-    one_line(err, str(photo_png), "permission denied")
+    one_line(err, str(photo), "permission denied")
 
 
 def test_a_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
@@ -194,13 +128,13 @@ def converted(name, photo):
 
 @pytest.mark.parametrize("name", ["cmyk.tif", "palette.png", "la.png", "grey16.png", "rgb48.png", "bilevel.png",
                                   "anim.gif"])
-def test_input_formats_convert_to_the_right_pixels(capsys, tmp_path, tiny_model_dir, photo, name, one_thread):
-    write, expected = converted(name, photo)
+def test_input_formats_convert_to_the_right_pixels(cli, tmp_path, tiny_model_dir, photo, name, one_thread):
+    write, expected = converted(name, pixels(photo))
     path = tmp_path / name
     write(path)
     out = tmp_path / "out.png"
-    code, _, err = qimg(capsys, "inpaint", path, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir, "-o", out,
-                        *FAST)
+    code, _, err = cli("inpaint", path, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir, "-o", out,
+                       *FAST)
     assert code == 0, err
     after = np.asarray(Image.open(out).convert("RGB"))
     keep = np.ones((64, 64), bool)
@@ -224,22 +158,22 @@ def test_input_formats_convert_to_the_right_pixels(capsys, tmp_path, tiny_model_
     ("0,0," + "9" * 5000 + ",5", "over 30 digits"),  # int() refuses over 4300 digits
     ("0,0,1e5000,5", "expected X,Y,W,H"),
 ])
-def test_bad_rectangles(capsys, photo_png, configs_only, rect, message):
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", rect, "-m", configs_only)
+def test_bad_rectangles(cli, photo, configs_only, rect, message):
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", rect, "-m", configs_only)
     assert code == 2
     one_line(err, "--rect", message)
 
 
-def test_empty_mask_file(capsys, tmp_path, photo_png, configs_only):
+def test_empty_mask_file(cli, tmp_path, photo, configs_only):
     Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--mask", tmp_path / "black.png", "-m", configs_only)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--mask", tmp_path / "black.png", "-m", configs_only)
     assert code == 2
     one_line(err, "selects nothing")
 
 
-def test_mask_of_another_size(capsys, tmp_path, photo_png, configs_only):
+def test_mask_of_another_size(cli, tmp_path, photo, configs_only):
     Image.new("L", (32, 48), 255).save(tmp_path / "small.png")
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--mask", tmp_path / "small.png", "-m", configs_only)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--mask", tmp_path / "small.png", "-m", configs_only)
     assert code == 2
     one_line(err, "32x48", "64x64", "--mask-resize")
 
@@ -249,16 +183,16 @@ def test_mask_of_another_size(capsys, tmp_path, photo_png, configs_only):
     (["--to", "100000x100000"], "add fewer pixels"),
     (["--anchor", "middle"], "--anchor"),
 ])
-def test_bad_outpaint(capsys, photo_png, configs_only, args, message):
-    code, _, err = qimg(capsys, "outpaint", photo_png, "-p", "x", *args, "-m", configs_only)
+def test_bad_outpaint(cli, photo, configs_only, args, message):
+    code, _, err = cli("outpaint", photo, "-p", "x", *args, "-m", configs_only)
     assert code == 2
     one_line(err, message)
 
 
-def test_huge_grow_and_feather_are_quick(capsys, photo_png, configs_only):
+def test_huge_grow_and_feather_are_quick(cli, photo, configs_only):
     # Reaches the model stage (exit 1: no weights), so the mask was built with both radii.
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "--grow", "1000000000",
-                        "--feather", "1000000000", "-m", configs_only, "-o", photo_png.parent / "o.png")
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "--grow", "1000000000",
+                       "--feather", "1000000000", "-m", configs_only, "-o", photo.parent / "o.png")
     assert code == 1
     one_line(err, "no .safetensors weights")
 
@@ -267,9 +201,9 @@ def test_huge_grow_and_feather_are_quick(capsys, photo_png, configs_only):
 
 
 @pytest.mark.parametrize("size", ["100000x100000", "16x99999999999999999984", "65536x65536"])
-def test_absurd_sizes_are_refused_with_an_estimate_before_loading(capsys, tmp_path, configs_only, size):
-    code, _, err = qimg(capsys, "generate", "-p", "x", "--size", size, "-m", configs_only, "--device", "cpu",
-                        "-o", tmp_path / "o.png")
+def test_absurd_sizes_are_refused_with_an_estimate_before_loading(cli, tmp_path, configs_only, size):
+    code, _, err = cli("generate", "-p", "x", "--size", size, "-m", configs_only, "--device", "cpu",
+                       "-o", tmp_path / "o.png")
     assert code == 2
     line = one_line(err, size, "would need about", "use a smaller size")
     assert " GB " in line or " TB " in line
@@ -280,9 +214,9 @@ def test_absurd_sizes_are_refused_with_an_estimate_before_loading(capsys, tmp_pa
     ("--strength", "-0.1"), ("--strength", "1.5"), ("--strength", "nan"), ("--strength", "0"),
     ("--steps", "0"), ("--steps", "-1"), ("--steps", "1001"), ("--seed", "-1"), ("--context", "-5"),
 ])
-def test_options_out_of_range(capsys, tmp_path, photo_png, configs_only, option, value):
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", option, value,
-                        "-m", configs_only, "-o", tmp_path / "o.png")
+def test_options_out_of_range(cli, tmp_path, photo, configs_only, option, value):
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", option, value,
+                       "-m", configs_only, "-o", tmp_path / "o.png")
     assert code == 2
     one_line(err, option)
     assert not (tmp_path / "o.png").exists()
@@ -373,10 +307,10 @@ def truncate(file):
                           {"weight_map": {"a": 1}}), 2, "weight_map must be an object"),
     (lambda f: (f / "model_index.json").unlink(), 2, "model_index.json is missing"),
 ])
-def test_broken_model_folders(capsys, tmp_path, tiny_model_dir, one_thread, edit, code, message):
+def test_broken_model_folders(cli, tmp_path, tiny_model_dir, one_thread, edit, code, message):
     model = broken_copy(tiny_model_dir, tmp_path, edit)
     out = tmp_path / "o.png"
-    got, _, err = qimg(capsys, "generate", "-p", "a cat", "-m", model, "--size", "32x32", "-o", out, *FAST)
+    got, _, err = cli("generate", "-p", "a cat", "-m", model, "--size", "32x32", "-o", out, *FAST)
     assert got == code
     one_line(err, message)
     assert not out.exists()
@@ -385,31 +319,31 @@ def test_broken_model_folders(capsys, tmp_path, tiny_model_dir, one_thread, edit
 
 
 @pytest.mark.parametrize("model", ["x y/z", "a/b/c", "../x", "-x/y", "x/y..z"])
-def test_model_that_is_neither_a_folder_nor_a_repo_id(capsys, tmp_path, photo_png, model):
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "-m", model, "-o",
-                        tmp_path / "o.png")
+def test_model_that_is_neither_a_folder_nor_a_repo_id(cli, tmp_path, photo, model):
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "-m", model, "-o",
+                       tmp_path / "o.png")
     assert code == 2
     one_line(err, f"model folder not found: {model}")
     assert not (tmp_path / "o.png").exists()
 
 
 @pytest.mark.parametrize("kind", ["preset", "chain"])
-def test_lone_surrogate_escapes_in_yaml(capsys, tmp_path, photo_png, configs_only, kind):
+def test_lone_surrogate_escapes_in_yaml(cli, tmp_path, photo, configs_only, kind):
     text = 'negative_prompt: "\\ud800"\n'
     (tmp_path / "f.yaml").write_text(text + ("edits: [{inpaint: {rect: '0,0,8,8', prompt: x}}]\n" if kind == "chain"
                                              else ""))
-    args = ["chain", photo_png, tmp_path / "f.yaml"] if kind == "chain" else \
-        ["inpaint", photo_png, "-p", "x", "--rect", "0,0,8,8", "--preset", tmp_path / "f.yaml"]
-    code, _, err = qimg(capsys, *args, "-m", configs_only, "-o", tmp_path / "o.png")
+    args = ["chain", photo, tmp_path / "f.yaml"] if kind == "chain" else \
+        ["inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "--preset", tmp_path / "f.yaml"]
+    code, _, err = cli(*args, "-m", configs_only, "-o", tmp_path / "o.png")
     assert code == 2
     one_line(err, f"{kind} {tmp_path / 'f.yaml'}", "line 1", "lone surrogate", "negative_prompt")
     assert not (tmp_path / "o.png").exists()
 
 
-def test_out_dir_that_is_a_file(capsys, tmp_path, photo_png, configs_only):
+def test_out_dir_that_is_a_file(cli, tmp_path, photo, configs_only):
     (tmp_path / "taken").write_text("notes")
-    code, _, err = qimg(capsys, "outpaint", photo_png, "-p", "x", "--right", "16", "--out-dir", tmp_path / "taken",
-                        "-m", configs_only)
+    code, _, err = cli("outpaint", photo, "-p", "x", "--right", "16", "--out-dir", tmp_path / "taken",
+                       "-m", configs_only)
     assert code == 2
     one_line(err, f"--out-dir {tmp_path / 'taken'} is a file")
     assert (tmp_path / "taken").read_text() == "notes"
@@ -417,47 +351,47 @@ def test_out_dir_that_is_a_file(capsys, tmp_path, photo_png, configs_only):
 # --- outputs ---------------------------------------------------------------------------------------------
 
 
-def test_existing_output_is_kept_without_overwrite(capsys, tmp_path, configs_only):
+def test_existing_output_is_kept_without_overwrite(cli, tmp_path, configs_only):
     out = tmp_path / "o.png"
     out.write_bytes(b"precious")
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", configs_only, "-o", out)
+    code, _, err = cli("generate", "-p", "x", "-m", configs_only, "-o", out)
     assert code == 2
     one_line(err, f"--out {out} exists", "--overwrite")
     assert out.read_bytes() == b"precious"
 
 
-def test_output_equal_to_input_needs_overwrite_then_replaces_atomically(capsys, tmp_path, tiny_model_dir, photo_png,
-                                                                        photo, one_thread):
-    before = photo_png.read_bytes()
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,16,16", "-o", photo_png,
-                        "-m", tiny_model_dir, *FAST)
+def test_output_equal_to_input_needs_overwrite_then_replaces_atomically(cli, tmp_path, tiny_model_dir, photo,
+                                                                        one_thread):
+    before, original = photo.read_bytes(), pixels(photo)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,16,16", "-o", photo,
+                       "-m", tiny_model_dir, *FAST)
     assert code == 2
     one_line(err, "is the input image", "--overwrite")
-    assert photo_png.read_bytes() == before
-    photo_png.chmod(0o640)
-    code, _, err = qimg(capsys, "inpaint", photo_png, "-p", "x", "--rect", "0,0,16,16", "-o", photo_png,
-                        "--overwrite", "-m", tiny_model_dir, *FAST)
+    assert photo.read_bytes() == before
+    photo.chmod(0o640)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,16,16", "-o", photo,
+                       "--overwrite", "-m", tiny_model_dir, *FAST)
     assert code == 0, err
-    after = np.asarray(Image.open(photo_png).convert("RGB"))
-    assert np.array_equal(after[16:], photo[16:]) and not np.array_equal(after[:16, :16], photo[:16, :16])
-    assert stat.S_IMODE(photo_png.stat().st_mode) == 0o640  # the replaced file's permissions are kept
+    after = np.asarray(Image.open(photo).convert("RGB"))
+    assert np.array_equal(after[16:], original[16:]) and not np.array_equal(after[:16, :16], original[:16, :16])
+    assert stat.S_IMODE(photo.stat().st_mode) == 0o640  # the replaced file's permissions are kept
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".qimg-")] == []
 
 
-def test_new_outputs_get_the_usual_permissions(capsys, tmp_path, tiny_model_dir, one_thread):
+def test_new_outputs_get_the_usual_permissions(cli, tmp_path, tiny_model_dir, one_thread):
     out = tmp_path / "o.png"
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "-o", out, *FAST)
+    code, _, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "-o", out, *FAST)
     assert code == 0, err
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
 
 
-def test_unwritable_output_folder_as_any_user(capsys, tmp_path, configs_only, monkeypatch):
+def test_unwritable_output_folder_as_any_user(cli, tmp_path, configs_only, monkeypatch):
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real(p, mode))
     (tmp_path / "ro").mkdir()
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", configs_only, "-o", tmp_path / "ro" / "o.png")
+    code, _, err = cli("generate", "-p", "x", "-m", configs_only, "-o", tmp_path / "ro" / "o.png")
     assert code == 2
     one_line(err, "not writable")
 
@@ -467,7 +401,7 @@ def test_unwritable_output_folder_as_any_user(capsys, tmp_path, configs_only, mo
     (OSError(errno.EDQUOT, "Disk quota exceeded"), "free some space"),
     (OSError(errno.EIO, "Input/output error"), "Input/output error"),
 ])
-def test_full_disk_keeps_the_old_file_and_leaves_no_temp(capsys, tmp_path, tiny_model_dir, monkeypatch, one_thread,
+def test_full_disk_keeps_the_old_file_and_leaves_no_temp(cli, tmp_path, tiny_model_dir, monkeypatch, one_thread,
                                                          failure, message):
     out = tmp_path / "o.png"
     out.write_bytes(b"old")
@@ -476,23 +410,23 @@ def test_full_disk_keeps_the_old_file_and_leaves_no_temp(capsys, tmp_path, tiny_
         raise failure
 
     monkeypatch.setattr(os, "fsync", fsync)
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "-o", out,
-                        "--overwrite", "--no-cache", *FAST)  # the cache's own writes warn and carry on
+    code, _, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "-o", out,
+                       "--overwrite", "--no-cache", *FAST)  # the cache's own writes warn and carry on
     assert code == 1
     one_line(err, f"cannot write {out}", message)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png"]
 
 
-def test_save_failure_as_root_too(capsys, tmp_path, tiny_model_dir, monkeypatch, one_thread):
+def test_save_failure_as_root_too(cli, tmp_path, tiny_model_dir, monkeypatch, one_thread):
     import tempfile
 
     def mkstemp(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32",
-                        "-o", tmp_path / "o.png", "--no-cache", *FAST)
+    code, _, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32",
+                       "-o", tmp_path / "o.png", "--no-cache", *FAST)
     assert code == 1
     one_line(err, "cannot write", "Permission denied", "choose another --out folder")
     assert list(tmp_path.iterdir()) == []
@@ -502,25 +436,25 @@ def test_save_failure_as_root_too(capsys, tmp_path, tiny_model_dir, monkeypatch,
 
 
 @pytest.mark.parametrize("option", ["-p", "--negative-prompt"])
-def test_non_utf8_prompt(capsys, tmp_path, configs_only, option):
+def test_non_utf8_prompt(cli, tmp_path, configs_only, option):
     args = ["-p", "x", option, "caf\udce9 \udcff"]  # how Python hands over argv bytes that are not UTF-8
-    code, _, err = qimg(capsys, "generate", *args, "-m", configs_only, "-o", tmp_path / "o.png")
+    code, _, err = cli("generate", *args, "-m", configs_only, "-o", tmp_path / "o.png")
     assert code == 2
     one_line(err, "is not UTF-8", "\\xe9")
 
 
-def test_long_prompt_warns_and_runs(capsys, tmp_path, tiny_model_dir, one_thread):
-    code, _, err = qimg(capsys, "generate", "-p", "a cat sitting on a wooden table " * 150, "-m", tiny_model_dir,
-                        "--size", "32x32", "-o", tmp_path / "o.png", *FAST)
+def test_long_prompt_warns_and_runs(cli, tmp_path, tiny_model_dir, one_thread):
+    code, _, err = cli("generate", "-p", "a cat sitting on a wooden table " * 150, "-m", tiny_model_dir,
+                       "--size", "32x32", "-o", tmp_path / "o.png", *FAST)
     assert code == 0, err
     warning = [line for line in err.splitlines() if line.startswith("qimg: warning:")]
     assert len(warning) == 1 and "tokens long" in warning[0] and "512" in warning[0]
     assert "Traceback" not in err
 
 
-def test_mixed_language_prompt_is_fine(capsys, tmp_path, tiny_model_dir, one_thread):
-    code, _, err = qimg(capsys, "generate", "-p", "把左边那只白色的cat改成黑色的 🐈", "-m", tiny_model_dir,
-                        "--size", "32x32", "-o", tmp_path / "o.png", "--json", *FAST)
+def test_mixed_language_prompt_is_fine(cli, tmp_path, tiny_model_dir, one_thread):
+    code, _, err = cli("generate", "-p", "把左边那只白色的cat改成黑色的 🐈", "-m", tiny_model_dir,
+                       "--size", "32x32", "-o", tmp_path / "o.png", "--json", *FAST)
     assert code == 0, err
     assert "warning" not in err
 
@@ -529,7 +463,7 @@ def test_mixed_language_prompt_is_fine(capsys, tmp_path, tiny_model_dir, one_thr
 
 
 @pytest.mark.parametrize("error", ["cuda", "host"])
-def test_out_of_memory(capsys, tmp_path, tiny_model_dir, monkeypatch, error):
+def test_out_of_memory(cli, tmp_path, tiny_model_dir, monkeypatch, error):
     import torch
 
     from qimg.engine.engine import Engine
@@ -540,7 +474,7 @@ def test_out_of_memory(capsys, tmp_path, tiny_model_dir, monkeypatch, error):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(Engine, "generate", oom)
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "-o", tmp_path / "o.png", *FAST)
+    code, _, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "-o", tmp_path / "o.png", *FAST)
     assert code == 1
     one_line(err, "out of memory", "smaller size", "--offload")
     assert not (tmp_path / "o.png").exists()
@@ -557,14 +491,14 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir, monkeypatch):
         run(["--debug", "generate", "-p", "x", "-m", str(tiny_model_dir), "-o", str(tmp_path / "o.png"), *FAST])
 
 
-def test_multi_line_errors_are_cut_to_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch):
+def test_multi_line_errors_are_cut_to_one_line(cli, tmp_path, tiny_model_dir, monkeypatch):
     from qimg.engine.engine import Engine
 
     def fail(*args, **kwargs):
         raise RuntimeError("first line\nsecond line\nthird")
 
     monkeypatch.setattr(Engine, "generate", fail)
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "-o", tmp_path / "o.png", *FAST)
+    code, _, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "-o", tmp_path / "o.png", *FAST)
     assert code == 1
     one_line(err, "RuntimeError: first line", "--debug")
 
@@ -572,7 +506,7 @@ def test_multi_line_errors_are_cut_to_one_line(capsys, tmp_path, tiny_model_dir,
 # --- untrusted files -------------------------------------------------------------------------------------
 
 
-def test_png_metadata_is_never_evaluated(capsys, tmp_path, tiny_model_dir, photo, one_thread):
+def test_png_metadata_is_never_evaluated(cli, tmp_path, tiny_model_dir, photo, one_thread):
     from PIL import PngImagePlugin
 
     marker = tmp_path / "PWNED"
@@ -580,9 +514,9 @@ def test_png_metadata_is_never_evaluated(capsys, tmp_path, tiny_model_dir, photo
     for key in ("qimg", "parameters", "prompt"):
         info.add_itxt(key, f"__import__('pathlib').Path({str(marker)!r}).touch() or !!python/object/apply:os.system "
                            f"['touch {marker}']")
-    Image.fromarray(photo).save(tmp_path / "in.png", pnginfo=info)
-    code, _, err = qimg(capsys, "inpaint", tmp_path / "in.png", "-p", "x", "--rect", "0,0,8,8", "-m", tiny_model_dir,
-                        "-o", tmp_path / "o.png", *FAST)
+    Image.fromarray(pixels(photo)).save(tmp_path / "in.png", pnginfo=info)
+    code, _, err = cli("inpaint", tmp_path / "in.png", "-p", "x", "--rect", "0,0,8,8", "-m", tiny_model_dir,
+                       "-o", tmp_path / "o.png", *FAST)
     assert code == 0, err
     assert not marker.exists()
 

@@ -84,6 +84,7 @@ def test_rects_with_huge_numbers_are_refused_in_one_line(at, digits, decoration,
         masks.parse_rect(",".join(parts), size, size)
 
 
+@pytest.mark.slow
 @fast
 @given(st.dictionaries(st.from_regex(r"k[a-z_]{0,7}", fullmatch=True), st.integers(0, 9), min_size=1, max_size=6),
        st.data())
@@ -197,6 +198,7 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
 CASES = 300
 
 
+@pytest.mark.slow
 def test_mutated_images_and_masks_end_cleanly(tmp_path, configs_only, capsys):
     rng = random.Random(7)
     seeds = seed_files()
@@ -246,12 +248,11 @@ cli_fuzz = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-def clean_run(capsys, args: list) -> tuple[int, str, str]:
+def clean_run(cli, args: list) -> tuple[int, str, str]:
     """Run the CLI, check that it ended cleanly, return (code, stdout, the error line or '')."""
     with warnings.catch_warnings(record=True) as passed_through:
         warnings.simplefilter("always")
-        code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
+        code, out, err = cli(*args)
     lines = err.strip().splitlines()
     assert code in (0, 1, 2) and "Traceback" not in err and not passed_through, (args, code, err, passed_through)
     assert "rerun with --debug" not in err, (args, err)  # an exception qimg did not foresee
@@ -302,21 +303,21 @@ def check_nothing_written(folder):
     assert sorted(p.name for p in folder.glob("*.png")) == ["in.png"]
 
 
-def run_preset(capsys, folder, text: bytes | str, command: str = "generate"):
+def run_preset(cli, folder, text: bytes | str, command: str = "generate"):
     path = folder / "p.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     first = {"generate": ["-p", "x"], "inpaint": [folder / "in.png", "-p", "x", "--rect", "0,0,9,9"],
              "outpaint": [folder / "in.png", "-p", "x", "--right", "16"]}[command]
-    code, _, line = clean_run(capsys, [command, *first, "-m", folder / "noweights", "-o", folder / "o.png",
+    code, _, line = clean_run(cli, [command, *first, "-m", folder / "noweights", "-o", folder / "o.png",
                                        "--preset", path])
     check_nothing_written(folder)
     return code, line, path
 
 
-def run_chain(capsys, folder, text: bytes | str):
+def run_chain(cli, folder, text: bytes | str):
     path = folder / "c.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
-    code, _, line = clean_run(capsys, ["chain", folder / "in.png", path, "-m", folder / "noweights",
+    code, _, line = clean_run(cli, ["chain", folder / "in.png", path, "-m", folder / "noweights",
                                        "-o", folder / "o.png", "--no-cache"])
     check_nothing_written(folder)
     return code, line, path
@@ -326,11 +327,12 @@ def accepted(line: str) -> bool:
     return "noweights" in line and "no .safetensors weights" in line
 
 
+@pytest.mark.slow
 @cli_fuzz
 @given(st.dictionaries(st.sampled_from(command_options("generate")) | st.text(max_size=8), VALUES, max_size=5) | VALUES,
        st.sampled_from(HOSTILE), st.booleans())
-def test_fuzzed_presets_end_cleanly(yaml_place, capsys, doc, hostile, at_end):
-    code, line, path = run_preset(capsys, yaml_place, yaml_text(doc, hostile, at_end))
+def test_fuzzed_presets_end_cleanly(yaml_place, cli, doc, hostile, at_end):
+    code, line, path = run_preset(cli, yaml_place, yaml_text(doc, hostile, at_end))
     assert (code, accepted(line)) == (1, True) or code == 2 and (str(path) in line or "--size" in line), line
 
 
@@ -344,12 +346,13 @@ EDITS = st.lists(st.dictionaries(st.sampled_from(["inpaint", "outpaint", "blur"]
                                  min_size=1, max_size=2), max_size=4)
 
 
+@pytest.mark.slow
 @cli_fuzz
 @given(st.fixed_dictionaries({"edits": EDITS}, optional={"seed": VALUES, "steps": VALUES, "prompt": VALUES,
                                                         "rect": VALUES}) | VALUES,
        st.sampled_from(HOSTILE), st.booleans())
-def test_fuzzed_chain_files_end_cleanly(yaml_place, capsys, doc, hostile, at_end):
-    code, line, path = run_chain(capsys, yaml_place, yaml_text(doc, hostile, at_end))
+def test_fuzzed_chain_files_end_cleanly(yaml_place, cli, doc, hostile, at_end):
+    code, line, path = run_chain(cli, yaml_place, yaml_text(doc, hostile, at_end))
     assert (code, accepted(line)) == (1, True) or code == 2 and str(path) in line, line
     edits = doc.get("edits") if isinstance(doc, dict) else None
     if " edit " in line and isinstance(edits, list):  # the edit an error names is one the file has
@@ -394,7 +397,8 @@ CHAIN_SEEDS = [
 YAML_CASES = 300
 
 
-def test_mutated_presets_and_chain_files_end_cleanly(yaml_place, capsys):
+@pytest.mark.slow
+def test_mutated_presets_and_chain_files_end_cleanly(yaml_place, cli):
     rng = random.Random(11)
     # edit needs an Edit model folder: the configs-only one is Qwen-Image's (edit's preset parsing is inpaint's)
     preset_seeds = [(p.read_text(), [c for c in presets.fitting_commands(COMMANDS, presets.read_yaml(p, "preset"))
@@ -409,9 +413,9 @@ def test_mutated_presets_and_chain_files_end_cleanly(yaml_place, capsys):
             kind, text = mutate_text(text, rng)
             kinds[kind] += 1
         if i % 2 == 0:
-            code, line, path = run_preset(capsys, yaml_place, text, rng.choice(fits))
+            code, line, path = run_preset(cli, yaml_place, text, rng.choice(fits))
         else:
-            code, line, path = run_chain(capsys, yaml_place, text)
+            code, line, path = run_chain(cli, yaml_place, text)
         assert code == (1 if accepted(line) else 2), line
         outcomes["accepted" if accepted(line) else "refused naming the file" if str(path) in line
                  else "refused otherwise"] += 1
@@ -436,15 +440,15 @@ def itxt(text: bytes, keyword: bytes = b"qimg", compressed: bool = False) -> tup
     return b"iTXt", keyword + b"\0" + bytes([compressed, 0]) + b"\0\0" + payload
 
 
-def check_info(capsys, path) -> tuple[int, dict | None]:
+def check_info(cli, path) -> tuple[int, dict | None]:
     """`qimg info` and `qimg info --json` on one file: clean ends; what is printed is data, never a command to
     the terminal; --json prints JSON that parses. Returns the exit code and the parameters --json gave."""
-    code, out, line = clean_run(capsys, ["info", path])
+    code, out, line = clean_run(cli, ["info", path])
     if code == 0:
         assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in out.replace("\n", "")), repr(out)
     else:
         assert str(path) in line, line
-    code_json, out, _ = clean_run(capsys, ["info", path, "--json"])
+    code_json, out, _ = clean_run(cli, ["info", path, "--json"])
     assert code_json == code
     params = json.loads(out) if code == 0 else None
     assert params is None or isinstance(params, dict)
@@ -512,14 +516,15 @@ def zlib_bomb() -> bytes:
 METADATA_CASES = 200
 
 
-def test_mutated_png_metadata_ends_cleanly_and_prints_only_data(tmp_path, capsys):
+@pytest.mark.slow
+def test_mutated_png_metadata_ends_cleanly_and_prints_only_data(tmp_path, cli):
     rng = random.Random(5)
     outcomes, kinds = Counter(), Counter()
     for i in range(METADATA_CASES):
         kind, raw = mutate_metadata(rng)
         path = tmp_path / f"m{i}.png"
         path.write_bytes(raw)
-        outcomes["read" if check_info(capsys, path)[0] == 0 else "refused"] += 1
+        outcomes["read" if check_info(cli, path)[0] == 0 else "refused"] += 1
         kinds[kind] += 1
         path.unlink()
     print(f"\n{METADATA_CASES} PNGs with damaged metadata: {dict(outcomes)}; mutations: {dict(kinds)}")
@@ -531,11 +536,12 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                     | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=10)
 
 
+@pytest.mark.slow
 @cli_fuzz
 @given(st.dictionaries(st.text(max_size=12), JSON, max_size=6))
-def test_any_stored_parameters_read_back_exactly_as_data(tmp_path_factory, capsys, params):
+def test_any_stored_parameters_read_back_exactly_as_data(tmp_path_factory, cli, params):
     """Whatever a qimg chunk holds (any text: control, bidi and format characters, any nesting), `qimg info
     --json` gives back exactly what was stored and plain `qimg info` prints it with nothing raw in it."""
     path = tmp_path_factory.getbasetemp() / "meta.png"
     path.write_bytes(png_with_chunks(itxt(png_text(params)["qimg"].encode())))
-    assert check_info(capsys, path) == (0, {"qimg_version": json.loads(png_text({})["qimg"])["qimg_version"], **params})
+    assert check_info(cli, path) == (0, {"qimg_version": json.loads(png_text({})["qimg"])["qimg_version"], **params})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import leftovers, signal_self
 from PIL import Image
 
 from qimg.cli.app import run
@@ -22,19 +23,7 @@ FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1", "--size"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".qimg-"))
-
-
-def signal_self(signum):
-    def send(*args, **kwargs):
-        os.kill(os.getpid(), signum)
-        time.sleep(5)  # the handler raises long before this ends
-        pytest.fail("the signal did not stop the run")
-
-    return send
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_while_sampling_writes_nothing(capsys, tmp_path, tiny_model_dir, monkeypatch, signum, code, word):
     from qimg.engine.engine import Engine
@@ -49,6 +38,7 @@ def test_signal_while_sampling_writes_nothing(capsys, tmp_path, tiny_model_dir, 
     assert signal.getsignal(signum) == before  # the handlers are put back
 
 
+@pytest.mark.slow
 def test_signal_after_the_save_names_the_file(capsys, tmp_path, tiny_model_dir, monkeypatch, one_thread):
     monkeypatch.setattr(Reporter, "result", signal_self(signal.SIGINT))
     out = tmp_path / "o.png"
@@ -57,6 +47,7 @@ def test_signal_after_the_save_names_the_file(capsys, tmp_path, tiny_model_dir, 
     Image.open(out).load()
 
 
+@pytest.mark.slow
 def test_signal_in_the_middle_of_writing_keeps_the_old_file(capsys, tmp_path, tiny_model_dir, monkeypatch, one_thread):
     out = tmp_path / "o.png"
     out.write_bytes(b"old")
@@ -139,6 +130,7 @@ def wait_for_qimg_handlers(proc: subprocess.Popen, signum: int = signal.SIGHUP) 
 linux_only = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/PID/status")
 
 
+@pytest.mark.subprocess
 @linux_only
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_qimg_loads_its_modules_stops_it_quietly(tmp_path, tiny_model_dir, signum):
@@ -151,6 +143,7 @@ def test_a_signal_while_qimg_loads_its_modules_stops_it_quietly(tmp_path, tiny_m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.subprocess
 @linux_only
 def test_a_signal_ignored_at_start_stays_ignored(tmp_path, tiny_model_dir):
     """A background job of a script starts with SIGINT ignored (and nohup ignores SIGHUP): Ctrl-C in the
@@ -187,6 +180,7 @@ def complete_png(path: Path) -> bool:
         return img.size == (512, 512)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL])
 def test_killed_mid_write_leaves_the_old_file_or_a_complete_one(tmp_path, tiny_model_dir, signum):
     rng = random.Random(signum)
@@ -213,6 +207,7 @@ def test_killed_mid_write_leaves_the_old_file_or_a_complete_one(tmp_path, tiny_m
         assert (out.read_bytes() == old) == last.endswith("nothing written")
 
 
+@pytest.mark.subprocess
 @linux_only
 def test_signals_at_random_moments_stop_cleanly(tmp_path, tiny_model_dir):
     """SIGINT or SIGHUP anywhere in a short run, from qimg's first line to its exit: it finished (0) or
@@ -233,6 +228,7 @@ def test_signals_at_random_moments_stop_cleanly(tmp_path, tiny_model_dir):
             Image.open(out).load()
 
 
+@pytest.mark.subprocess
 def test_stale_temp_files_are_removed_and_live_ones_kept(tmp_path):
     from qimg.images import STALE_TEMP_SECONDS, remove_stale_temps
 

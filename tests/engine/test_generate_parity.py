@@ -22,6 +22,7 @@ def engine(tiny_model_dir):
     return Engine(tiny_model_dir, "cpu", "float32")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("prompt", PROMPTS + [" "])
 def test_prompt_embeddings_match_pipeline(engine, reference_pipeline, prompt):
     ours = engine.encode_prompts([prompt])[0]
@@ -41,6 +42,7 @@ def reference_image(pipe, prompt, width, height, steps, cfg, seed):
                 num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("prompt, width, height, steps, cfg, seed", [
     (PROMPTS[0], 64, 64, 4, 4.0, 7),
     (PROMPTS[1], 80, 48, 3, 4.0, 11),
@@ -64,6 +66,7 @@ def test_generate_png_matches_pipeline(tiny_model_dir, reference_pipeline, capsy
     assert ref.std() > 1  # a flat image would make the comparison meaningless
 
 
+@pytest.mark.slow
 def test_seed_changes_the_image_and_is_reported_when_random(tiny_model_dir, capsys, tmp_path):
     images = []
     for i, seed in enumerate(["1", "2", None]):
@@ -77,6 +80,7 @@ def test_seed_changes_the_image_and_is_reported_when_random(tiny_model_dir, caps
     assert json.loads(Image.open(tmp_path / "0.png").text["qimg"])["seed"] == 1
 
 
+@pytest.mark.subprocess
 def test_repo_id_resolves_through_the_hub_cache(tiny_model_dir, tmp_path):
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen-Image" / "snapshots" / "abc123"
     shutil.copytree(tiny_model_dir, snapshot)

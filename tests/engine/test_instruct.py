@@ -7,27 +7,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import pixels
 from PIL import Image
 from skimage import data
 from tiny_edit_checkpoint import reference_edit_pipeline, small_areas
 
-from qimg.cli.app import run
 from qimg.engine.engine import Engine
 from qimg.engine.instruct import calculate_dimensions
 from qimg.jobs.metadata import read_params
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 VISION_AREA = 64 * 64
 
 
-def qimg(capsys, *args):
-    code = run([str(a) for a in args] + ["--device", "cpu", "--no-worker"])
-    out, err = capsys.readouterr()
+def qimg(cli, *args):
+    """`qimg ARGS --device cpu --no-worker`: (exit code, the last line of stdout as JSON or None, stderr)."""
+    code, out, err = cli(*args, "--device", "cpu", "--no-worker")
     return code, (json.loads(out.splitlines()[-1]) if code == 0 and out else None), err
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +61,15 @@ def assert_close(ours: np.ndarray, ref: np.ndarray, where=None):
     assert np.abs(ours - ref).max() <= 1
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("picture, seed, cfg, steps", [("wide", 7, 4.0, 3), ("tall", 3, 1.0, 2)])
-def test_edit_matches_pipeline(tiny_edit_dir, pipelines, photos, tmp_path, capsys, monkeypatch,
+def test_edit_matches_pipeline(tiny_edit_dir, pipelines, photos, tmp_path, cli, monkeypatch,
                                picture, seed, cfg, steps):
     image = pixels(photos[picture])
     area = image.shape[0] * image.shape[1]
     small_areas(monkeypatch, area, VISION_AREA)
     out = tmp_path / "o.png"
-    code, report, err = qimg(capsys, "edit", photos[picture], "-m", tiny_edit_dir, "-p", "把衣服改成红色",
+    code, report, err = qimg(cli, "edit", photos[picture], "-m", tiny_edit_dir, "-p", "把衣服改成红色",
                              "--edit-area", area, "--steps", steps, "--cfg", cfg, "--seed", seed, "-o", out, "--json")
     assert code == 0, err
     assert report["work_size"] == [image.shape[1], image.shape[0]] and report["model_kind"] == "edit"
@@ -83,15 +80,16 @@ def test_edit_matches_pipeline(tiny_edit_dir, pipelines, photos, tmp_path, capsy
     assert_close(pixels(out), np.asarray(ref))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind, refs", [("plus", []), ("plus", ["ref1"]), ("plus", ["ref1", "ref2"]),
                                         ("2511", ["ref2"])], ids=["2509-1", "2509-2", "2509-3", "2511-2"])
-def test_plus_matches_pipeline(tiny_edit_checkpoints, pipelines, photos, tmp_path, capsys, monkeypatch, kind, refs):
+def test_plus_matches_pipeline(tiny_edit_checkpoints, pipelines, photos, tmp_path, cli, monkeypatch, kind, refs):
     image = pixels(photos["wide"])
     area = image.shape[0] * image.shape[1]
     small_areas(monkeypatch, area, VISION_AREA)
     out = tmp_path / "o.png"
     ref_args = [a for r in refs for a in ("--ref", photos[r])]
-    code, report, err = qimg(capsys, "edit", photos["wide"], *ref_args, "-m", tiny_edit_checkpoints[kind], "-p",
+    code, report, err = qimg(cli, "edit", photos["wide"], *ref_args, "-m", tiny_edit_checkpoints[kind], "-p",
                              "put the lamp from picture 2 on the table", "--edit-area", area, "--vision-area",
                              VISION_AREA, "--steps", 2, "--seed", 11, "-o", out, "--json")
     assert code == 0, err
@@ -105,8 +103,9 @@ def test_plus_matches_pipeline(tiny_edit_checkpoints, pipelines, photos, tmp_pat
     assert_close(pixels(out), np.asarray(ref))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_masked_edit_matches_edit_inpaint_pipeline(tiny_edit_dir, pipelines, photos, tmp_path, capsys, monkeypatch,
+def test_masked_edit_matches_edit_inpaint_pipeline(tiny_edit_dir, pipelines, photos, tmp_path, cli, monkeypatch,
                                                    strength):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint
 
@@ -118,7 +117,7 @@ def test_masked_edit_matches_edit_inpaint_pipeline(tiny_edit_dir, pipelines, pho
     monkeypatch.setattr(inpaint, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                         retrieve(out, generator, "argmax"))
     out = tmp_path / "o.png"
-    code, report, err = qimg(capsys, "edit", photos["wide"], "-m", tiny_edit_dir, "-p", "a red hat",
+    code, report, err = qimg(cli, "edit", photos["wide"], "-m", tiny_edit_dir, "-p", "a red hat",
                              "--rect", "32,16,64,48", "--strength", strength, "--edit-area", area, "--steps", 4,
                              "--seed", 5, "-o", out, "--json")
     assert code == 0, err
@@ -133,33 +132,33 @@ def test_masked_edit_matches_edit_inpaint_pipeline(tiny_edit_dir, pipelines, pho
     assert report["mask_area"] == inside.sum()
 
 
-def test_output_keeps_odd_input_sizes_and_cache_keys_on_pictures(tiny_plus_dir, photos, tmp_path, capsys):
+def test_output_keeps_odd_input_sizes_and_cache_keys_on_pictures(tiny_plus_dir, photos, tmp_path, cli):
     area = 160 * 96
     common = ["-m", tiny_plus_dir, "-p", "make it night", "--edit-area", area, "--vision-area", VISION_AREA,
               "--steps", 1, "--cfg", 1, "--seed", 2, "--json", "--overwrite"]
-    code, report, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "a.png", *common)
+    code, report, err = qimg(cli, "edit", photos["odd"], "-o", tmp_path / "a.png", *common)
     assert code == 0, err
     assert pixels(tmp_path / "a.png").shape == (300, 451, 3)
     assert report["work_size"] == list(calculate_dimensions(area, 451 / 300)) == [160, 96]
     assert (report["latent_cache"], report["prompt_cache"]) == ("miss", "miss")
 
-    code, report, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "b.png", *common)
+    code, report, err = qimg(cli, "edit", photos["odd"], "-o", tmp_path / "b.png", *common)
     assert (report["latent_cache"], report["prompt_cache"]) == ("hit", "hit")
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
 
     changed = pixels(photos["odd"]).copy()
     changed[:40, :40] = 255 - changed[:40, :40]  # the same instruction must be encoded again with the new picture
     Image.fromarray(changed).save(tmp_path / "changed.png")
-    code, report, err = qimg(capsys, "edit", tmp_path / "changed.png", "-o", tmp_path / "c.png", *common)
+    code, report, err = qimg(cli, "edit", tmp_path / "changed.png", "-o", tmp_path / "c.png", *common)
     assert (report["latent_cache"], report["prompt_cache"]) == ("miss", "miss")
 
-    code, report, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "d.png", "--size", "100x50", *common)
+    code, report, err = qimg(cli, "edit", photos["odd"], "-o", tmp_path / "d.png", "--size", "100x50", *common)
     assert code == 0, err
     assert pixels(tmp_path / "d.png").shape == (50, 100, 3)
     assert report["work_size"] == list(calculate_dimensions(area, 2))
 
 
-def test_chain_of_edits_keeps_outside_pixels_and_encodes_once(tiny_plus_dir, photos, tmp_path, capsys, monkeypatch):
+def test_chain_of_edits_keeps_outside_pixels_and_encodes_once(tiny_plus_dir, photos, tmp_path, cli, monkeypatch):
     encoded, encode = [], Engine.encode
     monkeypatch.setattr(Engine, "encode", lambda self, image: encoded.append(image.shape) or encode(self, image))
     (tmp_path / "chain.yaml").write_text(
@@ -168,7 +167,7 @@ def test_chain_of_edits_keeps_outside_pixels_and_encodes_once(tiny_plus_dir, pho
         '  - edit: {prompt: "a blue sky", rect: "300,20,100,100", feather: 8}\n'
         '  - edit: {prompt: "brighter", rect: "150,150,200,100", strength: 0.6, steps: 3}\n')
     out = tmp_path / "c.png"
-    code, report, err = qimg(capsys, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
+    code, report, err = qimg(cli, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
                              "--seed", 4, "-o", out, "--json")
     assert code == 0, err
     assert len(encoded) == 1  # the input, once: every later edit starts from the carried latent
@@ -182,14 +181,14 @@ def test_chain_of_edits_keeps_outside_pixels_and_encodes_once(tiny_plus_dir, pho
 
     # Run again: every edit comes from the cache (the chained keys cover the pictures), the same PNG results.
     again = tmp_path / "again.png"
-    code, report, err = qimg(capsys, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
+    code, report, err = qimg(cli, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
                              "--seed", 4, "-o", again, "--json")
     assert code == 0, err
     assert [entry["cache"] for entry in report["lineage"]] == ["hit"] * 3 and len(encoded) == 1
     assert np.array_equal(pixels(again), after)
 
 
-def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
+def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, cli):
     (tmp_path / "in").mkdir()
     (tmp_path / "masks").mkdir()
     for name in ("wide", "odd"):
@@ -198,7 +197,7 @@ def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
         mask = np.zeros(image.shape[:2], np.uint8)
         mask[10:40, 20:70] = 255
         Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
-    code, _, err = qimg(capsys, "edit", tmp_path / "in", "--mask-dir", tmp_path / "masks", "--out-dir",
+    code, _, err = qimg(cli, "edit", tmp_path / "in", "--mask-dir", tmp_path / "masks", "--out-dir",
                         tmp_path / "out", "-m", tiny_edit_dir, "-p", "a red hat", "--edit-area", 15360, "--steps", 1,
                         "--cfg", 1, "--seed", 3, "--json")
     assert code == 0, err
@@ -210,7 +209,7 @@ def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
     # --shard: the two shards' outputs are the whole batch's (their pixels and parameters but for the cache's
     # use, a hit now), no file in both
     for i in (0, 1):
-        code, _, err = qimg(capsys, "edit", tmp_path / "in", "--mask-dir", tmp_path / "masks", "--out-dir",
+        code, _, err = qimg(cli, "edit", tmp_path / "in", "--mask-dir", tmp_path / "masks", "--out-dir",
                             tmp_path / f"shard{i}", "-m", tiny_edit_dir, "-p", "a red hat", "--edit-area", 15360,
                             "--steps", 1, "--cfg", 1, "--seed", 3, "--shard", f"{i}/2", "--json")
         assert code == 0, err
@@ -223,6 +222,7 @@ def test_batch_with_mask_dir(tiny_edit_dir, photos, tmp_path, capsys):
             assert np.array_equal(pixels(tmp_path / f"shard{i}" / name), pixels(tmp_path / "out" / name))
 
 
+@pytest.mark.parity
 def test_2511_latents_match_pipeline(tiny_2511_dir, pipelines, photos, monkeypatch):
     from qimg.engine.canvas import Canvas
     from qimg.engine.instruct import Areas, Pictures, edit_canvas
@@ -242,21 +242,21 @@ def test_2511_latents_match_pipeline(tiny_2511_dir, pipelines, photos, monkeypat
     assert (patchify(canvas.latent) - expected).abs().max() <= 1e-4
 
 
-def test_editing_an_output_at_the_working_size_reuses_its_latent(tiny_edit_dir, photos, tmp_path, capsys):
+def test_editing_an_output_at_the_working_size_reuses_its_latent(tiny_edit_dir, photos, tmp_path, cli):
     common = ["-m", tiny_edit_dir, "--edit-area", 160 * 96, "--steps", 1, "--cfg", 1, "--json"]
-    code, report, err = qimg(capsys, "edit", photos["wide"], "-p", "a red hat", "-o", tmp_path / "1.png", *common)
+    code, report, err = qimg(cli, "edit", photos["wide"], "-p", "a red hat", "-o", tmp_path / "1.png", *common)
     assert code == 0 and report["work_size"] == [160, 96], err
-    code, report, err = qimg(capsys, "edit", tmp_path / "1.png", "-p", "a blue coat", "-o", tmp_path / "2.png",
+    code, report, err = qimg(cli, "edit", tmp_path / "1.png", "-p", "a blue coat", "-o", tmp_path / "2.png",
                              *common)
     assert code == 0 and report["latent_cache"] == "hit", err  # the first edit's latent: no encoding, no drift
-    code, report, err = qimg(capsys, "edit", photos["odd"], "-p", "a red hat", "-o", tmp_path / "3.png", *common)
-    code, report, err = qimg(capsys, "edit", tmp_path / "3.png", "-p", "a blue coat", "-o", tmp_path / "4.png",
+    code, report, err = qimg(cli, "edit", photos["odd"], "-p", "a red hat", "-o", tmp_path / "3.png", *common)
+    code, report, err = qimg(cli, "edit", tmp_path / "3.png", "-p", "a blue coat", "-o", tmp_path / "4.png",
                              *common)
     assert code == 0 and report["latent_cache"] == "miss", err  # resampled to 451x300: its latent stands for no output
 
 
-def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path, capsys):
-    code, report, err = qimg(capsys, "edit", photos["odd"], "-m", tiny_edit_dir, "-p", "a red hat", "--rect",
+def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path, cli):
+    code, report, err = qimg(cli, "edit", photos["odd"], "-m", tiny_edit_dir, "-p", "a red hat", "--rect",
                              "300,200,40,30", "--mask-crop", 20, "--edit-area", 64 * 48, "--steps", 1, "--cfg", 1,
                              "-o", tmp_path / "o.png", "--json")
     assert code == 0, err
@@ -270,7 +270,7 @@ def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path,
 
 @pytest.mark.parametrize("extra", [("--size", "100x50"), ("--rect", "300,200,40,30", "--mask-crop", 20),
                                    ("--rect", "10,10,200,100")])
-def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_path, capsys, extra):
+def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_path, cli, extra):
     """Every preview has the output's size and, with a mask, the input's pixels outside it; the last one is the
     output; the output is the same with or without previews."""
     from qimg import images as files
@@ -286,11 +286,11 @@ def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_pat
               "--steps", 3, "--cfg", 1, "--seed", 5, *extra, "--json"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(files, "save_image", spy)
-        code, report, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "o.png", "--preview",
+        code, report, err = qimg(cli, "edit", photos["odd"], "-o", tmp_path / "o.png", "--preview",
                                  tmp_path / "live.png", "--preview-every", 1, *common)
     assert code == 0, err
     assert report["previews"] == 3 == len(written)  # steps 1 and 2, then the result
-    code, _, err = qimg(capsys, "edit", photos["odd"], "-o", tmp_path / "plain.png", *common)
+    code, _, err = qimg(cli, "edit", photos["odd"], "-o", tmp_path / "plain.png", *common)
     assert code == 0, err
     out, before = pixels(tmp_path / "o.png"), pixels(photos["odd"])
     assert np.array_equal(out, pixels(tmp_path / "plain.png"))
@@ -303,13 +303,13 @@ def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_pat
         assert all(np.array_equal(p[outside], before[outside]) for p in written)
 
 
-def test_a_chain_of_edits_previews_its_canvas(tiny_plus_dir, photos, tmp_path, capsys):
+def test_a_chain_of_edits_previews_its_canvas(tiny_plus_dir, photos, tmp_path, cli):
     (tmp_path / "chain.yaml").write_text(
         "steps: 2\ncfg: 1\nedit_area: 15360\nvision_area: 4096\nedits:\n"
         '  - edit: {prompt: "a red hat", rect: "0,0,120,90"}\n'
         '  - edit: {prompt: "a blue sky", rect: "300,20,100,100"}\n')
     out, live = tmp_path / "c.png", tmp_path / "live.png"
-    code, report, err = qimg(capsys, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
+    code, report, err = qimg(cli, "chain", photos["odd"], tmp_path / "chain.yaml", "-m", tiny_plus_dir,
                              "--seed", 4, "-o", out, "--preview", live, "--preview-every", 1, "--json")
     assert code == 0, err
     assert report["previews"] >= 3 and np.array_equal(pixels(live), pixels(out))

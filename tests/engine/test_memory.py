@@ -1,5 +1,7 @@
 """The working-memory estimate that refuses absurd sizes before any weights load."""
 
+import pytest
+
 from qimg.engine.memory import activation_bytes, gigabytes
 from qimg.model.transformer import TransformerConfig
 from qimg.model.vae import VAEConfig
@@ -40,6 +42,7 @@ def q4_k_m(name: str, shape: tuple) -> str:
     return "Q6_K" if any(s in name for s in (".to_v.", ".add_v_proj.", "mlp.net.2")) else "Q4_K"
 
 
+@pytest.mark.slow
 def test_packed_sizes_of_the_real_transformer_match_the_published_files():
     import math
 

@@ -69,6 +69,7 @@ def test_linear_velocity_is_reused_exactly_and_never_early_late_or_too_long():
     assert len(steps) < 40
 
 
+@pytest.mark.slow
 def test_calls_are_counted_exactly(tiny_model_dir, tmp_path, capsys, monkeypatch):
     from qimg.model.transformer import QwenImageTransformer
 
@@ -91,6 +92,7 @@ def test_calls_are_counted_exactly(tiny_model_dir, tmp_path, capsys, monkeypatch
         assert Image.open(tmp_path / "o.png").text["qimg"].count(f'"calls": {calls}') == 1
 
 
+@pytest.mark.slow
 def test_options_off_change_nothing(tiny_model_dir, tmp_path, capsys):
     base = ["generate", "-p", "x", "-m", str(tiny_model_dir), "--cfg", "4", *FAST]
     assert run([*base, "-o", str(tmp_path / "a.png")]) == 0
@@ -99,6 +101,7 @@ def test_options_off_change_nothing(tiny_model_dir, tmp_path, capsys):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_inpaint_with_shortcuts_keeps_unmasked_pixels(tiny_model_dir, tmp_path, capsys):
     photo = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
     Image.fromarray(photo).save(tmp_path / "in.png")
@@ -112,6 +115,7 @@ def test_inpaint_with_shortcuts_keeps_unmasked_pixels(tiny_model_dir, tmp_path, 
     assert np.array_equal(out[keep], photo[keep])
 
 
+@pytest.mark.slow
 def test_quality_on_the_builtin_model(builtin_engine):
     """The issue's gates: --reuse 0.1 at most 0.70 of the calls with mean PSNR >= 40 dB, min >= 30 dB, mean SSIM
     >= 0.99; --cfg-until 0.75 at most 0.88 with mean PSNR >= 35 dB (figures in the note and the README)."""
@@ -122,6 +126,7 @@ def test_quality_on_the_builtin_model(builtin_engine):
     assert early["cost"] <= 0.88 and early["psnr_mean"] >= 35, early
 
 
+@pytest.mark.slow
 def test_a_chain_takes_the_shortcuts_for_every_edit_and_counts_its_calls(tiny_model_dir, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), np.uint8)).save(tmp_path / "in.png")
     (tmp_path / "c.yaml").write_text("cfg: 4\nsteps: 12\nedits:\n  - inpaint: {rect: '0,0,16,16', prompt: x}\n"

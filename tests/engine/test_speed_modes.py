@@ -23,6 +23,7 @@ def baseline(tiny_model_dir):
     return Engine(tiny_model_dir, "cpu", "float32").generate(**JOB).image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offload", ["model", "blocks"])
 def test_offload_modes_give_identical_images(tiny_model_dir, baseline, offload):
     engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload=offload))
@@ -33,6 +34,7 @@ def test_offload_modes_give_identical_images(tiny_model_dir, baseline, offload):
         assert np.array_equal(engine.generate(**JOB).image, baseline)  # and reloads on the next job
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offload", ["model", "blocks"])
 def test_offload_modes_give_identical_inpaints_with_the_attention_mask(tiny_model_dir, offload):
     # the batched CFG pass with the inpaint attention plan, and model offload freeing the VAE's encoder and
@@ -48,6 +50,7 @@ def test_offload_modes_give_identical_inpaints_with_the_attention_mask(tiny_mode
         assert engine._text is None and engine._transformer is None and engine._vae == {}
 
 
+@pytest.mark.slow
 def test_model_offload_loads_only_the_vae_part_it_needs(tiny_model_dir, monkeypatch):
     engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload="model"))
     loaded = []
@@ -69,6 +72,7 @@ def test_tiles_cover_everything_with_the_overlap(n, tile, overlap):
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # neighbours share >= overlap
 
 
+@pytest.mark.slow
 def test_tiled_decode_is_close_to_a_whole_decode(tiny_model_dir):
     vae = Engine(tiny_model_dir, "cpu", "float32").vae("decoder")
     z = torch.randn(1, 16, 40, 48, generator=torch.Generator().manual_seed(0))
@@ -80,6 +84,7 @@ def test_tiled_decode_is_close_to_a_whole_decode(tiny_model_dir):
     assert (bad_seams - whole).abs().mean() > error.mean()
 
 
+@pytest.mark.slow
 def test_engine_tiles_only_when_asked_or_above_the_threshold(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(qimg.engine.latents, "TILE", 24)  # small tiles, so a small latent spans several
     latent = torch.randn(1, 16, 40, 40, generator=torch.Generator().manual_seed(1))  # 320 x 320 px
@@ -122,6 +127,7 @@ def test_the_cli_offers_exactly_the_choices_the_layers_below_check():
     assert get_args(options.Anchor) == tuple(masks.ANCHORS)
 
 
+@pytest.mark.slow
 def test_chain_takes_the_speed_options_but_its_edits_do_not(tiny_model_dir, tmp_path, capsys):
     from PIL import Image
 

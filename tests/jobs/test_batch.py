@@ -7,19 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import corrupt_files, leftovers, signal_self
 from PIL import Image
 from skimage import data
 
-from qimg.cli.app import run
 from qimg.jobs.batch import expand_inputs, file_seed, mask_for
 
 COMMON = ["--steps", "2", "--device", "cpu", "--json"]
-
-
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, [json.loads(line) for line in out.splitlines()], err
 
 
 @pytest.fixture
@@ -65,7 +59,8 @@ def test_file_seeds_differ_by_name_and_not_by_folder():
     assert len({file_seed(7, Path("x.png")), file_seed(7, Path("y.png")), file_seed(8, Path("x.png"))}) == 3
 
 
-def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_model_dir, folder, tmp_path, capsys,
+@pytest.mark.slow
+def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_model_dir, folder, tmp_path, cli,
                                                                         monkeypatch):
     from qimg.engine import components
 
@@ -77,7 +72,7 @@ def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_mo
     out = tmp_path / "out"
     args = ["inpaint", photos, "-m", tiny_model_dir, "-p", "x", "--mask-dir", masks, "--out-dir", out,
             "--seed", "7", *COMMON]
-    code, lines, err = qimg(capsys, *args)
+    code, lines, err = cli.lines(*args)
     assert code == 1
     done = {Path(r["input"]).name: r for r in lines if "output" in r}
     assert sorted(done) == ["a.png", "b.jpg", "c.png"]
@@ -94,35 +89,37 @@ def test_batch_with_a_broken_file_finishes_the_rest_and_fails_at_the_end(tiny_mo
 
     # Resume: everything made is skipped untouched; the broken file still fails.
     stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-    code, lines, err = qimg(capsys, *args, "--skip-existing")
+    code, lines, err = cli.lines(*args, "--skip-existing")
     assert code == 1 and sum(bool(r.get("skipped")) for r in lines) == 3
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
-def test_skip_existing_on_a_single_file(tiny_model_dir, folder, capsys):
+def test_skip_existing_on_a_single_file(tiny_model_dir, folder, cli):
     photos, masks = folder
     (photos / "a.inpaint.png").write_bytes(b"made earlier")
-    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", "-m", tiny_model_dir, "-p", "x", "--rect",
-                            "0,0,9,9", "--skip-existing", *COMMON)
+    code, lines, err = cli.lines("inpaint", photos / "a.png", "-m", tiny_model_dir, "-p", "x", "--rect",
+                                 "0,0,9,9", "--skip-existing", *COMMON)
     assert code == 0 and lines == [{"input": str(photos / "a.png"), "output": str(photos / "a.inpaint.png"),
                                     "skipped": True}]
     assert (photos / "a.inpaint.png").read_bytes() == b"made earlier"
 
 
-def test_missing_mask_in_a_batch_is_that_file_s_error(tiny_model_dir, folder, capsys):
+@pytest.mark.slow
+def test_missing_mask_in_a_batch_is_that_file_s_error(tiny_model_dir, folder, cli):
     photos, masks = folder
     (masks / "b.png").unlink()
-    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "b.jpg", "-m", tiny_model_dir, "-p", "x",
-                            "--mask-dir", masks, *COMMON)
+    code, lines, err = cli.lines("inpaint", photos / "a.png", photos / "b.jpg", "-m", tiny_model_dir, "-p", "x",
+                                 "--mask-dir", masks, *COMMON)
     assert code == 1 and [r["input"] for r in lines if "output" in r] == [str(photos / "a.png")]
     assert "no mask for b.jpg" in err and err.strip().splitlines()[-1].endswith("1 of 2 images failed: " +
                                                                              str(photos / "b.jpg"))
 
 
-def test_outpaint_batch_from_a_glob(tiny_model_dir, folder, tmp_path, capsys):
+@pytest.mark.slow
+def test_outpaint_batch_from_a_glob(tiny_model_dir, folder, tmp_path, cli):
     photos, _ = folder
-    code, lines, err = qimg(capsys, "outpaint", str(photos / "[ac].png"), "-m", tiny_model_dir, "-p", "x",
-                            "--right", "16", "--out-dir", tmp_path / "o", *COMMON)
+    code, lines, err = cli.lines("outpaint", str(photos / "[ac].png"), "-m", tiny_model_dir, "-p", "x",
+                                 "--right", "16", "--out-dir", tmp_path / "o", *COMMON)
     assert code == 0, err
     assert [(Path(r["input"]).name, r["width"]) for r in lines] == [("a.png", 112), ("c.png", 112)]
 
@@ -133,20 +130,21 @@ def test_outpaint_batch_from_a_glob(tiny_model_dir, folder, tmp_path, capsys):
     (["PHOTOS/a.png", "PHOTOS/a.jpg"], "would both write"),
     (["PHOTOS/a.png", "--mask", "m.png", "--mask-dir", "MASKS"], "not both"),
 ])
-def test_batch_usage_errors(configs_only, folder, tmp_path, capsys, args, fragment):
+def test_batch_usage_errors(configs_only, folder, tmp_path, cli, args, fragment):
     photos, masks = folder
     Image.new("RGB", (8, 8)).save(photos / "a.jpg")
     args = [a.replace("PHOTOS", str(photos)).replace("MASKS", str(masks)) for a in args]
-    code, _, err = qimg(capsys, "inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", configs_only)
+    code, _, err = cli.lines("inpaint", *args, "-p", "x", "--rect", "0,0,9,9", "-m", configs_only)
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
-def test_preset_applies_to_every_file_of_a_batch(tiny_model_dir, folder, tmp_path, capsys):
+@pytest.mark.slow
+def test_preset_applies_to_every_file_of_a_batch(tiny_model_dir, folder, tmp_path, cli):
     photos, _ = folder
     preset = tmp_path / "wide.yaml"
     preset.write_text("right: 16\nstrength: 0.9\nsteps: 1\n")  # COMMON's --steps 2 wins
-    code, lines, err = qimg(capsys, "outpaint", str(photos / "[ac].png"), "-m", tiny_model_dir, "-p", "x",
-                            "--preset", preset, "--out-dir", tmp_path / "o", *COMMON)
+    code, lines, err = cli.lines("outpaint", str(photos / "[ac].png"), "-m", tiny_model_dir, "-p", "x",
+                                 "--preset", preset, "--out-dir", tmp_path / "o", *COMMON)
     assert code == 0, err
     assert [(r["width"], r["strength"], r["steps"], r["preset"]) for r in lines] == [(112, 0.9, 2, str(preset))] * 2
     for r in lines:
@@ -156,44 +154,46 @@ def test_preset_applies_to_every_file_of_a_batch(tiny_model_dir, folder, tmp_pat
 # --- existing outputs, the never-clobber policy and --overwrite in batches ---------------------------------
 
 
+@pytest.mark.slow
 def test_existing_outputs_refuse_the_batch_up_front_unless_told(tiny_model_dir, configs_only, folder, tmp_path,
-                                                                 capsys, one_thread):
+                                                                 cli, one_thread):
     photos, _ = folder
     out = tmp_path / "out"
     args = ["inpaint", str(photos / "[ac].png"), "-p", "x", "--rect", "0,0,9,9", "--out-dir", out, "--seed", "1",
             "--steps", "1", "--device", "cpu", "--json"]
-    code, lines, err = qimg(capsys, *args, "-m", tiny_model_dir)
+    code, lines, err = cli.lines(*args, "-m", tiny_model_dir)
     assert code == 0, err
     made = {p.name: np.asarray(Image.open(p)) for p in out.iterdir()}
     (out / "a.inpaint.png").write_bytes(b"edited by hand")  # the user touched up one result
 
     # Neither flag: refused before any model loads (configs_only would fail at the loader, exit 1).
-    code, lines, err = qimg(capsys, *args, "-m", configs_only)
+    code, lines, err = cli.lines(*args, "-m", configs_only)
     assert code == 2 and lines == [] and len(err.strip().splitlines()) == 1, err
     for fragment in ["2 of 2 outputs exist already", str(out / "a.inpaint.png"), "--skip-existing", "--overwrite"]:
         assert fragment in err, err
-    code, _, err = qimg(capsys, *args, "-m", configs_only, "--skip-existing", "--overwrite")
+    code, _, err = cli.lines(*args, "-m", configs_only, "--skip-existing", "--overwrite")
     assert code == 2 and "not both" in err
     assert (out / "a.inpaint.png").read_bytes() == b"edited by hand"
 
     # --overwrite: the same names, replaced; nothing numbered.
-    code, lines, err = qimg(capsys, *args, "-m", tiny_model_dir, "--overwrite")
+    code, lines, err = cli.lines(*args, "-m", tiny_model_dir, "--overwrite")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "c.inpaint.png"]
     for name, pixels in made.items():  # same seed, same images: the hand edit is gone
         assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
 
 
-def test_an_output_that_would_replace_another_input_is_refused(configs_only, folder, tmp_path, capsys):
+def test_an_output_that_would_replace_another_input_is_refused(configs_only, folder, tmp_path, cli):
     photos, _ = folder
     Image.new("RGB", (8, 8)).save(photos / "a.inpaint.png")
-    code, _, err = qimg(capsys, "inpaint", photos / "a.png", photos / "a.inpaint.png", "-p", "x", "--rect", "0,0,9,9",
-                        "-m", configs_only, "--overwrite")
+    code, _, err = cli.lines("inpaint", photos / "a.png", photos / "a.inpaint.png", "-p", "x", "--rect", "0,0,9,9",
+                             "-m", configs_only, "--overwrite")
     assert code == 2 and "is an input and the output of" in err and "--out-dir" in err, err
 
 
+@pytest.mark.slow
 def test_outputs_that_appear_while_the_batch_runs_are_kept_and_only_their_files_fail(tiny_model_dir, folder, tmp_path,
-                                                                                      capsys, monkeypatch, one_thread):
+                                                                                      cli, monkeypatch, one_thread):
     from qimg.engine.engine import Engine
 
     photos, masks = folder
@@ -209,8 +209,8 @@ def test_outputs_that_appear_while_the_batch_runs_are_kept_and_only_their_files_
 
     monkeypatch.setattr(Engine, "inpaint", inpaint)
     out.mkdir()
-    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "b.jpg", photos / "c.png", "-p", "x",
-                            "--mask-dir", masks, "--out-dir", out, "-m", tiny_model_dir, *COMMON)
+    code, lines, err = cli.lines("inpaint", photos / "a.png", photos / "b.jpg", photos / "c.png", "-p", "x",
+                                 "--mask-dir", masks, "--out-dir", out, "-m", tiny_model_dir, *COMMON)
     assert code == 1 and "Traceback" not in err
     assert [Path(r["input"]).name for r in lines if "output" in r] == ["b.jpg"]
     errors = {Path(r["input"]).name: r["error"] for r in lines if "error" in r}
@@ -221,15 +221,14 @@ def test_outputs_that_appear_while_the_batch_runs_are_kept_and_only_their_files_
     assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "b.inpaint.png", "c.inpaint.png"]
 
 
-def test_batch_continues_past_every_kind_of_bad_file(tiny_model_dir, tmp_path, capsys, one_thread):
-    from test_error_matrix import corrupt_files
-
+@pytest.mark.slow
+def test_batch_continues_past_every_kind_of_bad_file(tiny_model_dir, tmp_path, cli, one_thread):
     photos = tmp_path / "in"
     photos.mkdir()
     bad = {path: message for case, (path, message) in corrupt_files(photos, data.astronaut()[::8, ::8].copy()).items()
            if case not in ("missing", "folder")}
-    code, lines, err = qimg(capsys, "inpaint", photos, "-p", "x", "--rect", "0,0,9,9", "-m", tiny_model_dir,
-                            "--out-dir", tmp_path / "out", *COMMON)
+    code, lines, err = cli.lines("inpaint", photos, "-p", "x", "--rect", "0,0,9,9", "-m", tiny_model_dir,
+                                 "--out-dir", tmp_path / "out", *COMMON)
     assert code == 1 and "Traceback" not in err
     assert [Path(r["output"]).name for r in lines if "output" in r] == ["good.inpaint.png"]
     errors = {Path(r["input"]): r["error"] for r in lines if "error" in r}
@@ -239,10 +238,9 @@ def test_batch_continues_past_every_kind_of_bad_file(tiny_model_dir, tmp_path, c
     assert err.strip().splitlines()[-1].startswith(f"qimg: error: {len(bad)} of {len(bad) + 1} images failed")
 
 
-def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_path, capsys, monkeypatch, one_thread):
+@pytest.mark.slow
+def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_path, cli, monkeypatch, one_thread):
     import signal
-
-    from test_interrupts import leftovers, signal_self
 
     from qimg.engine.engine import Engine
 
@@ -257,13 +255,13 @@ def test_interrupted_batch_names_what_it_finished(tiny_model_dir, folder, tmp_pa
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "inpaint", inpaint)
-    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--mask-dir", masks,
-                            "--out-dir", out, "-m", tiny_model_dir, *COMMON)
+    code, lines, err = cli.lines("inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--mask-dir", masks,
+                                 "--out-dir", out, "-m", tiny_model_dir, *COMMON)
     assert code == 130 and err.strip().splitlines()[-1] == f"qimg: interrupted after writing {out / 'a.inpaint.png'}"
     assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png"] and leftovers(out) == []
 
 
-def test_an_output_never_replaces_a_mask_the_batch_reads_even_with_overwrite(configs_only, tmp_path, capsys):
+def test_an_output_never_replaces_a_mask_the_batch_reads_even_with_overwrite(configs_only, tmp_path, cli):
     """--mask-dir and --out-dir one folder, and an input named like another's output: x.png's output would be
     the mask of x.inpaint.png, which the batch reads later. Refused up front, --overwrite or not."""
     (tmp_path / "in").mkdir(), (tmp_path / "other").mkdir(), (tmp_path / "shared").mkdir()
@@ -274,8 +272,8 @@ def test_an_output_never_replaces_a_mask_the_batch_reads_even_with_overwrite(con
     before = {p: p.read_bytes() for p in (tmp_path / "shared").iterdir()}
     shared = tmp_path / "shared"
     for flags in ([], ["--overwrite"], ["--skip-existing"]):
-        code, lines, err = qimg(capsys, "inpaint", tmp_path / "in" / "x.png", tmp_path / "other" / "x.inpaint.png",
-                                "-p", "x", "--mask-dir", shared, "--out-dir", shared, "-m", configs_only, *flags)
+        code, lines, err = cli.lines("inpaint", tmp_path / "in" / "x.png", tmp_path / "other" / "x.inpaint.png",
+                                     "-p", "x", "--mask-dir", shared, "--out-dir", shared, "-m", configs_only, *flags)
         assert code == 2 and lines == [] and len(err.strip().splitlines()) == 1, err
         for fragment in [str(shared / "x.inpaint.png"), f"the mask of {tmp_path / 'other' / 'x.inpaint.png'}",
                          "never replaces"]:
@@ -283,11 +281,11 @@ def test_an_output_never_replaces_a_mask_the_batch_reads_even_with_overwrite(con
     assert {p: p.read_bytes() for p in shared.iterdir()} == before
 
 
-def test_out_dir_that_is_a_file_is_a_usage_error(configs_only, folder, tmp_path, capsys):
+def test_out_dir_that_is_a_file_is_a_usage_error(configs_only, folder, tmp_path, cli):
     photos, _ = folder
     (tmp_path / "taken").write_text("notes")
-    code, lines, err = qimg(capsys, "inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--rect", "0,0,9,9",
-                            "--out-dir", tmp_path / "taken", "-m", configs_only)
+    code, lines, err = cli.lines("inpaint", photos / "a.png", photos / "c.png", "-p", "x", "--rect", "0,0,9,9",
+                                 "--out-dir", tmp_path / "taken", "-m", configs_only)
     assert code == 2 and lines == [] and err.strip() == f"qimg: error: --out-dir {tmp_path / 'taken'} is a file, " \
                                                         "not a folder; choose another folder", err
     assert (tmp_path / "taken").read_text() == "notes"

@@ -6,20 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from helpers import leftovers, pixels
 from PIL import Image
-from skimage import data
-from test_inpaint_outpaint import pixels, qimg
 
 from qimg.cache import array_hash
 from qimg.model.transformer import QwenImageTransformer
 from qimg.weights.fingerprint import fingerprint
 
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    Image.fromarray(data.astronaut()[:150, :227]).save(path)  # odd sizes: the window pads and shifts
-    return path
+PHOTO = np.s_[:150, :227]  # the `photo` fixture: odd sizes, so the window pads and shifts
 
 
 def write_chain(folder, text):
@@ -43,12 +37,13 @@ def count_forwards(monkeypatch, fail_after=None):
     return calls
 
 
-def chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, *args):
-    return qimg(capsys, "chain", photo, chain_file, "-m", tiny_model_dir, "--device", "cpu", "--json",
-                "--cache-dir", tmp_path / "cache", *args)
+def chain(cli, tiny_model_dir, photo, chain_file, tmp_path, *args):
+    return cli.json("chain", photo, chain_file, "-m", tiny_model_dir, "--device", "cpu", "--json",
+                    "--cache-dir", tmp_path / "cache", *args)
 
 
-def test_five_rounds_keep_every_untouched_pixel_byte_identical(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_five_rounds_keep_every_untouched_pixel_byte_identical(tiny_model_dir, photo, tmp_path, cli, one_thread):
     soft = np.zeros((150 + 11, 227 + 21), np.float32)  # the canvas after the first outpaint
     soft[100:140, 150:220] = 1
     soft[95:100, 150:220] = 0.5
@@ -66,7 +61,7 @@ edits:
   - inpaint: {rect: "0,0,30,30", prompt: "the moon"}
 """)
     out = tmp_path / "final.png"
-    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
+    code, report, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
     assert code == 0, err
     before, after = pixels(photo), pixels(out)
     assert after.shape == (150 + 11 + 9, 227 + 21 + 13, 3) and (report["width"], report["height"]) == (261, 170)
@@ -86,18 +81,20 @@ edits:
     assert (after[11 + 30 : 11 + 55, 21 + 20 : 21 + 60] != before[30:55, 20:60]).mean() > 0.5
 
 
-def test_one_edit_chain_is_exactly_qimg_inpaint(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_one_edit_chain_is_exactly_qimg_inpaint(tiny_model_dir, photo, tmp_path, cli, one_thread):
     chain_file = write_chain(tmp_path, 'edits:\n  - inpaint: {rect: "50,40,60,30", feather: 5, prompt: "a cat"}\n')
     common = ["--steps", "2", "--seed", "5", "--device", "cpu", "-m", tiny_model_dir]
-    code, _, err = qimg(capsys, "chain", photo, chain_file, "-o", tmp_path / "c.png", "--no-cache", *common)
+    code, _, err = cli.json("chain", photo, chain_file, "-o", tmp_path / "c.png", "--no-cache", *common)
     assert code == 0, err
-    code, _, err = qimg(capsys, "inpaint", photo, "-p", "a cat", "--rect", "50,40,60,30", "--feather", "5",
-                        "-o", tmp_path / "i.png", *common)
+    code, _, err = cli.json("inpaint", photo, "-p", "a cat", "--rect", "50,40,60,30", "--feather", "5",
+                            "-o", tmp_path / "i.png", *common)
     assert code == 0, err
     assert np.array_equal(pixels(tmp_path / "c.png"), pixels(tmp_path / "i.png"))
 
 
-def test_changing_the_last_edit_recomputes_only_that_edit(tiny_model_dir, photo, tmp_path, capsys, monkeypatch,
+@pytest.mark.slow
+def test_changing_the_last_edit_recomputes_only_that_edit(tiny_model_dir, photo, tmp_path, cli, monkeypatch,
                                                            one_thread):
     forward_calls = count_forwards(monkeypatch)
     text = """
@@ -109,28 +106,29 @@ edits:
   - inpaint: {rect: "100,60,50,40", prompt: "LAST", steps: 4}
 """
     chain_file = write_chain(tmp_path / "c", text.replace("LAST", "a neon sign"))
-    code, first, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
+    code, first, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
     assert code == 0, err
     assert [e["cache"] for e in first["lineage"]] == ["miss"] * 3 and len(forward_calls) == 2 + 3 + 4
 
     forward_calls.clear()
-    code, again, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    code, again, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
     assert code == 0, err
     assert [e["cache"] for e in again["lineage"]] == ["hit"] * 3 and forward_calls == []
     assert np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
 
     write_chain(tmp_path / "c", text.replace("LAST", "a vending machine"))
-    code, changed, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
+    code, changed, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
     assert code == 0, err
     assert [e["cache"] for e in changed["lineage"]] == ["hit", "hit", "miss"] and len(forward_calls) == 4
 
     # The cached steps give what running them again gives.
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "4.png", "--no-cache")
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "4.png", "--no-cache")
     assert code == 0, err
     assert np.array_equal(pixels(tmp_path / "3.png"), pixels(tmp_path / "4.png"))
 
 
-def test_a_failing_edit_keeps_the_edits_before_it(tiny_model_dir, photo, tmp_path, capsys, monkeypatch, one_thread):
+@pytest.mark.slow
+def test_a_failing_edit_keeps_the_edits_before_it(tiny_model_dir, photo, tmp_path, cli, monkeypatch, one_thread):
     chain_file = write_chain(tmp_path / "c", """
 seed: 2
 cfg: 1
@@ -142,19 +140,20 @@ edits:
     forward = QwenImageTransformer.forward
     count_forwards(monkeypatch, fail_after=2)  # edit 1 runs its 2 steps, edit 2 fails
     out, steps = tmp_path / "o.png", tmp_path / "steps"
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
     assert code == 1 and "edit 2 (inpaint)" in err and "out of memory" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in steps.iterdir()] == ["astronaut.01-inpaint.png"]
     step_one = json.loads(Image.open(steps / "astronaut.01-inpaint.png").info["qimg"])
     assert [e["prompt"] for e in step_one["lineage"]] == ["one"]
 
     monkeypatch.setattr(QwenImageTransformer, "forward", forward)
-    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
+    code, report, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
     assert code == 0, err
     assert [e["cache"] for e in report["lineage"]] == ["hit", "miss"]
 
 
-def test_output_records_the_lineage(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_output_records_the_lineage(tiny_model_dir, photo, tmp_path, cli, one_thread):
     chain_file = write_chain(tmp_path / "c", """
 steps: 1
 cfg: 1
@@ -163,7 +162,7 @@ edits:
   - outpaint: {to: 240x160, prompt: "a street", seed: 9}
 """)
     out = tmp_path / "o.png"
-    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--seed", "4")
+    code, report, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--seed", "4")
     assert code == 0, err
     meta = json.loads(Image.open(out).info["qimg"])
     assert meta["chain"] == str(chain_file) and meta["input"] == str(photo)
@@ -171,13 +170,14 @@ edits:
         (1, "inpaint", "一只猫", 4), (2, "outpaint", "a street", 4)]  # --seed wins over the file
     assert meta["lineage"][1]["margins"] == [6, 7, 5, 5] and meta["lineage"] == report["lineage"]
     # The same shape as every output's metadata (metadata.output_params), read back by `qimg info`.
-    code, info, err = qimg(capsys, "info", out, "--json")
+    code, info, err = cli.json("info", out, "--json")
     assert code == 0 and info == meta, err
     assert (meta["command"], meta["preset"], meta["model_fingerprint"]) == ("chain", None, fingerprint(tiny_model_dir))
     assert meta["lineage"][0]["attn_mask"] == "off" and len(meta["lineage"][0]["mask_sha256"]) == 64
 
 
-def test_chain_on_an_earlier_output_takes_its_latent_from_the_cache(tiny_model_dir, photo, tmp_path, capsys,
+@pytest.mark.slow
+def test_chain_on_an_earlier_output_takes_its_latent_from_the_cache(tiny_model_dir, photo, tmp_path, cli,
                                                                     monkeypatch, one_thread):
     """The first edit of a chain starts from the input's cached latent, as `qimg inpaint` does: no VAE encode."""
     from qimg.model import vae
@@ -186,16 +186,17 @@ def test_chain_on_an_earlier_output_takes_its_latent_from_the_cache(tiny_model_d
     monkeypatch.setattr(vae.Encoder, "forward",
                         lambda self, x: encodes.append(1) or encoder_forward(self, x))
     first = tmp_path / "1.png"
-    code, report, err = qimg(capsys, "inpaint", photo, "-p", "a cat", "--rect", "10,10,40,40", "--steps", "1",
-                             "--seed", "1", "--device", "cpu", "-m", tiny_model_dir, "--json", "--cache-dir",
-                             tmp_path / "cache", "-o", first)
+    code, report, err = cli.json("inpaint", photo, "-p", "a cat", "--rect", "10,10,40,40", "--steps", "1",
+                                 "--seed", "1", "--device", "cpu", "-m", tiny_model_dir, "--json", "--cache-dir",
+                                 tmp_path / "cache", "-o", first)
     assert code == 0 and report["latent_cache"] == "miss" and len(encodes) == 1, err
     chain_file = write_chain(tmp_path / "c", 'steps: 1\nedits:\n  - inpaint: {rect: "60,60,30,30", prompt: "a cat"}\n')
-    code, report, err = chain(capsys, tiny_model_dir, first, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    code, report, err = chain(cli, tiny_model_dir, first, chain_file, tmp_path, "-o", tmp_path / "2.png")
     assert code == 0 and report["lineage"][0]["cache"] == "miss" and len(encodes) == 1, err
 
 
-def test_options_layer_edit_over_its_preset_over_file_defaults(tiny_model_dir, photo, tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_options_layer_edit_over_its_preset_over_file_defaults(tiny_model_dir, photo, tmp_path, cli, one_thread):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "soft.yaml").write_text("strength: 0.5\ncfg: 1.5\n")
     (tmp_path / "fast.yaml").write_text("steps: 1\n")
@@ -207,7 +208,7 @@ edits:
   - inpaint: {rect: "10,10,40,40", prompt: "a", preset: c/soft.yaml, cfg: 2}
   - inpaint: {rect: "10,10,40,40", prompt: "b"}
 """.replace("c/soft.yaml", str(tmp_path / "c" / "soft.yaml")))
-    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "--preset", tmp_path / "fast.yaml")
+    code, report, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "--preset", tmp_path / "fast.yaml")
     assert code == 0, err
     assert [(e["steps"], e["cfg"], e["strength"], e["preset"]) for e in report["lineage"]] == [
         (1, 2.0, 0.5, str(tmp_path / "c" / "soft.yaml")), (1, 1.0, 1.0, None)]
@@ -230,10 +231,10 @@ edits:
     ('  - inpaint: [1, 2]\n', ["edit 1 (inpaint)", "expected a mapping"]),
     ('  []\n', ["needs `edits:`"]),
 ])
-def test_bad_chain_names_the_edit_and_key_and_writes_nothing(tiny_model_dir, photo, tmp_path, capsys, edits, fragments):
+def test_bad_chain_names_the_edit_and_key_and_writes_nothing(tiny_model_dir, photo, tmp_path, cli, edits, fragments):
     chain_file = write_chain(tmp_path / "c", "edits:\n" + edits)
     out = tmp_path / "o.png"
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -242,9 +243,9 @@ def test_bad_chain_names_the_edit_and_key_and_writes_nothing(tiny_model_dir, pho
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def test_unknown_top_level_key_lists_the_shared_options(tiny_model_dir, photo, tmp_path, capsys):
+def test_unknown_top_level_key_lists_the_shared_options(tiny_model_dir, photo, tmp_path, cli):
     chain_file = write_chain(tmp_path / "c", 'rect: "0,0,9,9"\nedits:\n  - inpaint: {prompt: x}\n')
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path)
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path)
     assert code == 2 and "unknown key 'rect'" in err and "seed" in err and "feather" in err
 
 
@@ -260,11 +261,12 @@ edits:
 """
 
 
-def test_keep_steps_and_out_follow_the_overwrite_policy(tiny_model_dir, configs_only, photo, tmp_path, capsys,
+@pytest.mark.slow
+def test_keep_steps_and_out_follow_the_overwrite_policy(tiny_model_dir, configs_only, photo, tmp_path, cli,
                                                          one_thread):
     chain_file = write_chain(tmp_path / "c", TWO_EDITS)
     out, steps = tmp_path / "o.png", tmp_path / "steps"
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
     assert code == 0, err
     names = ["astronaut.01-inpaint.png", "astronaut.02-outpaint.png"]
     assert sorted(p.name for p in steps.iterdir()) == names
@@ -275,14 +277,14 @@ def test_keep_steps_and_out_follow_the_overwrite_policy(tiny_model_dir, configs_
                            (["-o", tmp_path / "new.png", "--keep-steps", steps],
                             f"--keep-steps file {steps / names[0]} exists"),
                            (["-o", steps / names[1], "--keep-steps", steps, "--overwrite"], "also a --keep-steps file")]:
-        code, _, err = qimg(capsys, "chain", photo, chain_file, "-m", configs_only, "--cache-dir", tmp_path / "cache",
-                            *args)
+        code, _, err = cli.json("chain", photo, chain_file, "-m", configs_only, "--cache-dir", tmp_path / "cache",
+                                *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
         assert "--overwrite" in err or "choose another name" in err
     assert {p: p.read_bytes() for p in [out, *steps.iterdir()]} == made and not (tmp_path / "new.png").exists()
 
     # --overwrite replaces them in place: the steps folder holds one run, nothing numbered.
-    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps,
+    code, report, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps,
                               "--overwrite", "--seed", "3")
     assert code == 0 and report["seed"] == 3, err
     assert sorted(p.name for p in steps.iterdir()) == names
@@ -291,13 +293,14 @@ def test_keep_steps_and_out_follow_the_overwrite_policy(tiny_model_dir, configs_
     own = tmp_path / "mine" / "astronaut.png"
     own.parent.mkdir()
     own.write_bytes(photo.read_bytes())
-    code, report, err = chain(capsys, tiny_model_dir, own, chain_file, tmp_path)
-    code, again, err = chain(capsys, tiny_model_dir, own, chain_file, tmp_path)
+    code, report, err = chain(cli, tiny_model_dir, own, chain_file, tmp_path)
+    code, again, err = chain(cli, tiny_model_dir, own, chain_file, tmp_path)
     assert code == 0 and (report["output"], again["output"]) == (
         str(own.parent / "astronaut.chain.png"), str(own.parent / "astronaut.chain-2.png")), err
 
 
-def test_chain_paths_are_relative_to_the_chain_file_and_never_written(tiny_model_dir, photo, tmp_path, capsys,
+@pytest.mark.slow
+def test_chain_paths_are_relative_to_the_chain_file_and_never_written(tiny_model_dir, photo, tmp_path, cli,
                                                                        monkeypatch, one_thread):
     folder = tmp_path / "project"
     (folder / "masks").mkdir(parents=True)
@@ -310,21 +313,20 @@ def test_chain_paths_are_relative_to_the_chain_file_and_never_written(tiny_model
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the mask is found from the chain file's folder, not the working folder
 
-    code, report, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", "out.png")
+    code, report, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", "out.png")
     assert code == 0 and (elsewhere / "out.png").exists(), err
     assert report["lineage"][0]["mask_sha256"] == array_hash(m.astype(np.float32) / 255)
 
     for args in (["-o", folder / "masks" / "m.png"], ["-o", folder / "masks" / "m.png", "--overwrite"]):
-        code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, *args)
+        code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, *args)
         assert code == 2 and "a file this run reads" in err and "never replaces" in err, err
     assert {p: p.read_bytes() for p in before} == before
 
 
-def test_interrupted_chain_names_the_steps_it_wrote(tiny_model_dir, photo, tmp_path, capsys, monkeypatch, one_thread):
+@pytest.mark.slow
+def test_interrupted_chain_names_the_steps_it_wrote(tiny_model_dir, photo, tmp_path, cli, monkeypatch, one_thread):
     import os
     import signal
-
-    from test_interrupts import leftovers
 
     chain_file = write_chain(tmp_path / "c", TWO_EDITS)
     calls, forward = [], QwenImageTransformer.forward
@@ -337,26 +339,27 @@ def test_interrupted_chain_names_the_steps_it_wrote(tiny_model_dir, photo, tmp_p
 
     monkeypatch.setattr(QwenImageTransformer, "forward", forward_then_ctrl_c)
     out, steps = tmp_path / "o.png", tmp_path / "steps"
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out, "--keep-steps", steps)
     assert code == 130 and err.strip() == f"qimg: interrupted after writing {steps / 'astronaut.01-inpaint.png'}"
     assert not out.exists() and [p.name for p in steps.iterdir()] == ["astronaut.01-inpaint.png"]
     assert leftovers(steps) == [] and leftovers(tmp_path) == []
 
 
-def test_damaged_cached_edits_are_reported_recomputed_and_rebuilt(tiny_model_dir, photo, tmp_path, capsys,
+@pytest.mark.slow
+def test_damaged_cached_edits_are_reported_recomputed_and_rebuilt(tiny_model_dir, photo, tmp_path, cli,
                                                                   one_thread):
     chain_file = write_chain(tmp_path / "c", TWO_EDITS)
-    code, first, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
+    code, first, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "1.png")
     assert code == 0, err
     entries = sorted((tmp_path / "cache" / "chain").glob("*/*.safetensors"))
     assert len(entries) == 2
     for entry in entries:
         entry.write_bytes(entry.read_bytes()[:-50])  # truncated, as by a full disk or a killed copy
-    code, again, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
+    code, again, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "2.png")
     assert code == 0 and [e["cache"] for e in again["lineage"]] == ["miss", "miss"], err
     assert err.count("qimg: warning: cache entry") == 2 and "damaged" in err and "Traceback" not in err
     assert np.array_equal(pixels(tmp_path / "1.png"), pixels(tmp_path / "2.png"))
-    code, third, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
+    code, third, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "3.png")
     assert code == 0 and [e["cache"] for e in third["lineage"]] == ["hit", "hit"] and "warning" not in err
 
 
@@ -378,7 +381,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     ("edits: []\nedits: [" + EDIT + "]\n", ["not valid YAML", "key 'edits' is given twice"]),
     ('prompt: "\\ud800"\nedits: [' + EDIT + "]\n", ["not valid YAML", "lone surrogate", "(in prompt)"]),
     ("edits:\n\t- " + EDIT + "\n", ["not valid YAML", "line 2"]),
-    ("edits: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+    pytest.param("edits: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"], marks=pytest.mark.slow),
     ("# " + "x" * 300_000 + "\nedits: []\n", ["over 262144 bytes"]),
     ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, preset: /dev/zero}\n", ["edit 1 (inpaint)", "/dev/zero",
                                                                                  "over 262144 bytes"]),
@@ -389,11 +392,11 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
      ["edit 1", "expected {inpaint"]),
     ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, overwrite: true}\n", ["unknown key 'overwrite'"]),
 ])
-def test_hostile_chain_files_are_one_line_and_run_nothing(tiny_model_dir, photo, tmp_path, capsys, monkeypatch, text,
+def test_hostile_chain_files_are_one_line_and_run_nothing(tiny_model_dir, photo, tmp_path, cli, monkeypatch, text,
                                                           fragments):
     monkeypatch.chdir(tmp_path)  # where a `touch PWNED` would land
     chain_file = write_chain(tmp_path / "c", text)
-    code, _, err = chain(capsys, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "o.png")
+    code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", tmp_path / "o.png")
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err and len(lines[0]) < 600, err
@@ -405,9 +408,9 @@ def test_hostile_chain_files_are_one_line_and_run_nothing(tiny_model_dir, photo,
 @pytest.mark.parametrize("raw, fragment", [(b"edits:\n  - inpaint: {prompt: caf\xe9}\n", "not valid YAML"),
                                            (b"edits: []\x00\n", "not valid YAML"),
                                            (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "not valid YAML")])
-def test_chain_files_that_are_not_utf8_text(tiny_model_dir, photo, tmp_path, capsys, raw, fragment):
+def test_chain_files_that_are_not_utf8_text(tiny_model_dir, photo, tmp_path, cli, raw, fragment):
     (tmp_path / "c.yaml").write_bytes(raw)
-    code, _, err = chain(capsys, tiny_model_dir, photo, tmp_path / "c.yaml", tmp_path)
+    code, _, err = chain(cli, tiny_model_dir, photo, tmp_path / "c.yaml", tmp_path)
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
@@ -422,7 +425,8 @@ def test_merge_keys_stay_allowed_and_a_key_beside_them_wins(tmp_path):
 BIG_CHAIN = "prompt: x\nedits:\n  - outpaint: {to: 4000x4000}\n" + "  - inpaint: {rect: '0,0,100%,100%'}\n" * 24
 
 
-def test_a_wrong_model_fails_before_the_chain_is_planned(photo, tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_a_wrong_model_fails_before_the_chain_is_planned(photo, tmp_path, cli, monkeypatch):
     # Reading the file is bounded (256 KB, checked when the command line is parsed); planning its edits on the
     # input is the costly part, and the model comes first.
     from qimg.jobs import chain_plan as chains
@@ -430,11 +434,12 @@ def test_a_wrong_model_fails_before_the_chain_is_planned(photo, tmp_path, capsys
     monkeypatch.setattr(chains, "plan", lambda *a: pytest.fail("planned the chain before finding the model"))
     chain_file = write_chain(tmp_path, BIG_CHAIN)
     for model in [tmp_path / "nope", "x y/z", "a/b/c"]:
-        code, _, err = qimg(capsys, "chain", photo, chain_file, "-m", model, "--device", "cpu")
+        code, _, err = cli.json("chain", photo, chain_file, "-m", model, "--device", "cpu")
         assert code == 2 and err.strip() == f"qimg: error: model folder not found: {model}", err
 
 
-def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(configs_only, photo, tmp_path, capsys,
+@pytest.mark.slow
+def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(configs_only, photo, tmp_path, cli,
                                                                         monkeypatch):
     """An outpaint to 4000x4000 then 24 full-canvas edits: planning once kept a float32 mask per edit (1.6 GB)."""
     import tracemalloc
@@ -454,6 +459,6 @@ def test_planning_a_long_chain_on_a_large_canvas_holds_one_mask_at_a_time(config
         raise QimgError("planned")  # stop before the canvas is built and the model loads
 
     monkeypatch.setattr(chains, "plan", measured)
-    code, _, err = qimg(capsys, "chain", photo, write_chain(tmp_path, BIG_CHAIN), "-m", configs_only, "--device", "cpu")
+    code, _, err = cli.json("chain", photo, write_chain(tmp_path, BIG_CHAIN), "-m", configs_only, "--device", "cpu")
     assert code == 1 and "planned" in err and len(peaks) == 1, err
     assert peaks[0] < 200 * 2**20, f"{peaks[0] / 2**20:.0f} MB"

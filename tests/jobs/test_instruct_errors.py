@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import pixels
 from PIL import Image
 
 from qimg.cache import prompt_key
@@ -14,6 +15,7 @@ from qimg.errors import QimgWarning
 from qimg.weights.folders import EDIT, EDIT_2509, EDIT_2511, QWEN_IMAGE, model_kind
 
 
+@pytest.mark.parity
 def test_calculate_dimensions_is_the_reference_s():
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions as edit_dims
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as plus_dims
@@ -166,11 +168,7 @@ def test_areas_come_from_qimg_json_and_the_command_line(tiny_edit_dir, picture, 
         assert code == 0, err
         report = json.loads(out)
         assert report["work_size"] == list(work) and report["steps"] == 1 and report["vision_area"] == 32 * 32
-        assert pixels_of(tmp_path / "o.png").shape == (48, 64, 3)
-
-
-def pixels_of(path):
-    return np.asarray(Image.open(path).convert("RGB"))
+        assert pixels(tmp_path / "o.png").shape == (48, 64, 3)
 
 
 def test_a_chain_edit_step_needs_an_instruction(tiny_edit_dir, picture, tmp_path, capsys):

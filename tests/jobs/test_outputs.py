@@ -10,22 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_line, raw_png
 from PIL import Image, PngImagePlugin
-from test_error_matrix import one_line, qimg, raw_png
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "1", "--seed", "3", "--device", "cpu", "--cfg", "1"]
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(path)
-    return path
+PHOTO = np.s_[::16, ::16]  # the `photo` fixture at 32x32
 
 
 @pytest.mark.parametrize("link", ["dangling", "loop", "dangling folder"])
-def test_a_symlink_output_that_leads_nowhere_is_refused_up_front(capsys, tmp_path, photo, configs_only, link):
+def test_a_symlink_output_that_leads_nowhere_is_refused_up_front(cli, tmp_path, photo, configs_only, link):
     out = tmp_path / "o.png"
     if link == "dangling":
         out.symlink_to(tmp_path / "gone.png")
@@ -34,14 +28,14 @@ def test_a_symlink_output_that_leads_nowhere_is_refused_up_front(capsys, tmp_pat
     else:
         (tmp_path / "sub").symlink_to(tmp_path / "gone")
         out = tmp_path / "sub" / "o.png"
-    code, _, err = qimg(capsys, "inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only, "-o", out)
+    code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only, "-o", out)
     assert code == 2
     one_line(err, "symlink", "does not exist or loops")
     assert not (tmp_path / "gone").exists() and not (tmp_path / "gone.png").exists()
 
 
 @pytest.mark.parametrize("make", ["dangling", "loop", "file"])
-def test_a_batch_out_dir_that_cannot_be_a_folder_is_refused_up_front(capsys, tmp_path, photo, configs_only, make):
+def test_a_batch_out_dir_that_cannot_be_a_folder_is_refused_up_front(cli, tmp_path, photo, configs_only, make):
     folder = tmp_path / "outs"
     if make == "dangling":
         folder.symlink_to(tmp_path / "gone")
@@ -53,12 +47,12 @@ def test_a_batch_out_dir_that_cannot_be_a_folder_is_refused_up_front(capsys, tmp
     second = tmp_path / "b.png"
     second.write_bytes(photo.read_bytes())
     for out_dir in (folder, folder / "sub"):
-        code, _, err = qimg(capsys, "inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only,
-                            "--out-dir", out_dir)
+        code, _, err = cli("inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only,
+                           "--out-dir", out_dir)
         assert code == 2
         one_line(err, f"--out-dir {folder}", "does not exist or loops" if make != "file" else "is a file")
-    code, _, err = qimg(capsys, "inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only,
-                        "--mask-dir", photo)
+    code, _, err = cli("inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only,
+                       "--mask-dir", photo)
     assert code == 2
     one_line(err, f"--mask-dir {photo} is not a folder")
 
@@ -70,30 +64,31 @@ def test_a_default_name_held_by_a_dangling_symlink_is_numbered(tmp_path):
     assert free_name("qimg-1", tmp_path) == tmp_path / "qimg-1-2.png"
 
 
-def test_a_batch_counts_a_dangling_symlink_output_as_existing(capsys, tmp_path, photo, configs_only):
-    second = tmp_path / "b.png"
+def test_a_batch_counts_a_dangling_symlink_output_as_existing(cli, tmp_path, photo, configs_only):
+    first, second = tmp_path / "in.png", tmp_path / "b.png"
+    first.write_bytes(photo.read_bytes())
     second.write_bytes(photo.read_bytes())
     (tmp_path / "in.inpaint.png").symlink_to(tmp_path / "gone.png")
-    args = ["inpaint", photo, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only]
-    code, _, err = qimg(capsys, *args)
+    args = ["inpaint", first, second, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only]
+    code, _, err = cli(*args)
     assert code == 2
     one_line(err, "1 of 2 outputs exist already", "in.inpaint.png")
-    code, _, err = qimg(capsys, *args, "--skip-existing")  # skipped; the other one reaches the (absent) weights
+    code, _, err = cli(*args, "--skip-existing")  # skipped; the other one reaches the (absent) weights
     assert "in.inpaint.png  exists, skipped" in err
 
 
 @pytest.mark.parametrize("suffix, size, limit", [(".webp", "16400x64", 16383), (".jpg", "64x65536", 65500)])
-def test_generate_refuses_a_size_the_format_cannot_hold(capsys, tmp_path, configs_only, suffix, size, limit):
+def test_generate_refuses_a_size_the_format_cannot_hold(cli, tmp_path, configs_only, suffix, size, limit):
     out = tmp_path / f"o{suffix}"
-    code, _, err = qimg(capsys, "generate", "-p", "x", "--size", size, "-m", configs_only, "-o", out)
+    code, _, err = cli("generate", "-p", "x", "--size", size, "-m", configs_only, "-o", out)
     assert code == 2
     one_line(err, str(out), size, f"{limit} pixels", ".png")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_outpaint_refuses_a_result_the_format_cannot_hold(capsys, tmp_path, photo, configs_only):
+def test_outpaint_refuses_a_result_the_format_cannot_hold(cli, tmp_path, photo, configs_only):
     out = tmp_path / "o.webp"
-    code, _, err = qimg(capsys, "outpaint", photo, "-p", "x", "--right", "16400", "-m", configs_only, "-o", out)
+    code, _, err = cli("outpaint", photo, "-p", "x", "--right", "16400", "-m", configs_only, "-o", out)
     assert code == 2
     one_line(err, str(out), "16432x32", "16383 pixels")
 
@@ -108,10 +103,10 @@ def test_the_pixel_limit_and_its_message_agree(tmp_path):
         read_image(path)
 
 
-def test_escape_sequences_in_file_names_are_not_sent_to_the_terminal(capsys, tmp_path, configs_only):
+def test_escape_sequences_in_file_names_are_not_sent_to_the_terminal(cli, tmp_path, configs_only):
     bad = tmp_path / "\x1b[31mred.png"
     bad.write_text("not an image")
-    code, _, err = qimg(capsys, "inpaint", bad, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
+    code, _, err = cli("inpaint", bad, "-p", "x", "--rect", "0,0,8,8", "-m", configs_only)
     assert code == 2
     assert "\x1b" not in err
     one_line(err, "\\u001b[31mred.png is not an image file")
@@ -137,6 +132,7 @@ def qimg_process(*args, **kwargs) -> subprocess.CompletedProcess:
                           **kwargs)
 
 
+@pytest.mark.subprocess
 def test_errors_never_go_to_stdout_when_stderr_is_closed(configs_only):
     command = f"{sys.executable} -m qimg generate -p x --size 100x100 -m {configs_only} --json 2>&-"
     result = subprocess.run(["bash", "-c", command], env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -145,6 +141,7 @@ def test_errors_never_go_to_stdout_when_stderr_is_closed(configs_only):
     assert result.stdout == b""
 
 
+@pytest.mark.subprocess
 def test_a_broken_stdout_pipe_lets_the_batch_finish(tmp_path, tiny_model_dir):
     """`qimg inpaint FOLDER --json | head -n1`: the reader leaves after one line; every file is written."""
     folder = tmp_path / "in"
@@ -162,6 +159,7 @@ def test_a_broken_stdout_pipe_lets_the_batch_finish(tmp_path, tiny_model_dir):
         Image.open(folder / f"{name}.inpaint.png").load()
 
 
+@pytest.mark.subprocess
 def test_json_on_an_ascii_stdout_stays_valid(tmp_path, tiny_model_dir):
     out = tmp_path / "o.png"
     result = qimg_process("generate", "-p", "一只猫", "-m", tiny_model_dir, "--size", "32x32", *FAST, "-o", out,
@@ -172,6 +170,7 @@ def test_json_on_an_ascii_stdout_stays_valid(tmp_path, tiny_model_dir):
     assert info.returncode == 0 and json.loads(info.stdout)["prompt"] == "一只猫"
 
 
+@pytest.mark.subprocess
 def test_info_on_an_ascii_stdout_escapes_and_a_full_stdout_is_one_line(tmp_path, tiny_model_dir):
     out = tmp_path / "o.png"
     assert qimg_process("generate", "-p", "一只猫", "-m", tiny_model_dir, "--size", "32x32", *FAST, "-o", out,

@@ -16,24 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import pixels
 from PIL import Image
 
-from qimg.cli.app import run
 from qimg.engine.preview import watching
 from qimg.sampling import euler
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--seed", "3", "--device", "cpu", "--no-cache", "--cfg", "4"]
-
-
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, [json.loads(line) for line in out.splitlines()], err
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+PHOTO = np.s_[:320:8, :448:8]  # the `photo` fixture at 56x40
 
 
 @pytest.fixture
@@ -49,13 +40,6 @@ def written(monkeypatch):
 
     monkeypatch.setattr(files, "save_image", spy)
     return saved
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photo") / "in.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8)).save(path)
-    return path
 
 
 def test_the_estimate_is_x_minus_sigma_v_and_at_the_last_step_the_result():
@@ -77,7 +61,8 @@ def test_the_estimate_is_x_minus_sigma_v_and_at_the_last_step_the_result():
     assert not torch.allclose(seen[0][2], result, atol=1e-3)
 
 
-def test_a_reader_only_ever_finds_complete_pngs_and_the_last_is_the_output(tiny_model_dir, tmp_path, capsys,
+@pytest.mark.slow
+def test_a_reader_only_ever_finds_complete_pngs_and_the_last_is_the_output(tiny_model_dir, tmp_path, cli,
                                                                          one_thread):
     preview, out = tmp_path / "live.png", tmp_path / "o.png"
     reads, broken, running = [], [], threading.Event()
@@ -99,9 +84,9 @@ def test_a_reader_only_ever_finds_complete_pngs_and_the_last_is_the_output(tiny_
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        code, (report,), err = qimg(capsys, "generate", "-p", "x", "-m", tiny_model_dir, "-o", out, "--preview",
-                                    preview, "--preview-every", "1", "--steps", "24", "--size", "64x64", "--json",
-                                    *FAST)
+        code, (report,), err = cli.lines("generate", "-p", "x", "-m", tiny_model_dir, "-o", out, "--preview",
+                                         preview, "--preview-every", "1", "--steps", "24", "--size", "64x64", "--json",
+                                         *FAST)
     finally:
         running.clear()
         thread.join()
@@ -115,13 +100,13 @@ def test_a_reader_only_ever_finds_complete_pngs_and_the_last_is_the_output(tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.png", "o.png"]  # no temporary file left
 
 
-def test_the_output_is_the_same_bytes_with_or_without_a_preview(tiny_model_dir, tmp_path, capsys, one_thread):
+def test_the_output_is_the_same_bytes_with_or_without_a_preview(tiny_model_dir, tmp_path, cli, one_thread):
     base = ["generate", "-p", "x", "-m", tiny_model_dir, "--steps", "6", "--size", "32x32", "--json", "--reuse",
             "0.5", *FAST]
-    code, (plain,), err = qimg(capsys, *base, "-o", tmp_path / "a.png")
+    code, (plain,), err = cli.lines(*base, "-o", tmp_path / "a.png")
     assert code == 0, err
-    code, (watched,), err = qimg(capsys, *base, "-o", tmp_path / "b.png", "--preview", tmp_path / "p.png",
-                                 "--preview-every", "2")
+    code, (watched,), err = cli.lines(*base, "-o", tmp_path / "b.png", "--preview", tmp_path / "p.png",
+                                      "--preview-every", "2")
     assert code == 0, err
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert "previews" not in plain and "preview_seconds" not in plain
@@ -130,10 +115,11 @@ def test_the_output_is_the_same_bytes_with_or_without_a_preview(tiny_model_dir, 
         {k: v for k, v in plain.items() if k not in ("output", "seconds")}
 
 
-def test_inpaint_previews_show_the_input_outside_the_mask(tiny_model_dir, photo, tmp_path, capsys, written):
+@pytest.mark.slow
+def test_inpaint_previews_show_the_input_outside_the_mask(tiny_model_dir, photo, tmp_path, cli, written):
     out, preview = tmp_path / "o.png", tmp_path / "p.png"
-    code, _, err = qimg(capsys, "inpaint", photo, "-p", "x", "--rect", "8,8,24,20", "-m", tiny_model_dir, "-o", out,
-                        "--preview", preview, "--steps", "6", *FAST)
+    code, _, err = cli.lines("inpaint", photo, "-p", "x", "--rect", "8,8,24,20", "-m", tiny_model_dir, "-o", out,
+                             "--preview", preview, "--steps", "6", *FAST)
     assert code == 0, err
     shown = [image for name, image in written if name == "p.png"]
     assert len(shown) == 6  # the default: every step of 6, the last one the result
@@ -144,7 +130,7 @@ def test_inpaint_previews_show_the_input_outside_the_mask(tiny_model_dir, photo,
     assert np.array_equal(shown[-1], pixels(out)) and not np.array_equal(shown[0], shown[-1])
 
 
-def test_a_large_inpaint_previews_the_whole_image(tiny_model_dir, photo, tmp_path, capsys, written):
+def test_a_large_inpaint_previews_the_whole_image(tiny_model_dir, photo, tmp_path, cli, written):
     """Over the working area the model sees a crop: its estimate is pasted back as the result is."""
     import shutil
 
@@ -152,8 +138,8 @@ def test_a_large_inpaint_previews_the_whole_image(tiny_model_dir, photo, tmp_pat
     shutil.copytree(tiny_model_dir, model)
     (model / "qimg.json").write_text(json.dumps({"max_pixels": 32 * 32}))
     out = tmp_path / "o.png"
-    code, _, err = qimg(capsys, "inpaint", photo, "-p", "x", "--rect", "30,20,10,10", "--context", "4", "-m", model,
-                        "-o", out, "--preview", tmp_path / "p.png", "--steps", "4", *FAST)
+    code, _, err = cli.lines("inpaint", photo, "-p", "x", "--rect", "30,20,10,10", "--context", "4", "-m", model,
+                             "-o", out, "--preview", tmp_path / "p.png", "--steps", "4", *FAST)
     assert code == 0, err
     shown = [image for name, image in written if name == "p.png"]
     keep = np.ones((40, 56), bool)
@@ -162,9 +148,10 @@ def test_a_large_inpaint_previews_the_whole_image(tiny_model_dir, photo, tmp_pat
     assert np.array_equal(shown[-1], pixels(out))
 
 
-def test_outpaint_and_chain_previews_are_the_canvas_at_its_size(tiny_model_dir, photo, tmp_path, capsys, written):
-    code, _, err = qimg(capsys, "outpaint", photo, "-p", "x", "--right", "24", "--feather", "0", "-m", tiny_model_dir,
-                        "-o", tmp_path / "o.png", "--preview", tmp_path / "p.png", "--steps", "3", *FAST)
+@pytest.mark.slow
+def test_outpaint_and_chain_previews_are_the_canvas_at_its_size(tiny_model_dir, photo, tmp_path, cli, written):
+    code, _, err = cli.lines("outpaint", photo, "-p", "x", "--right", "24", "--feather", "0", "-m", tiny_model_dir,
+                             "-o", tmp_path / "o.png", "--preview", tmp_path / "p.png", "--steps", "3", *FAST)
     assert code == 0, err
     shown = [image for name, image in written if name == "p.png"]
     assert len(shown) == 3 and all(s.shape == (40, 80, 3) and np.array_equal(s[:, :56], pixels(photo))
@@ -172,9 +159,9 @@ def test_outpaint_and_chain_previews_are_the_canvas_at_its_size(tiny_model_dir, 
     written.clear()
     (tmp_path / "c.yaml").write_text("steps: 2\nedits:\n  - inpaint: {rect: '0,0,16,16', prompt: x}\n"
                                      "  - outpaint: {right: 16, prompt: y, feather: 0}\n")
-    code, (report,), err = qimg(capsys, "chain", photo, tmp_path / "c.yaml", "-m", tiny_model_dir, "-o",
-                                tmp_path / "c.png", "--preview", tmp_path / "cp.png", "--preview-every", "1", "--json",
-                                *FAST)
+    code, (report,), err = cli.lines("chain", photo, tmp_path / "c.yaml", "-m", tiny_model_dir, "-o",
+                                     tmp_path / "c.png", "--preview", tmp_path / "cp.png", "--preview-every", "1",
+                                     "--json", *FAST)
     assert code == 0, err
     shown = [image for name, image in written if name == "cp.png"]
     # step 1 of each edit, then the result: the first edit's canvas, the grown one, the output
@@ -183,13 +170,13 @@ def test_outpaint_and_chain_previews_are_the_canvas_at_its_size(tiny_model_dir, 
     assert np.array_equal(shown[1][16:, :56], pixels(photo)[16:])  # outside both masks: the input
 
 
-def test_a_batch_writes_one_preview_per_input_into_the_folder(tiny_model_dir, photo, tmp_path, capsys):
+def test_a_batch_writes_one_preview_per_input_into_the_folder(tiny_model_dir, photo, tmp_path, cli):
     folder = tmp_path / "in"
     folder.mkdir()
     for name in "ab":
         (folder / f"{name}.png").write_bytes(photo.read_bytes())
-    code, reports, err = qimg(capsys, "inpaint", folder, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir,
-                              "--preview", tmp_path / "previews", "--steps", "2", "--json", *FAST)
+    code, reports, err = cli.lines("inpaint", folder, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir,
+                                   "--preview", tmp_path / "previews", "--steps", "2", "--json", *FAST)
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "previews")) == ["a.inpaint.png", "b.inpaint.png"]
     for name, report in zip("ab", reports):
@@ -199,13 +186,14 @@ def test_a_batch_writes_one_preview_per_input_into_the_folder(tiny_model_dir, ph
     # A batch's previews go to a folder of their own: not a .png name, not the inputs' folder (a later run
     # over it would take them for inputs).
     for where, fragment in [(tmp_path / "p.png", "into a folder; give a folder"), (folder, "holds inputs")]:
-        code, _, err = qimg(capsys, "inpaint", folder, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir,
-                            "--preview", where, "--steps", "2", "--overwrite", *FAST)
+        code, _, err = cli.lines("inpaint", folder, "-p", "x", "--rect", "0,0,16,16", "-m", tiny_model_dir,
+                                 "--preview", where, "--steps", "2", "--overwrite", *FAST)
         assert code == 2 and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "p.png").exists() and sorted(os.listdir(folder)) == [
         "a.inpaint.png", "a.png", "b.inpaint.png", "b.png"]
 
 
+@pytest.mark.subprocess
 def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path):
     preview = tmp_path / "p.png"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QIMG_WORKER": "0", "OMP_NUM_THREADS": "1"}
@@ -234,13 +222,13 @@ def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path
     (["--preview-every", "3"], "--preview-every 3 needs --preview"),
     (["--preview", "TMP/p.png", "--preview-every", "0"], "--preview-every"),
 ])
-def test_bad_preview_options_of_generate(configs_only, tmp_path, capsys, args, fragment):
+def test_bad_preview_options_of_generate(configs_only, tmp_path, cli, args, fragment):
     (tmp_path / "d.png").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     (tmp_path / "f.txt").write_text("x")
     out = tmp_path / "o.png"
     args = [a.replace("TMP", str(tmp_path)).replace("OUT", str(out)) for a in args]
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", configs_only, "-o", out, *args)
+    code, _, err = cli.lines("generate", "-p", "x", "-m", configs_only, "-o", out, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert fragment.replace("OUT", str(out)) in err, err
 
@@ -252,48 +240,50 @@ def test_bad_preview_options_of_generate(configs_only, tmp_path, capsys, args, f
     (["inpaint", "{image}", "{tmp}/in2.png", "--rect", "0,0,8,8", "--out-dir", "{tmp}/o", "--preview", "{tmp}/o"],
      "the output of"),
     (["chain", "{image}", "{tmp}/c.yaml", "--preview", "{mask}"], "a file this chain reads"),
-    (["chain", "{image}", "{tmp}/c.yaml", "--keep-steps", "{tmp}/k", "--preview", "{tmp}/k/in.01-inpaint.png"],
+    (["chain", "{image}", "{tmp}/c.yaml", "--keep-steps", "{tmp}/k", "--preview", "{tmp}/k/astronaut.01-inpaint.png"],
      "--keep-steps file"),
 ])
-def test_bad_preview_paths_of_edits(configs_only, photo, tmp_path, capsys, command, fragment):
+def test_bad_preview_paths_of_edits(configs_only, photo, tmp_path, cli, command, fragment):
     Image.new("L", (56, 40), 255).save(tmp_path / "m.png")
     (tmp_path / "in2.png").write_bytes(photo.read_bytes())
     (tmp_path / "c.yaml").write_text("edits:\n  - inpaint: {mask: m.png, prompt: x}\n")
     command = [a.format(image=photo, mask=tmp_path / "m.png", tmp=tmp_path) for a in command]
-    code, _, err = qimg(capsys, *command, "-p" if command[0] == "inpaint" else "--seed", "1", "-m", configs_only)
+    code, _, err = cli.lines(*command, "-p" if command[0] == "inpaint" else "--seed", "1", "-m", configs_only)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert fragment in err, err
 
 
-def test_a_preset_may_set_preview_every_but_not_the_file(tiny_model_dir, configs_only, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_preset_may_set_preview_every_but_not_the_file(tiny_model_dir, configs_only, tmp_path, cli):
     (tmp_path / "every.yaml").write_text("preview_every: 2\n")
     (tmp_path / "file.yaml").write_text(f"preview: {tmp_path / 'p.png'}\n")
-    code, _, err = qimg(capsys, "generate", "-p", "x", "-m", configs_only, "--preset", tmp_path / "file.yaml")
+    code, _, err = cli.lines("generate", "-p", "x", "-m", configs_only, "--preset", tmp_path / "file.yaml")
     assert code == 2 and "unknown key 'preview'" in err, err
     base = ["generate", "-p", "x", "-m", tiny_model_dir, "--steps", "4", "--size", "32x32", "--json",
             "--preset", tmp_path / "every.yaml", *FAST]
-    code, (report,), err = qimg(capsys, *base, "-o", tmp_path / "a.png", "--preview", tmp_path / "p.png")
+    code, (report,), err = cli.lines(*base, "-o", tmp_path / "a.png", "--preview", tmp_path / "p.png")
     assert code == 0 and report["previews"] == 2, err  # after step 2, then the result
-    code, (report,), err = qimg(capsys, *base, "-o", tmp_path / "b.png")  # no --preview: the preset's is unused
+    code, (report,), err = cli.lines(*base, "-o", tmp_path / "b.png")  # no --preview: the preset's is unused
     assert code == 0 and "previews" not in report, err
 
 
-def test_an_earlier_preview_is_replaced_and_another_file_only_with_overwrite(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_an_earlier_preview_is_replaced_and_another_file_only_with_overwrite(tiny_model_dir, tmp_path, cli):
     preview = tmp_path / "p.png"
     Image.new("RGB", (8, 8)).save(preview)  # someone's picture
     base = ["generate", "-p", "x", "-m", tiny_model_dir, "--steps", "2", "--size", "32x32", "--preview", preview, *FAST]
-    code, _, err = qimg(capsys, *base, "-o", tmp_path / "a.png")
+    code, _, err = cli.lines(*base, "-o", tmp_path / "a.png")
     assert code == 2 and "exists and is not a qimg preview" in err and Image.open(preview).size == (8, 8)
-    code, _, err = qimg(capsys, *base, "-o", tmp_path / "b.png", "--overwrite")
+    code, _, err = cli.lines(*base, "-o", tmp_path / "b.png", "--overwrite")
     assert code == 0, err
-    code, _, err = qimg(capsys, *base, "-o", tmp_path / "c.png", "--seed", "4")  # a preview: replaced unasked
+    code, _, err = cli.lines(*base, "-o", tmp_path / "c.png", "--seed", "4")  # a preview: replaced unasked
     assert code == 0, err
     assert np.array_equal(pixels(preview), pixels(tmp_path / "c.png"))
 
 
 @pytest.mark.parametrize("text", ["preview_every: 2\nedits:\n  - inpaint: {rect: '0,0,8,8', prompt: x}\n",
                                   "edits:\n  - inpaint: {rect: '0,0,8,8', prompt: x, preview: p.png}\n"])
-def test_a_chain_file_leaves_previews_to_the_command_line(configs_only, photo, tmp_path, capsys, text):
+def test_a_chain_file_leaves_previews_to_the_command_line(configs_only, photo, tmp_path, cli, text):
     (tmp_path / "c.yaml").write_text(text)
-    code, _, err = qimg(capsys, "chain", photo, tmp_path / "c.yaml", "-m", configs_only)
+    code, _, err = cli.lines("chain", photo, tmp_path / "c.yaml", "-m", configs_only)
     assert code == 2 and "unknown key 'preview" in err and len(err.strip().splitlines()) == 1, err

@@ -2,25 +2,17 @@
 prompt), <n>-<slug>.png names, resumable and shardable as a folder batch; a bad file refused up front with
 its line named."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from qimg.cli.app import run
 from qimg.jobs.batch import name_seed
 from qimg.jobs.metadata import read_params
 from qimg.jobs.prompts_file import slug
 
 FAST = ["--steps", "2", "--device", "cpu", "--no-cache", "--size", "32x32", "--json"]
-
-
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, [json.loads(line) for line in out.splitlines()], err
 
 
 def test_slugs():
@@ -30,12 +22,13 @@ def test_slugs():
     assert slug("!!!") == ""
 
 
-def test_a_prompts_file_makes_one_image_per_entry(tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_a_prompts_file_makes_one_image_per_entry(tmp_path, cli, one_thread):
     file = tmp_path / "prompts.jsonl"
     file.write_text('"a red circle"\n\n{"prompt": "a blue square", "seed": 5, "size": "48x32", '
                     '"negative_prompt": "green"}\n{"prompt": "!!!"}\n')
     out = tmp_path / "out"
-    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--seed", "7", *FAST)
+    code, lines, err = cli.lines("generate", "--prompts", file, "--out-dir", out, "--seed", "7", *FAST)
     assert code == 0, err
     names = ["0001-a-red-circle.png", "0003-a-blue-square.png", "0004.png"]
     assert [Path(r["output"]).name for r in lines] == names == sorted(p.name for p in out.iterdir())
@@ -46,21 +39,22 @@ def test_a_prompts_file_makes_one_image_per_entry(tmp_path, capsys, one_thread):
 
     # resumable: an existing output refuses the batch up front, --skip-existing skips it
     (out / names[1]).unlink()
-    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--seed", "7", *FAST)
+    code, _, err = cli.lines("generate", "--prompts", file, "--out-dir", out, "--seed", "7", *FAST)
     assert code == 2 and "2 of 3 outputs exist already" in err and not (out / names[1]).exists()
-    code, lines, _ = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--seed", "7", *FAST,
-                          "--skip-existing")
+    code, lines, _ = cli.lines("generate", "--prompts", file, "--out-dir", out, "--seed", "7", *FAST,
+                               "--skip-existing")
     assert code == 0 and [bool(r.get("skipped")) for r in lines] == [True, False, True]
     assert read_params(out / names[1]) == second
 
     # shardable: the two shards make the same files
     for i in (0, 1):
-        assert qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path / "sh", "--seed", "7", *FAST,
-                    "--shard", f"{i}/2")[0] == 0
+        assert cli.lines("generate", "--prompts", file, "--out-dir", tmp_path / "sh", "--seed", "7", *FAST,
+                         "--shard", f"{i}/2")[0] == 0
     assert {n: (tmp_path / "sh" / n).read_bytes() for n in names} == {n: (out / n).read_bytes() for n in names}
 
 
-def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, capsys, monkeypatch, one_thread):
+@pytest.mark.slow
+def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, cli, monkeypatch, one_thread):
     from qimg.jobs import generate as generating
 
     file = tmp_path / "p.txt"
@@ -72,17 +66,18 @@ def test_an_output_that_appears_meanwhile_fails_only_its_entry(tmp_path, capsys,
         return real(job, reporter)
 
     monkeypatch.setattr(generating, "generate", first_makes_the_second)
-    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
+    code, lines, err = cli.lines("generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
     assert code == 1 and [Path(r["output"]).name for r in lines if "output" in r] == ["0001-one.png", "0003-three.png"]
     assert (tmp_path / "0002-two.png").read_bytes() == b"theirs"
     assert f"qimg: error: {file} line 2: output {tmp_path / '0002-two.png'} exists" in err
     assert err.strip().splitlines()[-1] == f"qimg: error: 1 of 3 prompts failed: {file} line 2"
 
 
-def test_yaml_prompts(tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_yaml_prompts(tmp_path, cli, one_thread):
     file = tmp_path / "p.yaml"
     file.write_text("- a red circle\n- prompt: a blue square\n  seed: 3\n")
-    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
+    code, lines, err = cli.lines("generate", "--prompts", file, "--out-dir", tmp_path, *FAST)
     assert code == 0, err
     assert [Path(r["output"]).name for r in lines] == ["0001-a-red-circle.png", "0002-a-blue-square.png"]
     assert lines[1]["seed"] == 3
@@ -102,10 +97,10 @@ def test_yaml_prompts(tmp_path, capsys, one_thread):
     ("p.yaml", b"- a cat\n- [a, b\n", "not valid YAML at line 3"),
     ("p.txt", b"\n  \n", "holds no prompts"),
 ])
-def test_a_bad_prompts_file_is_refused_up_front_naming_the_line(tmp_path, capsys, name, content, fragment):
+def test_a_bad_prompts_file_is_refused_up_front_naming_the_line(tmp_path, cli, name, content, fragment):
     file = tmp_path / name
     file.write_bytes(content)
-    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path / "out", *FAST)
+    code, lines, err = cli.lines("generate", "--prompts", file, "--out-dir", tmp_path / "out", *FAST)
     assert (code, lines) == (2, []) and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
@@ -122,21 +117,22 @@ def test_a_bad_prompts_file_is_refused_up_front_naming_the_line(tmp_path, capsys
     (["--prompts", "."], "--prompts . is a folder; give a text, .jsonl or .yaml file"),
     (["--prompts", "/dev/zero"], f"--prompts /dev/zero is over {64 * 1024 * 1024} bytes; split it"),
 ])
-def test_prompts_usage_errors(tmp_path, capsys, monkeypatch, args, fragment):
+def test_prompts_usage_errors(tmp_path, cli, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
     Path("FILE").write_text("a cat\n")
-    code, _, err = qimg(capsys, "generate", *args)
+    code, _, err = cli.lines("generate", *args)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_previews_of_a_prompts_batch_go_to_a_folder(tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_previews_of_a_prompts_batch_go_to_a_folder(tmp_path, cli, one_thread):
     file = tmp_path / "prompts.txt"
     file.write_text("a red circle\na blue square\n")
     out, live = tmp_path / "out", tmp_path / "live"
     out.mkdir()
     live.mkdir()
-    code, lines, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--preview", live, "--seed", 3,
-                            *FAST)
+    code, lines, err = cli.lines("generate", "--prompts", file, "--out-dir", out, "--preview", live, "--seed", 3,
+                                 *FAST)
     assert code == 0, err
     assert sorted(p.name for p in live.iterdir()) == sorted(p.name for p in out.iterdir()) == \
         ["0001-a-red-circle.png", "0002-a-blue-square.png"]
@@ -144,6 +140,6 @@ def test_previews_of_a_prompts_batch_go_to_a_folder(tmp_path, capsys, one_thread
     for name in ("0001-a-red-circle.png", "0002-a-blue-square.png"):
         assert np.array_equal(np.asarray(Image.open(live / name).convert("RGB")),
                               np.asarray(Image.open(out / name).convert("RGB")))
-    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", out, "--preview", out, "--overwrite",
-                        *FAST)
+    code, _, err = cli.lines("generate", "--prompts", file, "--out-dir", out, "--preview", out, "--overwrite",
+                             *FAST)
     assert code == 2 and "is the --out-dir" in err and len(err.strip().splitlines()) == 1

@@ -2,7 +2,6 @@
 file redone on another, a file that always fails reported like a bad file (exit 1, the rest complete).
 (That Ray is imported only with --ray: tests/test_imports.py.)"""
 
-import json
 import os
 import shutil
 import signal
@@ -14,8 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from qimg.cli.app import run
 
 pytest.importorskip("ray")
 
@@ -91,36 +88,32 @@ def make_photos(folder: Path, n: int) -> Path:
     return folder
 
 
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, [json.loads(line) for line in out.splitlines()], err
-
-
 def outputs(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_ray_gives_the_local_bytes_and_redoes_a_lost_actor_s_file(cluster, ray_env, tmp_path, capsys, monkeypatch):
+@pytest.mark.subprocess
+def test_ray_gives_the_local_bytes_and_redoes_a_lost_actor_s_file(cluster, ray_env, tmp_path, cli, monkeypatch):
     photos = make_photos(tmp_path / "photos", 5)
-    assert qimg(capsys, "inpaint", photos, *FAST, "--out-dir", tmp_path / "local")[0] == 0
+    assert cli.lines("inpaint", photos, *FAST, "--out-dir", tmp_path / "local")[0] == 0
     lost = tmp_path / "lost"
     monkeypatch.setenv("QIMG_TEST_ACTOR_EXIT", f"p2.png:{lost}")  # the actor running p2.png exits, once
-    code, lines, err = qimg(capsys, "inpaint", photos, *FAST, "--out-dir", tmp_path / "ray", "--ray", cluster,
-                            "--ray-workers", "2")
+    code, lines, err = cli.lines("inpaint", photos, *FAST, "--out-dir", tmp_path / "ray", "--ray", cluster,
+                                 "--ray-workers", "2")
     assert code == 0, err
     assert lost.exists() and f"{photos / 'p2.png'}: its Ray actor was lost; running it again (1 of 2)" in err
     assert sorted(Path(r["output"]).name for r in lines) == [f"p{i}.inpaint.png" for i in range(5)]  # each once
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
 
 
-def test_a_file_that_always_fails_is_reported_and_the_rest_complete(cluster, ray_env, tmp_path, capsys,
+@pytest.mark.subprocess
+def test_a_file_that_always_fails_is_reported_and_the_rest_complete(cluster, ray_env, tmp_path, cli,
                                                                     monkeypatch):
     photos = make_photos(tmp_path / "photos", 4)
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")  # a bad file: reported, never retried
     monkeypatch.setenv("QIMG_TEST_ACTOR_EXIT", "p1.png")  # every actor running p1.png exits
-    code, lines, err = qimg(capsys, "inpaint", photos, *FAST, "--out-dir", tmp_path / "ray", "--ray", cluster,
-                            "--ray-workers", "2", "--retries", "1")
+    code, lines, err = cli.lines("inpaint", photos, *FAST, "--out-dir", tmp_path / "ray", "--ray", cluster,
+                                 "--ray-workers", "2", "--retries", "1")
     assert code == 1
     assert err.count("is not an image file Pillow can read") == 1
     assert f"{photos / 'p1.png'}: failed 2 times: its Ray actor was lost" in err
@@ -130,13 +123,14 @@ def test_a_file_that_always_fails_is_reported_and_the_rest_complete(cluster, ray
     assert sorted(r["input"] for r in lines if "error" in r) == [str(photos / "broken.png"), str(photos / "p1.png")]
 
 
-def test_prompts_over_ray(cluster, ray_env, tmp_path, capsys):
+@pytest.mark.subprocess
+def test_prompts_over_ray(cluster, ray_env, tmp_path, cli):
     file = tmp_path / "p.txt"
     file.write_text("a red circle\na blue square\n")
     common = ["generate", "--prompts", file, "--size", "32x32", "--steps", "2", "--seed", "7", "--device", "cpu",
               "--no-cache", "--json"]
-    assert qimg(capsys, *common, "--out-dir", tmp_path / "local")[0] == 0
-    code, lines, err = qimg(capsys, *common, "--out-dir", tmp_path / "ray", "--ray", cluster, "--ray-workers", "2")
+    assert cli.lines(*common, "--out-dir", tmp_path / "local")[0] == 0
+    code, lines, err = cli.lines(*common, "--out-dir", tmp_path / "ray", "--ray", cluster, "--ray-workers", "2")
     assert code == 0, err
     assert sorted(Path(r["output"]).name for r in lines) == ["0001-a-red-circle.png", "0002-a-blue-square.png"]
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
@@ -161,21 +155,21 @@ def test_a_file_written_before_its_actor_was_lost_is_not_run_again(tmp_path, cap
     assert f"{target}  exists, skipped" in capsys.readouterr().err
 
 
-def test_an_address_where_nothing_answers_fails_at_once(tmp_path, capsys):
+def test_an_address_where_nothing_answers_fails_at_once(tmp_path, cli):
     file = tmp_path / "p.txt"
     file.write_text("a red circle\n")
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.monotonic()
-    code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", f"127.0.0.1:{port}",
-                        "--ray-workers", "2")
+    code, _, err = cli.lines("generate", "--prompts", file, "--out-dir", tmp_path, "--ray", f"127.0.0.1:{port}",
+                             "--ray-workers", "2")
     assert code == 1 and f"--ray 127.0.0.1:{port}: nothing answers there" in err and time.monotonic() - started < 30
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as m:  # auto: the address $RAY_ADDRESS gives is checked the same way
         m.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-        code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray", "auto",
-                            "--ray-workers", "2")
+        code, _, err = cli.lines("generate", "--prompts", file, "--out-dir", tmp_path, "--ray", "auto",
+                                 "--ray-workers", "2")
     assert code == 1 and f"--ray auto: nothing answers at $RAY_ADDRESS 127.0.0.1:{port}" in err, err
 
 
@@ -189,7 +183,8 @@ def test_a_bare_ray_means_a_local_cluster():
     assert bare_ray_is_local(["inpaint", "--ray", "auto", "d/"]) == ["inpaint", "--ray", "auto", "d/"]
 
 
-def test_an_address_that_is_not_ray_fails_at_once(tmp_path, capsys):
+@pytest.mark.slow
+def test_an_address_that_is_not_ray_fails_at_once(tmp_path, cli):
     """Something that accepts connections but is no gRPC server: refused in seconds, not after Ray's minutes
     of retries and warnings."""
     file = tmp_path / "p.txt"
@@ -199,7 +194,7 @@ def test_an_address_that_is_not_ray_fails_at_once(tmp_path, capsys):
         listener.listen(4)
         port = listener.getsockname()[1]
         started = time.monotonic()
-        code, _, err = qimg(capsys, "generate", "--prompts", file, "--out-dir", tmp_path, "--ray",
-                            f"127.0.0.1:{port}", "--ray-workers", "2")
+        code, _, err = cli.lines("generate", "--prompts", file, "--out-dir", tmp_path, "--ray",
+                                 f"127.0.0.1:{port}", "--ray-workers", "2")
     assert code == 1 and err.count("\n") == 1 and "is not a Ray cluster" in err, err
     assert time.monotonic() - started < 30

@@ -2,7 +2,6 @@
 environment of torchrun and Slurm arrays), and that the shards of a batch make exactly its outputs: byte for
 byte, each file once, under torchrun too, and resumed after a kill with --skip-existing."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qimg.cli.app import run
 from qimg.errors import UsageError
 from qimg.jobs import shard
 from qimg.jobs.batch import named_inputs
@@ -145,35 +143,31 @@ def outputs(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
 
 
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, [json.loads(line) for line in out.splitlines()], err
-
-
 def names_in(part: int, count: int, n: int, prefix="img") -> list[str]:
     """n file names that shard `part` of `count` takes."""
     return [name for name in (f"{prefix}{i}.png" for i in range(1000))
             if shard.key(name) % count == part][:n]
 
 
-def test_the_shards_make_the_batch_byte_for_byte(tmp_path, capsys, one_thread):
+@pytest.mark.slow
+def test_the_shards_make_the_batch_byte_for_byte(tmp_path, cli, one_thread):
     photos = make_photos(tmp_path / "photos", [f"p{i}.png" for i in range(7)])
     edit = ["inpaint", photos, "--rect", "8,8,16,16", *FAST, "--json"]
-    assert qimg(capsys, *edit, "--out-dir", tmp_path / "all")[0] == 0
+    assert cli.lines(*edit, "--out-dir", tmp_path / "all")[0] == 0
     whole = outputs(tmp_path / "all")
     assert len(whole) == 7
     for n in (2, 3):
         seen = []
         for i in range(n):
-            code, lines, err = qimg(capsys, *edit, "--out-dir", tmp_path / f"n{n}", "--shard", f"{i}/{n}")
+            code, lines, err = cli.lines(*edit, "--out-dir", tmp_path / f"n{n}", "--shard", f"{i}/{n}")
             assert code == 0 and f"qimg: shard {i}/{n}: {len(lines)} of 7 images" in err
             seen += [Path(r["output"]).name for r in lines]
         assert sorted(seen) == sorted(whole)  # no file in two shards, none left out
         assert outputs(tmp_path / f"n{n}") == whole
 
 
-def test_torchrun_gives_the_same_bytes_and_a_shard_s_bad_file_stops_no_other(tmp_path, capsys, one_thread):
+@pytest.mark.subprocess
+def test_torchrun_gives_the_same_bytes_and_a_shard_s_bad_file_stops_no_other(tmp_path, cli, one_thread):
     # shard 0 of 2 takes three photos; shard 1 only a broken file, which fails at once: torchrun stops every
     # rank when one exits non-zero, so the failed rank must wait for the others (qimg/torchrun.py)
     good = names_in(0, 2, 4)
@@ -181,7 +175,7 @@ def test_torchrun_gives_the_same_bytes_and_a_shard_s_bad_file_stops_no_other(tmp
     bad = names_in(1, 2, 1, "broken")[0]
     (photos / bad).write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     edit = ["inpaint", photos, "--rect", "8,8,16,16", *FAST, "--steps", "24"]
-    code, _, err = qimg(capsys, *edit, "--out-dir", tmp_path / "local")
+    code, _, err = cli.lines(*edit, "--out-dir", tmp_path / "local")
     assert code == 1 and err.strip().endswith(f"1 of 5 images failed: {photos / bad}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QIMG_WORKER": "0"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -192,11 +186,12 @@ def test_torchrun_gives_the_same_bytes_and_a_shard_s_bad_file_stops_no_other(tmp
     assert outputs(tmp_path / "ranks") == outputs(tmp_path / "local") and len(outputs(tmp_path / "ranks")) == 4
 
 
-def test_a_killed_shard_resumes_with_skip_existing(tmp_path, capsys, one_thread):
+@pytest.mark.subprocess
+def test_a_killed_shard_resumes_with_skip_existing(tmp_path, cli, one_thread):
     mine = names_in(0, 2, 8)
     photos = make_photos(tmp_path / "photos", mine + names_in(1, 2, 2), size=64)
     edit = ["inpaint", photos, "--rect", "8,8,40,40", *FAST, "--steps", "12"]
-    assert qimg(capsys, *edit, "--out-dir", tmp_path / "all")[0] == 0
+    assert cli.lines(*edit, "--out-dir", tmp_path / "all")[0] == 0
     whole = outputs(tmp_path / "all")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QIMG_WORKER": "0", "OMP_NUM_THREADS": "1"}
@@ -210,7 +205,7 @@ def test_a_killed_shard_resumes_with_skip_existing(tmp_path, capsys, one_thread)
     done = {name: data for name, data in outputs(out).items() if name.endswith(".inpaint.png")}
     assert 0 < len(done) < len(mine)  # killed halfway
     assert all(whole[name] == data for name, data in done.items())  # no partial file under a final name
-    code, lines, err = qimg(capsys, *edit, "--json", "--out-dir", out, "--shard", "0/2", "--skip-existing")
+    code, lines, err = cli.lines(*edit, "--json", "--out-dir", out, "--shard", "0/2", "--skip-existing")
     assert code == 0, err
     assert sorted(Path(r["output"]).name for r in lines if r.get("skipped")) == sorted(done)
     assert sorted(Path(r["output"]).name for r in lines if "seed" in r) == sorted(
@@ -227,8 +222,8 @@ def test_a_killed_shard_resumes_with_skip_existing(tmp_path, capsys, one_thread)
     (["inpaint", "PHOTOS", "--rect", "0,0,8,8", "--retries", "3"], "--retries goes with --ray ADDRESS"),
     (["inpaint", "PHOTOS", "--rect", "0,0,8,8", "--shard", "2/2"], "--shard 2/2: shards count from 0"),
 ])
-def test_scale_usage_errors_come_before_any_work(tmp_path, capsys, args, fragment):
+def test_scale_usage_errors_come_before_any_work(tmp_path, cli, args, fragment):
     make_photos(tmp_path / "PHOTOS", ["p0.png", "p1.png"])
-    code, lines, err = qimg(capsys, *[str(tmp_path / a) if a.startswith("PHOTOS") else a for a in args], "-p", "x")
+    code, lines, err = cli.lines(*[str(tmp_path / a) if a.startswith("PHOTOS") else a for a in args], "-p", "x")
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in (tmp_path / "PHOTOS").iterdir()) == ["p0.png", "p1.png"]

@@ -48,6 +48,7 @@ def reference_embeds(pipe, prompt, images):
 CASES = [("edit", 1), ("plus", 1), ("plus", 3)]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(("kind", "n"), CASES)
 def test_token_ids_equal_the_processor(tiny_edit_dir, encoders, kind, n):
     images = pictures(n)
@@ -62,6 +63,7 @@ def test_token_ids_equal_the_processor(tiny_edit_dir, encoders, kind, n):
     assert ids.count(encoders[kind].pad) == sum(h * w // 4 for h, w in grids)
 
 
+@pytest.mark.parity
 def test_mrope_positions_equal_get_rope_index(encoders, pipelines):
     ids, _, grids = encoders["plus"].inputs(PROMPT, pictures(3))
     ids = torch.tensor([ids])
@@ -73,6 +75,7 @@ def test_mrope_positions_equal_get_rope_index(encoders, pipelines):
     assert torch.equal(ours, ref[:, 0])
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(("kind", "n"), CASES)
 def test_embeddings_equal_the_pipeline(encoders, pipelines, kind, n, one_thread):
     images = pictures(n)
@@ -82,6 +85,7 @@ def test_embeddings_equal_the_pipeline(encoders, pipelines, kind, n, one_thread)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parity
 def test_negative_prompt_is_encoded_with_the_pictures(encoders, pipelines, one_thread):
     images = pictures(2)
     runs = []
@@ -100,6 +104,7 @@ def test_negative_prompt_is_encoded_with_the_pictures(encoders, pipelines, one_t
     assert other.shape == ours.shape and (other - ours).abs().max() > 1e-3
 
 
+@pytest.mark.parity
 def test_long_prompt_is_not_cut(encoders, pipelines, one_thread):
     images = pictures(1)
     ours = encoders["edit"].encode(LONG, images)
@@ -107,6 +112,7 @@ def test_long_prompt_is_not_cut(encoders, pipelines, one_thread):
     torch.testing.assert_close(ours, reference_embeds(pipelines["edit"], LONG, images), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parity
 def test_diffusers_without_token_types_gives_pictures_1d_positions(tiny_edit_dir, encoders, monkeypatch, one_thread):
     # Documents the deviation: diffusers 0.42.1 with transformers >= 5.15 does not pass mm_token_type_ids, so
     # the pictures' tokens get plain 1D positions. qimg keeps the trained 3D positions; with 1D ones it would

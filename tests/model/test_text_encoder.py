@@ -58,6 +58,7 @@ def reference_ids(tokenizer, texts, max_length=MAX_TOKENS + DROP):
     return out.input_ids, out.attention_mask
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
 def test_token_ids_match_transformers(tiny_model_dir, vocab_folder, reference, layout):
     ours = read_tokenizer(tiny_model_dir / "tokenizer" if layout == "tokenizer.json" else vocab_folder)
@@ -82,6 +83,7 @@ def test_vocab_layout_refuses_out_of_order_added_tokens(vocab_folder, tmp_path):
         read_tokenizer(tmp_path)
 
 
+@pytest.mark.parity
 def test_text_only_mrope_is_plain_rope(reference):
     # All three mRoPE sections get the same position for text, so the sectioned table is the 1D one.
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
@@ -97,6 +99,7 @@ def test_text_only_mrope_is_plain_rope(reference):
     torch.testing.assert_close(sin, ref_sin[0], rtol=0, atol=0)
 
 
+@pytest.mark.parity
 def test_hidden_states_match_transformers_padded_and_truncated(tiny_model_dir, reference):
     tokenizer, model = reference
     encoder = load_text_encoder(tiny_model_dir, torch.float32, torch.device("cpu"))
@@ -136,6 +139,7 @@ def test_real_config_format_reads_the_7b_shape():
     assert Qwen2Config.from_dict(d) == Qwen2Config()
 
 
+@pytest.mark.parity
 def test_keys_match_transformers_language_model_at_real_size():
     from transformers import Qwen2_5_VLTextConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
@@ -149,6 +153,7 @@ def test_keys_match_transformers_language_model_at_real_size():
     assert shapes(ours) == shapes(ref)
 
 
+@pytest.mark.subprocess
 def test_generate_imports_neither_transformers_nor_dynamo(tiny_model_dir, tmp_path):
     probe = (
         "import sys; from qimg.cli.app import run; "

@@ -14,7 +14,7 @@ CFG = TransformerConfig.tiny()
 TOL = 1e-4
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from diffusers import AutoencoderKLQwenImage
 
 from qimg.model.vae import QwenImageVAE, VAEConfig
 
+pytestmark = pytest.mark.parity
+
 
 def reference_vae(cfg: VAEConfig) -> AutoencoderKLQwenImage:
     kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

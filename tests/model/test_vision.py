@@ -38,6 +38,7 @@ def reference_rows(images, **bounds):
     return out["pixel_values"], [tuple(g[1:]) for g in out["image_grid_thw"].tolist()]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[1]}x{s[0]}")
 def test_preprocessing_equals_the_processor(size):
     image = picture(*size)
@@ -47,6 +48,7 @@ def test_preprocessing_equals_the_processor(size):
     assert np.array_equal(rows, ref_rows)
 
 
+@pytest.mark.parity
 def test_preprocessing_scales_down_to_max_pixels():
     cfg = ImageConfig(min_pixels=3136, max_pixels=28 * 28 * 12)
     for size in [(451, 300), (90, 700)]:
@@ -94,6 +96,7 @@ GRIDS = {  # patches; windows are 8x8 patches (4x4 merged tokens)
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("grids", GRIDS.values(), ids=GRIDS.keys())
 def test_vision_tower_equals_transformers(tiny_edit_dir, visual, grids, one_thread):
     torch.manual_seed(0)
@@ -106,6 +109,7 @@ def test_vision_tower_equals_transformers(tiny_edit_dir, visual, grids, one_thre
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parity
 def test_vision_tower_with_the_wrong_full_attention_block_differs(tiny_edit_dir, visual, one_thread):
     # The check above can fail: full attention in the other block (or none) moves the tokens 10x its tolerance.
     grids = GRIDS["partial-windows"]
@@ -143,6 +147,7 @@ def test_real_config_format_reads_the_real_tower():
         VisionConfig.from_dict({})
 
 
+@pytest.mark.parity
 def test_keys_match_transformers_at_real_size():
     from transformers import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel

@@ -35,6 +35,7 @@ def test_folder_is_small_and_complete():
         assert (BUILTIN / part).is_file(), part
 
 
+@pytest.mark.parity
 def test_template_prefix_is_what_the_reference_drops():
     from transformers import AutoTokenizer
 
@@ -45,6 +46,7 @@ def test_template_prefix_is_what_the_reference_drops():
     assert tok.decode(ids[DROP:]).startswith(PROMPT)
 
 
+@pytest.mark.parity
 def test_same_image_as_the_reference_pipeline(engine):
     from diffusers import QwenImagePipeline
 
@@ -57,6 +59,7 @@ def test_same_image_as_the_reference_pipeline(engine):
     assert np.abs(np.asarray(ref).astype(int) - ours).max() <= 1
 
 
+@pytest.mark.subprocess
 def test_generate_needs_no_model_option(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "QIMG_MODEL"}
     out = tmp_path / "demo.png"

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
-from quant_files import write_gguf
+from quant_files import raw_gguf, write_gguf
 
 from qimg.errors import UsageError
 from qimg.model.offload import place_for_streaming
@@ -55,6 +55,7 @@ def every_type(tmp_path_factory):
     return path
 
 
+@pytest.mark.parity
 def test_every_type_dequantizes_like_gguf(every_type):
     reference = {t.name: t for t in GGUFReader(every_type).tensors}
     with open_weights(every_type) as found:
@@ -77,24 +78,6 @@ def test_every_type_dequantizes_like_gguf(every_type):
 # --- refusals -----------------------------------------------------------------------------------------------
 
 
-def raw_file(path, arch="qwen_image", kind="Q8_0"):
-    """One 256-wide tensor of type `kind` with random bytes (any type, even those gguf cannot quantize)."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    qtype = GGMLQuantizationType[kind]
-    block, nbytes = GGML_QUANT_SIZES[qtype]
-    writer = GGUFWriter(str(path), arch=arch)
-    data = np.random.default_rng(0).integers(0, 256, (4, 256 // block * nbytes), dtype=np.uint8)
-    if kind == "Q8_0":
-        data[:, ::nbytes] = 0  # finite scales
-    writer.add_tensor("transformer_blocks.0.attn.to_q.weight", data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize("arch, kind, message", [
     ("flux", "Q8_0", "architecture 'flux', not Qwen-Image"),
     ("qwen_image", "IQ4_XS", "to_q.weight is IQ4_XS, which qimg does not read"),
@@ -102,12 +85,12 @@ def raw_file(path, arch="qwen_image", kind="Q8_0"):
 ])
 def test_refused_by_name(tmp_path, arch, kind, message):
     with pytest.raises(UsageError, match=message):
-        with open_weights(raw_file(tmp_path / "f.gguf", arch, kind)):
+        with open_weights(raw_gguf(tmp_path / "f.gguf", arch, kind)):
             pass
 
 
 def test_truncated_file_is_refused_naming_the_tensor(tmp_path):
-    path = raw_file(tmp_path / "f.gguf")
+    path = raw_gguf(tmp_path / "f.gguf")
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UsageError, match="truncated: tensor transformer_blocks.0.attn.to_q.weight ends at byte"):
         with open_weights(path):
@@ -182,6 +165,7 @@ def test_dequantize_at_load_and_streamed_blocks_give_the_same(wide, packed):
     torch.testing.assert_close(streamed(*inputs()), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parity
 @torch.no_grad()
 def test_packed_forward_matches_diffusers_gguf(wide, packed):
     from diffusers import GGUFQuantizationConfig, QwenImageTransformer2DModel
@@ -251,6 +235,7 @@ def test_damaged_headers_are_refused_without_huge_reads(tmp_path, header, messag
             pass
 
 
+@pytest.mark.parity
 def test_generate_with_the_mixed_file_matches_the_diffusers_gguf_pipeline(wide, tiny_model_dir, tmp_path, capsys):
     """The tiny checkpoint's text encoder and VAE around the dim-256 transformer (its text width is theirs)."""
     import shutil

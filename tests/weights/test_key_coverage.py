@@ -2,7 +2,10 @@
 
 import dataclasses
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.parity
 
 
 def test_transformer_keys_match_reference_at_real_size():

@@ -56,6 +56,7 @@ CASES = [("peft", True, "diffusers"), ("lightning", True, "lightning"), ("kohya"
          ("comfyui", True, "comfyui"), ("comfyui", False, "comfyui"), ("diffsynth", True, "diffsynth")]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("layout,alpha,name", CASES, ids=[f"{c[0]}{'' if c[1] else '-no-alpha'}" for c in CASES])
 def test_every_layout_maps_like_the_reference(layers, layout, alpha, name):
     f = factors(layers)
@@ -69,6 +70,7 @@ def test_every_layout_maps_like_the_reference(layers, layout, alpha, name):
         assert (got - expected).norm() <= 1e-6 * expected.norm(), m
 
 
+@pytest.mark.parity
 def test_the_references_silent_failures_work(layers):
     """Bare lora_down/lora_up without alpha (the reference adapts nothing) and `transformer.` keys with alphas
     (the reference fails to match any module): both apply fully, at alpha/rank or 1."""
@@ -139,6 +141,7 @@ def forward_both(ref, ours):
     return ours(img, txt, None, t, (4, 4)), expected
 
 
+@pytest.mark.parity
 def test_forward_parity_with_peft_fuse(layers, models, tmp_path):
     """--lora f:0.7 (kohya, alpha 8) alone, then stacked with a PEFT file whose header gives lora_alpha/r."""
     import copy

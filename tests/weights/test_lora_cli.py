@@ -8,13 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import lightning_lora, lora_layers
 from PIL import Image
 from safetensors.torch import save_file
 
-from qimg.cli.app import run
-from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.sampling import ScheduleConfig, flow_sigmas, shifted
-from qimg.weights.adapters import targets
 from qimg.weights.fingerprint import fingerprint
 
 # Qwen-Image-Lightning's scheduler (ModelTC generate_with_diffusers.py), as users pass it to diffusers
@@ -29,19 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def layers(tiny_model_dir):
-    cfg = TransformerConfig.from_dict(json.loads((tiny_model_dir / "transformer" / "config.json").read_text()))
-    with torch.device("meta"):
-        return targets(QwenImageTransformer(cfg))
-
-
-def lightning_lora(layers, seed=0, std=0.2) -> dict:
-    """Bare `<m>.lora_down/lora_up/alpha` keys over every linear layer, as the Lightning files are laid out."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for m, (out, inp) in layers.items():
-        sd |= {f"{m}.lora_down.weight": std * torch.randn(8, inp, generator=g),
-               f"{m}.lora_up.weight": std * torch.randn(out, 8, generator=g), f"{m}.alpha": torch.tensor(4.0)}
-    return sd
+    return lora_layers(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +37,7 @@ def lora_file(layers, tmp_path_factory):
     return file
 
 
-def qimg(capsys, *args):
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
+@pytest.mark.parity
 @pytest.mark.parametrize("steps", [4, 8])
 @pytest.mark.parametrize("seq_len", [64, 1024, 4096, 16384])
 def test_shift_gives_the_lightning_schedulers_sigmas(steps, seq_len):
@@ -71,13 +52,14 @@ def test_shift_gives_the_lightning_schedulers_sigmas(steps, seq_len):
     assert torch.equal(ours, scheduler.sigmas.float())
 
 
+@pytest.mark.parity
 def test_lightning_4_matches_the_pipeline_with_the_lora_fused(tiny_model_dir, reference_pipeline, lora_file,
-                                                              capsys, tmp_path):
+                                                              cli, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     out, plain = tmp_path / "lightning.png", tmp_path / "plain.png"
     common = ["-m", tiny_model_dir, "-p", PROMPT, "--size", "64x64", "--seed", "5", "--device", "cpu", "--json"]
-    code, report, err = qimg(capsys, "generate", "--preset", "lightning-4", "--lora", lora_file, "-o", out, *common)
+    code, report, err = cli("generate", "--preset", "lightning-4", "--lora", lora_file, "-o", out, *common)
     assert code == 0, err
     report = json.loads(report)
     assert (report["steps"], report["cfg"], report["shift"], report["calls"]) == (4, 1.0, 3.0, 4)  # one call a step
@@ -102,28 +84,28 @@ def test_lightning_4_matches_the_pipeline_with_the_lora_fused(tiny_model_dir, re
     ours, ref = np.asarray(Image.open(out).convert("RGB")).astype(int), np.asarray(ref).astype(int)
     assert np.abs(ours - ref).max() <= 1 and ref.std() > 1
 
-    code, _, err = qimg(capsys, "generate", "--steps", "4", "--cfg", "1", "--shift", "3", "-o", plain, *common)
+    code, _, err = cli("generate", "--steps", "4", "--cfg", "1", "--shift", "3", "-o", plain, *common)
     assert code == 0, err
     assert np.abs(np.asarray(Image.open(plain)).astype(int) - ours).mean() > 2  # the LoRA made a difference
 
 
-def test_preset_lora_paths_are_relative_to_the_preset(tiny_model_dir, lora_file, capsys, tmp_path, monkeypatch):
+def test_preset_lora_paths_are_relative_to_the_preset(tiny_model_dir, lora_file, cli, tmp_path, monkeypatch):
     folder = tmp_path / "presets"
     (folder / "loras").mkdir(parents=True)
     (folder / "loras" / "style.safetensors").write_bytes(lora_file.read_bytes())
     (folder / "mine.yaml").write_text("steps: 1\nlora: [loras/style.safetensors:0.5]\n")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o.png"
-    code, report, err = qimg(capsys, "generate", "--preset", folder / "mine.yaml", "-m", tiny_model_dir, "-p", "x",
-                             "--size", "32x32", "--device", "cpu", "-o", out, "--json")
+    code, report, err = cli("generate", "--preset", folder / "mine.yaml", "-m", tiny_model_dir, "-p", "x",
+                            "--size", "32x32", "--device", "cpu", "-o", out, "--json")
     assert code == 0, err
     (entry,) = json.loads(report)["loras"]
     assert (entry["name"], entry["scale"]) == ("style.safetensors", 0.5)
     assert json.loads(Image.open(out).text["qimg"])["loras"] == [entry]
 
 
-def test_info_on_a_lora(lora_file, capsys):
-    code, out, err = qimg(capsys, "info", lora_file, "--json")
+def test_info_on_a_lora(lora_file, cli):
+    code, out, err = cli("info", lora_file, "--json")
     assert code == 0, err
     info = json.loads(out)
     assert (info["format"], info["rank"], info["alpha"], info["file"]) == ("lightning", 8, 4.0, lora_file.name)
@@ -163,7 +145,8 @@ def refusal_files(layers, tmp_path):
     return files
 
 
-def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, capsys, tmp_path):
+@pytest.mark.slow
+def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, cli, tmp_path):
     """On the weightless model folder: a LoRA is refused before any weight loads."""
     for name, (file, fragment) in refusal_files(layers, tmp_path).items():
         out = tmp_path / f"{name}.png"
@@ -171,27 +154,28 @@ def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, 
             if command[0] == "chain":
                 Image.new("RGB", (32, 32)).save(command[1])
                 command[2].write_text("edits:\n  - inpaint: {prompt: x, rect: ['0,0,8,8']}\n")
-            code, _, err = qimg(capsys, *command, "-m", configs_only, "--lora", f"{file}:0.5", "--device", "cpu",
-                                "-o", out)
+            code, _, err = cli(*command, "-m", configs_only, "--lora", f"{file}:0.5", "--device", "cpu",
+                               "-o", out)
             assert code == 2, (name, err)
             assert err.count("\n") == 1 and err.startswith("qimg: error: ") and fragment in err, (name, err)
             assert str(file) in err, (name, err)
             assert not out.exists()
 
 
-def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(tiny_model_dir, lora_file, capsys,
+def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(tiny_model_dir, lora_file, cli,
                                                                                  tmp_path):
     image, plan, out = tmp_path / "in.png", tmp_path / "c.yaml", tmp_path / "out.png"
     Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
     plan.write_text("edits:\n  - inpaint: {prompt: x, rect: ['0,0,16,16']}\n  - outpaint: {prompt: y, right: 16}\n")
-    code, report, err = qimg(capsys, "chain", image, plan, "-m", tiny_model_dir, "--lora", f"{lora_file}:0.5",
-                             "--shift", "3", "--steps", "2", "--cfg", "1", "--device", "cpu", "-o", out, "--json")
+    code, report, err = cli("chain", image, plan, "-m", tiny_model_dir, "--lora", f"{lora_file}:0.5",
+                            "--shift", "3", "--steps", "2", "--cfg", "1", "--device", "cpu", "-o", out, "--json")
     assert code == 0, err
     report = json.loads(report)
     assert [entry["scale"] for entry in report["loras"]] == [0.5]
     assert [entry["shift"] for entry in report["lineage"]] == [3.0, 3.0]
 
 
+@pytest.mark.slow
 def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny_model_dir, layers, tmp_path,
                                                                             monkeypatch):
     from qimg.jobs import kept_engine
@@ -219,6 +203,7 @@ def test_the_worker_keeps_an_engine_only_for_the_same_lora_files_and_scales(tiny
         kept_engine.drop()
 
 
+@pytest.mark.slow
 def test_offload_modes_apply_the_lora_alike_and_again_after_a_reload(tiny_model_dir, lora_file):
     from qimg.engine.components import Loading
     from qimg.engine.engine import Engine

@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from quant_files import write_gguf
+from helpers import lightning_lora, lora_layers, pixels
+from quant_files import raw_gguf, write_gguf
 from safetensors.torch import save_file
 
-from qimg.cli.app import run
 from qimg.errors import QimgWarning
 from qimg.model.quant import PackedLinear
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
@@ -120,23 +119,22 @@ def dense_folder(tmp_path, tiny_model_dir, weights, name):
     return folder
 
 
-def generate(capsys, model, out, *args, env=None):
-    code = run(["generate", "-m", str(model), "-p", "a red circle", "--size", "32x32", "--steps", "2", "--seed", "5",
-                "--device", "cpu", "-o", str(out), "--json", "--no-cache", *map(str, args)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return np.asarray(Image.open(out).convert("RGB")).astype(int), json.loads(captured.out)
+def generate(cli, model, out, *args):
+    code, stdout, err = cli("generate", "-m", model, "-p", "a red circle", "--size", "32x32", "--steps", "2", "--seed",
+                            "5", "--device", "cpu", "-o", out, "--json", "--no-cache", *args)
+    assert code == 0, err
+    return pixels(out).astype(int), json.loads(stdout)
 
 
-def test_generate_from_scaled_fp8_equals_a_folder_of_its_weights(tmp_path, tiny_model_dir, state, capsys,
+def test_generate_from_scaled_fp8_equals_a_folder_of_its_weights(tmp_path, tiny_model_dir, state, cli,
                                                                  monkeypatch):
     legacy, comfy = tmp_path / "legacy.safetensors", tmp_path / "presets" / "comfy.safetensors"
     comfy.parent.mkdir()
     held = fp8_file(legacy, state, "legacy")
     assert all(torch.equal(held[k], v) for k, v in fp8_file(comfy, state, "comfy_quant").items())
-    expected, plain = generate(capsys, dense_folder(tmp_path, tiny_model_dir, held, "dense"), tmp_path / "d.png")
+    expected, plain = generate(cli, dense_folder(tmp_path, tiny_model_dir, held, "dense"), tmp_path / "d.png")
     assert expected.std() > 1
-    image, report = generate(capsys, tiny_model_dir, tmp_path / "a.png", "--transformer", legacy, "--no-dequantize")
+    image, report = generate(cli, tiny_model_dir, tmp_path / "a.png", "--transformer", legacy, "--no-dequantize")
     assert np.abs(image - expected).max() <= 1
     info = report["transformer"]
     assert info["name"] == "legacy.safetensors" and info["format"] == "safetensors F8_E4M3+BF16 scaled_fp8"
@@ -144,14 +142,14 @@ def test_generate_from_scaled_fp8_equals_a_folder_of_its_weights(tmp_path, tiny_
     assert report["model_fingerprint"] != plain["model_fingerprint"] and "transformer" not in plain
     # from a preset, the file named relative to the preset; then from $QIMG_TRANSFORMER
     (comfy.parent / "p.yaml").write_text("transformer: comfy.safetensors\ndequantize: false\n")
-    image, report = generate(capsys, tiny_model_dir, tmp_path / "b.png", "--preset", comfy.parent / "p.yaml")
+    image, report = generate(cli, tiny_model_dir, tmp_path / "b.png", "--preset", comfy.parent / "p.yaml")
     assert np.abs(image - expected).max() <= 1 and report["transformer"]["format"].endswith("comfy_quant")
     monkeypatch.setenv("QIMG_TRANSFORMER", str(comfy))
-    image, report = generate(capsys, tiny_model_dir, tmp_path / "c.png")
+    image, report = generate(cli, tiny_model_dir, tmp_path / "c.png")
     assert np.abs(image - expected).max() <= 1 and report["transformer"]["name"] == "comfy.safetensors"
 
 
-def test_quantize_fp8_equals_a_folder_of_the_rounded_weights(tmp_path, tiny_model_dir, state, capsys):
+def test_quantize_fp8_equals_a_folder_of_the_rounded_weights(tmp_path, tiny_model_dir, state, cli):
     from qimg.model.quant import dequantize, quantize_fp8
 
     def rounded_weight(w):
@@ -160,10 +158,10 @@ def test_quantize_fp8_equals_a_folder_of_the_rounded_weights(tmp_path, tiny_mode
 
     rounded = {k: rounded_weight(v) if k.startswith("transformer_blocks.") and v.ndim == 2 else v
                for k, v in state.items()}
-    expected, _ = generate(capsys, dense_folder(tmp_path, tiny_model_dir, rounded, "rounded"), tmp_path / "d.png")
-    image, report = generate(capsys, tiny_model_dir, tmp_path / "q.png", "--quantize", "fp8", "--no-dequantize")
+    expected, _ = generate(cli, dense_folder(tmp_path, tiny_model_dir, rounded, "rounded"), tmp_path / "d.png")
+    image, report = generate(cli, tiny_model_dir, tmp_path / "q.png", "--quantize", "fp8", "--no-dequantize")
     assert np.array_equal(image, expected) and report["transformer"] == {"quantize": "fp8"}
-    assert not np.array_equal(generate(capsys, tiny_model_dir, tmp_path / "p.png")[0], expected)  # fp8 shows
+    assert not np.array_equal(generate(cli, tiny_model_dir, tmp_path / "p.png")[0], expected)  # fp8 shows
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +173,12 @@ def tiny_gguf(tmp_path_factory, state):
     return path, write_gguf(path, state, kinds)
 
 
-def test_generate_from_gguf_matches_diffusers_gguf_pipeline(tmp_path, tiny_model_dir, tiny_gguf, capsys):
+@pytest.mark.parity
+def test_generate_from_gguf_matches_diffusers_gguf_pipeline(tmp_path, tiny_model_dir, tiny_gguf, cli):
     from diffusers import GGUFQuantizationConfig, QwenImagePipeline, QwenImageTransformer2DModel
 
     path, _ = tiny_gguf
-    image, report = generate(capsys, tiny_model_dir, tmp_path / "g.png", "--transformer", path, "--no-dequantize")
+    image, report = generate(cli, tiny_model_dir, tmp_path / "g.png", "--transformer", path, "--no-dequantize")
     assert report["transformer"]["format"].startswith("gguf ")
     transformer = QwenImageTransformer2DModel.from_single_file(
         str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
@@ -192,19 +191,17 @@ def test_generate_from_gguf_matches_diffusers_gguf_pipeline(tmp_path, tiny_model
 
 
 def test_lora_on_packed_gguf_and_fp8_equals_it_fused_into_their_dense_weights(tmp_path, tiny_model_dir, state,
-                                                                            tiny_gguf, capsys):
-    from test_lora_cli import layers, lightning_lora
-
+                                                                            tiny_gguf, cli):
     lora = tmp_path / "lora.safetensors"
-    save_file(lightning_lora(layers.__wrapped__(tiny_model_dir)), lora)
+    save_file(lightning_lora(lora_layers(tiny_model_dir)), lora)
     fp8 = tmp_path / "fp8.safetensors"
     for file, held in ((tiny_gguf[0], tiny_gguf[1]), (fp8, fp8_file(fp8, state, "comfy_quant"))):
-        expected, _ = generate(capsys, dense_folder(tmp_path, tiny_model_dir, held, file.stem), tmp_path / "d.png",
+        expected, _ = generate(cli, dense_folder(tmp_path, tiny_model_dir, held, file.stem), tmp_path / "d.png",
                                "--lora", f"{lora}:0.7", "--overwrite")
-        image, report = generate(capsys, tiny_model_dir, tmp_path / "p.png", "--transformer", file, "--no-dequantize",
+        image, report = generate(cli, tiny_model_dir, tmp_path / "p.png", "--transformer", file, "--no-dequantize",
                                  "--lora", f"{lora}:0.7", "--overwrite")
         assert np.abs(image - expected).max() <= 1, file
-        without, _ = generate(capsys, tiny_model_dir, tmp_path / "n.png", "--transformer", file, "--overwrite")
+        without, _ = generate(cli, tiny_model_dir, tmp_path / "n.png", "--transformer", file, "--overwrite")
         assert np.abs(without - expected).max() > 5  # the LoRA shows
         assert report["loras"][0]["name"] == "lora.safetensors" and report["transformer"]["name"] == file.name
 
@@ -214,8 +211,6 @@ def test_lora_on_packed_gguf_and_fp8_equals_it_fused_into_their_dense_weights(tm
 
 def bad_files(tmp_path, state):
     """name -> (file, what the one error line must say)."""
-    from test_gguf import raw_file
-
     w = state["transformer_blocks.0.attn.to_q.weight"]
     nvfp4 = {**{k: v for k, v in state.items()}, "transformer_blocks.0.attn.to_q.comfy_quant":
              torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)}
@@ -229,10 +224,10 @@ def bad_files(tmp_path, state):
                           ("aio", aio)):
         save_file(tensors, tmp_path / f"{name}.safetensors")
         files[name] = tmp_path / f"{name}.safetensors"
-    truncated = raw_file(tmp_path / "truncated.gguf")
+    truncated = raw_gguf(tmp_path / "truncated.gguf")
     truncated.write_bytes(truncated.read_bytes()[:-10])
-    files.update(flux=raw_file(tmp_path / "flux.gguf", "flux"), iq=raw_file(tmp_path / "iq.gguf", kind="IQ4_XS"),
-                 tq=raw_file(tmp_path / "tq.gguf", kind="TQ1_0"), truncated=truncated)
+    files.update(flux=raw_gguf(tmp_path / "flux.gguf", "flux"), iq=raw_gguf(tmp_path / "iq.gguf", kind="IQ4_XS"),
+                 tq=raw_gguf(tmp_path / "tq.gguf", kind="TQ1_0"), truncated=truncated)
     cut = tmp_path / "cut.safetensors"
     save_file(state, cut)
     cut.write_bytes(cut.read_bytes()[:-1000])
@@ -252,18 +247,19 @@ REFUSALS = {
 }
 
 
-def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_model_dir, state, capsys):
+def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, tiny_model_dir, state, cli):
     files = bad_files(tmp_path, state)
     for name, message in REFUSALS.items():
         out = tmp_path / f"{name}.png"
-        code = run(["generate", "-m", str(tiny_model_dir), "-p", "x", "--size", "32x32", "--steps", "1",
-                    "--device", "cpu", "--no-cache", "-o", str(out), "--transformer", str(files[name])])
-        err = capsys.readouterr().err.strip()
+        code, _, err = cli("generate", "-m", tiny_model_dir, "-p", "x", "--size", "32x32", "--steps", "1",
+                           "--device", "cpu", "--no-cache", "-o", out, "--transformer", files[name])
+        err = err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert err.startswith("qimg: error: --transformer ") and message in err, (name, err)
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_worker_keeps_an_engine_only_for_the_same_transformer_file(tmp_path, tiny_model_dir, monkeypatch):
     from qimg.jobs import kept_engine
     from qimg.jobs.spec import ModelSpec

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 from worker_helpers import FAST, qimg, start, status, stop, worker_env
 
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

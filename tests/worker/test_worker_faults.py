@@ -11,6 +11,8 @@ from worker_helpers import FAST, gone, qimg, start, status, stop, wait_for_log, 
 
 from qimg.worker import paths
 
+pytestmark = pytest.mark.subprocess
+
 # ~20 s on the tiny model with one thread (1000 CFG steps over 1024 tokens): a job still running when the test
 # acts on it, however idle the machine
 SLOW = ["--steps", "1000", "--size", "512x512", "--seed", "3", "--device", "cpu", "--cfg", "4"]

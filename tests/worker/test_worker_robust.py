@@ -13,6 +13,8 @@ from worker_helpers import FAST, qimg, start, status, stop, worker_env
 
 from qimg.worker.protocol import Messages, job_message, send
 
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
