@@ -70,6 +70,7 @@ def test_generate_needs_no_model_option(tmp_path):
     assert image.shape == (128, 128, 3)
 
 
+@pytest.mark.slow
 def test_small_evaluation(engine):
     """Twelve held-out captions and four inpaintings with fixed seeds. The floors sit well above what a
     model ignoring its prompt scores (a session-2 checkpoint: 0-5% all stated, 5% inpaint) and below what
@@ -83,6 +84,7 @@ def test_small_evaluation(engine):
     assert table["inpaint"]["color"] >= 0.5, (table, cases)
 
 
+@pytest.mark.slow
 def test_shape_word_changes_the_prediction():
     """The shape named in the prompt must matter to the model where the shape is still open (t 0.6-0.9):
     rendered scenes fit worse under captions naming other shapes. A checkpoint trained without the shape
