@@ -31,21 +31,21 @@ def test_bad_size_is_a_usage_error(cli, tmp_path, fake_model, size):
 
 
 @pytest.mark.parametrize("command, size, parsed", [("generate", "64x48", (64, 48)), ("edit", "50x30", (50, 30))])
-def test_size_is_parsed_once_into_the_job(capsys, tmp_path, monkeypatch, command, size, parsed):
+def test_size_is_parsed_once_into_the_job(cli, tmp_path, monkeypatch, command, size, parsed):
     from qimg.cli import app
 
     jobs = []
     monkeypatch.setattr(app, "execute", lambda job, *rest: jobs.append(job))
-    code, _, err = qimg(capsys, command, *([str(tmp_path / "in.png")] if command == "edit" else []), "-p", "x",
-                        "--size", size)
+    code, _, err = cli(command, *([str(tmp_path / "in.png")] if command == "edit" else []), "-p", "x",
+                       "--size", size)
     assert code == 0 and err == "" and [job.size for job in jobs] == [parsed]
-    code, _, err = qimg(capsys, command, *([str(tmp_path / "in.png")] if command == "edit" else []), "-p", "x",
-                        "--size", "16xq")
+    code, _, err = cli(command, *([str(tmp_path / "in.png")] if command == "edit" else []), "-p", "x",
+                       "--size", "16xq")
     assert code == 2 and len(jobs) == 1
-    assert_one_line(err, "--size '16xq' is not WIDTHxHEIGHT")
+    one_line(err, "--size '16xq' is not WIDTHxHEIGHT")
 
 
-def test_bad_to_on_an_outpaint_batch_is_one_usage_line_before_any_file_is_read(capsys, tmp_path, monkeypatch,
+def test_bad_to_on_an_outpaint_batch_is_one_usage_line_before_any_file_is_read(cli, tmp_path, monkeypatch,
                                                                                configs_only):
     """--to is parsed with the command line: not once per input (it was: two lines and exit 1 for two files)."""
     from PIL import Image
@@ -56,10 +56,10 @@ def test_bad_to_on_an_outpaint_batch_is_one_usage_line_before_any_file_is_read(c
         Image.new("RGB", (32, 32)).save(tmp_path / name)
     monkeypatch.setattr(images, "load_image", lambda *a: pytest.fail("an input was read"))
     before = sorted(tmp_path.iterdir())
-    code, out, err = qimg(capsys, "outpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-p", "x",
-                          "--to", "64xq", "-m", str(configs_only))
+    code, out, err = cli("outpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-p", "x",
+                         "--to", "64xq", "-m", str(configs_only))
     assert code == 2 and out == ""
-    assert_one_line(err, "--to '64xq' is not WIDTHxHEIGHT")
+    one_line(err, "--to '64xq' is not WIDTHxHEIGHT")
     assert sorted(tmp_path.iterdir()) == before
 
 
