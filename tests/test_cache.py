@@ -54,7 +54,8 @@ def test_least_recently_used_entries_go_first(tmp_path):
     for age, key in zip((300, 200, 100), keys):
         store.put("latent", key, one)
         os.utime(store.path("latent", key), (0, 1_000_000 - age))  # oldest first
-    assert store.get("latent", keys[0], {"x": ("uint8", (250_000,))}) is not None  # a hit makes the oldest the most recent
+    # a hit makes the oldest the most recent
+    assert store.get("latent", keys[0], {"x": ("uint8", (250_000,))}) is not None
     store.put("latent", "ff" * 32, one)  # a fourth entry overflows the cap: the least recently used goes
     present = [k for k in keys + ["ff" * 32] if store.path("latent", k).exists()]
     assert present == [keys[0], keys[2], "ff" * 32]

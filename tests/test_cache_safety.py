@@ -24,7 +24,8 @@ GOOD = {"latent": torch.ones(1, 16, 2, 2)}
 def foreign_folder(folder):
     """A model folder with shards and a LoRA three folders deep, an old .tmp file, and a file in the store's
     own layout: none of them the store's."""
-    files = [folder / "Qwen-Image" / "transformer" / "model-00001.safetensors", folder / "loras" / "mine" / "a.safetensors",
+    files = [folder / "Qwen-Image" / "transformer" / "model-00001.safetensors",
+             folder / "loras" / "mine" / "a.safetensors",
              folder / "latent" / "ab" / f"{'ab' * 32}.safetensors", folder / "x" / "y" / ".0123456789abcdef.zz.tmp"]
     for file in files:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,8 @@ def test_a_new_or_empty_folder_is_marked_and_used(tmp_path, exists):
         (tmp_path / "c").mkdir()
     store = Store(tmp_path / "c")
     store.put("latent", KEY, GOOD)
-    assert "qimg" in (tmp_path / "c" / TAG).read_text() and store.path("latent", KEY).parent.parent.parent == tmp_path / "c"
+    assert "qimg" in (tmp_path / "c" / TAG).read_text()
+    assert store.path("latent", KEY).parent.parent.parent == tmp_path / "c"
     assert torch.equal(Store(tmp_path / "c").get("latent", KEY, SPEC)[0]["latent"], GOOD["latent"])
 
 

@@ -64,7 +64,8 @@ def test_info_on_a_missing_file(tmp_path, cli):
 def test_hostile_parameters_are_one_line_or_printed_as_escapes(tmp_path, cli):
     """Found by fuzzing: deep nesting used to end in a RecursionError, a lone surrogate (valid as a JSON escape,
     not as UTF-8) in a failed print."""
-    for name, text in [("deep.png", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), ("lone.png", '{"prompt": "\\ud800"}')]:
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for name, text in [("deep.png", deep), ("lone.png", '{"prompt": "\\ud800"}')]:
         info = PngImagePlugin.PngInfo()
         info.add_itxt("qimg", text)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name, pnginfo=info)

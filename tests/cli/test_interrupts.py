@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("signum, code, word",
+                         [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_while_sampling_writes_nothing(capsys, tmp_path, tiny_model_dir, monkeypatch, signum, code, word):
     from qimg.engine.engine import Engine
 
@@ -73,7 +74,8 @@ def test_save_writes_a_synced_temp_file_beside_the_target_then_renames(tmp_path,
     real = {name: getattr(os, name) for name in ("fsync", "replace", "link")}
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or real["fsync"](fd))
     for name in ("replace", "link"):
-        monkeypatch.setattr(os, name, lambda a, b, name=name: calls.append((name, Path(a), Path(b))) or real[name](a, b))
+        monkeypatch.setattr(os, name,
+                            lambda a, b, name=name: calls.append((name, Path(a), Path(b))) or real[name](a, b))
     out = tmp_path / "sub" / "o.png"
     save_image(Image.new("RGB", (8, 8), "red"), out, {"qimg": "{}"}, overwrite)
     kinds = [c[0] for c in calls]

@@ -147,5 +147,7 @@ def test_chain_takes_the_speed_options_but_its_edits_do_not(tiny_model_dir, tmp_
 def test_a_preset_may_set_speed_options(tiny_model_dir, tmp_path, capsys):
     preset = tmp_path / "p.yaml"
     preset.write_text("offload: disk\nvae_tiling: 'on'\n")
-    code = run(["generate", "-m", str(tiny_model_dir), "-p", "x", "-o", str(tmp_path / "o.png"), "--preset", str(preset)])
-    assert code == 2 and f"preset {preset}: offload: 'disk' is not one of 'none', 'model', 'blocks'" in capsys.readouterr().err
+    code = run(["generate", "-m", str(tiny_model_dir), "-p", "x", "-o", str(tmp_path / "o.png"),
+                "--preset", str(preset)])
+    message = f"preset {preset}: offload: 'disk' is not one of 'none', 'model', 'blocks'"
+    assert code == 2 and message in capsys.readouterr().err

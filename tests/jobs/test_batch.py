@@ -27,7 +27,8 @@ def folder(tmp_path):
         Image.fromarray(img[i * 50 : i * 50 + 64, :96]).save(photos / name)
         m = np.zeros((64, 96), np.uint8)
         m[10 + i : 30 + i, 20:50] = 255
-        Image.fromarray(m).save(masks / (f"{Path(name).stem}_mask.png" if name == "c.png" else f"{Path(name).stem}.png"))
+        stem = Path(name).stem
+        Image.fromarray(m).save(masks / (f"{stem}_mask.png" if name == "c.png" else f"{stem}.png"))
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     Image.new("L", (96, 64), 255).save(masks / "broken.png")
     return photos, masks

@@ -223,7 +223,8 @@ edits:
      ["edit 2 (inpaint)", "nope.png", "no such file"]),
     ('  - inpaint: {rect: "0,0,9,9"}\n', ["edit 1 (inpaint)", "--prompt"]),
     ('  - outpaint: {prompt: x}\n', ["edit 1 (outpaint)", "nothing to outpaint"]),
-    ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n', ["edit 1 (inpaint)", "attn_mask", "not one of 'on', 'off'"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, attn_mask: maybe}\n',
+     ["edit 1 (inpaint)", "attn_mask", "not one of 'on', 'off'"]),
     ('  - blur: {radius: 3}\n', ["edit 1", "expected {inpaint"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, out_dir: o}\n', ["edit 1 (inpaint)", "unknown key 'out_dir'"]),
     ('  - outpaint: {right: 16, prompt: x, ray_workers: 2}\n', ["edit 1 (outpaint)", "unknown key 'ray_workers'"]),
@@ -276,7 +277,8 @@ def test_keep_steps_and_out_follow_the_overwrite_policy(tiny_model_dir, configs_
     for args, fragment in [(["-o", out], f"--out {out} exists"),
                            (["-o", tmp_path / "new.png", "--keep-steps", steps],
                             f"--keep-steps file {steps / names[0]} exists"),
-                           (["-o", steps / names[1], "--keep-steps", steps, "--overwrite"], "also a --keep-steps file")]:
+                           (["-o", steps / names[1], "--keep-steps", steps, "--overwrite"],
+                            "also a --keep-steps file")]:
         code, _, err = cli.json("chain", photo, chain_file, "-m", configs_only, "--cache-dir", tmp_path / "cache",
                                 *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err

@@ -48,13 +48,13 @@ def rect_keep(h, w, top, left, bottom, right):
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
 def test_split_attention_matches_dense(kept_fraction, padded):
     g = torch.Generator().manual_seed(0)
-    b, s, l, heads, d = 2, 7, 40, 3, 16
-    q, k, v = (torch.randn(b, s + l, heads, d, generator=g) for _ in range(3))
-    keep = torch.rand(l, generator=g) < kept_fraction if kept_fraction < 1 else torch.ones(l, dtype=torch.bool)
+    b, s, n, heads, d = 2, 7, 40, 3, 16
+    q, k, v = (torch.randn(b, s + n, heads, d, generator=g) for _ in range(3))
+    keep = torch.rand(n, generator=g) < kept_fraction if kept_fraction < 1 else torch.ones(n, dtype=torch.bool)
     txt_mask = torch.ones(b, s, dtype=torch.long)
     if padded:
         txt_mask[1, 4:] = 0
-    plan = attention_plan(txt_mask, keep, s, l)
+    plan = attention_plan(txt_mask, keep, s, n)
     assert plan.kept is not None and (plan.mask is not None) == padded
 
     out = split_attention(q, k, v, plan.mask, plan.kept, plan.rest)

@@ -134,7 +134,8 @@ def test_real_config_format_reads_the_7b_shape():
     # Qwen/Qwen-Image's text_encoder/config.json (transformers 4.x): text fields and rope_theta at the top.
     d = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_act": "silu", "hidden_size": 3584,
          "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
-         "rms_norm_eps": 1e-06, "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+         "rms_norm_eps": 1e-06,
+         "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
          "rope_theta": 1000000.0, "vocab_size": 152064, "vision_config": {"hidden_size": 1280, "depth": 32}}
     assert Qwen2Config.from_dict(d) == Qwen2Config()
 

@@ -63,8 +63,10 @@ def test_caption_forms():
     scene = sample_scene(rng, objects=1)
     t = scene.things[0]
     article = "an" if scene.background == "orange" else "a"
-    assert caption(scene, rng, "en", "position").endswith(f"on the {t.position} of {article} {scene.background} background")
-    assert caption(scene, rng, "zh", "position").startswith(f"{COLORS[scene.background][1]}背景上{POSITIONS[t.position][1]}的")
+    english = f"on the {t.position} of {article} {scene.background} background"
+    assert caption(scene, rng, "en", "position").endswith(english)
+    chinese = f"{COLORS[scene.background][1]}背景上{POSITIONS[t.position][1]}的"
+    assert caption(scene, rng, "zh", "position").startswith(chinese)
     assert "background" not in caption(scene, rng, "en", "object")
     pair = sample_scene(rng, objects=2)
     named = {caption(pair, rng, "en", "object") for _ in range(20)}
@@ -89,8 +91,8 @@ def test_dominant_colour_ignores_background():
 
 
 def test_words_cut_chinese_at_word_boundaries():
-    assert words("蓝色背景上上方的小红色正方形和黑色圆形") == ["蓝色", "背景", "上", "上方", "的", "小", "红色", "正方形",
-                                                           "和", "黑色", "圆形"]
+    assert words("蓝色背景上上方的小红色正方形和黑色圆形") == [
+        "蓝色", "背景", "上", "上方", "的", "小", "红色", "正方形", "和", "黑色", "圆形"]
     assert words("a 红色 circle on a blue background") == ["a ", "红色", " circle on a blue background"]
     rng = random.Random(5)
     for _ in range(200):
