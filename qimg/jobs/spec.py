@@ -161,7 +161,7 @@ class Edit:
     cache: CacheSpec = field(default_factory=CacheSpec)
     preset: Optional[str] = None
     shard: Optional[Shard] = None  # --shard: only this part of the batch
-    member: bool = False  # one file of a batch run elsewhere (a Ray actor's), as in Edit
+    member: bool = False  # one file of a batch run elsewhere (a Ray actor's), as in Inpaint
     kind = "edit"
 
 
