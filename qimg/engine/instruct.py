@@ -16,12 +16,14 @@ input's bytes. In a chain the latent is carried between instruction edits on the
 import math
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from qimg.engine.canvas import Canvas, resample
+from qimg.engine.components import Defaults
 from qimg.engine.engine import EditResult, Engine
 from qimg.engine.latents import Condition
 from qimg.engine.preview import mapped
@@ -29,7 +31,9 @@ from qimg.engine.request import Sampling
 from qimg.errors import QimgWarning, UsageError
 from qimg.masks import crop_box, latent_mask, resize_mask
 from qimg.model.transformer import TransformerConfig, patchify
+from qimg.model.vl_image import smart_resize
 from qimg.weights.folders import ModelKind, builtin_model, model_kind, read_config
+from qimg.weights.text_encoder import image_config
 
 MAX_PICTURES = 3  # what 2509/2511 were trained with ("Picture 1..3"); more run, with a warning
 MAX_ASPECT = 200  # the vision tower's processor refuses pictures more elongated than this
@@ -92,11 +96,46 @@ def check_pictures(kind: ModelKind, sizes: list[tuple[int, int]], names: list[st
                       QimgWarning, stacklevel=2)
 
 
-def vision_pictures(kind: ModelKind, images: list[np.ndarray], areas: Areas) -> tuple[np.ndarray, ...]:
-    """What the vision tower is given of each picture: on Qwen-Image-Edit the VAE's resize, on 2509/2511 one
-    to about the vision area (the processor then fits it to its 28-pixel patches)."""
+def pick_areas(folder: Path, given: tuple[int | None, int | None], names: tuple[str, str]) -> Areas:
+    """The areas an edit runs at: each as given, else the model's (its qimg.json's, else the reference's). One
+    over the processor's max_pixels is refused before anything loads, naming where it came from (`names`: the
+    option or key of each given value): the processor shrinks a larger picture to max_pixels anyway, so a larger
+    area buys nothing but memory (tens of GB for a 2**31 one). The reference's own areas are never refused."""
+    most, defaults = image_config(folder).max_pixels, Defaults.from_folder(folder)
+    areas = []
+    for field, value, name in zip(Areas._fields, given, names):
+        key = f"{field}_area"
+        if value is None:
+            value, name = getattr(defaults, key), f"{folder / 'qimg.json'}: {key}"
+        if value > most and value != getattr(Defaults, key):
+            raise UsageError(f"{name} {value} is over {most}, the most pixels this model's processor takes "
+                             f"(max_pixels in {folder / 'processor' / 'preprocessor_config.json'}); give at most "
+                             f"{most}")
+        areas.append(value)
+    return Areas(*areas)
+
+
+def vision_sizes(kind: ModelKind, sizes: list[tuple[int, int]], areas: Areas) -> list[tuple[int, int]]:
+    """(W, H) the vision tower is given of pictures of `sizes`: on Qwen-Image-Edit the VAE's resize, on
+    2509/2511 one to about the vision area (the processor then fits it to its 28-pixel patches)."""
     area = areas.vision if kind.plus else areas.edit
-    return tuple(resample(image, calculate_dimensions(area, aspect(image.shape[1::-1]))) for image in images)
+    return [calculate_dimensions(area, aspect(size)) for size in sizes]
+
+
+def vision_pictures(kind: ModelKind, images: list[np.ndarray], areas: Areas) -> tuple[np.ndarray, ...]:
+    """The pictures resized for the vision tower (vision_sizes)."""
+    sizes = vision_sizes(kind, [image.shape[1::-1] for image in images], areas)
+    return tuple(resample(image, size) for image, size in zip(images, sizes))
+
+
+def check_fits(engine: Engine, work: tuple[int, int], sizes: list[tuple[int, int]], areas: Areas) -> None:
+    """Refuse, before any weights load, an edit the device could not hold (engine.check_edit): the noisy image of
+    `work` (W, H), every picture (of `sizes`, the edited one first) as latent tokens at the edit area and as the
+    vision tower's patches at the vision area."""
+    cfg = image_config(engine.folder)
+    cut = [smart_resize(h, w, cfg) for w, h in vision_sizes(engine.kind, sizes, areas)]
+    engine.check_edit(work, [calculate_dimensions(areas.edit, aspect(size)) for size in sizes],
+                      sum(h * w for h, w in cut) // cfg.patch_size ** 2)
 
 
 class References(NamedTuple):
@@ -114,9 +153,7 @@ def references(engine: Engine, images: list[np.ndarray], areas: Areas, first: to
         if i == 0 and first is not None:
             latents.append(first)
             continue
-        size = calculate_dimensions(areas.edit, aspect(image.shape[1::-1]))
-        engine.check_size(*size)
-        work = resample(image, size)
+        work = resample(image, calculate_dimensions(areas.edit, aspect(image.shape[1::-1])))
         latent, cache = engine.input_latent(work, work, whole=True)
         latents.append(latent)
         encoded |= cache != "hit"
@@ -154,7 +191,7 @@ def edit_canvas(engine: Engine, canvas: Canvas, mask: np.ndarray | None, picture
     areas = pictures.areas
     own = working_size(canvas.size, areas)
     work = work or own
-    engine.check_size(*work)
+    check_fits(engine, work, [canvas.size, *(ref.shape[1::-1] for ref in pictures.refs)], areas)
     canvas = settle(engine, canvas, own)
     images = [engine.render(canvas), *pictures.refs]
     # The instruction first: a model folder without its processor or vision weights fails before any encoding.

@@ -14,14 +14,16 @@ import torch
 
 from qimg.cache import pixel_key, prompt_key
 from qimg.engine.components import Components
-from qimg.engine.memory import activation_bytes, check_weights, device_bytes, gigabytes
+from qimg.engine.memory import activation_bytes, check_weights, device_bytes, edit_activation_bytes, gigabytes
 from qimg.engine.preview import mapped, watching
 from qimg.engine.request import Sampling
 from qimg.errors import QimgError, UsageError
+from qimg.model.qwen2 import Qwen2Config
 from qimg.model.text import pad_batch
 from qimg.model.tiling import tiled_decode
 from qimg.model.transformer import TransformerConfig, patchify, unpatchify
 from qimg.model.vae import VAEConfig
+from qimg.model.vision import VisionConfig
 from qimg.sampling import (
     Reuse,
     cfg_until,
@@ -44,6 +46,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] to (H, W, 3) uint8, rounding like the reference's postprocess."""
     x = (x.float() * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     return (x * 255).round().astype(np.uint8)
+
+
+def multiples(size: tuple[int, int]) -> None:
+    for name, v in zip(("width", "height"), size):
+        if v <= 0 or v % MULTIPLE:
+            raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
 
 
 def finite(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,18 +85,30 @@ class Sampler(Components):
     def check_size(self, width: int, height: int, encodes: bool = True) -> None:
         """Refuse, before any weights load, a size the model cannot take or the device could not hold.
         encodes: whether the VAE encodes an image of that size too (a generation only decodes, maybe tiled)."""
-        for name, v in (("width", width), ("height", height)):
-            if v <= 0 or v % MULTIPLE:
-                raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE}")
+        multiples((width, height))
         tile = (8 * TILE) ** 2 if not encodes and self.tiled(width, height) else None
         cfg = self._config(TransformerConfig, "transformer")
         need = activation_bytes(width, height, cfg, self._config(VAEConfig, "vae"), self.dtype.itemsize, tile)
+        self._check_memory(need, f"{width}x{height}", (width, height), "use a smaller size")
+
+    def check_edit(self, work: tuple[int, int], pictures: list[tuple[int, int]], patches: int) -> None:
+        """check_size for an instruction edit: the noisy image of `work` (W, H) with every picture's latent
+        (`pictures`, (W, H) each at the edit area) and the vision tower's `patches` (memory.edit_activation_bytes)."""
+        for size in (work, *pictures):
+            multiples(size)
+        configs = (self._config(TransformerConfig, "transformer"), self._config(VAEConfig, "vae"),
+                   self._config(Qwen2Config, "text_encoder"), self._config(VisionConfig, "text_encoder"))
+        need = edit_activation_bytes(work, pictures, patches, *configs, self.dtype.itemsize)
+        sizes = ", ".join(f"{w}x{h}" for w, h in pictures)
+        self._check_memory(need, f"an edit at {work[0]}x{work[1]} with pictures of {sizes} and {patches:,} vision "
+                           "patches", work, "use a smaller --edit-area or --vision-area, or fewer --ref pictures")
+
+    def _check_memory(self, need: int, what: str, size: tuple[int, int], fix: str) -> None:
         have = device_bytes(self.device)
         if have is not None and need > have:
-            raise UsageError(f"{width}x{height} would need about {gigabytes(need)} of {self.device.type} memory "
-                             f"besides the weights, and the device has {gigabytes(have)}; use a smaller size")
-        check_weights(self.weight_bytes, need, have, self.device.type, (width, height))
-
+            raise UsageError(f"{what} would need about {gigabytes(need)} of {self.device.type} memory besides the "
+                             f"weights, and the device has {gigabytes(have)}; {fix}")
+        check_weights(self.weight_bytes, need, have, self.device.type, size)
 
     def encode_prompts(self, prompts: list[str], pictures: tuple[np.ndarray, ...] = ()) -> list[torch.Tensor]:
         """One embedding per prompt; with an Edit model, each encoded with the pictures (at the vision size)."""

@@ -7,8 +7,10 @@ import os
 import torch
 
 from qimg.errors import UsageError
+from qimg.model.qwen2 import Qwen2Config
 from qimg.model.transformer import TransformerConfig
 from qimg.model.vae import VAEConfig
+from qimg.model.vision import VisionConfig
 
 TEXT_TOKENS = 512  # the most prompt tokens the transformer sees (model/text.py MAX_EMBED)
 
@@ -23,10 +25,37 @@ def activation_bytes(width: int, height: int, transformer: TransformerConfig, va
     scale linearly because attention runs memory-efficient kernels (no (N, N) score matrix); float32
     temporaries of RoPE and the norms do not shrink with the dtype, hence the constant terms.
     """
-    tokens = (width // (8 * transformer.patch_size)) * (height // (8 * transformer.patch_size)) + TEXT_TOKENS
+    tokens = image_tokens((width, height), transformer) + TEXT_TOKENS
     transformer_peak = tokens * transformer.dim * (16 * dtype_bytes + 8)
     vae_peak = (vae_pixels or width * height) * vae.base_dim * (5 * dtype_bytes + 4)
     return max(transformer_peak, vae_peak)
+
+
+def image_tokens(size: tuple[int, int], transformer: TransformerConfig) -> int:
+    """The transformer's tokens for an image of size (W, H)."""
+    return (size[0] // (8 * transformer.patch_size)) * (size[1] // (8 * transformer.patch_size))
+
+
+def edit_activation_bytes(work: tuple[int, int], pictures: list[tuple[int, int]], patches: int,
+                          transformer: TransformerConfig, vae: VAEConfig, text: Qwen2Config, vision: VisionConfig,
+                          dtype_bytes: int) -> int:
+    """Peak working memory of an instruction edit whose noisy image is `work` (W, H), shown `pictures` (each
+    (W, H) at the edit area, as the VAE encodes it) and `patches` vision patches (every picture at the vision
+    area, as the processor cuts it): the largest of
+    - the transformer over the noisy tokens, every picture's latent tokens and the instruction, whose
+      embedding holds a token per merged vision patch besides the words;
+    - the VAE over the largest of these images;
+    - the vision tower over every patch (and its input rows, float32), and the language model over the
+      instruction. Both take the transformer's rule per token and model dim (not calibrated apart).
+    """
+    per_dim = 16 * dtype_bytes + 8
+    text_tokens = TEXT_TOKENS + patches // vision.spatial_merge_size ** 2
+    tokens = sum(image_tokens(size, transformer) for size in (work, *pictures)) + text_tokens
+    row = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    return max(tokens * transformer.dim * per_dim,
+               max(w * h for w, h in (work, *pictures)) * vae.base_dim * (5 * dtype_bytes + 4),
+               patches * (vision.hidden_size * per_dim + row * 4),
+               text_tokens * text.hidden_size * per_dim)
 
 
 def device_bytes(device: torch.device) -> int | None:

@@ -16,8 +16,8 @@ from qimg.jobs.spec import Chain
 
 def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
     """A chain's edits all need the model it runs: instruction edits an Edit model that takes their pictures
-    (the canvas of `size` and the refs), the others Qwen-Image."""
-    from qimg.engine.instruct import check_model, check_pictures
+    (the canvas of `size` and the refs) at their areas, the others Qwen-Image."""
+    from qimg.engine.instruct import check_model, check_pictures, pick_areas
     from qimg.images import load_image
 
     for step in steps:
@@ -26,6 +26,7 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
                 refs = step.refs
                 check_pictures(check_model(folder, "chain"), [size, *(load_image(r)[0].shape[1::-1] for r in refs)],
                                ["the input", *map(str, refs)])
+                pick_areas(folder, (step.edit_area, step.vision_area), ("edit_area", "vision_area"))
             else:
                 generation_model(folder, "chain")
         except UsageError as e:

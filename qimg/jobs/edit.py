@@ -78,7 +78,7 @@ class EditPlan(NamedTuple):
     store: object
     folder: Path
     refs: tuple  # an instruction edit's --ref pictures, read by every input
-    pictures: tuple  # instruct_pictures' (model kind, refs' pixels); () for inpaint and outpaint
+    pictures: tuple  # instruct_pictures' (model kind, refs' pixels, areas); () for inpaint and outpaint
 
 
 def edit_plan(job: Inpaint | Edit) -> EditPlan:
@@ -188,8 +188,9 @@ def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int
 
 
 def instruct_pictures(job: Edit, folder: Path) -> tuple:
-    """The job's checks that need no input image, and its reference pictures read: (model kind, pictures)."""
-    from qimg.engine.instruct import check_model
+    """The job's checks that need no input image, its reference pictures read and its areas picked: (model
+    kind, pictures, instruct.Areas)."""
+    from qimg.engine.instruct import check_model, pick_areas
     from qimg.images import load_image
     from qimg.option_values import check_pixels
 
@@ -206,14 +207,15 @@ def instruct_pictures(job: Edit, folder: Path) -> tuple:
         raise UsageError(f"--strength {job.strength} needs a mask (--mask, --rect or --mask-dir): without one "
                          "the whole picture is made anew")
     kind = check_model(folder)
-    return kind, [load_image(ref)[0] for ref in job.refs]
+    areas = pick_areas(folder, (job.edit_area, job.vision_area), ("--edit-area", "--vision-area"))
+    return kind, [load_image(ref)[0] for ref in job.refs], areas
 
 
 def check_pictures(job: Edit, image: Path, pixels, pictures: tuple) -> None:
     """instruct.check_pictures for one input of the job and its refs; pictures: instruct_pictures'."""
     from qimg.engine.instruct import check_pictures as check
 
-    kind, refs = pictures
+    kind, refs, _ = pictures
     check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
 
 
@@ -221,12 +223,12 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
                  started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple) -> None:
     """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
     from qimg.cache import array_hash
-    from qimg.engine.instruct import Areas, Pictures, instruct, instruct_cropped
+    from qimg.engine.instruct import Pictures, instruct, instruct_cropped
     from qimg.masks import selected_area
 
-    d, refs = engine.defaults, pictures[1]
-    sampling = job.prompt.resolve(d, random_seed(seed), job.strength)
-    shown = Pictures(refs, Areas(job.edit_area or d.edit_area, job.vision_area or d.vision_area))
+    _, refs, areas = pictures
+    sampling = job.prompt.resolve(engine.defaults, random_seed(seed), job.strength)
+    shown = Pictures(refs, areas)
 
     def sample(callback):
         if mask is not None and job.mask_crop is not None:

@@ -18,6 +18,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL's number, as preprocessor_config.json's "resample" gives it
 MAX_ASPECT = 200  # the processor refuses pictures longer than this
+# The most pixels a picture bound may say: the reference Qwen2.5-VL processor's max_pixels (28 * 28 * 16384, what
+# Qwen-Image-Edit ships). A folder saying more would have every picture resized to it: tens of GB for nothing.
+MOST_PIXELS = 12845056
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,14 @@ class ImageConfig:
     def from_dict(cls, d: dict) -> "ImageConfig":
         """From processor/preprocessor_config.json. The bounds are `min_pixels`/`max_pixels` (Qwen2.5-VL's own
         keys, which win, as in transformers) or `size`'s shortest_edge/longest_edge (what transformers >= 5 writes)."""
-        size = d.get("size") or {}
-        kw = {"min_pixels": d.get("min_pixels", size.get("shortest_edge")),
-              "max_pixels": d.get("max_pixels", size.get("longest_edge"))}
+        size = d.get("size") if isinstance(d.get("size"), dict) else {}
+        kw, keys = {}, {}
+        for name, alias in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            keys[name], value = (name, d[name]) if d.get(name) is not None else (f"size.{alias}", size.get(alias))
+            kw[name] = None if value is None else pixel_count(keys[name], value)
+        least, most = kw["min_pixels"] or cls.min_pixels, kw["max_pixels"] or cls.max_pixels
+        if least > most:
+            raise ValueError(f"{keys['min_pixels']} {least} is over {keys['max_pixels']} {most}; {SHIPPED}")
         for name in ("patch_size", "merge_size", "temporal_patch_size", "rescale_factor"):
             kw[name] = d.get(name)
         for name in ("image_mean", "image_std"):
@@ -50,6 +58,20 @@ class ImageConfig:
         if d.get("resample", BICUBIC) != BICUBIC:
             raise ValueError(f"resample={d['resample']!r} is not supported (Qwen2.5-VL resizes bicubic, 3)")
         return cls(**{k: v for k, v in kw.items() if v is not None})
+
+
+SHIPPED = "Qwen-Image-Edit ships min_pixels 3136 and max_pixels 12845056: restore the model's own file"
+
+
+def pixel_count(key: str, value) -> int:
+    """A pixel bound of preprocessor_config.json: a whole number from 1 to MOST_PIXELS; `key` names it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or isinstance(value, float) and not value.is_integer():  # NaN and infinity are not whole either
+        raise ValueError(f"{key} must be a whole number of pixels, not {value!r:.40}; {SHIPPED}")
+    if not 1 <= value <= MOST_PIXELS:
+        raise ValueError(f"{key} {value!r:.40} is outside 1..{MOST_PIXELS} (the reference Qwen2.5-VL processor's "
+                         f"max_pixels); {SHIPPED}")
+    return int(value)
 
 
 def smart_resize(height: int, width: int, cfg: ImageConfig) -> tuple[int, int]:

@@ -45,14 +45,12 @@ def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device) ->
 def load_instruct_encoder(folder: Path, dtype: torch.dtype, device: torch.device, plus: bool) -> InstructEncoder:
     """Qwen-Image-Edit's (plus=False) or 2509/2511's (plus=True) instruction encoder from a model folder:
     the language model and vision tower from text_encoder/, the tokenizer and image sizes from processor/."""
-    processor, encoder = folder / "processor", folder / "text_encoder"
-    if not (processor / "preprocessor_config.json").is_file():
-        raise UsageError(f"{folder} has no processor/preprocessor_config.json: an edit model needs its "
-                         "processor/ folder (as Qwen-Image-Edit ships it); download it again")
+    encoder = folder / "text_encoder"
+    image_cfg = image_config(folder)
     if not encoder.is_dir():
         raise QimgError(f"{encoder} is missing: the model folder is incomplete")
     tokenizer = edit_tokenizer(folder)
-    cfg, vision_cfg, image_cfg = configs(encoder, processor)
+    cfg, vision_cfg = configs(encoder, image_cfg)
     if not any(vision.remap_keys(k) for k in weight_names(encoder)):
         raise UsageError(f"{encoder} has no vision tower weights (visual.* or model.visual.*): an edit model "
                          "needs the full Qwen2.5-VL text encoder; download it again")
@@ -77,20 +75,32 @@ def edit_tokenizer(folder: Path) -> Tokenizer:
     return tokenizer
 
 
-def configs(encoder: Path, processor: Path) -> tuple[Qwen2Config, VisionConfig, ImageConfig]:
-    """The language model's, the vision tower's and the image processor's configs, checked to agree."""
-    config, preprocessor = encoder / "config.json", processor / "preprocessor_config.json"
+def image_config(folder: Path) -> ImageConfig:
+    """An Edit model's image processor config (processor/preprocessor_config.json), its pixel bounds checked:
+    read before any weights load, for the bounds of the pictures' areas and the memory estimate, and again by
+    the encoder. A bound that is not a whole number from 1 to vl_image.MOST_PIXELS, or a min_pixels over
+    max_pixels, is refused naming the key: a clamped bound would size every picture otherwise than the folder
+    says, and no shipped Qwen2-VL or Qwen2.5-VL processor needs one."""
+    file = folder / "processor" / "preprocessor_config.json"
+    if not file.is_file():
+        raise UsageError(f"{folder} has no processor/preprocessor_config.json: an edit model needs its "
+                         "processor/ folder (as Qwen-Image-Edit ships it); download it again")
+    try:
+        return ImageConfig.from_dict(read_json_object(file))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{file}: {e}") from None
+
+
+def configs(encoder: Path, image_cfg: ImageConfig) -> tuple[Qwen2Config, VisionConfig]:
+    """The language model's and the vision tower's configs, checked to agree with the image processor's."""
+    config = encoder / "config.json"
     d = read_config(encoder)
     try:
         cfg, vision_cfg = Qwen2Config.from_dict(d), VisionConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         raise QimgError(f"{config}: {e}") from None
-    try:
-        image_cfg = ImageConfig.from_dict(read_json_object(preprocessor))
-    except (ValueError, TypeError) as e:
-        raise QimgError(f"{preprocessor}: {e}") from None
     patches = (vision_cfg.patch_size, vision_cfg.spatial_merge_size, vision_cfg.temporal_patch_size)
     if patches != (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size):
-        raise QimgError(f"{preprocessor} cuts patches of another size than {config}'s vision tower: they are from "
-                        "different models")
-    return cfg, vision_cfg, image_cfg
+        raise QimgError(f"{encoder.parent / 'processor' / 'preprocessor_config.json'} cuts patches of another size "
+                        f"than {config}'s vision tower: they are from different models")
+    return cfg, vision_cfg

@@ -1,12 +1,18 @@
 """The working-memory estimate that refuses absurd sizes before any weights load."""
 
+import numpy as np
 import pytest
+from helpers import one_line
+from PIL import Image
 
-from qimg.engine.memory import activation_bytes, gigabytes
+from qimg.engine.memory import activation_bytes, edit_activation_bytes, gigabytes
+from qimg.model.qwen2 import Qwen2Config
 from qimg.model.transformer import TransformerConfig
 from qimg.model.vae import VAEConfig
+from qimg.model.vision import VisionConfig
 
 REAL = TransformerConfig(), VAEConfig()
+REAL_EDIT = (*REAL, Qwen2Config(), VisionConfig())
 
 
 def test_estimate_scales_with_pixels_and_dtype():
@@ -84,4 +90,63 @@ def test_weights_too_large_for_the_device_are_refused_before_loading(capsys, tmp
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "the transformer's weights take about" in err and "--no-dequantize" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+# --- instruction edits: every picture and the vision tower's input -----------------------------------------
+
+
+def test_edit_estimate_counts_every_picture_and_the_vision_input():
+    work, bf16 = (1024, 1024), 2
+    alone = edit_activation_bytes(work, [work], 0, *REAL_EDIT, bf16)
+    assert alone >= activation_bytes(*work, *REAL, bf16)  # the noisy image's own forward, and Picture 1 beside it
+    refs = edit_activation_bytes(work, [work] * 3, 0, *REAL_EDIT, bf16)
+    assert refs > alone  # each --ref picture's latent tokens join the sequence
+    big_ref = edit_activation_bytes(work, [work, (3584, 3584)], 0, *REAL_EDIT, bf16)
+    assert big_ref > refs  # a large ref at the edit area: its tokens, and the VAE encoding it
+    # the vision tower over every picture at the processor's most pixels (12845056 = 65536 patches a picture)
+    vision = edit_activation_bytes(work, [work] * 3, 3 * 65536, *REAL_EDIT, bf16)
+    assert vision > refs and vision > 3 * 65536 * 1280 * bf16
+
+
+def test_an_edit_whose_pictures_cannot_fit_is_refused_before_loading(tiny_plus_dir, tmp_path, cli, monkeypatch):
+    """The device fits the edited picture alone (the old check) but not with its two --ref pictures and their
+    vision patches: refused, naming the sizes, before any weights load."""
+    from qimg.engine import components
+    from qimg.engine import latents as sampler
+    from qimg.engine.components import Components
+    from qimg.engine.instruct import Areas, calculate_dimensions, vision_sizes
+    from qimg.model.vl_image import smart_resize
+    from qimg.weights.folders import EDIT_2509, read_config
+    from qimg.weights.text_encoder import image_config
+
+    for i, name in enumerate(("in.png", "ref1.png", "ref2.png")):
+        Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)).save(tmp_path / name)
+    areas = Areas(64 * 48, 512 * 512)
+    work = calculate_dimensions(areas.edit, 64 / 48)
+    d = read_config(tiny_plus_dir / "text_encoder")
+    tiny = (TransformerConfig.from_dict(read_config(tiny_plus_dir / "transformer")),
+            VAEConfig.from_dict(read_config(tiny_plus_dir / "vae")), Qwen2Config.from_dict(d),
+            VisionConfig.from_dict(d))
+    cfg = image_config(tiny_plus_dir)
+    h, w = smart_resize(*vision_sizes(EDIT_2509, [(64, 48)], areas)[0][::-1], cfg)
+    patches = h * w // cfg.patch_size ** 2
+    alone = edit_activation_bytes(work, [work], patches, *tiny, 4)
+    assert edit_activation_bytes(work, [work] * 3, 3 * patches, *tiny, 4) > alone
+    weights = Components(tiny_plus_dir, "cpu", "float32").weight_bytes
+    monkeypatch.setattr(sampler, "device_bytes", lambda device: weights + alone)  # room for one picture only
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    for name in ("load_module", "load_transformer", "load_instruct_encoder"):
+        monkeypatch.setattr(components, name, loaded)
+    code, _, err = cli("edit", tmp_path / "in.png", "-p", "x", "--ref", tmp_path / "ref1.png", "--ref",
+                       tmp_path / "ref2.png", "-m", tiny_plus_dir, "--edit-area", areas.edit, "--vision-area",
+                       areas.vision, "--device", "cpu", "--no-worker", "--no-cache", "--steps", 1,
+                       "-o", tmp_path / "o.png")
+    size = f"{work[0]}x{work[1]}"
+    assert code == 2, err
+    one_line(err, f"an edit at {size} with pictures of {size}, {size}, {size} and {3 * patches:,} vision patches "
+             "would need about", "fewer --ref pictures")
     assert not (tmp_path / "o.png").exists()

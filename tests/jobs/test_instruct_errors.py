@@ -195,3 +195,73 @@ def test_qimg_json_values_are_checked(values, fragment, tiny_edit_dir, picture, 
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "qimg.json: " + fragment in err, err
     assert not (tmp_path / "out.png").exists()
+
+
+# --- the areas, bounded by the processor's max_pixels, and the processor's own bounds ------------------------
+
+BOUND = 28 * 28 * 256  # a processor that shrinks pictures to 200704 pixels
+
+
+@pytest.fixture
+def bounded(tiny_plus_dir, tmp_path):
+    """A 2509 folder whose processor says max_pixels 200704 (an area over it buys nothing)."""
+    folder = shutil.copytree(tiny_plus_dir, tmp_path / "bounded")
+    config = folder / "processor" / "preprocessor_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"max_pixels": BOUND}))
+    return folder
+
+
+def refuse_loading(monkeypatch):
+    from qimg.engine import components
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    for name in ("load_module", "load_transformer", "load_instruct_encoder"):
+        monkeypatch.setattr(components, name, loaded)
+
+
+@pytest.mark.parametrize("where, fragment", [
+    ("--vision-area", f"--vision-area 300000 is over {BOUND}, the most pixels this model's processor takes"),
+    ("--edit-area", f"--edit-area 300000 is over {BOUND}"),
+    ("qimg.json", f"qimg.json: vision_area 300000 is over {BOUND}"),
+    ("chain", f"edit 1 (edit): vision_area 300000 is over {BOUND}"),
+    ("chain default", f"edit 1 (edit): edit_area 300000 is over {BOUND}"),
+])
+def test_areas_over_the_processor_s_max_pixels_are_refused_before_loading(where, fragment, bounded, picture,
+                                                                         tmp_path, capsys, monkeypatch):
+    refuse_loading(monkeypatch)
+    common = ["-m", str(bounded), "-o", str(tmp_path / "out.png"), "--device", "cpu", "--no-worker", "--steps", "1"]
+    if where.startswith("--"):
+        code = run(["edit", str(picture), "-p", "x", where, "300000", *common])
+    elif where == "qimg.json":
+        (bounded / "qimg.json").write_text(json.dumps({"vision_area": 300000}))
+        code = run(["edit", str(picture), "-p", "x", *common])
+    else:
+        text = ("edits:\n  - edit: {prompt: x, vision_area: 300000}\n" if where == "chain"
+                else "edit_area: 300000\nedits:\n  - edit: {prompt: x}\n")
+        (tmp_path / "c.yaml").write_text(text)
+        code = run(["chain", str(picture), str(tmp_path / "c.yaml"), *common])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and fragment in err and f"give at most {BOUND}" in err, err
+    assert str(bounded / "processor" / "preprocessor_config.json") in err
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"min_pixels": 5000, "max_pixels": 4000}, "min_pixels 5000 is over max_pixels 4000"),
+    ({"max_pixels": "big"}, "max_pixels must be a whole number of pixels, not 'big'"),
+    ({"max_pixels": None, "size": {"shortest_edge": 3136, "longest_edge": 2**40}},
+     "size.longest_edge 1099511627776 is outside 1..12845056"),
+])
+def test_absurd_processor_bounds_are_refused_before_loading(change, fragment, tiny_plus_dir, picture, tmp_path,
+                                                            capsys, monkeypatch):
+    refuse_loading(monkeypatch)
+    folder = shutil.copytree(tiny_plus_dir, tmp_path / "model")
+    config = folder / "processor" / "preprocessor_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | change))
+    code = run(["edit", str(picture), "-p", "x", "-m", str(folder), "-o", str(tmp_path / "out.png"), "--device",
+                "cpu", "--no-worker", "--steps", "1", "--edit-area", "3072", "--vision-area", "1024"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{config}: {fragment}" in err, err
+    assert not (tmp_path / "out.png").exists()

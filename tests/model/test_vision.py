@@ -3,6 +3,7 @@ exactly, the tower's tokens on the tiny edit checkpoint, both checkpoint key lay
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,9 +70,28 @@ def test_image_config_reads_both_formats():
     assert ImageConfig.from_dict(real) == ImageConfig(min_pixels=3136, max_pixels=12845056)
     saved = {k: v for k, v in real.items() if k not in ("min_pixels", "max_pixels")}  # transformers >= 5's
     assert ImageConfig.from_dict(saved) == ImageConfig.from_dict(real)
-    assert ImageConfig.from_dict(real | {"max_pixels": 1000}).max_pixels == 1000  # the top-level keys win
+    assert ImageConfig.from_dict(real | {"max_pixels": 4000}).max_pixels == 4000  # the top-level keys win
     with pytest.raises(ValueError, match="resample=2"):
         ImageConfig.from_dict(real | {"resample": 2})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"min_pixels": 1e11}, "min_pixels 100000000000.0 is outside 1..12845056"),  # every picture resized to 1e11
+    ({"max_pixels": 2**40}, "max_pixels 1099511627776 is outside 1..12845056"),
+    ({"max_pixels": float("inf")}, "max_pixels must be a whole number of pixels, not inf"),
+    ({"max_pixels": float("nan")}, "max_pixels must be a whole number of pixels, not nan"),
+    ({"max_pixels": "big"}, "max_pixels must be a whole number of pixels, not 'big'"),
+    ({"min_pixels": True}, "min_pixels must be a whole number of pixels, not True"),
+    ({"min_pixels": 0}, "min_pixels 0 is outside"),
+    ({"min_pixels": 5000, "max_pixels": 4000}, "min_pixels 5000 is over max_pixels 4000"),
+    ({"min_pixels": None, "max_pixels": None, "size": {"shortest_edge": 3136, "longest_edge": 1e11}},
+     "size.longest_edge 100000000000.0 is outside"),  # transformers >= 5's keys named as written
+])
+def test_absurd_pixel_bounds_are_refused_naming_the_key(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        ImageConfig.from_dict(preprocessor_config() | change)
+    assert "Qwen-Image-Edit ships min_pixels 3136 and max_pixels 12845056" in str(e.value)
+    assert ImageConfig.from_dict(preprocessor_config() | {"max_pixels": 12845056.0}).max_pixels == 12845056
 
 
 @pytest.fixture(scope="module")
