@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import pixels
+from helpers import one_line, pixels
 from PIL import Image
 
 from qimg.cache import prompt_key
@@ -229,22 +229,21 @@ def refuse_loading(monkeypatch):
     ("chain default", f"edit 1 (edit): edit_area 300000 is over {BOUND}"),
 ])
 def test_areas_over_the_processor_s_max_pixels_are_refused_before_loading(where, fragment, bounded, picture,
-                                                                         tmp_path, capsys, monkeypatch):
+                                                                         tmp_path, cli, monkeypatch):
     refuse_loading(monkeypatch)
-    common = ["-m", str(bounded), "-o", str(tmp_path / "out.png"), "--device", "cpu", "--no-worker", "--steps", "1"]
+    common = ["-m", bounded, "-o", tmp_path / "out.png", "--device", "cpu", "--no-worker", "--steps", 1]
     if where.startswith("--"):
-        code = run(["edit", str(picture), "-p", "x", where, "300000", *common])
+        code, _, err = cli("edit", picture, "-p", "x", where, 300000, *common)
     elif where == "qimg.json":
         (bounded / "qimg.json").write_text(json.dumps({"vision_area": 300000}))
-        code = run(["edit", str(picture), "-p", "x", *common])
+        code, _, err = cli("edit", picture, "-p", "x", *common)
     else:
         text = ("edits:\n  - edit: {prompt: x, vision_area: 300000}\n" if where == "chain"
                 else "edit_area: 300000\nedits:\n  - edit: {prompt: x}\n")
         (tmp_path / "c.yaml").write_text(text)
-        code = run(["chain", str(picture), str(tmp_path / "c.yaml"), *common])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and fragment in err and f"give at most {BOUND}" in err, err
-    assert str(bounded / "processor" / "preprocessor_config.json") in err
+        code, _, err = cli("chain", picture, tmp_path / "c.yaml", *common)
+    assert code == 2, err
+    one_line(err, fragment, f"give at most {BOUND}", str(bounded / "processor" / "preprocessor_config.json"))
     assert not (tmp_path / "out.png").exists()
 
 
@@ -254,14 +253,14 @@ def test_areas_over_the_processor_s_max_pixels_are_refused_before_loading(where,
     ({"max_pixels": None, "size": {"shortest_edge": 3136, "longest_edge": 2**40}},
      "size.longest_edge 1099511627776 is outside 1..12845056"),
 ])
-def test_absurd_processor_bounds_are_refused_before_loading(change, fragment, tiny_plus_dir, picture, tmp_path,
-                                                            capsys, monkeypatch):
+def test_absurd_processor_bounds_are_refused_before_loading(change, fragment, tiny_plus_dir, picture, tmp_path, cli,
+                                                            monkeypatch):
     refuse_loading(monkeypatch)
     folder = shutil.copytree(tiny_plus_dir, tmp_path / "model")
     config = folder / "processor" / "preprocessor_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | change))
-    code = run(["edit", str(picture), "-p", "x", "-m", str(folder), "-o", str(tmp_path / "out.png"), "--device",
-                "cpu", "--no-worker", "--steps", "1", "--edit-area", "3072", "--vision-area", "1024"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and f"{config}: {fragment}" in err, err
+    code, _, err = cli("edit", picture, "-p", "x", "-m", folder, "-o", tmp_path / "out.png", "--device", "cpu",
+                       "--no-worker", "--steps", 1, "--edit-area", 3072, "--vision-area", 1024)
+    assert code == 2, err
+    one_line(err, f"{config}: {fragment}")
     assert not (tmp_path / "out.png").exists()
