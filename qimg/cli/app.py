@@ -327,10 +327,10 @@ def info(
 ):
     """Print the parameters that made an image (stored in its PNG text chunk), or a LoRA's format, rank, alpha
     and the layers it targets."""
-    from qimg.jobs.metadata import describe, read_params
-    from qimg.jobs.runner import lora_info
+    from qimg.jobs.metadata import describe
+    from qimg.jobs.runner import file_info
 
-    params = lora_info(image) if image.suffix.lower() == ".safetensors" else read_params(image)
+    params = file_info(image)
     print_result(json_line(params) if json_ else describe(params))
 
 

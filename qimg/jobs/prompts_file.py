@@ -5,7 +5,6 @@ line; a `.yaml`/`.yml` file a list of strings or mappings. An object or mapping 
 `seed`, `size` (WxH) and `negative_prompt`. Entry n writes `<n>-<slug>.png`: n is the line number (the
 position in a YAML list), so an entry keeps its output name when others are added after it."""
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Optional
 from qimg.errors import UsageError
 from qimg.jobs import names
 from qimg.option_values import parse_size
-from qimg.small_files import read_small
+from qimg.small_files import parse_json, read_small
 
 MAX_BYTES = 64 * 1024 * 1024  # a million prompts fit; a path to /dev/zero cannot exhaust memory
 KEYS = ("prompt", "seed", "size", "negative_prompt")
@@ -74,13 +73,7 @@ def _line_entries(path: Path, data: bytes, jsonl: bool):
             text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             if not text.strip():
                 continue
-            if jsonl:
-                try:
-                    value = json.loads(text)
-                except ValueError as e:
-                    raise UsageError(f"{where}: not JSON ({e.args[0].split(':')[0]})") from None
-            else:
-                value = text.strip()
+            value = parse_json(text, where, unique=True) if jsonl else text.strip()
             entries.append(entry(n, where, value))
         except UnicodeDecodeError:
             problems.append(f"{where}: not UTF-8 text")

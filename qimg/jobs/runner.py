@@ -9,15 +9,30 @@ stays loaded for the next (kept_engine.py). One module per kind of job: generate
 
 from pathlib import Path
 
+from qimg.errors import UsageError
 from qimg.jobs import chain, edit, generate
+from qimg.jobs.metadata import read_params
 from qimg.jobs.report import Reporter
 from qimg.jobs.spec import Chain, Edit, Generate, Inpaint, Job, Prompts
+from qimg.small_files import GGUF_MAGIC, open_regular, safetensors_header
 
 
 def execute(job: Job, reporter: Reporter) -> None:
     run = {Generate: generate.generate, Inpaint: edit.edit, Edit: edit.edit, Chain: chain.chain,
            Prompts: generate.prompts}[type(job)]
     run(job, reporter)
+
+
+def file_info(path: Path) -> dict:
+    """`qimg info FILE`: a qimg image's parameters or a LoRA's summary. The file is opened the one way
+    (small_files: a regular file, so a FIFO or a device is refused, not waited on) and told by its first bytes."""
+    with open_regular(path, "", "; give an image qimg wrote or a LoRA file") as f:
+        head = f.read(4)
+        lora = path.suffix.lower() == ".safetensors" or safetensors_header(f, str(path)) is not None
+    if head == GGUF_MAGIC:
+        raise UsageError(f"{path} is a GGUF file (a transformer's weights); qimg info reads images qimg wrote and "
+                         "LoRA files: give it to --transformer")
+    return lora_info(path) if lora else read_params(path)
 
 
 def lora_info(path: Path) -> dict:

@@ -6,7 +6,6 @@ dtype and device and assigned into a module built on the meta device, so loading
 float32 copy. Only safetensors are read: pickle files can run code when loaded.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +13,10 @@ import torch
 from torch import nn
 
 from qimg.errors import QimgError, UsageError, listing
+from qimg.small_files import PICKLE_SUFFIXES, parse_json, read_small
 
 PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
              "QwenImageEditPlusPipeline"}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHOWN = 5  # how many offending key names an error lists
 BUILTIN = Path(__file__).resolve().parent.parent / "builtin" / "shapes"  # the demo model shipped in the package
 
@@ -119,20 +118,17 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
     return read_json_object(file)
 
 
+JSON_LIMIT = 64 * 1024 * 1024  # a config or shard index is kilobytes; a path to /dev/zero must cost nothing
 JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
               type(None): "null"}
 
 
 def read_json_object(file: Path, error: type[QimgError] = QimgError) -> dict:
-    """A model folder's JSON file whose top level must be an object. A file that cannot be read or parsed is
-    one `error` line naming it (a QimgError, like the folder's other damage; model_index.json, read to accept
-    --model, a UsageError); valid JSON of the wrong shape is a UsageError: a file of the wrong kind."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise error(f"{file} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise error(f"{file}: cannot read it ({e.strerror or e})") from None
+    """A model folder's JSON file whose top level must be an object, read the one way (small_files: a regular
+    file of at most JSON_LIMIT bytes). A file that cannot be read or parsed is one `error` line naming it (a
+    QimgError, like the folder's other damage; model_index.json, read to accept --model, a UsageError); valid
+    JSON of the wrong shape is a UsageError: a file of the wrong kind."""
+    data = parse_json(read_small(file, "", JSON_LIMIT, error=error), str(file), error)
     if not isinstance(data, dict):
         raise UsageError(f"{file} holds {JSON_KINDS.get(type(data), 'something else')}, not an object; is it the "
                          "right file?")

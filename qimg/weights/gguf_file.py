@@ -15,8 +15,8 @@ import torch
 
 from qimg.errors import UsageError
 from qimg.model.quant import BLOCKS
+from qimg.small_files import GGUF_MAGIC as MAGIC
 
-MAGIC = b"GGUF"
 DENSE = {0: ("F32", torch.float32), 1: ("F16", torch.float16), 30: ("BF16", torch.bfloat16)}  # ggml type ids
 PACKED = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K",
           14: "Q6_K"}

@@ -17,13 +17,13 @@ text-encoder key, or an adapter kind qimg cannot apply (DoRA, OFT/BOFT, `.diff`)
 """
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from qimg.errors import UsageError, listing
+from qimg.small_files import PICKLE_SUFFIXES, open_regular, parse_json, pickled, safetensors_header
 
 # dotted prefixes, longest first; `base_model.model.` is what PEFT's own save_pretrained writes
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -100,26 +100,29 @@ class Lora:
 
 
 def read_file(path: Path) -> tuple[dict, dict, str]:
-    """(tensors, header metadata, sha256 of the file) of a LoRA file; every problem a UsageError naming it."""
+    """(tensors, header metadata, sha256 of the file) of a LoRA file; every problem a UsageError naming it. The
+    file is opened the one way (small_files: a regular file) and its header checked before it is hashed."""
     from safetensors import SafetensorError, safe_open
 
     what = f"--lora {path}"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
+    pickle = (f"{what} is a pickle file; qimg reads LoRAs in safetensors only, because pickle files can run code. "
+              "Use the .safetensors release or convert it.")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(pickle)
+    with open_regular(path, "--lora", "; give the .safetensors file") as f:
+        header = safetensors_header(f, what)
+        if header is None:
             f.seek(0)
-            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    except FileNotFoundError:
-        raise UsageError(f"{what}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{what} is a folder; give the .safetensors file") from None
-    except OSError as e:
-        raise UsageError(f"{what}: cannot read it ({e.strerror or e})") from None
-    if not head:
-        raise UsageError(f"{what} is empty; download it again")
-    if head.startswith((b"PK\x03\x04", b"\x80")) or path.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
-        raise UsageError(f"{what} is a pickle file; qimg reads LoRAs in safetensors only, because pickle files can "
-                         "run code. Use the .safetensors release or convert it.")
+            head = f.read(8)
+            if not head:
+                raise UsageError(f"{what} is empty; download it again")
+            if pickled(head):
+                raise UsageError(pickle)
+            raise UsageError(f"{what} is not a readable safetensors file (its header does not parse); download it "
+                             "again")
+        not_lora(what, [key for key in header if key != "__metadata__"])
+        f.seek(0)
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -129,6 +132,25 @@ def read_file(path: Path) -> tuple[dict, dict, str]:
     if not tensors:
         raise UsageError(f"{what} holds no tensors; is it the right file?")
     return tensors, metadata, sha256
+
+
+def not_lora(what: str, keys: list[str]) -> None:
+    """Refuse, from the header's keys alone, a file that holds no tensors or none of a LoRA (no adapter key, no
+    key of a kind REFUSED names): a transformer's weights are named as such."""
+    if not keys:
+        raise UsageError(f"{what} holds no tensors; is it the right file?")
+    if any(split_key(key)[1] or refused(key) for key in keys):
+        return
+    blocks = [key for key in keys if strip_prefix(key).startswith("transformer_blocks.")]
+    if blocks:
+        raise UsageError(f"{what} is a transformer's weights, not a LoRA ({blocks[0][:80]}, no lora_A/lora_down "
+                         "keys): give it to --transformer")
+    raise UsageError(f"{what} holds no LoRA keys (lora_A/lora_down, lokr_, hada_; it has {listing(sorted(keys))}): "
+                     "is it a LoRA?")
+
+
+def strip_prefix(key: str) -> str:
+    return next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -164,10 +186,7 @@ def peft_config(metadata: dict, what: str) -> dict | None:
     raw = metadata.get("lora_adapter_metadata")
     if raw is None:
         return None
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        raise UsageError(f"{what}: its header's lora_adapter_metadata is not valid JSON") from None
+    config = parse_json(raw, f"{what}: its header's lora_adapter_metadata")
     if not isinstance(config, dict):
         raise UsageError(f"{what}: its header's lora_adapter_metadata is not a JSON object")
     prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}

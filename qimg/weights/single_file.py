@@ -19,8 +19,9 @@ import torch
 
 from qimg.errors import QimgError, UsageError
 from qimg.model.quant import FP8
-from qimg.weights import gguf_file
-from qimg.weights.folders import PICKLE_SUFFIXES, safetensors_files
+from qimg.small_files import PICKLE_SUFFIXES, open_regular
+from qimg.weights import gguf_file, lora
+from qimg.weights.folders import safetensors_files
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI checkpoints, longest first
 DENSE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -61,17 +62,12 @@ class Weights:
 @contextmanager
 def open_weights(path: Path):
     """The transformer weights of one file; their `read`s work inside the `with`."""
-    if not path.is_file():
-        raise UsageError(f"--transformer {path}: {'is a folder' if path.is_dir() else 'no such file'}; pass one "
-                         ".gguf or .safetensors file (the model folder goes to --model)")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UsageError(f"--transformer {path} is a {path.suffix} file, the suffix of pickle files; qimg reads "
                          ".gguf and .safetensors only, because pickle files can run code")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise UsageError(f"--transformer {path}: cannot read it ({e.strerror or e})") from None
+    with open_regular(path, "--transformer", "; pass one .gguf or .safetensors file (the model folder goes to "
+                      "--model)") as f:
+        magic = f.read(4)
     if magic == gguf_file.MAGIC:
         yield _gguf(path)
         return
@@ -80,7 +76,12 @@ def open_weights(path: Path):
 
 
 def _select(keys: list[str], path: Path) -> tuple[dict[str, str], int]:
-    """{model key: file key}: every key of a bare file; of a prefixed (all-in-one) file only the prefixed ones."""
+    """{model key: file key}: every key of a bare file; of a prefixed (all-in-one) file only the prefixed ones.
+    A LoRA's keys are refused by name: a LoRA changes a model's weights, it is not one."""
+    adapter = next((k for k in keys if lora.split_key(k)[1] not in (None, "alpha")), None)
+    if adapter is not None:
+        raise UsageError(f"--transformer {path} looks like a LoRA (lora_A/lora_down keys such as {adapter[:80]}), "
+                         "not a transformer's weights: use --lora")
     for prefix in PREFIXES:
         inside = [k for k in keys if k.startswith(prefix)]
         if inside:

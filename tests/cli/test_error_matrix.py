@@ -293,7 +293,7 @@ def truncate(file):
     (lambda f: write_json(f / "transformer" / "config.json", FLUX_TRANSFORMER), 1, "not supported"),
     (lambda f: write_json(f / "vae" / "config.json", SD_VAE), 1, "unknown VAE config keys"),
     (lambda f: write_json(f / "model_index.json", {"_class_name": "FluxPipeline"}), 2, "FluxPipeline"),
-    (lambda f: (f / "transformer" / "config.json").write_text("{not json"), 1, "is not valid JSON"),
+    (lambda f: (f / "transformer" / "config.json").write_text("{not json"), 1, ": not valid JSON"),
     (lambda f: write_json(f / "tokenizer" / "tokenizer_config.json", [1]), 2, "tokenizer_config.json holds an array"),
     (lambda f: write_json(f / "model_index.json", ["QwenImagePipeline"]), 2,
      "model_index.json holds an array, not an object"),

@@ -386,7 +386,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     pytest.param("edits: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"], marks=pytest.mark.slow),
     ("# " + "x" * 300_000 + "\nedits: []\n", ["over 262144 bytes"]),
     ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, preset: /dev/zero}\n", ["edit 1 (inpaint)", "/dev/zero",
-                                                                                 "over 262144 bytes"]),
+                                                                                 "a character device"]),
     ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: x, mask: /dev/zero}\n", ["edit 1 (inpaint)", "/dev/zero",
                                                                                "not an image file"]),
     ("edits:\n  - inpaint: {rect: '0,0,9,9', prompt: 2020-01-01}\n", ["prompt must be text", "a date"]),

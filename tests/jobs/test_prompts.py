@@ -87,7 +87,7 @@ def test_yaml_prompts(tmp_path, cli, one_thread):
     ("p.txt", b"a cat\n\xff\xfe dog\nok\n", "p.txt line 2: not UTF-8 text"),
     ("p.jsonl", b'"a"\n{"prompt": "b", "sede": 3}\n{oops\n[1]\n',
      "p.jsonl line 2: unknown key 'sede' (known: prompt, seed, size, negative_prompt) (and 2 more: line 3, line 4)"),
-    ("p.jsonl", b'"a"\n{oops\n', "line 2: not JSON (Expecting property name enclosed in double quotes)"),
+    ("p.jsonl", b'"a"\n{oops\n', "line 2: not valid JSON (Expecting property name enclosed in double quotes)"),
     ("p.jsonl", b'{"prompt": "b", "seed": -1}\n', "line 1: seed -1 is not a whole number from 0 to 2^63-1"),
     ("p.jsonl", b'{"prompt": "b", "size": "100x64"}\n',
      "line 1: size 100x64: width 100 must be a positive multiple of 16"),
@@ -115,11 +115,14 @@ def test_a_bad_prompts_file_is_refused_up_front_naming_the_line(tmp_path, cli, n
     (["--prompts", "FILE", "--ray-workers", "2"], "--ray-workers goes with --ray ADDRESS"),
     (["--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
     (["--prompts", "."], "--prompts . is a folder; give a text, .jsonl or .yaml file"),
-    (["--prompts", "/dev/zero"], f"--prompts /dev/zero is over {64 * 1024 * 1024} bytes; split it"),
+    (["--prompts", "/dev/zero"], "--prompts /dev/zero is a character device, not a file"),
+    (["--prompts", "huge.txt"], f"--prompts huge.txt is over {64 * 1024 * 1024} bytes; split it"),
 ])
 def test_prompts_usage_errors(tmp_path, cli, monkeypatch, args, fragment):
     monkeypatch.chdir(tmp_path)
     Path("FILE").write_text("a cat\n")
+    with open("huge.txt", "wb") as f:
+        f.truncate(64 * 1024 * 1024 + 1)  # sparse: refused by its size, unread
     code, _, err = cli.lines("generate", *args)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
 

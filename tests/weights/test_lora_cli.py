@@ -4,6 +4,7 @@ every refusal (one line, exit 2, nothing written)."""
 
 import copy
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -112,6 +113,21 @@ def test_info_on_a_lora(lora_file, cli):
     assert info["modules"] == 34 and "transformer_blocks.*.img_mod.1 x2" in info["targets"]
 
 
+def test_a_lora_whose_header_length_ends_in_0x80_is_no_pickle(layers, capsys, tmp_path):
+    """A safetensors file starts with its header's length, low byte first: 0x80, a pickle's first opcode, in one
+    file of 256, and the next byte may be 2 to 5, a pickle's protocol. Its header parses: it is a LoRA."""
+    file, (out, inp) = tmp_path / "padded.safetensors", layers["img_in"]
+    tensors = {"img_in.lora_down.weight": torch.ones(2, inp), "img_in.lora_up.weight": torch.ones(out, 2)}
+    for pad in range(1000):
+        save_file(tensors, file, metadata={"pad": "x" * pad})
+        if file.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert file.read_bytes()[:2] == b"\x80\x02"
+    code, report, err = qimg(capsys, "info", file, "--json")
+    assert code == 0, err
+    assert (json.loads(report)["format"], json.loads(report)["modules"]) == ("lightning", 1)
+
+
 def refusal_files(layers, tmp_path):
     base = lightning_lora(layers, std=1.0)
     m = "transformer_blocks.0.attn.to_q"
@@ -138,6 +154,8 @@ def refusal_files(layers, tmp_path):
     files["pickle"] = (tmp_path / "pickled.safetensors", "pickle")
     torch.save(base, files["pickle"][0])
     files["pt"] = (tmp_path / "lora.pt", "pickle")
+    files["pickle-bytes"] = (tmp_path / "pickle-bytes.safetensors", "pickle")
+    files["pickle-bytes"][0].write_bytes(pickle.dumps({"a": 1}, protocol=4))
     files["pt"][0].write_bytes(b"\x80\x04")
     files["missing"] = (tmp_path / "nope.safetensors", "no such file")
     files["garbage"] = (tmp_path / "garbage.safetensors", "not a readable safetensors")
