@@ -8,29 +8,25 @@ import threading
 
 import pytest
 import torch
+from helpers import one_line
 from safetensors.torch import save_file
-
-from qimg.cli.app import run
 
 TIMEOUT = 60
 NESTED = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion allows
 
 
-def qimg(capsys, *args):
-    """run() in a thread that must end within TIMEOUT seconds: (exit code, stdout, stderr)."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(run([str(a) for a in args])), daemon=True)
-    thread.start()
-    thread.join(TIMEOUT)
-    out, err = capsys.readouterr()
-    assert result, f"qimg {' '.join(map(str, args))} still ran after {TIMEOUT} s"
-    return result[0], out, err
+@pytest.fixture
+def qimg(cli):
+    """cli() in a thread that must end within TIMEOUT seconds: (exit code, stdout, stderr)."""
+    def call(*args):
+        result = []
+        thread = threading.Thread(target=lambda: result.append(cli(*args)), daemon=True)
+        thread.start()
+        thread.join(TIMEOUT)
+        assert result, f"qimg {' '.join(map(str, args))} still ran after {TIMEOUT} s"
+        return result[0]
 
-
-def one_line(err: str, *fragments) -> None:
-    assert err.count("\n") == 1 and err.startswith("qimg: error: "), err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
+    return call
 
 
 def special(tmp_path, kind: str, name: str):
@@ -51,14 +47,14 @@ KINDS = ["dev-zero", "fifo", "link-to-dev-zero", "link-to-fifo"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", ["option", "preset", "info"])
-def test_a_lora_that_is_no_regular_file_is_one_line_at_once(capsys, tmp_path, configs_only, kind, how):
+def test_a_lora_that_is_no_regular_file_is_one_line_at_once(qimg, tmp_path, configs_only, kind, how):
     path, called = special(tmp_path, kind, "style.safetensors")
     if how == "info":
-        code, _, err = qimg(capsys, "info", path)
+        code, _, err = qimg("info", path)
     else:
         (tmp_path / "p.yaml").write_text(f"lora: ['{path}']\n")
         given = ["--lora", path] if how == "option" else ["--preset", tmp_path / "p.yaml"]
-        code, _, err = qimg(capsys, "generate", "-p", "x", "-m", configs_only, "-o", tmp_path / "o.png", *given)
+        code, _, err = qimg("generate", "-p", "x", "-m", configs_only, "-o", tmp_path / "o.png", *given)
     assert code == 2
     one_line(err, str(path), called, "not a file")
     assert not (tmp_path / "o.png").exists()
@@ -66,11 +62,11 @@ def test_a_lora_that_is_no_regular_file_is_one_line_at_once(capsys, tmp_path, co
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("option", ["--transformer", "--prompts", "--preset"])
-def test_other_user_files_that_are_no_regular_file_are_one_line_at_once(capsys, tmp_path, configs_only, kind,
+def test_other_user_files_that_are_no_regular_file_are_one_line_at_once(qimg, tmp_path, configs_only, kind,
                                                                         option):
     path, called = special(tmp_path, kind, "file.yaml")
     out = ["--out-dir", tmp_path / "o"] if option == "--prompts" else ["-p", "x", "-o", tmp_path / "o.png"]
-    code, _, err = qimg(capsys, "generate", "-m", configs_only, *out, option, path)
+    code, _, err = qimg("generate", "-m", configs_only, *out, option, path)
     assert code == 2
     one_line(err, str(path), called)
     assert "no such file" not in err and not out[-1].exists()
@@ -87,7 +83,7 @@ def lora_file(path):
     return path
 
 
-def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(capsys, tmp_path, configs_only):
+def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(qimg, tmp_path, configs_only):
     transformer, lora = transformer_file(tmp_path / "t.safetensors"), lora_file(tmp_path / "l.safetensors")
     (tmp_path / "q.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     common = ["-p", "x", "-m", configs_only, "-o", tmp_path / "o.png"]
@@ -97,7 +93,7 @@ def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(capsys, tmp_path, conf
         (["generate", *common, "--lora", transformer], ["--lora", "a transformer's weights, not a LoRA"]),
         (["generate", *common, "--transformer", lora], ["looks like a LoRA", "lora_A/lora_down", "use --lora"]),
     ]:
-        code, _, err = qimg(capsys, *args)
+        code, _, err = qimg(*args)
         assert code == 2, err
         one_line(err, *fragments)
 
@@ -107,14 +103,14 @@ def raw_safetensors(path, header: bytes):
     return path
 
 
-def test_deeply_nested_json_in_a_lora_header_is_one_line(capsys, tmp_path, configs_only):
+def test_deeply_nested_json_in_a_lora_header_is_one_line(qimg, tmp_path, configs_only):
     peft = tmp_path / "peft.safetensors"
     save_file({"img_in.lora_A.weight": torch.zeros(2, 4), "img_in.lora_B.weight": torch.zeros(4, 2)}, peft,
               metadata={"lora_adapter_metadata": NESTED})
     header = raw_safetensors(tmp_path / "header.safetensors", b'{"a": ' + NESTED.encode() + b"}")
     for file, fragment in [(peft, "lora_adapter_metadata: nested too deeply"), (header, "nested too deeply")]:
         for args in (["info", file], ["generate", "-p", "x", "-m", configs_only, "--lora", file]):
-            code, _, err = qimg(capsys, *args)
+            code, _, err = qimg(*args)
             assert code == 2, err
             one_line(err, str(file), fragment)
 
@@ -124,10 +120,10 @@ def test_deeply_nested_json_in_a_lora_header_is_one_line(capsys, tmp_path, confi
     (b'{"prompt": "a", "seed": 1, "seed": 2}\n', "p.jsonl line 1: gives the key 'seed' twice"),
     (b'"a"\n{"prompt": "b", "size": "64x64", "prompt": "c"}\n', "p.jsonl line 2: gives the key 'prompt' twice"),
 ])
-def test_a_jsonl_prompts_line_nested_too_deeply_or_giving_a_key_twice(capsys, tmp_path, configs_only, content,
+def test_a_jsonl_prompts_line_nested_too_deeply_or_giving_a_key_twice(qimg, tmp_path, configs_only, content,
                                                                        fragment):
     (tmp_path / "p.jsonl").write_bytes(content)
-    code, _, err = qimg(capsys, "generate", "--prompts", tmp_path / "p.jsonl", "-m", configs_only, "--out-dir",
+    code, _, err = qimg("generate", "--prompts", tmp_path / "p.jsonl", "-m", configs_only, "--out-dir",
                         tmp_path / "o")
     assert code == 2
     one_line(err, fragment)
