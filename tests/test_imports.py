@@ -11,10 +11,10 @@ qimg module takes part in an import circle (a circle broken only by import order
     model                                basics
     basics (qimg, errors, small_files,   basics: usable from anywhere, they import only each other
             images, cache, option_values)
-    worker                               qimg, errors, small_files; qimg.worker.server also cli
+    worker                               qimg, errors, small_files; qimg.worker.runner also cli
     train (a separate tool)              engine, model, weights, sampling, basics; nothing imports it
 
-So only the CLI, the worker's server and qimg.__main__ import the CLI, nothing below the CLI imports the worker,
+So only the CLI, the worker's job process and qimg.__main__ import the CLI, nothing below the CLI imports the worker,
 and model code imports neither the weights nor the engine.
 """
 
@@ -39,7 +39,7 @@ MAY_IMPORT = {
     "train": {"engine", "model", "weights", "sampling", "basics"},
 }
 WORKER_MAY_IMPORT = {"qimg", "qimg.errors", "qimg.small_files"}
-WORKER_SERVER = "qimg.worker.server"
+WORKER_SERVER = "qimg.worker.runner"
 
 
 def module_name(path: Path) -> str:
@@ -96,8 +96,8 @@ def test_the_layering_rules_say_what_they_mean():
     assert allowed("qimg.engine.components", "qimg.weights.folders") and allowed("qimg.weights.lora", "qimg.errors")
     assert not allowed("qimg.model.text", "qimg.weights.folders") and not allowed("qimg.images", "qimg.masks")
     assert not allowed("qimg.jobs.chain_steps", "qimg.cli.presets") and not allowed("qimg.jobs.common", "qimg.worker")
-    assert allowed("qimg.worker.server", "qimg.cli.app") and not allowed("qimg.worker.client", "qimg.cli.app")
-    assert not allowed("qimg.worker.server", "qimg.jobs.kept_engine")
+    assert allowed("qimg.worker.runner", "qimg.cli.app") and not allowed("qimg.worker.server", "qimg.cli.app")
+    assert not allowed("qimg.worker.runner", "qimg.jobs.kept_engine")
     assert not allowed("qimg.engine.engine", "qimg.train") and not allowed("qimg.sampling", "qimg.model.rope")
 
 

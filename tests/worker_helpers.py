@@ -70,3 +70,18 @@ def wait_for_log(env: dict, text: str, count: int = 1, within: float = 60) -> No
             return
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not in the worker log")
+
+
+def socket_path(env: dict) -> str:
+    """The socket of the worker started with `env`."""
+    folder = os.path.join(env["XDG_RUNTIME_DIR"], "qimg")
+    return os.path.join(folder, next(n for n in os.listdir(folder) if n.endswith(".sock")))
+
+
+def job(env: dict, argv: list) -> dict:
+    """A job message as the client sends it, from the environment the worker was started with."""
+    from qimg.worker.protocol import job_message
+
+    message = job_message(argv)
+    message["env"] = {**os.environ, **env}
+    return message

@@ -1,4 +1,4 @@
-"""The command line as the worker process (qimg.worker.server) runs it: each job is a client's argv, re-run
+"""The command line as the worker's job process (qimg.worker.runner) runs it: each job is a client's argv, re-run
 through `app.run` exactly as `qimg` runs it in-process, with the engine kept between jobs (jobs/kept_engine.py).
 The worker sees only argv, file descriptors and exit codes, never a job object."""
 

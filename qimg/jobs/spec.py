@@ -1,7 +1,7 @@
 """Jobs as data: what one command asks for, parsed and typed, with nothing loaded yet. The command line
 builds them (cli/app.py, cli/to_job.py, cli/chain_file.py), the runner executes them (jobs/runner.py); batches and
 chains are jobs too. The worker does not share these classes: its client sends the command's argv and the
-server runs the command line again (worker/server.py)."""
+worker's job process runs the command line again (worker/runner.py)."""
 
 import os
 from dataclasses import dataclass, field

@@ -6,6 +6,7 @@ submitted job costs a bare Python start-up."""
 
 import fcntl
 import os
+import select
 import signal
 import socket
 import stat
@@ -24,6 +25,7 @@ SPREADING = ("--shard", "--ray")  # runs that divide a batch between processes: 
 OFF = ("0", "false", "off", "no")  # QIMG_WORKER values that mean in-process
 DEFAULT_IDLE = 600
 READY_TIMEOUT = 120.0  # seconds a starting worker may take to import torch and listen
+GRACE = 5.0  # seconds a cancelled job's worker has to answer before its client leaves without the answer
 
 
 class WorkerError(Exception):
@@ -67,7 +69,7 @@ def request(message: dict) -> dict | None:
 @contextmanager
 def start_lock():
     """Held around check-spawn-wait, so two clients racing to start a worker make one."""
-    with open(os.open(paths.lock_path(), os.O_RDWR | os.O_CREAT, 0o600), "r+b") as f:
+    with open(paths.open_private(paths.lock_path(), os.O_RDWR), "r+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -80,11 +82,9 @@ def start(idle: float = DEFAULT_IDLE) -> tuple[int, bool]:
         if answer is not None:
             return answer["pid"], False
         path = paths.socket_path()
-        if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # stale: nothing listens (connect was refused)
+        clear(path)
         log = paths.log_path()
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:  # jobs' argv: yours
+        with open(paths.open_private(log), "ab") as out:  # jobs' argv: yours
             process = subprocess.Popen(
                 [sys.executable, "-m", "qimg.worker.server", "--socket", str(path), "--idle", str(idle)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, cwd="/")
@@ -98,6 +98,19 @@ def start(idle: float = DEFAULT_IDLE) -> tuple[int, bool]:
             time.sleep(0.05)
         process.kill()
         raise WorkerError(f"the qimg worker did not answer within {READY_TIMEOUT:.0f} s; see {log}")
+
+
+def clear(path) -> None:
+    """Remove what is left at the socket path when nothing listens there (connect was refused or found no
+    socket): a dead worker's socket, or any other file of this user's in the private folder (checked 0700 and
+    this user's before). A folder, or another user's file, stays and is named."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise WorkerError(f"{path} is in the way of the worker's socket; remove it")
+    os.unlink(path)
 
 
 def maybe_submit(argv: list[str]) -> int | None:
@@ -126,21 +139,29 @@ def maybe_submit(argv: list[str]) -> int | None:
 
 def submit(sock: socket.socket, argv: list[str]) -> int | None:
     """Send the job with this process's stdin, stdout and stderr, and wait for its exit code. Ctrl-C (and
-    SIGTERM, SIGHUP) cancel it in the worker, which prints the usual line and exits 130 (143)."""
+    SIGTERM, SIGHUP, SIGQUIT) cancel it in the worker, which prints the usual line and exits 130 (143). On a
+    second signal, or GRACE seconds after the first without the worker's answer, the client leaves by itself
+    with that line and code: a worker that cannot answer never holds the shell."""
     message = job_message(argv)
     if message is None:
         return None
-    cancelled = []
+    cancelled = []  # (signal, when)
 
     def cancel(signum, _frame):
-        cancelled.append(signum)
-        try:
-            send(sock, {"cancel": int(cancelled[-1])})
-        except OSError:
-            pass
+        cancelled.append((signum, time.monotonic()))
+        if len(cancelled) == 1:
+            try:
+                send(sock, {"cancel": int(signum)})
+            except OSError:
+                pass
 
-    # the stopping signals cancel the job as they would stop an in-process run; ignored ones stay ignored
+    # the stopping signals cancel the job as they would stop an in-process run; ignored ones stay ignored. Each
+    # also writes a byte to `wake`, so a wait for the worker's answer ends to look at the time.
+    wake, woken = os.pipe()
+    for fd in (wake, woken):
+        os.set_blocking(fd, False)
     previous = {s: signal.signal(s, cancel) for s in STOPS if signal.getsignal(s) is not signal.SIG_IGN}
+    previous_wakeup = signal.set_wakeup_fd(woken, warn_on_full_buffer=False)
     try:
         try:
             send(sock, message, (0, 1, 2))
@@ -148,9 +169,17 @@ def submit(sock: socket.socket, argv: list[str]) -> int | None:
             return None
         messages, pid, started = Messages(sock), None, False
         while True:
-            reply = messages.next()
+            reply = messages.pop()
             if reply is None:
-                break
+                left = cancelled[0][1] + GRACE - time.monotonic() if cancelled else None
+                if len(cancelled) > 1 or left is not None and left <= 0:
+                    break  # given up on the worker's answer
+                ready = select.select([sock, wake], [], [], left)[0]
+                if wake in ready:
+                    os.read(wake, 1024)
+                if sock in ready and not messages.receive():
+                    break
+                continue
             if "refused" in reply:
                 say(f"qimg: warning: not using the qimg worker: {reply['refused']}; running in-process "
                     f"(`qimg worker stop`, then start it from this environment)")
@@ -165,12 +194,15 @@ def submit(sock: socket.socket, argv: list[str]) -> int | None:
                     say(f"qimg: {STOPS[reply['exit'] - 128]}; nothing written")
                 return reply["exit"]
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for s, h in previous.items():
             signal.signal(s, h)
+        os.close(wake)
+        os.close(woken)
+    if cancelled:
+        say(f"qimg: {STOPS[cancelled[0][0]]}; nothing written")
+        return 128 + cancelled[0][0]
     if not started:
-        if cancelled:
-            say(f"qimg: {STOPS[cancelled[0]]}; nothing written")
-            return 128 + cancelled[0]
         return None
     say(f"qimg: error: the qimg worker (pid {pid}) stopped during the job; no partial file was written "
         f"(log: {paths.log_path()})")

@@ -1,6 +1,6 @@
 """Where the worker lives: a per-user folder only its owner can enter, a socket and lock named after the
 qimg version, installation and code (a worker of another one, or one started before the code changed,
-is never used), and a log file."""
+is never used), and a log file; every file the worker writes is opened by open_private (never through a link)."""
 
 import functools
 import hashlib
@@ -8,6 +8,8 @@ import os
 import stat
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from qimg import __version__
@@ -52,6 +54,47 @@ def log_path() -> Path:
     return (Path(state) if state else Path.home() / ".local" / "state") / "qimg" / "worker.log"
 
 
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """A descriptor of one of the worker's own files (log, lock), made 0600 if new, never through a symlink:
+    its folder must be a real one this user owns (made 0700 if missing), the file itself a regular file this
+    user owns; Insecure otherwise. The file is opened relative to the folder it was checked in, so neither
+    can be swapped for a link between the check and the open."""
+    folder = path.parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # ELOOP, ENOTDIR: a symlink or a file
+        raise Insecure(f"worker folder {folder} is not a directory of its own ({e.strerror}); remove it") from None
+    try:
+        owned(os.fstat(dir_fd), folder, "folder")
+        try:
+            fd = os.open(path.name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600,
+                         dir_fd=dir_fd)
+        except OSError as e:
+            raise Insecure(f"worker file {path} cannot be opened ({e.strerror}); remove it") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Insecure(f"worker file {path} is not a regular file; remove it")
+        owned(st, path, "file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def owned(st: os.stat_result, path: Path, kind: str) -> None:
+    if st.st_uid != os.getuid():
+        raise Insecure(f"worker {kind} {path} belongs to uid {st.st_uid}, not to you ({os.getuid()}); remove it")
+
+
 def check_dir(folder: Path, create: bool) -> bool:
     """Whether `folder` exists and is safe to hold the socket: a real directory (not a symlink), owned by
     this user, mode exactly 0700. With `create`, a missing one is made so. Insecure when it is not."""
@@ -77,3 +120,25 @@ def check_dir(folder: Path, create: bool) -> bool:
         raise Insecure(f"worker folder {folder} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700; "
                        f"`chmod 700 {folder}` or remove it")
     return True
+
+
+class Log:
+    """The worker's log, appended to by line; past `limit` bytes it moves to `<name>.1` (replacing the one
+    before), so a worker left running for months keeps at most twice that on disk. Opened as open_private
+    opens it: never through a symlink, 0600, this user's regular file."""
+
+    def __init__(self, path: Path, limit: int = 1 << 20):
+        self.path, self.limit = path, limit
+        self.lock = threading.Lock()
+        self.file = self._open()
+
+    def _open(self):
+        return open(open_private(self.path), "a", buffering=1, encoding="utf-8")
+
+    def __call__(self, message: str) -> None:
+        with self.lock:
+            if os.fstat(self.file.fileno()).st_size > self.limit:
+                self.file.close()
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self.file = self._open()
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {message}\n")

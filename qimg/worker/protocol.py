@@ -1,5 +1,6 @@
 """What the worker's client and server say to each other over the per-user Unix socket: one JSON object per
-line, and the framing that carries file descriptors with a message (SCM_RIGHTS).
+line (at most LIMIT bytes), and the framing that carries file descriptors with a message (SCM_RIGHTS). The
+worker and its job process (runner.py) talk the same way.
 
 No job classes cross the socket: a job is the command's argv, run as the client would run it. The messages:
 
@@ -8,7 +9,8 @@ No job classes cross the socket: a job is the command's argv, run as the client 
                        {"cancel": signal number}                     while the job waits or runs
     server -> client   {"pid"} (ping, stop), the status object (status)
                        {"queued": jobs ahead, "pid"}, then {"started": true}, then {"exit": code}
-                       ({"exit": 128 + signal, "dropped": true} for a job cancelled while queued)
+                       ({"exit": 128 + signal, "dropped": true} for a job cancelled while queued, or ended
+                       by killing its process: the client prints the usual line the job could not)
                        {"refused": why}: the client runs the job in-process
 
 Imports only the standard library, like the client.
@@ -27,25 +29,56 @@ def send(sock: socket.socket, message: dict, fds=()) -> None:
     sock.sendall(data[sent:])
 
 
-class Messages:
-    """The JSON lines arriving on a socket, and the file descriptors that came with them."""
+LIMIT = 1 << 20  # bytes in one message: a job's argv and environment fit many times over
 
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buffer, self.fds = sock, b"", []
+
+class Malformed(ValueError):
+    """A message longer than the limit, or carrying more file descriptors than a job's three."""
+
+
+class Messages:
+    """The JSON lines arriving on a socket, and the file descriptors that came with them. Reading is linear in
+    what arrives (one buffer, each byte scanned for the newline once) and a line longer than `limit` is refused
+    once that many bytes came without one."""
+
+    def __init__(self, sock: socket.socket, limit: int = LIMIT):
+        self.sock, self.limit = sock, limit
+        self.buffer, self.scanned, self.fds = bytearray(), 0, []
 
     def next(self) -> dict | None:
         """The next message, or None when the other side closed (or vanished)."""
-        while b"\n" not in self.buffer:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 3)
-            except (ConnectionResetError, BrokenPipeError):
+        while (message := self.pop()) is None:
+            if not self.receive():
                 return None
-            self.fds += fds
-            if not data:
-                return None
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\n", 1)
+        return message
+
+    def pop(self) -> dict | None:
+        """A message already received whole, else None."""
+        end = self.buffer.find(b"\n", self.scanned)
+        if end < 0:
+            self.scanned = len(self.buffer)
+            if self.scanned > self.limit:
+                raise Malformed(f"a message over {self.limit} bytes")
+            return None
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        self.scanned = 0
+        if end > self.limit:
+            raise Malformed(f"a message over {self.limit} bytes")
         return json.loads(line)
+
+    def receive(self) -> bool:
+        """Read what has arrived (waiting for something); False when the other side closed. A timeout set on
+        the socket raises TimeoutError and loses nothing."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 3)
+        except (ConnectionResetError, BrokenPipeError):
+            return False
+        self.fds += fds
+        if len(self.fds) > 3:
+            raise Malformed(f"{len(self.fds)} file descriptors")
+        self.buffer += data
+        return bool(data)
 
 
 def job_message(argv: list[str]) -> dict | None:

@@ -175,7 +175,7 @@ def test_changed_code_gets_another_worker(tmp_path):
 
 
 def test_the_worker_log_moves_aside_past_its_limit(tmp_path):
-    from qimg.worker.server import Log
+    from qimg.worker.paths import Log
 
     path = tmp_path / "worker.log"
     log = Log(path, limit=200)

@@ -159,3 +159,56 @@ def test_two_clients_racing_to_auto_start_make_one_worker(tmp_path, tiny_model_d
         assert log.count("listening on") == 1 and log.count("job done: exit 0") == 2
     finally:
         stop(env)
+
+
+def test_a_symlinked_log_is_not_followed(tmp_path, tiny_model_dir):
+    """With XDG_STATE_HOME in a folder someone else controls (as sudo may leave it), a link at the log's place
+    must not make the worker write where it points."""
+    env = worker_env(tmp_path)
+    target = tmp_path / "not-the-log.txt"
+    target.write_text("keep\n")
+    os.chmod(target, 0o644)
+    (tmp_path / "state" / "qimg").mkdir(parents=True)
+    (tmp_path / "state" / "qimg" / "worker.log").symlink_to(target)
+    result = qimg(["worker", "start"], env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"qimg: error: worker file {tmp_path}/state/qimg/worker.log cannot be opened")
+    result = qimg(["generate", "-p", "x", "-m", tiny_model_dir, "--size", "16x16", *FAST], env, cwd=tmp_path,
+                  mode="auto")
+    assert result.returncode == 0 and "running without the worker" in result.stderr
+    assert target.read_text() == "keep\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert status(env) is None
+
+
+def test_state_files_are_private_regular_files_of_this_user(tmp_path, monkeypatch):
+    old = os.umask(0)
+    try:
+        log = paths.Log(tmp_path / "state" / "qimg" / "worker.log")
+    finally:
+        os.umask(old)
+    log("a line")
+    assert stat.S_IMODE(os.stat(log.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(log.path.parent).st_mode) == 0o700
+    os.mkfifo(tmp_path / "fifo")  # never waited on
+    with pytest.raises(paths.Insecure, match="fifo cannot be opened"):
+        paths.open_private(tmp_path / "fifo")
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(paths.Insecure, match="worker folder .* belongs to uid"):
+        paths.open_private(log.path)
+
+
+def test_a_file_at_the_socket_path_is_replaced_a_folder_named(tmp_path, monkeypatch):
+    env = worker_env(tmp_path)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", env["XDG_RUNTIME_DIR"])
+    paths.check_dir(paths.socket_dir(), create=True)
+    paths.socket_path().mkdir()
+    result = qimg(["worker", "start"], env)
+    assert (result.returncode, result.stderr) == (
+        1, f"qimg: error: {paths.socket_path()} is in the way of the worker's socket; remove it\n")
+    paths.socket_path().rmdir()
+    paths.socket_path().write_text("not a socket")
+    try:
+        pid = start(env)
+        assert stat.S_ISSOCK(os.lstat(paths.socket_path()).st_mode) and status(env)["pid"] == pid
+    finally:
+        stop(env)
