@@ -16,6 +16,8 @@ from qimg.worker import paths
 from qimg.worker.protocol import Malformed, Messages, send
 from qimg.worker.server import CANCEL_GRACE, FIRST_MESSAGE_TIMEOUT, MAX_CONNECTIONS
 
+pytestmark = pytest.mark.subprocess
+
 # Loaded by every Python the worker starts: in its job process, the job `hang` runs a regular expression that
 # backtracks for ages without ever letting go of the GIL or looking at signals.
 HOOK = """
