@@ -15,6 +15,7 @@ ATTENTION = ("auto", "math", "flash", "efficient", "cudnn")  # auto: let PyTorch
 TILING = ("auto", "on", "off")  # --vae-tiling
 QUANTIZE = ("none", "fp8")
 ATTN_MASK = ("on", "off")
+METADATA = ("full", "minimal", "off")  # --metadata: what a PNG output records (jobs/metadata.py)
 # --anchor: where the original sits on outpaint's grown canvas (masks.anchor_fractions places each)
 ANCHORS = ("center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right")
 

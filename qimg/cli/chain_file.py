@@ -12,8 +12,8 @@ from qimg.jobs import spec
 
 KINDS = ("inpaint", "outpaint", "edit")
 # set once for the whole chain, on its command line
-CHAIN_LEVEL = {"out", "overwrite", "json_", "model", "device", "dtype", "cache_dir", "no_cache", "cache_size",
-               "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
+CHAIN_LEVEL = {"out", "overwrite", "json_", "metadata", "model", "device", "dtype", "cache_dir", "no_cache",
+               "cache_size", "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
                "lora", "transformer", "dequantize", "quantize"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir",  # inpaint/outpaint over many files: no place in a chain
               "shard", "ray", "ray_workers", "retries"}

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from qimg.cli import presets
-from qimg.option_values import ANCHORS, ATTENTION, ATTN_MASK, DTYPES, OFFLOAD, QUANTIZE, TILING, parse_size
+from qimg.option_values import ANCHORS, ATTENTION, ATTN_MASK, DTYPES, METADATA, OFFLOAD, QUANTIZE, TILING, parse_size
 
 PROMPT, MASK, SAMPLING, MODEL, OUTPUT, CACHE, SPEED, SCALE = (
     "Prompt", "Mask", "Sampling", "Model and device", "Output", "Cache", "Speed", "Many GPUs, many machines")
@@ -81,6 +81,10 @@ OverwriteOpt = Annotated[bool, typer.Option(
                                  "names), atomically; without it qimg never replaces a file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT,
                                        help="Print one JSON object per result on stdout.")]
+MetadataOpt = Annotated[Literal[METADATA], typer.Option(
+    rich_help_panel=OUTPUT, help="What a PNG output records of how it was made: full (files by name and sha256, the "
+                                 "model by repo id or folder name, never a folder's path), minimal (only what "
+                                 "reproduces the image), off (nothing).")]
 OutDirOpt = Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT,
                                                    help="Folder for the outputs, named <stem>.<command>.png.")]
 SkipExistingOpt = Annotated[bool, typer.Option(rich_help_panel=OUTPUT,

@@ -4,6 +4,8 @@ outpaint's whole job."""
 
 from typing import Optional
 
+from typer._click.core import ParameterSource
+
 from qimg.errors import UsageError
 from qimg.jobs import spec
 from qimg.option_values import RAY_RETRIES
@@ -15,7 +17,15 @@ def model_of(p: dict, part=None) -> spec.ModelSpec:
 
     return spec.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
-                          p["dequantize"], p["quantize"], part.local_rank if part is not None else None)
+                          p["dequantize"], p["quantize"], part.local_rank if part is not None else None,
+                          given_by("transformer") is ParameterSource.ENVIRONMENT)
+
+
+def given_by(name: str):
+    """Where the running command's parameter `name` came from (click's ParameterSource)."""
+    from typer._click.globals import get_current_context
+
+    return get_current_context().get_parameter_source(name)
 
 
 def cache_of(p: dict) -> spec.CacheSpec:
@@ -23,15 +33,12 @@ def cache_of(p: dict) -> spec.CacheSpec:
 
 
 def output_of(p: dict) -> spec.Output:
-    return spec.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p))
+    return spec.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p), p["metadata"])
 
 
 def preview_every(p: dict) -> Optional[int]:
     """--preview-every; on the command line only with --preview (a preset's applies when a run previews)."""
-    from typer._click.core import ParameterSource
-    from typer._click.globals import get_current_context
-
-    given = get_current_context().get_parameter_source("preview_every") is ParameterSource.COMMANDLINE
+    given = given_by("preview_every") is ParameterSource.COMMANDLINE
     if given and p["preview"] is None:
         raise UsageError(f"--preview-every {p['preview_every']} needs --preview FILE, the file to write them to")
     return p["preview_every"]

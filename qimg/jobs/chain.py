@@ -62,19 +62,19 @@ def chain(job: Chain, reporter: Reporter) -> None:
         check_preview(preview.path, taken, overwrite)
     engine = open_engine(folder, job.model, store)
 
-    def params(canvas, lineage: list) -> dict:
+    def params(canvas, lineage: list):
         width, height = canvas.size
         seeds = sorted({entry["seed"] for entry in lineage})  # those the edits used
-        return output_params("chain", engine, job.preset, lineage, input=str(job.image),
-                             chain=str(job.chain_file), seed=seeds[0] if len(seeds) == 1 else seeds,
-                             width=width, height=height, calls=sum(entry["calls"] for entry in lineage))
+        return output_params("chain", engine, job, lineage, dict(input=job.image, chain=job.chain_file),
+                             seed=seeds[0] if len(seeds) == 1 else seeds, width=width, height=height,
+                             calls=sum(entry["calls"] for entry in lineage))
 
     lineage = []
     for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview):
         lineage.append(entry)
         if done.step.index in step_files:
-            save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage),
+            save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage).stored,
                         engine.render(canvas), overwrite=overwrite)
     final, image = params(canvas, lineage), engine.render(canvas)
-    out = save_output(engine, reporter, out, final, image, overwrite=overwrite, next_free=next_free)
-    reporter.result(out, {**final, **last_preview(preview, image, final)}, started)
+    out = save_output(engine, reporter, out, final.stored, image, overwrite=overwrite, next_free=next_free)
+    reporter.result(out, {**final.report, **last_preview(preview, image, final.stored)}, started)

@@ -27,10 +27,19 @@ def open_cache(spec: CacheSpec):
 
 def resolve_model(spec: ModelSpec) -> Path:
     """The model folder --model names (weights.resolve_model): every job finds it first, so a wrong --model
-    shows before any input is read or planned."""
+    shows before any input is read or planned. A transformer file $QIMG_TRANSFORMER gives (set once, for one
+    model) must be for this folder's kind of model: its weights would silently replace the folder's."""
+    from qimg.weights.folders import model_kind, named_kind
     from qimg.weights.folders import resolve_model as resolve
 
-    return resolve(spec.model)
+    folder = resolve(spec.model)
+    if spec.transformer_from_env and spec.transformer is not None:
+        kind, made_for = model_kind(folder), named_kind(spec.transformer)
+        if kind != made_for:
+            raise UsageError(f"QIMG_TRANSFORMER={spec.transformer}: its name says it is a {made_for.display} "
+                             f"transformer, and {folder} is a {kind.display} model; unset QIMG_TRANSFORMER for "
+                             "this model, or give the file as --transformer to use it anyway")
+    return folder
 
 
 def generation_model(folder: Path, command: str) -> None:
@@ -65,13 +74,13 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     return engine
 
 
-def save_output(engine, reporter: Reporter, out: Path, params: dict, image, latent=None,
+def save_output(engine, reporter: Reporter, out: Path, params: Optional[dict], image, latent=None,
                 overwrite: bool = False, next_free=None) -> Path:
     """The one way an output is written: atomically (files.save_image; an existing file only with
     `overwrite`; a default numbered name taken meanwhile gives way to `next_free()`), with its parameters
-    (metadata.py), told to the reporter; then `latent` (when it stands for the image 1:1) is cached under its
-    pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can be found again. Returns
-    where the image went."""
+    (metadata.Params' stored ones; None: none), told to the reporter; then `latent` (when it stands for the
+    image 1:1) is cached under its pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can
+    be found again. Returns where the image went."""
     from PIL import Image
 
     from qimg.images import save_image
@@ -94,12 +103,13 @@ def output_target(out: Optional[Path], default, numbered: bool):
 
 
 def sample_and_save(job, command: str, engine, reporter: Reporter, sampling, sample, target, preview,
-                    started: float, fields=lambda result: {}) -> None:
+                    started: float, fields=lambda result: {}, files: Optional[dict] = None) -> None:
     """The end of every job that makes one output with one sampling run (generate, inpaint, outpaint, edit):
     `sample(callback)` runs the engine (an engine.Result) under the reporter's progress over the steps the
     sampling (engine.request.Sampling) takes; the output's parameters (the command, the sampling's, the result's
-    size, the transformer calls, then `fields(result)`) are saved with it to target (output_target's (path,
-    next_free)) and reported with the cache use and the last --preview; started: when the job began."""
+    size, the transformer calls, then `fields(result)`, and the `files` it was made from: metadata.output_params)
+    are saved with it to target (output_target's (path, next_free)) and reported with the cache use and the last
+    --preview; started: when the job began."""
     from qimg.jobs.metadata import output_params
 
     callback, done = reporter.steps("generating" if command == "generate" else command, sampling.steps_run)
@@ -108,14 +118,15 @@ def sample_and_save(job, command: str, engine, reporter: Reporter, sampling, sam
     done()
     height, width = result.image.shape[:2]
     s, shortcuts = sampling, sampling.shortcuts
-    params = output_params(command, engine, job.preset, prompt=s.prompt, negative_prompt=s.negative_prompt,
+    params = output_params(command, engine, job, files=files, prompt=s.prompt, negative_prompt=s.negative_prompt,
                            seed=s.seed, width=width, height=height, steps=s.steps, cfg=s.cfg, reuse=shortcuts.reuse,
                            cfg_until=shortcuts.cfg_until, shift=shortcuts.shift, calls=engine.calls - calls,
                            **fields(result))
-    out = save_output(engine, reporter, target[0], params, result.image, result.latent, job.output.overwrite,
+    out = save_output(engine, reporter, target[0], params.stored, result.image, result.latent, job.output.overwrite,
                       target[1])
     cache_use = dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
-    reporter.result(out, {**params, **cache_use, **last_preview(preview, result.image, params)}, started)
+    reporter.result(out, {**params.report, **cache_use, **last_preview(preview, result.image, params.stored)},
+                    started)
 
 
 def random_seed(seed: Optional[int]) -> int:

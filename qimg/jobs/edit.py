@@ -152,7 +152,8 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
                 seed = batch.file_seed(job.prompt.seed, image) if is_batch and job.prompt.seed is not None \
                     else job.prompt.seed
                 try:
-                    one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview)
+                    one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview,
+                        mask_file=mask_file(image))
                 except OutputExists as e:
                     failure = e
             if failure is not None:
@@ -166,22 +167,22 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
 
 
 def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
-             started: float, preview: Optional[PreviewFile] = None) -> None:
-    """target: edit_output's (path, next_free)."""
+             started: float, preview: Optional[PreviewFile] = None, mask_file: Optional[Path] = None) -> None:
+    """target: edit_output's (path, next_free); mask_file: the file the mask came from (None: --rect, or none)."""
     from qimg.cache import array_hash
     from qimg.masks import selected_area
 
     sampling = job.prompt.resolve(engine.defaults, random_seed(seed), job.strength)
 
     def fields(result) -> dict:
-        return dict(strength=job.strength, attn_mask=job.attn_mask, context=job.context, input=str(image),
+        return dict(strength=job.strength, attn_mask=job.attn_mask, context=job.context,
                     mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
                     work_size=list(result.work_size), latent_cache=result.latent_cache)
 
     sample_and_save(job, job.kind, engine, reporter, sampling,
                     lambda callback: engine.inpaint(canvas, mask, sampling, job.attn_mask == "on", job.context,
                                                     callback, preview),
-                    target, preview, started, fields)
+                    target, preview, started, fields, dict(input=image, mask=mask_file))
 
 
 # --- edit: instructions with an Edit model -----------------------------------------------------------------
@@ -220,8 +221,10 @@ def check_pictures(job: Edit, image: Path, pixels, pictures: tuple) -> None:
 
 
 def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
-                 started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple) -> None:
-    """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures'."""
+                 started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple,
+                 mask_file: Optional[Path] = None) -> None:
+    """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures';
+    mask_file: as edit_one's."""
     from qimg.cache import array_hash
     from qimg.engine.instruct import Pictures, instruct, instruct_cropped
     from qimg.masks import selected_area
@@ -236,11 +239,11 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
         return instruct(engine, pixels, mask, shown, sampling, job.size, callback, preview)
 
     def fields(result) -> dict:
-        return dict(strength=job.strength, input=str(image), refs=[str(r) for r in job.refs],
-                    pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
+        return dict(strength=job.strength, pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
                     mask_area=None if mask is None else selected_area(mask),
                     mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind.name,
                     edit_area=shown.areas.edit, vision_area=shown.areas.vision, mask_crop=job.mask_crop,
                     box=list(result.box), work_size=list(result.work_size), latent_cache=result.latent_cache)
 
-    sample_and_save(job, "edit", engine, reporter, sampling, sample, target, preview, started, fields)
+    sample_and_save(job, "edit", engine, reporter, sampling, sample, target, preview, started, fields,
+                    dict(input=image, refs=list(job.refs), mask=mask_file))

@@ -82,7 +82,8 @@ def entry_job(job: Prompts, e) -> Generate:
     negative = p.negative_prompt if e.negative_prompt is None else e.negative_prompt
     return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
                     Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json,
-                           job.output.preview and job.output.preview / e.name, job.output.preview_every),
+                           job.output.preview and job.output.preview / e.name, job.output.preview_every,
+                           job.output.metadata),
                     job.model, job.cache,
                     job.preset, member=True)
 

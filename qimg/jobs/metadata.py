@@ -1,10 +1,12 @@
-"""What made an image: its parameters as JSON in the PNG `qimg` text chunk, written with every output and read
-back by `qimg info`. Metadata from a file is data: parsed with json.loads, printed with control characters
-escaped, never evaluated."""
+"""What made an image: its parameters as JSON in the PNG `qimg` text chunk, written with every output (as
+--metadata says: full, minimal or off) and read back by `qimg info`. Metadata from a file is data: parsed with
+json.loads, printed with control characters escaped, never evaluated."""
 
+import hashlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 from qimg import __version__
 from qimg.errors import QimgError, printable
@@ -13,19 +15,85 @@ from qimg.images import read_image
 CHUNK = "qimg"
 
 
-def output_params(command: str, engine, preset: str | None, lineage: list | None = None, **fields) -> dict:
+class Params(NamedTuple):
+    """An output's parameters twice: `report` for --json and the result line (local output: the files by the
+    paths given), `stored` for the PNG chunk and the last preview, as --metadata says (None: off)."""
+
+    report: dict
+    stored: Optional[dict]
+
+
+def output_params(command: str, engine, job, lineage: Optional[list] = None, files: Optional[dict] = None,
+                  **fields) -> Params:
     """Every output's parameters, one shape for all commands: the command, what it ran with (`fields`), the
-    model (path and fingerprint), the --preset it took options from (None: none) and, for `qimg chain`, its
-    lineage: one entry per edit that led to it (empty for a single command). loras: each LoRA fused into the
-    model (file name, sha256, scale, format). When the transformer's weights came from a --transformer file or
-    --quantize, `transformer`: the file's name, sha256 and format."""
+    files it was made from (`files`: field -> a path, a list of paths or None: input, mask, refs, chain), the
+    model, the --preset it took options from (None: none) and, for `qimg chain`, its lineage: one entry per edit
+    that led to it (empty for a single command). loras: each LoRA fused into the model (file name, sha256, scale,
+    format). When the transformer's weights came from a --transformer file or --quantize, `transformer`: the
+    file's name, sha256 and format. A shared picture names no local folder: the PNG holds each file by name and
+    sha256, the model by its repo id or folder name and its fingerprint, a preset file by name and sha256."""
+    files = files or {}
     source = {"transformer": engine.transformer_info} if engine.transformer_info else {}
-    return dict(command=command, **fields, model=str(engine.folder), model_fingerprint=engine.model_fingerprint,
-                **source, loras=[one.record() for one in engine.loras], preset=preset, lineage=list(lineage or []))
+    public = dict(command=command, **fields, **{k: _each(v, file_record) for k, v in files.items()},
+                  model=model_name(job.model.model, engine.folder), model_fingerprint=engine.model_fingerprint,
+                  **source, loras=[one.record() for one in engine.loras], preset=preset_record(job.preset),
+                  lineage=[{**entry, "preset": preset_record(entry.get("preset"))} for entry in lineage or []])
+    local = {**{k: _each(v, str) for k, v in files.items()}, "model": str(engine.folder), "preset": job.preset}
+    return Params({**public, **local}, shown(public, job.output.metadata))
 
 
-def png_text(params: dict) -> dict[str, str]:
-    """The text chunks `files.save_image` writes for an output made with `params`."""
+def _each(value, record):
+    """record(value) for a path, for each of a list of them; None stays None."""
+    if value is None:
+        return None
+    return [record(v) for v in value] if isinstance(value, (list, tuple)) else record(value)
+
+
+def file_record(path: Path) -> dict:
+    """A file as a shared picture names it: its name and the sha256 of its bytes, never its folder."""
+    with open(path, "rb") as f:
+        return {"name": Path(path).name, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def model_name(given: Optional[str], folder: Path) -> str:
+    """The model as a shared picture names it: a repo id as given, a folder by its name, or builtin."""
+    if given in (None, "", "builtin"):
+        return "builtin"
+    return folder.resolve().name if Path(given).expanduser().is_dir() else given
+
+
+def preset_record(preset: Optional[str]):
+    """A bundled preset by its name; a preset file (a path, as cli/presets.find tells them apart) by
+    file_record."""
+    if preset is None or not ("/" in preset or "\\" in preset or preset.endswith((".yaml", ".yml"))):
+        return preset
+    return file_record(Path(preset))
+
+
+# --metadata minimal: what reproduces the image, and of a chain's edits the same.
+MINIMAL = ("command", "prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg", "strength", "reuse",
+           "cfg_until", "shift", "model", "model_fingerprint")
+MINIMAL_EDIT = ("index", "kind", "prompt", "negative_prompt", "seed", "steps", "cfg", "strength", "reuse",
+                "cfg_until", "shift")
+
+
+def shown(params: dict, mode: str) -> Optional[dict]:
+    """What --metadata `mode` (option_values.METADATA) keeps of an output's parameters: all (full), what
+    reproduces the image (minimal), nothing (off: None, no chunk at all)."""
+    if mode == "off":
+        return None
+    if mode == "full":
+        return params
+    kept = {k: params[k] for k in MINIMAL if k in params}
+    if params.get("lineage"):
+        kept["lineage"] = [{k: entry[k] for k in MINIMAL_EDIT if k in entry} for entry in params["lineage"]]
+    return kept
+
+
+def png_text(params: Optional[dict]) -> dict[str, str]:
+    """The text chunks `files.save_image` writes for an output made with `params` (None: none)."""
+    if params is None:
+        return {}
     return {CHUNK: json.dumps({"qimg_version": __version__, **params}, ensure_ascii=False)}
 
 

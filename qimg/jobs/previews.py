@@ -34,7 +34,7 @@ class PreviewFile:
         from qimg.jobs.metadata import png_text
 
         started = time.perf_counter()
-        text = {**(png_text(params) if params else {}), PREVIEW_CHUNK: step}
+        text = {**png_text(params), PREVIEW_CHUNK: step}
         save_image(Image.fromarray(image()), self.path, text, overwrite=True, fast=True)
         self.count, self.seconds = self.count + 1, self.seconds + time.perf_counter() - started
 
@@ -43,9 +43,9 @@ def preview_file(path: Optional[Path], every: Optional[int]) -> Optional[Preview
     return None if path is None else PreviewFile(path, every)
 
 
-def last_preview(preview: Optional[PreviewFile], image, params: dict) -> dict:
-    """The result written as the last preview (its pixels and parameters: `qimg info` reads it like the
-    output); then what --json says of the previews ({} without --preview)."""
+def last_preview(preview: Optional[PreviewFile], image, params: Optional[dict]) -> dict:
+    """The result written as the last preview (its pixels and parameters, those the output stores: `qimg info`
+    reads it like the output); then what --json says of the previews ({} without --preview)."""
     if preview is None:
         return {}
     preview.write(lambda: image, "result", params)

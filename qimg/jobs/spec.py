@@ -28,6 +28,7 @@ class ModelSpec:
     dequantize: Optional[bool] = None  # unpack packed weights at load; None: on the CPU only
     quantize: str = "none"  # fp8: pack the transformer's block weights at load
     local_rank: Optional[int] = None  # torchrun's LOCAL_RANK (--shard auto): with device auto, that GPU
+    transformer_from_env: bool = False  # the transformer file came from $QIMG_TRANSFORMER, not --transformer
 
     def speed(self) -> dict:
         """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:
@@ -76,6 +77,7 @@ class Output:
     as_json: bool = False
     preview: Optional[Path] = None  # the running estimate of the image, replaced as it renders; a batch: a folder
     preview_every: Optional[int] = None  # steps between previews; None: about a tenth of the steps
+    metadata: str = "full"  # what a PNG output records: full, minimal, off (option_values.METADATA)
 
 
 @dataclass(frozen=True)

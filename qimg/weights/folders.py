@@ -111,6 +111,16 @@ def model_kind(folder: Path) -> ModelKind:
     return QWEN_IMAGE
 
 
+def named_kind(file: Path) -> ModelKind:
+    """The model a transformer file is for, as its name says (`qwen_image_edit_2509_fp8.safetensors`,
+    `Qwen-Image-Q4_K_M.gguf`): its weights cannot say it, for Qwen-Image, Edit, 2509 and 2511 share one layout
+    (the same keys and shapes; 2511 differs by the config's zero_cond_t alone)."""
+    name = file.name.lower()
+    if "edit" not in name:
+        return QWEN_IMAGE
+    return EDIT_2511 if "2511" in name else EDIT_2509 if "2509" in name or "plus" in name else EDIT
+
+
 def read_config(folder: Path, name: str = "config.json") -> dict:
     file = folder / name
     if not file.is_file():
