@@ -287,3 +287,30 @@ def test_quantize_refuses_a_gguf_file(tmp_path):
     (tmp_path / "t.gguf").write_bytes(b"GGUF")
     with pytest.raises(UsageError, match="is GGUF, already quantized"):
         Source(tmp_path / "t.gguf", None, "fp8")
+
+
+def test_qimg_transformer_for_another_kind_of_model_is_refused(tmp_path, tiny_model_dir, tiny_edit_dir, state, capsys,
+                                                               monkeypatch):
+    """$QIMG_TRANSFORMER, set once for one model, would silently replace another kind of model's transformer (the
+    Edit models share Qwen-Image's layout): refused by the name of the file, unless given as --transformer."""
+    generation, edit = tmp_path / "qwen-image-bf16.safetensors", tmp_path / "Qwen_Image_Edit-bf16.safetensors"
+    for path in (generation, edit):
+        save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, path)
+    Image.new("RGB", (64, 48)).save(tmp_path / "in.png")
+    edit_args = ["edit", str(tmp_path / "in.png"), "-p", "make it red", "-m", str(tiny_edit_dir), "--steps", "1",
+                 "--edit-area", "3072", "--vision-area", "1024", "--device", "cpu", "--no-cache", "--no-worker",
+                 "-o", str(tmp_path / "o.png"), "--overwrite"]
+    (tmp_path / "c.yaml").write_text("edits:\n  - edit: {prompt: make it red, edit_area: 3072}\n")
+    for env, args in [(generation, edit_args),
+                      (generation, ["chain", str(tmp_path / "in.png"), str(tmp_path / "c.yaml"), "-m",
+                                    str(tiny_edit_dir), "--device", "cpu", "-o", str(tmp_path / "o.png")]),
+                      (edit, ["generate", "-p", "x", "-m", str(tiny_model_dir), "-o", str(tmp_path / "o.png")])]:
+        monkeypatch.setenv("QIMG_TRANSFORMER", str(env))
+        code = run(args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"QIMG_TRANSFORMER={env}" in err, err
+        assert "--transformer to use it anyway" in err and not (tmp_path / "o.png").exists()
+    monkeypatch.setenv("QIMG_TRANSFORMER", str(edit))  # the file its name says it is for
+    assert run(edit_args) == 0, capsys.readouterr().err
+    monkeypatch.delenv("QIMG_TRANSFORMER")
+    assert run([*edit_args, "--transformer", str(generation)]) == 0, capsys.readouterr().err  # asked for: taken
