@@ -211,11 +211,22 @@ class Store:
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
         self.root: Path | None = None  # claimed on first use
         self.broken = False  # a write failed: warned once, writes stop for this run
+        self.unusable = set()  # kinds whose folder is no folder (a file): warned once, a miss and never written
 
     def path(self, kind: str, key: str) -> Path:
         if kind not in KINDS or not re.fullmatch(r"[0-9a-f]{64}", key):
             raise ValueError(f"bad cache kind {kind!r} or key {key!r}")
         return (self.root or self.folder) / kind / key[:2] / f"{key}{SUFFIX}"
+
+    def _usable(self, kind: str) -> bool:
+        """Whether the kind's folder can hold entries; a file there is said once per store (a link: get's and
+        put's to remove)."""
+        where = self.root / kind
+        usable = _real_dir(where) or os.path.islink(where) or not os.path.lexists(where)
+        if not usable and kind not in self.unusable:
+            self.unusable.add(kind)
+            self.warn(f"{where} is not a folder: no {kind} entries are cached; remove it to cache them again")
+        return usable
 
     def _damaged(self, path: Path, why: str) -> None:
         self.warn(f"cache entry {path} is damaged ({why[:120]}); {_remove(path)}, recomputing")
@@ -250,6 +261,8 @@ class Store:
             self.root = claim(self.folder, create=False)
             if self.root is None:
                 return None
+        if not self._usable(kind):
+            return None
         path = self.path(kind, key)
         for parent in (path.parent.parent, path.parent):
             if os.path.islink(parent):  # where the store keeps a folder: the link goes, never what it points to
@@ -302,6 +315,8 @@ class Store:
                 self.broken = True
                 self.warn(f"not using {self.folder} as the cache: it holds files qimg did not write, and so does "
                           f"{self.folder / 'qimg'}; continuing without the cache")
+                return
+            if not self._usable(kind):
                 return
             path = self.path(kind, key)
             for parent in (path.parent.parent, path.parent):

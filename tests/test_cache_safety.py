@@ -75,6 +75,21 @@ def test_unwritable_folder_warns_once_per_store(tmp_path):
     assert len(messages) == 1 and "cannot write to the cache" in messages[0]
 
 
+@pytest.mark.parametrize("kind", ["prompt", "latent", "chain"])
+def test_a_file_where_a_kind_s_folder_goes_is_warned_once_and_the_other_kinds_go_on(store, kind):
+    store.put("latent" if kind != "latent" else "prompt", KEY, GOOD)  # claims the folder, another kind's entry
+    (store.root / kind).write_text("someone's notes")
+    for _ in range(3):
+        assert store.get(kind, KEY, SPEC) is None
+        store.put(kind, KEY, GOOD)
+    assert store.messages == [f"{store.root / kind} is not a folder: no {kind} entries are cached; remove it to "
+                              "cache them again"]
+    assert (store.root / kind).read_text() == "someone's notes"
+    other = "chain" if kind != "chain" else "latent"
+    store.put(other, KEY, GOOD)
+    assert store.get(other, KEY, SPEC) is not None and len(store.messages) == 1
+
+
 def hostile(store, tmp_path, kind):
     path = store.path("latent", KEY)
     path.parent.mkdir(parents=True, exist_ok=True)
