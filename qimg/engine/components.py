@@ -60,7 +60,7 @@ class Defaults:
         names = {f.name for f in fields(cls)}
         unknown = sorted(d.keys() - names)
         if unknown:
-            raise QimgError(f"{file}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+            raise UsageError(f"{file}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
         for name, value in d.items():
             check_default(file, name, value, cls.__dataclass_fields__[name].default)
         return cls(**d)
@@ -72,16 +72,17 @@ LEAST = {"width": 16, "height": 16, "steps": 1, "cfg": 0, "max_pixels": 16 * 16,
 
 
 def check_default(file: Path, name: str, value, default) -> None:
-    """A qimg.json value of the kind its default is (a whole number, a number, a text) and not below LEAST."""
+    """A qimg.json value of the kind its default is (a whole number, a number, a text) and not below LEAST; a
+    UsageError like its shape's (folders.read_json_object): the file is the user's to fix."""
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise QimgError(f"{file}: {name} must be a text, not {value!r}")
+            raise UsageError(f"{file}: {name} must be a text, not {value!r}")
         return
     whole = isinstance(default, int)
     kinds = int if whole else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
             or value < LEAST[name]:
-        raise QimgError(f"{file}: {name} must be a {'whole ' if whole else ''}number of at least {LEAST[name]}, "
+        raise UsageError(f"{file}: {name} must be a {'whole ' if whole else ''}number of at least {LEAST[name]}, "
                         f"not {value!r}")
 
 

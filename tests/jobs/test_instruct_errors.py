@@ -186,14 +186,15 @@ def test_a_chain_edit_step_needs_an_instruction(tiny_edit_dir, picture, tmp_path
     ({"vision_area": -3}, "vision_area must be"),
     ({"steps": True}, "steps must be"),
     ({"cfg": "4"}, "cfg must be a number of at least 0"),
-    ({"negative_prompt": 3}, "negative_prompt must be a text")])
+    ({"negative_prompt": 3}, "negative_prompt must be a text"),
+    ({"stpes": 3}, "unknown keys stpes")])
 def test_qimg_json_values_are_checked(values, fragment, tiny_edit_dir, picture, tmp_path, capsys):
     folder = shutil.copytree(tiny_edit_dir, tmp_path / "model")
     (folder / "qimg.json").write_text(json.dumps(values))
     code = run(["edit", str(picture), "-p", "x", "-m", str(folder), "-o", str(tmp_path / "out.png"), "--device",
                 "cpu", "--no-worker", "--steps", "1"])
     err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "qimg.json: " + fragment in err, err
+    assert code == 2 and err.count("\n") == 1 and "qimg.json: " + fragment in err, err  # usage, as its shape's
     assert not (tmp_path / "out.png").exists()
 
 
