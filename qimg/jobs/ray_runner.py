@@ -54,7 +54,12 @@ def items(job: Job) -> tuple[list[Item], str]:
 
 
 def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
+    spec, note = cpu_actors(job, spec)
     work, what = items(on_actors(job, spec))
+    check_reachable(spec.address)
+    pool = Pool(spec, job.output.overwrite)
+    if note:
+        say(note)
     advance = reporter.bar(what, len(work))
     todo = deque()
     for item in work:
@@ -63,10 +68,23 @@ def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
             advance()
         else:
             todo.append(item)
-    failed = Pool(spec, job.output.overwrite).run(todo, reporter, advance) if todo else []
+    failed = pool.run(todo, reporter, advance) if todo else []
     if failed:
         order = {item.label: i for i, item in enumerate(work)}
         raise batch.failed_summary(sorted(failed, key=order.get), len(work), what)  # the batch's order, as locally
+
+
+def cpu_actors(job: Job, spec: RaySpec) -> tuple[RaySpec, str | None]:
+    """--ray local (a bare --ray) on a machine without a GPU: one actor per two cores, on CPUs, and the line that
+    says so; any other --ray as given (None: no line)."""
+    import torch
+
+    if spec.address != "local" or spec.workers is not None or job.model.device not in ("auto", "cpu") \
+            or torch.cuda.device_count():
+        return spec, None
+    workers = max(1, (os.cpu_count() or 1) // 2)
+    return replace(spec, workers=workers), (f"qimg: --ray local: no GPU here; {workers} actor(s) on CPUs, one per "
+                                            "two cores (--ray-workers N to choose)")
 
 
 def on_actors(job: Job, spec: RaySpec) -> Job:
@@ -281,9 +299,9 @@ class ThreadStdout:
 
 
 def connect(ray, address: str) -> None:
-    """Join the cluster --ray names: local starts one on this machine for the run (shut down after)."""
+    """Join the cluster --ray names (check_reachable has checked its address): local starts one on this machine
+    for the run (shut down after)."""
     quiet = dict(log_to_driver=False)  # the actors' lines come back as records
-    check_reachable(address)
     try:
         if address == "local":  # a cluster for this run alone: Ray's notices about clusters (auth tokens) are noise
             ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR, **quiet)
@@ -291,14 +309,15 @@ def connect(ray, address: str) -> None:
             ray.init(address=address, logging_level=logging.WARNING, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "$RAY_ADDRESS or a running cluster" if address == "auto" else address
-        raise QimgError(f"--ray {address}: cannot join the Ray cluster at {where} ({str(e).splitlines()[0][:160]})"
+        error = QimgError if address == "local" else UsageError  # a cluster of its own failed, or a bad address
+        raise error(f"--ray {address}: cannot join the Ray cluster at {where} ({str(e).splitlines()[0][:160]})"
                         ) from None
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
     """A HOST:PORT address must answer, and answer as Ray's GCS does (gRPC: HTTP/2), before Ray is asked to join
     it: Ray itself retries a dead or foreign address for minutes, one warning after another. auto: the address
-    in $RAY_ADDRESS, when it gives one."""
+    in $RAY_ADDRESS, when it gives one. A bad address is the user's to fix: a UsageError (exit 2)."""
     target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
     host, _, port = target.rpartition(":")
     if target in ("", "local", "auto") or "://" in target or not host or not port.isdigit():
@@ -308,10 +327,10 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
             speaks = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") or speaks_http2(conn)
     except OSError as e:
-        raise QimgError(f"--ray {address}: nothing answers {where} ({e.strerror or e}); give the address "
+        raise UsageError(f"--ray {address}: nothing answers {where} ({e.strerror or e}); give the address "
                         "`ray start --head` printed") from None
     if not speaks:
-        raise QimgError(f"--ray {address}: what answers {where} is not a Ray cluster (no gRPC reply); give the "
+        raise UsageError(f"--ray {address}: what answers {where} is not a Ray cluster (no gRPC reply); give the "
                         "address `ray start --head` printed")
 
 
