@@ -68,7 +68,7 @@ from qimg.cli.options import (
     to_size,
     utf8_text,
 )
-from qimg.cli.to_job import cache_of, edit_job, model_of, output_of, ray_of, shard_of, shortcuts_of
+from qimg.cli.to_job import cache_of, edit_job, model_of, output_of, ray_of, shard_of, shortcuts_of, working_folder
 from qimg.cli.worker_commands import app as worker_app
 from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 from qimg.jobs import spec
@@ -90,6 +90,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
 
 def execute(job: spec.Job, as_json: bool, ray: Optional[spec.RaySpec] = None) -> None:
     from qimg.jobs import runner
+
+    working_folder()
 
     with Reporter(as_json) as reporter:
         try:
@@ -302,6 +304,7 @@ def chain(
     prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
     from qimg.cli.chain_file import read_chain
 
+    working_folder()  # before the chain's files are read
     given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
                                ("cfg_until", cfg_until), ("shift", shift)) if v is not None}
     edit_steps = tuple(read_chain(ctx, chain_file, given))

@@ -1,7 +1,8 @@
 """The parts of a job (spec.py) every model command declares alike, built from the command's parameters (its
 `locals()`): the model, the cache, the output, the shortcuts, the --shard and --ray, and inpaint's and
-outpaint's whole job."""
+outpaint's whole job; and the working folder every model command runs in, checked first."""
 
+import os
 from typing import Optional
 
 from typer._click.core import ParameterSource
@@ -75,3 +76,13 @@ def ray_of(p: dict) -> Optional[spec.RaySpec]:
                 raise UsageError(f"--{name.replace('_', '-')}{origin} goes with --ray ADDRESS")
         return None
     return spec.RaySpec(p["ray"], p["ray_workers"], p["retries"])
+
+
+def working_folder() -> None:
+    """Refuse a run from a working folder that was deleted, before anything relies on it (relative paths, the
+    worker's message, torch's libraries, which die with a raw line when the folder is gone)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UsageError("the working folder was deleted (or moved away); cd to a folder that exists and run "
+                         "again") from None

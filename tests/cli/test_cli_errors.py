@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import one_line
@@ -139,3 +140,20 @@ def test_help_does_not_import_torch_numpy_or_pil():
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "qimg", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["generate", "-p", "x"], ["inpaint", "in.png", "-p", "x", "--rect", "0,0,8,8"],
+                                     ["edit", "in.png", "-p", "x"], ["chain", "in.png", "c.yaml"]])
+def test_a_deleted_working_folder_is_one_line(tmp_path, tiny_model_dir, command):
+    """Every model command in a working folder that was deleted: one line, exit 2 (torch's MKL died with a raw
+    line of its own, the chain's relative files were missing)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "QIMG_WORKER": "0"}
+    args = [sys.executable, "-m", "qimg", *command, "-m", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
+            "-o", str(tmp_path / "o.png")]
+    result = subprocess.run(["sh", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', str(gone), *args], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert_one_line(result.stderr, "qimg: error: the working folder was deleted", "cd to a folder that exists")
+    assert not (tmp_path / "o.png").exists()
