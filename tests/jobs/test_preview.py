@@ -194,13 +194,24 @@ def test_a_batch_writes_one_preview_per_input_into_the_folder(tiny_model_dir, ph
 
 
 @pytest.mark.subprocess
-def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path):
-    preview = tmp_path / "p.png"
+@pytest.mark.parametrize("command", ["generate", "edit", "chain"])
+def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tiny_edit_dir, tmp_path, command):
+    """SIGTERM while sampling (of generate, of an instruction edit, of a chain's edit): exit 143, no output, no
+    temporary file; the preview is the last complete one, as docs/editing.md says."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    preview, photo = tmp_path / "out" / "p.png", tmp_path / "in" / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)).save(photo)
+    (tmp_path / "in" / "c.yaml").write_text("edits:\n  - edit: {prompt: make it red, steps: 1000, edit_area: 3072}\n")
+    run_args = {"generate": ["generate", "-p", "x", "-m", tiny_model_dir, "--steps", "1000", "--size", "64x64"],
+                "edit": ["edit", photo, "-p", "make it red", "-m", tiny_edit_dir, "--steps", "1000", "--edit-area",
+                         "3072"],
+                "chain": ["chain", photo, tmp_path / "in" / "c.yaml", "-m", tiny_edit_dir]}[command]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QIMG_WORKER": "0", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "qimg", "generate", "-p", "x", "-m", str(tiny_model_dir), "-o", str(tmp_path / "o.png"),
-         "--preview", str(preview), "--preview-every", "1", "--steps", "1000", "--size", "64x64", *FAST],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "qimg", *map(str, run_args), "-o", str(tmp_path / "out" / "o.png"), "--preview",
+         str(preview), "--preview-every", "1", *FAST], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
     deadline = time.monotonic() + 120
     while not preview.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -209,8 +220,10 @@ def test_a_stopped_run_leaves_the_last_complete_preview(tiny_model_dir, tmp_path
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
     assert err.strip() == "qimg: terminated; nothing written"
-    Image.open(preview).load()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]  # no output, no temporary file
+    with Image.open(preview) as image:
+        image.load()
+        assert image.info["qimg-preview"].endswith("/1000") and image.size == (64, 64 if command == "generate" else 48)
+    assert os.listdir(tmp_path / "out") == ["p.png"]  # no output, no temporary file
 
 
 @pytest.mark.parametrize("args, fragment", [
