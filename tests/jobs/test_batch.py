@@ -149,7 +149,7 @@ def test_preset_applies_to_every_file_of_a_batch(tiny_model_dir, folder, tmp_pat
     assert code == 0, err
     assert [(r["width"], r["strength"], r["steps"], r["preset"]) for r in lines] == [(112, 0.9, 2, str(preset))] * 2
     for r in lines:
-        assert json.loads(Image.open(r["output"]).info["qimg"])["preset"] == str(preset)
+        assert json.loads(Image.open(r["output"]).info["qimg"])["preset"]["name"] == "wide.yaml"  # not its folder
 
 
 # --- existing outputs, the never-clobber policy and --overwrite in batches ---------------------------------
