@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import lightning_lora, lora_layers, pixels
+from helpers import lightning_lora, lora_layers, one_line, pixels
+from PIL import Image
 from quant_files import raw_gguf, write_gguf
 from safetensors.torch import save_file
 
@@ -289,7 +290,8 @@ def test_quantize_refuses_a_gguf_file(tmp_path):
         Source(tmp_path / "t.gguf", None, "fp8")
 
 
-def test_qimg_transformer_for_another_kind_of_model_is_refused(tmp_path, tiny_model_dir, tiny_edit_dir, state, capsys,
+@pytest.mark.slow
+def test_qimg_transformer_for_another_kind_of_model_is_refused(tmp_path, tiny_model_dir, tiny_edit_dir, state, cli,
                                                                monkeypatch):
     """$QIMG_TRANSFORMER, set once for one model, would silently replace another kind of model's transformer (the
     Edit models share Qwen-Image's layout): refused by the name of the file, unless given as --transformer."""
@@ -297,20 +299,23 @@ def test_qimg_transformer_for_another_kind_of_model_is_refused(tmp_path, tiny_mo
     for path in (generation, edit):
         save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, path)
     Image.new("RGB", (64, 48)).save(tmp_path / "in.png")
-    edit_args = ["edit", str(tmp_path / "in.png"), "-p", "make it red", "-m", str(tiny_edit_dir), "--steps", "1",
-                 "--edit-area", "3072", "--vision-area", "1024", "--device", "cpu", "--no-cache", "--no-worker",
-                 "-o", str(tmp_path / "o.png"), "--overwrite"]
+    out = tmp_path / "o.png"
+    edit_args = ["edit", tmp_path / "in.png", "-p", "make it red", "-m", tiny_edit_dir, "--steps", "1", "--edit-area",
+                 "3072", "--vision-area", "1024", "--device", "cpu", "--no-cache", "--no-worker", "-o", out,
+                 "--overwrite"]
     (tmp_path / "c.yaml").write_text("edits:\n  - edit: {prompt: make it red, edit_area: 3072}\n")
     for env, args in [(generation, edit_args),
-                      (generation, ["chain", str(tmp_path / "in.png"), str(tmp_path / "c.yaml"), "-m",
-                                    str(tiny_edit_dir), "--device", "cpu", "-o", str(tmp_path / "o.png")]),
-                      (edit, ["generate", "-p", "x", "-m", str(tiny_model_dir), "-o", str(tmp_path / "o.png")])]:
+                      (generation, ["chain", tmp_path / "in.png", tmp_path / "c.yaml", "-m", tiny_edit_dir,
+                                    "--device", "cpu", "-o", out]),
+                      (edit, ["generate", "-p", "x", "-m", tiny_model_dir, "-o", out])]:
         monkeypatch.setenv("QIMG_TRANSFORMER", str(env))
-        code = run(args)
-        err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and f"QIMG_TRANSFORMER={env}" in err, err
-        assert "--transformer to use it anyway" in err and not (tmp_path / "o.png").exists()
+        code, _, err = cli(*args)
+        assert code == 2, err
+        one_line(err, f"QIMG_TRANSFORMER={env}", "--transformer to use it anyway")
+        assert not out.exists()
     monkeypatch.setenv("QIMG_TRANSFORMER", str(edit))  # the file its name says it is for
-    assert run(edit_args) == 0, capsys.readouterr().err
+    code, _, err = cli(*edit_args)
+    assert code == 0, err
     monkeypatch.delenv("QIMG_TRANSFORMER")
-    assert run([*edit_args, "--transformer", str(generation)]) == 0, capsys.readouterr().err  # asked for: taken
+    code, _, err = cli(*edit_args, "--transformer", generation)  # asked for: taken
+    assert code == 0, err
