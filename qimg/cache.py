@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np  # torch loads lazily: the CLI checks --cache-size before anything imports it
 
+from qimg.option_values import MAX_DIGITS
+
 if TYPE_CHECKING:
     import torch
 
@@ -62,7 +64,8 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "qimg"
 
 
-_BYTES = re.compile(r"\s*(\d{1,30}(?:\.\d{1,30})?)\s*([kmgt]?)b?\s*", re.IGNORECASE | re.ASCII)
+_NUMBER = rf"\d{{1,{MAX_DIGITS}}}"
+_BYTES = re.compile(rf"\s*({_NUMBER}(?:\.{_NUMBER})?)\s*([kmgt]?)b?\s*", re.IGNORECASE | re.ASCII)
 
 
 def parse_bytes(text: str) -> int:

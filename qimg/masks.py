@@ -34,7 +34,6 @@ def resize_mask(m: Mask, size: tuple[int, int]) -> Mask:
 
 # --- Rectangles ------------------------------------------------------------------------------------------
 
-MAX_DIGITS = 30  # far past any image side; Python refuses ints over 4300 digits, and huge ones are slow anyway
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d+)?|\.\d+))\s*(%?)\s*")
 
 
@@ -46,8 +45,8 @@ def parse_rect(text: str, width: int, height: int) -> Box:
         raise UsageError(
             f"--rect {text!r}: expected X,Y,W,H in pixels or percent, like 10,20,300,200 or 10%,10%,50%,50%"
         )
-    if any(len(p[1]) > MAX_DIGITS for p in parts):
-        raise UsageError(f"--rect {text[:40]!r}...: a value has over {MAX_DIGITS} digits")
+    if any(len(p[1]) > option_values.MAX_DIGITS for p in parts):
+        raise UsageError(f"--rect {text[:40]!r}...: a value has over {option_values.MAX_DIGITS} digits")
     # Exact fractions, so 10% of 120 is 12 and not 12.000000000000002 rounded up to 13.
     x, y, w, h = (
         Fraction(p[1]) * (full if p[2] else 100) / 100 for p, full in zip(parts, (width, height, width, height))

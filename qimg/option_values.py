@@ -28,12 +28,14 @@ CONTEXT = 64  # --context: pixels around the mask an inpaint on a large image sh
 
 def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[int, int]:
     """`WIDTHxHEIGHT` as (width, height), each a positive multiple of `multiple`; a UsageError names `option`."""
-    if len(text) > 40:  # far past any real size; and the message quotes what it refuses
-        raise UsageError(f"{option} {text[:37]!r}...: not WIDTHxHEIGHT (too long), e.g. 1024x768")
+    parts = text.lower().split("x")
+    if any(len(v.strip()) > MAX_DIGITS for v in parts):
+        raise UsageError(f"{option} {text[:37]!r}...: a value has over {MAX_DIGITS} digits; not WIDTHxHEIGHT, "
+                         "e.g. 1024x768")
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        w, h = (int(v) for v in parts)
     except ValueError:
-        raise UsageError(f"{option} {text!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
+        raise UsageError(f"{option} {text[:40]!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
     for name, v in (("width", w), ("height", h)):
         if v <= 0 or v % multiple:
             raise UsageError(f"{option} {text}: {name} {v} must be a positive multiple of {multiple}")
@@ -41,6 +43,10 @@ def parse_size(text: str, option: str = "--size", multiple: int = 16) -> tuple[i
 
 
 # --- Limits --------------------------------------------------------------------------------------------------
+
+# The most digits a number written in an option may have (--size, --to, --rect, --cache-size, a --lora scale):
+# far past any real value; Python refuses ints over 4300 digits, and huge ones are slow anyway.
+MAX_DIGITS = 30
 
 # Inputs larger than this are refused from their header, before a byte is decoded (a decompression bomb
 # is a small file claiming a huge size). 128 MP covers 100 MP medium-format photos; the masks and the

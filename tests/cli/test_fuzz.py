@@ -31,7 +31,7 @@ from qimg.cli import presets
 from qimg.cli.app import app, run
 from qimg.errors import UsageError
 from qimg.jobs.metadata import png_text
-from qimg.option_values import parse_size
+from qimg.option_values import MAX_DIGITS, parse_size
 
 fast = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT = st.text(alphabet=st.sampled_from("0123456789x%,.-+ eE\t×a"), max_size=20) | st.text(max_size=12)
@@ -82,6 +82,21 @@ def test_rects_with_huge_numbers_are_refused_in_one_line(at, digits, decoration,
     parts[at] = value
     with pytest.raises(UsageError, match="--rect .*over 30 digits"):
         masks.parse_rect(",".join(parts), size, size)
+
+
+def test_every_number_an_option_reads_has_the_one_digit_bound(tmp_path):
+    """--rect, --size/--to, --cache-size and a --lora scale: MAX_DIGITS digits pass the bound, one more is refused."""
+    from qimg.cache import parse_bytes
+    from qimg.weights.lora import parse_spec
+
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"x")
+    parsers = {"--rect": lambda v: masks.parse_rect(f"0,0,{v},5", 64, 64), "--size": lambda v: parse_size(f"{v}x16"),
+               "--cache-size": parse_bytes, "--lora": lambda v: parse_spec(f"{lora}:{v}")}
+    for option, parse in parsers.items():
+        parse("0" * (MAX_DIGITS - 2) + "16")
+        with pytest.raises((UsageError, ValueError)):
+            parse("0" * (MAX_DIGITS - 1) + "16")
 
 
 @pytest.mark.slow
