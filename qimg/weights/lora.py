@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qimg.errors import UsageError, listing
+from qimg.option_values import MAX_DIGITS
 from qimg.small_files import PICKLE_SUFFIXES, open_regular, parse_json, pickled, safetensors_header
 
 # dotted prefixes, longest first; `base_model.model.` is what PEFT's own save_pretrained writes
@@ -46,6 +47,10 @@ REFUSED = {  # a part of a key (between dots) -> what it is
     "hada_t1": "Tucker-decomposed LoHa (hada_t1, for convolutions)", "hada_t2": "Tucker-decomposed LoHa (hada_t2)",
     "lora_mid": "LoCon (lora_mid, for convolutions)",
 }
+_DIGITS = f"[0-9]{{1,{MAX_DIGITS}}}"
+SCALE = re.compile(rf"[+-]?(?:{_DIGITS}(?:\.[0-9]{{0,{MAX_DIGITS}}})?|\.{_DIGITS})")  # --lora's: plain decimals
+MAX_SCALE = 1000  # the largest --lora scale, and file scale (alpha / rank), taken: 1e30 is a typo or a damaged file
+MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")  # what a PEFT alpha_pattern/rank_pattern key may be: a module name
 COMPLETE = {"lora": ({"down", "up"},), "loha": ({"w1_a", "w1_b", "w2_a", "w2_b"},),
             "lokr": ({"w1"}, {"w1_a", "w1_b"})}  # lokr also needs w2 or w2_a + w2_b
 
@@ -59,18 +64,19 @@ class LoraSpec:
 
 
 def parse_spec(text: str) -> LoraSpec:
-    """FILE or FILE:SCALE (a colon followed by a number; any other colon belongs to the file name)."""
+    """FILE or FILE:SCALE (a colon followed by a plain decimal number, like 0.8 or -1; any other colon belongs to
+    the file name)."""
     path, sep, scale = text.rpartition(":")
     if sep:
-        try:
-            value = float(scale)
-        except ValueError:
+        if not SCALE.fullmatch(scale):
             if Path(path).is_file() and not Path(text).exists():
-                raise UsageError(f"--lora {text}: the scale {scale!r} is not a number (FILE:SCALE, e.g. "
-                                 f"{path}:0.8)") from None
+                raise UsageError(f"--lora {text[:200]}: the scale {scale[:40]!r} is not a plain decimal number "
+                                 f"(FILE:SCALE, e.g. {path[:200]}:0.8)")
             return LoraSpec(Path(text))
-        if not math.isfinite(value):
-            raise UsageError(f"--lora {text}: the scale {scale} is not a finite number")
+        value = float(scale)
+        if not abs(value) <= MAX_SCALE:
+            raise UsageError(f"--lora {text[:200]}: the scale {scale} is beyond {MAX_SCALE:g} either way; LoRAs "
+                             "are applied at scales near 1")
         if path:
             return LoraSpec(Path(path), value)
     if not text:
@@ -79,10 +85,11 @@ def parse_spec(text: str) -> LoraSpec:
 
 
 def relative_to(folder: Path, text: str) -> str:
-    """A FILE[:SCALE] of a preset with a relative FILE made relative to the preset's folder."""
+    """A FILE[:SCALE] of a preset with a relative FILE made relative to the preset's folder, the scale as written."""
     spec = parse_spec(text)
     path = spec.path.expanduser()
-    return f"{path if path.is_absolute() else folder / path}:{spec.scale!r}"
+    scale = "" if spec.path == Path(text) else ":" + text.rpartition(":")[2]
+    return f"{path if path.is_absolute() else folder / path}{scale}"
 
 
 @dataclass(frozen=True)
@@ -198,11 +205,11 @@ def peft_config(metadata: dict, what: str) -> dict | None:
         if not isinstance(patterns, dict):
             raise UsageError(f"{what}: its header's {key} is not a JSON object")
         for pattern, value in patterns.items():
+            if not MODULE_NAME.fullmatch(pattern):
+                raise UsageError(f"{what}: its header's {key} key {pattern[:60]!r} is not a module name (letters, "
+                                 "digits, _ and .); qimg matches these keys as names, not regular expressions: "
+                                 "use a LoRA saved with plain module names")
             number(value, f"{what}: its header's {key} {pattern[:40]!r}")
-            try:
-                re.compile(pattern)
-            except re.error:
-                raise UsageError(f"{what}: its header's {key} has an invalid pattern {pattern[:40]!r}") from None
     for key in ("r", "lora_alpha"):
         if key in config:
             number(config[key], f"{what}: its header's {key}")
@@ -215,10 +222,10 @@ def number(value, where: str) -> None:
 
 
 def pattern_value(patterns: dict | None, name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (peft get_pattern_key): the first pattern that matches the
-    end of the layer's name on a dot boundary."""
+    """PEFT's rank_pattern/alpha_pattern lookup (peft get_pattern_key: the regex `(.*[.])?(key)$`) for keys that are
+    module names (peft_config refuses any other): the first key that is the layer's name or its end after a dot."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+        if name == pattern or name.endswith("." + pattern):
             return value
     return default
 
@@ -252,6 +259,14 @@ def file_scale(kind: str, parts: dict, name: str, config: dict | None, what: str
         if f"{factor}_b" in parts:
             return alpha / parts[f"{factor}_b"].shape[0]
     return 1.0
+
+
+def sane_scale(scale: float, name: str, what: str) -> float:
+    """A layer's file scale, unless it is beyond MAX_SCALE either way (an alpha of 1e30: a damaged file)."""
+    if not abs(scale) <= MAX_SCALE:
+        raise UsageError(f"{what}: the alpha of {name} gives it the scale {scale:.3g}, beyond {MAX_SCALE:g} either "
+                         "way; the file is damaged or was saved wrongly: download it again")
+    return scale
 
 
 def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what: str) -> tuple[str, dict]:
@@ -302,12 +317,14 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
         factors = {k: v for k, v in parts.items() if k != "alpha"}
         if not complete(kind, factors):
             raise UsageError(f"{what}: the {kind} adapter of {name} is incomplete (has {', '.join(sorted(factors))})")
-        if any(t.ndim != 2 for t in factors.values()):
-            raise UsageError(f"{what}: {key}: adapter factors must be matrices (this one is for a convolution?)")
+        bad = next((part for part, t in factors.items() if t.ndim != 2), None)
+        if bad is not None:
+            raise UsageError(f"{what}: {group['keys'][bad]}: adapter factors must be matrices (this one has "
+                             f"{factors[bad].ndim} dimensions: is it for a convolution?)")
         if not all(t.is_floating_point() and bool(t.isfinite().all()) for t in factors.values()):
             raise UsageError(f"{what}: the factors of {name} are not all finite floating-point numbers; the file "
                              "is damaged or not a LoRA: download it again")
-        adapter = Adapter(kind, factors, strength * file_scale(kind, parts, name, config, what))
+        adapter = Adapter(kind, factors, strength * sane_scale(file_scale(kind, parts, name, config, what), name, what))
         if kind == "lora" and factors["down"].shape[0] != factors["up"].shape[1]:
             raise UsageError(f"{what}: {name}: its down and up factors have different ranks")
         if layers[name] is not None and tuple(adapter.shape) != tuple(layers[name]):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from qimg.errors import UsageError
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.weights.adapters import apply_adapters, delta, targets
-from qimg.weights.lora import LoraSpec, load, map_keys, parse_spec, summary
+from qimg.weights.lora import LoraSpec, load, map_keys, parse_spec, pattern_value, relative_to, summary
 
 CFG = TransformerConfig.tiny()
 RANK, ALPHA = 4, 8.0
@@ -165,12 +165,27 @@ def test_forward_parity_with_peft_fuse(layers, models, tmp_path):
         assert (got - base).abs().max() > 0.1  # the LoRAs change the output
 
 
-def test_spec_parsing():
+def test_spec_parsing(tmp_path):
     assert parse_spec("a.safetensors") == LoraSpec(__import__("pathlib").Path("a.safetensors"), 1.0)
     assert parse_spec("dir/a.safetensors:0.7").scale == 0.7
+    assert [parse_spec(f"a:{s}").scale for s in ("-1", "+2", ".5", "3.", "1000")] == [-1, 2, 0.5, 3, 1000]
     assert parse_spec("C:/x/a.safetensors").path.as_posix() == "C:/x/a.safetensors"
-    with pytest.raises(UsageError, match="finite"):
-        parse_spec("a.safetensors:inf")
+    assert relative_to(tmp_path, "a.safetensors") == str(tmp_path / "a.safetensors")
+    assert relative_to(tmp_path, "b/a.safetensors:.50") == str(tmp_path / "b" / "a.safetensors") + ":.50"
+
+
+@pytest.mark.parametrize("scale,fragment", [
+    ("1001", "beyond 1000"), ("-1e3", "not a plain decimal"), ("1" + "0" * 30, "not a plain decimal"),
+    ("inf", "not a plain decimal"), ("nan", "not a plain decimal"), ("\u0661", "not a plain decimal"),
+    ("1_0", "not a plain decimal"), (" 1", "not a plain decimal"), ("0x10", "not a plain decimal"),
+])
+def test_a_scale_that_is_no_plain_decimal_or_absurd_is_refused(tmp_path, scale, fragment):
+    """Python's float() takes Arabic-Indic digits, underscores, exponents and spaces; a scale is a plain decimal."""
+    file = tmp_path / "l.safetensors"
+    file.write_bytes(b"x")
+    with pytest.raises(UsageError, match=fragment) as e:
+        parse_spec(f"{file}:{scale}")
+    assert str(file) in str(e.value)
 
 
 def test_summary_of_a_lora(layers, tmp_path):
@@ -184,12 +199,28 @@ def test_summary_of_a_lora(layers, tmp_path):
 
 @pytest.mark.parametrize("meta,fragment", [
     ("{not json", "not valid JSON"), ('["r"]', "not a JSON object"), ('{"r": "4"}', "header's r must be"),
-    ('{"lora_alpha": 0}', "header's lora_alpha must be"), ('{"alpha_pattern": {"(": 2}}', "invalid pattern"),
+    ('{"lora_alpha": 0}', "header's lora_alpha must be"), ('{"alpha_pattern": {"(": 2}}', "'(' is not a module"),
+    ('{"rank_pattern": {"to-q": 4}}', "rank_pattern key 'to-q' is not a module name"),
     ('{"use_dora": true}', "DoRA"), ('{"r": 8}', "says rank 8"),
 ])
 def test_bad_peft_headers_are_refused(layers, meta, fragment):
     with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
         map_keys(write(factors(layers), "peft"), {"lora_adapter_metadata": meta}, layers, 1.0, "test")
+
+
+PEFT_KEYS = ["attn.to_q", "to_q", "o_q", "img_in", "transformer_blocks.0.attn.to_q", "0.attn.to_q", "blocks.0.attn.to_q",
+             "transformer_blocks.1", "attn", "to_out.0", "img_mod.1", "transformer_blocks.1.img_mod.1", "_q", "in"]
+
+
+def test_header_patterns_match_module_names_as_peft_does(layers):
+    """peft's get_pattern_key matches a key as the regex `(.*\\.)?(key)$`; as names, a key is the layer's whole name
+    or its end after a dot, the same answer for every module-name key."""
+    from peft.utils.other import get_pattern_key
+
+    for key in PEFT_KEYS:
+        for name in layers:
+            assert (pattern_value({key: 1}, name, 0) == 1) == (get_pattern_key([key], name) == key), (key, name)
+    assert pattern_value({"to_q": 1, "attn.to_q": 2}, "transformer_blocks.0.attn.to_q", 0) == 1  # the first wins
 
 
 def test_an_alpha_that_is_no_number_is_refused(layers):
@@ -227,12 +258,26 @@ def test_a_layer_in_two_layouts_or_with_unusable_factors_is_refused(layers):
     for bad in (torch.full_like(f["img_in"][0], float("nan")), f["img_in"][0].to(torch.int8)):
         with pytest.raises(UsageError, match="not all finite floating-point"):
             map_keys(write({"img_in": (bad, f["img_in"][1])}, "peft"), {}, layers, 1.0, "test")
+    sd = write(one, "kohya")
+    sd["lora_unet_img_in.lora_up.weight"] = sd["lora_unet_img_in.lora_up.weight"][..., None]  # a convolution's
+    with pytest.raises(UsageError, match=r"test: lora_unet_img_in\.lora_up\.weight: .* 3 dimensions"):
+        map_keys(sd, {}, layers, 1.0, "test")
+
+
+@pytest.mark.parametrize("alpha,meta", [(1e30, None), (-1e30, None), (None, {"r": RANK, "lora_alpha": 1e30}),
+                                        (None, {"r": RANK, "lora_alpha": 8, "alpha_pattern": {"img_in": 1e30}})])
+def test_an_absurd_alpha_is_refused(layers, alpha, meta):
+    sd = write({"img_in": factors(layers)["img_in"]}, "kohya" if meta is None else "peft")
+    if alpha is not None:
+        sd["lora_unet_img_in.alpha"] = torch.tensor(alpha)
+    with pytest.raises(UsageError, match=r"the alpha of img_in gives it the scale -?2.5e\+29, beyond 1000"):
+        map_keys(sd, {"lora_adapter_metadata": json.dumps(meta)} if meta else {}, layers, 1.0, "test")
 
 
 def test_a_scale_that_is_no_number_is_named(tmp_path):
     file = tmp_path / "l.safetensors"
     file.write_bytes(b"x")
     for text in (f"{file}:abc", f"{file}:"):
-        with pytest.raises(UsageError, match="is not a number"):
+        with pytest.raises(UsageError, match="is not a plain decimal number"):
             parse_spec(text)
     assert parse_spec(f"{tmp_path}/other:abc").path.name == "other:abc"  # no such file: the colon is its name's

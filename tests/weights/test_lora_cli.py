@@ -4,7 +4,11 @@ every refusal (one line, exit 2, nothing written)."""
 
 import copy
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +184,26 @@ def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, 
             assert err.count("\n") == 1 and err.startswith("qimg: error: ") and fragment in err, (name, err)
             assert str(file) in err, (name, err)
             assert not out.exists()
+
+
+@pytest.mark.parametrize("pattern", ["(.*.*)*#", "(a+)+$"])
+def test_a_header_pattern_that_is_no_module_name_is_refused_in_seconds(configs_only, layers, tmp_path, pattern):
+    """As a regex, `(.*\\.)?((.*.*)*#)$` takes exponential time on a layer's name: matching the keys as names (and
+    refusing any other key) keeps it out of the run. In a process with a timeout: the old way never returns."""
+    file = tmp_path / "peft.safetensors"
+    meta = {"r": 8, "lora_alpha": 8, "alpha_pattern": {pattern: 4}}
+    save_file({k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v
+               for k, v in lightning_lora(layers).items() if not k.endswith(".alpha")}, file,
+              {"lora_adapter_metadata": json.dumps(meta)})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    for args in (["info", file], ["generate", "-p", "x", "-m", configs_only, "--lora", file, "--device", "cpu",
+                                  "-o", tmp_path / "o.png"]):
+        result = subprocess.run([sys.executable, "-m", "qimg", *map(str, args)], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and str(file) in result.stderr, result.stderr
+        assert f"alpha_pattern key {pattern!r} is not a module name" in result.stderr, result.stderr
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_chain_takes_the_loras_for_the_whole_chain_and_the_shift_for_every_edit(tiny_model_dir, lora_file, cli,
