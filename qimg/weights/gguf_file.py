@@ -4,7 +4,8 @@ Layout (GGUF v2/v3, little-endian): magic `GGUF`, version u32, tensor count u64,
 metadata as (key string, type u32, value); per tensor its name, dimension count u32, dimensions u64 (ggml
 order: the fastest-varying first), type u32 and offset u64 from the data section, which starts at the next
 multiple of `general.alignment` (default 32). Every count, length and offset is checked against the file's
-size before anything is read or allocated, so a damaged or hostile file is one error, never a huge allocation.
+size before anything is read or allocated, so a damaged or hostile file is one error, never a huge allocation;
+each tensor's offset must be a multiple of the alignment, and no two tensors may share a byte.
 """
 
 import struct
@@ -82,8 +83,9 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
             raise UsageError(f"--transformer {path}: GGUF version {version} is not supported (2 or 3; a big-endian "
                              "file reads as a huge version)")
         n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
-        if n_tensors > size or n_kv > size:
-            raise UsageError(f"--transformer {path}: the header claims {n_tensors} tensors; the file is damaged")
+        for count, what in ((n_tensors, "tensors"), (n_kv, "metadata entries")):
+            if count > size:  # every one takes at least a byte
+                raise UsageError(f"--transformer {path}: the header claims {count} {what}; the file is damaged")
         meta = {}
         for _ in range(n_kv):
             key = r.string()
@@ -103,10 +105,18 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
     if arch != ARCHITECTURE:
         raise UsageError(f"--transformer {path}: a GGUF file of architecture {str(arch)[:40]!r}, not Qwen-Image "
                          f"({ARCHITECTURE}); pass a Qwen-Image transformer")
-    return meta, [_tensor(path, size, data, *t) for t in raw]
+    infos = [_tensor(path, size, data, alignment, *t) for t in raw]
+    end, last = data, None
+    for info in sorted(infos, key=lambda t: t.start):
+        if info.start < end:
+            raise UsageError(f"--transformer {path}: tensor {info.name} overlaps tensor {last.name} (bytes "
+                             f"{info.start} to {info.start + info.nbytes}); the file is damaged: download it again")
+        end, last = info.start + info.nbytes, info
+    return meta, infos
 
 
-def _tensor(path: Path, size: int, data: int, name: str, dims: list[int], kind: int, offset: int) -> TensorInfo:
+def _tensor(path: Path, size: int, data: int, alignment: int, name: str, dims: list[int], kind: int,
+            offset: int) -> TensorInfo:
     if kind in REFUSED or (kind not in DENSE and kind not in PACKED):
         type_name = REFUSED.get(kind, f"type {kind}")
         raise UsageError(f"--transformer {path}: tensor {name} is {type_name}, which qimg does not read (it reads "
@@ -123,6 +133,9 @@ def _tensor(path: Path, size: int, data: int, name: str, dims: list[int], kind: 
             raise UsageError(f"--transformer {path}: tensor {name} ({type_name}) has rows of {dims[:1]} values, not a "
                              f"multiple of its block of {block}; the file is damaged")
         nbytes = numel // block * block_bytes
+    if offset % alignment:
+        raise UsageError(f"--transformer {path}: tensor {name} starts at offset {offset}, not a multiple of the "
+                         f"file's alignment {alignment}; the file is damaged: download it again")
     start = data + offset
     if start + nbytes > size:
         raise UsageError(f"--transformer {path} is truncated: tensor {name} ends at byte {start + nbytes} but the "

@@ -221,8 +221,62 @@ def test_branch_of_the_wrong_shape_is_refused(packed):
     assert layer.branches == 0
 
 
+def handmade(path, offsets, values=16):
+    """A GGUF file written byte by byte: F32 tensors of `values` values at `offsets` in the data section."""
+    def string(text):
+        return len(text).to_bytes(8, "little") + text.encode()
+
+    head = b"GGUF" + (3).to_bytes(4, "little") + len(offsets).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    head += string("general.architecture") + (8).to_bytes(4, "little") + string("qwen_image")
+    for i, offset in enumerate(offsets):
+        head += string(f"t{i}.weight") + (1).to_bytes(4, "little") + values.to_bytes(8, "little")
+        head += (0).to_bytes(4, "little") + offset.to_bytes(8, "little")
+    path.write_bytes(head + bytes(-len(head) % 32) + np.ones(values * 8, np.float32).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("offsets, message", [
+    ([0, 64], None), ([64, 0], None),
+    ([0, 32], "tensor t1.weight overlaps tensor t0.weight"), ([32, 0], "tensor t0.weight overlaps tensor t1.weight"),
+    ([0, 0], "overlaps"), ([0, 68], "tensor t1.weight starts at offset 68, not a multiple of the file's alignment 32"),
+])
+def test_tensors_must_be_aligned_and_apart(tmp_path, offsets, message):
+    from qimg.weights.gguf_file import read_header
+
+    if message is None:  # each tensor at the data section's start plus its offset
+        starts = [t.start for t in read_header(handmade(tmp_path / "f.gguf", offsets))[1]]
+        assert len({start - offset for start, offset in zip(starts, offsets)}) == 1
+        return
+    with pytest.raises(UsageError, match=message + ".*the file is damaged"):
+        read_header(handmade(tmp_path / "f.gguf", offsets))
+
+
+@pytest.mark.parametrize("kind", TYPES[3:])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_packed_weight_that_unpacks_to_nan_is_found_from_its_scales(kind, bad):
+    """quant.finite against the gguf package's own dequantization: a block whose fp16 scale field is NaN or inf
+    (each field in turn) unpacks to non-finite values, and quant.finite says so; finite scales pass."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from quant_files import pack
+
+    from qimg.model.quant import SCALE_BYTES, finite
+
+    rng = np.random.default_rng(0)
+    good = pack(rng.standard_normal((2, 512)).astype(np.float32), kind, rng)
+    assert finite(kind, torch.from_numpy(good.copy()))
+    nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]][1]
+    for at in SCALE_BYTES[kind]:
+        blocks = good.reshape(-1, nbytes).copy()
+        blocks[3, at:at + 2] = np.array([bad], np.float16).view(np.uint8)
+        with np.errstate(invalid="ignore"):
+            assert not np.isfinite(gguf_dequantize(blocks, GGMLQuantizationType[kind])).all(), (kind, at)
+        assert not finite(kind, torch.from_numpy(blocks.reshape(good.shape))), (kind, at)
+
+
 @pytest.mark.parametrize("header, message", [
     (b"GGUF" + (3).to_bytes(4, "little") + (2**40).to_bytes(8, "little") + bytes(8), "claims 1099511627776 tensors"),
+    (b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (2**40).to_bytes(8, "little"),
+     "claims 1099511627776 metadata entries"),
     (b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (1).to_bytes(8, "little") + (2**62).to_bytes(8, "little"),
      "truncated"),  # a key 2**62 bytes long: refused before reading, never allocated
     (b"GGUF" + (2**24).to_bytes(4, "little"), "GGUF version 16777216"),
