@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from qimg.cache import FORMAT, MAX_BYTES, TAG, Store, _tensor_hash, parse_bytes
+from qimg.errors import QimgError
 
 KEY = "cd" * 32
 SPEC = {"latent": ("float32", (1, 16, 2, 2))}
@@ -264,8 +265,20 @@ def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny
     out = tmp_path / "o.png"
     code, _, err = cli.json("generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "--steps", "1",
                             "--device", "cpu", "--dtype", "float32", "-o", out)
-    assert code == 1 and err.count("\n") == 1 and "non-finite values (NaN/inf) in float32; use --dtype bfloat16" in err
+    assert code == 1 and err.count("\n") == 1 and "non-finite values (NaN/inf) in float32; its weights" in err
+    assert "--dtype" not in err  # float32 is not the cause: only float16's small range is
     assert not out.exists() and not list(cache_dir.glob("latent/*/*")) and not list(cache_dir.glob("chain/*/*"))
+
+
+def test_a_non_finite_result_names_a_dtype_only_in_float16():
+    from qimg.engine.latents import finite
+
+    nan = torch.tensor([float("nan")])
+    with pytest.raises(QimgError, match=r"in float16, whose range is small; use --dtype bfloat16 or float32$"):
+        finite(nan, torch.float16)
+    for dtype in (torch.bfloat16, torch.float32):
+        with pytest.raises(QimgError, match="lower scale$"):
+            finite(nan, dtype)
 
 
 def test_chain_entry_of_another_size_is_not_what_a_chain_expects(tiny_model_dir):

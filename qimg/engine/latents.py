@@ -55,12 +55,16 @@ def multiples(size: tuple[int, int]) -> None:
 
 
 def finite(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t, unless it holds NaN or infinity (float16 overflowing, most often): then a QimgError, before anything
-    of it is decoded, saved or cached."""
+    """t, unless it holds NaN or infinity: then a QimgError, before anything of it is decoded, saved or cached.
+    In float16 the number format is the likely cause (its range is small); otherwise it is not, as the weights
+    were checked finite at load: the LoRAs and their scales are what is left."""
     if not torch.isfinite(t).all():
         name = str(dtype).removeprefix("torch.")
-        others = " or ".join(d for d in ("bfloat16", "float32") if d != name)
-        raise QimgError(f"the model produced non-finite values (NaN/inf) in {name}; use --dtype {others}")
+        if dtype == torch.float16:
+            raise QimgError(f"the model produced non-finite values (NaN/inf) in {name}, whose range is small; use "
+                            "--dtype bfloat16 or float32")
+        raise QimgError(f"the model produced non-finite values (NaN/inf) in {name}; its weights are finite, so a "
+                        "--lora (or its scale) is the likely cause: try without it, or at a lower scale")
     return t
 
 

@@ -138,6 +138,23 @@ def q6_k(b: Tensor) -> Tensor:
     return (d * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
 
 
+SCALE_BYTES = {  # where each block keeps its fp16 scales (d, and dmin where there is one)
+    "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+FP8_NONFINITE = {"F8_E4M3": 0x7F, "F8_E5M2": 0x7C}  # the bits (sign aside) that are all set in NaN (and inf) codes
+
+
+def finite(kind: str, packed: Tensor) -> bool:
+    """Whether a packed weight unpacks to finite values, from its bytes alone: fp8 holds no NaN or infinity
+    code; every GGUF block's fp16 scales are finite (the values are small integers times them)."""
+    if kind in FP8:
+        bits = FP8_NONFINITE[kind]
+        return not bool(((packed & bits) == bits).any())
+    blocks = packed.reshape(-1, BLOCKS[kind][1])
+    return all(bool(_f16(blocks[:, at:at + 2]).isfinite().all()) for at in SCALE_BYTES[kind])
+
+
 UNPACK = {"Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1,
           "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
 

@@ -36,6 +36,9 @@ class TransformerConfig:
     zero_cond_t: bool = False  # Edit-2511: reference image tokens are modulated at t = 0, the noisy ones at t
 
     def __post_init__(self):
+        if not isinstance(self.zero_cond_t, bool):
+            raise ValueError("transformer config: zero_cond_t must be true or false, not "
+                             f"{str(self.zero_cond_t)[:40]!r}")
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(
                 f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "

@@ -6,6 +6,7 @@ dtype and device and assigned into a module built on the meta device, so loading
 float32 copy. Only safetensors are read: pickle files can run code when loaded.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def model_kind(folder: Path) -> ModelKind:
         return EDIT
     if name == "QwenImageEditPlusPipeline":
         config = folder / "transformer" / "config.json"
-        return EDIT_2511 if config.is_file() and read_json_object(config).get("zero_cond_t") else EDIT_2509
+        zero_cond_t = read_json_object(config).get("zero_cond_t", False) if config.is_file() else False
+        if not isinstance(zero_cond_t, bool):
+            raise UsageError(f"{config}: zero_cond_t must be true or false, not {str(zero_cond_t)[:40]!r}")
+        return EDIT_2511 if zero_cond_t else EDIT_2509
     return QWEN_IMAGE
 
 
@@ -183,6 +187,29 @@ def weight_names(folder: Path) -> set[str]:
     return names
 
 
+class Contents:
+    """Checks each tensor of a checkpoint as it is read, on the device it was read to and in the file's own dtype
+    (a value float16 cannot hold is the run's dtype's fault, not the file's): a float tensor holding NaN or
+    infinity, or a packed one that unpacks to them, stops the load naming its file and key; `all_zero` after
+    the last refuses a checkpoint with no nonzero weight. `error`: UsageError for a file the user named
+    (--transformer), QimgError for a damaged model folder."""
+
+    def __init__(self, error: type[QimgError] = QimgError):
+        self.error, self.nonzero = error, False
+
+    def check(self, t: torch.Tensor, file: Path | str, key: str, kind: str = "dense") -> torch.Tensor:
+        from qimg.model.quant import finite
+
+        if not (finite(kind, t) if kind != "dense" else not t.is_floating_point() or bool(t.isfinite().all())):
+            raise self.error(f"{file}: tensor {key} holds NaN or infinity; the file is damaged: download it again")
+        self.nonzero = self.nonzero or bool(t.any())  # one pass over the first tensor, most often
+        return t
+
+    def all_zero(self, what: Path | str) -> None:
+        if not self.nonzero:
+            raise self.error(f"{what}: every weight is zero; the file is damaged: download it again")
+
+
 def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, only: tuple[str, ...] = (),
                 remap=None) -> nn.Module:
     """Build `build()` on the meta device and assign the folder's weights into it, checking every key.
@@ -195,7 +222,7 @@ def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, o
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
-    shapes, state = {}, {}
+    shapes, state, keys, contents = {}, {}, {}, Contents()
     for file in safetensors_files(folder):
         try:
             with safe_open(file, framework="pt", device=str(device) if device.type != "mps" else "cpu") as f:
@@ -203,25 +230,37 @@ def load_module(build, folder: Path, dtype: torch.dtype, device: torch.device, o
                     name = remap(key) if remap else key
                     if name is None:
                         continue
-                    shapes[name] = tuple(f.get_slice(key).get_shape())
+                    shapes[name], keys[name] = tuple(f.get_slice(key).get_shape()), key
                     if not only or name.startswith(only):
-                        state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+                        state[name] = contents.check(f.get_tensor(key), file, key).to(device=device, dtype=dtype)
         except (SafetensorError, OSError) as e:
             raise QimgError(f"{file} is not a readable safetensors file ({e}); download it again") from None
-    check_keys(folder, expected, shapes)
+    check_keys(folder, expected, shapes, named=file_names(keys))
+    if state:
+        contents.all_zero(folder)
     module.load_state_dict(state, assign=True, strict=not only)
     return module.eval().requires_grad_(False)
 
 
-def check_keys(folder: Path | str, expected: dict, found: dict[str, tuple], error: type[QimgError] = QimgError) -> None:
+def file_names(keys: dict[str, str]):
+    """keys: module key -> the checkpoint's key. The name the checkpoint has, or would have, for a module key: a
+    missing one with the prefix the file's other keys carry (`visual.` or `model.visual.` for the vision tower)."""
+    prefixes = Counter(key[: len(key) - len(name)] for name, key in keys.items() if key.endswith(name))
+    prefix = prefixes.most_common(1)[0][0] if prefixes else ""
+    return lambda name: keys.get(name, prefix + name)
+
+
+def check_keys(folder: Path | str, expected: dict, found: dict[str, tuple], error: type[QimgError] = QimgError,
+               named=str) -> None:
     """expected: the module's state dict; found: the checkpoint's shape for every key. error: UsageError for a
-    file the user named (--transformer), QimgError for a damaged model folder."""
+    file the user named (--transformer), QimgError for a damaged model folder. named: a module key -> the name
+    messages give it (the checkpoint's, where load_module's remap strips a prefix)."""
     missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
     if missing:
-        raise error(f"{folder}: missing weights {listing(sorted(missing))}")
+        raise error(f"{folder}: missing weights {listing(sorted(map(named, missing)))}")
     if unexpected:
-        raise error(f"{folder}: unexpected weights {listing(sorted(unexpected))}")
-    wrong = [f"{k} {found[k]} (expected {tuple(v.shape)})" for k, v in expected.items()
+        raise error(f"{folder}: unexpected weights {listing(sorted(map(named, unexpected)))}")
+    wrong = [f"{named(k)} {found[k]} (expected {tuple(v.shape)})" for k, v in expected.items()
              if found[k] != tuple(v.shape)]
     if wrong:
         raise error(f"{folder}: weights of the wrong shape for this config: {listing(sorted(wrong))}")

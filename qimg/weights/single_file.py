@@ -169,7 +169,11 @@ def _scalar(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
     if t.numel() != 1:
         raise UsageError(f"--transformer {path}: {name} holds {t.numel()} scales (shape {tuple(t.shape)}): block-wise "
                          "or per-channel scales are not supported, only one scale per tensor")
-    return t.float().reshape(())
+    scale = t.float().reshape(())
+    if not 0 < float(scale) < math.inf:
+        raise UsageError(f"--transformer {path}: the scale {name} is {float(scale)}, not a positive finite number; "
+                         "the file is damaged: download it again")
+    return scale
 
 
 def _quant_metadata(meta: dict, path: Path) -> dict:

@@ -12,6 +12,7 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from qimg.model.quant import BLOCKS, FP8, PackedLinear, dequantize, packed_size,
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.option_values import QUANTIZE
 from qimg.weights.fingerprint import fingerprint
-from qimg.weights.folders import check_keys, load_module
+from qimg.weights.folders import Contents, check_keys, load_module
 from qimg.weights.single_file import Weight, folder_weights, open_weights
 
 QUANTIZED = "transformer_blocks."  # --quantize packs the blocks' linear layers; the small in/out layers stay dense
@@ -78,9 +79,11 @@ def load_transformer(cfg: TransformerConfig, folder: Path, source: Source, dtype
         for name in packed:
             w = found.weights[name]
             _pack_layer(module, name, kinds[name], w.scale is not None or w.kind == "dense", dtype)
-        state = {}
+        state, contents = {}, Contents(UsageError if source.file else QimgError)
         for name, w in found.weights.items():
-            state.update(_tensors(name, w, kinds[name], name in packed, dtype, device))
+            state.update(_tensors(name, w, kinds[name], name in packed, dtype, device, partial(contents.check,
+                                  file=f"--transformer {source.file}" if source.file else folder, key=name)))
+        contents.all_zero(f"--transformer {source.file}" if source.file else folder)
     module.load_state_dict(state, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -109,14 +112,17 @@ def _pack_layer(module: nn.Module, name: str, kind: str, scaled: bool, dtype: to
         torch.empty((), dtype=torch.float32, device=meta) if scaled else None, dtype))
 
 
-def _tensors(name: str, w: Weight, kind: str, packed: bool, dtype: torch.dtype, device: torch.device) -> dict:
-    """The state dict entries of weight `name`: packed bytes (and scale) for a packed layer, else dense."""
-    if w.kind == "dense" and kind == "dense":
-        return {name: w.read().to(device=device, dtype=dtype)}
-    if w.kind == "dense":  # --quantize
-        data, scale = quantize_fp8(w.read())
+def _tensors(name: str, w: Weight, kind: str, packed: bool, dtype: torch.dtype, device: torch.device,
+             check) -> dict:
+    """The state dict entries of weight `name`: packed bytes (and scale) for a packed layer, else dense. check:
+    Contents.check of the file (dense weights checked on the device, packed ones where they were read)."""
+    if w.kind == "dense":
+        dense = check(w.read().to(device))
+        if kind == "dense":
+            return {name: dense.to(dtype=dtype)}
+        data, scale = quantize_fp8(dense)  # --quantize
     else:
-        data, scale = w.read(), w.scale
+        data, scale = check(w.read(), kind=w.kind), w.scale
     if not packed:
         return {name: dequantize(kind, data, w.shape, scale).to(device=device, dtype=dtype)}
     layer = name.removesuffix(".weight")

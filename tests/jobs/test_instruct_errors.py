@@ -63,7 +63,7 @@ def test_picture_checks():
 
 
 @pytest.fixture(scope="module")
-def broken(tmp_path_factory, tiny_edit_dir):
+def broken(tmp_path_factory, tiny_edit_dir, tiny_edit_checkpoints):
     """Edit folders damaged one way each."""
     from safetensors.torch import load_file, save_file
 
@@ -76,7 +76,10 @@ def broken(tmp_path_factory, tiny_edit_dir):
     layered = shutil.copytree(tiny_edit_dir, root / "layered")
     config = layered / "transformer" / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"use_layer3d_rope": True}))
-    return {"no-processor": no_processor, "no-vision": no_vision, "layered": layered}
+    zero_cond_yes = shutil.copytree(tiny_edit_checkpoints["2511"], root / "zero-cond-yes")
+    config = zero_cond_yes / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"zero_cond_t": "yes"}))
+    return {"no-processor": no_processor, "no-vision": no_vision, "layered": layered, "zero-cond-yes": zero_cond_yes}
 
 
 @pytest.fixture
@@ -94,6 +97,7 @@ CASES = {  # name: (model, extra arguments, fragment of the message)
     "no processor": ("no-processor", [], "no processor/preprocessor_config.json"),
     "no vision weights": ("no-vision", [], "has no vision tower weights"),
     "layered": ("layered", [], "use_layer3d_rope=True is not supported"),
+    "zero_cond_t a string": ("zero-cond-yes", [], "config.json: zero_cond_t must be true or false, not 'yes'"),
     "ref on Edit v1": ("edit", ["--ref", "{in}"], "--ref: Qwen-Image-Edit takes one picture"),
     "elongated ref": ("plus", ["--ref", "{thin}"], "over 200:1"),
     "empty instruction": ("edit", ["-p", "  "], "--prompt is empty"),

@@ -119,6 +119,9 @@ def test_config_from_dict():
     }
     assert TransformerConfig.from_dict(real) == TransformerConfig()
     assert TransformerConfig.from_dict({**real, "zero_cond_t": True}).zero_cond_t  # Qwen-Image-Edit-2511
+    for value in ("yes", 1, None, "false"):
+        with pytest.raises(ValueError, match="zero_cond_t must be true or false"):
+            TransformerConfig.from_dict({**real, "zero_cond_t": value})
     for flag in ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds"):  # Layered, distilled
         with pytest.raises(ValueError, match=flag):
             TransformerConfig.from_dict({**real, flag: True})

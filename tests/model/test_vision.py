@@ -156,6 +156,27 @@ def test_both_key_layouts_load(tiny_edit_dir, tmp_path):
     assert vision.remap_keys("lm_head.weight") is None
 
 
+@pytest.mark.parametrize("layout", ["visual.", "model.visual."])
+def test_a_missing_or_non_finite_vision_weight_is_named_as_the_file_names_it(tiny_edit_dir, tmp_path, layout):
+    from safetensors.torch import load_file, save_file
+
+    from qimg.errors import QimgError
+
+    state = {k.replace("visual.", layout, 1): v for k, v in
+             load_file(tiny_edit_dir / "text_encoder" / "model.safetensors").items()}
+    key = layout + "blocks.0.attn.qkv.weight"
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text((tiny_edit_dir / "text_encoder" / "config.json").read_text())
+    file = tmp_path / "text_encoder" / "model.safetensors"
+    save_file({k: v for k, v in state.items() if k != key}, file)
+    with pytest.raises(QimgError, match=f"missing weights {key}$"):
+        tower(tmp_path)
+    state[key][0, 0] = float("nan")
+    save_file(state, file)
+    with pytest.raises(QimgError, match=f"{file}: tensor {key} holds NaN or infinity"):
+        tower(tmp_path)
+
+
 def test_real_config_format_reads_the_real_tower():
     # Qwen/Qwen-Image's text_encoder/config.json (transformers 4.x): vision_config with in_chans, no rope entry.
     d = json.loads('{"vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": '

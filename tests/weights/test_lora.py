@@ -208,8 +208,9 @@ def test_bad_peft_headers_are_refused(layers, meta, fragment):
         map_keys(write(factors(layers), "peft"), {"lora_adapter_metadata": meta}, layers, 1.0, "test")
 
 
-PEFT_KEYS = ["attn.to_q", "to_q", "o_q", "img_in", "transformer_blocks.0.attn.to_q", "0.attn.to_q", "blocks.0.attn.to_q",
-             "transformer_blocks.1", "attn", "to_out.0", "img_mod.1", "transformer_blocks.1.img_mod.1", "_q", "in"]
+PEFT_KEYS = ["attn.to_q", "to_q", "o_q", "img_in", "transformer_blocks.0.attn.to_q", "0.attn.to_q",
+             "blocks.0.attn.to_q", "transformer_blocks.1", "attn", "to_out.0", "img_mod.1",
+             "transformer_blocks.1.img_mod.1", "_q", "in"]
 
 
 def test_header_patterns_match_module_names_as_peft_does(layers):

@@ -235,6 +235,21 @@ def bad_files(tmp_path, state):
     files["cut"] = cut
     (tmp_path / "t.ckpt").write_bytes(b"pickle")
     files["pickle"] = tmp_path / "t.ckpt"
+    nan = w.clone()
+    nan[1, 2] = float("nan")
+    tensors = {"nan": {**state, "transformer_blocks.0.attn.to_q.weight": nan},
+               "zeros": {k: torch.zeros_like(v) for k, v in state.items()},
+               "fp8-nan": {**state, "transformer_blocks.0.attn.to_q.weight": nan.to(torch.float8_e4m3fn)},
+               "e5m2-inf": {**state, "transformer_blocks.0.attn.to_q.weight": (w * float("inf")).to(torch.float8_e5m2)}}
+    for value in ("nan", "inf", "0", "-1"):
+        tensors[f"scale-{value}"] = {**state, "transformer_blocks.0.attn.to_q.weight": w.to(torch.float8_e4m3fn),
+                                     "transformer_blocks.0.attn.to_q.scale_weight": torch.tensor([float(value)])}
+    for name, t in tensors.items():
+        save_file(t, tmp_path / f"{name}.safetensors")
+        files[name] = tmp_path / f"{name}.safetensors"
+    for name, kind in (("gguf-nan", "F32"), ("gguf-q8-nan", "Q8_0")):
+        files[name] = tmp_path / f"{name}.gguf"
+        write_gguf(files[name], tensors["nan"], {"transformer_blocks.0.attn.to_q.weight": kind})
     return files
 
 
@@ -245,6 +260,11 @@ REFUSALS = {
     "aio": "holds no transformer weights", "flux": "architecture 'flux'", "iq": "IQ4_XS, which qimg does not read",
     "tq": "TQ1_0, which qimg does not read", "truncated": "is truncated", "pickle": "the suffix of pickle files",
     "cut": "is neither a GGUF file nor a readable safetensors file",
+    **dict.fromkeys(["nan", "fp8-nan", "e5m2-inf", "gguf-nan", "gguf-q8-nan"],
+                    "tensor transformer_blocks.0.attn.to_q.weight holds NaN or infinity; the file is damaged"),
+    "zeros": "every weight is zero; the file is damaged",
+    **{f"scale-{v}": f"the scale transformer_blocks.0.attn.to_q.scale_weight is {float(v)}, not a positive finite"
+       for v in ("nan", "inf", "0", "-1")},
 }
 
 

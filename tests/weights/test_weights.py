@@ -74,6 +74,39 @@ def test_key_problems_name_the_keys(tmp_path, change, message):
         load(tmp_path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_non_finite_weight_is_refused_at_load_naming_its_file_and_key(tmp_path, bad, dtype):
+    proj = weights()["proj.weight"]
+    proj[1, 2] = bad
+    save_file({k: v.to(dtype) for k, v in weights(**{"proj.weight": proj}).items()}, tmp_path / "model.safetensors")
+    with pytest.raises(QimgError, match=r"model\.safetensors: tensor proj\.weight holds NaN or infinity; the file is "
+                                        "damaged") as e:
+        load(tmp_path, torch.bfloat16)
+    assert str(tmp_path / "model.safetensors") in str(e.value)
+
+
+def test_a_value_only_the_run_dtype_cannot_hold_is_not_the_files_fault(tmp_path):
+    save_file(weights(**{"norm.bias": torch.full((3,), 1e6)}), tmp_path / "model.safetensors")
+    assert load(tmp_path, torch.float16).norm.bias.isinf().all()  # float16 overflows: finite() at sampling says so
+
+
+def test_a_checkpoint_of_zeros_is_refused(tmp_path):
+    save_file({k: torch.zeros_like(v) for k, v in weights().items()}, tmp_path / "model.safetensors")
+    with pytest.raises(QimgError, match="every weight is zero; the file is damaged"):
+        load(tmp_path)
+    save_file(weights(**{"proj.weight": torch.zeros(3, 4), "proj.bias": torch.zeros(3)}),
+              tmp_path / "model.safetensors")
+    load(tmp_path)  # some zero tensors are fine
+
+
+def test_missing_weights_are_named_as_the_file_names_them(tmp_path):
+    state = {"visual." + k: v for k, v in weights(**{"norm.bias": None}).items()}
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(QimgError, match=r"missing weights visual\.norm\.bias$"):
+        load_module(Net, tmp_path, torch.float32, torch.device("cpu"), remap=lambda k: k.removeprefix("visual."))
+
+
 def test_pickle_weights_are_refused(tmp_path):
     torch.save(weights(), tmp_path / "diffusion_pytorch_model.bin")
     with pytest.raises(QimgError, match="pickle.*safetensors only"):
