@@ -148,9 +148,9 @@ FP8_NONFINITE = {"F8_E4M3": 0x7F, "F8_E5M2": 0x7C}  # the bits (sign aside) that
 def finite(kind: str, packed: Tensor) -> bool:
     """Whether a packed weight unpacks to finite values, from its bytes alone: fp8 holds no NaN or infinity
     code; every GGUF block's fp16 scales are finite (the values are small integers times them)."""
-    if kind in FP8:
+    if kind in FP8:  # (byte & bits) is at most bits, and equals it only in a NaN or infinity code
         bits = FP8_NONFINITE[kind]
-        return not bool(((packed & bits) == bits).any())
+        return not packed.numel() or int((packed & bits).amax()) != bits
     blocks = packed.reshape(-1, BLOCKS[kind][1])
     return all(bool(_f16(blocks[:, at:at + 2]).isfinite().all()) for at in SCALE_BYTES[kind])
 

@@ -115,14 +115,14 @@ def _pack_layer(module: nn.Module, name: str, kind: str, scaled: bool, dtype: to
 def _tensors(name: str, w: Weight, kind: str, packed: bool, dtype: torch.dtype, device: torch.device,
              check) -> dict:
     """The state dict entries of weight `name`: packed bytes (and scale) for a packed layer, else dense. check:
-    Contents.check of the file (dense weights checked on the device, packed ones where they were read)."""
+    Contents.check of the file, on the device (on the CPU for a weight unpacked there first)."""
     if w.kind == "dense":
         dense = check(w.read().to(device))
         if kind == "dense":
             return {name: dense.to(dtype=dtype)}
         data, scale = quantize_fp8(dense)  # --quantize
     else:
-        data, scale = check(w.read(), kind=w.kind), w.scale
+        data, scale = check(w.read().to(device) if packed else w.read(), kind=w.kind), w.scale
     if not packed:
         return {name: dequantize(kind, data, w.shape, scale).to(device=device, dtype=dtype)}
     layer = name.removesuffix(".weight")

@@ -89,6 +89,9 @@ def test_a_non_finite_weight_is_refused_at_load_naming_its_file_and_key(tmp_path
 def test_a_value_only_the_run_dtype_cannot_hold_is_not_the_files_fault(tmp_path):
     save_file(weights(**{"norm.bias": torch.full((3,), 1e6)}), tmp_path / "model.safetensors")
     assert load(tmp_path, torch.float16).norm.bias.isinf().all()  # float16 overflows: finite() at sampling says so
+    half = {k: v.half() for k, v in weights(**{"norm.bias": torch.full((3,), 60000.0)}).items()}
+    save_file(half, tmp_path / "model.safetensors")  # finite values whose float16 sum overflows
+    assert load(tmp_path).norm.bias.tolist() == [60000.0] * 3
 
 
 def test_a_checkpoint_of_zeros_is_refused(tmp_path):
