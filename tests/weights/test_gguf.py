@@ -251,6 +251,7 @@ def test_tensors_must_be_aligned_and_apart(tmp_path, offsets, message):
         read_header(handmade(tmp_path / "f.gguf", offsets))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", TYPES[3:])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_packed_weight_that_unpacks_to_nan_is_found_from_its_scales(kind, bad):

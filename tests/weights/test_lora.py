@@ -213,6 +213,7 @@ PEFT_KEYS = ["attn.to_q", "to_q", "o_q", "img_in", "transformer_blocks.0.attn.to
              "transformer_blocks.1.img_mod.1", "_q", "in"]
 
 
+@pytest.mark.parity
 def test_header_patterns_match_module_names_as_peft_does(layers):
     """peft's get_pattern_key matches a key as the regex `(.*\\.)?(key)$`; as names, a key is the layer's whole name
     or its end after a dot, the same answer for every module-name key."""

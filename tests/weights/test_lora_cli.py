@@ -186,6 +186,7 @@ def test_every_refusal_is_one_line_exit_2_nothing_written(configs_only, layers, 
             assert not out.exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("pattern", ["(.*.*)*#", "(a+)+$"])
 def test_a_header_pattern_that_is_no_module_name_is_refused_in_seconds(configs_only, layers, tmp_path, pattern):
     """As a regex, `(.*\\.)?((.*.*)*#)$` takes exponential time on a layer's name: matching the keys as names (and
