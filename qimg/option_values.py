@@ -60,3 +60,8 @@ def check_pixels(size: tuple[int, int], what: str, fix: str = "downscale it firs
     if width * height > MAX_INPUT_PIXELS:
         raise UsageError(f"{what} is {width}x{height} = {width * height / 1e6:,.0f} megapixels; qimg works on "
                          f"images up to {MAX_INPUT_PIXELS / 1e6:.0f} megapixels ({fix})")
+
+
+def preset_is_file(name: str) -> bool:
+    """Whether a --preset value names a file (a path, or a .yaml/.yml name) rather than a bundled preset."""
+    return "/" in name or "\\" in name or name.endswith((".yaml", ".yml"))

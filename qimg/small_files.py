@@ -6,6 +6,7 @@ and a weights file's header is checked (`safetensors_header`, `pickled`) before 
 a path to /dev/zero costs nothing. Standard library only, on purpose: cli/presets.py reads through it, and
 `qimg presets` stays quick."""
 
+import hashlib
 import json
 import os
 import stat
@@ -140,3 +141,11 @@ def pickled(head: bytes) -> bool:
     archive (torch.save's format); decide it only once the file is known not to be a safetensors file, whose
     header length may start the same way."""
     return head.startswith(b"PK\x03\x04") or len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def sha256_of(f: BinaryIO) -> str:
+    """The sha256 of what is left to read of `f`, read in 8 MB pieces (hashlib.file_digest is Python 3.11+)."""
+    h = hashlib.sha256()
+    while chunk := f.read(8 << 20):
+        h.update(chunk)
+    return h.hexdigest()

@@ -259,9 +259,9 @@ def test_preset_may_not_choose_the_cache(tmp_path, cli):
 
 def test_non_finite_result_stops_with_one_line_and_caches_and_saves_nothing(tiny_model_dir, tmp_path, cli,
                                                                              cache_dir, monkeypatch):
-    from qimg.engine import latents as sampler
+    from qimg.engine import latents
 
-    monkeypatch.setattr(sampler, "euler", lambda velocity, x, *args, **kwargs: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(latents, "euler", lambda velocity, x, *args, **kwargs: torch.full_like(x, float("nan")))
     out = tmp_path / "o.png"
     code, _, err = cli.json("generate", "-p", "x", "-m", tiny_model_dir, "--size", "32x32", "--steps", "1",
                             "--device", "cpu", "--dtype", "float32", "-o", out)

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, get_origin
 import typer
 
 from qimg.errors import UsageError
+from qimg.option_values import preset_is_file
 from qimg.small_files import read_small
 
 MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is a mistake or an attack
@@ -37,7 +38,7 @@ def bundled() -> dict[str, Path]:
 
 def find(name: str) -> Path:
     """A preset by bundled name (`fast`) or by path (anything with a `/` or a .yaml/.yml suffix)."""
-    if "/" in name or "\\" in name or name.endswith((".yaml", ".yml")):
+    if preset_is_file(name):
         return Path(name)
     presets = bundled()
     if name not in presets:

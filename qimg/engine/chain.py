@@ -12,6 +12,7 @@ from qimg.engine.canvas import Canvas, edited, window_size
 from qimg.engine.instruct import Pictures
 from qimg.engine.preview import mapped
 from qimg.engine.request import Sampling
+from qimg.option_values import CONTEXT
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class ChainEdit:
     sampling: Sampling
     pictures: Optional[Pictures] = None  # an instruction edit's reference pictures and areas
     attn_mask: bool = False  # an inpaint's or outpaint's
-    context: int = 64
+    context: int = CONTEXT
 
 
 def apply(engine, canvas: Canvas, mask: Optional[np.ndarray], edit: ChainEdit, callback=None,

@@ -182,7 +182,7 @@ class Components:
 
     @cached_property
     def kind(self) -> ModelKind:
-        """weights.model_kind's: QWEN_IMAGE, EDIT, EDIT_2509 or EDIT_2511."""
+        """weights.folders.model_kind's: QWEN_IMAGE, EDIT, EDIT_2509 or EDIT_2511."""
         return model_kind(self.folder)
 
     @property

@@ -19,6 +19,7 @@ from qimg.engine.latents import Sampler
 from qimg.engine.preview import mapped
 from qimg.engine.request import Sampling
 from qimg.masks import composite, crop_box, latent_mask, pad_to_multiple, resize_mask, work_size
+from qimg.option_values import CONTEXT
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Engine(Sampler):
                       self._prompt_cache(encoded_before))
 
     def inpaint(self, image: np.ndarray, mask: np.ndarray, sampling: Sampling, attn_mask: bool = False,
-                context: int = 64, callback=None, preview=None) -> "EditResult":
+                context: int = CONTEXT, callback=None, preview=None) -> "EditResult":
         """Regenerate image (H, W, 3) uint8 where mask (H, W) in [0, 1] says so. The result has the input's
         size and is byte-identical to it wherever the mask is 0; soft mask values blend.
 
@@ -77,7 +78,7 @@ class Engine(Sampler):
                     (0, 0, width, height), work.shape[1::-1])
 
     def edit_canvas(self, canvas: Canvas, mask: np.ndarray, sampling: Sampling, attn_mask: bool = False,
-                    context: int = 64, callback=None, preview=None) -> Canvas:
+                    context: int = CONTEXT, callback=None, preview=None) -> Canvas:
         """One edit of a chain: the canvas's latent regenerated where mask (H, W) says so, nothing decoded
         (but for `preview`, which sees each step's estimate of the canvas rendered).
         A canvas that carries no latent yet starts from its pixels' latent, from the cache when stored.

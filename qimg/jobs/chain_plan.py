@@ -19,6 +19,7 @@ import numpy as np
 
 from qimg.errors import QimgError, UsageError, failure_line
 from qimg.jobs import names
+from qimg.jobs.batch import name_seed
 from qimg.jobs.edit_inputs import check_strength, inpaint_mask
 from qimg.jobs.spec import ChainStep, InpaintMask, Outpaint
 from qimg.masks import ensure_not_empty, outpaint_margins
@@ -111,7 +112,7 @@ def settings(edit) -> dict:
 
 def step_seed(seed: int, index: int) -> int:
     """An instruction edit's own seed: fixed by the chain's seed and the edit's index."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0edit {index}".encode()).digest()[:4], "big")
+    return name_seed(seed, f"edit {index}")
 
 
 def key_of(*parts) -> str:

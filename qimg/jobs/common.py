@@ -26,7 +26,7 @@ def open_cache(spec: CacheSpec):
 
 
 def resolve_model(spec: ModelSpec) -> Path:
-    """The model folder --model names (weights.resolve_model): every job finds it first, so a wrong --model
+    """The model folder --model names (weights.folders.resolve_model): every job finds it first, so a wrong --model
     shows before any input is read or planned. A transformer file $QIMG_TRANSFORMER gives (set once, for one
     model) must be for this folder's kind of model: its weights would silently replace the folder's."""
     from qimg.weights.folders import model_kind, named_kind
@@ -54,7 +54,7 @@ def generation_model(folder: Path, command: str) -> None:
 
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
-    same numbers (worker/kept_engine.py), then serving this job's cache."""
+    same numbers (jobs/kept_engine.py), then serving this job's cache."""
     import torch
 
     from qimg.engine.components import DTYPES, Loading, pick_device, pick_dtype
@@ -76,7 +76,7 @@ def open_engine(folder: Path, spec: ModelSpec, store):
 
 def save_output(engine, reporter: Reporter, out: Path, params: Optional[dict], image, latent=None,
                 overwrite: bool = False, next_free=None) -> Path:
-    """The one way an output is written: atomically (files.save_image; an existing file only with
+    """The one way an output is written: atomically (images.save_image; an existing file only with
     `overwrite`; a default numbered name taken meanwhile gives way to `next_free()`), with its parameters
     (metadata.Params' stored ones; None: none), told to the reporter; then `latent` (when it stands for the
     image 1:1) is cached under its pixels. Only PNG keeps those pixels exactly, so only a PNG output's latent can

@@ -58,7 +58,7 @@ def mask_builder(job: Inpaint | Edit):
 
 def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
                 is_batch: bool = False, inputs=(), read_only=(), size=None):
-    """Where an edit goes, checked by files.check_output (`size`: the result's, if known), and the
+    """Where an edit goes, checked by images.check_output (`size`: the result's, if known), and the
     `next_free` for save_output: --out, or `<stem>.<kind>.png` in --out-dir or beside the input. A single
     run numbers that name (`-2`, `-3`...) when it is taken; a batch, or --overwrite, keeps it. An existing
     file (the input among them) is replaced only with --overwrite; `read_only` ones never."""

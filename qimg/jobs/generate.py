@@ -89,7 +89,7 @@ def entry_job(job: Prompts, e) -> Generate:
 
 
 def prompts(job: Prompts, reporter: Reporter) -> None:
-    """generate --prompts: each entry as a generate job, with one engine kept for all (worker/kept_engine.py). An
+    """generate --prompts: each entry as a generate job, with one engine kept for all (jobs/kept_engine.py). An
     output that appears while the batch runs, or a size the device cannot hold, is that entry's failure: the
     others complete, and the run ends with a summary and exit 1."""
     from qimg.jobs import kept_engine

@@ -2,7 +2,6 @@
 --metadata says: full, minimal or off) and read back by `qimg info`. Metadata from a file is data: parsed with
 json.loads, printed with control characters escaped, never evaluated."""
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import NamedTuple, Optional
 from qimg import __version__
 from qimg.errors import QimgError, printable
 from qimg.images import read_image
+from qimg.option_values import preset_is_file
+from qimg.small_files import sha256_of
 
 CHUNK = "qimg"
 
@@ -33,11 +34,13 @@ def output_params(command: str, engine, job, lineage: Optional[list] = None, fil
     file's name, sha256 and format. A shared picture names no local folder: the PNG holds each file by name and
     sha256, the model by its repo id or folder name and its fingerprint, a preset file by name and sha256."""
     files = files or {}
+    full = job.output.metadata == "full"  # only a full record names files by sha256: hash them only then
+    record, preset_of = (file_record, preset_record) if full else (str, lambda preset: preset)
     source = {"transformer": engine.transformer_info} if engine.transformer_info else {}
-    public = dict(command=command, **fields, **{k: _each(v, file_record) for k, v in files.items()},
+    public = dict(command=command, **fields, **{k: _each(v, record) for k, v in files.items()},
                   model=model_name(job.model.model, engine.folder), model_fingerprint=engine.model_fingerprint,
-                  **source, loras=[one.record() for one in engine.loras], preset=preset_record(job.preset),
-                  lineage=[{**entry, "preset": preset_record(entry.get("preset"))} for entry in lineage or []])
+                  **source, loras=[one.record() for one in engine.loras], preset=preset_of(job.preset),
+                  lineage=[{**entry, "preset": preset_of(entry.get("preset"))} for entry in lineage or []])
     local = {**{k: _each(v, str) for k, v in files.items()}, "model": str(engine.folder), "preset": job.preset}
     return Params({**public, **local}, shown(public, job.output.metadata))
 
@@ -52,7 +55,7 @@ def _each(value, record):
 def file_record(path: Path) -> dict:
     """A file as a shared picture names it: its name and the sha256 of its bytes, never its folder."""
     with open(path, "rb") as f:
-        return {"name": Path(path).name, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        return {"name": Path(path).name, "sha256": sha256_of(f)}
 
 
 def model_name(given: Optional[str], folder: Path) -> str:
@@ -63,9 +66,8 @@ def model_name(given: Optional[str], folder: Path) -> str:
 
 
 def preset_record(preset: Optional[str]):
-    """A bundled preset by its name; a preset file (a path, as cli/presets.find tells them apart) by
-    file_record."""
-    if preset is None or not ("/" in preset or "\\" in preset or preset.endswith((".yaml", ".yml"))):
+    """A bundled preset by its name; a preset file by file_record."""
+    if preset is None or not preset_is_file(preset):
         return preset
     return file_record(Path(preset))
 
@@ -91,7 +93,7 @@ def shown(params: dict, mode: str) -> Optional[dict]:
 
 
 def png_text(params: Optional[dict]) -> dict[str, str]:
-    """The text chunks `files.save_image` writes for an output made with `params` (None: none)."""
+    """The text chunks `images.save_image` writes for an output made with `params` (None: none)."""
     if params is None:
         return {}
     return {CHUNK: json.dumps({"qimg_version": __version__, **params}, ensure_ascii=False)}

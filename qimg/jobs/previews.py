@@ -14,7 +14,7 @@ from qimg.jobs.spec import Edit, Inpaint
 
 class PreviewFile:
     """--preview for one output: the running estimate the engine offers (preview.Preview) written over `path`
-    every `every` steps of each sampling run (None: about a tenth of its steps) by files.save_image, so a
+    every `every` steps of each sampling run (None: about a tenth of its steps) by images.save_image, so a
     viewer never reads a partial file and a stopped run leaves the last complete one; the last write is the
     result. Each carries its step ("3/50", or "result") in the PNG chunk that marks it as a preview.
     Counts the writes and the time they took, decoding included."""

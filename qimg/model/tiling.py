@@ -3,7 +3,7 @@
 Memory then grows with the tile, not the image. Each tile's weight ramps linearly from ~0 at its inner
 edges to 1 at `overlap` from them (image borders keep full weight), and the sum is normalised, so the
 seams fade over the overlap. The decoder's mid-block attention sees one tile at a time, which is why the
-result differs slightly from one whole decode; it is used only on large images (see sampler.TILE_ABOVE).
+result differs slightly from one whole decode; it is used only on large images (see engine.latents.TILE_ABOVE).
 """
 
 import torch

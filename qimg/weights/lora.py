@@ -24,7 +24,7 @@ from pathlib import Path
 
 from qimg.errors import UsageError, listing
 from qimg.option_values import MAX_DIGITS
-from qimg.small_files import PICKLE_SUFFIXES, open_regular, parse_json, pickled, safetensors_header
+from qimg.small_files import PICKLE_SUFFIXES, open_regular, parse_json, pickled, safetensors_header, sha256_of
 
 # dotted prefixes, longest first; `base_model.model.` is what PEFT's own save_pretrained writes
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -129,7 +129,7 @@ def read_file(path: Path) -> tuple[dict, dict, str]:
                              "again")
         not_lora(what, [key for key in header if key != "__metadata__"])
         f.seek(0)
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        sha256 = sha256_of(f)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

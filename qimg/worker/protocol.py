@@ -65,7 +65,10 @@ class Messages:
         self.scanned = 0
         if end > self.limit:
             raise Malformed(f"a message over {self.limit} bytes")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except RecursionError:  # nested deeper than the parser goes: no message of ours
+            raise Malformed("a message nested too deeply") from None
 
     def receive(self) -> bool:
         """Read what has arrived (waiting for something); False when the other side closed. A timeout set on

@@ -273,9 +273,9 @@ def test_mask_crop_shows_the_model_only_the_box(tiny_edit_dir, photos, tmp_path,
 def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_path, cli, extra):
     """Every preview has the output's size and, with a mask, the input's pixels outside it; the last one is the
     output; the output is the same with or without previews."""
-    from qimg import images as files
+    from qimg import images
 
-    written, save = [], files.save_image
+    written, save = [], images.save_image
 
     def spy(image, path, *args, **kwargs):
         if path.name == "live.png":
@@ -285,7 +285,7 @@ def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_pat
     common = ["-m", tiny_plus_dir, "-p", "a red hat", "--edit-area", 160 * 96, "--vision-area", VISION_AREA,
               "--steps", 3, "--cfg", 1, "--seed", 5, *extra, "--json"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(files, "save_image", spy)
+        mp.setattr(images, "save_image", spy)
         code, report, err = qimg(cli, "edit", photos["odd"], "-o", tmp_path / "o.png", "--preview",
                                  tmp_path / "live.png", "--preview-every", 1, *common)
     assert code == 0, err
@@ -294,7 +294,7 @@ def test_previews_of_an_edit_look_like_its_output(tiny_plus_dir, photos, tmp_pat
     assert code == 0, err
     out, before = pixels(tmp_path / "o.png"), pixels(photos["odd"])
     assert np.array_equal(out, pixels(tmp_path / "plain.png"))
-    assert np.array_equal(written[-1], out) and Image.open(tmp_path / "live.png").text[files.PREVIEW_CHUNK] == "result"
+    assert np.array_equal(written[-1], out) and Image.open(tmp_path / "live.png").text[images.PREVIEW_CHUNK] == "result"
     assert all(w.shape == out.shape for w in written) and not np.array_equal(written[0], out)
     if "--rect" in extra:
         x, y, w, h = map(int, extra[1].split(","))

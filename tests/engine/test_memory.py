@@ -78,13 +78,13 @@ def test_packed_sizes_of_the_real_transformer_match_the_published_files():
 
 def test_weights_too_large_for_the_device_are_refused_before_loading(capsys, tmp_path, tiny_model_dir, monkeypatch):
     from qimg.cli.app import run
-    from qimg.engine import latents as sampler
+    from qimg.engine import latents
     from qimg.weights.folders import read_config
 
     tiny = (TransformerConfig.from_dict(read_config(tiny_model_dir / "transformer")),
             VAEConfig.from_dict(read_config(tiny_model_dir / "vae")))
     room = activation_bytes(32, 32, *tiny, 4) + 1000  # for the activations, not for the weights
-    monkeypatch.setattr(sampler, "device_bytes", lambda device: room)
+    monkeypatch.setattr(latents, "device_bytes", lambda device: room)
     code = run(["generate", "-p", "x", "--size", "32x32", "-m", str(tiny_model_dir), "--device", "cpu",
                 "-o", str(tmp_path / "o.png"), "--no-cache"])
     err = capsys.readouterr().err.strip()
@@ -112,8 +112,7 @@ def test_edit_estimate_counts_every_picture_and_the_vision_input():
 def test_an_edit_whose_pictures_cannot_fit_is_refused_before_loading(tiny_plus_dir, tmp_path, cli, monkeypatch):
     """The device fits the edited picture alone (the old check) but not with its two --ref pictures and their
     vision patches: refused, naming the sizes, before any weights load."""
-    from qimg.engine import components
-    from qimg.engine import latents as sampler
+    from qimg.engine import components, latents
     from qimg.engine.components import Components
     from qimg.engine.instruct import Areas, calculate_dimensions, vision_sizes
     from qimg.model.vl_image import smart_resize
@@ -134,7 +133,7 @@ def test_an_edit_whose_pictures_cannot_fit_is_refused_before_loading(tiny_plus_d
     alone = edit_activation_bytes(work, [work], patches, *tiny, 4)
     assert edit_activation_bytes(work, [work] * 3, 3 * patches, *tiny, 4) > alone
     weights = Components(tiny_plus_dir, "cpu", "float32").weight_bytes
-    monkeypatch.setattr(sampler, "device_bytes", lambda device: weights + alone)  # room for one picture only
+    monkeypatch.setattr(latents, "device_bytes", lambda device: weights + alone)  # room for one picture only
 
     def loaded(*args, **kwargs):
         raise AssertionError("weights loaded")

@@ -30,15 +30,15 @@ PHOTO = np.s_[:320:8, :448:8]  # the `photo` fixture at 56x40
 @pytest.fixture
 def written(monkeypatch):
     """Every image saved, as (file name, pixels), in order."""
-    from qimg import images as files
+    from qimg import images
 
-    saved, save = [], files.save_image
+    saved, save = [], images.save_image
 
     def spy(image, path, *args, **kwargs):
         saved.append((Path(path).name, np.asarray(image)))
         return save(image, path, *args, **kwargs)
 
-    monkeypatch.setattr(files, "save_image", spy)
+    monkeypatch.setattr(images, "save_image", spy)
     return saved
 
 

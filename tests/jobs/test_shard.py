@@ -169,7 +169,7 @@ def test_the_shards_make_the_batch_byte_for_byte(tmp_path, cli, one_thread):
 @pytest.mark.subprocess
 def test_torchrun_gives_the_same_bytes_and_a_shard_s_bad_file_stops_no_other(tmp_path, cli, one_thread):
     # shard 0 of 2 takes three photos; shard 1 only a broken file, which fails at once: torchrun stops every
-    # rank when one exits non-zero, so the failed rank must wait for the others (qimg/torchrun.py)
+    # rank when one exits non-zero, so the failed rank must wait for the others (qimg/jobs/torchrun.py)
     good = names_in(0, 2, 4)
     photos = make_photos(tmp_path / "photos", good)
     bad = names_in(1, 2, 1, "broken")[0]

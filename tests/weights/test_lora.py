@@ -33,7 +33,7 @@ def factors(layers, seed=0, rank=RANK, std=1.0):
 
 
 def write(f, layout: str, alpha=True) -> dict:
-    """The factors `f` in one key layout (the module docstring of qimg/lora.py lists them)."""
+    """The factors `f` in one key layout (the module docstring of qimg/weights/lora.py lists them)."""
     sd = {}
     for m, (down, up) in f.items():
         if layout == "peft":
