@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np  # torch loads lazily: the CLI checks --cache-size before anything imports it
 
 from qimg.option_values import MAX_DIGITS
+from qimg.small_files import NONBLOCK
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +49,6 @@ TAG_TEXT = f"{SIGNATURE}\n# This file marks a cache folder created by qimg; qimg
 ENTRY = re.compile(r"([0-9a-f]{64})\.safetensors")
 TEMP = re.compile(r"\.[0-9a-f]{16}\.[a-z0-9_]+\.tmp")  # mkstemp's names in put
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def default_cache_dir() -> Path:

@@ -7,7 +7,6 @@ stay packed in memory and unpack on each forward (model/quant.py), except with `
 the CPU, where unpacking every step costs more than the memory it saves): then each weight unpacks once, here.
 """
 
-import hashlib
 import math
 import threading
 import warnings
@@ -22,6 +21,7 @@ from qimg.errors import QimgError, QimgWarning, UsageError
 from qimg.model.quant import BLOCKS, FP8, PackedLinear, dequantize, packed_size, quantize_fp8
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.option_values import QUANTIZE
+from qimg.small_files import sha256_of
 from qimg.weights.fingerprint import fingerprint
 from qimg.weights.folders import Contents, check_keys, load_module
 from qimg.weights.single_file import Weight, folder_weights, open_weights
@@ -190,8 +190,5 @@ def sha256(path: Path) -> str:
 
 
 def _hash(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_of(f)
