@@ -89,6 +89,22 @@ def test_hidden_states_equal_transformers_before_the_final_norm(reference, ours,
 
 
 @pytest.mark.parity
+def test_bfloat16_is_as_close_to_float32_as_the_reference(folder, reference, one_thread):
+    rows = [[(4, 6), (6, 2)], [(2, 10)]]
+    ids, mask = left_padded([prompt(pictures, seed=i, text=7 + 5 * i) for i, pictures in enumerate(rows)])
+    grids = [g for pictures in rows for g in pictures]
+    pixels = torch.randn(sum(h * w for h, w in grids), PATCH_ROW, generator=torch.Generator().manual_seed(1))
+    exact = reference_hidden(reference, ids, mask, pixels, grids)
+    ref = reference_hidden(tiny_qwen3vl().to(torch.bfloat16), ids, mask, pixels.bfloat16(), grids)
+    with torch.no_grad():
+        got = load_qwen3vl(folder, torch.bfloat16, CPU)(ids, mask, pixels.bfloat16(), grids)
+    real = mask.bool()
+    assert got.dtype == torch.bfloat16
+    ours, theirs = ((t[real].float() - exact[real]).abs().max() for t in (got, ref))
+    assert ours <= 1.5 * theirs and (got[real].float() - ref[real].float()).abs().max() <= 2 * theirs
+
+
+@pytest.mark.parity
 def test_each_picture_part_moves_the_hidden_states(reference, ours, one_thread):
     # The parity above can fail: without the DeepStack features, or with Qwen2.5-VL's non-interleaved mRoPE,
     # the picture's tokens move well past its tolerance.
@@ -181,3 +197,41 @@ def test_a_config_from_another_model_is_one_line(folder, tmp_path, change, messa
     (copy / "model.safetensors").symlink_to(folder / "model.safetensors")
     with pytest.raises(QimgError, match=message):
         load_qwen3vl(copy, torch.float32, CPU)
+
+
+# Qwen3-VL-8B's text_encoder/config.json, the fields that size the model (Qwen-Image-2.1's text encoder).
+REAL = {
+    "model_type": "qwen3_vl", "image_token_id": 151655, "video_token_id": 151656,
+    "text_config": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+                    "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "attention_bias": False,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000, "mrope_interleaved": True,
+                                        "mrope_section": [24, 20, 20]}},
+    "vision_config": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                      "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24],
+                      "hidden_act": "gelu_pytorch_tanh", "in_channels": 3},
+}
+
+
+@pytest.mark.parity
+def test_keys_match_transformers_at_real_size():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from qimg.model import qwen3vl, qwen3vl_vision
+    from qimg.model.qwen3vl import Qwen3VLTextModel
+    from qimg.model.qwen3vl_vision import Qwen3VLVisionTower
+
+    text, vision = Qwen3VLTextConfig.from_dict(REAL), Qwen3VLVisionConfig.from_dict(REAL)
+    assert text == Qwen3VLTextConfig() and vision == Qwen3VLVisionConfig()
+    with torch.device("meta"):
+        ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**{k: v for k, v in REAL.items() if k != "model_type"}))
+        ours = {"text": Qwen3VLTextModel(text), "vision": Qwen3VLVisionTower(vision)}
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    for part, remap in [("text", qwen3vl.remap_keys), ("vision", qwen3vl_vision.remap_keys)]:
+        expected = {remap(k): s for k, s in shapes.items() if remap(k)}
+        assert {k: tuple(v.shape) for k, v in ours[part].state_dict().items()} == expected
+    skipped = {k for k in shapes if not qwen3vl.remap_keys(k) and not qwen3vl_vision.remap_keys(k)}
+    assert skipped == {"lm_head.weight", "model.language_model.norm.weight"}
+    params = sum(p.numel() for m in ours.values() for p in m.parameters())
+    assert params == 8_767_123_696 - 151936 * 4096 - 4096  # the checkpoint's count, less lm_head and the norm
