@@ -9,10 +9,14 @@ the outputs of the `deepstack_visual_indexes` blocks are merged by their own mer
 shuffle) into the DeepStack features the language model adds to its first layers. Module names are the
 checkpoint keys after `remap_keys`.
 
-For the engine:
-    encoder = weights.qwen3vl.load_qwen3vl(folder / "text_encoder", dtype, device)   # a Qwen3VLEncoder
-    rows, grid = qwen3vl_image.preprocess(picture, image_cfg)                         # per picture
-    hidden = encoder(input_ids, attention_mask, pixel_values, grids)                  # (B, N, hidden)
+For the engine (model/qwen3vl_image.py cuts the pictures, weights/qwen3vl.py loads the model):
+    encoder = load_qwen3vl(folder / "text_encoder", dtype, device)          # a Qwen3VLEncoder
+    image_cfg = load_image_config(folder / "processor", encoder.visual.cfg)
+    rows, grid = qwen3vl_image.preprocess(picture, image_cfg)               # per picture, PIL RGBA or RGB
+    hidden = encoder(input_ids, attention_mask, pixel_values, grids)       # (B, N, hidden), before the norm
+input_ids carry each <|image_pad|> expanded to its picture's rows * cols / 4 tokens (the processor's expansion);
+pixel_values are the pictures' rows concatenated in that order, grids their (rows, cols). mm_token_type_ids are
+not needed: the picture tokens are where input_ids hold the config's image_token_id.
 """
 
 import dataclasses
