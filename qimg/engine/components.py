@@ -19,12 +19,15 @@ import torch
 
 from qimg import option_values
 from qimg.cache import Store
-from qimg.engine.memory import resident_bytes
+from qimg.engine import placement
+from qimg.engine.memory import activation_bytes, free_bytes, resident_bytes
 from qimg.errors import QimgError, UsageError
 from qimg.model.offload import place_for_streaming
-from qimg.model.qwen2 import Qwen2Config
+from qimg.model.qwen2 import Qwen2Config, Qwen2Model
+from qimg.model.split import place_split
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 from qimg.model.vae import QwenImageVAE, VAEConfig
+from qimg.model.vision import VisionConfig, VisionTower
 from qimg.option_values import ATTENTION, OFFLOAD, TILING
 from qimg.sampling import ScheduleConfig
 from qimg.weights import lora
@@ -86,7 +89,7 @@ def check_default(file: Path, name: str, value, default) -> None:
                         f"not {value!r}")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "--device") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -96,16 +99,22 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+        raise UsageError(f"{option} {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"{option} {name}: CUDA is not available here; use cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise UsageError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+        raise UsageError(f"{option} {name}: MPS is not available here; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+        raise UsageError(f"{option} {name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
     return device
+
+
+def pick_devices(names: tuple[str, ...]) -> tuple[torch.device, ...]:
+    """--devices: each a device of this machine (cuda alone is cuda:0); a name may repeat."""
+    devices = tuple(pick_device(name, "--devices") for name in names)
+    return tuple(torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d for d in devices)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -140,6 +149,8 @@ class Loading:
     transformer: Path | None = None
     dequantize: bool | None = None
     quantize: str = "none"
+    devices: tuple[str, ...] = ()  # --devices: the layer split over these (placement.py); () = one device
+    split: tuple[int, ...] = ()  # --split: blocks per device; () = sized by each device's free memory
 
 
 class Components:
@@ -151,7 +162,13 @@ class Components:
         self.cache = cache
         self.prompts_encoded = 0  # prompts the text encoder has run on, cache misses included
         self.calls = 0  # transformer samples run (a CFG pair counts 2): a job's share is the difference
-        self.device = pick_device(device)
+        self.devices = pick_devices(loading.devices)
+        if self.devices and loading.offload == "blocks":
+            raise UsageError("--devices does not combine with --offload blocks: the blocks already live on the devices")
+        if loading.split and not self.devices:
+            raise UsageError("--split goes with --devices (the devices the blocks are split over)")
+        self.split = loading.split
+        self.device = self.devices[0] if self.devices else pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.offload = check_choice("--offload", loading.offload, OFFLOAD)
         self.attention = check_choice("--attention", loading.attention, ATTENTION)
@@ -161,6 +178,8 @@ class Components:
         self.compile = loading.compile
         transformer = Path(loading.transformer) if loading.transformer else None
         self.source = Source(transformer, loading.dequantize, loading.quantize)
+        if self.devices:  # loaded on the CPU, then split: packed or not as on the first device
+            self.source = Source(transformer, self.source.unpacks(self.device), loading.quantize)
         self.defaults = Defaults.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
@@ -174,10 +193,11 @@ class Components:
     def text(self):
         """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
+            device = self.place("text")
             if not self.kind.edits:
-                self._text = load_text_encoder(self.folder, self.dtype, self.device)
+                self._text = load_text_encoder(self.folder, self.dtype, device)
             else:
-                self._text = load_instruct_encoder(self.folder, self.dtype, self.device, plus=self.kind.plus)
+                self._text = load_instruct_encoder(self.folder, self.dtype, device, plus=self.kind.plus)
         return self._text
 
     @cached_property
@@ -189,12 +209,15 @@ class Components:
     def transformer(self) -> QwenImageTransformer:
         if self._transformer is None:
             cfg = self._config(TransformerConfig, "transformer")
-            streamed = self.offload == "blocks"
+            on_cpu = self.offload == "blocks" or bool(self.devices)
             transformer = load_transformer(cfg, self.folder / "transformer", self.source, self.dtype,
-                                           torch.device("cpu") if streamed else self.device)
+                                           torch.device("cpu") if on_cpu else self.device)
             apply_adapters(transformer, [one.adapters for one in self.loras])
-            if streamed:
+            if self.offload == "blocks":
                 place_for_streaming(transformer, self.device)
+            if self.devices:
+                stages = [(d, a, b) for d, (a, b) in zip(self.devices, self.placement.ranges)]
+                place_split(transformer, stages, self.device)
             if self.compile:
                 transformer.compile_blocks()
             self._transformer = transformer
@@ -205,9 +228,34 @@ class Components:
         generates from noise, never loads the encoder."""
         if part not in self._vae:
             cfg = self._config(VAEConfig, "vae")
-            self._vae[part] = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype, self.device,
-                                          only=VAE_PARTS[part])
+            self._vae[part] = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype,
+                                          self.place("vae"), only=VAE_PARTS[part])
         return self._vae[part]
+
+    def place(self, component: str) -> torch.device:
+        """Where the text encoder ("text") or the VAE ("vae") runs: the device, or under --devices the plan's."""
+        if not self.devices:
+            return self.device
+        return torch.device(getattr(self.placement, component))
+
+    @cached_property
+    def placement(self) -> placement.Placement:
+        """The layer split over --devices, sized by the devices' free memory now (before anything loads) or by
+        --split, from the weights' sizes (headers and configs only)."""
+        cfg, vae_cfg = self._config(TransformerConfig, "transformer"), self._config(VAEConfig, "vae")
+        sizes = tensor_sizes(cfg, self.folder / "transformer", self.source, self.dtype, self.device)
+        blocks, rest = placement.by_block(sizes)
+        side = math.isqrt(self.defaults.max_pixels) // 16 * 16  # working memory for the model's default area
+        text_cfg = self._config(Qwen2Config, "text_encoder")
+        vision_cfg = self._config(VisionConfig, "text_encoder") if self.kind.edits else None
+        with torch.device("meta"):
+            text = [Qwen2Model(text_cfg)] + ([VisionTower(vision_cfg)] if vision_cfg else [])
+            text_bytes = sum(placement.module_bytes(m, self.dtype.itemsize) for m in text)
+            vae_bytes = placement.module_bytes(QwenImageVAE(vae_cfg), self.dtype.itemsize)
+        needs = placement.Needs(blocks, rest, text_bytes, vae_bytes,
+                                activation_bytes(side, side, cfg, vae_cfg, self.dtype.itemsize))
+        names = [str(d) for d in self.devices]
+        return placement.plan(names, needs, {name: free_bytes(torch.device(name)) for name in names}, self.split)
 
     @cached_property
     def layers(self) -> dict[str, tuple[int, int]]:
@@ -255,6 +303,8 @@ class Components:
     @cached_property
     def weight_bytes(self) -> int:
         """The transformer's weights resident on the device, at their packed sizes (read from the headers)."""
+        if self.devices:  # the first device's share of the split
+            return sum(n for d, n in zip(self.devices, self.placement.weights) if d == self.device)
         sizes = tensor_sizes(self._config(TransformerConfig, "transformer"), self.folder / "transformer", self.source,
                              self.dtype, self.device)
         return resident_bytes(sizes, self.offload == "blocks" and self.device.type != "cpu")
@@ -262,14 +312,14 @@ class Components:
     def _release(self, component: str) -> None:
         """With offload=model, free a component ("text", "transformer", or the VAE's "encoder" or "decoder") once
         its part of the job is done; it reloads when next needed."""
-        if self.offload != "model":
+        if self.offload != "model" and not (component == "text" and self.devices and self.placement.text_released):
             return
         if component in VAE_PARTS:
             self._vae.pop(component, None)
         else:
             setattr(self, f"_{component}", None)
         gc.collect()
-        if self.device.type == "cuda":
+        if any(d.type == "cuda" for d in (self.device, *self.devices)):
             torch.cuda.empty_cache()
 
     def _attention_backend(self):

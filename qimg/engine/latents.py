@@ -262,7 +262,7 @@ class Sampler(Components):
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3), sides multiples of 16, to a normalized latent (1, 16, H/8, W/8)."""
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
-        z = self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
+        z = self.vae("encoder").encode(x.to(self.place("vae"), self.dtype)).float()
         self._release("encoder")
         return finite(z, self.dtype)
 
@@ -272,7 +272,7 @@ class Sampler(Components):
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
-        z = latent.to(self.device, self.dtype)
+        z = latent.to(self.place("vae"), self.dtype)
         decoder = self.vae("decoder")
         if self.tiled(8 * z.shape[-1], 8 * z.shape[-2]):
             x = tiled_decode(decoder.decode, z, TILE, TILE_OVERLAP)

@@ -69,6 +69,21 @@ def device_bytes(device: torch.device) -> int | None:
     return None
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on the device now (MemAvailable for the CPU), or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return device_bytes(device)
+
+
 def gigabytes(n: float) -> str:
     return f"{n / 2**30:,.1f} GB" if n < 2**40 * 10 else f"{n / 2**40:,.0f} TB"
 
