@@ -32,6 +32,7 @@ from qimg.cli.options import (
     ContextOpt,
     DequantizeOpt,
     DeviceOpt,
+    DevicesOpt,
     DtypeOpt,
     FeatherOpt,
     ImagesArg,
@@ -60,6 +61,7 @@ from qimg.cli.options import (
     ShiftOpt,
     SizeOpt,
     SkipExistingOpt,
+    SplitOpt,
     StepsOpt,
     StrengthOpt,
     TilingOpt,
@@ -126,6 +128,7 @@ def generate(
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    devices: DevicesOpt = None, split: SplitOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT, show_default="the working folder",
                                                     help="With --prompts: the folder for the outputs.")] = None,
     skip_existing: Annotated[bool, typer.Option(
@@ -178,6 +181,7 @@ def inpaint(
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    devices: DevicesOpt = None, split: SplitOpt = None,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
@@ -211,6 +215,7 @@ def outpaint(
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    devices: DevicesOpt = None, split: SplitOpt = None,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
@@ -261,6 +266,7 @@ def edit(
     reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None, no_worker: NoWorkerOpt = False,
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    devices: DevicesOpt = None, split: SplitOpt = None,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
@@ -293,7 +299,8 @@ def chain(
     vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None,
     no_worker: NoWorkerOpt = False, preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None,
     lora: LoraOpt = None, shift: ShiftOpt = None, transformer: TransformerOpt = None,
-    dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
+    dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none", devices: DevicesOpt = None,
+    split: SplitOpt = None,
 ):
     """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
     latent carried in memory between them.

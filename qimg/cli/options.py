@@ -32,6 +32,23 @@ def device_name(value: str) -> str:
     return value
 
 
+def devices_value(value: Optional[str]) -> Optional[str]:
+    """--devices: a comma list of cpu, mps, cuda or cuda:N (a device may repeat)."""
+    if value is not None:
+        for name in value.split(","):
+            if not re.fullmatch(r"cpu|mps|cuda(:\d{1,3})?", name.strip()):
+                raise typer.BadParameter(f"{name.strip()!r} is not a device (cpu, cuda, cuda:N, mps); give them "
+                                         "separated by commas, e.g. cuda:0,cuda:1")
+    return value
+
+
+def split_value(value: Optional[str]) -> Optional[str]:
+    """--split: whole numbers separated by commas, one per --devices entry."""
+    if value is not None and not re.fullmatch(r"\s*\d{1,4}\s*(,\s*\d{1,4}\s*)*", value):
+        raise typer.BadParameter(f"{value!r} is not block counts separated by commas, e.g. 30,30")
+    return value
+
+
 def size_value(value: Optional[str]) -> Optional[tuple[int, int]]:
     """--size as (width, height), multiples of 16, parsed as the job is built; a UsageError names --size."""
     return parse_size(value) if value is not None else None
@@ -156,4 +173,11 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option(
 RetriesOpt = Annotated[int, typer.Option(
     min=0, max=100, rich_help_panel=SCALE,
     help="With --ray: run a file whose actor failed or was lost again on another, this many times.")]
+DevicesOpt = Annotated[Optional[str], typer.Option(
+    callback=devices_value, rich_help_panel=SCALE, show_default="one device, --device",
+    help="Split the transformer's blocks over these devices in this process (cuda:0,cuda:1; a device may repeat), "
+         "sized by their free memory; prints the placement.")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    callback=split_value, rich_help_panel=SCALE, show_default="by free memory",
+    help="With --devices: the transformer blocks each device takes, e.g. 30,30.")]
 Anchor = Literal[ANCHORS]

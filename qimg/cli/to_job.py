@@ -19,7 +19,19 @@ def model_of(p: dict, part=None) -> spec.ModelSpec:
     return spec.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
                           p["dequantize"], p["quantize"], part.local_rank if part is not None else None,
-                          given_by("transformer") is ParameterSource.ENVIRONMENT)
+                          given_by("transformer") is ParameterSource.ENVIRONMENT, *devices_of(p))
+
+
+def devices_of(p: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """--devices and --split as tuples (empty: one device), refused with --device or each other's absence."""
+    if p["devices"] is None:
+        if p["split"] is not None:
+            raise UsageError(f"--split {p['split']} goes with --devices (the devices the blocks are split over)")
+        return (), ()
+    if p["device"] != "auto":
+        raise UsageError(f"give --device {p['device']} or --devices {p['devices']}, not both")
+    devices = tuple(name.strip() for name in p["devices"].split(","))
+    return devices, tuple(int(n) for n in p["split"].split(",")) if p["split"] is not None else ()
 
 
 def given_by(name: str):

@@ -90,6 +90,7 @@ def check_default(file: Path, name: str, value, default) -> None:
 
 
 def pick_device(name: str, option: str = "--device") -> torch.device:
+    cpu = "--device cpu" if option == "--device" else "cpu"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -101,11 +102,11 @@ def pick_device(name: str, option: str = "--device") -> torch.device:
     except RuntimeError:
         raise UsageError(f"{option} {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"{option} {name}: CUDA is not available here; use cpu")
+        raise UsageError(f"{option} {name}: CUDA is not available here; use {cpu}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{option} {name}: MPS is not available here; use cpu")
+        raise UsageError(f"{option} {name}: MPS is not available here; use {cpu}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"{option} {name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
     return device
@@ -165,8 +166,6 @@ class Components:
         self.devices = pick_devices(loading.devices)
         if self.devices and loading.offload == "blocks":
             raise UsageError("--devices does not combine with --offload blocks: the blocks already live on the devices")
-        if loading.split and not self.devices:
-            raise UsageError("--split goes with --devices (the devices the blocks are split over)")
         self.split = loading.split
         self.device = self.devices[0] if self.devices else pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)

@@ -57,20 +57,25 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     same numbers (jobs/kept_engine.py), then serving this job's cache."""
     import torch
 
-    from qimg.engine.components import DTYPES, Loading, pick_device, pick_dtype
+    from qimg.engine.components import DTYPES, Loading, pick_device, pick_devices, pick_dtype
     from qimg.engine.engine import Engine
     from qimg.jobs import kept_engine
     from qimg.weights.lora import identity
 
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
-    if spec.device == "auto":
+    if spec.devices:  # the layer split's first device holds the layers around the blocks
+        device = pick_devices(spec.devices)[0]
+    elif spec.device == "auto":
         device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
     key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
     engine = kept_engine.engine(folder, str(device), dtype, key,
                                 lambda: Engine(folder, str(device), dtype, store, Loading(loras=spec.loras, **speed)))
     engine.cache = store
+    if engine.devices:
+        for line in engine.placement.lines():
+            say(f"qimg: {line}")
     return engine
 
 

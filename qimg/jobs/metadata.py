@@ -41,7 +41,8 @@ def output_params(command: str, engine, job, lineage: Optional[list] = None, fil
                   model=model_name(job.model.model, engine.folder), model_fingerprint=engine.model_fingerprint,
                   **source, loras=[one.record() for one in engine.loras], preset=preset_of(job.preset),
                   lineage=[{**entry, "preset": preset_of(entry.get("preset"))} for entry in lineage or []])
-    local = {**{k: _each(v, str) for k, v in files.items()}, "model": str(engine.folder), "preset": job.preset}
+    local = {**{k: _each(v, str) for k, v in files.items()}, "model": str(engine.folder), "preset": job.preset,
+             **({"placement": engine.placement.as_dict()} if engine.devices else {})}
     return Params({**public, **local}, shown(public, job.output.metadata))
 
 

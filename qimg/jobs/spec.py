@@ -29,13 +29,15 @@ class ModelSpec:
     quantize: str = "none"  # fp8: pack the transformer's block weights at load
     local_rank: Optional[int] = None  # torchrun's LOCAL_RANK (--shard auto): with device auto, that GPU
     transformer_from_env: bool = False  # the transformer file came from $QIMG_TRANSFORMER, not --transformer
+    devices: tuple[str, ...] = ()  # --devices: the transformer's blocks split over these; (): one device
+    split: tuple[int, ...] = ()  # --split: blocks per device; (): by their free memory
 
     def speed(self) -> dict:
         """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:
         the worker keys its kept engine off it)."""
         return dict(offload=self.offload, compile=self.compile, attention=self.attention, vae_tiling=self.vae_tiling,
                     transformer=os.path.abspath(self.transformer) if self.transformer else None,
-                    dequantize=self.dequantize, quantize=self.quantize)
+                    dequantize=self.dequantize, quantize=self.quantize, devices=self.devices, split=self.split)
 
 
 @dataclass(frozen=True)
