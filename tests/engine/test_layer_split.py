@@ -1,0 +1,93 @@
+"""--devices: the transformer's blocks split over devices in one process give the single-device result byte for
+byte (two names of the CPU, as a machine without GPUs can test): generate with a LoRA on packed fp8 layers,
+previews and the caches, inpaint with the attention mask (pixels outside the mask the input's), an Edit-2511
+edit with a reference picture; the plan printed and in --json; the refusals."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import lightning_lora, lora_layers, one_line, pixels
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data
+
+from qimg.engine.components import Loading
+from qimg.engine.engine import Engine
+from qimg.engine.request import Sampling
+from qimg.model.split import BlockSplit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SPLIT = ("--devices", "cpu,cpu")
+
+
+def run(cli, *args):
+    code, out, err = cli(*args, "--no-worker", "--json")
+    assert code == 0, err
+    return out, err
+
+
+@pytest.mark.slow
+def test_generate_split_is_byte_identical_with_a_lora_on_packed_layers_previews_and_caches(tiny_model_dir, tmp_path,
+                                                                                          cli):
+    lora = tmp_path / "lightning.safetensors"
+    save_file(lightning_lora(lora_layers(tiny_model_dir), std=0.05), lora)
+    args = ("generate", "-m", tiny_model_dir, "-p", "a red circle", "--size", "64x48", "--steps", 3, "--seed", 5,
+            "--lora", lora, "--quantize", "fp8", "--no-dequantize", "--preview-every", 1)
+    run(cli, *args, "-o", tmp_path / "one.png", "--preview", tmp_path / "one-preview.png")
+    out, err = run(cli, *args, *SPLIT, "-o", tmp_path / "two.png", "--preview", tmp_path / "two-preview.png")
+    one = pixels(tmp_path / "one.png")
+    assert one.std() > 1 and np.array_equal(pixels(tmp_path / "two.png"), one)
+    assert np.array_equal(pixels(tmp_path / "two-preview.png"), pixels(tmp_path / "one-preview.png"))
+    report = json.loads(out)
+    assert report["prompt_cache"] == "hit"  # the first run's embedding, on the split engine
+    assert [d["blocks"] for d in report["placement"]["devices"]] == [[0, 1], [1, 2]]
+    assert report["placement"]["text_encoder"] == {"device": "cpu", "released": False}
+    assert "qimg: cpu: blocks 0-0 (1)" in err and "qimg: text encoder: cpu (stays loaded); VAE: cpu" in err
+
+
+@pytest.mark.slow
+def test_inpaint_split_is_byte_identical_and_keeps_the_pixels_outside_the_mask(tiny_model_dir):
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mask = np.zeros((48, 64), np.float32)
+    mask[8:24, 16:40] = 1
+    job = dict(sampling=Sampling("a red circle", " ", steps=2, cfg=4.0, seed=3), attn_mask=True)
+    one = Engine(tiny_model_dir, "cpu", "float32").inpaint(image, mask, **job).image
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(devices=("cpu", "cpu"), split=(1, 1)))
+    two = engine.inpaint(image, mask, **job).image
+    assert np.array_equal(two, one) and not np.array_equal(two[mask > 0], image[mask > 0])
+    assert np.array_equal(two[mask == 0], image[mask == 0])
+    split = engine.transformer.run_blocks
+    assert isinstance(split, BlockSplit) and [(a, b) for _, a, b in split.stages] == [(0, 1), (1, 2)]
+
+
+@pytest.mark.slow
+def test_edit_2511_with_a_reference_picture_split_is_byte_identical(tiny_2511_dir, tmp_path, cli):
+    photo, ref = tmp_path / "photo.png", tmp_path / "ref.png"
+    Image.fromarray(data.astronaut()).crop((0, 0, 400, 240)).resize((96, 64)).save(photo)
+    Image.fromarray(data.astronaut()).crop((200, 100, 400, 400)).resize((64, 96)).save(ref)
+    args = ("edit", photo, "--ref", ref, "-m", tiny_2511_dir, "-p", "put the lamp from picture 2 on the table",
+            "--edit-area", 96 * 64, "--vision-area", 64 * 64, "--steps", 2, "--seed", 11, "--no-cache")
+    run(cli, *args, "-o", tmp_path / "one.png")
+    run(cli, *args, *SPLIT, "--split", "1,1", "-o", tmp_path / "two.png")
+    one = pixels(tmp_path / "one.png")
+    assert one.std() > 1 and np.array_equal(pixels(tmp_path / "two.png"), one)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("--devices", "cpu,tpu"), ("--devices", "'tpu' is not a device")),
+    (("--devices", "cpu,cuda:1"), ("--devices cuda:1", "not available")),
+    (("--split", "1,1"), ("--split 1,1 goes with --devices",)),
+    (("--devices", "cpu,cpu", "--device", "cpu"), ("give --device cpu or --devices cpu,cpu, not both",)),
+    (("--devices", "cpu,cpu", "--split", "2,1"), ("--split 2,1 adds up to 3, and the model has 2",)),
+    (("--devices", "cpu,cpu", "--split", "2"), ("gives 1 block counts for 2 --devices",)),
+    (("--devices", "cpu,cpu", "--split", "1,x"), ("--split", "not block counts")),
+    (("--devices", "cpu,cpu,cpu"), ("3 devices for 2 transformer blocks",)),
+    (("--devices", "cpu,cpu", "--offload", "blocks"), ("--devices does not combine with --offload blocks",)),
+])
+def test_refusals_are_one_usage_line(tiny_model_dir, tmp_path, cli, args, fragments):
+    code, out, err = cli("generate", "-m", tiny_model_dir, "-p", "x", "--size", "32x32", "--steps", 1,
+                         "-o", tmp_path / "o.png", "--no-worker", *args)
+    assert code == 2 and out == ""
+    one_line(err, *fragments)
+    assert not (tmp_path / "o.png").exists()
