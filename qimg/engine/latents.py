@@ -262,7 +262,7 @@ class Sampler(Components):
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3), sides multiples of 16, to a normalized latent (1, 16, H/8, W/8)."""
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1  # the reference's preprocess
-        z = self.vae("encoder").encode(x.to(self.place("vae"), self.dtype)).float()
+        z = self.vae("encoder").encode(x.to(self.place("vae"), self.dtype)).float().to(self.device)
         self._release("encoder")
         return finite(z, self.dtype)
 

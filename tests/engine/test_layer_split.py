@@ -74,6 +74,17 @@ def test_edit_2511_with_a_reference_picture_split_is_byte_identical(tiny_2511_di
     assert one.std() > 1 and np.array_equal(pixels(tmp_path / "two.png"), one)
 
 
+def test_a_preset_gives_the_devices_and_the_split(tiny_model_dir, tmp_path, cli):
+    preset = tmp_path / "two.yaml"
+    preset.write_text("devices: cpu,cpu\nsplit: 2,0\n")
+    code, _, err = cli("generate", "-m", tiny_model_dir, "-p", "x", "--preset", preset, "--no-worker")
+    assert code == 2
+    one_line(err, "--split 2,0: every device takes at least one block")
+    preset.write_text("devices: cpu,cpu\nsplit: 1,1\nsteps: 1\nsize: 32x32\n")
+    out, _ = run(cli, "generate", "-m", tiny_model_dir, "-p", "x", "--preset", preset, "-o", tmp_path / "o.png")
+    assert [d["blocks"] for d in json.loads(out)["placement"]["devices"]] == [[0, 1], [1, 2]]
+
+
 @pytest.mark.parametrize("args, fragments", [
     (("--devices", "cpu,tpu"), ("--devices", "'tpu' is not a device")),
     (("--devices", "cpu,cuda:1"), ("--devices cuda:1", "not available")),
