@@ -4,6 +4,7 @@ previews and the caches, inpaint with the attention mask (pixels outside the mas
 edit with a reference picture; the plan printed and in --json; the refusals."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -59,6 +60,19 @@ def test_inpaint_split_is_byte_identical_and_keeps_the_pixels_outside_the_mask(t
     assert np.array_equal(two[mask == 0], image[mask == 0])
     split = engine.transformer.run_blocks
     assert isinstance(split, BlockSplit) and [(a, b) for _, a, b in split.stages] == [(0, 1), (1, 2)]
+
+
+@pytest.mark.slow
+def test_a_text_encoder_the_plan_releases_encodes_first_and_model_offload_reloads_the_split(tiny_model_dir):
+    job = dict(sampling=Sampling("a red circle", " ", steps=2, cfg=4.0, seed=3), width=64, height=48)
+    one = Engine(tiny_model_dir, "cpu", "float32").generate(**job).image
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(devices=("cpu", "cpu")))
+    engine.placement = replace(engine.placement, text_released=True)  # as when it does not fit beside the blocks
+    assert np.array_equal(engine.generate(**job).image, one)
+    assert engine._text is None and engine._transformer is not None
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload="model", devices=("cpu", "cpu")))
+    for _ in range(2):  # the transformer freed after each run, split again when it reloads
+        assert np.array_equal(engine.generate(**job).image, one) and engine._transformer is None
 
 
 @pytest.mark.slow
