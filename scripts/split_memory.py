@@ -61,7 +61,8 @@ def main() -> None:
     print()
     print("| component | GB (bfloat16) |")
     print("|---|---|")
-    print(f"| text encoder, Qwen-Image (Qwen2.5-VL-7B language model as qimg loads it: no output head) | {language / GB:.1f} |")
+    print("| text encoder, Qwen-Image (Qwen2.5-VL-7B language model as qimg loads it: no output head) | "
+          f"{language / GB:.1f} |")
     print(f"| text encoder, Edit models (language model and vision tower) | {(language + vision) / GB:.1f} |")
     print(f"| VAE (encoder and decoder) | {vae / GB:.2f} |")
     print(f"| working memory per device at 1024x1024 (engine/memory.py's estimate) | {working / GB:.1f} |")

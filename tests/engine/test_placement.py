@@ -3,6 +3,8 @@
 
 import itertools
 import random
+import runpy
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,12 @@ def test_by_block_groups_the_weights():
     sizes |= {f"transformer_blocks.{i}.a": 1 for i in range(2, 10)}
     blocks, rest = by_block(sizes)
     assert blocks[:2] == [4, 2] and blocks[10] == 7 and len(blocks) == 11 and rest == 6
+
+
+@pytest.mark.slow
+def test_the_memory_table_in_the_docs_is_what_the_script_prints(capsys):
+    root = Path(__file__).resolve().parents[2]
+    runpy.run_path(str(root / "scripts" / "split_memory.py"), run_name="__main__")
+    printed = capsys.readouterr().out.strip()
+    assert "| bf16 | 2 | 30,30 | 19.1 |" in printed
+    assert printed in (root / "docs" / "parallel.md").read_text(), "run python scripts/split_memory.py"
