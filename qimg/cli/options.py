@@ -89,6 +89,13 @@ ModelOpt = Annotated[Optional[str], typer.Option(
                                  "builtin: the small shapes model.")]
 DeviceOpt = Annotated[str, typer.Option(callback=device_name, rich_help_panel=MODEL,
                                         help="Where to run: auto, cpu, cuda, cuda:N or mps.")]
+DevicesOpt = Annotated[Optional[str], typer.Option(
+    callback=devices_value, rich_help_panel=SCALE, show_default="one device, --device",
+    help="Split the transformer's blocks over these devices in this process (cuda:0,cuda:1; a device may repeat), "
+         "sized by their free memory; prints the placement.")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    callback=split_value, rich_help_panel=SCALE, show_default="by free memory",
+    help="With --devices: the transformer blocks each device takes, e.g. 30,30.")]
 DtypeOpt = Annotated[Literal[("auto", *DTYPES)], typer.Option(
     rich_help_panel=MODEL, help="Number format; auto: bfloat16 on GPUs, float32 on CPU.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", rich_help_panel=OUTPUT,
@@ -173,11 +180,4 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option(
 RetriesOpt = Annotated[int, typer.Option(
     min=0, max=100, rich_help_panel=SCALE,
     help="With --ray: run a file whose actor failed or was lost again on another, this many times.")]
-DevicesOpt = Annotated[Optional[str], typer.Option(
-    callback=devices_value, rich_help_panel=SCALE, show_default="one device, --device",
-    help="Split the transformer's blocks over these devices in this process (cuda:0,cuda:1; a device may repeat), "
-         "sized by their free memory; prints the placement.")]
-SplitOpt = Annotated[Optional[str], typer.Option(
-    callback=split_value, rich_help_panel=SCALE, show_default="by free memory",
-    help="With --devices: the transformer blocks each device takes, e.g. 30,30.")]
 Anchor = Literal[ANCHORS]
