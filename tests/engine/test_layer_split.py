@@ -88,6 +88,7 @@ def test_edit_2511_with_a_reference_picture_split_is_byte_identical(tiny_2511_di
     assert one.std() > 1 and np.array_equal(pixels(tmp_path / "two.png"), one)
 
 
+@pytest.mark.slow
 def test_a_preset_gives_the_devices_and_the_split(tiny_model_dir, tmp_path, cli):
     preset = tmp_path / "two.yaml"
     preset.write_text("devices: cpu,cpu\nsplit: 2,0\n")
