@@ -187,10 +187,10 @@ class RMSNorm(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, bias: bool = True):  # Qwen-Image-2.1's has no biases
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim, bias=bias)
+        self.linear_2 = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
