@@ -88,13 +88,14 @@ class RMSNorm(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, conv=CausalConv3d):
+        # conv: (in, out, kernel) -> a same-size conv; Qwen-Image-2.1's VAE stores plain 2D ones (vae21.conv2d)
         super().__init__()
         self.norm1 = RMSNorm(in_dim)
-        self.conv1 = CausalConv3d(in_dim, out_dim, 3)
+        self.conv1 = conv(in_dim, out_dim, 3)
         self.norm2 = RMSNorm(out_dim)
-        self.conv2 = CausalConv3d(out_dim, out_dim, 3)
-        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        self.conv2 = conv(out_dim, out_dim, 3)
+        self.conv_shortcut = conv(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -138,9 +139,9 @@ class Resample(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, conv=CausalConv3d):
         super().__init__()
-        self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, conv), ResidualBlock(dim, dim, conv)])
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
     def forward(self, x: Tensor) -> Tensor:
