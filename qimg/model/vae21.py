@@ -80,7 +80,8 @@ class VAE21Config:
     @classmethod
     def tiny(cls) -> "VAE21Config":
         return cls(base_dim=8, decoder_base_dim=12, z_dim=8, dim_mult=(1, 2, 2, 2, 2),
-                   latents_mean=tuple(0.1 * i - 0.3 for i in range(8)), latents_std=tuple(1 + 0.2 * i for i in range(8)))
+                   latents_mean=tuple(0.1 * i - 0.3 for i in range(8)),
+                   latents_std=tuple(1 + 0.2 * i for i in range(8)))
 
 
 def conv2d(in_dim: int, out_dim: int, kernel: int) -> nn.Conv2d:
