@@ -7,9 +7,11 @@ stay packed in memory and unpack on each forward (model/quant.py), except with `
 the CPU, where unpacking every step costs more than the memory it saves): then each weight unpacks once, here.
 """
 
+import dataclasses
 import math
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,13 +22,15 @@ from torch import nn
 from qimg.errors import QimgError, QimgWarning, UsageError
 from qimg.model.quant import BLOCKS, FP8, PackedLinear, dequantize, packed_size, quantize_fp8
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.model.transformer21 import QwenImage21Transformer, Transformer21Config
 from qimg.option_values import QUANTIZE
 from qimg.small_files import sha256_of
 from qimg.weights.fingerprint import fingerprint
 from qimg.weights.folders import Contents, check_keys, load_module
-from qimg.weights.single_file import Weight, folder_weights, open_weights
+from qimg.weights.single_file import Weight, Weights, folder_weights, open_weights
 
 QUANTIZED = "transformer_blocks."  # --quantize packs the blocks' linear layers; the small in/out layers stay dense
+FUSED_21 = ".img_mlp.gate_up.weight"  # ComfyUI's Qwen-Image-2.1 files: SwiGLU gate and up in one, gate rows first
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,21 @@ class Source:
         return "-".join(parts + ([f"quantize-{self.quantize}"] if self.quantize != "none" else []))
 
 
-def load_transformer(cfg: TransformerConfig, folder: Path, source: Source, dtype: torch.dtype,
+def build(cfg: TransformerConfig | Transformer21Config) -> nn.Module:
+    """The transformer a config describes: Qwen-Image's MMDiT or Qwen-Image-2.1's single stream."""
+    return QwenImage21Transformer(cfg) if isinstance(cfg, Transformer21Config) else QwenImageTransformer(cfg)
+
+
+def load_transformer(cfg: TransformerConfig | Transformer21Config, folder: Path, source: Source, dtype: torch.dtype,
                      device: torch.device) -> nn.Module:
     """The transformer of `cfg` with its weights from `source`, every key and shape checked."""
     if source.plain:
-        return load_module(lambda: QwenImageTransformer(cfg), folder, dtype, device)
+        return load_module(lambda: build(cfg), folder, dtype, device)
     with torch.device("meta"):
-        module = QwenImageTransformer(cfg)
+        module = build(cfg)
     expected = module.state_dict()
     unpack = source.unpacks(device)
-    with open_weights(source.file) if source.file else folder_weights(folder) as found:
+    with _opened(cfg, folder, source) as found:
         if found.skipped:
             warnings.warn(f"--transformer {found.path} is an all-in-one checkpoint: using its {len(found.weights)} "
                           f"transformer weights (model.diffusion_model.*), ignoring {found.skipped} keys of other "
@@ -86,6 +95,35 @@ def load_transformer(cfg: TransformerConfig, folder: Path, source: Source, dtype
         contents.all_zero(f"--transformer {source.file}" if source.file else folder)
     module.load_state_dict(state, assign=True)
     return module.eval().requires_grad_(False)
+
+
+@contextmanager
+def _opened(cfg, folder: Path, source: Source):
+    """The weights of `source` under the model's own key names."""
+    with open_weights(source.file) if source.file else folder_weights(folder) as found:
+        yield unfused(found) if isinstance(cfg, Transformer21Config) else found
+
+
+def unfused(found: Weights) -> Weights:
+    """A Qwen-Image-2.1 file's weights with ComfyUI's fused `img_mlp.gate_up` split into diffusers' `gate_layer`
+    (the first half of the rows) and `proj` (diffusers' convert_qwen_image21_transformer_checkpoint_to_diffusers).
+    Rows split whole in every format: a GGUF row is whole blocks, and an fp8 tensor's one scale serves both."""
+    weights = {}
+    for name, w in found.weights.items():
+        if not name.endswith(FUSED_21):
+            weights[name] = w
+            continue
+        if w.shape[0] % 2:
+            raise UsageError(f"--transformer {found.path}: {name} has {w.shape[0]} rows, not gate and up halves")
+        shape = (w.shape[0] // 2, *w.shape[1:])
+        for half, part in enumerate((".img_mlp.gate_layer.weight", ".img_mlp.proj.weight")):
+            weights[name.removesuffix(FUSED_21) + part] = dataclasses.replace(w, shape=shape,
+                                                                              read=partial(_rows, w.read, half))
+    return dataclasses.replace(found, weights=weights)
+
+
+def _rows(read, half: int) -> torch.Tensor:
+    return read().chunk(2, dim=0)[half]
 
 
 def _kind(name: str, w: Weight, quantize: str) -> str:
@@ -129,16 +167,16 @@ def _tensors(name: str, w: Weight, kind: str, packed: bool, dtype: torch.dtype, 
     return {name: data.to(device), **({} if scale is None else {f"{layer}.scale": scale.to(device)})}
 
 
-def tensor_sizes(cfg: TransformerConfig, folder: Path, source: Source, dtype: torch.dtype,
+def tensor_sizes(cfg: TransformerConfig | Transformer21Config, folder: Path, source: Source, dtype: torch.dtype,
                  device: torch.device) -> dict[str, int]:
     """Bytes per weight once loaded (packed sizes where they stay packed), from the file's header alone."""
     unpack, dense = source.unpacks(device), dtype.itemsize
     if source.file is None:
         with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in QwenImageTransformer(cfg).state_dict().items()}
+            shapes = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
         kinds = {k: _kind(k, Weight("dense", s, None), source.quantize) for k, s in shapes.items()}
     else:
-        with open_weights(source.file) as found:
+        with _opened(cfg, folder, source) as found:
             shapes = {k: w.shape for k, w in found.weights.items()}
             kinds = {k: _kind(k, w, source.quantize) for k, w in found.weights.items()}
     return {k: math.prod(shapes[k]) * dense if kind == "dense" or unpack else packed_size(kind, shapes[k])
