@@ -5,7 +5,7 @@ Layouts (`<m>` = the layer's name in the model, `transformer_blocks.3.attn.to_q`
   diffusers/PEFT  `transformer.<m>.lora_A.weight`, `.lora_B.weight`; scale from the header's PEFT config, else 1
   lightning       `<m>.lora_down.weight`, `.lora_up.weight`, `.alpha` (no prefix)
   kohya           `lora_unet_<m with _ for .>.lora_down.weight`, ...; LyCORIS `lycoris_<m_>` alike
-  comfyui         `diffusion_model.<m>.lora_A.weight` (+ `.alpha`)
+  comfyui         `diffusion_model.<m>.lora_A.weight` (+ `.alpha`); Qwen-Image-2.1's fused `img_mlp.gate_up` is split
   diffsynth       `<m>.lora_A.default.weight`
 and LoKr (`lokr_w1[_a/_b]`, `lokr_w2[_a/_b]`) and LoHa (`hada_w1_a/b`, `hada_w2_a/b`) under any of them.
 Scale rules (diffusers' conversion and ComfyUI's weight adapters agree): a `.alpha` tensor gives alpha / rank;
@@ -282,6 +282,8 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
     if other:
         raise UsageError(f"{what} is {refused(other[0])} ({listing(other)}); qimg applies LoRA, LoKr and LoHa only")
     config = peft_config(metadata, what)
+    if any(name.endswith(".img_mlp.gate_layer") for name in layers):
+        tensors = unfused(tensors, what)
     flat = {name.replace(".", "_"): name for name in layers}
     groups, unmatched, layouts = {}, [], set()
     for key in sorted(tensors):
@@ -335,6 +337,27 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
     names = {"lokr": "LoKr", "loha": "LoHa"}
     format = "+".join(sorted(layouts)) + "".join(f" {names[k]}" for k in sorted(kinds) if k in names)
     return format, adapters
+
+
+def unfused(tensors: dict, what: str) -> dict:
+    """Updates of a fused `img_mlp.gate_up` (ComfyUI's Qwen-Image-2.1 naming: SwiGLU gate and up in one layer,
+    gate rows first) as updates of the model's `gate_layer` and `proj`: the down factor and alpha shared, the up
+    factor's rows halved. Exact: the fused W[:h] += up[:h] @ down is gate_layer's update."""
+    out = {}
+    for key, t in tensors.items():
+        layer, suffix = split_key(key)
+        if suffix is None or not layer.endswith(("img_mlp.gate_up", "img_mlp_gate_up")):
+            out[key] = t
+            continue
+        kind, part = PARTS[suffix]
+        if kind not in (None, "lora"):
+            raise UsageError(f"{what}: {key} is a {kind} update of the fused gate_up layer; qimg splits only plain "
+                             "LoRAs on it")
+        if part == "up" and (t.ndim != 2 or t.shape[0] % 2):
+            raise UsageError(f"{what}: {key} has shape {list(t.shape)}, not the gate and up halves of gate_up")
+        for half, name in enumerate(("gate_layer", "proj")):
+            out[f"{layer.removesuffix('gate_up')}{name}.{suffix}"] = t.chunk(2)[half] if part == "up" else t
+    return out
 
 
 def complete(kind: str, factors: dict) -> bool:
