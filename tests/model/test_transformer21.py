@@ -134,3 +134,11 @@ def test_config_from_dict_refuses_unknown_keys():
         Transformer21Config.from_dict({"guidance_embeds": True})
     with pytest.raises(ValueError, match="patch_size 2"):
         Transformer21Config.from_dict({"patch_size": 2})
+
+
+def test_real_size_keys_and_shapes_are_the_references():
+    with torch.device("meta"):
+        ref = QwenImage21Transformer2DModel().state_dict()
+        ours = QwenImage21Transformer(Transformer21Config()).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert sum(v.numel() for v in ours.values()) > 6e9  # the 7B model

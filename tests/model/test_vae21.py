@@ -75,3 +75,10 @@ def test_refusals():
     with pytest.raises(ValueError, match="not a multiple of 16"):
         with torch.device("meta"):
             QwenImage21VAE(CFG).encode(torch.zeros(1, 4, 40, 32, device="meta"))
+
+
+def test_real_size_keys_and_shapes_are_the_references():
+    with torch.device("meta"):
+        ref = AutoencoderKLQwenImage21().state_dict()
+        ours = QwenImage21VAE(VAE21Config()).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in ref.items()}
