@@ -40,7 +40,7 @@ DEFAULT_MAX_BYTES = 2 * 1000**3
 MAX_BYTES = 1000**5  # 1 PB: the largest --cache-size taken
 HARD_CAP = 4 * 1000**3  # no entry (a latent, a prompt's embeddings, a chain's canvas) is larger
 FORMAT = 1  # the entry layout; an entry of another format is never read
-KINDS = ("prompt", "latent", "chain")
+KINDS = ("prompt", "latent", "chain", "mask")
 SUFFIX = ".safetensors"
 STALE_TMP_SECONDS = 24 * 3600  # temporary files this old were left by a crash
 TAG = "CACHEDIR.TAG"
@@ -121,6 +121,12 @@ def prompt_key(text: str, encoder_fingerprint: str, pictures: tuple[np.ndarray, 
     device it ran in, so a cached embedding gives the same image as a freshly computed one). An instruction
     for an Edit model is keyed by its text in the template and the pixels of the pictures it is encoded with."""
     return _digest("prompt", text, encoder_fingerprint, *map(array_hash, pictures))
+
+
+def mask_key(image: np.ndarray, phrases: tuple[str, ...], model_fingerprint: str, threshold: float) -> str:
+    """Key of a mask made from words: the image's pixels, the phrases in order, the segmentation model, the
+    threshold (before --invert-mask, --grow and --feather, which are cheap)."""
+    return _digest("mask", array_hash(image), json.dumps(list(phrases)), model_fingerprint, repr(float(threshold)))
 
 
 def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:

@@ -102,6 +102,13 @@ def grow(m: Mask, px: int) -> Mask:
     return out
 
 
+def adjust(m: Mask, invert_mask: bool, grow_px: int, feather_px: int) -> Mask:
+    """--invert-mask, --grow, --feather, in that order, each step dropping the last (a 4000x4000 mask is 64 MB)."""
+    m = invert(m) if invert_mask else m
+    m = grow(m, grow_px) if grow_px else m
+    return feather(m, feather_px) if feather_px else m
+
+
 def feather(m: Mask, px: int) -> Mask:
     """Soften the edge outwards: 1 at the mask's edge falling smoothly to 0 at `px` pixels outside it.
 
@@ -332,3 +339,36 @@ def ensure_not_empty(m: Mask, what: str) -> Mask:
     if selected_area(m) == 0:
         raise UsageError(f"{what} selects nothing: every pixel is 0 (keep), so there is nothing to regenerate")
     return m
+
+
+# --- Masks from words ------------------------------------------------------------------------------------
+
+
+def union_above(probabilities: np.ndarray, threshold: float) -> Mask:
+    """The union of phrases' regions: 1 where any phrase's probability (P, H, W) reaches the threshold."""
+    return (probabilities.max(axis=0) >= threshold).astype(np.float32)
+
+
+def pack(m: Mask) -> np.ndarray:
+    """A binary mask as bits (uint8, 8 pixels a byte): 1.5 MB for a 12-megapixel photo."""
+    return np.packbits(m.reshape(-1) > 0)
+
+
+def unpack(bits: np.ndarray, size: tuple[int, int]) -> Mask:
+    """pack's inverse, for a mask of size (W, H)."""
+    w, h = size
+    return np.unpackbits(bits, count=w * h).reshape(h, w).astype(np.float32)
+
+
+def box_of(m: Mask) -> Box | None:
+    """The bounding box of the pixels the mask touches, or None when it touches none."""
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def to_grey(m: Mask) -> np.ndarray:
+    """A mask as 8-bit grey (H, W): 0 keep, 255 regenerate, as a mask file is written (read back by
+    images.read_mask)."""
+    return np.round(m * 255).astype(np.uint8)

@@ -22,6 +22,7 @@ ANCHORS = ("center", "left", "right", "top", "bottom", "top-left", "top-right", 
 # --- Defaults ------------------------------------------------------------------------------------------------
 
 CACHE_SIZE = "2GB"  # --cache-size: the cache's cap
+MASK_THRESHOLD = 0.4  # --mask-threshold: a pixel is in a phrase's region from this probability up
 RAY_RETRIES = 2  # --retries: runs of a file whose Ray actor failed or was lost, on another
 CONTEXT = 64  # --context: pixels around the mask an inpaint on a large image shows the model
 

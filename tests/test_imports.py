@@ -4,7 +4,8 @@ qimg module takes part in an import circle (a circle broken only by import order
     layer (modules)                      may import (besides itself)
     entry (qimg.__main__)                cli
     cli (qimg.cli.*, cli.main included)  jobs, engine, sampling, masks, weights, model, worker, basics
-    jobs                                 engine, sampling, masks, weights, model, basics
+    jobs                                 engine, segment, sampling, masks, weights, model, basics
+    segment (masks from words)           weights, basics
     engine                               sampling, masks, weights, model, basics
     sampling, masks                      basics
     weights                              model, basics
@@ -28,7 +29,8 @@ BASICS = {"qimg", "qimg.errors", "qimg.small_files", "qimg.images", "qimg.cache"
 MAY_IMPORT = {
     "entry": {"cli"},
     "cli": {"jobs", "engine", "sampling", "masks", "weights", "model", "worker", "basics"},
-    "jobs": {"engine", "sampling", "masks", "weights", "model", "basics"},
+    "jobs": {"engine", "segment", "sampling", "masks", "weights", "model", "basics"},
+    "segment": {"weights", "basics"},
     "engine": {"sampling", "masks", "weights", "model", "basics"},
     "sampling": {"basics"},
     "masks": {"basics"},
@@ -151,3 +153,27 @@ def test_ray_is_imported_only_when_asked_for():
                 top_level.add(name)
     assert importers == {"qimg.jobs.ray_runner"} and top_level == set()
     assert "qimg.jobs.ray_runner" in graph()["qimg.cli.app"]  # the walk does see the lazy import
+
+
+
+def named(node) -> list[str]:
+    """The modules an import statement names (for `from a import b`: a and a.b)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
+
+
+def test_transformers_is_imported_only_for_masks_from_words():
+    # transformers is the optional extra qimg[masks]: only qimg.segment.providers imports it (besides the separate
+    # training tool, qimg[train]), and no module imports it, or providers, at its top level (where every run would).
+    importers, top_level = set(), set()
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        importers |= {name for node in ast.walk(tree) for n in named(node) if n.split(".")[0] == "transformers"}
+        top_level |= {name for node in tree.body for n in named(node)
+                      if n.split(".")[0] == "transformers" or n == "qimg.segment.providers"}
+    importers = {name for name in importers if layer(name) != "train"}
+    assert importers == {"qimg.segment.providers"} and top_level == set()
+    assert "qimg.segment.providers" in graph()["qimg.jobs.word_masks"]  # the walk does see the lazy import

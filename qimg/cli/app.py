@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException
 
-from qimg.cli import cache_commands, presets
+from qimg.cli import cache_commands, mask_command, presets
 from qimg.cli.options import (
     MASK,
     OUTPUT,
@@ -38,6 +38,9 @@ from qimg.cli.options import (
     ImagesArg,
     JsonOpt,
     LoraOpt,
+    MaskModelOpt,
+    MaskPromptOpt,
+    MaskThresholdOpt,
     MetadataOpt,
     ModelOpt,
     NegativeOpt,
@@ -56,6 +59,7 @@ from qimg.cli.options import (
     RayWorkersOpt,
     RetriesOpt,
     ReuseOpt,
+    SaveMaskOpt,
     SeedOpt,
     ShardOpt,
     ShiftOpt,
@@ -70,12 +74,22 @@ from qimg.cli.options import (
     to_size,
     utf8_text,
 )
-from qimg.cli.to_job import cache_of, edit_job, model_of, output_of, ray_of, shard_of, shortcuts_of, working_folder
+from qimg.cli.to_job import (
+    cache_of,
+    edit_job,
+    model_of,
+    output_of,
+    ray_of,
+    shard_of,
+    shortcuts_of,
+    words_of,
+    working_folder,
+)
 from qimg.cli.worker_commands import app as worker_app
 from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 from qimg.jobs import spec
 from qimg.jobs.report import Reporter, json_line, print_result
-from qimg.option_values import CACHE_SIZE, CONTEXT, RAY_RETRIES
+from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -171,7 +185,9 @@ def inpaint(
                                               help="Regenerate what the mask keeps and keep what it covers.")] = False,
     grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                       help="Dilate the mask by this many pixels.")] = 0,
-    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = CONTEXT,
+    feather: FeatherOpt = 0, mask_prompt: MaskPromptOpt = None, mask_model: MaskModelOpt = None,
+    mask_threshold: MaskThresholdOpt = MASK_THRESHOLD, save_mask: SaveMaskOpt = None,
+    strength: StrengthOpt = 1.0, attn_mask: AttnMaskOpt = "off", context: ContextOpt = CONTEXT,
     steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
     out_dir: OutDirOpt = None, skip_existing: SkipExistingOpt = False, overwrite: OverwriteOpt = False,
@@ -185,7 +201,8 @@ def inpaint(
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
-    shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather)
+    shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather,
+                             words_of(locals()), save_mask)
     execute(edit_job(shape, locals()), json_, ray_of(locals()))
 
 
@@ -245,7 +262,8 @@ def edit(
                                               help="Edit what the mask keeps and keep what it covers.")] = False,
     grow: Annotated[int, typer.Option(min=0, max=PIXELS, rich_help_panel=MASK,
                                       help="Dilate the mask by this many pixels.")] = 0,
-    feather: FeatherOpt = 0, strength: StrengthOpt = 1.0,
+    feather: FeatherOpt = 0, mask_prompt: MaskPromptOpt = None, mask_model: MaskModelOpt = None,
+    mask_threshold: MaskThresholdOpt = MASK_THRESHOLD, save_mask: SaveMaskOpt = None, strength: StrengthOpt = 1.0,
     size: Annotated[Optional[str], typer.Option(callback=any_size, rich_help_panel=SAMPLING, show_default="the input's",
                                                 help="Output WIDTHxHEIGHT (no mask).")] = None,
     edit_area: Annotated[Optional[int], typer.Option(
@@ -271,9 +289,11 @@ def edit(
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
     mask (pixels outside it stay byte-identical). The result has the input's size."""
-    masked = mask or mask_dir or rect
-    shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather) if masked \
-        else None
+    masked = mask or mask_dir or rect or mask_prompt
+    if save_mask and not masked:
+        raise UsageError(f"--save-mask {save_mask} needs a mask (--mask, --rect, --mask-dir or --mask-prompt) to save")
+    shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather,
+                             words_of(locals()), save_mask) if masked else None
     instruction = spec.Prompt(prompt, negative_prompt, steps, cfg, seed, *shortcuts_of(locals()))
     part = shard_of(locals())
     execute(spec.Edit(tuple(images), instruction, tuple(ref or ()), shape, strength,
@@ -319,6 +339,7 @@ def chain(
                        cache_of(locals()), preset), json_)
 
 
+app.command("mask")(mask_command.mask)
 app.add_typer(worker_app, name="worker")
 app.add_typer(cache_commands.app, name="cache")
 

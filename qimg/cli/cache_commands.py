@@ -10,7 +10,8 @@ from qimg.jobs.report import json_line, print_result
 from qimg.option_values import CACHE_SIZE
 
 app = typer.Typer(help="The latent and prompt cache: where it is, what it holds; `qimg cache clear` empties it.")
-KINDS = {"latent": "latent", "prompt": "prompt", "edit": "chain"}  # as the user says it: as the store files it
+# as the user says it: as the store files it
+KINDS = {"latent": "latent", "prompt": "prompt", "edit": "chain", "mask": "mask"}
 
 CacheDirOpt = Annotated[Optional[Path], typer.Option(
     show_default="$QIMG_CACHE_DIR, else the user cache folder", help="The cache folder.")]
@@ -66,7 +67,8 @@ def show(
 def clear(
     cache_dir: CacheDirOpt = None,
     kind: Annotated[Optional[Literal[tuple(KINDS)]], typer.Option(
-        show_default="every kind", help="Remove only these entries: latent, prompt or edit (chain edits).")] = None,
+        show_default="every kind",
+        help="Remove only these entries: latent, prompt, edit (chain edits) or mask (masks from words).")] = None,
 ):
     """Empty the cache (or one kind of entry); safe while other qimg commands use it."""
     store = open_store(cache_dir)

@@ -6,7 +6,7 @@ chain's command line over all). Planning and running the steps is the job layer'
 from pathlib import Path
 
 from qimg.cli.presets import NOT_IN_PRESETS, check_options, describe, find, option_params, parser_message, read_yaml
-from qimg.cli.to_job import shortcuts_of
+from qimg.cli.to_job import shortcuts_of, words_of
 from qimg.errors import UsageError
 from qimg.jobs import spec
 
@@ -15,7 +15,7 @@ KINDS = ("inpaint", "outpaint", "edit")
 CHAIN_LEVEL = {"out", "overwrite", "json_", "metadata", "model", "device", "dtype", "cache_dir", "no_cache",
                "cache_size", "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
                "lora", "transformer", "dequantize", "quantize"}
-BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir",  # inpaint/outpaint over many files: no place in a chain
+BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir", "save_mask",  # over many files: no place in a chain
               "shard", "ray", "ray_workers", "retries"}
 # edit's --size and --mask-crop: a chain's canvas keeps its size, and its latent covers the whole of it
 NOT_IN_EDITS = CHAIN_LEVEL | BATCH_ONLY | {"size", "mask_crop"}
@@ -92,9 +92,9 @@ def step_of(index: int, kind: str, where: str, o: dict, preset) -> spec.ChainSte
     if kind == "outpaint":
         shape = spec.Outpaint(o["left"], o["right"], o["top"], o["bottom"], o["expand"], o["to"], o["anchor"],
                               o["feather"])
-    elif kind == "inpaint" or o["mask"] or o["rect"]:  # an inpaint without either: the input's transparency
+    elif kind == "inpaint" or o["mask"] or o["rect"] or o["mask_prompt"]:  # no mask: the input's transparency
         shape = spec.InpaintMask(o["mask"], None, tuple(o["rect"] or ()), o["mask_resize"], o["invert_mask"],
-                                 o["grow"], o["feather"])
+                                 o["grow"], o["feather"], words_of(o))
     else:
         shape = None
     if kind == "edit":

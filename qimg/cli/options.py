@@ -26,6 +26,11 @@ def utf8_text(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def utf8_texts(values: Optional[list[str]]) -> Optional[list[str]]:
+    """utf8_text for each value of a repeatable option."""
+    return [utf8_text(v) for v in values] if values else values
+
+
 def device_name(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", value):
         raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
@@ -180,4 +185,14 @@ RayWorkersOpt = Annotated[Optional[int], typer.Option(
 RetriesOpt = Annotated[int, typer.Option(
     min=0, max=100, rich_help_panel=SCALE,
     help="With --ray: run a file whose actor failed or was lost again on another, this many times.")]
+MaskPromptOpt = Annotated[Optional[list[str]], typer.Option(
+    callback=utf8_texts, rich_help_panel=MASK, show_default=False,
+    help="Mask what these words name (the sky, the sofa); repeatable (union). Needs pip install 'qimg\\[masks]'.")]
+MaskModelOpt = Annotated[Optional[str], typer.Option(
+    envvar="QIMG_MASK_MODEL", show_envvar=True, rich_help_panel=MASK, show_default="clipseg",
+    help="Segmentation model for words: clipseg, grounded-sam (crisp object edges), a folder or repo id.")]
+MaskThresholdOpt = Annotated[float, typer.Option(
+    min=0.01, max=0.99, rich_help_panel=MASK, help="A pixel is in the words' region from this probability up.")]
+SaveMaskOpt = Annotated[Optional[Path], typer.Option(
+    rich_help_panel=MASK, help="Write the mask used to this file, or <stem>_mask.png in this folder (a batch).")]
 Anchor = Literal[ANCHORS]

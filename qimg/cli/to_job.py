@@ -72,6 +72,14 @@ def edit_job(shape, p: dict) -> spec.Inpaint:
                      model_of(p, part), cache_of(p), p["preset"], part)
 
 
+def words_of(p: dict) -> Optional[spec.WordMask]:
+    """--mask-prompt, --mask-model and --mask-threshold as a spec.WordMask (None: no --mask-prompt); the device
+    is the command's."""
+    if not p["mask_prompt"]:
+        return None
+    return spec.WordMask(tuple(p["mask_prompt"]), p["mask_model"], p["mask_threshold"], p["device"])
+
+
 def shard_of(p: dict):
     """--shard as a shard.Shard (None: the whole batch)."""
     from qimg.jobs import shard

@@ -44,7 +44,8 @@ def chain(job: Chain, reporter: Reporter) -> None:
     folder = resolve_model(job.model)
     pixels, picture = load_image(job.image)
     chain_model(folder, job.steps, pixels.shape[1::-1])
-    planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture)
+    regions = chains.word_regions(list(job.steps), pixels, store)
+    planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture, regions)
     seed = random_seed(job.seed)
     reads = chains.files_read(job.chain_file, job.steps)  # never written, --overwrite or not
     sizes = {p.step.index: p.size for p in planned}  # each edit's result, (width, height)
@@ -70,7 +71,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
                              calls=sum(entry["calls"] for entry in lineage))
 
     lineage = []
-    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview):
+    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview, regions):
         lineage.append(entry)
         if done.step.index in step_files:
             save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage).stored,

@@ -47,9 +47,26 @@ def step_files(image: Path, steps: list[ChainStep], folder: Path) -> dict[int, P
     return {s.index: names.kept_step(folder, image, s.index, s.kind) for s in steps}
 
 
-def plan(steps: list[ChainStep], size: tuple[int, int], picture) -> list[Planned]:
+def word_regions(steps: list[ChainStep], pixels: np.ndarray, store) -> dict[int, np.ndarray]:
+    """Each mask_prompt edit's region (word_masks.py), by edit index, segmented on the chain's input before
+    the image model loads: the edits after it see that input's pixels where they keep them."""
+    from qimg.jobs.word_masks import WordMasks, release
+
+    regions = {}
+    for step in steps:
+        if isinstance(step.shape, InpaintMask) and step.shape.words is not None:
+            try:
+                regions[step.index] = WordMasks(step.shape.words, store).region(pixels, "the input")
+            except QimgError as e:
+                raise QimgError(f"{step.where}: {e}", e.code) from None
+    release()
+    return regions
+
+
+def plan(steps: list[ChainStep], size: tuple[int, int], picture, regions: dict | None = None) -> list[Planned]:
     """Check every edit on the canvas size it will see, before anything loads: an inpaint's mask is built and
-    dropped (run builds it again), so planning holds one mask at a time however many edits there are."""
+    dropped (run builds it again), so planning holds one mask at a time however many edits there are.
+    regions: word_regions'."""
     planned = []
     for step in steps:
         shape = step.shape
@@ -65,18 +82,23 @@ def plan(steps: list[ChainStep], size: tuple[int, int], picture) -> list[Planned
                     raise UsageError(f"strength {step.strength} needs a mask (mask or rect): without one the whole "
                                      "picture is made anew")
             else:
-                ensure_not_empty(edit_mask(step, size, picture), "the mask")
+                ensure_not_empty(edit_mask(step, size, picture, regions), "the mask")
             planned.append(Planned(step, margins, size))
         except QimgError as e:
             raise QimgError(f"{step.where}: {e}", e.code) from None
     return planned
 
 
-def edit_mask(step: ChainStep, size: tuple[int, int], picture) -> np.ndarray:
-    """An inpaint edit's mask on a canvas of size (W, H); the input's transparency counts for the first edit."""
+def edit_mask(step: ChainStep, size: tuple[int, int], picture, regions: dict | None = None) -> np.ndarray:
+    """An inpaint edit's mask on a canvas of size (W, H); the input's transparency counts for the first edit.
+    regions: word_regions' (segmented on the input, so the canvas must still have the input's size)."""
     s = step.shape
+    region = (regions or {}).get(step.index)
+    if region is not None and region.shape != (size[1], size[0]):
+        raise UsageError(f"mask_prompt segments the chain's input ({region.shape[1]}x{region.shape[0]}), and this "
+                         f"edit's canvas is {size[0]}x{size[1]}: put the edit before the outpaint")
     return inpaint_mask(size, picture if step.index == 1 else None, "the input", s.mask, s.rect, s.mask_resize,
-                        s.invert_mask, s.grow, s.feather)
+                        s.invert_mask, s.grow, s.feather, region)
 
 
 def request(step: ChainStep, defaults, seed: int, refs: list[np.ndarray]):
@@ -119,7 +141,8 @@ def key_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, reporter, preview=None):
+def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, reporter, preview=None,
+        regions: dict | None = None):
     """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
     key is in the engine's cache (None: no cache) are read from it instead of run. picture: the input, as
     load_image gave it (its transparency may be the first edit's mask). Progress goes to the reporter
@@ -138,7 +161,7 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
             if p.margins:
                 canvas, mask = grow(canvas, p.margins, step.shape.feather)
             else:  # its mask file may have changed since planning
-                mask = ensure_not_empty(edit_mask(step, canvas.size, picture), "the mask") \
+                mask = ensure_not_empty(edit_mask(step, canvas.size, picture, regions), "the mask") \
                     if isinstance(step.shape, InpaintMask) else None
         except QimgError as e:
             raise QimgError(f"{step.where}: {e}", e.code) from None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from qimg.errors import OutputExists, QimgError, UsageError
-from qimg.jobs import batch, edit_inputs, names, shard
+from qimg.jobs import batch, edit_inputs, names, shard, word_masks
 from qimg.jobs.common import (
     announce_shard,
     generation_model,
@@ -27,9 +27,10 @@ from qimg.jobs.report import Reporter
 from qimg.jobs.spec import Edit, Inpaint, InpaintMask
 
 
-def mask_builder(job: Inpaint | Edit):
+def mask_builder(job: Inpaint | Edit, words=None):
     """(build(image, pixels, picture) -> (canvas, mask), mask_file(image) -> the mask file it reads or None).
-    An instruction edit without a mask builds None: it edits the whole picture."""
+    An instruction edit without a mask builds None: it edits the whole picture. words: the job's
+    word_masks.WordMasks (--mask-prompt), or None."""
     from qimg import masks
 
     s = job.shape
@@ -43,8 +44,9 @@ def mask_builder(job: Inpaint | Edit):
             return s.mask or (s.mask_dir and batch.mask_for(s.mask_dir, image))
 
         def build(image, pixels, picture):
+            region = words.region(pixels, image) if words is not None else None
             return pixels, edit_inputs.inpaint_mask(pixels.shape[1::-1], picture, image, mask_file(image), s.rect,
-                                              s.mask_resize, s.invert_mask, s.grow, s.feather)
+                                                    s.mask_resize, s.invert_mask, s.grow, s.feather, region)
 
         return build, mask_file
 
@@ -54,6 +56,24 @@ def mask_builder(job: Inpaint | Edit):
         return masks.outpaint_canvas(pixels, margins, s.feather)
 
     return build, lambda image: None
+
+
+def save_mask(job: Inpaint | Edit, image: Path, mask, is_batch: bool, reporter: Reporter) -> None:
+    """--save-mask: the mask this input is edited with, for review, written before the model runs: to the file
+    it names, or `<stem>_mask.png` in the folder it names (a batch's always), which --mask-dir reads back. An
+    existing one is replaced with --overwrite, kept with --skip-existing, else it is this input's error."""
+    from PIL import Image
+
+    from qimg.images import save_image
+    from qimg.masks import to_grey
+
+    where = job.shape.save_mask
+    path = names.mask_output(image, where) if is_batch or where.is_dir() else where
+    if os.path.lexists(path) and not job.output.overwrite:
+        if job.skip_existing:
+            return
+        raise UsageError(f"--save-mask {path} exists; pass --overwrite to replace it, or choose another name")
+    reporter.saved(save_image(Image.fromarray(to_grey(mask)), path, overwrite=job.output.overwrite))
 
 
 def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
@@ -79,6 +99,7 @@ class EditPlan(NamedTuple):
     folder: Path
     refs: tuple  # an instruction edit's --ref pictures, read by every input
     pictures: tuple  # instruct_pictures' (model kind, refs' pixels, areas); () for inpaint and outpaint
+    words: object = None  # --mask-prompt's word_masks.WordMasks
 
 
 def edit_plan(job: Inpaint | Edit) -> EditPlan:
@@ -90,8 +111,11 @@ def edit_plan(job: Inpaint | Edit) -> EditPlan:
     edit_inputs.check_strength(job.strength)
     if job.skip_existing and overwrite:
         raise UsageError("give --skip-existing or --overwrite, not both")
-    build, mask_file = mask_builder(job)
     store = open_cache(job.cache)
+    words = None
+    if isinstance(job.shape, InpaintMask) and job.shape.words is not None:
+        words = word_masks.WordMasks(job.shape.words, store)
+    build, mask_file = mask_builder(job, words)
     folder = resolve_model(job.model)
     refs = job.refs if isinstance(job, Edit) else ()
     if isinstance(job, Edit):
@@ -107,6 +131,9 @@ def edit_plan(job: Inpaint | Edit) -> EditPlan:
     files, is_batch = [f for f, _ in named], is_batch or job.member
     if is_batch and out:
         raise UsageError(f"--out names one file but {len(files)} inputs were given; use --out-dir")
+    save_mask = job.shape.save_mask if isinstance(job.shape, InpaintMask) else None
+    if save_mask is not None and is_batch and save_mask.exists() and not save_mask.is_dir():
+        raise UsageError(f"--save-mask {save_mask} is a file; a batch writes one mask each: give a folder")
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
         batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),), refs)
@@ -114,7 +141,7 @@ def edit_plan(job: Inpaint | Edit) -> EditPlan:
     announce_shard(job.shard, len(files), len(named), "images")
     if is_batch and not (job.skip_existing or overwrite or job.member):
         batch.check_outputs_free(files, kind, out_dir)
-    return EditPlan(files, is_batch, build, mask_file, store, folder, refs, pictures)
+    return EditPlan(files, is_batch, build, mask_file, store, folder, refs, pictures, words)
 
 
 def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
@@ -126,7 +153,10 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
     and skipped, the others complete, and the run ends with a summary and exit 1; a failure of the model or
     of a write still ends it at once. The model loads once, for the first input that needs it."""
     kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
-    files, is_batch, build, mask_file, store, folder, refs, pictures = edit_plan(job)
+    files, is_batch, build, mask_file, store, folder, refs, pictures, words = edit_plan(job)
+    if words is not None:  # every mask made now: the segmentation model is gone before the image model loads
+        words.prepare([f for f in files if not (job.skip_existing and os.path.lexists(
+            out or names.edit_output(f, kind, out_dir)))], reporter)
     one = functools.partial(instruct_one, pictures=pictures) if pictures else edit_one
     previews = edit_previews(job, files, is_batch, mask_file, refs)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
@@ -140,6 +170,8 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
             failure = None
             try:
                 canvas, mask = edit_inputs.prepare(image, build)
+                if isinstance(job.shape, InpaintMask) and job.shape.save_mask is not None:
+                    save_mask(job, image, mask, is_batch, reporter)
                 if pictures:
                     check_pictures(job, image, canvas, pictures)
                 size = job.size if isinstance(job, Edit) and job.size else canvas.shape[1::-1]

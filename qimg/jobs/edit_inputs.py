@@ -28,11 +28,14 @@ def load_mask(path: str | Path, size: tuple[int, int], resize: bool = False) -> 
     return masks.resize_mask(m, size)
 
 
-def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, invert_mask, grow, feather):
-    """The final inpaint mask on an image of size (W, H) from the options: --mask and --rect (union), else the
-    input's transparency (`picture`, None when there is none to use); then invert, grow, feather."""
+def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, invert_mask, grow, feather, words=None):
+    """The final inpaint mask on an image of size (W, H) from the options: --mask, --rect and `words` (the region
+    --mask-prompt found) in a union, else the input's transparency (`picture`, None when there is none to use);
+    then invert, grow, feather."""
     width, height = size
     parts = [load_mask(mask, (width, height), mask_resize)] if mask else []
+    if words is not None:
+        parts.append(words)
     if rect:
         parts.append(masks.rect_mask([masks.parse_rect(r, width, height) for r in rect], width, height))
     if not parts:
@@ -41,10 +44,7 @@ def inpaint_mask(size, picture, image: Path | str, mask, rect, mask_resize, inve
             raise UsageError(f"no mask: give --mask FILE or --rect X,Y,W,H ({image} has no transparent pixels)")
         parts.append(alpha)
     m = parts[0] if len(parts) == 1 else np.maximum.reduce(parts)
-    # One step at a time, each dropping the last: a 4000x4000 mask is 64 MB, and a chain builds one per edit.
-    m = masks.invert(m) if invert_mask else m
-    m = masks.grow(m, grow) if grow else m
-    return masks.feather(m, feather) if feather else m
+    return masks.adjust(m, invert_mask, grow, feather)
 
 
 def prepare(image: Path, build_mask):

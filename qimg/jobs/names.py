@@ -27,6 +27,12 @@ def edit_output(image: Path, kind: str, out_dir: Path | None, numbered: bool = F
     return free_name(f"{image.stem}.{kind}", out_dir or image.parent, numbered)
 
 
+def mask_output(image: Path, out_dir: Path | None) -> Path:
+    """`qimg mask`'s output and --save-mask's file in a folder: `<stem>_mask.png` in out_dir or beside the input,
+    a name --mask-dir reads and a folder's listing skips."""
+    return (out_dir or image.parent) / f"{image.stem}_mask.png"
+
+
 def generate_output(seed: int, numbered: bool = True) -> Path:
     """generate's output when no --out names it: `qimg-<seed>.png` in the working folder, numbered if taken."""
     return free_name(f"qimg-{seed}", Path("."), numbered)

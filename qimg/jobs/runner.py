@@ -10,16 +10,16 @@ stays loaded for the next (kept_engine.py). One module per kind of job: generate
 from pathlib import Path
 
 from qimg.errors import UsageError
-from qimg.jobs import chain, edit, generate
+from qimg.jobs import chain, edit, generate, mask
 from qimg.jobs.metadata import read_params
 from qimg.jobs.report import Reporter
-from qimg.jobs.spec import Chain, Edit, Generate, Inpaint, Job, Prompts
+from qimg.jobs.spec import Chain, Edit, Generate, Inpaint, Job, Mask, Prompts
 from qimg.small_files import GGUF_MAGIC, open_regular, safetensors_header
 
 
 def execute(job: Job, reporter: Reporter) -> None:
     run = {Generate: generate.generate, Inpaint: edit.edit, Edit: edit.edit, Chain: chain.chain,
-           Prompts: generate.prompts}[type(job)]
+           Prompts: generate.prompts, Mask: mask.mask}[type(job)]
     run(job, reporter)
 
 

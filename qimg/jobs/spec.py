@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from qimg.jobs.shard import Shard
-from qimg.option_values import CACHE_SIZE, CONTEXT, RAY_RETRIES
+from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,16 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class WordMask:
+    """A mask from words (--mask-prompt, `qimg mask`): the union of the phrases' regions (jobs/word_masks.py)."""
+
+    phrases: tuple[str, ...]
+    model: Optional[str] = None  # clipseg, grounded-sam, a folder or repo id; None: clipseg
+    threshold: float = MASK_THRESHOLD
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class InpaintMask:
     """How each input's inpaint mask is made."""
 
@@ -104,6 +114,23 @@ class InpaintMask:
     invert_mask: bool = False
     grow: int = 0
     feather: int = 0
+    words: Optional[WordMask] = None  # --mask-prompt: regions from words, in the union with --mask and --rect
+    save_mask: Optional[Path] = None  # --save-mask: the mask used written here (a file, or a batch's folder)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """`qimg mask`: one mask file from words per input, `<stem>_mask.png` (what --mask-dir reads)."""
+
+    images: tuple[Path, ...]
+    words: WordMask
+    invert_mask: bool = False
+    grow: int = 0
+    feather: int = 0
+    output: Output = field(default_factory=Output)
+    out_dir: Optional[Path] = None
+    skip_existing: bool = False
+    cache: CacheSpec = field(default_factory=CacheSpec)
 
 
 @dataclass(frozen=True)
@@ -228,4 +255,4 @@ class RaySpec:
     retries: int = RAY_RETRIES  # a file whose actor failed or was lost runs again on another, this many times
 
 
-Job = Union[Generate, Inpaint, Edit, Chain, Prompts]
+Job = Union[Generate, Inpaint, Edit, Chain, Prompts, Mask]

@@ -19,7 +19,7 @@ from qimg.errors import STOPS, say
 from qimg.worker import paths
 from qimg.worker.protocol import Messages, job_message, send
 
-MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain")  # the others are quick in-process
+MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain", "mask")  # the others are quick in-process
 SPREADING = ("--shard", "--ray")  # runs that divide a batch between processes: each runs its part itself, never
 # queued behind the others in one worker (torchrun's ranks would take turns in it, on its one device)
 OFF = ("0", "false", "off", "no")  # QIMG_WORKER values that mean in-process

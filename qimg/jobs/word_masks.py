@@ -1,0 +1,114 @@
+"""Masks from words (--mask-prompt, `qimg mask`): the union of the regions a segmentation model (segment/) finds
+for the phrases, where their probability reaches the threshold (masks.union_above).
+
+A batch's masks are made in one pass with the segmentation model loaded once (`prepare`), before any image
+model loads, and the model is released after it: the two never share memory. The worker keeps it loaded
+between `qimg mask` jobs. Each image's mask is cached as bits ("mask" entries, keyed by cache.mask_key: the
+pixels, the phrases, the model and the threshold), so a re-run over a folder loads no segmentation model.
+A mask here is the union alone; --invert-mask, --grow and --feather apply after (they are cheap)."""
+
+import gc
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from qimg import masks
+from qimg.errors import QimgError, UsageError
+from qimg.jobs import kept_engine
+from qimg.jobs.spec import WordMask
+
+_loaded = None  # (model fingerprint, device, provider): the segmentation model loaded now
+
+
+class WordMasks:
+    """The masks of one job's phrases, model and threshold: made, cached, remembered for the job (as bits)."""
+
+    def __init__(self, spec: WordMask, store):
+        from qimg.segment import models
+
+        phrases = tuple(p.strip() for p in spec.phrases)
+        if not phrases or not all(phrases):
+            raise UsageError("--mask-prompt is empty: name what to mask, e.g. --mask-prompt sky")
+        if not 0 < spec.threshold < 1:
+            raise UsageError(f"--mask-threshold {spec.threshold}: must be between 0 and 1")
+        models.require_extra()
+        self.spec, self.phrases, self.store = spec, phrases, store
+        self.model = models.resolve(spec.model)
+        self.fingerprint = self.model.fingerprint()
+        self.found: dict[str, np.ndarray] = {}  # cache key -> the mask's bits, for this job
+        self.hits = self.made = 0
+
+    def describe(self) -> str:
+        return " + ".join(repr(p) for p in self.phrases)
+
+    def mask(self, pixels: np.ndarray) -> masks.Mask:
+        """The union mask of uint8 RGB pixels (H, W, 3): remembered, cached, or made now (loading the model)."""
+        import torch
+
+        from qimg.cache import mask_key
+
+        h, w = pixels.shape[:2]
+        key = mask_key(pixels, self.phrases, self.fingerprint, self.spec.threshold)
+        bits = self.found.get(key)
+        if bits is None and self.store is not None:
+            entry = self.store.get("mask", key, {"mask": ("uint8", ((w * h + 7) // 8,))})
+            if entry is not None:
+                bits, self.hits = entry[0]["mask"].numpy(), self.hits + 1
+        if bits is None:
+            probabilities = self.provider().probabilities(pixels, list(self.phrases))
+            bits, self.made = masks.pack(masks.union_above(probabilities, self.spec.threshold)), self.made + 1
+            if self.store is not None:
+                self.store.put("mask", key, {"mask": torch.from_numpy(bits)},
+                               {"model": self.model.name, "phrases": list(self.phrases),
+                                "threshold": self.spec.threshold, "size": [w, h]})
+        self.found[key] = bits
+        return masks.unpack(bits, (w, h))
+
+    def region(self, pixels: np.ndarray, image: Path | str) -> masks.Mask:
+        """mask(pixels), or the error of that image when the words select nothing in it: never an empty mask."""
+        m = self.mask(pixels)
+        if not m.any():
+            raise QimgError(f"{image}: nothing matches {self.describe()} at --mask-threshold {self.spec.threshold} "
+                            "(no mask written); try other words or a lower --mask-threshold")
+        return m
+
+    def provider(self):
+        """The segmentation model, loaded on first use (the one loaded now, if it is this job's)."""
+        global _loaded
+        from qimg.engine.components import pick_device
+
+        device = str(pick_device(self.spec.device))
+        if _loaded is None or _loaded[:2] != (self.fingerprint, device):
+            release()
+            from qimg.segment import providers
+
+            _loaded = (self.fingerprint, device, providers.load(self.model, device))
+        return _loaded[2]
+
+    def prepare(self, files: list[Path], reporter) -> None:
+        """Every file's mask made now, the segmentation model loaded once, then released (before an image model
+        loads). A file that cannot be read is left to fail in its turn."""
+        from qimg.images import load_image
+
+        advance = reporter.bar("masks", len(files)) if len(files) > 1 else (lambda: None)
+        for image in files:
+            try:
+                self.mask(load_image(image)[0])
+            except QimgError:
+                pass
+            advance()
+        release()
+
+
+def release(keep: bool = False) -> None:
+    """Drop the segmentation model and its memory; `keep`: the worker keeps it for the next job."""
+    global _loaded
+    if _loaded is None or (keep and kept_engine.enabled):
+        return
+    _loaded = None
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

@@ -1,0 +1,107 @@
+"""Segmentation models run through transformers (the optional extra qimg[masks]; the one qimg module that
+imports transformers, and only when a mask is made from words).
+
+A provider takes an image (uint8 RGB, (H, W, 3)) and phrases and gives each phrase's per-pixel probability at
+the image's size, (P, H, W) float32 in [0, 1]; thresholds and unions are the caller's (masks.py).
+- ClipSeg: the sigmoid of CLIPSeg's logits (352x352 for the released model), resized bilinearly to the image.
+- GroundedSam: GroundingDINO's boxes for the phrase (scores above BOX_THRESHOLD), each refined by SAM2 into a
+  mask; the phrase's probability is the largest over its boxes of the sigmoid of SAM2's mask logits, resized
+  to the image as SAM2's own post-processing does; 0 where it found no box. SAM2's image preprocessing is
+  done here (its transformers processor needs torchvision): resized to its square input size with
+  antialiasing and rounded to 8 bits, as the torchvision backend does, then normalised.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qimg.segment.models import MaskModel
+from qimg.small_files import parse_json, read_small
+
+BOX_THRESHOLD, TEXT_THRESHOLD = 0.3, 0.25  # Grounded-SAM's demo values
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2's processor defaults
+
+
+def load(model: MaskModel, device: str):
+    """The provider for `model` on `device`, its weights loaded (safetensors only)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return (ClipSeg if model.kind == "clipseg" else GroundedSam)(model.folders, torch.device(device))
+
+
+def resize(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(P, h, w) -> (P, H, W) for size (H, W): bilinear, corners not aligned (transformers' post-processing)."""
+    return F.interpolate(probs[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class ClipSeg:
+    def __init__(self, folders, device: torch.device):
+        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+        self.processor = CLIPSegProcessor.from_pretrained(folders[0])
+        self.model = CLIPSegForImageSegmentation.from_pretrained(folders[0], use_safetensors=True).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray, phrases: list[str]) -> np.ndarray:
+        inputs = self.processor(text=list(phrases), images=[image] * len(phrases), padding=True, return_tensors="pt")
+        logits = self.model(**inputs.to(self.device)).logits  # (P, h, w); (h, w) for one phrase
+        probs = logits.reshape(len(phrases), *logits.shape[-2:]).float().sigmoid()
+        return resize(probs, image.shape[:2]).cpu().numpy()
+
+
+class GroundedSam:
+    def __init__(self, folders, device: torch.device):
+        from transformers import AutoTokenizer, GroundingDinoForObjectDetection, GroundingDinoProcessor, Sam2Model
+        from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+        detector, segmenter = folders
+        self.processor = GroundingDinoProcessor(GroundingDinoImageProcessorPil.from_pretrained(detector),
+                                                AutoTokenizer.from_pretrained(detector))
+        self.detector = GroundingDinoForObjectDetection.from_pretrained(detector, use_safetensors=True)
+        self.segmenter = Sam2Model.from_pretrained(segmenter, use_safetensors=True)
+        self.detector, self.segmenter = self.detector.to(device).eval(), self.segmenter.to(device).eval()
+        config = segmenter / "preprocessor_config.json"
+        self.sam_config = parse_json(read_small(config, "SAM2 preprocessor config", 1024 * 1024), str(config)) \
+            if config.is_file() else {}
+        self.device = device
+
+    def boxes(self, image: np.ndarray, phrase: str) -> torch.Tensor:
+        """(N, 4) x0, y0, x1, y1 in the image's pixels: GroundingDINO's boxes for the phrase."""
+        text = phrase.strip().lower().rstrip(".") + "."  # GroundingDINO's prompt form: lower case, ending in "."
+        inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
+        outputs = self.detector(**inputs)
+        found = self.processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=BOX_THRESHOLD, text_threshold=TEXT_THRESHOLD,
+            target_sizes=[image.shape[:2]])[0]
+        return found["boxes"]
+
+    def sam_inputs(self, image: np.ndarray) -> tuple[torch.Tensor, int]:
+        """SAM2's pixel_values (1, 3, S, S) and S."""
+        size = self.sam_config.get("size", {}).get("height", 1024)
+        mean = torch.tensor(self.sam_config.get("image_mean", IMAGENET_MEAN))[:, None, None]
+        std = torch.tensor(self.sam_config.get("image_std", IMAGENET_STD))[:, None, None]
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255) / 255
+        return ((x - mean) / std).to(self.device), size
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray, phrases: list[str]) -> np.ndarray:
+        h, w = image.shape[:2]
+        out = np.zeros((len(phrases), h, w), np.float32)
+        embeddings = None
+        for i, phrase in enumerate(phrases):
+            boxes = self.boxes(image, phrase)
+            if len(boxes) == 0:
+                continue
+            if embeddings is None:
+                pixels, size = self.sam_inputs(image)
+                embeddings = self.segmenter.get_image_embeddings(pixels)
+            scaled = boxes.float() * torch.tensor([size / w, size / h] * 2, device=boxes.device)
+            logits = self.segmenter(image_embeddings=embeddings, input_boxes=scaled[None],
+                                    multimask_output=False).pred_masks[0, :, 0]  # (N, s, s)
+            out[i] = resize(logits.float(), (h, w)).sigmoid().amax(0).cpu().numpy()
+        return out
