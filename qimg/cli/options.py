@@ -192,7 +192,7 @@ MaskModelOpt = Annotated[Optional[str], typer.Option(
     envvar="QIMG_MASK_MODEL", show_envvar=True, rich_help_panel=MASK, show_default="clipseg",
     help="Segmentation model for words: clipseg, grounded-sam (crisp object edges), a folder or repo id.")]
 MaskThresholdOpt = Annotated[float, typer.Option(
-    min=0.01, max=0.99, rich_help_panel=MASK, help="A pixel is in the words' region from this probability up.")]
+    min=0.0, max=1.0, rich_help_panel=MASK, help="A pixel is in the words' region from this probability up.")]
 SaveMaskOpt = Annotated[Optional[Path], typer.Option(
     rich_help_panel=MASK, help="Write the mask used to this file, or <stem>_mask.png in this folder (a batch).")]
 Anchor = Literal[ANCHORS]

@@ -1,0 +1,187 @@
+"""Masks from words: qimg's probability maps equal the models' own outputs through transformers (tiny random
+CLIPSeg and GroundingDINO + SAM2 folders), `qimg mask` and `--mask-prompt` give the same mask, a folder batch
+(per-file masks, pixels outside each byte-identical, an empty mask named and the others written, exit 1),
+--save-mask, the cache (a re-run loads no segmentation model), and one line without the extra."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import pixels
+from PIL import Image
+from segment_models import build_clipseg, build_grounded_sam
+from skimage import data
+
+from qimg import masks
+
+PHRASES = ["the sky", "a person"]
+COMMON = ["--steps", "2", "--seed", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def clipseg_dir(tmp_path_factory):
+    return build_clipseg(tmp_path_factory.mktemp("masks") / "clipseg")
+
+
+@pytest.fixture(scope="session")
+def grounded_sam_dir(tmp_path_factory):
+    return build_grounded_sam(tmp_path_factory.mktemp("masks") / "grounded-sam")
+
+
+def picture(i: int) -> np.ndarray:
+    """Three different 48x64 crops of skimage's astronaut."""
+    return np.ascontiguousarray(data.astronaut()[i * 120 : i * 120 + 192 : 4, 100:356:4])
+
+
+def provider(folder):
+    from qimg.segment import models, providers
+
+    return providers.load(models.resolve(str(folder)), "cpu")
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_clipseg_probabilities_are_the_models_own_sigmoid_resized(clipseg_dir):
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    image = picture(0)
+    ours = provider(clipseg_dir).probabilities(image, PHRASES)
+    processor = CLIPSegProcessor.from_pretrained(clipseg_dir)
+    model = CLIPSegForImageSegmentation.from_pretrained(clipseg_dir).eval()
+    with torch.no_grad():
+        logits = model(**processor(text=PHRASES, images=[image] * 2, padding=True, return_tensors="pt")).logits
+    want = F.interpolate(logits.sigmoid()[:, None], image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+    assert ours.shape == (2, 48, 64)
+    np.testing.assert_allclose(ours, want.numpy(), atol=1e-6)
+    t = float(np.median(ours))
+    assert np.array_equal(masks.union_above(ours, t), ((want[0] >= t) | (want[1] >= t)).numpy().astype(np.float32))
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_grounded_sam_is_groundingdino_boxes_refined_by_sam2(grounded_sam_dir):
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor, Sam2Model
+
+    from qimg.segment.providers import BOX_THRESHOLD, TEXT_THRESHOLD
+
+    image = picture(1)
+    ours = provider(grounded_sam_dir)
+    got = ours.probabilities(image, ["the sky"])
+    processor = GroundingDinoProcessor.from_pretrained(grounded_sam_dir / "detector")
+    detector = GroundingDinoForObjectDetection.from_pretrained(grounded_sam_dir / "detector").eval()
+    sam = Sam2Model.from_pretrained(grounded_sam_dir / "segmenter").eval()
+    with torch.no_grad():
+        inputs = processor(images=image, text="the sky.", return_tensors="pt")
+        boxes = processor.post_process_grounded_object_detection(
+            detector(**inputs), inputs.input_ids, threshold=BOX_THRESHOLD, text_threshold=TEXT_THRESHOLD,
+            target_sizes=[(48, 64)])[0]["boxes"]
+        assert len(boxes) > 0  # the random detector finds boxes: the SAM2 path runs
+        pixel_values, size = ours.sam_inputs(image)
+        scaled = boxes * torch.tensor([size / 64, size / 48] * 2)
+        logits = sam(pixel_values=pixel_values, input_boxes=scaled[None], multimask_output=False).pred_masks[0, :, 0]
+    want = F.interpolate(logits[:, None], (48, 64), mode="bilinear", align_corners=False)[:, 0].sigmoid().amax(0)
+    np.testing.assert_allclose(got[0], want.numpy(), atol=1e-5)
+
+
+@pytest.mark.parity
+def test_sam2_inputs_are_its_processors():
+    torchvision = pytest.importorskip("torchvision")  # transformers' SAM2 processor needs it; qimg does not
+    from transformers import Sam2ImageProcessor
+
+    from qimg.segment.providers import GroundedSam
+
+    assert torchvision
+    image = picture(2)
+    sam = GroundedSam.__new__(GroundedSam)
+    sam.sam_config, sam.device = {"size": {"height": 64, "width": 64}}, torch.device("cpu")
+    ours, _ = sam.sam_inputs(image)
+    want = Sam2ImageProcessor(size={"height": 64, "width": 64})(images=image, return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(ours.numpy(), want.numpy(), atol=1e-5)
+
+
+@pytest.fixture
+def photos(tmp_path, clipseg_dir):
+    """Three photos, and a threshold at which the words select nothing in one of them (b.png) and something in
+    the others."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    seg = provider(clipseg_dir)
+    highest = sorted((float(seg.probabilities(picture(i), ["the sky"]).max()), i) for i in range(3))
+    for name, (_, i) in zip(["b.png", "a.png", "c.png"], highest):  # b: the one whose best pixel is the weakest
+        Image.fromarray(picture(i)).save(folder / name)
+    assert highest[0][0] < highest[1][0]
+    return folder, (highest[0][0] + highest[1][0]) / 2
+
+
+@pytest.mark.slow
+def test_qimg_mask_over_a_folder_names_the_empty_one_and_writes_the_others(photos, clipseg_dir, tmp_path, cli,
+                                                                         monkeypatch):
+    folder, threshold = photos
+    out = tmp_path / "masks"
+    args = ["mask", folder, "-p", "the sky", "--mask-model", clipseg_dir, "--mask-threshold", f"{threshold:.9f}",
+            "--out-dir", out, "--device", "cpu", "--json"]
+    code, report, err = cli.lines(*args)
+    assert code == 1 and "b.png" in err and "nothing matches 'the sky'" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "c_mask.png"]
+    done = {r["input"].split("/")[-1]: r for r in report if "output" in r}
+    for name in ("a", "c"):
+        m = np.asarray(Image.open(out / f"{name}_mask.png"))
+        assert m.shape == (48, 64) and set(np.unique(m)) <= {0, 255}
+        assert done[f"{name}.png"]["area"] == np.count_nonzero(m) > 0
+        assert done[f"{name}.png"]["box"] == list(masks.box_of(m.astype(np.float32)))
+
+    # A re-run reads every mask from the cache: no segmentation model loads.
+    from qimg.segment import providers
+
+    monkeypatch.setattr(providers, "load", lambda *a: pytest.fail("the segmentation model loaded"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = cli(*args[:-1], "--overwrite")
+    assert code == 1 and "b.png" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_mask_prompt_batch_edits_inside_each_files_own_mask(photos, clipseg_dir, tiny_model_dir, tmp_path, cli):
+    folder, threshold = photos
+    words = ["--mask-model", clipseg_dir, "--mask-threshold", f"{threshold:.9f}"]
+    code, _, err = cli("mask", folder, "-p", "the sky", *words, "--out-dir", tmp_path / "masks", "--device", "cpu")
+    assert code == 1
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    code, report, err = cli.lines("inpaint", folder, "-m", tiny_model_dir, "-p", "blue", "--mask-prompt", "the sky",
+                                  *words, "--save-mask", saved, "--out-dir", out, *COMMON, "--json")
+    assert code == 1 and "b.png" in err and "nothing matches" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "c.inpaint.png"]
+    for name in ("a", "c"):
+        # --mask-prompt's mask is qimg mask's, --save-mask wrote it, and only its pixels changed
+        written = pixels(tmp_path / "masks" / f"{name}_mask.png")
+        assert np.array_equal(pixels(saved / f"{name}_mask.png"), written)
+        before, after = pixels(folder / f"{name}.png"), pixels(out / f"{name}.inpaint.png")
+        outside = written == 0
+        assert np.array_equal(after[outside], before[outside])
+        assert (after[~outside] != before[~outside]).any()
+
+
+def test_without_the_extra_one_line_and_exit_2(photos, tmp_path, cli, monkeypatch):
+    folder, _ = photos
+    monkeypatch.setitem(sys.modules, "transformers", None)  # an import blocker: `import transformers` fails
+    for args in (["mask", folder, "-p", "sky", "--out-dir", tmp_path / "m"],
+                 ["inpaint", folder / "a.png", "-p", "x", "--mask-prompt", "sky", "-o", tmp_path / "o.png"]):
+        code, out, err = cli(*args)
+        assert code == 2 and err.count("\n") == 1 and "pip install 'qimg[masks]'" in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "o.png").exists()
+
+
+def test_mask_cache_entry_is_bits_keyed_by_what_made_it(store):
+    from qimg.cache import mask_key
+
+    image = picture(0)
+    keys = {mask_key(image, ("sky",), "m1", 0.4), mask_key(image, ("sky", "sea"), "m1", 0.4),
+            mask_key(image, ("sky",), "m2", 0.4), mask_key(image, ("sky",), "m1", 0.5),
+            mask_key(picture(1), ("sky",), "m1", 0.4)}
+    assert len(keys) == 5
+    m = (np.random.default_rng(0).random((48, 64)) > 0.5).astype(np.float32)
+    assert np.array_equal(masks.unpack(masks.pack(m), (64, 48)), m)
+    assert json.dumps(masks.box_of(m)) and masks.box_of(np.zeros((3, 3), np.float32)) is None
