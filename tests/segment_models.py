@@ -81,7 +81,8 @@ def build_grounded_sam(folder: Path, seed: int = 0) -> Path:
     backbone = dict(model_type="sam2_hiera_det_model", hidden_size=8, num_attention_heads=1,
                     blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
                     num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[2, 2, 2, 2],
-                    global_attention_blocks=[3], image_size=[64, 64], window_positional_embedding_background_size=[2, 2])
+                    global_attention_blocks=[3], image_size=[64, 64],
+                    window_positional_embedding_background_size=[2, 2])
     sam = Sam2Config(
         vision_config=dict(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8], fpn_hidden_size=32,
                            backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]]),

@@ -30,7 +30,7 @@ def test_counts_and_clear_by_kind(tiny_model_dir, tmp_path, cli):
     code, _, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "-o", out, "--cache-dir", folder, *FAST)
     assert code == 0, err
     before = shown(cli, folder)
-    assert before["entries"] == {"latent": 1, "prompt": 2, "edit": 0}  # the prompt and the negative prompt
+    assert before["entries"] == {"latent": 1, "prompt": 2, "edit": 0, "mask": 0}  # the prompt and the negative prompt
     assert before["bytes"] == sum(before["bytes_by_kind"].values()) > 0 and before["cap"] == 2 * 1000**3
 
     entry = next((folder / "prompt").rglob("*.safetensors"))
@@ -38,7 +38,7 @@ def test_counts_and_clear_by_kind(tiny_model_dir, tmp_path, cli):
         code, _, err = cli("cache", "clear", "--kind", "prompt", "--cache-dir", folder)
         assert reader.read()[:8] and not entry.exists()
     assert code == 0 and err.startswith("removed 2 entries (prompt), ") and err.rstrip().endswith(f"from {folder}")
-    assert shown(cli, folder)["entries"] == {"latent": 1, "prompt": 0, "edit": 0}
+    assert shown(cli, folder)["entries"] == {"latent": 1, "prompt": 0, "edit": 0, "mask": 0}
 
     code, stdout, err = cli("generate", "-p", "x", "-m", tiny_model_dir, "-o", tmp_path / "p.png",
                             "--cache-dir", folder, "--json", *FAST)

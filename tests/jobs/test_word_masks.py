@@ -185,3 +185,25 @@ def test_mask_cache_entry_is_bits_keyed_by_what_made_it(store):
     m = (np.random.default_rng(0).random((48, 64)) > 0.5).astype(np.float32)
     assert np.array_equal(masks.unpack(masks.pack(m), (64, 48)), m)
     assert json.dumps(masks.box_of(m)) and masks.box_of(np.zeros((3, 3), np.float32)) is None
+
+
+@pytest.mark.slow
+def test_mask_prompt_in_a_chain_step_and_a_preset_is_the_same_mask(photos, clipseg_dir, tiny_model_dir, tmp_path,
+                                                                    cli):
+    folder, threshold = photos
+    image = folder / "a.png"
+    code, _, err = cli("mask", image, "-p", "the sky", "--mask-model", clipseg_dir, "--mask-threshold",
+                       f"{threshold:.9f}", "-o", tmp_path / "m.png", "--device", "cpu")
+    assert code == 0, err
+    outside = pixels(tmp_path / "m.png") == 0
+    words = {"mask_prompt": ["the sky"], "mask_model": str(clipseg_dir), "mask_threshold": threshold}
+    chain = tmp_path / "edits.yaml"
+    chain.write_text(json.dumps({"edits": [{"inpaint": {"prompt": "blue", **words}}]}))
+    preset = tmp_path / "words.yaml"
+    preset.write_text(json.dumps(words))
+    for args in (["chain", image, chain], ["inpaint", image, "-p", "blue", "--preset", preset]):
+        out = tmp_path / f"{args[0]}.png"
+        code, _, err = cli(*args, "-m", tiny_model_dir, "-o", out, *COMMON)
+        assert code == 0, err
+        before, after = pixels(image), pixels(out)
+        assert np.array_equal(after[outside], before[outside]) and (after[~outside] != before[~outside]).any()
