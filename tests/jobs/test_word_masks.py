@@ -207,3 +207,21 @@ def test_mask_prompt_in_a_chain_step_and_a_preset_is_the_same_mask(photos, clips
         assert code == 0, err
         before, after = pixels(image), pixels(out)
         assert np.array_equal(after[outside], before[outside]) and (after[~outside] != before[~outside]).any()
+
+
+@pytest.mark.slow
+def test_the_worker_keeps_the_segmentation_model_between_mask_jobs(photos, clipseg_dir, tmp_path, cli, monkeypatch):
+    from qimg.jobs import kept_engine, word_masks
+    from qimg.segment import providers
+
+    folder, threshold = photos
+    args = ["--mask-model", clipseg_dir, "--mask-threshold", f"{threshold:.9f}", "--device", "cpu", "--no-cache"]
+    monkeypatch.setattr(kept_engine, "enabled", True)  # as in the worker's job process
+    try:
+        assert cli("mask", folder / "a.png", "-p", "the sky", "-o", tmp_path / "a.png", *args)[0] == 0
+        monkeypatch.setattr(providers, "load", lambda *a: pytest.fail("the segmentation model loaded again"))
+        assert cli("mask", folder / "c.png", "-p", "the sky", "-o", tmp_path / "c.png", *args)[0] == 0
+        assert word_masks._loaded is not None
+    finally:
+        word_masks.release()  # what an image job does before its model loads
+    assert word_masks._loaded is None
