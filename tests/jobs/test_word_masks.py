@@ -99,7 +99,8 @@ def test_sam2_inputs_are_its_processors():
     sam.sam_config, sam.device = {"size": {"height": 64, "width": 64}}, torch.device("cpu")
     ours, _ = sam.sam_inputs(image)
     want = Sam2ImageProcessor(size={"height": 64, "width": 64})(images=image, return_tensors="pt")["pixel_values"]
-    np.testing.assert_allclose(ours.numpy(), want.numpy(), atol=1e-5)
+    # within one 8-bit level: torchvision resizes uint8 with its own kernel, which may round a level differently
+    np.testing.assert_allclose(ours.numpy(), want.numpy(), atol=1.01 / 255 / 0.224)
 
 
 @pytest.fixture
