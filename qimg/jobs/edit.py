@@ -60,15 +60,17 @@ def mask_builder(job: Inpaint | Edit, words=None):
 
 def save_mask(job: Inpaint | Edit, image: Path, mask, is_batch: bool, reporter: Reporter) -> None:
     """--save-mask: the mask this input is edited with, for review, written before the model runs: to the file
-    it names, or `<stem>_mask.png` in the folder it names (a batch's always), which --mask-dir reads back. An
+    it names, or `<stem>_mask.png` in the folder it names (a batch's always; a name without a suffix is a folder),
+    which --mask-dir reads back. An
     existing one is replaced with --overwrite, kept with --skip-existing, else it is this input's error."""
     from PIL import Image
 
-    from qimg.images import save_image
+    from qimg.images import check_writable, save_image
     from qimg.masks import to_grey
 
     where = job.shape.save_mask
-    path = names.mask_output(image, where) if is_batch or where.is_dir() else where
+    path = names.mask_output(image, where) if is_batch or where.is_dir() or not where.suffix else where
+    check_writable(path, "--save-mask", mask.shape[::-1])
     if os.path.lexists(path) and not job.output.overwrite:
         if job.skip_existing:
             return

@@ -37,7 +37,6 @@ class WordMasks:
         self.model = models.resolve(spec.model)
         self.fingerprint = self.model.fingerprint()
         self.found: dict[str, np.ndarray] = {}  # cache key -> the mask's bits, for this job
-        self.hits = self.made = 0
 
     def describe(self) -> str:
         return " + ".join(repr(p) for p in self.phrases)
@@ -54,10 +53,10 @@ class WordMasks:
         if bits is None and self.store is not None:
             entry = self.store.get("mask", key, {"mask": ("uint8", ((w * h + 7) // 8,))})
             if entry is not None:
-                bits, self.hits = entry[0]["mask"].numpy(), self.hits + 1
+                bits = entry[0]["mask"].numpy()
         if bits is None:
             probabilities = self.provider().probabilities(pixels, list(self.phrases))
-            bits, self.made = masks.pack(masks.union_above(probabilities, self.spec.threshold)), self.made + 1
+            bits = masks.pack(masks.union_above(probabilities, self.spec.threshold))
             if self.store is not None:
                 self.store.put("mask", key, {"mask": torch.from_numpy(bits)},
                                {"model": self.model.name, "phrases": list(self.phrases),

@@ -202,12 +202,14 @@ def test_mask_prompt_in_a_chain_step_and_a_preset_is_the_same_mask(photos, clips
     chain.write_text(json.dumps({"edits": [{"inpaint": {"prompt": "blue", **words}}]}))
     preset = tmp_path / "words.yaml"
     preset.write_text(json.dumps(words))
-    for args in (["chain", image, chain], ["inpaint", image, "-p", "blue", "--preset", preset]):
+    for args in (["chain", image, chain], ["inpaint", image, "-p", "blue", "--preset", preset, "--save-mask", tmp_path
+                                           / "review"]):
         out = tmp_path / f"{args[0]}.png"
         code, _, err = cli(*args, "-m", tiny_model_dir, "-o", out, *COMMON)
         assert code == 0, err
         before, after = pixels(image), pixels(out)
         assert np.array_equal(after[outside], before[outside]) and (after[~outside] != before[~outside]).any()
+    assert np.array_equal(pixels(tmp_path / "review" / "a_mask.png"), pixels(tmp_path / "m.png"))  # no suffix: a folder
 
 
 @pytest.mark.slow
