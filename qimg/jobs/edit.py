@@ -187,7 +187,7 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
                     else job.prompt.seed
                 try:
                     one(job, image, canvas, mask, target, seed, engine(), reporter, started, preview,
-                        mask_file=mask_file(image))
+                        mask_file=mask_file(image), words=words and words.record())
                 except OutputExists as e:
                     failure = e
             if failure is not None:
@@ -201,15 +201,17 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
 
 
 def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,
-             started: float, preview: Optional[PreviewFile] = None, mask_file: Optional[Path] = None) -> None:
-    """target: edit_output's (path, next_free); mask_file: the file the mask came from (None: --rect, or none)."""
+             started: float, preview: Optional[PreviewFile] = None, mask_file: Optional[Path] = None,
+             words: Optional[dict] = None) -> None:
+    """target: edit_output's (path, next_free); mask_file: the file the mask came from (None: --rect, or none);
+    words: WordMasks.record() of --mask-prompt, for the metadata."""
     from qimg.cache import array_hash
     from qimg.masks import selected_area
 
     sampling = job.prompt.resolve(engine.defaults, random_seed(seed), job.strength)
 
     def fields(result) -> dict:
-        return dict(strength=job.strength, attn_mask=job.attn_mask, context=job.context,
+        return dict(strength=job.strength, attn_mask=job.attn_mask, context=job.context, **(words or {}),
                     mask_area=selected_area(mask), mask_sha256=array_hash(mask), box=list(result.box),
                     work_size=list(result.work_size), latent_cache=result.latent_cache)
 
@@ -256,9 +258,9 @@ def check_pictures(job: Edit, image: Path, pixels, pictures: tuple) -> None:
 
 def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
                  started: float, preview: Optional[PreviewFile] = None, *, pictures: tuple,
-                 mask_file: Optional[Path] = None) -> None:
+                 mask_file: Optional[Path] = None, words: Optional[dict] = None) -> None:
     """One input of `qimg edit`; target: edit_output's (path, next_free); pictures: instruct_pictures';
-    mask_file: as edit_one's."""
+    mask_file, words: as edit_one's."""
     from qimg.cache import array_hash
     from qimg.engine.instruct import Pictures, instruct, instruct_cropped
     from qimg.masks import selected_area
@@ -275,7 +277,8 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
     def fields(result) -> dict:
         return dict(strength=job.strength, pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
                     mask_area=None if mask is None else selected_area(mask),
-                    mask_sha256=None if mask is None else array_hash(mask), model_kind=engine.kind.name,
+                    mask_sha256=None if mask is None else array_hash(mask), **(words or {}),
+                    model_kind=engine.kind.name,
                     edit_area=shown.areas.edit, vision_area=shown.areas.vision, mask_crop=job.mask_crop,
                     box=list(result.box), work_size=list(result.work_size), latent_cache=result.latent_cache)
 

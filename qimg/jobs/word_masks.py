@@ -38,6 +38,10 @@ class WordMasks:
         self.fingerprint = self.model.fingerprint()
         self.found: dict[str, np.ndarray] = {}  # cache key -> the mask's bits, for this job
 
+    def record(self) -> dict:
+        """What an output's metadata says of the words its mask came from."""
+        return dict(mask_prompt=list(self.phrases), mask_model=self.model.public, mask_threshold=self.spec.threshold)
+
     def describe(self) -> str:
         return " + ".join(repr(p) for p in self.phrases)
 

@@ -21,7 +21,8 @@ EXTRA = "masks from words need transformers: pip install 'qimg[masks]'"
 class MaskModel:
     kind: str  # "clipseg" or "grounded-sam"
     folders: tuple[Path, ...]  # clipseg: (folder,); grounded-sam: (detector, segmenter)
-    name: str  # as --mask-model gave it, for messages and metadata
+    name: str  # as --mask-model gave it, for messages
+    public: str  # as an output's metadata names it: a name or repo id, a local folder by its own name only
 
     def fingerprint(self) -> str:
         """What identifies the weights (a cache key part): the folders' fingerprints, in order."""
@@ -43,19 +44,20 @@ def require_extra() -> None:
 def resolve(spec: str | None) -> MaskModel:
     """The model `--mask-model` (or $QIMG_MASK_MODEL, which the command line reads) names; None: clipseg."""
     spec = spec or DEFAULT
+    public = "+".join(Path(part).name if Path(part).expanduser().is_dir() else part for part in spec.split("+"))
     if spec in NAMED:
         folders = tuple(_folder(repo, spec) for repo in NAMED[spec])
-        return _checked(spec, folders, spec)
+        return _checked(spec, folders, spec, public)
     if "+" in spec:
         detector, _, segmenter = spec.partition("+")
-        return _checked("grounded-sam", (_folder(detector, spec), _folder(segmenter, spec)), spec)
+        return _checked("grounded-sam", (_folder(detector, spec), _folder(segmenter, spec)), spec, public)
     folder = _folder(spec, spec)
     if (folder / "detector").is_dir() and (folder / "segmenter").is_dir():
-        return _checked("grounded-sam", (folder / "detector", folder / "segmenter"), spec)
-    return _checked("clipseg", (folder,), spec)
+        return _checked("grounded-sam", (folder / "detector", folder / "segmenter"), spec, public)
+    return _checked("clipseg", (folder,), spec, public)
 
 
-def _checked(kind: str, folders: tuple[Path, ...], name: str) -> MaskModel:
+def _checked(kind: str, folders: tuple[Path, ...], name: str, public: str) -> MaskModel:
     wanted = ("clipseg",) if kind == "clipseg" else ("detector", "segmenter")
     for folder, want in zip(folders, wanted):
         found = _kind(folder)
@@ -67,7 +69,7 @@ def _checked(kind: str, folders: tuple[Path, ...], name: str) -> MaskModel:
         if not any(folder.glob("*.safetensors")):
             raise UsageError(f"--mask-model {name}: {folder} holds no .safetensors weights (pickle weights are never "
                              "read); convert them, or download the model's safetensors")
-    return MaskModel(kind, folders, name)
+    return MaskModel(kind, folders, name, public)
 
 
 def _kind(folder: Path) -> str | None:

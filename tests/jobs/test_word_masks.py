@@ -155,6 +155,9 @@ def test_mask_prompt_batch_edits_inside_each_files_own_mask(photos, clipseg_dir,
                                   *words, "--save-mask", saved, "--out-dir", out, *COMMON, "--json")
     assert code == 1 and "b.png" in err and "nothing matches" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["a.inpaint.png", "c.inpaint.png"]
+    written = [r for r in report if "output" in r]  # the metadata names the words, the model by its folder's name
+    assert len(written) == 2 and all((r["mask_prompt"], r["mask_model"], r["mask_threshold"]) == (
+        ["the sky"], "clipseg", pytest.approx(threshold)) for r in written)
     for name in ("a", "c"):
         # --mask-prompt's mask is qimg mask's, --save-mask wrote it, and only its pixels changed
         written = pixels(tmp_path / "masks" / f"{name}_mask.png")
@@ -165,6 +168,7 @@ def test_mask_prompt_batch_edits_inside_each_files_own_mask(photos, clipseg_dir,
         assert (after[~outside] != before[~outside]).any()
 
 
+@pytest.mark.slow
 def test_without_the_extra_one_line_and_exit_2(photos, tmp_path, cli, monkeypatch):
     folder, _ = photos
     monkeypatch.setitem(sys.modules, "transformers", None)  # an import blocker: `import transformers` fails
