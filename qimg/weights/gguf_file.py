@@ -41,12 +41,12 @@ class TensorInfo:
 class Reader:
     """Bounded reads from a file object: asking past the end is a 'truncated' error naming the file."""
 
-    def __init__(self, f, path: Path, size: int):
-        self.f, self.path, self.size = f, path, size
+    def __init__(self, f, path: Path, size: int, option: str = "--transformer"):
+        self.f, self.path, self.size, self.option = f, path, size, option
 
     def take(self, n: int) -> bytes:
         if n > self.size - self.f.tell():
-            raise UsageError(f"--transformer {self.path}: the file is truncated (its header runs past its "
+            raise UsageError(f"{self.option} {self.path}: the file is truncated (its header runs past its "
                              f"{self.size} bytes); download it again")
         return self.f.read(n)
 
@@ -64,28 +64,32 @@ class Reader:
         if kind == ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
             if count > self.size:  # every item takes at least a byte
-                raise UsageError(f"--transformer {self.path}: a metadata array claims {count} items; the file is "
+                raise UsageError(f"{self.option} {self.path}: a metadata array claims {count} items; the file is "
                                  "damaged")
             return [self.value(item) for _ in range(count)]
-        raise UsageError(f"--transformer {self.path}: metadata of unknown type {kind}; not a GGUF file qimg can read")
+        raise UsageError(f"{self.option} {self.path}: metadata of unknown type {kind}; not a GGUF file qimg can read")
 
 
-def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
-    """The file's metadata and tensors. Refuses another architecture, tensor types qimg cannot unpack (named),
-    and a file shorter than its tensors."""
+ARCHITECTURES = {ARCHITECTURE: "Qwen-Image"}  # general.architecture -> what a message calls it
+
+
+def read_header(path: Path, option: str = "--transformer",
+                architectures: dict[str, str] = ARCHITECTURES) -> tuple[dict, list[TensorInfo]]:
+    """The file's metadata and tensors. Refuses an architecture not in `architectures`, tensor types qimg cannot
+    unpack (named), and a file shorter than its tensors. option: the option that named the file, for messages."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        r = Reader(f, path, size)
+        r = Reader(f, path, size, option)
         if r.take(4) != MAGIC:
-            raise UsageError(f"--transformer {path} is not a GGUF file")
+            raise UsageError(f"{option} {path} is not a GGUF file")
         version = r.scalar("<I")
         if version not in (2, 3):
-            raise UsageError(f"--transformer {path}: GGUF version {version} is not supported (2 or 3; a big-endian "
+            raise UsageError(f"{option} {path}: GGUF version {version} is not supported (2 or 3; a big-endian "
                              "file reads as a huge version)")
         n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
         for count, what in ((n_tensors, "tensors"), (n_kv, "metadata entries")):
             if count > size:  # every one takes at least a byte
-                raise UsageError(f"--transformer {path}: the header claims {count} {what}; the file is damaged")
+                raise UsageError(f"{option} {path}: the header claims {count} {what}; the file is damaged")
         meta = {}
         for _ in range(n_kv):
             key = r.string()
@@ -94,32 +98,33 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
         for _ in range(n_tensors):
             name, n_dims = r.string(), r.scalar("<I")
             if n_dims > 4:
-                raise UsageError(f"--transformer {path}: tensor {name} has {n_dims} dimensions; the file is damaged")
+                raise UsageError(f"{option} {path}: tensor {name} has {n_dims} dimensions; the file is damaged")
             dims = [r.scalar("<Q") for _ in range(n_dims)]
             raw.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
         alignment = meta.get("general.alignment", 32)
         if not isinstance(alignment, int) or not 0 < alignment <= 2**20:
-            raise UsageError(f"--transformer {path}: general.alignment {alignment!r} is not a sane alignment")
+            raise UsageError(f"{option} {path}: general.alignment {alignment!r} is not a sane alignment")
         data = -(-f.tell() // alignment) * alignment
     arch = meta.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise UsageError(f"--transformer {path}: a GGUF file of architecture {str(arch)[:40]!r}, not Qwen-Image "
-                         f"({ARCHITECTURE}); pass a Qwen-Image transformer")
-    infos = [_tensor(path, size, data, alignment, *t) for t in raw]
+    if arch not in architectures:
+        wanted = " or ".join(f"{name} ({key})" for key, name in architectures.items())
+        raise UsageError(f"{option} {path}: a GGUF file of architecture {str(arch)[:40]!r}, not {wanted}; pass "
+                         f"the {wanted} file {option} takes")
+    infos = [_tensor(path, size, data, alignment, *t, option=option) for t in raw]
     end, last = data, None
     for info in sorted(infos, key=lambda t: t.start):
         if info.start < end:
-            raise UsageError(f"--transformer {path}: tensor {info.name} overlaps tensor {last.name} (bytes "
+            raise UsageError(f"{option} {path}: tensor {info.name} overlaps tensor {last.name} (bytes "
                              f"{info.start} to {info.start + info.nbytes}); the file is damaged: download it again")
         end, last = info.start + info.nbytes, info
     return meta, infos
 
 
 def _tensor(path: Path, size: int, data: int, alignment: int, name: str, dims: list[int], kind: int,
-            offset: int) -> TensorInfo:
+            offset: int, option: str = "--transformer") -> TensorInfo:
     if kind in REFUSED or (kind not in DENSE and kind not in PACKED):
         type_name = REFUSED.get(kind, f"type {kind}")
-        raise UsageError(f"--transformer {path}: tensor {name} is {type_name}, which qimg does not read (it reads "
+        raise UsageError(f"{option} {path}: tensor {name} is {type_name}, which qimg does not read (it reads "
                          f"F32, F16, BF16, {', '.join(PACKED.values())}); pick another quantization of the model")
     numel = 1
     for d in dims:
@@ -130,20 +135,20 @@ def _tensor(path: Path, size: int, data: int, alignment: int, name: str, dims: l
         type_name = PACKED[kind]
         block, block_bytes = BLOCKS[type_name]
         if not dims or dims[0] % block:
-            raise UsageError(f"--transformer {path}: tensor {name} ({type_name}) has rows of {dims[:1]} values, not a "
+            raise UsageError(f"{option} {path}: tensor {name} ({type_name}) has rows of {dims[:1]} values, not a "
                              f"multiple of its block of {block}; the file is damaged")
         nbytes = numel // block * block_bytes
     if offset % alignment:
-        raise UsageError(f"--transformer {path}: tensor {name} starts at offset {offset}, not a multiple of the "
+        raise UsageError(f"{option} {path}: tensor {name} starts at offset {offset}, not a multiple of the "
                          f"file's alignment {alignment}; the file is damaged: download it again")
     start = data + offset
     if start + nbytes > size:
-        raise UsageError(f"--transformer {path} is truncated: tensor {name} ends at byte {start + nbytes} but the "
+        raise UsageError(f"{option} {path} is truncated: tensor {name} ends at byte {start + nbytes} but the "
                          f"file has {size}; download it again")
     return TensorInfo(name, type_name, tuple(reversed(dims)), start, nbytes)
 
 
-def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+def read_tensor(path: Path, info: TensorInfo, option: str = "--transformer") -> torch.Tensor:
     """F32/F16/BF16 tensors in their dtype and shape; block types as uint8 (rows, bytes per row)."""
     buffer = torch.empty(info.nbytes, dtype=torch.uint8)
     view, done = memoryview(buffer.numpy()), 0
@@ -152,7 +157,7 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
         while done < info.nbytes:
             n = f.readinto(view[done:])
             if not n:
-                raise UsageError(f"--transformer {path} is truncated at tensor {info.name}; download it again")
+                raise UsageError(f"{option} {path} is truncated at tensor {info.name}; download it again")
             done += n
     dense = {name: dtype for name, dtype in DENSE.values()}
     if info.kind in dense:

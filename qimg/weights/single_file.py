@@ -60,34 +60,36 @@ class Weights:
 
 
 @contextmanager
-def open_weights(path: Path):
-    """The transformer weights of one file; their `read`s work inside the `with`."""
+def open_weights(path: Path, option: str = "--transformer", architectures: dict[str, str] = gguf_file.ARCHITECTURES):
+    """The transformer weights of one file; their `read`s work inside the `with`. option: the option that named
+    the file, for messages (--text-encoder, --vae, --vision read their files here too); architectures: the GGUF
+    architectures taken."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UsageError(f"--transformer {path} is a {path.suffix} file, the suffix of pickle files; qimg reads "
+        raise UsageError(f"{option} {path} is a {path.suffix} file, the suffix of pickle files; qimg reads "
                          ".gguf and .safetensors only, because pickle files can run code")
-    with open_regular(path, "--transformer", "; pass one .gguf or .safetensors file (the model folder goes to "
+    with open_regular(path, option, "; pass one .gguf or .safetensors file (the model folder goes to "
                       "--model)") as f:
         magic = f.read(4)
     if magic == gguf_file.MAGIC:
-        yield _gguf(path)
+        yield _gguf(path, option, architectures)
         return
     with ExitStack() as stack:
-        yield _safetensors(path, stack)
+        yield _safetensors(path, stack, option)
 
 
-def _select(keys: list[str], path: Path) -> tuple[dict[str, str], int]:
+def _select(keys: list[str], path: Path, option: str) -> tuple[dict[str, str], int]:
     """{model key: file key}: every key of a bare file; of a prefixed (all-in-one) file only the prefixed ones.
     A LoRA's keys are refused by name: a LoRA changes a model's weights, it is not one."""
     adapter = next((k for k in keys if lora.split_key(k)[1] not in (None, "alpha")), None)
     if adapter is not None:
-        raise UsageError(f"--transformer {path} looks like a LoRA (lora_A/lora_down keys such as {adapter[:80]}), "
+        raise UsageError(f"{option} {path} looks like a LoRA (lora_A/lora_down keys such as {adapter[:80]}), "
                          "not a transformer's weights: use --lora")
     for prefix in PREFIXES:
         inside = [k for k in keys if k.startswith(prefix)]
         if inside:
             return {k[len(prefix):]: k for k in inside}, len(keys) - len(inside)
     if keys and all(k.startswith(("first_stage_model.", "cond_stage_model.", "text_encoders.", "vae.")) for k in keys):
-        raise UsageError(f"--transformer {path} holds no transformer weights (no keys under model.diffusion_model., "
+        raise UsageError(f"{option} {path} holds no transformer weights (no keys under model.diffusion_model., "
                          "only another component's); pass the transformer's file")
     return {k: k for k in keys}, 0
 
@@ -99,22 +101,22 @@ def _counted(path, container, weights, skipped=0, scaling="") -> Weights:
     return Weights(path, container, weights, skipped, scaling, kinds)
 
 
-def _gguf(path: Path) -> Weights:
+def _gguf(path: Path, option: str, architectures: dict[str, str]) -> Weights:
     try:
-        _, infos = gguf_file.read_header(path)
+        _, infos = gguf_file.read_header(path, option, architectures)
     except RecursionError:
-        raise UsageError(f"--transformer {path}: its metadata is nested too deeply; the file is damaged") from None
+        raise UsageError(f"{option} {path}: its metadata is nested too deeply; the file is damaged") from None
     by_name = {t.name: t for t in infos}
-    names, skipped = _select(list(by_name), path)
+    names, skipped = _select(list(by_name), path, option)
     weights = {}
     for name, key in names.items():
         info = by_name[key]
         weights[name] = Weight("dense" if info.kind in DENSE else info.kind, info.shape,
-                               partial(gguf_file.read_tensor, path, info), info.kind)
+                               partial(gguf_file.read_tensor, path, info, option=option), info.kind)
     return _counted(path, "gguf", weights, skipped)
 
 
-def _safetensors(path: Path, stack: ExitStack) -> Weights:
+def _safetensors(path: Path, stack: ExitStack, option: str) -> Weights:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -122,16 +124,16 @@ def _safetensors(path: Path, stack: ExitStack) -> Weights:
         meta = f.metadata() or {}
         keys = list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"--transformer {path} is neither a GGUF file nor a readable safetensors file ({e}); a "
+        raise UsageError(f"{option} {path} is neither a GGUF file nor a readable safetensors file ({e}); a "
                          "truncated download reads this way too") from None
-    names, skipped = _select(keys, path)
-    layers = _quant_metadata(meta, path)
+    names, skipped = _select(keys, path, option)
+    layers = _quant_metadata(meta, path, option)
 
     def tensor(name):
         try:
             return f.get_tensor(names[name])
         except (SafetensorError, OSError) as e:
-            raise UsageError(f"--transformer {path}: cannot read {name} ({e}); download it again") from None
+            raise UsageError(f"{option} {path}: cannot read {name} ({e}); download it again") from None
 
     weights, scaling = {}, LEGACY_MARKER if LEGACY_MARKER in names else ""
     for name, key in names.items():
@@ -139,25 +141,25 @@ def _safetensors(path: Path, stack: ExitStack) -> Weights:
             continue
         dtype, shape = f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())
         layer = name.removesuffix(".weight")
-        fmt = _comfy_format(layer, names, layers, tensor, path)
+        fmt = _comfy_format(layer, names, layers, tensor, path, option)
         if fmt is not None:
             scaling = "comfy_quant"
             if fmt not in COMFY_FP8:
-                raise UsageError(f"--transformer {path}: layer {layer} is {_quant_name(fmt)}, which qimg does not run "
+                raise UsageError(f"{option} {path}: layer {layer} is {_quant_name(fmt)}, which qimg does not run "
                                  "(it reads fp8 e4m3fn and e5m2 with one scale per tensor); use an fp8 or GGUF file")
             if dtype != COMFY_FP8[fmt]:
-                raise UsageError(f"--transformer {path}: layer {layer} says {fmt} but its weight is {dtype}")
+                raise UsageError(f"{option} {path}: layer {layer} says {fmt} but its weight is {dtype}")
         if dtype in FP8:
             scale = next((s for s in (layer + ".scale_weight", layer + ".weight_scale") if s in names), None)
             weights[name] = Weight(dtype, shape, partial(_fp8_bytes, tensor, name), dtype,
-                                   None if scale is None else _scalar(tensor(scale), scale, path))
+                                   None if scale is None else _scalar(tensor(scale), scale, path, option))
         elif dtype in DENSE:
             weights[name] = Weight("dense", shape, partial(tensor, name), dtype)
         elif dtype in ("I8", "U8"):
-            raise UsageError(f"--transformer {path}: {name} is int8 ({dtype}), which qimg does not run; use an fp8, "
+            raise UsageError(f"{option} {path}: {name} is int8 ({dtype}), which qimg does not run; use an fp8, "
                              "bf16 or GGUF file")
         else:
-            raise UsageError(f"--transformer {path}: {name} is of type {dtype}, which qimg does not read")
+            raise UsageError(f"{option} {path}: {name} is of type {dtype}, which qimg does not read")
     return _counted(path, "safetensors", weights, skipped, scaling)
 
 
@@ -165,18 +167,18 @@ def _fp8_bytes(tensor, name: str) -> torch.Tensor:
     return tensor(name).view(torch.uint8)
 
 
-def _scalar(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+def _scalar(t: torch.Tensor, name: str, path: Path, option: str) -> torch.Tensor:
     if t.numel() != 1:
-        raise UsageError(f"--transformer {path}: {name} holds {t.numel()} scales (shape {tuple(t.shape)}): block-wise "
+        raise UsageError(f"{option} {path}: {name} holds {t.numel()} scales (shape {tuple(t.shape)}): block-wise "
                          "or per-channel scales are not supported, only one scale per tensor")
     scale = t.float().reshape(())
     if not 0 < float(scale) < math.inf:
-        raise UsageError(f"--transformer {path}: the scale {name} is {float(scale)}, not a positive finite number; "
+        raise UsageError(f"{option} {path}: the scale {name} is {float(scale)}, not a positive finite number; "
                          "the file is damaged: download it again")
     return scale
 
 
-def _quant_metadata(meta: dict, path: Path) -> dict:
+def _quant_metadata(meta: dict, path: Path, option: str) -> dict:
     """The header's `_quantization_metadata` layers: {layer: {"format": ...}} (ComfyUI's mixed files)."""
     text = meta.get("_quantization_metadata")
     if text is None:
@@ -184,9 +186,9 @@ def _quant_metadata(meta: dict, path: Path) -> dict:
     try:
         layers = json.loads(text).get("layers", {})
     except (ValueError, AttributeError, RecursionError):
-        raise UsageError(f"--transformer {path}: its _quantization_metadata is not a JSON object") from None
+        raise UsageError(f"{option} {path}: its _quantization_metadata is not a JSON object") from None
     if not isinstance(layers, dict):
-        raise UsageError(f"--transformer {path}: _quantization_metadata.layers is not an object")
+        raise UsageError(f"{option} {path}: _quantization_metadata.layers is not an object")
     return {_strip(k): v for k, v in layers.items()}
 
 
@@ -194,7 +196,7 @@ def _strip(key: str) -> str:
     return next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)
 
 
-def _comfy_format(layer: str, names: dict, layers: dict, tensor, path: Path) -> str | None:
+def _comfy_format(layer: str, names: dict, layers: dict, tensor, path: Path, option: str) -> str | None:
     """A layer's comfy_quant format (float8_e4m3fn, nvfp4, ...) from its `.comfy_quant` tensor or the header."""
     entry = layers.get(layer)
     if layer + COMFY_QUANT in names:
@@ -202,12 +204,12 @@ def _comfy_format(layer: str, names: dict, layers: dict, tensor, path: Path) -> 
         try:
             entry = json.loads(bytes(raw.view(torch.uint8).flatten()[:65536].tolist()))
         except (ValueError, RecursionError):
-            raise UsageError(f"--transformer {path}: {layer}{COMFY_QUANT} is not JSON") from None
+            raise UsageError(f"{option} {path}: {layer}{COMFY_QUANT} is not JSON") from None
     if entry is None:
         return None
     fmt = entry.get("format") if isinstance(entry, dict) else None
     if not isinstance(fmt, str):
-        raise UsageError(f"--transformer {path}: layer {layer}'s comfy_quant entry names no format")
+        raise UsageError(f"{option} {path}: layer {layer}'s comfy_quant entry names no format")
     return fmt
 
 
