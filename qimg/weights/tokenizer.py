@@ -39,29 +39,73 @@ def _from_tokenizer_json(folder: Path):
 
 
 def _from_vocab(folder: Path, config: dict):
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as Pipeline
     from tokenizers.models import BPE
 
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not vocab.is_file() or not merges.is_file():
         raise QimgError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: the model folder is "
                         "incomplete")
-    bpe = Pipeline(BPE.from_file(str(vocab), str(merges), unk_token=None, continuing_subword_prefix="",
-                                 end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    bpe = _pipeline(BPE.from_file(str(vocab), str(merges), unk_token=None, continuing_subword_prefix="",
+                                  end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    _add_tokens(bpe, _added_tokens(folder, config), folder)
+    return bpe
+
+
+def _pipeline(model):
+    """Qwen2's pipeline around a BPE model, as transformers' Qwen2Tokenizer builds it: NFC, Qwen2's split
+    regex, byte-level BPE."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Pipeline
+
+    bpe = Pipeline(model)
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.decoder = decoders.ByteLevel()
-    for token_id, (content, special) in sorted(_added_tokens(folder, config).items()):
+    return bpe
+
+
+def _add_tokens(bpe, added: dict[int, tuple[str, bool]], source) -> None:
+    from tokenizers import AddedToken
+
+    for token_id, (content, special) in sorted(added.items()):
         token = AddedToken(content, special=special, normalized=False)
         (bpe.add_special_tokens if special else bpe.add_tokens)([token])
         if bpe.token_to_id(content) != token_id:  # added tokens take the next free id: they must come in order
-            raise QimgError(f"{folder}: added token {content!r} should have id {token_id}, not "
+            raise QimgError(f"{source}: added token {content!r} should have id {token_id}, not "
                             f"{bpe.token_to_id(content)}")
-    return bpe
+
+
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER, GGUF_UNUSED = 1, 3, 4, 5  # tokenizer.ggml.token_type values (gguf-py)
+
+
+def from_gguf(meta: dict, source: str) -> Tokenizer:
+    """The tokenizer a llama.cpp GGUF carries (`tokenizer.ggml.model` gpt2: tokens, their types, merges): its
+    normal tokens and merges are the BPE, control and user-defined tokens are added at their ids (special and
+    not), unused padding rows ([PAD151669] ...) are left out. source: the option and file, for messages."""
+    from tokenizers.models import BPE
+
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    merges = meta.get("tokenizer.ggml.merges")
+    if meta.get("tokenizer.ggml.model") != "gpt2" or not isinstance(tokens, list) or not isinstance(merges, list) \
+            or not isinstance(types, list) or len(types) != len(tokens):
+        raise QimgError(f"{source} carries no byte-level BPE tokenizer (tokenizer.ggml.model gpt2 with tokens, "
+                        "token types and merges); qimg needs the one llama.cpp's converter writes")
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == GGUF_NORMAL}
+    added = {i: (t, k == GGUF_CONTROL) for i, (t, k) in enumerate(zip(tokens, types)) if k in (GGUF_CONTROL, GGUF_USER)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges if isinstance(m, str) and " " in m]
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise QimgError(f"{source}: its normal tokens do not come first (ids 0 to {len(vocab) - 1}); not a Qwen2 "
+                        "tokenizer")
+    bpe = _pipeline(BPE(vocab, pairs, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False))
+    _add_tokens(bpe, added, source)
+    pad_id = bpe.token_to_id(PAD)
+    if pad_id is None:
+        raise QimgError(f"{source}: the pad token {PAD!r} is not in its tokenizer")
+    return Tokenizer(bpe, pad_id)
 
 
 def _added_tokens(folder: Path, config: dict) -> dict[int, tuple[str, bool]]:

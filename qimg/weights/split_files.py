@@ -1,0 +1,221 @@
+"""The text encoder, its vision tower and the VAE from single files, in place of a model folder's parts: ComfyUI's
+(`qwen_2.5_vl_7b_fp8_scaled.safetensors`, `qwen_image_vae.safetensors`), llama.cpp's (`Qwen2.5-VL-7B-Instruct-
+Q8_0.gguf` and its `mmproj` vision file, as stable-diffusion.cpp runs them) or diffusers' keys in one file.
+
+The configs still come from a folder: the user's `--model`, or the one qimg ships for the variant the transformer
+file is (configs.py). `check_files` reads headers only (each file is the part it is given for, its widths fit
+the others', an Edit model has a vision tower, the tokenizer is there), so a wrong combination is one line before
+any large file is read. Packed text-encoder weights (GGUF blocks, fp8) stay packed as the transformer's do
+(unpacked once at load on the CPU or with --dequantize); the vision tower and the VAE, small, load dense.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from qimg.errors import QimgError, UsageError
+from qimg.model import instruct_text, text, vision
+from qimg.model.instruct_text import InstructEncoder
+from qimg.model.quant import dequantize
+from qimg.model.qwen2 import Qwen2Config, Qwen2Model, remap_keys
+from qimg.model.text import TextEncoder
+from qimg.model.tokenizer import Tokenizer
+from qimg.model.vae import QwenImageVAE, VAEConfig
+from qimg.model.vision import VisionTower
+from qimg.weights import gguf_file
+from qimg.weights.comfy_files import (
+    PARTS,
+    TEXT_ARCHITECTURES,
+    VISION_ARCHITECTURES,
+    VISION_PROJECTOR,
+    WAN_MARK,
+    gguf_text_key,
+    join_vision,
+    mmproj_key,
+    part_of,
+    wan_vae_key,
+)
+from qimg.weights.folders import Contents, ModelKind, check_keys, read_config
+from qimg.weights.single_file import Weight, Weights, open_weights
+from qimg.weights.text_encoder import configs, image_config
+from qimg.weights.tokenizer import from_gguf, read_tokenizer
+from qimg.weights.transformer import _linear, _pack_layer, _tensors
+
+TEXT, VAE, VISION = "--text-encoder", "--vae", "--vision"
+WANTED = {TEXT: "text encoder", VAE: "VAE", VISION: "vision tower"}
+TOKENIZER_FOLDERS = ("qwen25_tokenizer", "tokenizer")  # looked for beside a safetensors text encoder (ComfyUI's name)
+
+
+@dataclass(frozen=True)
+class Files:
+    """The single files that replace a folder's parts (None: the folder's own)."""
+
+    text_encoder: Path | None = None
+    vae: Path | None = None
+    vision: Path | None = None
+
+    def __bool__(self) -> bool:
+        return any((self.text_encoder, self.vae, self.vision))
+
+
+def gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == gguf_file.MAGIC
+
+
+@contextmanager
+def open_part(path: Path, option: str):
+    """open_weights for a part's file, refusing a file that holds another part (or a vision file whose
+    projector is not Qwen2.5-VL's) by name."""
+    if option == VAE and path.suffix.lower() == ".gguf":
+        raise UsageError(f"{VAE} {path}: qimg reads the VAE from .safetensors (Wan or diffusers names), not GGUF")
+    archs = VISION_ARCHITECTURES if option == VISION else TEXT_ARCHITECTURES
+    with open_weights(path, option, archs) as found:
+        part = part_of(found.weights)
+        if part != WANTED[option]:
+            held = f"a {part}'s weights" if part else "no weights qimg knows"
+            also = f" (pass it as {PARTS[part]})" if part else ""
+            raise UsageError(f"{option} {path} holds {held}{also}, not a {WANTED[option]}'s")
+        if option == VISION and found.container == "gguf":
+            projector = gguf_file.read_header(path, option, archs)[0].get("clip.projector_type")
+            if projector != VISION_PROJECTOR:
+                raise UsageError(f"{option} {path}: its projector is {str(projector)[:40]!r}, not Qwen2.5-VL's "
+                                 f"({VISION_PROJECTOR}); pass the mmproj file of Qwen2.5-VL-7B-Instruct")
+        yield found
+
+
+def text_weights(found: Weights) -> dict[str, Weight]:
+    """The language model's weights by Qwen2Model key (lm_head and the vision tower left out); a name no map
+    knows is kept as it is, for the key check to name."""
+    out = {}
+    for name, w in found.weights.items():
+        key = gguf_text_key(name) if found.container == "gguf" else name
+        if key is None:
+            out[name] = w
+        elif remap_keys(key) is not None:
+            out[remap_keys(key)] = w
+    return out
+
+
+def dense(w: Weight) -> torch.Tensor:
+    return w.read() if w.kind == "dense" else dequantize(w.kind, w.read(), w.shape, w.scale)
+
+
+def load_language_model(path: Path, cfg: Qwen2Config, dtype: torch.dtype, device: torch.device,
+                        unpack: bool) -> Qwen2Model:
+    """Qwen2.5-VL's language model from a text encoder file; its packed linear layers stay packed unless
+    `unpack`."""
+    label = f"{TEXT} {path}"
+    with open_part(path, TEXT) as found:
+        weights = text_weights(found)
+        with torch.device("meta"):
+            module = Qwen2Model(cfg)
+        check_keys(label, module.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
+        packed = {n for n, w in weights.items() if w.kind != "dense" and not unpack and _linear(module, n)}
+        for name in packed:
+            _pack_layer(module, name, weights[name].kind, weights[name].scale is not None, dtype)
+        state, contents = {}, Contents(UsageError)
+        for name, w in weights.items():
+            state.update(_tensors(name, w, w.kind, name in packed, dtype, device,
+                                  partial(contents.check, file=label, key=name)))
+        contents.all_zero(label)
+    module.load_state_dict(state, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def vision_source(files: Files) -> tuple[Path, str]:
+    """The file the vision tower comes from: --vision, else the text encoder file (ComfyUI's holds visual.*)."""
+    return (files.vision, VISION) if files.vision else (files.text_encoder, TEXT)
+
+
+def vision_weights(found: Weights) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors, dense, by VisionTower key."""
+    if found.container == "gguf":
+        named = {mmproj_key(n) or n: dense(w) for n, w in found.weights.items()}
+        return {vision.remap_keys(k) or k: t for k, t in join_vision(named).items()}
+    return {vision.remap_keys(n): dense(w) for n, w in found.weights.items() if vision.remap_keys(n)}
+
+
+def load_vision_tower(files: Files, cfg, dtype: torch.dtype, device: torch.device) -> VisionTower:
+    path, option = vision_source(files)
+    label = f"{option} {path}"
+    with open_part(path, option) as found:
+        tensors = vision_weights(found)
+    with torch.device("meta"):
+        module = VisionTower(cfg)
+    check_keys(label, module.state_dict(), {k: tuple(t.shape) for k, t in tensors.items()}, UsageError)
+    contents = Contents(UsageError)
+    state = {k: contents.check(t, label, k).to(device=device, dtype=dtype) for k, t in tensors.items()}
+    contents.all_zero(label)
+    module.load_state_dict(state, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def vae_weights(found: Weights, cfg: VAEConfig) -> dict[str, Weight]:
+    """The VAE's weights by diffusers name, from either naming."""
+    if WAN_MARK not in found.weights:
+        return dict(found.weights)
+    return {wan_vae_key(n, cfg.num_res_blocks) or n: w for n, w in found.weights.items()}
+
+
+def load_vae(path: Path, cfg: VAEConfig, dtype: torch.dtype, device: torch.device,
+             only: tuple[str, ...] = ()) -> QwenImageVAE:
+    """The VAE from one file (Wan or diffusers names); with `only`, just those key prefixes are read."""
+    label = f"{VAE} {path}"
+    with torch.device("meta"):
+        module = QwenImageVAE(cfg)
+    with open_part(path, VAE) as found:
+        weights = vae_weights(found, cfg)
+        check_keys(label, module.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
+        contents = Contents(UsageError)
+        state = {k: contents.check(dense(w), label, k).to(device=device, dtype=dtype) for k, w in weights.items()
+                 if not only or k.startswith(only)}
+    contents.all_zero(label)
+    module.load_state_dict(state, assign=True, strict=not only)
+    return module.eval().requires_grad_(False)
+
+
+def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
+    """The tokenizer for a text encoder file: a GGUF's own; else the folder's (processor/ or tokenizer/), else a
+    `qwen25_tokenizer/` or `tokenizer/` folder beside the file (ComfyUI's copy: vocab.json, merges.txt,
+    tokenizer_config.json). qimg does not ship Qwen2.5's vocabulary. Checked to read the template's prefix as
+    the model's own tokenizer does."""
+    path = files.text_encoder
+    if gguf(path):
+        tokenizer, where = from_gguf(gguf_file.read_header(path, TEXT, TEXT_ARCHITECTURES)[0], f"{TEXT} {path}"), path
+    else:
+        inside = ("processor", "tokenizer") if edits else ("tokenizer",)
+        places = [folder / name for name in inside] + [path.parent / name for name in TOKENIZER_FOLDERS]
+        where = next((p for p in places if any((p / f).is_file() for f in ("tokenizer.json", "vocab.json"))), None)
+        if where is None:
+            raise UsageError(f"{TEXT} {path}: no tokenizer for it: a safetensors text encoder carries none, and qimg "
+                             "does not ship Qwen2.5's; put ComfyUI's comfy/text_encoders/qwen25_tokenizer folder "
+                             "beside the file, pass --model with a Qwen-Image folder, or use a GGUF text encoder")
+        tokenizer = read_tokenizer(where)
+    template, drop = (instruct_text.SYSTEM, instruct_text.DROP) if edits else (text.TEMPLATE.split("{}")[0], text.DROP)
+    prefix = len(tokenizer.ids([template])[0])
+    if prefix != drop:
+        raise UsageError(f"{where}: not Qwen2.5's tokenizer: it reads the prompt template's prefix as {prefix} "
+                         f"tokens, not {drop}")
+    return tokenizer
+
+
+def load_text_files(files: Files, folder: Path, kind: ModelKind, dtype: torch.dtype, device: torch.device,
+                    unpack: bool) -> TextEncoder | InstructEncoder:
+    """The prompt encoder (an Edit model's instruction encoder) from files, its configs from `folder`."""
+    tokenizer = tokenizer_for(files, folder, kind.edits)
+    encoder = folder / "text_encoder"
+    if not kind.edits:
+        try:
+            cfg = Qwen2Config.from_dict(read_config(encoder))
+        except (ValueError, TypeError) as e:
+            raise QimgError(f"{encoder / 'config.json'}: {e}") from None
+        return TextEncoder(tokenizer, load_language_model(files.text_encoder, cfg, dtype, device, unpack), device)
+    image_cfg = image_config(folder)
+    cfg, vision_cfg = configs(encoder, image_cfg)
+    model = load_language_model(files.text_encoder, cfg, dtype, device, unpack)
+    tower = load_vision_tower(files, vision_cfg, dtype, device)
+    return InstructEncoder(tokenizer, model, tower, image_cfg, kind.plus, dtype, device)
