@@ -68,8 +68,11 @@ from qimg.cli.options import (
     SplitOpt,
     StepsOpt,
     StrengthOpt,
+    TextEncoderOpt,
     TilingOpt,
     TransformerOpt,
+    VaeOpt,
+    VisionOpt,
     any_size,
     to_size,
     utf8_text,
@@ -143,6 +146,7 @@ def generate(
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
+    text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT, show_default="the working folder",
                                                     help="With --prompts: the folder for the outputs.")] = None,
     skip_existing: Annotated[bool, typer.Option(
@@ -198,6 +202,7 @@ def inpaint(
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
+    text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
@@ -233,6 +238,7 @@ def outpaint(
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
+    text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
@@ -285,6 +291,7 @@ def edit(
     preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None, lora: LoraOpt = None, shift: ShiftOpt = None,
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
+    text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
@@ -320,7 +327,7 @@ def chain(
     no_worker: NoWorkerOpt = False, preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None,
     lora: LoraOpt = None, shift: ShiftOpt = None, transformer: TransformerOpt = None,
     dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none", devices: DevicesOpt = None,
-    split: SplitOpt = None,
+    split: SplitOpt = None, text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
 ):
     """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
     latent carried in memory between them.

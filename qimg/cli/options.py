@@ -163,6 +163,16 @@ TransformerOpt = Annotated[Optional[Path], typer.Option(
     envvar="QIMG_TRANSFORMER", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
     help="The transformer's weights from one file: .gguf (Q8_0, Q4_K_M, ...) or .safetensors (bf16, fp8, ComfyUI "
          "scaled fp8); everything else comes from --model.")]
+TextEncoderOpt = Annotated[Optional[Path], typer.Option(
+    envvar="QIMG_TEXT_ENCODER", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
+    help="The text encoder from one file: ComfyUI's .safetensors (bf16, fp8 scaled) or a llama.cpp .gguf of "
+         "Qwen2.5-VL-7B-Instruct; with --transformer and --vae, no --model is needed.")]
+VaeOpt = Annotated[Optional[Path], typer.Option(
+    envvar="QIMG_VAE", show_envvar=True, rich_help_panel=MODEL, show_default="the model folder's",
+    help="The VAE from one .safetensors file (ComfyUI's qwen_image_vae.safetensors, or diffusers' names).")]
+VisionOpt = Annotated[Optional[Path], typer.Option(
+    envvar="QIMG_VISION", show_envvar=True, rich_help_panel=MODEL, show_default="the text encoder file's",
+    help="Edit models with a GGUF --text-encoder: the vision tower from Qwen2.5-VL's mmproj .gguf file.")]
 DequantizeOpt = Annotated[Optional[bool], typer.Option(
     "--dequantize/--no-dequantize", rich_help_panel=MODEL, show_default="on the CPU only",
     help="Unpack GGUF/fp8 weights once at load (full size) instead of on every step (they stay small).")]

@@ -19,7 +19,8 @@ def model_of(p: dict, part=None) -> spec.ModelSpec:
     return spec.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
                           p["dequantize"], p["quantize"], part.local_rank if part is not None else None,
-                          given_by("transformer") is ParameterSource.ENVIRONMENT, *devices_of(p))
+                          given_by("transformer") is ParameterSource.ENVIRONMENT, *devices_of(p),
+                          p["text_encoder"], p["vae"], p["vision"])
 
 
 def devices_of(p: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -34,8 +34,9 @@ from qimg.weights import lora
 from qimg.weights.adapters import apply_adapters, targets
 from qimg.weights.fingerprint import fingerprint
 from qimg.weights.folders import ModelKind, load_module, model_kind, read_config, read_json_object
+from qimg.weights.split_files import Files, check_files, files_provenance, load_text_files, load_vae, text_files
 from qimg.weights.text_encoder import load_instruct_encoder, load_text_encoder
-from qimg.weights.transformer import Source, load_transformer, provenance, tensor_sizes
+from qimg.weights.transformer import Source, load_transformer, provenance, start_sha256, tensor_sizes
 
 DTYPES = {name: getattr(torch, name) for name in option_values.DTYPES}
 VAE_PARTS = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}  # key prefixes
@@ -140,7 +141,8 @@ class Loading:
     blocks. attention: the SDPA backend. vae_tiling: decode in tiles (auto: above latents.TILE_ABOVE pixels).
     loras: lora.LoraSpec, read and checked against the transformer's layers when the components are made, fused
     into its weights when it loads (a side branch on packed layers). transformer, dequantize, quantize: where the
-    transformer's weights come from and whether they stay packed (weights/transformer.py)."""
+    transformer's weights come from and whether they stay packed (weights/transformer.py). text_encoder, vae,
+    vision: single files in place of the folder's parts (weights/split_files.py)."""
 
     offload: str = "none"
     compile: bool = False
@@ -152,6 +154,9 @@ class Loading:
     quantize: str = "none"
     devices: tuple[str, ...] = ()  # --devices: the layer split over these (placement.py); () = one device
     split: tuple[int, ...] = ()  # --split: blocks per device; () = sized by each device's free memory
+    text_encoder: Path | None = None
+    vae: Path | None = None
+    vision: Path | None = None
 
 
 class Components:
@@ -179,6 +184,11 @@ class Components:
         self.source = Source(transformer, loading.dequantize, loading.quantize)
         if self.devices:  # loaded on the CPU, then split: packed or not as on the first device
             self.source = Source(transformer, self.source.unpacks(self.device), loading.quantize)
+        self.files = Files(*(Path(p) if p else None for p in (loading.text_encoder, loading.vae, loading.vision)))
+        if self.files:  # headers only: a file of the wrong part or width is refused before anything loads
+            check_files(self.files, folder, self.kind, transformer)
+            for file in (f for f in (loading.text_encoder, loading.vae, loading.vision) if f):
+                start_sha256(Path(file))
         self.defaults = Defaults.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
@@ -193,7 +203,10 @@ class Components:
         """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
             device = self.place("text")
-            if not self.kind.edits:
+            if self.files.text_encoder:
+                self._text = load_text_files(self.files, self.folder, self.kind, self.dtype, device,
+                                             self.source.unpacks(device))
+            elif not self.kind.edits:
                 self._text = load_text_encoder(self.folder, self.dtype, device)
             else:
                 self._text = load_instruct_encoder(self.folder, self.dtype, device, plus=self.kind.plus)
@@ -227,8 +240,11 @@ class Components:
         generates from noise, never loads the encoder."""
         if part not in self._vae:
             cfg = self._config(VAEConfig, "vae")
-            self._vae[part] = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype,
-                                          self.place("vae"), only=VAE_PARTS[part])
+            if self.files.vae:
+                self._vae[part] = load_vae(self.files.vae, cfg, self.dtype, self.place("vae"), only=VAE_PARTS[part])
+            else:
+                self._vae[part] = load_module(lambda: QwenImageVAE(cfg), self.folder / "vae", self.dtype,
+                                              self.place("vae"), only=VAE_PARTS[part])
         return self._vae[part]
 
     def place(self, component: str) -> torch.device:
@@ -267,7 +283,8 @@ class Components:
     def model_fingerprint(self) -> str:
         """The whole model's identity (weights, configs, tokenizer, a --transformer file, LoRAs), for output
         metadata and caches."""
-        model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint()) if p)
+        files = tuple(fingerprint(f) for f in (self.files.text_encoder, self.files.vae, self.files.vision) if f)
+        model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint(), *files) if p)
         return lora.fingerprint(model, self.loras)
 
     @cached_property
@@ -276,13 +293,19 @@ class Components:
         return provenance(self.source)
 
     @cached_property
+    def files_info(self) -> dict:
+        """The single files in place of the folder's parts: {"text_encoder": {name, sha256, format}, ...}."""
+        return files_provenance(self.files)
+
+    @cached_property
     def vae_fingerprint(self) -> str:
-        return fingerprint(self.folder / "vae")
+        return fingerprint(self.files.vae or self.folder / "vae")
 
     @cached_property
     def text_fingerprint(self) -> str:
         # dtype and device too: an embedding computed elsewhere would give a slightly different image
-        parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "tokenizer"))
+        encoder = self.files.text_encoder or self.folder / "text_encoder"
+        parts = (fingerprint(encoder), *(fingerprint(p) for p in text_files(self.files, self.folder)))
         if (self.folder / "processor").is_dir():  # an Edit model's image sizes and vision tokens come from there
             parts += (fingerprint(self.folder / "processor"),)
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))

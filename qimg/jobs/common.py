@@ -32,6 +32,15 @@ def resolve_model(spec: ModelSpec) -> Path:
     from qimg.weights.folders import model_kind, named_kind
     from qimg.weights.folders import resolve_model as resolve
 
+    if spec.model is None and (spec.text_encoder or spec.vae):  # split files, no folder: qimg's shipped configs
+        from qimg.weights.shipped import shipped_folder
+
+        missing = [option for option, f in (("--transformer", spec.transformer), ("--text-encoder", spec.text_encoder),
+                                            ("--vae", spec.vae)) if f is None]
+        if missing:
+            raise UsageError(f"without --model, qimg runs from three files: {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing (or pass --model for the other parts)")
+        return shipped_folder(spec.transformer)
     folder = resolve(spec.model)
     if spec.transformer_from_env and spec.transformer is not None:
         kind, made_for = model_kind(folder), named_kind(spec.transformer)

@@ -21,8 +21,9 @@ def engine(folder, device: str, dtype: str, speed: dict, make):
         return make()
     from qimg.weights.fingerprint import fingerprint
 
-    file = speed.get("transformer")  # a --transformer file is part of the model: changed, it is another one
-    weights = fingerprint(Path(file)) if file and Path(file).is_file() else None
+    # A --transformer, --text-encoder, --vae or --vision file is part of the model: changed, it is another one.
+    files = (speed.get(part) for part in ("transformer", "text_encoder", "vae", "vision"))
+    weights = tuple(fingerprint(Path(f)) if f and Path(f).is_file() else None for f in files)
     key = (str(folder), fingerprint(folder), device, dtype, tuple(sorted(speed.items())), weights)
     if key != _key:
         drop()

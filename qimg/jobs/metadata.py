@@ -37,6 +37,8 @@ def output_params(command: str, engine, job, lineage: Optional[list] = None, fil
     full = job.output.metadata == "full"  # only a full record names files by sha256: hash them only then
     record, preset_of = (file_record, preset_record) if full else (str, lambda preset: preset)
     source = {"transformer": engine.transformer_info} if engine.transformer_info else {}
+    if engine.files_info:  # split files: each file's identity, and the variant qimg took them for
+        source |= {**engine.files_info, "variant": engine.kind.name}
     public = dict(command=command, **fields, **{k: _each(v, record) for k, v in files.items()},
                   model=model_name(job.model.model, engine.folder), model_fingerprint=engine.model_fingerprint,
                   **source, loras=[one.record() for one in engine.loras], preset=preset_of(job.preset),
@@ -62,7 +64,9 @@ def file_record(path: Path) -> dict:
 def model_name(given: Optional[str], folder: Path) -> str:
     """The model as a shared picture names it: a repo id as given, a folder by its name, or builtin."""
     if given in (None, "", "builtin"):
-        return "builtin"
+        from qimg.weights.shipped import CONFIGS
+
+        return f"{folder.name} (split files)" if folder.resolve().parent == CONFIGS else "builtin"
     return folder.resolve().name if Path(given).expanduser().is_dir() else given
 
 

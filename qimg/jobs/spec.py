@@ -31,13 +31,18 @@ class ModelSpec:
     transformer_from_env: bool = False  # the transformer file came from $QIMG_TRANSFORMER, not --transformer
     devices: tuple[str, ...] = ()  # --devices: the transformer's blocks split over these; (): one device
     split: tuple[int, ...] = ()  # --split: blocks per device; (): by their free memory
+    text_encoder: Optional[Path] = None  # the text encoder from one file (ComfyUI's, a llama.cpp GGUF)
+    vae: Optional[Path] = None  # the VAE from one file (Wan or diffusers names)
+    vision: Optional[Path] = None  # an Edit model's vision tower from a llama.cpp mmproj file
 
     def speed(self) -> dict:
         """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:
         the worker keys its kept engine off it)."""
         return dict(offload=self.offload, compile=self.compile, attention=self.attention, vae_tiling=self.vae_tiling,
                     transformer=os.path.abspath(self.transformer) if self.transformer else None,
-                    dequantize=self.dequantize, quantize=self.quantize, devices=self.devices, split=self.split)
+                    dequantize=self.dequantize, quantize=self.quantize, devices=self.devices, split=self.split,
+                    **{part: os.path.abspath(f) if f else None for part, f in (
+                        ("text_encoder", self.text_encoder), ("vae", self.vae), ("vision", self.vision))})
 
 
 @dataclass(frozen=True)

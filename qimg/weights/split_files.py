@@ -42,7 +42,7 @@ from qimg.weights.folders import Contents, ModelKind, check_keys, read_config
 from qimg.weights.single_file import Weight, Weights, open_weights
 from qimg.weights.text_encoder import configs, image_config
 from qimg.weights.tokenizer import from_gguf, read_tokenizer
-from qimg.weights.transformer import _linear, _pack_layer, _tensors
+from qimg.weights.transformer import _linear, _pack_layer, _tensors, sha256
 
 TEXT, VAE, VISION = "--text-encoder", "--vae", "--vision"
 WANTED = {TEXT: "text encoder", VAE: "VAE", VISION: "vision tower"}
@@ -178,22 +178,29 @@ def load_vae(path: Path, cfg: VAEConfig, dtype: torch.dtype, device: torch.devic
     return module.eval().requires_grad_(False)
 
 
-def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
-    """The tokenizer for a text encoder file: a GGUF's own; else the folder's (processor/ or tokenizer/), else a
-    `qwen25_tokenizer/` or `tokenizer/` folder beside the file (ComfyUI's copy: vocab.json, merges.txt,
-    tokenizer_config.json). qimg does not ship Qwen2.5's vocabulary. Checked to read the template's prefix as
-    the model's own tokenizer does."""
+def tokenizer_place(files: Files, folder: Path, edits: bool) -> Path:
+    """Where the tokenizer for a text encoder file is: a GGUF's own (the file); else the folder's (processor/ or
+    tokenizer/), else a `qwen25_tokenizer/` or `tokenizer/` folder beside the file (ComfyUI's copy: vocab.json,
+    merges.txt, tokenizer_config.json). qimg does not ship Qwen2.5's vocabulary."""
     path = files.text_encoder
     if gguf(path):
-        tokenizer, where = from_gguf(gguf_file.read_header(path, TEXT, TEXT_ARCHITECTURES)[0], f"{TEXT} {path}"), path
+        return path
+    inside = ("processor", "tokenizer") if edits else ("tokenizer",)
+    places = [folder / name for name in inside] + [path.parent / name for name in TOKENIZER_FOLDERS]
+    where = next((p for p in places if any((p / f).is_file() for f in ("tokenizer.json", "vocab.json"))), None)
+    if where is None:
+        raise UsageError(f"{TEXT} {path}: no tokenizer for it: a safetensors text encoder carries none, and qimg "
+                         "does not ship Qwen2.5's; put ComfyUI's comfy/text_encoders/qwen25_tokenizer folder "
+                         "beside the file, pass --model with a Qwen-Image folder, or use a GGUF text encoder")
+    return where
+
+
+def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
+    """The tokenizer tokenizer_place finds, checked to read the prompt template's prefix as the model's does."""
+    where = tokenizer_place(files, folder, edits)
+    if where == files.text_encoder:
+        tokenizer = from_gguf(gguf_file.read_header(where, TEXT, TEXT_ARCHITECTURES)[0], f"{TEXT} {where}")
     else:
-        inside = ("processor", "tokenizer") if edits else ("tokenizer",)
-        places = [folder / name for name in inside] + [path.parent / name for name in TOKENIZER_FOLDERS]
-        where = next((p for p in places if any((p / f).is_file() for f in ("tokenizer.json", "vocab.json"))), None)
-        if where is None:
-            raise UsageError(f"{TEXT} {path}: no tokenizer for it: a safetensors text encoder carries none, and qimg "
-                             "does not ship Qwen2.5's; put ComfyUI's comfy/text_encoders/qwen25_tokenizer folder "
-                             "beside the file, pass --model with a Qwen-Image folder, or use a GGUF text encoder")
         tokenizer = read_tokenizer(where)
     template, drop = (instruct_text.SYSTEM, instruct_text.DROP) if edits else (text.TEMPLATE.split("{}")[0], text.DROP)
     prefix = len(tokenizer.ids([template])[0])
@@ -201,6 +208,26 @@ def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
         raise UsageError(f"{where}: not Qwen2.5's tokenizer: it reads the prompt template's prefix as {prefix} "
                          f"tokens, not {drop}")
     return tokenizer
+
+
+def text_files(files: Files, folder: Path) -> tuple[Path, ...]:
+    """What the prompt embeddings depend on besides the text encoder's weights, for their fingerprint: the
+    folder's tokenizer/; with a text encoder file, the vision file and the tokenizer it takes."""
+    if not files.text_encoder:
+        return (folder / "tokenizer",)
+    place = tokenizer_place(files, folder, edits=(folder / "processor").is_dir())
+    return tuple(p for p in (files.vision, place) if p and p != files.text_encoder)
+
+
+def files_provenance(files: Files) -> dict:
+    """For the output's metadata and --json: each file's name, sha256 and format, by part."""
+    info = {}
+    for part, path, option in (("text_encoder", files.text_encoder, TEXT), ("vae", files.vae, VAE),
+                               ("vision", files.vision, VISION)):
+        if path:
+            with open_part(path, option) as found:
+                info[part] = {"name": path.name, "sha256": sha256(path), "format": found.format}
+    return info
 
 
 def load_text_files(files: Files, folder: Path, kind: ModelKind, dtype: torch.dtype, device: torch.device,
@@ -219,3 +246,71 @@ def load_text_files(files: Files, folder: Path, kind: ModelKind, dtype: torch.dt
     model = load_language_model(files.text_encoder, cfg, dtype, device, unpack)
     tower = load_vision_tower(files, vision_cfg, dtype, device)
     return InstructEncoder(tokenizer, model, tower, image_cfg, kind.plus, dtype, device)
+
+
+def check_files(files: Files, folder: Path, kind: ModelKind, transformer: Path | None = None) -> None:
+    """Everything about the files that their headers tell, before any of them is read in full: each is the part
+    it is given for (and readable, not truncated), the text encoder is as wide as the transformer takes (the
+    --transformer file's txt_in, else the folder's config), an Edit model has a vision tower as wide, the
+    tokenizer is there, and each part's keys and shapes fit the folder's configs."""
+    if files.vision and not files.text_encoder:
+        raise UsageError(f"{VISION} {files.vision} goes with --text-encoder (the vision tower of that text encoder)")
+    if files.text_encoder:
+        _check_text(files, folder, kind, transformer)
+    if files.vae:
+        try:
+            cfg = VAEConfig.from_dict(read_config(folder / "vae"))
+        except (ValueError, TypeError) as e:
+            raise QimgError(f"{folder / 'vae' / 'config.json'}: {e}") from None
+        with open_part(files.vae, VAE) as found:
+            shapes = {k: w.shape for k, w in vae_weights(found, cfg).items()}
+        z = shapes.get("post_quant_conv.weight", (0, 0))[1]
+        if z != cfg.z_dim:
+            raise UsageError(f"{VAE} {files.vae} makes latents of {z} channels and the model's transformer takes "
+                             f"{cfg.z_dim}: they are from different models")
+        with torch.device("meta"):
+            expected = QwenImageVAE(cfg).state_dict()
+        check_keys(f"{VAE} {files.vae}", expected, shapes, UsageError)
+
+
+def _width(path: Path, option: str, key: str, axis: int) -> int | None:
+    """A tensor's size along `axis` from the file's header (raw names); None when it has no such tensor."""
+    with open_part(path, option) as found:
+        return found.weights[key].shape[axis] if key in found.weights else None
+
+
+def _check_text(files: Files, folder: Path, kind: ModelKind, transformer: Path | None) -> None:
+    try:
+        config = read_config(folder / "text_encoder")
+        cfg = Qwen2Config.from_dict(config)
+        takes = read_config(folder / "transformer").get("joint_attention_dim", cfg.hidden_size)
+    except (ValueError, TypeError) as e:
+        raise QimgError(f"{folder / 'text_encoder' / 'config.json'}: {e}") from None
+    where = f"the model's transformer ({folder})"
+    if transformer is not None:
+        with open_weights(transformer) as found:
+            txt_in = found.weights.get("txt_in.weight")
+        if txt_in is not None:
+            takes, where = txt_in.shape[1], f"--transformer {transformer}"
+    path = files.text_encoder
+    with open_part(path, TEXT) as found:
+        weights = text_weights(found)
+        visual = [n for n in found.weights if vision.remap_keys(n)]
+    width = weights["embed_tokens.weight"].shape[1] if "embed_tokens.weight" in weights else None
+    if width is not None and width != takes:
+        raise UsageError(f"{TEXT} {path} is {width} wide and {where} takes {takes}: they are from different "
+                         "models (a Qwen-Image-2.1 text encoder with a 20B transformer?)")
+    with torch.device("meta"):
+        expected = Qwen2Model(cfg).state_dict()
+    check_keys(f"{TEXT} {path}", expected, {k: w.shape for k, w in weights.items()}, UsageError)
+    if kind.edits:
+        if not files.vision and not visual:
+            raise UsageError(f"{kind.display} edits with pictures, and {TEXT} {path} has no vision tower: pass "
+                             f"{VISION} with Qwen2.5-VL's mmproj file, or a text encoder that holds visual.* "
+                             "(ComfyUI's qwen_2.5_vl_7b)")
+        out = _width(files.vision, VISION, "mm.2.weight", 0) if files.vision else \
+            _width(path, TEXT, next((n for n in visual if n.endswith("merger.mlp.2.weight")), ""), 0)
+        if out is not None and out != takes:
+            raise UsageError(f"{vision_source(files)[1]} {vision_source(files)[0]}: its vision tower gives tokens "
+                             f"{out} wide and the text encoder is {takes}: they are from different models")
+    tokenizer_for(files, folder, kind.edits)

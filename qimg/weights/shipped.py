@@ -1,0 +1,36 @@
+"""The configs qimg ships for running from split files with no model folder (`qimg/weights/configs/<variant>/`:
+model_index.json and each part's config.json, the scheduler's, an Edit model's image processor's; no weights and
+no tokenizer vocabulary), and which of them fits a transformer file: its shapes say the architecture (blocks,
+width, the text width it takes), its name the variant (Qwen-Image, Edit, 2509, 2511 share one layout)."""
+
+from pathlib import Path
+
+from qimg.errors import UsageError
+from qimg.model.transformer import TransformerConfig
+from qimg.weights.folders import model_kind, named_kind, read_config
+from qimg.weights.single_file import open_weights
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def architecture(transformer: Path) -> tuple[int, int, int]:
+    """(blocks, width, text width) of a transformer file, from its header."""
+    with open_weights(transformer) as found:
+        shapes = {k: w.shape for k, w in found.weights.items()}
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("transformer_blocks.")}
+    if "img_in.weight" not in shapes or "txt_in.weight" not in shapes:
+        raise UsageError(f"--transformer {transformer} has no img_in.weight or txt_in.weight: not a Qwen-Image "
+                         "transformer")
+    return len(blocks), shapes["img_in.weight"][0], shapes["txt_in.weight"][1]
+
+
+def shipped_folder(transformer: Path) -> Path:
+    """The shipped config folder for a transformer file; a UsageError naming its shapes when none fits."""
+    kind, arch = named_kind(transformer), architecture(transformer)
+    for folder in sorted(p for p in CONFIGS.iterdir() if p.is_dir()):
+        cfg = TransformerConfig.from_dict(read_config(folder / "transformer"))
+        if (cfg.num_layers, cfg.dim, cfg.joint_attention_dim) == arch and model_kind(folder) == kind:
+            return folder
+    raise UsageError(f"--transformer {transformer}: no config qimg ships fits it ({arch[0]} blocks {arch[1]} wide, "
+                     f"text {arch[2]} wide, a {kind.display} transformer by its name); pass --model with its model "
+                     "folder for the configs")

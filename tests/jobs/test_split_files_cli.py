@@ -1,0 +1,135 @@
+"""generate, inpaint and edit from three files with no model folder give the folder's bytes (the same tensors in
+the same dtype); the refusals are one line each, before any weights load. The configs qimg would ship for the
+real model are replaced by the tiny folders' (weights.shipped.CONFIGS), as the files are the tiny model's."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from helpers import one_line, pixels
+from PIL import Image
+from safetensors.torch import save_file
+from split_layouts import comfy_text_encoder, folder_tensors, gguf_text_encoder, mmproj, wan_vae
+
+from qimg.jobs.metadata import read_params
+
+pytestmark = pytest.mark.slow
+RUN = ["--size", "32x32", "--steps", "2", "--seed", "5", "--device", "cpu", "--no-cache", "--no-worker", "--json"]
+
+
+@pytest.fixture
+def shipped(tmp_path_factory, tiny_model_dir, tiny_edit_checkpoints, monkeypatch):
+    """Config-only copies of the tiny folders (no weights, no tokenizer vocabulary), as qimg ships the real ones."""
+    root = tmp_path_factory.mktemp("configs")
+    weights = shutil.ignore_patterns("*.safetensors*", "tokenizer", "vocab.json", "merges.txt", "tokenizer.json")
+    for name, folder in (("qwen-image", tiny_model_dir), ("edit", tiny_edit_checkpoints["edit"]),
+                         ("edit-2509", tiny_edit_checkpoints["plus"]), ("edit-2511", tiny_edit_checkpoints["2511"])):
+        shutil.copytree(folder, root / name, ignore=weights)
+    monkeypatch.setattr("qimg.weights.shipped.CONFIGS", root)
+    return root
+
+
+def files_of(folder, tmp_path, name="qwen_image_fp32.safetensors"):
+    """The folder as three files: transformer (one safetensors), text encoder (llama.cpp GGUF, F32), Wan VAE."""
+    files = tmp_path / "files"
+    files.mkdir(exist_ok=True)
+    save_file(folder_tensors(folder / "transformer"), files / name)
+    gguf_text_encoder(folder, files / "Qwen2.5-VL-7B-Instruct-F32.gguf")
+    wan_vae(folder, files / "qwen_image_vae.safetensors")
+    return [files / name, files / "Qwen2.5-VL-7B-Instruct-F32.gguf", files / "qwen_image_vae.safetensors"]
+
+
+def split(files):
+    return ["--transformer", files[0], "--text-encoder", files[1], "--vae", files[2]]
+
+
+def test_generate_and_inpaint_from_three_files_give_the_folders_bytes(cli, tiny_model_dir, tmp_path, shipped):
+    files = files_of(tiny_model_dir, tmp_path)
+    code, _, err = cli("generate", "-p", "a red circle", "-m", tiny_model_dir, "-o", tmp_path / "folder.png", *RUN)
+    assert code == 0, err
+    code, out, err = cli("generate", "-p", "a red circle", *split(files), "-o", tmp_path / "files.png", *RUN)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "files.png"))
+    report = json.loads(out)
+    assert report["variant"] == "qwen-image" and report["model"] == str(shipped / "qwen-image")
+    assert read_params(tmp_path / "files.png")["model"] == "qwen-image (split files)"  # a shared picture's name
+    assert report["text_encoder"]["name"] == files[1].name and report["text_encoder"]["format"].startswith("gguf F32")
+    assert report["vae"]["format"] == "safetensors F32" and len(report["vae"]["sha256"]) == 64
+    for source, name in (("folder", ["-m", tiny_model_dir]), ("files", split(files))):
+        code, _, err = cli("inpaint", tmp_path / "folder.png", "--rect", "0,0,16,16", "-p", "a green square", *name,
+                           "-o", tmp_path / f"inpaint-{source}.png", *RUN[2:])
+        assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "inpaint-folder.png"), pixels(tmp_path / "inpaint-files.png"))
+
+
+def test_comfy_text_encoder_with_its_tokenizer_folder_and_the_folder_parts(cli, tiny_model_dir, tmp_path, shipped):
+    """ComfyUI's safetensors text encoder needs the tokenizer beside it (qwen25_tokenizer/); with -m, each file
+    replaces only its part of the folder."""
+    files = files_of(tiny_model_dir, tmp_path)
+    te = comfy_text_encoder(tiny_model_dir, tmp_path / "files" / "qwen_2.5_vl_7b.safetensors")
+    code, _, err = cli("generate", "-p", "a red circle", *split([files[0], te, files[2]]), "-o", tmp_path / "x.png",
+                       *RUN)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, f"--text-encoder {te}: no tokenizer for it", "qwen25_tokenizer")
+    shutil.copytree(tiny_model_dir / "tokenizer", te.parent / "qwen25_tokenizer")
+    code, _, err = cli("generate", "-p", "a red circle", *split([files[0], te, files[2]]), "-o", tmp_path / "a.png",
+                       *RUN)
+    assert code == 0, err
+    code, _, err = cli("generate", "-p", "a red circle", "-m", tiny_model_dir, "--vae", files[2], "-o",
+                       tmp_path / "b.png", *RUN)
+    assert code == 0, err
+    code, _, err = cli("generate", "-p", "a red circle", "-m", tiny_model_dir, "-o", tmp_path / "c.png", *RUN)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
+    assert np.array_equal(pixels(tmp_path / "b.png"), pixels(tmp_path / "c.png"))
+
+
+def test_edit_from_files_with_the_mmproj_vision_tower(cli, tiny_edit_dir, tmp_path, shipped):
+    files = files_of(tiny_edit_dir, tmp_path, "qwen_image_edit_fp32.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    edit = ["edit", tmp_path / "in.png", "-p", "make it red", "--steps", "1", "--edit-area", "3072", "--device",
+            "cpu", "--no-cache", "--no-worker", "--seed", "3"]
+    code, _, err = cli(*edit, *split(files), "-o", tmp_path / "x.png")
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, "Qwen-Image-Edit edits with pictures", f"--text-encoder {files[1]} has no vision tower", "--vision")
+    mmproj(tiny_edit_dir, tmp_path / "files" / "mmproj-F32.gguf")
+    code, _, err = cli(*edit, *split(files), "--vision", tmp_path / "files" / "mmproj-F32.gguf", "-o",
+                       tmp_path / "files.png")
+    assert code == 0, err
+    code, _, err = cli(*edit, "-m", tiny_edit_dir, "-o", tmp_path / "folder.png")
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "files.png"))
+
+
+def test_refusals_are_one_line_before_loading(cli, tiny_model_dir, tmp_path, shipped, monkeypatch):
+    files = files_of(tiny_model_dir, tmp_path)
+    out = ["-o", tmp_path / "x.png", "--device", "cpu", "--no-worker"]
+    cases = [
+        (["--transformer", files[0], "--text-encoder", files[1]], "without --model", "--vae is missing"),
+        (["--transformer", files[0], "--text-encoder", files[2], "--vae", files[2]],
+         f"--text-encoder {files[2]} holds a VAE's weights", "pass it as --vae"),
+        (["--transformer", files[0], "--text-encoder", files[1], "--vae", files[0]],
+         f"--vae {files[0]} holds a transformer's weights", "pass it as --transformer"),
+    ]
+    wide = tmp_path / "wide.gguf"  # a text encoder of another width (a 2.1 encoder with a 20B transformer)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    state = folder_tensors(other / "text_encoder")
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].repeat(1, 2)
+    for f in (other / "text_encoder").glob("*.safetensors"):
+        f.unlink()
+    save_file(state, other / "text_encoder" / "model.safetensors")
+    gguf_text_encoder(other, wide)
+    cases.append((["--transformer", files[0], "--text-encoder", wide, "--vae", files[2]],
+                  f"--text-encoder {wide} is 128 wide and --transformer {files[0]} takes 64", "different models"))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(files[2].read_bytes()[:-300])
+    cases.append((["--transformer", files[0], "--text-encoder", files[1], "--vae", truncated], f"--vae {truncated}"))
+    loads = []
+    monkeypatch.setattr("qimg.weights.split_files.load_language_model", lambda *a, **k: loads.append(a))
+    for args, *fragments in cases:
+        code, _, err = cli("generate", "-p", "x", *args, *out)
+        assert code == 2, err
+        one_line(err, *fragments)
+    assert not loads and not (tmp_path / "x.png").exists()
