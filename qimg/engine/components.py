@@ -34,7 +34,15 @@ from qimg.weights import lora
 from qimg.weights.adapters import apply_adapters, targets
 from qimg.weights.fingerprint import fingerprint
 from qimg.weights.folders import ModelKind, load_module, model_kind, read_config, read_json_object
-from qimg.weights.split_files import Files, check_files, files_provenance, load_text_files, load_vae, text_files
+from qimg.weights.split_files import (
+    Files,
+    check_files,
+    files_provenance,
+    load_text_files,
+    load_vae,
+    text_files,
+    text_weight_bytes,
+)
 from qimg.weights.text_encoder import load_instruct_encoder, load_text_encoder
 from qimg.weights.transformer import Source, load_transformer, provenance, start_sha256, tensor_sizes
 
@@ -330,6 +338,14 @@ class Components:
         sizes = tensor_sizes(self._config(TransformerConfig, "transformer"), self.folder / "transformer", self.source,
                              self.dtype, self.device)
         return resident_bytes(sizes, self.offload == "blocks" and self.device.type != "cpu")
+
+    @cached_property
+    def text_bytes(self) -> int:
+        """A --text-encoder file's weights kept on the device beside the transformer's (without --offload model),
+        at their packed sizes, from the headers; 0 for the folder's (not counted, as before split files)."""
+        if not self.files.text_encoder or self.offload != "none":
+            return 0
+        return text_weight_bytes(self.files, self.kind.edits, self.dtype, self.source.unpacks(self.device))
 
     def _release(self, component: str) -> None:
         """With offload=model, free a component ("text", "transformer", or the VAE's "encoder" or "decoder") once

@@ -112,7 +112,7 @@ class Sampler(Components):
         if have is not None and need > have:
             raise UsageError(f"{what} would need about {gigabytes(need)} of {self.device.type} memory besides the "
                              f"weights, and the device has {gigabytes(have)}; {fix}")
-        check_weights(self.weight_bytes, need, have, self.device.type, size)
+        check_weights(self.weight_bytes, need, have, self.device.type, size, self.text_bytes)
 
     def encode_prompts(self, prompts: list[str], pictures: tuple[np.ndarray, ...] = ()) -> list[torch.Tensor]:
         """One embedding per prompt; with an Edit model, each encoded with the pictures (at the vision size)."""

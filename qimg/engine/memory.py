@@ -104,12 +104,15 @@ def resident_bytes(sizes: dict[str, int], streamed: bool) -> int:
     return rest + sum(sorted(blocks.values())[-2:])
 
 
-def check_weights(weights: int, activations: int, have: int | None, device: str, size: tuple[int, int]) -> None:
-    """Refuse a run whose transformer weights (bytes resident on the device) and activations exceed the device."""
-    if have is None or weights + activations <= have:
+def check_weights(weights: int, activations: int, have: int | None, device: str, size: tuple[int, int],
+                  text: int = 0) -> None:
+    """Refuse a run whose transformer weights (bytes resident on the device), the text encoder's kept beside them
+    (`text`: counted for a --text-encoder file without --offload model) and activations exceed the device."""
+    if have is None or weights + text + activations <= have:
         return
     fixes = ("--dtype bfloat16, or a quantized --transformer file (GGUF, fp8) with --no-dequantize" if device == "cpu"
              else "--offload blocks, a quantized --transformer file (GGUF, fp8) or --quantize fp8")
-    raise UsageError(f"the transformer's weights take about {gigabytes(weights)} of {device} memory, "
-                     f"{gigabytes(weights + activations)} with the activations at {size[0]}x{size[1]}, and the device "
-                     f"has {gigabytes(have)}; use {fixes}")
+    also = f" and the text encoder's {gigabytes(text)}" if text else ""
+    raise UsageError(f"the transformer's weights take about {gigabytes(weights)}{also} of {device} memory, "
+                     f"{gigabytes(weights + text + activations)} with the activations at {size[0]}x{size[1]}, and the "
+                     f"device has {gigabytes(have)}; use {fixes}{', or --offload model' if text else ''}")

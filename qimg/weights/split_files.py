@@ -9,6 +9,7 @@ any large file is read. Packed text-encoder weights (GGUF blocks, fp8) stay pack
 (unpacked once at load on the CPU or with --dequantize); the vision tower and the VAE, small, load dense.
 """
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +20,7 @@ import torch
 from qimg.errors import QimgError, UsageError
 from qimg.model import instruct_text, text, vision
 from qimg.model.instruct_text import InstructEncoder
-from qimg.model.quant import dequantize
+from qimg.model.quant import dequantize, packed_size
 from qimg.model.qwen2 import Qwen2Config, Qwen2Model, remap_keys
 from qimg.model.text import TextEncoder
 from qimg.model.tokenizer import Tokenizer
@@ -246,6 +247,22 @@ def load_text_files(files: Files, folder: Path, kind: ModelKind, dtype: torch.dt
     model = load_language_model(files.text_encoder, cfg, dtype, device, unpack)
     tower = load_vision_tower(files, vision_cfg, dtype, device)
     return InstructEncoder(tokenizer, model, tower, image_cfg, kind.plus, dtype, device)
+
+
+def text_weight_bytes(files: Files, edits: bool, dtype: torch.dtype, unpack: bool) -> int:
+    """Bytes the text encoder file's weights take once loaded, from the headers: packed linear layers at their
+    packed size unless `unpack`, everything else (and an Edit model's vision tower, always dense) in dtype."""
+    total = 0
+    with open_part(files.text_encoder, TEXT) as found:
+        for name, w in text_weights(found).items():
+            packs = w.kind != "dense" and not unpack and name.startswith("layers.") and len(w.shape) == 2
+            total += packed_size(w.kind, w.shape) if packs else math.prod(w.shape) * dtype.itemsize
+    if edits:
+        path, option = vision_source(files)
+        with open_part(path, option) as found:
+            total += sum(math.prod(w.shape) for n, w in found.weights.items()
+                         if (mmproj_key(n) if found.container == "gguf" else vision.remap_keys(n))) * dtype.itemsize
+    return total
 
 
 def check_files(files: Files, folder: Path, kind: ModelKind, transformer: Path | None = None) -> None:

@@ -133,3 +133,38 @@ def test_refusals_are_one_line_before_loading(cli, tiny_model_dir, tmp_path, shi
         assert code == 2, err
         one_line(err, *fragments)
     assert not loads and not (tmp_path / "x.png").exists()
+
+
+def test_q8_0_text_encoder_within_3_of_255_and_counted_packed(cli, tiny_model_dir, tmp_path, shipped, monkeypatch):
+    from qimg.engine import latents
+    from qimg.engine.components import Components, Loading
+    from qimg.engine.memory import activation_bytes
+    from qimg.model.transformer import TransformerConfig
+    from qimg.model.vae import VAEConfig
+    from qimg.weights.folders import read_config
+
+    files = files_of(tiny_model_dir, tmp_path)
+    q8 = tmp_path / "files" / "Qwen2.5-VL-7B-Instruct-Q8_0.gguf"
+    gguf_text_encoder(tiny_model_dir, q8, "Q8_0")
+    for name, te in (("f32", files[1]), ("q8", q8)):
+        code, _, err = cli("generate", "-p", "a red circle", *split([files[0], te, files[2]]), "-o",
+                           tmp_path / f"{name}.png", *RUN)
+        assert code == 0, err
+    difference = np.abs(pixels(tmp_path / "f32.png").astype(int) - pixels(tmp_path / "q8.png").astype(int))
+    assert 0 < difference.max() <= 3
+
+    def engine(te, **kw):
+        return Components(shipped / "qwen-image", "cpu", "float32",
+                          loading=Loading(transformer=files[0], text_encoder=te, vae=files[2], **kw))
+
+    dense, packed = engine(files[1]).text_bytes, engine(q8, dequantize=False).text_bytes
+    # Q8_0 layers at 34 bytes per 32 values (the embedding, unpacked at load, in float32)
+    assert packed < dense / 2 and engine(q8).text_bytes == dense  # unpacked at load on the CPU: full size
+    assert engine(files[1], offload="model").text_bytes == 0  # freed before the transformer runs
+    tiny = (TransformerConfig.from_dict(read_config(shipped / "qwen-image" / "transformer")),
+            VAEConfig.from_dict(read_config(shipped / "qwen-image" / "vae")))
+    room = engine(files[1]).weight_bytes + activation_bytes(32, 32, *tiny, 4) + dense // 2  # no room for all of it
+    monkeypatch.setattr(latents, "device_bytes", lambda device: room)
+    code, _, err = cli("generate", "-p", "x", *split(files), "-o", tmp_path / "x.png", *RUN)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, "and the text encoder's", "--offload model")
