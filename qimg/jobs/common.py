@@ -4,6 +4,7 @@ which --shard runs; and the tail generate, inpaint/outpaint and edit share (`sam
 
 import functools
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,21 @@ def open_cache(spec: CacheSpec):
     return Store(spec.folder or default_cache_dir(), max_bytes, lambda message: say(f"qimg: warning: {message}"))
 
 
+def with_files(spec: ModelSpec) -> ModelSpec:
+    """spec, or for --model on a folder that is no diffusers model (ComfyUI's models folder, loose files) the
+    spec of the files found there (weights/comfy_folder.py), the options' own files kept."""
+    folder = Path(spec.model).expanduser() if spec.model not in (None, "", "builtin") else None
+    if folder is None or not folder.is_dir() or (folder / "model_index.json").exists():
+        return spec
+    from qimg.weights.comfy_folder import pick
+
+    given = tuple(Path(f).resolve() if f else None for f in (spec.transformer, spec.text_encoder, spec.vae,
+                                                                spec.vision))
+    transformer, text_encoder, vae, vision = pick(folder.resolve(), given)
+    return replace(spec, model=None, transformer=transformer, text_encoder=text_encoder, vae=vae, vision=vision,
+                   transformer_from_env=False)
+
+
 def resolve_model(spec: ModelSpec) -> Path:
     """The model folder --model names (weights.folders.resolve_model): every job finds it first, so a wrong --model
     shows before any input is read or planned. A transformer file $QIMG_TRANSFORMER gives (set once, for one
@@ -32,6 +48,7 @@ def resolve_model(spec: ModelSpec) -> Path:
     from qimg.weights.folders import model_kind, named_kind
     from qimg.weights.folders import resolve_model as resolve
 
+    spec = with_files(spec)
     if spec.model is None and (spec.text_encoder or spec.vae):  # split files, no folder: qimg's shipped configs
         from qimg.weights.shipped import shipped_folder
 
@@ -71,6 +88,7 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     from qimg.jobs import kept_engine
     from qimg.weights.lora import identity
 
+    spec = with_files(spec)
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
     if spec.devices:  # the layer split's first device holds the layers around the blocks

@@ -168,3 +168,28 @@ def test_q8_0_text_encoder_within_3_of_255_and_counted_packed(cli, tiny_model_di
     code, _, err = cli("generate", "-p", "x", *split(files), "-o", tmp_path / "x.png", *RUN)
     assert code == 2 and not (tmp_path / "x.png").exists()
     one_line(err, "and the text encoder's", "--offload model")
+
+
+def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir, tmp_path, shipped):
+    files = files_of(tiny_model_dir, tmp_path)
+    models = tmp_path / "ComfyUI" / "models"
+    for sub, f in (("diffusion_models", files[0]), ("text_encoders", files[1]), ("vae", files[2])):
+        (models / sub).mkdir(parents=True)
+        shutil.copy(f, models / sub / f.name)
+    (models / "loras").mkdir()
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": folder_tensors(tiny_model_dir / "vae")[
+        "decoder.conv_in.bias"][None]}, models / "loras" / "a.safetensors")  # never a candidate
+    code, _, err = cli("generate", "-p", "a red circle", "-m", tiny_model_dir, "-o", tmp_path / "folder.png", *RUN)
+    assert code == 0, err
+    for name, model in (("comfy", models), ("loose", files[0].parent)):
+        code, _, err = cli("generate", "-p", "a red circle", "-m", model, "-o", tmp_path / f"{name}.png", *RUN)
+        assert code == 0, err
+        assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / f"{name}.png"))
+    shutil.copy(files[2], models / "vae" / "wan_2.1_vae.safetensors")  # the same architecture: a second candidate
+    code, _, err = cli("generate", "-p", "a red circle", "-m", models, "-o", tmp_path / "x.png", *RUN)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, f"{models} has 2 files that fit as the VAE", "qwen_image_vae.safetensors", "wan_2.1_vae",
+             "choose one with --vae FILE")
+    code, _, err = cli("generate", "-p", "a red circle", "-m", models, "--vae", files[2], "-o", tmp_path / "x.png",
+                       *RUN)
+    assert code == 0, err

@@ -1,0 +1,95 @@
+"""`--model DIR` on a folder that is no diffusers model: ComfyUI's models folder (`diffusion_models/` or `unet/`,
+`text_encoders/` or `clip/`, `vae/`) or a folder of loose files. Each .safetensors and .gguf file is told by its
+header (comfy_files.part_of) and kept as a candidate for its part only when it fits a Qwen-Image model: a
+transformer qimg ships configs for, a text encoder as wide as that transformer takes, a Qwen-Image (Wan 2.1) VAE,
+Qwen2.5-VL's mmproj. One candidate per part is taken; several are listed, for the --transformer, --text-encoder,
+--vae or --vision choice."""
+
+import functools
+from pathlib import Path
+
+from qimg.errors import QimgError, UsageError, listing
+from qimg.weights import gguf_file
+from qimg.weights.comfy_files import PARTS, TEXT_ARCHITECTURES, VISION_ARCHITECTURES, WAN_MARK, part_of
+from qimg.weights.single_file import open_weights
+
+SUBFOLDERS = {"transformer": ("diffusion_models", "unet"), "text encoder": ("text_encoders", "clip"),
+              "VAE": ("vae",), "vision tower": ("text_encoders", "clip")}
+SUFFIXES = (".safetensors", ".gguf")
+ARCHITECTURES = {**gguf_file.ARCHITECTURES, **TEXT_ARCHITECTURES, **VISION_ARCHITECTURES}
+VAE_MARKS = (WAN_MARK, "decoder.mid_block.resnets.0.norm1.gamma")  # Wan 2.1 names, diffusers' Qwen-Image names
+
+
+def _read(path: Path) -> tuple[str | None, dict]:
+    """(part, {name: shape}) of a file from its header; (None, {}) for a file qimg cannot take for any part.
+    Read once per version of the file (a job looks twice: to check the model, then to open the engine)."""
+    stat = path.stat()
+    return _header(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _header(path: Path, size: int, mtime: int) -> tuple[str | None, dict]:
+    try:
+        with open_weights(path, "--model", ARCHITECTURES) as found:
+            shapes = {k: w.shape for k, w in found.weights.items()}
+    except QimgError:  # a LoRA, another model's GGUF, a damaged file: not a candidate
+        return None, {}
+    return part_of(shapes), shapes
+
+
+def _fits(part: str, shapes: dict, text_width: int | None) -> bool:
+    if part == "text encoder":
+        embed = shapes.get("model.embed_tokens.weight") or shapes.get("token_embd.weight") or (0, 0)
+        return text_width is None or embed[1] == text_width
+    if part == "VAE":
+        z = (shapes.get("conv2.weight") or shapes.get("post_quant_conv.weight") or (0, 0))[1]
+        return any(m in shapes for m in VAE_MARKS) and z == 16
+    if part == "vision tower":
+        return "v.blk.0.attn_q.weight" in shapes
+    return "txt_in.weight" in shapes
+
+
+def _files(folder: Path, part: str) -> list[Path]:
+    places = [folder / sub for sub in SUBFOLDERS[part] if (folder / sub).is_dir()] or [folder]
+    return sorted({f for place in places for f in place.rglob("*") if f.suffix.lower() in SUFFIXES and f.is_file()})
+
+
+def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
+    """(transformer, text encoder, VAE, vision tower) for `folder`; `given`: the files the options gave, in that
+    order (None: find it). A part with no candidate, or several, is a UsageError (exit 2) naming them; the vision
+    tower is optional (ComfyUI's text encoder holds one)."""
+    from qimg.weights.shipped import architecture, shipped_folder
+
+    chosen = list(given)
+    order = ("transformer", "text encoder", "VAE", "vision tower")
+    text_width = None
+    for i, part in enumerate(order):
+        if chosen[i] is None:
+            found = []
+            for f in _files(folder, part):
+                kind, shapes = _read(f)
+                if kind == part and _fits(part, shapes, text_width) and (part != "transformer" or _ships(f)):
+                    found.append(f)
+            if len(found) > 1:
+                raise UsageError(f"{folder} has {len(found)} files that fit as the {part}: "
+                                 f"{listing([str(f.relative_to(folder)) for f in found])}; choose one with "
+                                 f"{PARTS[part]} FILE")
+            if not found and part != "vision tower":
+                raise UsageError(f"{folder} is neither a diffusers model folder (no model_index.json) nor holds a "
+                                 f"Qwen-Image {part} file (looked in {', '.join(SUBFOLDERS[part])}/ or the folder "
+                                 f"itself); pass it with {PARTS[part]} FILE")
+            chosen[i] = found[0] if found else None
+        if part == "transformer":
+            shipped_folder(chosen[0])  # the transformer must be one qimg has the configs for
+            text_width = architecture(chosen[0])[2]
+    return tuple(chosen)
+
+
+def _ships(path: Path) -> bool:
+    from qimg.weights.shipped import shipped_folder
+
+    try:
+        shipped_folder(path)
+    except QimgError:
+        return False
+    return True
