@@ -32,7 +32,10 @@ def with_files(spec: ModelSpec) -> ModelSpec:
     folder = Path(spec.model).expanduser() if spec.model not in (None, "", "builtin") else None
     if folder is None or not folder.is_dir() or (folder / "model_index.json").exists():
         return spec
-    from qimg.weights.comfy_folder import pick
+    from qimg.weights.comfy_folder import holds_files, pick
+
+    if not holds_files(folder):
+        return spec
 
     given = tuple(Path(f).resolve() if f else None for f in (spec.transformer, spec.text_encoder, spec.vae,
                                                                 spec.vision))

@@ -20,6 +20,14 @@ ARCHITECTURES = {**gguf_file.ARCHITECTURES, **TEXT_ARCHITECTURES, **VISION_ARCHI
 VAE_MARKS = (WAN_MARK, "decoder.mid_block.resnets.0.norm1.gamma")  # Wan 2.1 names, diffusers' Qwen-Image names
 
 
+def holds_files(folder: Path) -> bool:
+    """Whether a folder without model_index.json is one to look in: ComfyUI's part folders, or loose weight files
+    (a damaged diffusers folder is neither, and is told so)."""
+    subfolders = {"diffusion_models", "unet", "text_encoders", "clip"}  # not vae/: a diffusers folder has one too
+    return any((folder / sub).is_dir() for sub in subfolders) or \
+        any(f.suffix.lower() in SUFFIXES and f.is_file() for f in folder.iterdir())
+
+
 def _read(path: Path) -> tuple[str | None, dict]:
     """(part, {name: shape}) of a file from its header; (None, {}) for a file qimg cannot take for any part.
     Read once per version of the file (a job looks twice: to check the model, then to open the engine)."""
