@@ -29,9 +29,16 @@ def file_info(path: Path) -> dict:
     with open_regular(path, "", "; give an image qimg wrote or a LoRA file") as f:
         head = f.read(4)
         lora = path.suffix.lower() == ".safetensors" or safetensors_header(f, str(path)) is not None
+    if head == GGUF_MAGIC or lora:  # a model part's file (transformer, text encoder, VAE, vision tower)?
+        from qimg.weights.comfy_folder import describe_file
+
+        part = describe_file(path)
+        if part is not None:
+            return part
     if head == GGUF_MAGIC:
-        raise UsageError(f"{path} is a GGUF file (a transformer's weights); qimg info reads images qimg wrote and "
-                         "LoRA files: give it to --transformer")
+        raise UsageError(f"{path} is a GGUF file of no model part qimg reads (a Qwen-Image part's file goes to "
+                         "--transformer, --text-encoder or --vision); qimg info reads images qimg wrote, LoRA files "
+                         "and those parts' files")
     return lora_info(path) if lora else read_params(path)
 
 

@@ -32,17 +32,44 @@ def _read(path: Path) -> tuple[str | None, dict]:
     """(part, {name: shape}) of a file from its header; (None, {}) for a file qimg cannot take for any part.
     Read once per version of the file (a job looks twice: to check the model, then to open the engine)."""
     stat = path.stat()
-    return _header(path, stat.st_size, stat.st_mtime_ns)
+    return _header(path, stat.st_size, stat.st_mtime_ns)[:2]
 
 
 @functools.lru_cache(maxsize=64)
-def _header(path: Path, size: int, mtime: int) -> tuple[str | None, dict]:
+def _header(path: Path, size: int, mtime: int) -> tuple[str | None, dict, str]:
     try:
         with open_weights(path, "--model", ARCHITECTURES) as found:
-            shapes = {k: w.shape for k, w in found.weights.items()}
+            shapes, fmt = {k: w.shape for k, w in found.weights.items()}, found.format
     except QimgError:  # a LoRA, another model's GGUF, a damaged file: not a candidate
-        return None, {}
-    return part_of(shapes), shapes
+        return None, {}, ""
+    return part_of(shapes), shapes, fmt
+
+
+def describe_file(path: Path) -> dict | None:
+    """`qimg info` on a model part's file: which part, the option that takes it, its format and what its shapes
+    say (for a transformer, the variant qimg takes it for); None for a file that is no part qimg reads."""
+    from qimg.weights.shipped import architecture, shipped_folder
+
+    stat = path.stat()
+    part, shapes, fmt = _header(path, stat.st_size, stat.st_mtime_ns)
+    if part is None:
+        return None
+    info = {"file": path.name, "part": part, "option": PARTS[part], "format": fmt}
+    if part == "transformer" and "txt_in.weight" in shapes and "img_in.weight" in shapes:
+        blocks, width, text = architecture(path)
+        info |= {"blocks": blocks, "width": width, "text_width": text,
+                 "variant": shipped_folder(path).name if _ships(path) else None}
+    elif part == "text encoder":
+        embed = shapes.get("model.embed_tokens.weight") or shapes.get("token_embd.weight")
+        layers = {k.split(".")[2] for k in shapes if k.startswith("model.layers.")} or \
+            {k.split(".")[1] for k in shapes if k.startswith("blk.")}
+        info |= {"width": embed[1], "layers": len(layers),
+                 "vision_tower": any(k.startswith(("visual.", "model.visual.")) for k in shapes),
+                 "tokenizer": "in the file" if path.suffix.lower() == ".gguf" else "not in the file"}
+    elif part == "VAE":
+        info |= {"names": "Wan 2.1" if WAN_MARK in shapes else "diffusers",
+                 "latent_channels": (shapes.get("conv2.weight") or shapes.get("post_quant_conv.weight") or (0, 0))[1]}
+    return info
 
 
 def _fits(part: str, shapes: dict, text_width: int | None) -> bool:

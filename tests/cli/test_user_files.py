@@ -3,6 +3,7 @@ header checked before anything hashes or loads it. A device, a FIFO nobody write
 and exit 2, at once: each run here goes through a thread with a timeout, so a regression fails instead of hanging.
 A file of the wrong kind is named for what it is; deep nesting and duplicate keys are one line naming the file."""
 
+import json
 import os
 import threading
 
@@ -88,7 +89,6 @@ def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(qimg, tmp_path, config
     (tmp_path / "q.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     common = ["-p", "x", "-m", configs_only, "-o", tmp_path / "o.png"]
     for args, fragments in [
-        (["info", transformer], [str(transformer), "a transformer's weights, not a LoRA", "--transformer"]),
         (["info", tmp_path / "q.gguf"], ["q.gguf is a GGUF file", "--transformer"]),
         (["generate", *common, "--lora", transformer], ["--lora", "a transformer's weights, not a LoRA"]),
         (["generate", *common, "--transformer", lora], ["looks like a LoRA", "lora_A/lora_down", "use --lora"]),
@@ -96,6 +96,8 @@ def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(qimg, tmp_path, config
         code, _, err = qimg(*args)
         assert code == 2, err
         one_line(err, *fragments)
+    code, out, err = qimg("info", transformer, "--json")  # a model part's file is described, not refused
+    assert code == 0 and json.loads(out)["part"] == "transformer" and json.loads(out)["option"] == "--transformer"
 
 
 def raw_safetensors(path, header: bytes):

@@ -193,3 +193,19 @@ def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir
     code, _, err = cli("generate", "-p", "a red circle", "-m", models, "--vae", files[2], "-o", tmp_path / "x.png",
                        *RUN)
     assert code == 0, err
+
+
+def test_info_tells_each_part_file(cli, tiny_model_dir, tmp_path, shipped):
+    files = files_of(tiny_model_dir, tmp_path)
+    mmproj(tiny_model_dir, tmp_path / "files" / "mmproj.gguf")
+    seen = {}
+    for f in (*files, tmp_path / "files" / "mmproj.gguf"):
+        code, out, err = cli("info", f, "--json")
+        assert code == 0, err
+        seen[json.loads(out)["option"]] = json.loads(out)
+    assert seen["--transformer"]["variant"] == "qwen-image" and seen["--transformer"]["text_width"] == 64
+    assert seen["--text-encoder"] | {"format": ""} == {
+        "file": files[1].name, "part": "text encoder", "option": "--text-encoder", "format": "", "width": 64,
+        "layers": 2, "vision_tower": False, "tokenizer": "in the file"}
+    assert seen["--vae"]["names"] == "Wan 2.1" and seen["--vae"]["latent_channels"] == 16
+    assert seen["--vision"]["part"] == "vision tower"
