@@ -362,11 +362,12 @@ def list_presets(ctx: typer.Context):
 
 @app.command()
 def info(
-    image: Annotated[Path, typer.Argument(help="An image qimg wrote, or a LoRA .safetensors file.",
+    image: Annotated[Path, typer.Argument(help="An image qimg wrote, a LoRA .safetensors file, or a model part's "
+                                          "file (transformer, text encoder, VAE, vision tower).",
                                           show_default=False)], json_: JsonOpt = False,
 ):
-    """Print the parameters that made an image (stored in its PNG text chunk), or a LoRA's format, rank, alpha
-    and the layers it targets."""
+    """Print the parameters that made an image (stored in its PNG text chunk), a LoRA's format, rank, alpha
+    and the layers it targets, or which part a weights file is, its format and widths."""
     from qimg.jobs.metadata import describe
     from qimg.jobs.runner import file_info
 
