@@ -209,3 +209,39 @@ def test_info_tells_each_part_file(cli, tiny_model_dir, tmp_path, shipped):
         "layers": 2, "vision_tower": False, "tokenizer": "in the file"}
     assert seen["--vae"]["names"] == "Wan 2.1" and seen["--vae"]["latent_channels"] == 16
     assert seen["--vision"]["part"] == "vision tower"
+
+
+def test_preset_keys_and_variables_name_the_files(cli, tiny_model_dir, tmp_path, shipped, monkeypatch):
+    """text_encoder:, vae: (and transformer:) in a preset are found beside it; QIMG_TEXT_ENCODER and QIMG_VAE
+    give them as the options do."""
+    files = files_of(tiny_model_dir, tmp_path)
+    preset = files[0].parent / "split.yaml"
+    preset.write_text(f"transformer: {files[0].name}\ntext_encoder: {files[1].name}\nvae: {files[2].name}\n")
+    code, _, err = cli("generate", "-p", "a red circle", "--preset", preset, "-o", tmp_path / "preset.png", *RUN)
+    assert code == 0, err
+    monkeypatch.setenv("QIMG_TEXT_ENCODER", str(files[1]))
+    monkeypatch.setenv("QIMG_VAE", str(files[2]))
+    code, _, err = cli("generate", "-p", "a red circle", "--transformer", files[0], "-o", tmp_path / "env.png", *RUN)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "preset.png"), pixels(tmp_path / "env.png"))
+
+
+def test_scaled_fp8_text_encoder_gives_a_folder_of_its_weights(cli, tiny_model_dir, tmp_path, shipped):
+    """ComfyUI's scaled fp8 text encoder file gives the bytes of a folder holding its weights (fp8 * scale)."""
+    from split_layouts import scaled_fp8_text_encoder
+
+    te = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    held = scaled_fp8_text_encoder(tiny_model_dir, te)
+    folder = tmp_path / "dense"
+    shutil.copytree(tiny_model_dir, folder)
+    for f in (folder / "text_encoder").glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.float().contiguous() for k, v in held.items()}, folder / "text_encoder" / "model.safetensors")
+    code, _, err = cli("generate", "-p", "a red circle", "-m", folder, "-o", tmp_path / "dense.png", *RUN)
+    assert code == 0, err
+    code, out, err = cli("generate", "-p", "a red circle", "-m", tiny_model_dir, "--text-encoder", te, "-o",
+                         tmp_path / "fp8.png", *RUN)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "dense.png"), pixels(tmp_path / "fp8.png"))
+    # most parameters first: the tiny model's float32 embedding outweighs its fp8 layers
+    assert json.loads(out)["text_encoder"]["format"] == "safetensors F32+F8_E4M3 scaled_fp8"
