@@ -51,6 +51,7 @@ def test_wan_names_are_diffusers_converter_names(tiny_model_dir, tmp_path):
     assert wan_vae_key("model.layers.0.mlp.up_proj.weight") is None
 
 
+@pytest.mark.slow
 def test_wan_vae_loads_as_the_folder(tiny_model_dir, tmp_path):
     path = tmp_path / "qwen_image_vae.safetensors"
     wan_vae(tiny_model_dir, path)
@@ -64,6 +65,7 @@ def test_wan_vae_loads_as_the_folder(tiny_model_dir, tmp_path):
     assert decoder_only.encoder.conv_in.weight.is_meta and not decoder_only.decoder.conv_in.weight.is_meta
 
 
+@pytest.mark.parity
 def test_gguf_text_names_are_gguf_py_names():
     """gguf-py's qwen2vl map (what llama.cpp's converter names by) read back through qimg's inverse."""
     from gguf import MODEL_ARCH, get_tensor_name_map
@@ -118,6 +120,7 @@ def test_gguf_text_encoder_and_its_tokenizer(tiny_model_dir, tmp_path, kind):
     assert ours.ids(text) == folder.ids(text) and ours.pad_id == folder.pad_id
 
 
+@pytest.mark.parity
 def test_mmproj_vision_tower_loads_as_the_folder(tiny_edit_dir, tmp_path):
     path = tmp_path / "Qwen2.5-VL-7B-Instruct-mmproj-F32.gguf"
     mmproj(tiny_edit_dir, path)
