@@ -19,8 +19,9 @@ def architecture(transformer: Path) -> tuple[int, int, int]:
         shapes = {k: w.shape for k, w in found.weights.items()}
     blocks = {k.split(".")[1] for k in shapes if k.startswith("transformer_blocks.")}
     if "img_in.weight" not in shapes or "txt_in.weight" not in shapes:
-        raise UsageError(f"--transformer {transformer} has no img_in.weight or txt_in.weight: not a Qwen-Image "
-                         "transformer")
+        raise UsageError(f"--transformer {transformer} has no img_in.weight or txt_in.weight: not a Qwen-Image 20B "
+                         "transformer (its Edit models' included); for another model's file (Qwen-Image-2.1) pass "
+                         "--model with its folder")
     return len(blocks), shapes["img_in.weight"][0], shapes["txt_in.weight"][1]
 
 
