@@ -249,14 +249,18 @@ def load_text_files(files: Files, folder: Path, kind: ModelKind, dtype: torch.dt
     return InstructEncoder(tokenizer, model, tower, image_cfg, kind.plus, dtype, device)
 
 
+def language_model_bytes(weights: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype, unpack: bool) -> int:
+    """weights: Qwen2Model key -> (kind, shape). Packed linear layers (under layers.) at their packed size unless
+    `unpack`; the embedding and the norms in dtype."""
+    return sum(packed_size(kind, shape) if kind != "dense" and not unpack and name.startswith("layers.")
+               and len(shape) == 2 else math.prod(shape) * dtype.itemsize for name, (kind, shape) in weights.items())
+
+
 def text_weight_bytes(files: Files, edits: bool, dtype: torch.dtype, unpack: bool) -> int:
     """Bytes the text encoder file's weights take once loaded, from the headers: packed linear layers at their
     packed size unless `unpack`, everything else (and an Edit model's vision tower, always dense) in dtype."""
-    total = 0
     with open_part(files.text_encoder, TEXT) as found:
-        for name, w in text_weights(found).items():
-            packs = w.kind != "dense" and not unpack and name.startswith("layers.") and len(w.shape) == 2
-            total += packed_size(w.kind, w.shape) if packs else math.prod(w.shape) * dtype.itemsize
+        total = language_model_bytes({n: (w.kind, w.shape) for n, w in text_weights(found).items()}, dtype, unpack)
     if edits:
         path, option = vision_source(files)
         with open_part(path, option) as found:

@@ -172,3 +172,50 @@ def test_safetensors_text_encoder_needs_a_tokenizer_beside_it(tiny_model_dir, tm
     shutil.copytree(tiny_model_dir / "tokenizer", tmp_path / "qwen25_tokenizer")
     assert tokenizer_for(Files(text_encoder=path), tmp_path / "nowhere", edits=False).pad_id is not None
     assert QWEN_IMAGE.edits is False and EDIT.edits
+
+
+# The published Qwen2.5-VL-7B-Instruct and Qwen-Image VAE shapes (the checkpoint ComfyUI's qwen_2.5_vl_7b file
+# holds, comfy/text_encoders/llama.py's Qwen25_7BVLI_Config; comfy/ldm/wan/vae.py's dim 96, z_dim 16).
+REAL = {"embed_tokens.weight": (152064, 3584), "layers.27.self_attn.q_proj.weight": (3584, 3584),
+        "layers.0.self_attn.k_proj.weight": (512, 3584), "layers.0.self_attn.k_proj.bias": (512,),
+        "layers.0.mlp.gate_proj.weight": (18944, 3584), "layers.0.mlp.down_proj.weight": (3584, 18944)}
+REAL_VISION = {"patch_embed.proj.weight": (1280, 3, 2, 14, 14), "blocks.31.attn.qkv.weight": (3840, 1280),
+               "blocks.0.mlp.gate_proj.weight": (3420, 1280), "merger.mlp.0.weight": (5120, 5120),
+               "merger.mlp.2.weight": (3584, 5120)}
+
+
+@pytest.mark.parametrize("variant", ["qwen-image", "edit", "edit-2509", "edit-2511"])
+def test_shipped_configs_build_the_published_shapes(variant):
+    from qimg.model.qwen2 import Qwen2Model
+    from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+    from qimg.model.vae import QwenImageVAE
+    from qimg.model.vision import VisionTower
+    from qimg.weights.folders import model_kind
+    from qimg.weights.shipped import CONFIGS
+
+    folder = CONFIGS / variant
+    assert model_kind(folder).name == variant
+    with torch.device("meta"):
+        text = Qwen2Model(text_config(folder)).state_dict()
+        tower = VisionTower(VisionConfig.from_dict(read_config(folder / "text_encoder"))).state_dict()
+        vae = QwenImageVAE(VAEConfig.from_dict(read_config(folder / "vae"))).state_dict()
+        transformer = QwenImageTransformer(TransformerConfig.from_dict(read_config(folder / "transformer")))
+    assert {k: tuple(text[k].shape) for k in REAL} == REAL and len(text) == 1 + 28 * 12 + 1
+    assert {k: tuple(tower[k].shape) for k in REAL_VISION} == REAL_VISION
+    assert len(vae) == 194 and tuple(vae["post_quant_conv.weight"].shape)[:2] == (16, 16)
+    assert len(transformer.transformer_blocks) == 60 and transformer.txt_in.in_features == 3584
+
+
+def test_the_documented_text_encoder_sizes():
+    """docs/split-files.md's table: the real language model's bytes on the device, packed as qimg keeps them."""
+    from qimg.model.qwen2 import Qwen2Model
+    from qimg.weights.shipped import CONFIGS
+    from qimg.weights.split_files import language_model_bytes
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen2Model(text_config(CONFIGS / "qwen-image")).state_dict().items()}
+    sizes = {kind: language_model_bytes({k: (kind, s) for k, s in shapes.items()}, torch.bfloat16, unpack=False)
+             for kind in ("dense", "F8_E4M3", "Q8_0", "Q6_K", "Q4_K")}
+    assert {k: round(v / 1e9, 1) for k, v in sizes.items()} == {"dense": 14.1, "F8_E4M3": 7.6, "Q8_0": 8.0,
+                                                                 "Q6_K": 6.4, "Q4_K": 4.8}
+    assert language_model_bytes({k: ("Q8_0", s) for k, s in shapes.items()}, torch.bfloat16, True) == sizes["dense"]
