@@ -161,6 +161,9 @@ def test_q8_0_text_encoder_within_3_of_255_and_counted_packed(cli, tiny_model_di
     # Q8_0 layers at 34 bytes per 32 values (the embedding, unpacked at load, in float32)
     assert packed < dense / 2 and engine(q8).text_bytes == dense  # unpacked at load on the CPU: full size
     assert engine(files[1], offload="model").text_bytes == 0  # freed before the transformer runs
+    f32, q = engine(files[1]), engine(q8)  # another file is another model, for the caches and the worker
+    assert f32.text_fingerprint != q.text_fingerprint and f32.model_fingerprint != q.model_fingerprint
+    assert f32.vae_fingerprint == q.vae_fingerprint
     tiny = (TransformerConfig.from_dict(read_config(shipped / "qwen-image" / "transformer")),
             VAEConfig.from_dict(read_config(shipped / "qwen-image" / "vae")))
     room = engine(files[1]).weight_bytes + activation_bytes(32, 32, *tiny, 4) + dense // 2  # no room for all of it

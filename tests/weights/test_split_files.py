@@ -219,3 +219,23 @@ def test_the_documented_text_encoder_sizes():
     assert {k: round(v / 1e9, 1) for k, v in sizes.items()} == {"dense": 14.1, "F8_E4M3": 7.6, "Q8_0": 8.0,
                                                                  "Q6_K": 6.4, "Q4_K": 4.8}
     assert language_model_bytes({k: ("Q8_0", s) for k, s in shapes.items()}, torch.bfloat16, True) == sizes["dense"]
+
+
+def test_diffusers_and_transformers_names_in_one_file(tiny_model_dir, tmp_path):
+    """The diffusers VAE's own file, and a text encoder saved with transformers 5's names (model.language_model.*,
+    model.visual.*), load as the folder."""
+    from safetensors.torch import save_file
+
+    from qimg.model.vae import QwenImageVAE
+
+    cfg = VAEConfig.from_dict(read_config(tiny_model_dir / "vae"))
+    vae_file = next((tiny_model_dir / "vae").glob("*.safetensors"))
+    ours = load_vae(vae_file, cfg, torch.float32, CPU).state_dict()
+    theirs = load_module(lambda: QwenImageVAE(cfg), tiny_model_dir / "vae", torch.float32, CPU).state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else "model." + k): v
+               for k, v in folder_tensors(tiny_model_dir / "text_encoder").items() if k != "lm_head.weight"}
+    save_file(renamed, tmp_path / "te.safetensors")
+    model = load_language_model(tmp_path / "te.safetensors", text_config(tiny_model_dir), torch.float32, CPU, True)
+    theirs = folder_model(tiny_model_dir)
+    assert all(torch.equal(model.state_dict()[k], theirs[k]) for k in theirs)
