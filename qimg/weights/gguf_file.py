@@ -8,6 +8,7 @@ size before anything is read or allocated, so a damaged or hostile file is one e
 each tensor's offset must be a multiple of the alignment, and no two tensors may share a byte.
 """
 
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,17 @@ ARCHITECTURES = {ARCHITECTURE: "Qwen-Image"}  # general.architecture -> what a m
 def read_header(path: Path, option: str = "--transformer",
                 architectures: dict[str, str] = ARCHITECTURES) -> tuple[dict, list[TensorInfo]]:
     """The file's metadata and tensors. Refuses an architecture not in `architectures`, tensor types qimg cannot
-    unpack (named), and a file shorter than its tensors. option: the option that named the file, for messages."""
-    size = path.stat().st_size
+    unpack (named), and a file shorter than its tensors. option: the option that named the file, for messages.
+    Parsed once per version of the file: a text encoder's header holds its whole vocabulary (about a second to
+    parse), and a run reads it to check, size, load and describe the file."""
+    stat = path.stat()
+    return _read_header(path, stat.st_size, stat.st_mtime_ns, option, tuple(architectures.items()))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_header(path: Path, size: int, mtime: int, option: str,
+                 architectures: tuple) -> tuple[dict, list[TensorInfo]]:
+    architectures = dict(architectures)
     with open(path, "rb") as f:
         r = Reader(f, path, size, option)
         if r.take(4) != MAGIC:
