@@ -75,7 +75,7 @@ def preset_record(preset: Optional[str]):
 
 # --metadata minimal: what reproduces the image, and of a chain's edits the same.
 MINIMAL = ("command", "prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg", "strength", "reuse",
-           "cfg_until", "shift", "model", "model_fingerprint")
+           "cfg_until", "shift", "model", "model_fingerprint", "safety")  # safety: why an output is blurred or black
 MINIMAL_EDIT = ("index", "kind", "prompt", "negative_prompt", "seed", "steps", "cfg", "strength", "reuse",
                 "cfg_until", "shift")
 
