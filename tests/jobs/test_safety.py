@@ -242,3 +242,18 @@ def test_a_flagged_step_stops_the_chain_with_no_further_files(tiny_model_dir, tm
                        "safety_stubs:flag_later")
     assert code == 3 and not out.exists() and [p.name for p in steps.iterdir()] == ["astronaut.01-inpaint.png"]
     assert "astronaut.02-inpaint.png: the image is withheld, nothing written" in err
+
+
+def test_a_ray_actor_reports_a_withheld_file_and_never_retries_it(tmp_path, monkeypatch, words, capsys):
+    """--ray's actors (run here without Ray: the class itself) record a hit for the client to replay."""
+    from qimg.jobs import ray_runner
+    from qimg.jobs.report import Reporter
+    from qimg.jobs.spec import Generate, Output, Prompt
+
+    monkeypatch.chdir(tmp_path)
+    held = Safety("prompt", (words,))
+    job = Generate(Prompt("an unsafe test token"), output=Output(tmp_path / "o.png", safety=held), member=True)
+    records = ray_runner.Actor(str(tmp_path), {}).run(ray_runner.Item("p.txt line 1", tmp_path / "o.png", job))
+    assert [r[:2] for r in records] == [("withheld", "p.txt line 1")]
+    assert ray_runner.replay(records, Reporter()) == "withheld"
+    assert "qimg: safety: p.txt line 1: the prompt is withheld" in capsys.readouterr().err
