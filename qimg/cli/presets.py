@@ -208,6 +208,7 @@ def apply(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
     ctx.default_map = check_options(ctx, ctx.command, read_yaml(path, "preset"), f"preset {path}", NOT_IN_PRESETS)
     if ctx.default_map.get("lora"):  # a preset's LoRA files are found beside it
         ctx.default_map["lora"] = [relative_to(path.parent, text) for text in ctx.default_map["lora"]]
-    if ctx.default_map.get("transformer") is not None:  # a file the preset names sits beside it; absolute stays
-        ctx.default_map["transformer"] = path.parent / ctx.default_map["transformer"]
+    for key in ("transformer", "safety_words"):  # a file the preset names sits beside it; absolute stays
+        if ctx.default_map.get(key) is not None:
+            ctx.default_map[key] = path.parent / ctx.default_map[key]
     return value

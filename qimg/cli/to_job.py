@@ -3,12 +3,13 @@
 outpaint's whole job; and the working folder every model command runs in, checked first."""
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
 from typer._click.core import ParameterSource
 
-from qimg.errors import UsageError
+from qimg.errors import QimgWarning, UsageError
 from qimg.jobs import spec
 from qimg.option_values import RAY_RETRIES, SAFETY, SAFETY_THRESHOLD
 
@@ -140,6 +141,11 @@ def safety_of(p: dict) -> spec.Safety:
         check = next(k for k, v in CHECKS.items() if v == CHECKS[asked] | CHECKS[floor])
     if operator:
         operators_own(p)
+    for name, part in (("safety_words", "prompt"), ("safety_prompt_classifier", "prompt"), ("safety_classifier",
+                                                                                             "image")):
+        if p[name] is not None and given_by(name) is ParameterSource.COMMANDLINE and part not in CHECKS[check]:
+            warnings.warn(f"--{name.replace('_', '-')} does nothing unless --safety is {part} or both (it is "
+                          f"{check})", QimgWarning)
     env_words = os.environ.get("QIMG_SAFETY_WORDS", "").strip()
     words = tuple(dict.fromkeys(Path(w) for w in (env_words, p["safety_words"]) if w))
     debug = bool(get_current_context().find_root().params.get("debug"))

@@ -120,6 +120,19 @@ def test_qimg_safety_is_a_floor_a_preset_cannot_lower(tmp_path, cli, words, monk
     assert code == 2 and "--safety-classifier: QIMG_SAFETY is set" in err
 
 
+def test_a_preset_turns_it_on_with_a_word_list_beside_it_and_unused_options_warn(tmp_path, cli):
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "words.txt").write_text("unsafe test token\n")
+    (folder / "school.yaml").write_text("safety: prompt\nsafety_words: words.txt\n")
+    model = damaged(tmp_path)
+    code, _, err = cli("generate", "-p", "unsafe test token", "-m", model, "--preset", folder / "school.yaml")
+    assert code == 3 and "the words filter" in err
+    code, _, err = cli("generate", "-p", "x", "-m", model, "--safety-classifier", "safety_stubs:flag_all")
+    assert code == 2 and err.startswith("qimg: warning: --safety-classifier does nothing unless --safety is image "
+                                        "or both (it is off)\n")
+
+
 def test_safety_off_under_qimg_safety_is_refused_unless_allowed(tmp_path, cli, words, monkeypatch):
     monkeypatch.setenv("QIMG_SAFETY", "both")
     model = damaged(tmp_path)
