@@ -75,7 +75,7 @@ def preset_record(preset: Optional[str]):
 
 # --metadata minimal: what reproduces the image, and of a chain's edits the same.
 MINIMAL = ("command", "prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg", "strength", "reuse",
-           "cfg_until", "shift", "model", "model_fingerprint", "safety")  # safety: why an output is blurred or black
+           "cfg_until", "shift", "model", "model_fingerprint")
 MINIMAL_EDIT = ("index", "kind", "prompt", "negative_prompt", "seed", "steps", "cfg", "strength", "reuse",
                 "cfg_until", "shift")
 
@@ -87,7 +87,7 @@ def shown(params: dict, mode: str) -> Optional[dict]:
         return None
     if mode == "full":
         return params
-    kept = {k: params[k] for k in MINIMAL if k in params}
+    kept = {k: params[k] for k in (*MINIMAL, "safety") if k in params}  # safety: why an output is blurred or black
     if params.get("lineage"):
         kept["lineage"] = [{k: entry[k] for k in MINIMAL_EDIT if k in entry} for entry in params["lineage"]]
     return kept

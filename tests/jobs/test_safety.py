@@ -259,11 +259,12 @@ def test_a_flagged_step_stops_the_chain_with_no_further_files(tiny_model_dir, tm
 
 def test_a_ray_actor_reports_a_withheld_file_and_never_retries_it(tmp_path, monkeypatch, words, capsys):
     """--ray's actors (run here without Ray: the class itself) record a hit for the client to replay."""
-    from qimg.jobs import ray_runner
+    from qimg.jobs import kept_engine, ray_runner
     from qimg.jobs.report import Reporter
     from qimg.jobs.spec import Generate, Output, Prompt
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kept_engine, "enabled", kept_engine.enabled)  # an Actor keeps engines: not past this test
     held = Safety("prompt", (words,))
     job = Generate(Prompt("an unsafe test token"), output=Output(tmp_path / "o.png", safety=held), member=True)
     records = ray_runner.Actor(str(tmp_path), {}).run(ray_runner.Item("p.txt line 1", tmp_path / "o.png", job))
