@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 USAGE = 2  # bad options or input files: the user can fix the command line
 RUNTIME = 1  # the command was valid but the work failed
+SAFETY = 3  # the safety filter withheld an item (docs/safety.md)
 
 
 class QimgError(Exception):
@@ -25,6 +26,18 @@ class UsageError(QimgError):
 class OutputExists(QimgError):
     """An output file appeared between the checks and the save; it was kept. Runtime (exit 1): the command
     was valid when it started. In a batch it is that file's failure, and the others go on."""
+
+
+class Withheld(QimgError):
+    """The safety filter held an item back (exit 3): a prompt refused before any model loads, or an image
+    refused before it is written. `record`: what --json says of the hit (filter, score, threshold, action).
+    Its line starts `qimg: safety:`, not `qimg: error:`."""
+
+    label = "safety"
+
+    def __init__(self, message: str, record: dict | None = None):
+        super().__init__(message, SAFETY)
+        self.record = record or {}
 
 
 # The signals that stop a run cleanly, each with the word its last line says: Ctrl-C, kill, a closed

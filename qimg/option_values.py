@@ -18,12 +18,15 @@ ATTN_MASK = ("on", "off")
 METADATA = ("full", "minimal", "off")  # --metadata: what a PNG output records (jobs/metadata.py)
 # --anchor: where the original sits on outpaint's grown canvas (masks.anchor_fractions places each)
 ANCHORS = ("center", "left", "right", "top", "bottom", "top-left", "top-right", "bottom-left", "bottom-right")
+SAFETY = ("off", "prompt", "image", "both")  # --safety, $QIMG_SAFETY: what the safety filter checks (jobs/safety.py)
+SAFETY_ACTIONS = ("refuse", "blur", "black")  # --safety-action: what an image the filter flags becomes
 
 # --- Defaults ------------------------------------------------------------------------------------------------
 
 CACHE_SIZE = "2GB"  # --cache-size: the cache's cap
 MASK_THRESHOLD = 0.4  # --mask-threshold: a pixel is in a phrase's region from this probability up
 RAY_RETRIES = 2  # --retries: runs of a file whose Ray actor failed or was lost, on another
+SAFETY_THRESHOLD = 0.5  # --safety-threshold: a score at or over it is a hit
 CONTEXT = 64  # --context: pixels around the mask an inpaint on a large image shows the model
 
 

@@ -59,6 +59,12 @@ from qimg.cli.options import (
     RayWorkersOpt,
     RetriesOpt,
     ReuseOpt,
+    SafetyActionOpt,
+    SafetyClassifierOpt,
+    SafetyOpt,
+    SafetyPromptClassifierOpt,
+    SafetyThresholdOpt,
+    SafetyWordsOpt,
     SaveMaskOpt,
     SeedOpt,
     ShardOpt,
@@ -92,7 +98,7 @@ from qimg.cli.worker_commands import app as worker_app
 from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 from qimg.jobs import spec
 from qimg.jobs.report import Reporter, json_line, print_result
-from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES
+from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES, SAFETY_THRESHOLD
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -147,6 +153,9 @@ def generate(
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
     text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
+    safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
+    safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
+    safety_action: SafetyActionOpt = "refuse",
     out_dir: Annotated[Optional[Path], typer.Option(rich_help_panel=OUTPUT, show_default="the working folder",
                                                     help="With --prompts: the folder for the outputs.")] = None,
     skip_existing: Annotated[bool, typer.Option(
@@ -203,6 +212,9 @@ def inpaint(
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
     text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
+    safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
+    safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
+    safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
@@ -239,6 +251,9 @@ def outpaint(
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
     text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
+    safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
+    safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
+    safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
@@ -292,6 +307,9 @@ def edit(
     transformer: TransformerOpt = None, dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none",
     devices: DevicesOpt = None, split: SplitOpt = None,
     text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
+    safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
+    safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
+    safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
@@ -328,6 +346,9 @@ def chain(
     lora: LoraOpt = None, shift: ShiftOpt = None, transformer: TransformerOpt = None,
     dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none", devices: DevicesOpt = None,
     split: SplitOpt = None, text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
+    safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
+    safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
+    safety_action: SafetyActionOpt = "refuse",
 ):
     """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
     latent carried in memory between them.
@@ -402,7 +423,7 @@ def run(args: list[str]) -> int:
     except QimgError as e:
         if debug:
             raise
-        say(f"qimg: error: {e}")
+        say(f"qimg: {getattr(e, 'label', 'error')}: {e}")
         return e.code
     except Exception as e:
         if debug:

@@ -5,6 +5,7 @@ chain's command line over all). Planning and running the steps is the job layer'
 
 from pathlib import Path
 
+from qimg.cli.options import SAFETY_PARAMS
 from qimg.cli.presets import NOT_IN_PRESETS, check_options, describe, find, option_params, parser_message, read_yaml
 from qimg.cli.to_job import shortcuts_of, words_of
 from qimg.errors import UsageError
@@ -14,7 +15,7 @@ KINDS = ("inpaint", "outpaint", "edit")
 # set once for the whole chain, on its command line
 CHAIN_LEVEL = {"out", "overwrite", "json_", "metadata", "model", "device", "dtype", "cache_dir", "no_cache",
                "cache_size", "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
-               "lora", "transformer", "dequantize", "quantize"}
+               "lora", "transformer", "dequantize", "quantize", *SAFETY_PARAMS}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir", "save_mask",  # over many files: no place in a chain
               "shard", "ray", "ray_workers", "retries"}
 # edit's --size and --mask-crop: a chain's canvas keeps its size, and its latent covers the whole of it

@@ -9,7 +9,19 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from qimg.cli import presets
-from qimg.option_values import ANCHORS, ATTENTION, ATTN_MASK, DTYPES, METADATA, OFFLOAD, QUANTIZE, TILING, parse_size
+from qimg.option_values import (
+    ANCHORS,
+    ATTENTION,
+    ATTN_MASK,
+    DTYPES,
+    METADATA,
+    OFFLOAD,
+    QUANTIZE,
+    SAFETY,
+    SAFETY_ACTIONS,
+    TILING,
+    parse_size,
+)
 
 PROMPT, MASK, SAMPLING, MODEL, OUTPUT, CACHE, SPEED, SCALE = (
     "Prompt", "Mask", "Sampling", "Model and device", "Output", "Cache", "Speed", "Many GPUs, many machines")
@@ -206,3 +218,30 @@ MaskThresholdOpt = Annotated[float, typer.Option(
 SaveMaskOpt = Annotated[Optional[Path], typer.Option(
     rich_help_panel=MASK, help="Write the mask used to this file, or <stem>_mask.png in this folder (a batch).")]
 Anchor = Literal[ANCHORS]
+
+# The safety filter (docs/safety.md); cli/to_job.safety_of applies the operator's $QIMG_SAFETY rules to them.
+SAFE = "Safety filter (docs/safety.md)"
+SAFETY_PARAMS = ("safety", "safety_words", "safety_prompt_classifier", "safety_classifier", "safety_threshold",
+                 "safety_action")  # set for a whole run: never by a chain file's edit
+SafetyOpt = Annotated[Optional[Literal[SAFETY]], typer.Option(
+    rich_help_panel=SAFE, show_default="$QIMG_SAFETY, else off",
+    help="A best-effort filter, not a guarantee: prompt: refuse prompts a word list or classifier flags, before "
+         "any model loads; image: check every output and preview before it is written; both.")]
+SafetyWordsOpt = Annotated[Optional[Path], typer.Option(
+    rich_help_panel=SAFE, show_default="none (and $QIMG_SAFETY_WORDS, which applies too)",
+    help="A word list: one word or phrase a line, # comments, any language; matched ignoring case, width and "
+         "spacing.")]
+SafetyPromptClassifierOpt = Annotated[Optional[str], typer.Option(
+    envvar="QIMG_SAFETY_PROMPT_CLASSIFIER", show_envvar=True, rich_help_panel=SAFE, metavar="MODULE:CALLABLE",
+    help="A function of the prompt's text returning a score in [0, 1].")]
+SafetyClassifierOpt = Annotated[Optional[str], typer.Option(
+    envvar="QIMG_SAFETY_CLASSIFIER", show_envvar=True, rich_help_panel=SAFE, metavar="MODULE:CALLABLE|FILE.onnx",
+    show_default="open_nsfw, from pip install 'qimg\\[safety]'",
+    help="The image classifier: a function of a PIL image returning a score in [0, 1], or an open_nsfw-style ONNX "
+         "file.")]
+SafetyThresholdOpt = Annotated[float, typer.Option(
+    min=0.0, max=1.0, envvar="QIMG_SAFETY_THRESHOLD", show_envvar=True, rich_help_panel=SAFE,
+    help="A score at or over this is a hit.")]
+SafetyActionOpt = Annotated[Literal[SAFETY_ACTIONS], typer.Option(
+    envvar="QIMG_SAFETY_ACTION", show_envvar=True, rich_help_panel=SAFE,
+    help="What a flagged image becomes: refuse (nothing written, exit 3), blur or black (written so).")]

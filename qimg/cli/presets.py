@@ -208,7 +208,7 @@ def apply(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
     ctx.default_map = check_options(ctx, ctx.command, read_yaml(path, "preset"), f"preset {path}", NOT_IN_PRESETS)
     if ctx.default_map.get("lora"):  # a preset's LoRA files are found beside it
         ctx.default_map["lora"] = [relative_to(path.parent, text) for text in ctx.default_map["lora"]]
-    for part in ("transformer", "text_encoder", "vae", "vision"):  # a file the preset names sits beside it
-        if ctx.default_map.get(part) is not None:  # (an absolute path stays)
+    for part in ("transformer", "text_encoder", "vae", "vision", "safety_words"):  # a file the preset names sits
+        if ctx.default_map.get(part) is not None:  # beside it (an absolute path stays)
             ctx.default_map[part] = path.parent / ctx.default_map[part]
     return value

@@ -3,13 +3,15 @@
 outpaint's whole job; and the working folder every model command runs in, checked first."""
 
 import os
+import warnings
+from pathlib import Path
 from typing import Optional
 
 from typer._click.core import ParameterSource
 
-from qimg.errors import UsageError
+from qimg.errors import QimgWarning, UsageError
 from qimg.jobs import spec
-from qimg.option_values import RAY_RETRIES
+from qimg.option_values import RAY_RETRIES, SAFETY, SAFETY_THRESHOLD
 
 
 def model_of(p: dict, part=None) -> spec.ModelSpec:
@@ -47,7 +49,8 @@ def cache_of(p: dict) -> spec.CacheSpec:
 
 
 def output_of(p: dict) -> spec.Output:
-    return spec.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p), p["metadata"])
+    return spec.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p), p["metadata"],
+                       safety_of(p))
 
 
 def preview_every(p: dict) -> Optional[int]:
@@ -107,3 +110,63 @@ def working_folder() -> None:
     except FileNotFoundError:
         raise UsageError("the working folder was deleted (or moved away); cd to a folder that exists and run "
                          "again") from None
+
+
+# --- The safety filter under the operator's rules (docs/safety.md) ----------------------------------------------
+
+CHECKS = {"off": set(), "prompt": {"prompt"}, "image": {"image"}, "both": {"prompt", "image"}}
+
+
+def safety_of(p: dict) -> spec.Safety:
+    """--safety and its options as a spec.Safety. $QIMG_SAFETY (the operator's, for every command on the machine,
+    and every job a worker runs: the caller's environment is the job's) is a floor: a preset adds to it and never
+    lowers it, and a command line that would check less (--safety off, or a part), bring its own classifier or
+    raise the threshold is refused, unless QIMG_SAFETY_ALLOW_OFF=1. $QIMG_SAFETY_WORDS applies beside
+    --safety-words."""
+    from typer._click.globals import get_current_context
+
+    floor = os.environ.get("QIMG_SAFETY", "").strip().lower()
+    if floor not in ("", *SAFETY):
+        raise UsageError(f"QIMG_SAFETY={floor[:20]!r} is not one of {', '.join(SAFETY)}")
+    floor = floor or "off"
+    operator = floor != "off" and os.environ.get("QIMG_SAFETY_ALLOW_OFF", "").strip() in ("", "0")
+    asked, by = p["safety"], given_by("safety")
+    if asked is None:
+        check = floor
+    elif by is ParameterSource.COMMANDLINE and operator and not CHECKS[asked] >= CHECKS[floor]:
+        raise UsageError(f"--safety {asked}: QIMG_SAFETY={floor} is set for every run here, and a command cannot "
+                         "check less (its operator can allow it with QIMG_SAFETY_ALLOW_OFF=1)")
+    elif by is ParameterSource.COMMANDLINE or floor == "off" or not operator:
+        check = asked
+    else:  # a preset's adds to the operator's
+        check = next(k for k, v in CHECKS.items() if v == CHECKS[asked] | CHECKS[floor])
+    if operator:
+        operators_own(p)
+    for name, part in (("safety_words", "prompt"), ("safety_prompt_classifier", "prompt"), ("safety_classifier",
+                                                                                             "image")):
+        if p[name] is not None and given_by(name) is ParameterSource.COMMANDLINE and part not in CHECKS[check]:
+            warnings.warn(f"--{name.replace('_', '-')} does nothing unless --safety is {part} or both (it is "
+                          f"{check})", QimgWarning)
+    env_words = os.environ.get("QIMG_SAFETY_WORDS", "").strip()
+    words = tuple(dict.fromkeys(Path(w) for w in (env_words, p["safety_words"]) if w))
+    debug = bool(get_current_context().find_root().params.get("debug"))
+    return spec.Safety(check, words, p["safety_prompt_classifier"], p["safety_classifier"], p["safety_threshold"],
+                       p["safety_action"], debug)
+
+
+def operators_own(p: dict) -> None:
+    """Under $QIMG_SAFETY, the classifiers are the operator's (their environment variables) and the threshold
+    may only be lowered, from the command line and from a preset alike."""
+    caller = (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP)
+    for name in ("safety_classifier", "safety_prompt_classifier"):
+        if p[name] is not None and given_by(name) in caller:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{option}: QIMG_SAFETY is set for every run here, and the classifiers are its "
+                             f"operator's (QIMG_{name.upper()}); leave {option} out")
+    try:
+        ceiling = float(os.environ.get("QIMG_SAFETY_THRESHOLD", SAFETY_THRESHOLD))
+    except ValueError:
+        ceiling = SAFETY_THRESHOLD
+    if given_by("safety_threshold") in caller and p["safety_threshold"] > ceiling:
+        raise UsageError(f"--safety-threshold {p['safety_threshold']:g}: QIMG_SAFETY is set for every run here, "
+                         f"and the threshold may only be lowered from {ceiling:g}")

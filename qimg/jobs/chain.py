@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from qimg.errors import UsageError
-from qimg.jobs import batch
+from qimg.jobs import batch, safety
 from qimg.jobs.common import generation_model, open_cache, open_engine, random_seed, resolve_model, save_output
 from qimg.jobs.edit import edit_output
 from qimg.jobs.previews import last_preview, preview_file
@@ -40,6 +40,10 @@ def chain(job: Chain, reporter: Reporter) -> None:
 
     started = time.perf_counter()
     overwrite = job.output.overwrite
+    screen = job.output.safety
+    safety.prepare(screen)
+    for step in job.steps:  # every edit's prompt (an instruction's too) before anything loads
+        safety.check_prompt(screen, step.prompt.prompt, step.where)
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
     pixels, picture = load_image(job.image)
@@ -56,7 +60,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
         check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file", sizes[index])
         if batch.real(step_file) == batch.real(out):
             raise UsageError(f"--out {out} is also a --keep-steps file; choose another name")
-    preview = preview_file(job.output.preview, job.output.preview_every)
+    preview = preview_file(job.output.preview, job.output.preview_every, screen)
     if preview:
         taken = {out: "the output", job.image: "the input image", **{r: "a file this chain reads" for r in reads},
                  **{f: f"the --keep-steps file of edit {i}" for i, f in step_files.items()}}
@@ -73,9 +77,11 @@ def chain(job: Chain, reporter: Reporter) -> None:
     lineage = []
     for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview, regions):
         lineage.append(entry)
-        if done.step.index in step_files:
-            save_output(engine, reporter, step_files[done.step.index], params(canvas, lineage).stored,
-                        engine.render(canvas), overwrite=overwrite)
-    final, image = params(canvas, lineage), engine.render(canvas)
+        if done.step.index in step_files:  # a kept step the filter refuses ends the chain: no further files
+            kept, hit = safety.screen(screen, engine.render(canvas), step_files[done.step.index], preview)
+            save_output(engine, reporter, step_files[done.step.index],
+                        safety.with_record(params(canvas, lineage), hit).stored, kept, overwrite=overwrite)
+    image, hit = safety.screen(screen, engine.render(canvas), out, preview)
+    final = safety.with_record(params(canvas, lineage), hit)
     out = save_output(engine, reporter, out, final.stored, image, overwrite=overwrite, next_free=next_free)
     reporter.result(out, {**final.report, **last_preview(preview, image, final.stored)}, started)

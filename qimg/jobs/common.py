@@ -145,23 +145,25 @@ def sample_and_save(job, command: str, engine, reporter: Reporter, sampling, sam
     size, the transformer calls, then `fields(result)`, and the `files` it was made from: metadata.output_params)
     are saved with it to target (output_target's (path, next_free)) and reported with the cache use and the last
     --preview; started: when the job began."""
+    from qimg.jobs import safety
     from qimg.jobs.metadata import output_params
 
     callback, done = reporter.steps("generating" if command == "generate" else command, sampling.steps_run)
     calls = engine.calls
     result = sample(callback)
     done()
-    height, width = result.image.shape[:2]
+    image, hit = safety.screen(job.output.safety, result.image, target[0], preview)  # before anything is written
+    height, width = image.shape[:2]
     s, shortcuts = sampling, sampling.shortcuts
     params = output_params(command, engine, job, files=files, prompt=s.prompt, negative_prompt=s.negative_prompt,
                            seed=s.seed, width=width, height=height, steps=s.steps, cfg=s.cfg, reuse=shortcuts.reuse,
                            cfg_until=shortcuts.cfg_until, shift=shortcuts.shift, calls=engine.calls - calls,
                            **fields(result))
-    out = save_output(engine, reporter, target[0], params.stored, result.image, result.latent, job.output.overwrite,
-                      target[1])
+    params = safety.with_record(params, hit)
+    out = save_output(engine, reporter, target[0], params.stored, image, None if hit else result.latent,
+                      job.output.overwrite, target[1])
     cache_use = dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
-    reporter.result(out, {**params.report, **cache_use, **last_preview(preview, result.image, params.stored)},
-                    started)
+    reporter.result(out, {**params.report, **cache_use, **last_preview(preview, image, params.stored)}, started)
 
 
 def random_seed(seed: Optional[int]) -> int:

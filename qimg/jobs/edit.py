@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from qimg.errors import OutputExists, QimgError, UsageError
-from qimg.jobs import batch, edit_inputs, names, shard, word_masks
+from qimg.errors import OutputExists, QimgError, UsageError, Withheld
+from qimg.jobs import batch, edit_inputs, names, safety, shard, word_masks
 from qimg.jobs.common import (
     announce_shard,
     generation_model,
@@ -110,6 +110,8 @@ def edit_plan(job: Inpaint | Edit) -> EditPlan:
     from qimg.images import check_folder
 
     kind, out, out_dir, overwrite = job.kind, job.output.out, job.out_dir, job.output.overwrite
+    safety.prepare(job.output.safety)
+    safety.check_prompt(job.output.safety, job.prompt.prompt, None if job.member else "--prompt")  # every input's
     edit_inputs.check_strength(job.strength)
     if job.skip_existing and overwrite:
         raise UsageError("give --skip-existing or --overwrite, not both")
@@ -162,7 +164,7 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
     one = functools.partial(instruct_one, pictures=pictures) if pictures else edit_one
     previews = edit_previews(job, files, is_batch, mask_file, refs)
     engine = functools.cache(lambda: open_engine(folder, job.model, store))
-    failed = []
+    failed, withheld = [], []
     advance = reporter.bar("images", len(files)) if is_batch else (lambda: None)
     for image in files:
         started, done = time.perf_counter(), out or names.edit_output(image, kind, out_dir)
@@ -190,14 +192,18 @@ def edit(job: Inpaint | Edit, reporter: Reporter) -> None:
                         mask_file=mask_file(image), words=words and words.record())
                 except OutputExists as e:
                     failure = e
+                except Withheld as e:  # its image: a batch goes on with the next input
+                    if not is_batch:
+                        raise
+                    withheld.append(image)
+                    reporter.withheld(image, e)
             if failure is not None:
                 if not is_batch:
                     raise failure
                 failed.append(image)
                 reporter.failed(image, failure)
         advance()
-    if failed:
-        raise batch.failed_summary(failed, len(files), "images")
+    safety.batch_end(failed, withheld, len(files), "images")
 
 
 def edit_one(job: Inpaint, image: Path, canvas, mask, target, seed: Optional[int], engine, reporter: Reporter,

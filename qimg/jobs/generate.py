@@ -6,8 +6,8 @@ import os
 import time
 from dataclasses import replace
 
-from qimg.errors import OutputExists, UsageError
-from qimg.jobs import batch, names, shard
+from qimg.errors import OutputExists, UsageError, Withheld
+from qimg.jobs import batch, names, safety, shard
 from qimg.jobs.common import (
     announce_shard,
     generation_model,
@@ -28,13 +28,15 @@ def generate(job: Generate, reporter: Reporter) -> None:
 
     started = time.perf_counter()
     overwrite = job.output.overwrite
+    safety.prepare(job.output.safety)
+    safety.check_prompt(job.output.safety, job.prompt.prompt, None if job.member else "--prompt")
     store = open_cache(job.cache)
     folder = resolve_model(job.model)
     generation_model(folder, "generate")
     seed = random_seed(job.prompt.seed)
     out, next_free = output_target(job.output.out, functools.partial(names.generate_output, seed), not overwrite)
     check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
-    preview = preview_file(job.output.preview, job.output.preview_every)
+    preview = preview_file(job.output.preview, job.output.preview_every, job.output.safety)
     if preview:
         check_preview(preview.path, {out: "the output"}, overwrite)
     engine = open_engine(folder, job.model, store)
@@ -58,6 +60,7 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
         raise UsageError("give --skip-existing or --overwrite, not both")
     if job.output.out is not None:
         raise UsageError("--out names one file but --prompts makes one per prompt; use --out-dir")
+    safety.prepare(job.output.safety)
     open_cache(job.cache)
     resolve_model(job.model)
     check_folder(job.out_dir, "--out-dir")
@@ -83,7 +86,7 @@ def entry_job(job: Prompts, e) -> Generate:
     return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
                     Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json,
                            job.output.preview and job.output.preview / e.name, job.output.preview_every,
-                           job.output.metadata),
+                           job.output.metadata, job.output.safety),
                     job.model, job.cache,
                     job.preset, member=True)
 
@@ -94,7 +97,7 @@ def prompts(job: Prompts, reporter: Reporter) -> None:
     others complete, and the run ends with a summary and exit 1."""
     from qimg.jobs import kept_engine
 
-    runs, failed = prompt_jobs(job), []
+    runs, failed, withheld = prompt_jobs(job), [], []
     advance = reporter.bar("prompts", len(runs))
     with kept_engine.kept():
         for where, gen in runs:
@@ -103,9 +106,11 @@ def prompts(job: Prompts, reporter: Reporter) -> None:
             else:
                 try:
                     generate(gen, reporter)
+                except Withheld as e:  # its prompt or its image: the others go on
+                    withheld.append(where)
+                    reporter.withheld(where, e)
                 except (UsageError, OutputExists) as e:
                     failed.append(where)
                     reporter.failed(where, e)
             advance()
-    if failed:
-        raise batch.failed_summary(failed, len(runs), "prompts")
+    safety.batch_end(failed, withheld, len(runs), "prompts")

@@ -91,7 +91,7 @@ def shown(params: dict, mode: str) -> Optional[dict]:
         return None
     if mode == "full":
         return params
-    kept = {k: params[k] for k in MINIMAL if k in params}
+    kept = {k: params[k] for k in (*MINIMAL, "safety") if k in params}  # safety: why an output is blurred or black
     if params.get("lineage"):
         kept["lineage"] = [{k: entry[k] for k in MINIMAL_EDIT if k in entry} for entry in params["lineage"]]
     return kept

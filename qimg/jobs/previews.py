@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from qimg.errors import UsageError
+from qimg.errors import UsageError, say
 from qimg.jobs import batch, names
-from qimg.jobs.spec import Edit, Inpaint
+from qimg.jobs.spec import Edit, Inpaint, Safety
 
 
 class PreviewFile:
@@ -19,28 +19,51 @@ class PreviewFile:
     result. Each carries its step ("3/50", or "result") in the PNG chunk that marks it as a preview.
     Counts the writes and the time they took, decoding included."""
 
-    def __init__(self, path: Path, every: Optional[int]):
+    def __init__(self, path: Path, every: Optional[int], safety: Optional[Safety] = None):
         self.path, self.every, self.count, self.seconds = path, every, 0, 0.0
+        self.safety, self.held = safety or Safety(), 0  # the image filter (jobs/safety.py); previews it held back
 
     def __call__(self, done: int, total: int, estimate) -> None:
         if done < total and done % (self.every or max(1, round(total / 10))) == 0:  # the last: the result's
             self.write(estimate, f"{done}/{total}")
 
-    def write(self, image, step: str, params: Optional[dict] = None) -> None:
-        """Write image() (H, W, 3) uint8, with the output's parameters if given."""
+    def write(self, image, step: str, params: Optional[dict] = None, screened: bool = False) -> None:
+        """Write image() (H, W, 3) uint8, with the output's parameters if given; screened: the result, which the
+        safety filter has seen already. A running estimate the image filter flags is held back (the preview on disk
+        removed) or written blurred or black, as --safety-action says."""
         from PIL import Image
 
         from qimg.images import PREVIEW_CHUNK, save_image
+        from qimg.jobs import safety
         from qimg.jobs.metadata import png_text
 
         started = time.perf_counter()
+        pixels = image()
+        hit = safety.image_hit(self.safety, pixels) if self.safety.images and not screened else None
+        if hit is not None:
+            if not self.held:
+                say(f"qimg: safety: the preview {self.path} at step {step} and any later flagged: "
+                    f"{safety.told(hit)}")
+            self.held += 1
+            if hit["action"] == "refuse":
+                self.withdraw()
+                return
+            pixels = safety.censor(pixels, hit["action"])
         text = {**png_text(params), PREVIEW_CHUNK: step}
-        save_image(Image.fromarray(image()), self.path, text, overwrite=True, fast=True)
+        save_image(Image.fromarray(pixels), self.path, text, overwrite=True, fast=True)
         self.count, self.seconds = self.count + 1, self.seconds + time.perf_counter() - started
 
+    def withdraw(self) -> None:
+        """Remove the preview this run wrote (a flagged image's estimate must not stay on disk)."""
+        if self.count:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
-def preview_file(path: Optional[Path], every: Optional[int]) -> Optional[PreviewFile]:
-    return None if path is None else PreviewFile(path, every)
+
+def preview_file(path: Optional[Path], every: Optional[int], safety: Optional[Safety] = None) -> Optional[PreviewFile]:
+    return None if path is None else PreviewFile(path, every, safety)
 
 
 def last_preview(preview: Optional[PreviewFile], image, params: Optional[dict]) -> dict:
@@ -48,8 +71,9 @@ def last_preview(preview: Optional[PreviewFile], image, params: Optional[dict]) 
     reads it like the output); then what --json says of the previews ({} without --preview)."""
     if preview is None:
         return {}
-    preview.write(lambda: image, "result", params)
-    return dict(previews=preview.count, preview_seconds=round(preview.seconds, 3))
+    preview.write(lambda: image, "result", params, screened=True)
+    held = dict(previews_withheld=preview.held) if preview.held else {}
+    return dict(previews=preview.count, preview_seconds=round(preview.seconds, 3), **held)
 
 
 def edit_previews(job: Inpaint | Edit, files: list[Path], is_batch: bool, mask_file, refs=()):
@@ -65,7 +89,7 @@ def edit_previews(job: Inpaint | Edit, files: list[Path], is_batch: bool, mask_f
         def previews(image, out):
             check_preview(where, {out: "the output", image: "the input image", mask_file(image): "the mask",
                                   **{r: "a --ref picture" for r in refs}}, job.output.overwrite)
-            return PreviewFile(where, every)
+            return PreviewFile(where, every, job.output.safety)
 
         return previews
     if where.suffix.lower() == ".png" and not os.path.lexists(where):  # (an existing file: check_folder says so)
@@ -93,4 +117,4 @@ def edit_previews(job: Inpaint | Edit, files: list[Path], is_batch: bool, mask_f
             raise UsageError(f"--preview {where}: {path(f)}, the preview of {f}, is {taken[batch.real(path(f))]}; "
                              "give another folder")
         check_preview(path(f), {}, job.output.overwrite)
-    return lambda image, out: PreviewFile(path(image), every)
+    return lambda image, out: PreviewFile(path(image), every, job.output.safety)

@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qimg.errors import OutputExists, QimgError, QimgWarning, UsageError, failure_line, say
-from qimg.jobs import batch, names, runner
+from qimg.errors import OutputExists, QimgError, QimgWarning, UsageError, Withheld, failure_line, say
+from qimg.jobs import names, runner, safety
 from qimg.jobs.edit import edit_plan
 from qimg.jobs.generate import prompt_jobs
 from qimg.jobs.report import Reporter
@@ -69,9 +69,8 @@ def execute(job: Job, spec: RaySpec, reporter: Reporter) -> None:
         else:
             todo.append(item)
     failed = pool.run(todo, reporter, advance) if todo else []
-    if failed:
-        order = {item.label: i for i, item in enumerate(work)}
-        raise batch.failed_summary(sorted(failed, key=order.get), len(work), what)  # the batch's order, as locally
+    order = {item.label: i for i, item in enumerate(work)}  # the batch's order, as locally
+    safety.batch_end(sorted(failed, key=order.get), sorted(pool.withheld, key=order.get), len(work), what)
 
 
 def cpu_actors(job: Job, spec: RaySpec) -> tuple[RaySpec, str | None]:
@@ -129,6 +128,9 @@ class Actor:
             warnings.simplefilter("always", QimgWarning)
             try:
                 runner.execute(item.job, recorder)
+            except Withheld as e:  # the safety filter's: reported (an edit batch's member did already), not retried
+                if e.record:
+                    recorder.withheld(item.label, e)
             except QimgError as e:  # a bad file is reported (as by a local batch), not retried
                 if not recorder.failures:
                     if not isinstance(e, (UsageError, OutputExists)):
@@ -164,9 +166,14 @@ class Recorder(Reporter):
         self.failures += 1
         self.records.append(("failed", str(image), str(error)))
 
+    def withheld(self, image, error: Withheld, line: bool = True) -> None:
+        if line:  # (without: a single run's --json notice, which the client's replay prints)
+            self.records.append(("withheld", str(image), str(error), error.record))
 
-def replay(records: list, reporter: Reporter) -> bool:
-    """Print an actor's records as the local batch would have; whether the file failed."""
+
+def replay(records: list, reporter: Reporter):
+    """Print an actor's records as the local batch would have; whether the file failed (True), was withheld by
+    the safety filter ("withheld") or neither (False)."""
     bad = False
     for kind, *rest in records:
         if kind == "result":
@@ -179,6 +186,9 @@ def replay(records: list, reporter: Reporter) -> bool:
             warnings.warn(rest[0], QimgWarning)
         elif kind == "line":
             say(rest[0])
+        elif kind == "withheld":
+            reporter.withheld(rest[0], Withheld(rest[1], rest[2]))
+            bad = "withheld"
         else:
             reporter.failed(rest[0], QimgError(rest[1]))
             bad = True
@@ -198,6 +208,7 @@ class Pool:
         self.make = ray.remote(**options, max_restarts=0, max_task_retries=0)(Actor).remote
         self.env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
         self.started, self.first_error, self.overwrite = 0, None, overwrite
+        self.withheld = []  # the files the safety filter held back
 
     def spawn(self):
         self.started += 1
@@ -255,7 +266,7 @@ class Pool:
                         with self.ours():
                             bad = replay(records, reporter)
                         if bad:
-                            failed.append(item.label)
+                            (self.withheld if bad == "withheld" else failed).append(item.label)
                         advance()
                 idle.append((actor, n))
             return failed

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from qimg.errors import QimgError, say
+from qimg.errors import QimgError, Withheld, say
 
 
 def json_line(obj) -> str:
@@ -112,3 +112,12 @@ class Reporter:
         if self.as_json:
             print_result(json_line({"input": str(image), "error": message}))
         say(f"qimg: error: {message}")
+
+    def withheld(self, item, error: Withheld, line: bool = True) -> None:
+        """An item the safety filter held back (jobs/safety.py): its JSON object on stdout with --json, and (a
+        batch's, which goes on) its line on stderr; a single run's line is its error's."""
+        message = str(error) if str(item) in str(error) else f"{item}: {error}"
+        if self.as_json:
+            print_result(json_line({"input": str(item), "withheld": True, "safety": error.record}))
+        if line:
+            say(f"qimg: safety: {message}")

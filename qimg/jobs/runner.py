@@ -9,7 +9,7 @@ stays loaded for the next (kept_engine.py). One module per kind of job: generate
 
 from pathlib import Path
 
-from qimg.errors import UsageError
+from qimg.errors import UsageError, Withheld
 from qimg.jobs import chain, edit, generate, mask
 from qimg.jobs.metadata import read_params
 from qimg.jobs.report import Reporter
@@ -20,7 +20,18 @@ from qimg.small_files import GGUF_MAGIC, open_regular, safetensors_header
 def execute(job: Job, reporter: Reporter) -> None:
     run = {Generate: generate.generate, Inpaint: edit.edit, Edit: edit.edit, Chain: chain.chain,
            Prompts: generate.prompts, Mask: mask.mask}[type(job)]
-    run(job, reporter)
+    try:
+        run(job, reporter)
+    except Withheld as e:  # a single item's (a batch's end has no record): --json says so too
+        if e.record:
+            reporter.withheld(item_of(job), e, line=False)
+        raise
+
+
+def item_of(job: Job):
+    """How a single run's JSON names its item: its input image, else its --out, else its prompt."""
+    images = getattr(job, "images", None) or (getattr(job, "image", None),)
+    return images[0] if len(images) == 1 and images[0] else job.output.out or "--prompt"
 
 
 def file_info(path: Path) -> dict:

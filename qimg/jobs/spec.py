@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from qimg.jobs.shard import Shard
-from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES
+from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES, SAFETY_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,28 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Safety:
+    """The safety filter (jobs/safety.py, docs/safety.md): what it checks, with what, and what a hit does; the
+    command line has already applied the operator's environment ($QIMG_SAFETY and the rest)."""
+
+    check: str = "off"  # off, prompt, image, both (option_values.SAFETY)
+    words: tuple[Path, ...] = ()  # word lists: $QIMG_SAFETY_WORDS's and --safety-words' (both apply)
+    prompt_classifier: Optional[str] = None  # module:callable, a function of the text
+    classifier: Optional[str] = None  # module:callable (a function of a PIL image) or an .onnx file; None: default
+    threshold: float = SAFETY_THRESHOLD  # a score at or over it is a hit
+    action: str = "refuse"  # an image hit: refuse, blur or black (option_values.SAFETY_ACTIONS)
+    debug: bool = False  # --debug: a prompt hit's line names what matched
+
+    @property
+    def prompts(self) -> bool:
+        return self.check in ("prompt", "both")
+
+    @property
+    def images(self) -> bool:
+        return self.check in ("image", "both")
+
+
+@dataclass(frozen=True)
 class Output:
     """Where results go and how they are reported."""
 
@@ -85,6 +107,7 @@ class Output:
     preview: Optional[Path] = None  # the running estimate of the image, replaced as it renders; a batch: a folder
     preview_every: Optional[int] = None  # steps between previews; None: about a tenth of the steps
     metadata: str = "full"  # what a PNG output records: full, minimal, off (option_values.METADATA)
+    safety: Safety = field(default_factory=Safety)  # what is held back before it is written
 
 
 @dataclass(frozen=True)

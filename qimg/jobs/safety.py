@@ -1,0 +1,139 @@
+"""The safety filter (docs/safety.md): a best-effort check of prompts before any model loads and of images
+before they are written, off unless --safety (or $QIMG_SAFETY, or a preset) turns it on. The job layer decides
+what is written, so the image check sits where outputs and previews are saved; the engine knows nothing of it.
+
+- Prompts (`--safety prompt` or `both`): the word lists (safety_words.py) and the prompt classifier, on a
+  prompt, an instruction or a chain edit's prompt (never the negative prompt); a hit withholds the item before
+  any model loads (errors.Withheld, exit 3).
+- Images (`image` or `both`): the classifier (safety_models.py) scores every output and every preview before it
+  reaches the disk; a score at or over the threshold is a hit, and --safety-action says what it becomes:
+  refuse (nothing written, the item's preview removed; exit 3), blur or black (written so, exit 0).
+Each hit is one stderr line naming the item, the filter, the score, the threshold and the action, never the
+prompt's text (unless --debug); --json and the output's metadata carry the same as `"safety"`."""
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from qimg.errors import QimgError, Withheld, say
+from qimg.jobs import safety_models
+from qimg.jobs.safety_words import Words
+from qimg.jobs.spec import Safety
+
+BLUR_RADIUS = 32  # InvokeAI's (pixels), for images up to 1024 on a side; larger ones blur in proportion
+
+
+def prepare(spec: Safety) -> None:
+    """Everything the filter needs, checked and loaded before any model: the word lists read, the classifiers
+    imported (no image classifier installed: one usage line naming the extra, exit 2)."""
+    if spec.prompts:
+        for path in spec.words:
+            word_list(path)
+        if spec.prompt_classifier:
+            safety_models.prompt_classifier(spec.prompt_classifier)
+    if spec.images:
+        safety_models.image_classifier(spec.classifier)
+
+
+def word_list(path: Path) -> Words:
+    """A word list, read again only when its file changed (the worker runs many jobs)."""
+    try:
+        stat = os.stat(path)
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        key = None  # Words.read says what is wrong with it
+    return _word_list(Path(path), key)
+
+
+@functools.lru_cache(maxsize=16)
+def _word_list(path: Path, _key) -> Words:
+    return Words.read(path, "safety word list")
+
+
+def record(kind: str, score: float, spec: Safety, action: str) -> dict:
+    """What --json, the metadata and the hit's line say of a hit."""
+    return dict(filter=kind, score=round(score, 4), threshold=spec.threshold, action=action)
+
+
+def told(rec: dict) -> str:
+    score, threshold = rec["score"], rec["threshold"]
+    return f"the {rec['filter']} filter scored {score:g} (threshold {threshold:g}), action {rec['action']}"
+
+
+def check_prompt(spec: Safety, text: str, where: Optional[str]) -> None:
+    """Withhold the item whose prompt (or instruction) `text` a word list or the prompt classifier flags;
+    where: how the line names it ("--prompt", "chain.yaml edit 2"; None: the batch's reporter names it)."""
+    if not spec.prompts:
+        return
+    where = f"{where}: " if where else ""
+    for path in spec.words:
+        term = word_list(path).match(text)
+        if term is not None:
+            shown = f" (matched {term!r} of {path} in {text!r})" if spec.debug else ""
+            rec = record("words", 1.0, spec, "refuse")
+            raise Withheld(f"{where}the prompt is withheld before any model loads: {told(rec)}{shown}", rec)
+    if spec.prompt_classifier:
+        score = safety_models.scored(safety_models.prompt_classifier(spec.prompt_classifier), text, "prompt")
+        if score >= spec.threshold:
+            rec = record("prompt classifier", score, spec, "refuse")
+            shown = f" (prompt {text!r})" if spec.debug else ""
+            raise Withheld(f"{where}the prompt is withheld before any model loads: {told(rec)}{shown}", rec)
+
+
+def image_hit(spec: Safety, image: np.ndarray) -> Optional[dict]:
+    """The hit's record when the image classifier flags `image` (H, W, 3 uint8), else None."""
+    from PIL import Image
+
+    classify = safety_models.image_classifier(spec.classifier)
+    score = safety_models.scored(classify, Image.fromarray(image), "image")
+    return record("image", score, spec, spec.action) if score >= spec.threshold else None
+
+
+def censor(image: np.ndarray, action: str) -> np.ndarray:
+    """The image as --safety-action writes a flagged one: black, or blurred past recognition."""
+    if action == "black":
+        return np.zeros_like(image)
+    from PIL import Image, ImageFilter
+
+    radius = max(BLUR_RADIUS, max(image.shape[:2]) * BLUR_RADIUS // 1024)
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def screen(spec: Safety, image: np.ndarray, where, preview=None) -> tuple[np.ndarray, Optional[dict]]:
+    """An output's image checked before it is written: (the image to write, the hit's record or None). On a hit
+    with action refuse, its preview (previews.PreviewFile, if any) is removed and the item withheld."""
+    if not spec.images:
+        return image, None
+    rec = image_hit(spec, image)
+    if rec is None:
+        return image, None
+    if spec.action == "refuse":
+        if preview is not None:
+            preview.withdraw()
+        raise Withheld(f"{where}: the image is withheld, nothing written: {told(rec)}", rec)
+    say(f"qimg: safety: {where}: the image is written {'blurred' if spec.action == 'blur' else 'black'}: {told(rec)}")
+    return censor(image, spec.action), rec
+
+
+def with_record(params, rec: Optional[dict]):
+    """metadata.Params with the hit's record added as "safety" (to --json and to what the PNG stores)."""
+    if rec is None:
+        return params
+    stored = None if params.stored is None else {**params.stored, "safety": rec}
+    return type(params)({**params.report, "safety": rec}, stored)
+
+
+def batch_end(failed: list, withheld: list, total: int, what: str) -> None:
+    """A batch's end: failed items end it with exit 1 (the withheld named too), withheld ones alone with 3."""
+    from qimg.jobs.batch import failed_summary
+
+    held = f"; {len(withheld)} withheld by the safety filter: {', '.join(map(str, withheld))}" if withheld else ""
+    if failed:
+        error = failed_summary(failed, total, what)
+        raise QimgError(f"{error}{held}", error.code)
+    if withheld:
+        raise Withheld(f"{len(withheld)} of {total} {what} withheld by the safety filter: "
+                       f"{', '.join(map(str, withheld))}")
