@@ -302,8 +302,8 @@ class Components:
 
     @cached_property
     def files_info(self) -> dict:
-        """The single files in place of the folder's parts: {"text_encoder": {name, sha256, format}, ...}."""
-        return files_provenance(self.files)
+        """The single files in place of the folder's parts: {"text_encoder": {name, sha256, format, tokenizer}, ...}."""
+        return files_provenance(self.files, self.folder)
 
     @cached_property
     def vae_fingerprint(self) -> str:

@@ -65,11 +65,22 @@ def describe_file(path: Path) -> dict | None:
             {k.split(".")[1] for k in shapes if k.startswith("blk.")}
         info |= {"width": embed[1], "layers": len(layers),
                  "vision_tower": any(k.startswith(("visual.", "model.visual.")) for k in shapes),
-                 "tokenizer": "in the file" if path.suffix.lower() == ".gguf" else "not in the file"}
+                 "tokenizer": "in the file" if path.suffix.lower() == ".gguf" else _tokenizer(path)}
     elif part == "VAE":
         info |= {"names": "Wan 2.1" if WAN_MARK in shapes else "diffusers",
                  "latent_channels": (shapes.get("conv2.weight") or shapes.get("post_quant_conv.weight") or (0, 0))[1]}
     return info
+
+
+def _tokenizer(path: Path) -> str:
+    """Which tokenizer a safetensors text encoder goes with when no model folder gives one."""
+    from qimg.weights.shipped import TOKENIZER
+    from qimg.weights.split_files import own_tokenizer
+
+    where = own_tokenizer(path)
+    if where is None:
+        return "none: not in the file, none beside it, and the vocabulary is too small for qimg's Qwen2.5 one"
+    return "qimg's Qwen2.5 (shipped)" if where == TOKENIZER else f"{where.name}/ beside the file"
 
 
 def _fits(part: str, shapes: dict, text_width: int | None) -> bool:

@@ -1,7 +1,8 @@
 """The configs qimg ships for running from split files with no model folder (`qimg/weights/configs/<variant>/`:
-model_index.json and each part's config.json, the scheduler's, an Edit model's image processor's; no weights and
-no tokenizer vocabulary), and which of them fits a transformer file: its shapes say the architecture (blocks,
-width, the text width it takes), its name the variant (Qwen-Image, Edit, 2509, 2511 share one layout)."""
+model_index.json and each part's config.json, the scheduler's, an Edit model's image processor's; no weights),
+Qwen2.5's tokenizer (`qimg/weights/tokenizers/qwen2.5/`, for a safetensors text encoder with none beside it), and
+which config fits a transformer file: its shapes say the architecture (blocks, width, the text width it takes), its
+name the variant (Qwen-Image, Edit, 2509, 2511 share one layout)."""
 
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from qimg.weights.folders import model_kind, named_kind, read_config
 from qimg.weights.single_file import open_weights
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+# Qwen2.5's BPE (ids 0-151642) and Qwen2.5-VL's 22 added tokens (151643-151664), from llama.cpp's
+# ggml-vocab-qwen2.gguf by scripts/build_qwen25_tokenizer.py; its NOTICE and LICENSE say where from.
+TOKENIZER = Path(__file__).resolve().parent / "tokenizers" / "qwen2.5"
+TOKENIZER_IDS = 151665  # a text encoder whose vocabulary has fewer rows cannot take every id it gives
 
 
 def architecture(transformer: Path) -> tuple[int, int, int]:

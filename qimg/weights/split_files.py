@@ -26,7 +26,7 @@ from qimg.model.text import TextEncoder
 from qimg.model.tokenizer import Tokenizer
 from qimg.model.vae import QwenImageVAE, VAEConfig
 from qimg.model.vision import VisionTower
-from qimg.weights import gguf_file
+from qimg.weights import gguf_file, shipped
 from qimg.weights.comfy_files import (
     PARTS,
     TEXT_ARCHITECTURES,
@@ -181,19 +181,50 @@ def load_vae(path: Path, cfg: VAEConfig, dtype: torch.dtype, device: torch.devic
 
 def tokenizer_place(files: Files, folder: Path, edits: bool) -> Path:
     """Where the tokenizer for a text encoder file is: a GGUF's own (the file); else the folder's (processor/ or
-    tokenizer/), else a `qwen25_tokenizer/` or `tokenizer/` folder beside the file (ComfyUI's copy: vocab.json,
-    merges.txt, tokenizer_config.json). qimg does not ship Qwen2.5's vocabulary."""
+    tokenizer/), else own_tokenizer's (one beside the file, or the one qimg ships)."""
     path = files.text_encoder
     if gguf(path):
         return path
     inside = ("processor", "tokenizer") if edits else ("tokenizer",)
-    places = [folder / name for name in inside] + [path.parent / name for name in TOKENIZER_FOLDERS]
-    where = next((p for p in places if any((p / f).is_file() for f in ("tokenizer.json", "vocab.json"))), None)
+    where = next((p for p in (folder / name for name in inside) if _has_tokenizer(p)), None) or own_tokenizer(path)
     if where is None:
-        raise UsageError(f"{TEXT} {path}: no tokenizer for it: a safetensors text encoder carries none, and qimg "
-                         "does not ship Qwen2.5's; put ComfyUI's comfy/text_encoders/qwen25_tokenizer folder "
-                         "beside the file, pass --model with a Qwen-Image folder, or use a GGUF text encoder")
+        raise UsageError(f"{TEXT} {path}: no tokenizer for it: a safetensors text encoder carries none, and the "
+                         f"Qwen2.5 one qimg ships needs a vocabulary of {shipped.TOKENIZER_IDS} rows or more, not "
+                         f"this file's {_vocabulary(path)}; put its model's tokenizer folder beside the file as "
+                         "qwen25_tokenizer/, pass --model with its folder, or use a GGUF text encoder")
     return where
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+
+
+def _vocabulary(path: Path) -> int | None:
+    """The rows of a safetensors text encoder's token embedding, from its header."""
+    with open_part(path, TEXT) as found:
+        embed = text_weights(found).get("embed_tokens.weight")
+    return embed.shape[0] if embed is not None else None
+
+
+def own_tokenizer(path: Path) -> Path | None:
+    """The tokenizer a safetensors text encoder goes with when no model folder gives one: a `qwen25_tokenizer/` or
+    `tokenizer/` folder beside it (ComfyUI's copy: vocab.json, merges.txt, tokenizer_config.json), else the
+    Qwen2.5 tokenizer qimg ships when the file's vocabulary has a row for each of its ids; None otherwise."""
+    beside = next((p for p in (path.parent / name for name in TOKENIZER_FOLDERS) if _has_tokenizer(p)), None)
+    if beside is not None:
+        return beside
+    return shipped.TOKENIZER if (_vocabulary(path) or 0) >= shipped.TOKENIZER_IDS else None
+
+
+def tokenizer_label(files: Files, folder: Path) -> str:
+    """Which tokenizer a text encoder file's prompts go through, for --json and the metadata (no full paths)."""
+    where = tokenizer_place(files, folder, edits=(folder / "processor").is_dir())
+    if where == files.text_encoder:
+        return "the GGUF's own"
+    if where == shipped.TOKENIZER:
+        return "qimg's Qwen2.5 (shipped)"
+    return f"{where.name}/ beside the file" if where.parent == files.text_encoder.parent else \
+        f"the model folder's {where.name}/"
 
 
 def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
@@ -220,14 +251,17 @@ def text_files(files: Files, folder: Path) -> tuple[Path, ...]:
     return tuple(p for p in (files.vision, place) if p and p != files.text_encoder)
 
 
-def files_provenance(files: Files) -> dict:
-    """For the output's metadata and --json: each file's name, sha256 and format, by part."""
+def files_provenance(files: Files, folder: Path) -> dict:
+    """For the output's metadata and --json: each file's name, sha256 and format, by part; the text encoder's
+    tokenizer (tokenizer_label)."""
     info = {}
     for part, path, option in (("text_encoder", files.text_encoder, TEXT), ("vae", files.vae, VAE),
                                ("vision", files.vision, VISION)):
         if path:
             with open_part(path, option) as found:
                 info[part] = {"name": path.name, "sha256": sha256(path), "format": found.format}
+    if files.text_encoder:
+        info["text_encoder"]["tokenizer"] = tokenizer_label(files, folder)
     return info
 
 
