@@ -12,7 +12,7 @@ any large file is read. Packed text-encoder weights (GGUF blocks, fp8) stay pack
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -216,6 +216,12 @@ def own_tokenizer(path: Path) -> Path | None:
     return shipped.TOKENIZER if (_vocabulary(path) or 0) >= shipped.TOKENIZER_IDS else None
 
 
+@cache
+def shipped_tokenizer() -> Tokenizer:
+    """The shipped tokenizer, read once per process (1-2 s): a run reads it to check the files, then to load."""
+    return read_tokenizer(shipped.TOKENIZER)
+
+
 def tokenizer_label(files: Files, folder: Path) -> str:
     """Which tokenizer a text encoder file's prompts go through, for --json and the metadata (no full paths)."""
     where = tokenizer_place(files, folder, edits=(folder / "processor").is_dir())
@@ -233,7 +239,7 @@ def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
     if where == files.text_encoder:
         tokenizer = from_gguf(gguf_file.read_header(where, TEXT, TEXT_ARCHITECTURES)[0], f"{TEXT} {where}")
     else:
-        tokenizer = read_tokenizer(where)
+        tokenizer = shipped_tokenizer() if where == shipped.TOKENIZER else read_tokenizer(where)
     template, drop = (instruct_text.SYSTEM, instruct_text.DROP) if edits else (text.TEMPLATE.split("{}")[0], text.DROP)
     prefix = len(tokenizer.ids([template])[0])
     if prefix != drop:
