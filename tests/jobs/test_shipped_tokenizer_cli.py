@@ -1,7 +1,8 @@
 """`generate` from three split files (a ComfyUI safetensors text encoder with no tokenizer beside it, a
 transformer, a Wan VAE) and no model folder takes qimg's shipped Qwen2.5 tokenizer, says so, and gives the bytes
-of a folder that holds the same tensors with that tokenizer in its tokenizer/. The tiny text encoder's embedding
-is widened to Qwen2.5-VL's 152064 rows, so that every id the real tokenizer gives has a row."""
+of a folder that holds the same tensors with that tokenizer in its tokenizer/, as does `-m` on the loose files.
+The tiny text encoder's embedding is widened to Qwen2.5-VL's 152064 rows, so that every id the real tokenizer
+gives has a row."""
 
 import json
 import shutil
@@ -62,5 +63,8 @@ def test_generate_from_three_files_takes_the_shipped_tokenizer(cli, wide_vocabul
     assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "files.png"))
     assert json.loads(out)["text_encoder"]["tokenizer"] == SHIPPED
     assert read_params(tmp_path / "files.png")["text_encoder"]["tokenizer"] == SHIPPED
+    code, _, err = cli("generate", *prompt, "-m", files, "-o", tmp_path / "loose.png", *RUN)  # -m on loose files
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "loose.png"))
     code, out, err = cli("info", text, "--json")
     assert code == 0 and json.loads(out)["tokenizer"] == SHIPPED, err
