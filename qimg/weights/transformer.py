@@ -123,7 +123,8 @@ def unfused(found: Weights) -> Weights:
 
 
 def _rows(read, half: int) -> torch.Tensor:
-    return read().chunk(2, dim=0)[half]
+    """Half the rows, copied: a view would keep the whole fused tensor alive as long as the loaded weight."""
+    return read().chunk(2, dim=0)[half].clone()
 
 
 def _kind(name: str, w: Weight, quantize: str) -> str:

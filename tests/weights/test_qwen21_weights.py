@@ -80,6 +80,17 @@ def test_comfy_bf16_file_gives_the_folder_weights(tmp_path, folder, state):
     same(loaded, {k: v.to(torch.bfloat16) for k, v in state.items()})
 
 
+def own_storage(module) -> bool:
+    """Every weight holds only its own bytes (a view of a fused tensor would keep the whole tensor alive)."""
+    return all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def test_split_gate_up_halves_do_not_keep_the_fused_tensor(tmp_path, folder, state):
+    path = tmp_path / "qwen_image_2.1_bf16.safetensors"
+    save_file(comfy(state, lambda k, v: v.to(torch.bfloat16)), path)
+    assert own_storage(load_transformer21(folder, Source(path), torch.bfloat16, CPU))  # the file's dtype: no copy
+
+
 def unfuse(state: dict) -> dict:
     """comfy()'s inverse: diffusers' names, gate_up split into gate_layer and proj."""
     out = {}
@@ -110,7 +121,7 @@ def test_scaled_fp8_file_and_quantize_fp8_give_their_weights(tmp_path, folder, s
     save_file(tensors, path)
     same(load_transformer21(folder, Source(path), torch.float32, CPU).state_dict(), unfuse(held))
     packed = load_transformer21(folder, Source(path, dequantize=False), torch.float32, CPU)
-    assert isinstance(packed.transformer_blocks[0].img_mlp.gate_layer, PackedLinear)
+    assert isinstance(packed.transformer_blocks[0].img_mlp.gate_layer, PackedLinear) and own_storage(packed)
 
     quantized = load_transformer21(folder, Source(quantize="fp8"), torch.float32, CPU).state_dict()
     for k, v in state.items():
