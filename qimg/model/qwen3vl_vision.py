@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qimg.model.qwen3vl import Qwen3VLTextModel
-from qimg.model.vision import apply_rope, patch_positions, rope_tables, segment_attention
+from qimg.model.vision import Attention, PatchEmbed, patch_positions, rope_tables
 
 EPS = 1e-6  # every LayerNorm of the tower (transformers hard-codes it)
 
@@ -118,30 +118,6 @@ def position_taps(grids: list[tuple[int, int]], merge: int, side: int) -> tuple[
 # --- modules ----------------------------------------------------------------------------------------
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, cfg: Qwen3VLVisionConfig):
-        super().__init__()
-        self.kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=self.kernel, stride=self.kernel)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C*T*P*P) patch rows -> (N, hidden)."""
-        return self.proj(x.view(-1, self.proj.in_channels, *self.kernel).to(self.proj.weight.dtype)).flatten(1)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3VLVisionConfig):
-        super().__init__()
-        self.heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], lengths: list[int]) -> Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(1)  # each (N, H, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.proj(segment_attention(q, k, v, lengths).flatten(1))
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen3VLVisionConfig):
         super().__init__()
@@ -187,7 +163,7 @@ class Qwen3VLVisionTower(nn.Module):
     def __init__(self, cfg: Qwen3VLVisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg, bias=True)
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size,
                                       _weight=torch.empty(cfg.num_position_embeddings, cfg.hidden_size))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))

@@ -143,10 +143,11 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Te
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, bias: bool = False):
+        """cfg: this tower's config or Qwen3-VL's (model/qwen3vl_vision.py, whose convolution has a bias)."""
         super().__init__()
         self.kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=self.kernel, stride=self.kernel, bias=False)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=self.kernel, stride=self.kernel, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C*T*P*P) patch rows -> (N, hidden)."""
@@ -155,6 +156,7 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
+        """cfg: this tower's config or Qwen3-VL's (model/qwen3vl_vision.py)."""
         super().__init__()
         self.heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
