@@ -149,7 +149,28 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x))
 
 
-class Encoder(nn.Module):
+class EncoderStack(nn.Module):
+    """The forward of this VAE's and Qwen-Image-2.1's (vae21.py) encoders; each builds its own layers."""
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) image -> (B, 2z, h, w) posterior mean and logvar
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class DecoderStack(nn.Module):
+    """The forward of this VAE's and Qwen-Image-2.1's (vae21.py) decoders; each builds its own layers."""
+
+    def forward(self, z: Tensor) -> Tensor:  # (B, z, h, w) latent -> (B, C, H, W) image
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Encoder(EncoderStack):  # (B, 3, H, W) -> (B, 2z, H/8, W/8)
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
@@ -171,13 +192,6 @@ class Encoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.z_dim * 2, 3)  # posterior mean and logvar
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, 2z, H/8, W/8)
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
-
 
 class UpBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, upsample_mode: str | None):
@@ -192,7 +206,7 @@ class UpBlock(nn.Module):
         return self.upsamplers[0](x) if self.upsamplers is not None else x
 
 
-class Decoder(nn.Module):
+class Decoder(DecoderStack):  # (B, z, h, w) -> (B, 3, 8h, 8w)
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         mult = cfg.dim_mult
@@ -212,12 +226,6 @@ class Decoder(nn.Module):
 
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.input_channels, 3)
-
-    def forward(self, z: Tensor) -> Tensor:  # (B, z, h, w) -> (B, 3, 8h, 8w)
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class QwenImageVAE(nn.Module):

@@ -12,10 +12,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from qimg.model.vae import MidBlock, ResidualBlock, RMSNorm
+from qimg.model.vae import DecoderStack, EncoderStack, MidBlock, ResidualBlock, RMSNorm
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ class UpBlock(nn.Module):
         return x if shortcut is None else self.upsampler(x) + shortcut
 
 
-class Encoder(nn.Module):
+class Encoder(EncoderStack):  # (B, 4, H, W) -> (B, 2z, H/16, W/16)
     def __init__(self, cfg: VAE21Config):
         super().__init__()
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
@@ -166,15 +165,8 @@ class Encoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = conv2d(dims[-1], cfg.z_dim * 2, 3)  # posterior mean and logvar
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, 4, H, W) -> (B, 2z, H/16, W/16)
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
 
-
-class Decoder(nn.Module):
+class Decoder(DecoderStack):  # (B, z, h, w) -> (B, 4, 16h, 16w)
     def __init__(self, cfg: VAE21Config):
         super().__init__()
         mult, base = cfg.dim_mult, cfg.decoder_base_dim or cfg.base_dim
@@ -188,12 +180,6 @@ class Decoder(nn.Module):
         )
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = conv2d(dims[-1], cfg.out_channels, 3)
-
-    def forward(self, z: Tensor) -> Tensor:  # (B, z, h, w) -> (B, 4, 16h, 16w)
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class QwenImage21VAE(nn.Module):
