@@ -5,7 +5,7 @@ Layouts (`<m>` = the layer's name in the model, `transformer_blocks.3.attn.to_q`
   diffusers/PEFT  `transformer.<m>.lora_A.weight`, `.lora_B.weight`; scale from the header's PEFT config, else 1
   lightning       `<m>.lora_down.weight`, `.lora_up.weight`, `.alpha` (no prefix)
   kohya           `lora_unet_<m with _ for .>.lora_down.weight`, ...; LyCORIS `lycoris_<m_>` alike
-  comfyui         `diffusion_model.<m>.lora_A.weight` (+ `.alpha`); Qwen-Image-2.1's fused `img_mlp.gate_up` is split
+  comfyui         `diffusion_model.<m>.lora_A.weight` (+ `.alpha`); 2.1's fused `img_mlp.gate_up` split (qwen21.py)
   diffsynth       `<m>.lora_A.default.weight`
 and LoKr (`lokr_w1[_a/_b]`, `lokr_w2[_a/_b]`) and LoHa (`hada_w1_a/b`, `hada_w2_a/b`) under any of them.
 Scale rules (diffusers' conversion and ComfyUI's weight adapters agree): a `.alpha` tensor gives alpha / rank;
@@ -25,19 +25,12 @@ from pathlib import Path
 from qimg.errors import UsageError, listing
 from qimg.option_values import MAX_DIGITS
 from qimg.small_files import PICKLE_SUFFIXES, open_regular, parse_json, pickled, safetensors_header, sha256_of
+from qimg.weights.lora_keys import PARTS, split_key
 
 # dotted prefixes, longest first; `base_model.model.` is what PEFT's own save_pretrained writes
 PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 FLAT = ("lora_unet_", "lycoris_")  # kohya and LyCORIS: the layer's dots written as underscores
 TEXT_ENCODER = ("lora_te", "text_encoder", "te.", "text_model.")  # kohya (lora_te1_...), diffusers, others
-PARTS = {  # key suffix -> (adapter kind, factor name)
-    "lora_A.weight": ("lora", "down"), "lora_B.weight": ("lora", "up"),
-    "lora_A.default.weight": ("lora", "down"), "lora_B.default.weight": ("lora", "up"),
-    "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"),
-    **{f"lokr_{n}": ("lokr", n) for n in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b")},
-    **{f"hada_{n}": ("loha", n) for n in ("w1_a", "w1_b", "w2_a", "w2_b")},
-    "alpha": (None, "alpha"),
-}
 REFUSED = {  # a part of a key (between dots) -> what it is
     "dora_scale": "DoRA (dora_scale)", "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
     "diff": "full weight differences (.diff)", "diff_b": "bias differences (.diff_b)",
@@ -160,14 +153,6 @@ def strip_prefix(key: str) -> str:
     return next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)
 
 
-def split_key(key: str) -> tuple[str, str | None]:
-    """(the layer part, the suffix naming the factor) of a key; suffix None when it is none qimg knows."""
-    for suffix in PARTS:  # none is another's tail at a dot
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], suffix
-    return key, None
-
-
 def refused(key: str) -> str | None:
     """What a key of an adapter kind qimg cannot apply is (REFUSED), or None."""
     return next((REFUSED[part] for part in key.split(".") if part in REFUSED), None)
@@ -283,7 +268,9 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
         raise UsageError(f"{what} is {refused(other[0])} ({listing(other)}); qimg applies LoRA, LoKr and LoHa only")
     config = peft_config(metadata, what)
     if any(name.endswith(".img_mlp.gate_layer") for name in layers):
-        tensors = unfused(tensors, what)
+        from qimg.weights.qwen21 import unfused_lora
+
+        tensors = unfused_lora(tensors, what)
     flat = {name.replace(".", "_"): name for name in layers}
     groups, unmatched, layouts = {}, [], set()
     for key in sorted(tensors):
@@ -337,27 +324,6 @@ def map_keys(tensors: dict, metadata: dict, layers: dict, strength: float, what:
     names = {"lokr": "LoKr", "loha": "LoHa"}
     format = "+".join(sorted(layouts)) + "".join(f" {names[k]}" for k in sorted(kinds) if k in names)
     return format, adapters
-
-
-def unfused(tensors: dict, what: str) -> dict:
-    """Updates of a fused `img_mlp.gate_up` (ComfyUI's Qwen-Image-2.1 naming: SwiGLU gate and up in one layer,
-    gate rows first) as updates of the model's `gate_layer` and `proj`: the down factor and alpha shared, the up
-    factor's rows halved. Exact: the fused W[:h] += up[:h] @ down is gate_layer's update."""
-    out = {}
-    for key, t in tensors.items():
-        layer, suffix = split_key(key)
-        if suffix is None or not layer.endswith(("img_mlp.gate_up", "img_mlp_gate_up")):
-            out[key] = t
-            continue
-        kind, part = PARTS[suffix]
-        if kind not in (None, "lora"):
-            raise UsageError(f"{what}: {key} is a {kind} update of the fused gate_up layer; qimg splits only plain "
-                             "LoRAs on it")
-        if part == "up" and (t.ndim != 2 or t.shape[0] % 2):
-            raise UsageError(f"{what}: {key} has shape {list(t.shape)}, not the gate and up halves of gate_up")
-        for half, name in enumerate(("gate_layer", "proj")):
-            out[f"{layer.removesuffix('gate_up')}{name}.{suffix}"] = t.chunk(2)[half] if part == "up" else t
-    return out
 
 
 def complete(kind: str, factors: dict) -> bool:

@@ -20,8 +20,9 @@ import torch
 from qimg.errors import QimgError, UsageError
 from qimg.model.quant import FP8
 from qimg.small_files import PICKLE_SUFFIXES, open_regular
-from qimg.weights import gguf_file, lora
+from qimg.weights import gguf_file
 from qimg.weights.folders import safetensors_files
+from qimg.weights.lora_keys import split_key
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI checkpoints, longest first
 DENSE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -80,7 +81,7 @@ def open_weights(path: Path, option: str = "--transformer", architectures: dict[
 def _select(keys: list[str], path: Path, option: str) -> tuple[dict[str, str], int]:
     """{model key: file key}: every key of a bare file; of a prefixed (all-in-one) file only the prefixed ones.
     A LoRA's keys are refused by name: a LoRA changes a model's weights, it is not one."""
-    adapter = next((k for k in keys if lora.split_key(k)[1] not in (None, "alpha")), None)
+    adapter = next((k for k in keys if split_key(k)[1] not in (None, "alpha")), None)
     if adapter is not None:
         raise UsageError(f"{option} {path} looks like a LoRA (lora_A/lora_down keys such as {adapter[:80]}), "
                          "not a transformer's weights: use --lora")
