@@ -3,9 +3,13 @@
     PYTHONPATH=. python benchmarks/end_to_end.py                          # tiny random checkpoint
     PYTHONPATH=. python benchmarks/end_to_end.py --model /path/to/model --size 512x512 --steps 20
     PYTHONPATH=. python benchmarks/end_to_end.py --edit                   # `qimg edit`, tiny Edit-2511 checkpoint
+    PYTHONPATH=. python benchmarks/end_to_end.py --family 2.1             # tiny Qwen-Image-2.1, vs QwenImage21Pipeline
 
 With --edit the job is `qimg edit` of a --size picture at an edit area of its own size, against
 QwenImageEditPlusPipeline assembled as the tests assemble it (no torchvision: tests/tiny_edit_checkpoint.py).
+With --family 2.1 the job is `qimg generate` on the tiny Qwen-Image-2.1 folder (tests/qwen21_folder.py), no
+guidance (the model's default), against QwenImage21Pipeline assembled the same way; qimg runs a second time with
+--no-kv-cache, so the prefix KV cache's saving shows (the difference is transformer time: the rest is the same).
 
 Both are fresh Python processes on the same model folder, same prompt, size, steps, true CFG and seed, on CPU
 in float32; each pays its imports, model loading, prompt encoding, sampling, decoding and the PNG write.
@@ -50,6 +54,16 @@ image = pipe(image=[Image.open(picture).convert("RGB")], prompt=prompt, negative
              generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
 image.save(out)
 """
+QWEN21_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from qwen21_folder import reference_pipeline
+folder, prompt, width, height, steps, cfg, seed, out = sys.argv[1:]
+pipe = reference_pipeline(Path(folder))
+image = pipe(prompt, width=int(width), height=int(height), num_inference_steps=int(steps),
+             generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
+image.save(out)
+"""
 
 
 def main():
@@ -61,15 +75,21 @@ def main():
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--edit", action="store_true", help="qimg edit vs QwenImageEditPlusPipeline (tiny 2511 model)")
+    p.add_argument("--family", choices=("qwen-image", "2.1"), default="qwen-image",
+                   help="2.1: qimg generate vs QwenImage21Pipeline on the tiny Qwen-Image-2.1 folder")
     args = p.parse_args()
+    qwen21 = args.family == "2.1"
+    if qwen21:
+        args.cfg = 1.0  # the model's default: no guidance
     width, height = args.size.split("x")
     tests = str(ROOT / "tests")
     path = os.pathsep.join([str(ROOT), tests, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = args.model or (build_tiny_edit_model(tmp / "tiny") if args.edit else build_tiny_model(tmp / "tiny"))
-        outs = {"qimg": tmp / "qimg.png", "diffusers": tmp / "diffusers.png"}
+        build = build_tiny_qwen21 if qwen21 else build_tiny_edit_model if args.edit else build_tiny_model
+        model = args.model or build(tmp / "tiny")
+        outs = {"qimg": tmp / "qimg.png", "diffusers": tmp / "diffusers.png", "qimg --no-kv-cache": tmp / "nokv.png"}
         job = [str(model), args.prompt, width, height, str(args.steps), str(args.cfg), "0"]
         qimg = ["--steps", job[4], "--cfg", job[5], "--seed", job[6], "--device", "cpu", "--dtype", "float32",
                 "-o", str(outs["qimg"]), "--no-cache", "--no-worker"]  # every rep encodes its prompts, as diffusers
@@ -86,8 +106,13 @@ def main():
             commands = {
                 "qimg": [sys.executable, "-m", "qimg", "generate", "-m", job[0], "-p", job[1], "--size", args.size,
                          *qimg],
-                "diffusers": [sys.executable, "-c", DIFFUSERS_SCRIPT, *job, str(outs["diffusers"])],
+                "diffusers": [sys.executable, "-c", QWEN21_SCRIPT if qwen21 else DIFFUSERS_SCRIPT, *job,
+                              str(outs["diffusers"])],
             }
+            if qwen21:
+                commands["qimg --no-kv-cache"] = [*commands["qimg"][:-3], str(outs["qimg --no-kv-cache"]),
+                                                  "--no-cache", "--no-worker", "--no-kv-cache", "--quiet"]
+                commands["qimg"].append("--quiet")
 
         def runner(name):
             def run():
@@ -96,7 +121,7 @@ def main():
             return run
 
         seconds = timed({name: runner(name) for name in commands}, args.reps, warmup=1)
-        a, b = (np.asarray(Image.open(outs[n]).convert("RGB")).astype(int) for n in ("qimg", "diffusers"))
+        a, b = (np.asarray(Image.open(outs[n]).convert("RGBA")).astype(int) for n in ("qimg", "diffusers"))
         print(machine())
         print(f"{'qimg edit' if args.edit else 'qimg generate'}, model "
               f"{model if args.model else 'tiny random checkpoint'}, {args.size}, {args.steps} steps, "
@@ -104,6 +129,16 @@ def main():
         print(f"{'diffusers':>10} {'qimg':>10} {'ratio':>6}   max |pixel diff|")
         print(f"{seconds['diffusers']:>9.2f}s {seconds['qimg']:>9.2f}s {seconds['diffusers'] / seconds['qimg']:>5.2f}x"
               f"   {np.abs(a - b).max()}")
+        if qwen21:
+            print(f"\nqimg --no-kv-cache {seconds['qimg --no-kv-cache']:.2f}s: the prefix KV cache saves "
+                  f"{seconds['qimg --no-kv-cache'] - seconds['qimg']:.2f}s of transformer time per image")
+
+
+def build_tiny_qwen21(folder: Path) -> Path:
+    tests_on_path()
+    from qwen21_folder import build_qwen21_folders
+
+    return build_qwen21_folders(folder)["base"]
 
 
 def build_tiny_edit_model(folder: Path) -> Path:

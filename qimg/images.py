@@ -217,6 +217,22 @@ def check_format_size(path: Path, size: tuple[int, int], what: str = "--out") ->
                          f"{path.suffix.lower()} can hold; write a .png")
 
 
+def check_alpha_format(path: Path, background, what: str = "--out") -> None:
+    """Refuse a JPEG output of a transparent (RGBA) result unless --background flattens it, before any work."""
+    if background is None and FORMATS[path.suffix.lower()] == "JPEG":
+        raise UsageError(f"{what} {path}: JPEG has no transparency and this model makes RGBA images; give "
+                         "--background COLOR (e.g. white) to flatten them, or write a .png or .webp")
+
+
+def flatten(image: np.ndarray, background: tuple[int, int, int] | None) -> np.ndarray:
+    """An (H, W, 4) uint8 image composited over an opaque `background` colour, (H, W, 3); as it is with none, or
+    when it has no alpha."""
+    if background is None or image.shape[2] != 4:
+        return image
+    under = Image.new("RGBA", image.shape[1::-1], (*background, 255))
+    return np.asarray(Image.alpha_composite(under, Image.fromarray(image, "RGBA")).convert("RGB"))
+
+
 def check_folder(folder: Path, what: str) -> None:
     """Refuse an output folder that cannot be: one whose nearest existing part is a symlink that leads
     nowhere (dangling or a loop), a file, or not writable. Missing folders are created at save time."""

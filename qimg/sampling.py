@@ -30,6 +30,12 @@ class ScheduleConfig:
     time_shift_type: str = "exponential"
 
     @classmethod
+    def from_scheduler(cls, d: dict) -> "ScheduleConfig":
+        """A scheduler_config.json as diffusers reads it: a key it lacks takes the scheduler class's default (what
+        Qwen-Image-2.1's pipeline sees), not Qwen-Image's value."""
+        return cls.from_dict(SCHEDULER_DEFAULTS | d)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
         # Options that change the sampler itself; Qwen-Image uses none of them.
         for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
@@ -40,6 +46,12 @@ class ScheduleConfig:
             raise ValueError(f"scheduler time_shift_type={d['time_shift_type']!r} is not supported")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# FlowMatchEulerDiscreteScheduler's own defaults, for the keys that shape the sigmas.
+SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                      "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "shift_terminal": None,
+                      "time_shift_type": "exponential"}
 
 
 def shifted(cfg: ScheduleConfig, shift: float | None) -> ScheduleConfig:
@@ -65,9 +77,12 @@ def time_shift(t, shift: float):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_sigmas(steps: int, seq_len: int, cfg: ScheduleConfig) -> torch.Tensor:
-    """`steps + 1` decreasing sigmas from about 1 to exactly 0, for an image of `seq_len` tokens."""
-    sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+def flow_sigmas(steps: int, seq_len: int, cfg: ScheduleConfig,
+                grid: tuple[float, ...] | None = None) -> torch.Tensor:
+    """`steps + 1` decreasing sigmas from about 1 to exactly 0, for an image of `seq_len` tokens: the linear grid
+    linspace(1, 1/steps, steps), or `grid` (a model's own, as Qwen-Image-2.1-Turbo ships it; its length is then
+    the step count) shifted and stretched the same way, as the scheduler treats sigmas it is given."""
+    sigmas = np.asarray(grid if grid is not None else np.linspace(1.0, 1 / steps, steps)).astype(np.float32)
     if cfg.use_dynamic_shifting:
         mu = shift_mu(seq_len, cfg)
         if cfg.time_shift_type == "exponential":
@@ -136,6 +151,11 @@ def true_cfg(velocity: Velocity, scale: float) -> Velocity:
     return guided
 
 
+def plain_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance without Qwen-Image's norm rescale, as Qwen-Image-2.1's pipeline guides."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
 @dataclass(frozen=True)
 class Shortcuts:
     """Fewer transformer calls for nearly the same image, and the schedule distilled few-step models need; the
@@ -144,6 +164,7 @@ class Shortcuts:
     reuse: float = 0.0  # adaptive velocity reuse threshold (`reusing`); 0: off
     cfg_until: float = 1.0  # true CFG for this first fraction of the steps (`cfg_until`); 1: every step
     shift: float | None = None  # a constant flow shift replacing the model's schedule (`shifted`); None: the model's
+    kv_cache: bool = True  # Qwen-Image-2.1: the prompt and pictures' keys and values computed once, reused each step
 
 
 def cfg_until(guided: Velocity, conditional: Velocity, sigmas: torch.Tensor, fraction: float) -> Velocity:

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from qwen21_folder import build_qwen21_folders  # noqa: E402
 from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 from tiny_edit_checkpoint import build_tiny_edit_checkpoints  # noqa: E402
 
@@ -44,6 +45,17 @@ def tiny_2511_dir(tiny_edit_checkpoints):
 
 
 @pytest.fixture(scope="session")
+def qwen21_folders(tmp_path_factory):
+    """The tiny Qwen-Image-2.1 folders, one set of weights: {"base", "turbo"} (tests/qwen21_folder.py)."""
+    return build_qwen21_folders(tmp_path_factory.mktemp("tiny-qwen21"))
+
+
+@pytest.fixture(scope="session")
+def qwen21_dir(qwen21_folders):
+    return qwen21_folders["base"]
+
+
+@pytest.fixture(scope="session")
 def configs_only(tmp_path_factory, tiny_model_dir):
     """The tiny checkpoint's folder layout and configs without a single weight: a run that gets this far
     into loading stops with 'no .safetensors weights', so every check before it is known to have passed."""
@@ -67,6 +79,7 @@ def cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "qimg-cache"
     monkeypatch.setenv("QIMG_CACHE_DIR", str(folder))
     monkeypatch.delenv("QIMG_CACHE_SIZE", raising=False)
+    monkeypatch.setenv("QIMG_NO_NOTICE", "1")  # a model's licence notice would be a line no test expects
     return folder
 
 

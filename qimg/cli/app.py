@@ -24,6 +24,7 @@ from qimg.cli.options import (
     Anchor,
     AttentionOpt,
     AttnMaskOpt,
+    BackgroundOpt,
     CacheDirOpt,
     CacheSizeOpt,
     CfgOpt,
@@ -45,6 +46,7 @@ from qimg.cli.options import (
     ModelOpt,
     NegativeOpt,
     NoCacheOpt,
+    NoKvCacheOpt,
     NoWorkerOpt,
     OffloadOpt,
     OutDirOpt,
@@ -55,6 +57,7 @@ from qimg.cli.options import (
     PreviewOpt,
     PromptOpt,
     QuantizeOpt,
+    QuietOpt,
     RayOpt,
     RayWorkersOpt,
     RetriesOpt,
@@ -161,6 +164,7 @@ def generate(
     skip_existing: Annotated[bool, typer.Option(
         rich_help_panel=OUTPUT, help="With --prompts: skip entries whose output exists (resume).")] = False,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
+    no_kv_cache: NoKvCacheOpt = False, background: BackgroundOpt = None, quiet: QuietOpt = False,
 ):
     """Generate an image from a prompt, or one per entry of a --prompts file."""
     if (prompt is None) == (prompts is None):
@@ -269,8 +273,8 @@ def edit(
                                         help="The instruction: what to change (any language).")],
     negative_prompt: NegativeOpt = None,
     ref: Annotated[Optional[list[Path]], typer.Option(
-        rich_help_panel=PROMPT, help="Another picture the instruction can name (Picture 2, 3); repeatable; "
-                                     "Qwen-Image-Edit-2509/2511.")] = None,
+        rich_help_panel=PROMPT, help="Another picture the instruction can name (Picture 2, 3...); repeatable; "
+                                     "Qwen-Image-Edit-2509/2511 (up to 2), Qwen-Image-2.1 (up to 9).")] = None,
     mask: Annotated[Optional[Path], typer.Option(
         rich_help_panel=MASK, help="Edit only here: white edits, black keeps (byte-identical), grey blends.")] = None,
     mask_dir: Annotated[Optional[Path], typer.Option(
@@ -311,9 +315,10 @@ def edit(
     safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
     safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
+    no_kv_cache: NoKvCacheOpt = False, background: BackgroundOpt = None, quiet: QuietOpt = False,
 ):
-    """Edit a picture by instruction with a Qwen-Image-Edit model (-m): the whole picture, or only inside a
-    mask (pixels outside it stay byte-identical). The result has the input's size."""
+    """Edit a picture by instruction with a Qwen-Image-Edit or Qwen-Image-2.1 model (-m): the whole picture, or
+    only inside a mask (pixels outside it stay byte-identical). The result has the input's size."""
     masked = mask or mask_dir or rect or mask_prompt
     if save_mask and not masked:
         raise UsageError(f"--save-mask {save_mask} needs a mask (--mask, --rect, --mask-dir or --mask-prompt) to save")
@@ -348,7 +353,7 @@ def chain(
     split: SplitOpt = None, text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
     safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
     safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
-    safety_action: SafetyActionOpt = "refuse",
+    safety_action: SafetyActionOpt = "refuse", background: BackgroundOpt = None, quiet: QuietOpt = False,
 ):
     """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
     latent carried in memory between them.

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from qimg.cli import presets
+from qimg.errors import UsageError
 from qimg.option_values import (
     ANCHORS,
     ATTENTION,
@@ -245,3 +246,34 @@ SafetyThresholdOpt = Annotated[float, typer.Option(
 SafetyActionOpt = Annotated[Literal[SAFETY_ACTIONS], typer.Option(
     envvar="QIMG_SAFETY_ACTION", show_envvar=True, rich_help_panel=SAFE,
     help="What a flagged image becomes: refuse (nothing written, exit 3), blur or black (written so).")]
+
+NoKvCacheOpt = Annotated[bool, typer.Option(
+    "--no-kv-cache", rich_help_panel=SPEED,
+    help="Qwen-Image-2.1: recompute the prompt's and pictures' keys and values at every step instead of once (the "
+         "reference's other setting; the same image in float32, slower).")]
+
+
+def color(value: Optional[str]) -> Optional[tuple[int, int, int]]:
+    """--background: a colour name (white), #RRGGBB or R,G,B -> (R, G, B)."""
+    if value is None:
+        return None
+    from PIL import ImageColor
+
+    parts = value.split(",")
+    try:
+        if len(parts) == 3:
+            rgb = tuple(int(p) for p in parts)
+            if not all(0 <= v <= 255 for v in rgb):
+                raise ValueError
+            return rgb
+        return ImageColor.getrgb(value.strip())[:3]
+    except ValueError:
+        raise UsageError(f"--background {value[:40]!r} is not a colour: give a name (white), #RRGGBB or "
+                         "R,G,B") from None
+
+
+BackgroundOpt = Annotated[Optional[str], typer.Option(
+    callback=color, rich_help_panel=OUTPUT, show_default="keep the transparency",
+    help="Flatten a transparent (RGBA) result over this colour: a name, #RRGGBB or R,G,B; needed for JPEG.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", rich_help_panel=OUTPUT, help="No licence notice (also QIMG_NO_NOTICE=1).")]

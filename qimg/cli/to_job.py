@@ -50,7 +50,7 @@ def cache_of(p: dict) -> spec.CacheSpec:
 
 def output_of(p: dict) -> spec.Output:
     return spec.Output(p["out"], p["overwrite"], p["json_"], p["preview"], preview_every(p), p["metadata"],
-                       safety_of(p))
+                       safety_of(p), p.get("background"), p.get("quiet", False))
 
 
 def preview_every(p: dict) -> Optional[int]:
@@ -61,10 +61,11 @@ def preview_every(p: dict) -> Optional[int]:
     return p["preview_every"]
 
 
-def shortcuts_of(p: dict) -> tuple[float, float, Optional[float]]:
+def shortcuts_of(p: dict) -> tuple[float, float, Optional[float], bool]:
     """--reuse, --cfg-until and --shift, off when not given (None: so a chain's command line overrides only what
-    it gives)."""
-    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"]
+    it gives), and the KV cache (off with --no-kv-cache, where a command has it)."""
+    return 0.0 if p["reuse"] is None else p["reuse"], 1.0 if p["cfg_until"] is None else p["cfg_until"], p["shift"], \
+        not p.get("no_kv_cache", False)
 
 
 def edit_job(shape, p: dict) -> spec.Inpaint:

@@ -30,6 +30,10 @@ def apply(engine, canvas: Canvas, mask: Optional[np.ndarray], edit: ChainEdit, c
           preview=None) -> Canvas:
     """The canvas after `edit` inside mask (H, W) (None: an instruction edit of the whole picture), run on the
     engine; `preview` (preview.Preview) sees each step's estimate of the canvas rendered."""
+    if engine.kind.family == "qwen-image-2.1":  # pixels in, pixels out: its latents are not carried
+        result = engine.edit(canvas.pixels, edit.pictures.refs, mask, edit.pictures.areas.edit, edit.sampling,
+                             None, callback, preview)
+        return Canvas.start(result.image)
     if edit.kind == "edit":
         return instruct.edit_canvas(engine, canvas, mask, edit.pictures, edit.sampling, callback,
                                     preview=mapped(preview, engine.render))[0]
@@ -41,6 +45,9 @@ def cached(engine, key: str, canvas: Canvas, mask: Optional[np.ndarray], edit: C
     no cache)."""
     if engine.cache is None:
         return None
+    if engine.kind.family == "qwen-image-2.1":
+        hit = engine.cache.get("chain", key, {"pixels": ("uint8", (canvas.size[1], canvas.size[0], 4))})
+        return Canvas.start(hit[0]["pixels"].numpy()) if hit else None
     work = instruct.working_size(canvas.size, edit.pictures.areas) if edit.kind == "edit" else None
     hit = engine.cache.get("chain", key, [engine.latent_spec(*work)] if work else expected(engine, canvas))
     if not hit:

@@ -58,6 +58,18 @@ def edit_activation_bytes(work: tuple[int, int], pictures: list[tuple[int, int]]
                text_tokens * text.hidden_size * per_dim)
 
 
+def qwen21_activation_bytes(work: tuple[int, int], pictures: list[tuple[int, int]], dim: int, vae_base_dim: int,
+                            dtype_bytes: int) -> int:
+    """Peak working memory of a Qwen-Image-2.1 run whose target is `work` (W, H) with `pictures` ((W, H) each at
+    their working sizes): the transformer over one token per 16x16 pixels of each (and the prompt, whose picture
+    slots are a quarter of the pictures' tokens), or the VAE over the largest image; the rules above per token per
+    model dim and per pixel per VAE base channel."""
+    tokens = sum((w // 16) * (h // 16) for w, h in (work, *pictures))
+    tokens += TEXT_TOKENS + sum((w // 32) * (h // 32) for w, h in pictures)
+    return max(tokens * dim * (16 * dtype_bytes + 8),
+               max(w * h for w, h in (work, *pictures)) * vae_base_dim * (5 * dtype_bytes + 4))
+
+
 def device_bytes(device: torch.device) -> int | None:
     """Total memory of the device (physical RAM for the CPU), or None where it cannot be told."""
     if device.type == "cuda":

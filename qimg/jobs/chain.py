@@ -7,7 +7,15 @@ from pathlib import Path
 
 from qimg.errors import UsageError
 from qimg.jobs import batch, safety
-from qimg.jobs.common import generation_model, open_cache, open_engine, random_seed, resolve_model, save_output
+from qimg.jobs.common import (
+    generation_model,
+    licence_notice,
+    open_cache,
+    open_engine,
+    random_seed,
+    resolve_model,
+    save_output,
+)
 from qimg.jobs.edit import edit_output
 from qimg.jobs.previews import last_preview, preview_file
 from qimg.jobs.report import Reporter
@@ -19,10 +27,14 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
     (the canvas of `size` and the refs) at their areas, the others Qwen-Image."""
     from qimg.engine.instruct import check_model, check_pictures, pick_areas
     from qimg.images import load_image
+    from qimg.weights.folders import model_kind
 
+    kind = model_kind(folder)
     for step in steps:
         try:
-            if step.kind == "edit":
+            if kind.family == "qwen-image-2.1":
+                chain_step_21(kind, step, size)
+            elif step.kind == "edit":
                 refs = step.refs
                 check_pictures(check_model(folder, "chain"), [size, *(load_image(r)[0].shape[1::-1] for r in refs)],
                                ["the input", *map(str, refs)])
@@ -33,10 +45,32 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
             raise UsageError(f"{step.where}: {e}") from None
 
 
+def chain_step_21(kind, step, size: tuple[int, int]) -> None:
+    """A chain edit a Qwen-Image-2.1 model can run: an instruction edit (its pictures resized once, to the edit
+    area), within the pictures it takes."""
+    from qimg.images import load_image
+    from qimg.jobs.edit import check_pictures_21
+    from qimg.model.qwen21_prompt import MAX_PICTURES
+
+    if step.kind != "edit":
+        raise UsageError(f"{kind.display} runs `edit:` steps in a chain, not {step.kind}: use edit with a mask or "
+                         "rect to change a part")
+    if step.vision_area is not None:
+        raise UsageError(f"vision_area is for Qwen-Image-Edit-2509/2511; {kind.display} resizes each picture once, "
+                         "to edit_area")
+    if len(step.refs) + 1 > MAX_PICTURES:
+        raise UsageError(f"{len(step.refs) + 1} pictures; {kind.display} takes up to {MAX_PICTURES}")
+    check_pictures_21(kind, [size, *(load_image(r)[0].shape[1::-1] for r in step.refs)],
+                      ["the input", *map(str, step.refs)])
+
+
 def chain(job: Chain, reporter: Reporter) -> None:
-    from qimg.images import check_output, check_preview, load_image
+    import numpy as np
+
+    from qimg.images import check_output, check_preview, flatten, load_image
     from qimg.jobs import chain_plan as chains
     from qimg.jobs.metadata import output_params
+    from qimg.weights.folders import model_kind
 
     started = time.perf_counter()
     overwrite = job.output.overwrite
@@ -48,6 +82,7 @@ def chain(job: Chain, reporter: Reporter) -> None:
     folder = resolve_model(job.model)
     pixels, picture = load_image(job.image)
     chain_model(folder, job.steps, pixels.shape[1::-1])
+    licence_notice(folder, job.output.quiet)
     regions = chains.word_regions(list(job.steps), pixels, store)
     planned = chains.plan(list(job.steps), pixels.shape[1::-1], picture, regions)
     seed = random_seed(job.seed)
@@ -55,6 +90,11 @@ def chain(job: Chain, reporter: Reporter) -> None:
     sizes = {p.step.index: p.size for p in planned}  # each edit's result, (width, height)
     out, next_free = edit_output(job.image, job.output.out, None, "chain", overwrite, read_only=reads,
                                  size=planned[-1].size)
+    if model_kind(folder).rgba:  # its canvas keeps the input's alpha, edit after edit
+        from qimg.images import check_alpha_format
+
+        check_alpha_format(out, job.output.background)
+        pixels = np.asarray(picture.convert("RGBA"))
     step_files = chains.step_files(job.image, job.steps, job.keep_steps) if job.keep_steps is not None else {}
     for index, step_file in step_files.items():
         check_output(step_file, overwrite, (job.image,), reads, "--keep-steps file", sizes[index])
@@ -78,10 +118,11 @@ def chain(job: Chain, reporter: Reporter) -> None:
     for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview, regions):
         lineage.append(entry)
         if done.step.index in step_files:  # a kept step the filter refuses ends the chain: no further files
-            kept, hit = safety.screen(screen, engine.render(canvas), step_files[done.step.index], preview)
+            kept = flatten(engine.render(canvas), job.output.background)
+            kept, hit = safety.screen(screen, kept, step_files[done.step.index], preview)
             save_output(engine, reporter, step_files[done.step.index],
                         safety.with_record(params(canvas, lineage), hit).stored, kept, overwrite=overwrite)
-    image, hit = safety.screen(screen, engine.render(canvas), out, preview)
+    image, hit = safety.screen(screen, flatten(engine.render(canvas), job.output.background), out, preview)
     final = safety.with_record(params(canvas, lineage), hit)
     out = save_output(engine, reporter, out, final.stored, image, overwrite=overwrite, next_free=next_free)
     reporter.result(out, {**final.report, **last_preview(preview, image, final.stored)}, started)

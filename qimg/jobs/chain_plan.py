@@ -157,7 +157,8 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
     for p in planned:
         step = p.step
         try:
-            refs = [load_image(ref)[0] for ref in step.refs]
+            refs = [np.asarray(load_image(ref)[1].convert("RGBA")) if engine.kind.rgba else load_image(ref)[0]
+                    for ref in step.refs]
             if p.margins:
                 canvas, mask = grow(canvas, p.margins, step.shape.feather)
             else:  # its mask file may have changed since planning

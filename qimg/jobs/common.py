@@ -72,13 +72,17 @@ def resolve_model(spec: ModelSpec) -> Path:
 
 
 def generation_model(folder: Path, command: str) -> None:
-    """Refuse an Edit model for a command that needs a Qwen-Image (generation) model, before it loads."""
+    """Refuse an Edit model for a command that needs a Qwen-Image (generation) model, and a Qwen-Image-2.1 one
+    for any but generate, before it loads."""
     from qimg.weights.folders import model_kind
 
     kind = model_kind(folder)
-    if kind.edits:
+    if not kind.generates:
         raise UsageError(f"{folder} is a {kind.display} model, which edits by instruction: use `qimg edit` "
                          f"(with --mask or --rect to edit a part); `qimg {command}` needs a Qwen-Image model")
+    if kind.family == "qwen-image-2.1" and command != "generate":
+        raise UsageError(f"`qimg {command}` does not run {kind.display} models yet: use `qimg edit` with --mask or "
+                         "--rect to change a part (pixels outside stay byte-identical), or a Qwen-Image model")
 
 
 def open_engine(folder: Path, spec: ModelSpec, store):
@@ -89,9 +93,13 @@ def open_engine(folder: Path, spec: ModelSpec, store):
     from qimg.engine.components import DTYPES, Loading, pick_device, pick_devices, pick_dtype
     from qimg.engine.engine import Engine
     from qimg.jobs import kept_engine
+    from qimg.weights.folders import model_kind
     from qimg.weights.lora import identity
 
     spec = with_files(spec)
+    if model_kind(folder).family == "qwen-image-2.1":
+        from qimg.engine.qwen21 import Engine21 as Engine
+
     speed = spec.speed()
     device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
     if spec.devices:  # the layer split's first device holds the layers around the blocks
@@ -121,7 +129,7 @@ def save_output(engine, reporter: Reporter, out: Path, params: Optional[dict], i
     from qimg.images import save_image
     from qimg.jobs.metadata import png_text
 
-    out = save_image(Image.fromarray(image), out, png_text(params), overwrite, next_free)
+    out = save_image(Image.fromarray(image), out, png_text(params), overwrite, next_free)  # RGB or RGBA
     reporter.saved(out)
     if out.suffix.lower() == ".png":
         engine.cache_latent(image, latent)
@@ -145,25 +153,74 @@ def sample_and_save(job, command: str, engine, reporter: Reporter, sampling, sam
     size, the transformer calls, then `fields(result)`, and the `files` it was made from: metadata.output_params)
     are saved with it to target (output_target's (path, next_free)) and reported with the cache use and the last
     --preview; started: when the job began."""
+    from qimg.images import flatten
     from qimg.jobs import safety
     from qimg.jobs.metadata import output_params
 
     callback, done = reporter.steps("generating" if command == "generate" else command, sampling.steps_run)
-    calls = engine.calls
+    calls, counted = engine.calls, kv_counts(engine)
     result = sample(callback)
     done()
-    image, hit = safety.screen(job.output.safety, result.image, target[0], preview)  # before anything is written
+    image = flatten(result.image, job.output.background)  # an RGBA result over --background's colour
+    image, hit = safety.screen(job.output.safety, image, target[0], preview)  # before anything is written
     height, width = image.shape[:2]
     s, shortcuts = sampling, sampling.shortcuts
     params = output_params(command, engine, job, files=files, prompt=s.prompt, negative_prompt=s.negative_prompt,
                            seed=s.seed, width=width, height=height, steps=s.steps, cfg=s.cfg, reuse=shortcuts.reuse,
                            cfg_until=shortcuts.cfg_until, shift=shortcuts.shift, calls=engine.calls - calls,
-                           **fields(result))
+                           **kv_report(engine, s, counted), **fields(result))
     params = safety.with_record(params, hit)
     out = save_output(engine, reporter, target[0], params.stored, image, None if hit else result.latent,
                       job.output.overwrite, target[1])
     cache_use = dict(latent_cache=result.latent_cache, prompt_cache=result.prompt_cache)
     reporter.result(out, {**params.report, **cache_use, **last_preview(preview, image, params.stored)}, started)
+
+
+def kv_counts(engine) -> Optional[tuple[int, int]]:
+    """A Qwen-Image-2.1 engine's transformer tokens so far, (computed, read from the prefix cache); None for the
+    others, which have no such cache."""
+    if engine.kind.family != "qwen-image-2.1":
+        return None
+    return engine.counts.tokens, engine.counts.cached
+
+
+def kv_report(engine, sampling, before: Optional[tuple[int, int]]) -> dict:
+    """The prefix KV cache's effect on one run, for the metadata and --json: whether it was on, the transformer's
+    tokens computed and those read from the cache instead (what the run would have computed more without it)."""
+    if before is None:
+        return {}
+    tokens, cached = kv_counts(engine)
+    return {"kv_cache": dict(on=sampling.shortcuts.kv_cache, tokens=tokens - before[0], from_cache=cached - before[1])}
+
+
+def licence_notice(folder: Path, quiet: bool) -> None:
+    """The first run of a model whose licence is not Apache-2.0 (Qwen-Image-2.1's Qwen Research License) prints
+    one line naming it, once per model folder: a marker in qimg's state folder remembers it was shown. --quiet and
+    QIMG_NO_NOTICE=1 silence it; a marker that cannot be written only means the line shows again."""
+    import hashlib
+    import os
+
+    from qimg.weights.folders import model_kind
+
+    kind = model_kind(folder)
+    if kind.licence not in LICENCES or quiet or os.environ.get("QIMG_NO_NOTICE", "") not in ("", "0"):
+        return
+    state = os.environ.get("XDG_STATE_HOME")
+    marker = (Path(state) if state else Path.home() / ".local" / "state") / "qimg" / "notices" / \
+        hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+    if marker.exists():
+        return
+    say(f"qimg: note: {kind.display} is under the {kind.licence} (non-commercial use only): read it at "
+        f"{LICENCES[kind.licence]} (shown once per model; --quiet or QIMG_NO_NOTICE=1 hide it)")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{folder}\n")
+    except OSError:
+        pass
+
+
+# Licences that are not Apache-2.0, and where to read them.
+LICENCES = {"Qwen Research License": "https://huggingface.co/Qwen/Qwen-Image-2.1/blob/main/LICENSE"}
 
 
 def random_seed(seed: Optional[int]) -> int:

@@ -15,6 +15,7 @@ from qimg.jobs import batch, edit_inputs, names, safety, shard, word_masks
 from qimg.jobs.common import (
     announce_shard,
     generation_model,
+    licence_notice,
     open_cache,
     open_engine,
     output_target,
@@ -124,6 +125,11 @@ def edit_plan(job: Inpaint | Edit) -> EditPlan:
     refs = job.refs if isinstance(job, Edit) else ()
     if isinstance(job, Edit):
         pictures = instruct_pictures(job, folder)
+        if pictures[0].rgba and out is not None:
+            from qimg.images import check_alpha_format
+
+            check_alpha_format(out, job.output.background)
+        licence_notice(folder, job.output.quiet)
     else:
         generation_model(folder, kind)
         pictures = ()
@@ -236,6 +242,7 @@ def instruct_pictures(job: Edit, folder: Path) -> tuple:
     from qimg.engine.instruct import check_model, pick_areas
     from qimg.images import load_image
     from qimg.option_values import check_pixels
+    from qimg.weights.folders import model_kind
 
     if not job.prompt.prompt.strip():
         raise UsageError("--prompt is empty: say what to change, e.g. -p 'replace the sky with a sunset'")
@@ -249,6 +256,8 @@ def instruct_pictures(job: Edit, folder: Path) -> tuple:
     if job.strength < 1 and job.shape is None:
         raise UsageError(f"--strength {job.strength} needs a mask (--mask, --rect or --mask-dir): without one "
                          "the whole picture is made anew")
+    if model_kind(folder).family == "qwen-image-2.1":
+        return pictures_21(job, folder)
     kind = check_model(folder)
     areas = pick_areas(folder, (job.edit_area, job.vision_area), ("--edit-area", "--vision-area"))
     return kind, [load_image(ref)[0] for ref in job.refs], areas
@@ -259,6 +268,8 @@ def check_pictures(job: Edit, image: Path, pixels, pictures: tuple) -> None:
     from qimg.engine.instruct import check_pictures as check
 
     kind, refs, _ = pictures
+    if kind.family == "qwen-image-2.1":
+        check = check_pictures_21
     check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
 
 
@@ -271,8 +282,11 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
     from qimg.engine.instruct import Pictures, instruct, instruct_cropped
     from qimg.masks import selected_area
 
-    _, refs, areas = pictures
+    kind, refs, areas = pictures
     sampling = job.prompt.resolve(engine.defaults, random_seed(seed), job.strength)
+    if kind.family == "qwen-image-2.1":
+        return edit_21(job, image, mask, target, engine, reporter, started, preview, pictures,
+                       engine.own_steps(sampling), mask_file)
     shown = Pictures(refs, areas)
 
     def sample(callback):
@@ -290,3 +304,69 @@ def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[in
 
     sample_and_save(job, "edit", engine, reporter, sampling, sample, target, preview, started, fields,
                     dict(input=image, refs=list(job.refs), mask=mask_file))
+
+
+# --- edit with Qwen-Image-2.1: one model, up to 10 pictures, RGBA -------------------------------------------
+
+
+def pictures_21(job: Edit, folder: Path) -> tuple:
+    """instruct_pictures for Qwen-Image-2.1: (model kind, the refs' RGBA pixels, the edit area). Every picture is
+    resized once, to the edit area (the reference's output_resolution squared), for both the vision tower and the
+    VAE, so --vision-area has nothing to set."""
+    import numpy as np
+
+    from qimg.engine.qwen21_inputs import Defaults21
+    from qimg.images import load_image
+    from qimg.model.qwen21_prompt import MAX_PICTURES
+    from qimg.weights.folders import model_kind
+    from qimg.weights.qwen21 import transformer21_config
+
+    kind = model_kind(folder)
+    if job.vision_area is not None:
+        raise UsageError(f"--vision-area is for Qwen-Image-Edit-2509/2511; {kind.display} resizes each picture "
+                         "once, to --edit-area")
+    if job.mask_crop is not None:
+        raise UsageError(f"--mask-crop is not supported with {kind.display} yet; edit inside the mask without it")
+    if len(job.refs) + 1 > MAX_PICTURES:
+        raise UsageError(f"--ref: {len(job.refs) + 1} pictures; {kind.display} takes up to {MAX_PICTURES} (the "
+                         f"input and {MAX_PICTURES - 1} --ref)")
+    try:
+        transformer21_config(folder)
+    except QimgError as e:
+        raise UsageError(str(e)) from None
+    area = job.edit_area if job.edit_area is not None else Defaults21.from_folder(folder).edit_area
+    return kind, [np.asarray(load_image(ref)[1].convert("RGBA")) for ref in job.refs], area
+
+
+def check_pictures_21(kind, sizes: list[tuple[int, int]], names: list[str]) -> None:
+    """Refuse, before anything loads, a picture too elongated for the vision encoder."""
+    from qimg.engine.instruct import MAX_ASPECT
+
+    for (w, h), name in zip(sizes, names):
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise UsageError(f"{name} is {w}x{h}: over {MAX_ASPECT}:1, more elongated than the vision encoder "
+                             "takes; crop it first")
+
+
+def edit_21(job: Edit, image: Path, mask, target, engine, reporter: Reporter, started: float, preview, pictures,
+            sampling, mask_file) -> None:
+    """instruct_one on a Qwen-Image-2.1 engine: the input read again with its alpha (RGBA in, RGBA out), the
+    pictures resized once to the edit area; pictures: qwen21_checks.edit_pictures'."""
+    import numpy as np
+
+    from qimg.cache import array_hash
+    from qimg.images import load_image
+    from qimg.masks import selected_area
+
+    kind, refs, area = pictures
+    pixels = np.asarray(load_image(image)[1].convert("RGBA"))
+
+    def fields(result) -> dict:
+        return dict(strength=job.strength, pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
+                    mask_area=None if mask is None else selected_area(mask),
+                    mask_sha256=None if mask is None else array_hash(mask), model_kind=kind.name, edit_area=area,
+                    box=list(result.box), work_size=list(result.work_size), latent_cache=result.latent_cache)
+
+    sample_and_save(job, "edit", engine, reporter, sampling,
+                    lambda callback: engine.edit(pixels, refs, mask, area, sampling, job.size, callback, preview),
+                    target, preview, started, fields, dict(input=image, refs=list(job.refs), mask=mask_file))

@@ -11,6 +11,7 @@ from qimg.jobs import batch, names, safety, shard
 from qimg.jobs.common import (
     announce_shard,
     generation_model,
+    licence_notice,
     open_cache,
     open_engine,
     output_target,
@@ -24,7 +25,8 @@ from qimg.jobs.spec import Generate, Output, Prompts
 
 
 def generate(job: Generate, reporter: Reporter) -> None:
-    from qimg.images import check_format_size, check_output, check_preview
+    from qimg.images import check_alpha_format, check_format_size, check_output, check_preview
+    from qimg.weights.folders import model_kind
 
     started = time.perf_counter()
     overwrite = job.output.overwrite
@@ -36,6 +38,9 @@ def generate(job: Generate, reporter: Reporter) -> None:
     seed = random_seed(job.prompt.seed)
     out, next_free = output_target(job.output.out, functools.partial(names.generate_output, seed), not overwrite)
     check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
+    if model_kind(folder).rgba:
+        check_alpha_format(out, job.output.background, "output" if job.member else "--out")
+    licence_notice(folder, job.output.quiet)
     preview = preview_file(job.output.preview, job.output.preview_every, job.output.safety)
     if preview:
         check_preview(preview.path, {out: "the output"}, overwrite)
@@ -43,6 +48,8 @@ def generate(job: Generate, reporter: Reporter) -> None:
     width, height = job.size or (engine.defaults.width, engine.defaults.height)
     check_format_size(out, (width, height))
     sampling = job.prompt.resolve(engine.defaults, seed)
+    if engine.kind.family == "qwen-image-2.1":
+        sampling = engine.own_steps(sampling)  # Turbo: its grid's steps, reported as run
     sample_and_save(job, "generate", engine, reporter, sampling,
                     lambda callback: engine.generate(sampling, width, height, callback, preview), (out, next_free),
                     preview, started)

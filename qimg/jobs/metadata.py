@@ -41,6 +41,7 @@ def output_params(command: str, engine, job, lineage: Optional[list] = None, fil
         source |= {**engine.files_info, "variant": engine.kind.name}
     public = dict(command=command, **fields, **{k: _each(v, record) for k, v in files.items()},
                   model=model_name(job.model.model, engine.folder), model_fingerprint=engine.model_fingerprint,
+                  licence=engine.kind.licence,
                   **source, loras=[one.record() for one in engine.loras], preset=preset_of(job.preset),
                   lineage=[{**entry, "preset": preset_of(entry.get("preset"))} for entry in lineage or []])
     local = {**{k: _each(v, str) for k, v in files.items()}, "model": str(engine.folder), "preset": job.preset,

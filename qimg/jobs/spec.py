@@ -62,6 +62,7 @@ class Prompt:
     reuse: float = 0.0  # adaptive velocity reuse threshold; 0: off
     cfg_until: float = 1.0  # true CFG for this first fraction of the steps; 1: every step
     shift: Optional[float] = None  # a constant flow shift (Lightning); None: the model's schedule
+    kv_cache: bool = True  # Qwen-Image-2.1's prefix key/value cache (--no-kv-cache: off)
 
     def resolve(self, defaults, seed: int, strength: float = 1.0):
         """The request the engine takes (engine.request.Sampling), every value this prompt leaves open filled in
@@ -72,7 +73,7 @@ class Prompt:
 
         return Sampling(self.prompt, defaults.negative_prompt if self.negative_prompt is None else self.negative_prompt,
                         self.steps or defaults.steps, defaults.cfg if self.cfg is None else self.cfg, seed, strength,
-                        Shortcuts(self.reuse, self.cfg_until, self.shift))
+                        Shortcuts(self.reuse, self.cfg_until, self.shift, self.kv_cache))
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class Output:
     preview_every: Optional[int] = None  # steps between previews; None: about a tenth of the steps
     metadata: str = "full"  # what a PNG output records: full, minimal, off (option_values.METADATA)
     safety: Safety = field(default_factory=Safety)  # what is held back before it is written
+    background: Optional[tuple[int, int, int]] = None  # --background: an RGBA result flattened over this colour
+    quiet: bool = False  # --quiet: no licence notice
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ dtype and device and assigned into a module built on the meta device, so loading
 float32 copy. Only safetensors are read: pickle files can run code when loaded.
 """
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from qimg.errors import QimgError, UsageError, listing
 from qimg.small_files import PICKLE_SUFFIXES, parse_json, read_small
 
 PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
-             "QwenImageEditPlusPipeline"}
+             "QwenImageEditPlusPipeline", "QwenImage21Pipeline"}
 SHOWN = 5  # how many offending key names an error lists
 BUILTIN = Path(__file__).resolve().parent.parent / "builtin" / "shapes"  # the demo model shipped in the package
 
@@ -84,26 +85,43 @@ def check_model_folder(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class ModelKind:
-    """What a model folder holds (model_kind's answer): one of QWEN_IMAGE, EDIT, EDIT_2509, EDIT_2511."""
+    """What a model folder holds (model_kind's answer): one of QWEN_IMAGE, EDIT, EDIT_2509, EDIT_2511, or the 2.1
+    family's QWEN_IMAGE_21 and QWEN_IMAGE_21_TURBO."""
 
-    name: str  # as the metadata records it: "qwen-image", "edit", "edit-2509", "edit-2511"
+    name: str  # as the metadata records it: "qwen-image", "edit", "edit-2509", "edit-2511", "qwen-image-2.1"
     display: str  # as messages name it: "Qwen-Image-Edit-2509"
-    edits: bool = False  # an Edit model: it edits by instruction (`qimg edit`), it does not generate
+    edits: bool = False  # it edits by instruction (`qimg edit`)
     plus: bool = False  # 2509/2511: several pictures, named "Picture N" in the prompt, sized for the vision tower
+    generates: bool = True  # it makes images from a prompt alone (`qimg generate`, inpaint, outpaint)
+    family: str = "qwen-image"  # the architecture: "qwen-image" (the 20B MMDiT) or "qwen-image-2.1" (the 7B DiT)
+    licence: str = "Apache-2.0"  # the weights' licence, as the metadata and `qimg info` record it
+    rgba: bool = False  # its images have an alpha channel (RGBA in, RGBA out)
 
 
 QWEN_IMAGE = ModelKind("qwen-image", "Qwen-Image")
-EDIT = ModelKind("edit", "Qwen-Image-Edit", edits=True)
-EDIT_2509 = ModelKind("edit-2509", "Qwen-Image-Edit-2509", edits=True, plus=True)
-EDIT_2511 = ModelKind("edit-2511", "Qwen-Image-Edit-2511", edits=True, plus=True)
+EDIT = ModelKind("edit", "Qwen-Image-Edit", edits=True, generates=False)
+EDIT_2509 = ModelKind("edit-2509", "Qwen-Image-Edit-2509", edits=True, plus=True, generates=False)
+EDIT_2511 = ModelKind("edit-2511", "Qwen-Image-Edit-2511", edits=True, plus=True, generates=False)
+# Qwen-Image-2.1: one model generates and edits (up to 10 pictures); Turbo is its few-step checkpoint, told apart by
+# the sampling grid its model_index.json ships (`sample_sigmas`), as diffusers' modular pipeline tells it.
+QWEN21_LICENCE = "Qwen Research License"
+QWEN_IMAGE_21 = ModelKind("qwen-image-2.1", "Qwen-Image-2.1", edits=True, family="qwen-image-2.1",
+                          licence=QWEN21_LICENCE, rgba=True)
+QWEN_IMAGE_21_TURBO = ModelKind("qwen-image-2.1-turbo", "Qwen-Image-2.1-Turbo", edits=True, family="qwen-image-2.1",
+                                licence=QWEN21_LICENCE, rgba=True)
 
 
 def model_kind(folder: Path) -> ModelKind:
     """QWEN_IMAGE (text to image), or the Edit model a folder holds, from its model_index.json: EDIT
     (QwenImageEditPipeline, one picture; QwenImageEditInpaintPipeline, the same model saved by diffusers' inpaint
     pipeline), EDIT_2509 (QwenImageEditPlusPipeline, one to three pictures), or EDIT_2511 when that
-    pipeline's transformer config sets zero_cond_t (2511 differs only there)."""
-    name = read_json_object(folder / "model_index.json", UsageError).get("_class_name")
+    pipeline's transformer config sets zero_cond_t (2511 differs only there); QWEN_IMAGE_21 (QwenImage21Pipeline),
+    or QWEN_IMAGE_21_TURBO when its model_index.json sets sample_sigmas."""
+    index = read_json_object(folder / "model_index.json", UsageError)
+    name = index.get("_class_name")
+    if name == "QwenImage21Pipeline":
+        sample_sigmas(folder)
+        return QWEN_IMAGE_21_TURBO if index.get("sample_sigmas") else QWEN_IMAGE_21
     if name in ("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"):
         return EDIT
     if name == "QwenImageEditPlusPipeline":
@@ -115,11 +133,29 @@ def model_kind(folder: Path) -> ModelKind:
     return QWEN_IMAGE
 
 
+def sample_sigmas(folder: Path) -> tuple[float, ...] | None:
+    """A 2.1 folder's own sampling grid (model_index.json's sample_sigmas: decreasing numbers in (0, 1], the last
+    step's sigma before 0 excluded), or None when it ships none (the base model)."""
+    file = folder / "model_index.json"
+    grid = read_json_object(file, UsageError).get("sample_sigmas")
+    if grid is None or grid == []:
+        return None
+    ok = isinstance(grid, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                                        for v in grid)
+    if not ok or any(a <= b for a, b in zip(grid, grid[1:])):
+        raise UsageError(f"{file}: sample_sigmas must be a list of decreasing numbers in (0, 1], not "
+                         f"{str(grid)[:60]}")
+    return tuple(float(v) for v in grid)
+
+
 def named_kind(file: Path) -> ModelKind:
     """The model a transformer file is for, as its name says (`qwen_image_edit_2509_fp8.safetensors`,
-    `Qwen-Image-Q4_K_M.gguf`): its weights cannot say it, for Qwen-Image, Edit, 2509 and 2511 share one layout
-    (the same keys and shapes; 2511 differs by the config's zero_cond_t alone)."""
+    `Qwen-Image-Q4_K_M.gguf`, `qwen_image_2.1_turbo_bf16.safetensors`): its weights cannot say it, for Qwen-Image,
+    Edit, 2509 and 2511 share one layout (the same keys and shapes; 2511 differs by the config's zero_cond_t alone),
+    and 2.1 and its Turbo another."""
     name = file.name.lower()
+    if re.search(r"(?<![0-9])2[._-]1(?![0-9])", name):  # qwen_image_2.1_fp8, Qwen-Image-2_1-Turbo-Q8_0
+        return QWEN_IMAGE_21_TURBO if "turbo" in name else QWEN_IMAGE_21
     if "edit" not in name:
         return QWEN_IMAGE
     return EDIT_2511 if "2511" in name else EDIT_2509 if "2509" in name or "plus" in name else EDIT

@@ -1,0 +1,386 @@
+"""Qwen-Image-2.1 (and Turbo) on the engine: one model that generates and edits with up to 10 pictures, as its
+reference pipeline (diffusers' QwenImage21Pipeline) does, in RGBA.
+
+Latents have 64 channels on a 16x grid and the transformer reads them unpatched, one token per 16x16 pixels. A
+prompt is encoded with its pictures (model/qwen21_prompt.py); every picture is resized once (LANCZOS, RGBA, to
+about the edit area in multiples of 32) and that copy feeds both the vision tower (over white) and the VAE (all
+four channels). The transformer sees [text with the pictures' latents in their slots | target]; the prefix's keys
+and values are computed at the first step and reused (one cache per guidance branch) unless the sampling's
+kv_cache is off. Guidance is plain CFG, on only with cfg > 1 and a negative prompt. The schedule is the model's
+own grid (Turbo) or linspace(1, 1/N, N), dynamically shifted by the target's token count.
+
+On purpose unlike the reference: an edit's result is at the input's size (the reference's follows the last
+picture's aspect at the edit area), and a masked edit keeps the input's bytes outside the mask.
+"""
+
+import warnings
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from qimg.cache import prompt_key
+from qimg.engine.canvas import resample
+from qimg.engine.components import Loading
+from qimg.engine.engine import EditResult, Result
+from qimg.engine.latents import Sampler, finite, to_uint8
+from qimg.engine.preview import mapped, watching
+from qimg.engine.qwen21_inputs import CHANNELS, MULTIPLE, SCALE, Defaults21, pack, rgba, unpack, working_size
+from qimg.engine.request import Sampling
+from qimg.errors import QimgError, QimgWarning, UsageError
+from qimg.masks import composite, latent_mask, resize_mask
+from qimg.model.qwen21_prompt import MAX_PICTURES, prompt_text
+from qimg.sampling import (
+    Reuse,
+    ScheduleConfig,
+    cfg_until,
+    euler,
+    first_step,
+    flow_sigmas,
+    keep_known,
+    noised,
+    plain_cfg,
+    reusing,
+    shifted,
+)
+from qimg.weights.folders import read_config, sample_sigmas
+
+
+@dataclass
+class Counts:
+    """The transformer's tokens computed, and those the prefix cache spared (read from it instead); the calls
+    are Components.calls (a guidance pair counts 2)."""
+
+    tokens: int = 0
+    cached: int = 0
+
+
+class Engine21(Sampler):
+    """A Qwen-Image-2.1 folder's components (the prompt encoder, the transformer, the RGBA VAE), loaded on first
+    use, and what the jobs ask of an engine: generate, and `edit` with pictures. It keeps the Sampler's cache
+    plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
+
+    def __init__(self, folder, device: str = "auto", dtype: str = "auto", cache=None, loading: Loading = Loading()):
+        if loading.devices or loading.offload == "blocks":
+            raise UsageError("--devices and --offload blocks are not supported for Qwen-Image-2.1 yet: use one "
+                             "device, with --offload model to hold one component at a time")
+        super().__init__(folder, device, dtype, cache, loading)
+        self.defaults = Defaults21.from_folder(folder)
+        try:
+            self.schedule = ScheduleConfig.from_scheduler(read_config(folder / "scheduler", "scheduler_config.json"))
+        except ValueError as e:
+            raise QimgError(f"{folder / 'scheduler'}: {e}") from None
+        self.grid = sample_sigmas(folder)
+        if self.grid:
+            self.defaults = replace(self.defaults, steps=len(self.grid))
+        self.counts = Counts()
+
+    # --- components ----------------------------------------------------------------------------------------
+
+    @property
+    def text(self):
+        """The PromptEncoder21 (model/qwen21_prompt.py)."""
+        if self._text is None:
+            from qimg.weights.qwen21_text import load_prompt_encoder
+
+            self._text = load_prompt_encoder(self.folder, self.dtype, self.device)
+        return self._text
+
+    @property
+    def transformer(self):
+        """The transformer (weights/qwen21.py: the folder's, or --transformer's, packed with --quantize), its LoRAs
+        fused."""
+        if self._transformer is None:
+            from qimg.weights.adapters import apply_adapters
+            from qimg.weights.qwen21 import load_transformer21
+
+            transformer = load_transformer21(self.folder, self.source, self.dtype, self.device)
+            apply_adapters(transformer, [one.adapters for one in self.loras])
+            if self.compile:
+                transformer.compile_blocks()
+            self._transformer = transformer
+        return self._transformer
+
+    def vae(self, part: str):
+        """The RGBA VAE with only `part`'s weights loaded ("encoder" or "decoder")."""
+        if part not in self._vae:
+            from qimg.engine.components import VAE_PARTS
+            from qimg.weights.qwen21 import load_vae21
+
+            self._vae[part] = load_vae21(self.folder, self.dtype, self.device, only=VAE_PARTS[part])
+        return self._vae[part]
+
+    @cached_property
+    def layers(self) -> dict[str, tuple[int, int]]:
+        """The transformer's linear layers, (out, in) by name, for LoRAs (built on the meta device)."""
+        from qimg.model.transformer21 import QwenImage21Transformer
+        from qimg.weights.adapters import targets
+        from qimg.weights.qwen21 import transformer21_config
+
+        with torch.device("meta"):
+            return targets(QwenImage21Transformer(transformer21_config(self.folder)))
+
+    @cached_property
+    def z_dim(self) -> int:
+        return CHANNELS
+
+    @cached_property
+    def weight_bytes(self) -> int:
+        """The transformer's weights on the device, at their packed sizes (read from the headers)."""
+        from qimg.engine.memory import resident_bytes
+        from qimg.weights.qwen21 import transformer21_config
+        from qimg.weights.transformer import tensor_sizes
+
+        return resident_bytes(tensor_sizes(transformer21_config(self.folder), self.folder / "transformer",
+                                           self.source, self.dtype, self.device), False)
+
+    # --- sizes ---------------------------------------------------------------------------------------------
+
+    def latent_spec(self, width: int, height: int) -> dict:
+        return {"latent": ("float32", (1, CHANNELS, height // SCALE, width // SCALE))}
+
+    def check_size(self, width: int, height: int, encodes: bool = True,
+                   pictures: tuple[tuple[int, int], ...] = ()) -> None:
+        """Refuse, before loading, a size that is not a positive multiple of 32, over the model's largest, or
+        that the device could not hold with `pictures` ((W, H) each at their working sizes) beside it."""
+        from qimg.engine.memory import qwen21_activation_bytes
+        from qimg.weights.qwen21 import transformer21_config
+
+        for name, v in (("width", width), ("height", height)):
+            if v <= 0 or v % MULTIPLE:
+                raise UsageError(f"{name} {v} must be a positive multiple of {MULTIPLE} for {self.kind.display}")
+        if width * height > self.defaults.max_pixels:
+            raise UsageError(f"{width}x{height} is over {self.kind.display}'s largest size "
+                             f"({self.defaults.max_pixels:,} pixels, 2048x2048); use a smaller --size")
+        vae = read_config(self.folder / "vae")
+        base = vae.get("decoder_base_dim") or vae.get("base_dim", 96)
+        need = qwen21_activation_bytes((width, height), list(pictures), transformer21_config(self.folder).dim,
+                                       base if isinstance(base, int) else 96, self.dtype.itemsize)
+        self._check_memory(need, f"{width}x{height}" + (f" with {len(pictures)} pictures" if pictures else ""),
+                           (width, height), "use a smaller size or --edit-area, or fewer pictures")
+
+    def check_vision(self, sizes: tuple[tuple[int, int], ...], area: int) -> None:
+        """Refuse pictures the vision processor would resize again (outside its pixel bounds): each slot of the
+        prompt must stand for 2x2 of the picture's latent tokens, as the model was trained."""
+        from qimg.model.vl_image import smart_resize
+        from qimg.weights.qwen3vl import load_image_config
+
+        cfg = load_image_config(self.folder / "processor")
+        for w, h in sizes:
+            if smart_resize(h, w, cfg) != (h, w):
+                bound = "under its smallest" if w * h < cfg.min_pixels else "over its largest"
+                raise UsageError(f"--edit-area {area}: a picture resized to {w}x{h} is {bound} area for the vision "
+                                 f"processor ({cfg.min_pixels:,} to {cfg.max_pixels:,} pixels, processor/ of "
+                                 f"{self.folder.name}); give an --edit-area in that range")
+
+    # --- prompts -------------------------------------------------------------------------------------------
+
+    def guided(self, sampling: Sampling) -> bool:
+        """Whether guidance runs: cfg > 1 with a negative prompt, as the reference (which warns otherwise)."""
+        if sampling.cfg > 1 and not sampling.negative_prompt:
+            warnings.warn(f"--cfg {sampling.cfg:g} needs --negative-prompt on {self.kind.display} (it is sampled "
+                          "without guidance unless one is given): sampling without guidance", QimgWarning,
+                          stacklevel=3)
+        return sampling.cfg > 1 and bool(sampling.negative_prompt)
+
+    def encode_prompts(self, prompts: list[str], pictures: tuple[np.ndarray, ...] = ()) -> list[tuple]:
+        """(embedding (S, D), picture-slot mask (S,) bool) per prompt, each encoded with the same pictures
+        ((H, W, 4) uint8 at their working sizes), from the cache when stored."""
+        embeds = [self._encode_prompt(p, pictures) for p in prompts]
+        self._release("text")
+        return embeds
+
+    def _encode_prompt(self, prompt: str, pictures: tuple[np.ndarray, ...]) -> tuple:
+        key = prompt_key(prompt_text(prompt, len(pictures)), self.text_fingerprint, pictures) if self.cache \
+            else None
+        spec = {"embed": (str(self.dtype).removeprefix("torch."), (None, None)), "slots": ("bool", (None,))}
+        entry = self.cache.get("prompt", key, spec) if key else None
+        if entry:
+            return entry[0]["embed"].to(self.device), entry[0]["slots"].to(self.device)
+        embed, slots = self.text.encode(prompt, list(pictures))
+        embed = finite(embed, self.dtype)
+        self.prompts_encoded += 1
+        if self.cache:
+            self.cache.put("prompt", key, {"embed": embed, "slots": slots}, {"text_encoder": self.text_fingerprint})
+        return embed, slots
+
+    @cached_property
+    def text_fingerprint(self) -> str:
+        from qimg.weights.fingerprint import fingerprint
+
+        parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "processor"))
+        return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
+
+    # --- latents -------------------------------------------------------------------------------------------
+
+    def _noise(self, seed: int, h: int, w: int) -> torch.Tensor:
+        # The reference draws (B, 1, C, h, w) on a CPU generator in the model dtype.
+        noise = torch.randn((1, CHANNELS, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=self.dtype)
+        return noise.float().to(self.device)
+
+    def own_steps(self, sampling: Sampling) -> Sampling:
+        """The sampling with the steps it will run: Turbo's grid decides their count, as in the reference (a
+        --steps that differs is a warning); the base model takes them as asked."""
+        if not self.grid or sampling.steps == len(self.grid):
+            return sampling
+        warnings.warn(f"{self.kind.display} samples its own {len(self.grid)}-step grid (sample_sigmas in "
+                      f"model_index.json); --steps {sampling.steps} does not apply", QimgWarning, stacklevel=2)
+        return replace(sampling, steps=len(self.grid))
+
+    def sigmas(self, sampling: Sampling, tokens: int) -> torch.Tensor:
+        """The schedule for a target of `tokens` tokens: the model's grid (Turbo) or the sampling's steps."""
+        schedule = shifted(self.schedule, sampling.shortcuts.shift)
+        return flow_sigmas(sampling.steps, tokens, schedule, self.grid)
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 4) uint8, sides multiples of 16 -> normalized latent (1, 64, H/16, W/16), the posterior mode."""
+        x = torch.from_numpy(np.array(rgba(image))).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        z = self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
+        self._release("encoder")
+        return finite(z, self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        """Normalized latent (1, 64, h, w) -> (16h, 16w, 4) uint8 RGBA."""
+        x = self.vae("decoder").decode(latent.to(self.device, self.dtype))
+        self._release("decoder")
+        return to_uint8(finite(x[0], self.dtype))
+
+    def picture_latent(self, picture: np.ndarray) -> tuple[torch.Tensor, bool]:
+        """A picture's latent at its working size (H, W, 4), from the cache when stored; and whether the VAE
+        encoder ran."""
+        from qimg.cache import pixel_key
+
+        if self.cache is None:
+            return self.encode(picture), True
+        key = pixel_key(picture, self.vae_fingerprint)
+        entry = self.cache.get("latent", key, self.latent_spec(*picture.shape[1::-1]))
+        if entry:
+            return entry[0]["latent"].to(self.device), False
+        latent = self.encode(picture)
+        self.cache_latent(picture, latent)
+        return latent, True
+
+    def velocity(self, embeds: list[tuple], refs: torch.Tensor | None, grids: list[tuple[int, int]],
+                 sampling: Sampling, sigmas: torch.Tensor, guided: bool):
+        """The (guided) velocity over the target's tokens (1, h*w, 64) for the steps of `sigmas`; refs: the
+        pictures' packed latents (1, R, 64) or None; grids: each picture's (h, w) in tokens, the target last."""
+        from qimg.model.rope21 import build_layout
+        from qimg.model.transformer21 import PrefixCache
+
+        model = self.transformer
+        target = grids[-1][0] * grids[-1][1]
+        kv = sampling.shortcuts.kv_cache and model.cfg.causal_condition
+
+        def branch(embed: torch.Tensor, slots: torch.Tensor):
+            txt = embed.to(self.device, self.dtype)[None]
+            layout = build_layout(slots.to(self.device), grids, model.cfg.axes_dims_rope, device=self.device)
+            cache = PrefixCache() if kv else None
+
+            def run(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                x = x.to(self.dtype)
+                if refs is not None:
+                    x = torch.cat([refs.to(self.device, self.dtype), x], dim=1)
+                t = (sigma * 1000).to(self.dtype).reshape(1) / 1000
+                warm = cache is not None and cache.filled
+                self.calls += 1
+                self.counts.tokens += target if warm else layout.length
+                self.counts.cached += layout.prefix if warm else 0
+                with self._attention_backend():
+                    return model(x, txt, t, layout, cache).float()
+
+            return run
+
+        conditional = branch(*embeds[0])
+        velocity = conditional
+        if guided:
+            unconditional = branch(*embeds[1])
+
+            def velocity(x, sigma):
+                return plain_cfg(conditional(x, sigma), unconditional(x, sigma), sampling.cfg)
+
+            if sampling.shortcuts.cfg_until < 1:
+                velocity = cfg_until(velocity, conditional, sigmas, sampling.shortcuts.cfg_until)
+        shortcuts = sampling.shortcuts
+        return reusing(velocity, sigmas, Reuse(shortcuts.reuse)) if shortcuts.reuse > 0 else velocity
+
+    @torch.no_grad()
+    def sample(self, sampling: Sampling, size: tuple[int, int], pictures: list[np.ndarray],
+               known: tuple[torch.Tensor, torch.Tensor] | None = None, callback=None, preview=None):
+        """The target's latent (1, 64, H/16, W/16) at size (W, H) for the sampling's prompt with `pictures`
+        ((H, W, 4) uint8 at their working sizes); known: (z0 (1, 64, h, w), mask (h, w)) to keep z0 where the
+        mask is 0 (a masked edit). Returns (latent, whether the VAE encoder ran)."""
+        width, height = size
+        h, w = height // SCALE, width // SCALE
+        sampling = self.own_steps(sampling)
+        guided = self.guided(sampling)
+        prompts = [sampling.prompt, sampling.negative_prompt] if guided else [sampling.prompt]
+        embeds = self.encode_prompts(prompts, tuple(pictures))
+        latents = [self.picture_latent(p) for p in pictures]
+        refs = torch.cat([pack(z) for z, _ in latents], dim=1) if latents else None
+        grids = [(z.shape[-2], z.shape[-1]) for z, _ in latents] + [(h, w)]
+        steps = sampling.steps
+        sigmas = self.sigmas(sampling, h * w).to(self.device)
+        noise = pack(self._noise(sampling.seed, h, w))
+        if known is None:
+            sigmas, x, blend = sigmas, noise, None
+        else:
+            z0, mask = pack(known[0].float().to(self.device)), known[1].float().to(self.device)
+            sigmas = sigmas[first_step(steps, sampling.strength):]
+            if len(sigmas) < 2:
+                raise UsageError(f"--strength {sampling.strength} with {steps} steps runs no step; raise one of them")
+            m = mask.reshape(1, h * w, 1).expand_as(z0)
+            blend = keep_known(z0, noise, m, len(sigmas) - 1)
+            x = noised(z0, noise, sigmas[0])
+        velocity = self.velocity(embeds, refs, grids, sampling, sigmas, guided)
+        velocity, callback = watching(velocity, callback, sigmas, mapped(preview, lambda z: unpack(z, h, w)))
+        x = euler(velocity, x, sigmas, callback, blend)
+        self._release("transformer")
+        return finite(unpack(x, h, w), self.dtype), any(ran for _, ran in latents)
+
+    # --- what the jobs call --------------------------------------------------------------------------------
+
+    def render(self, canvas) -> np.ndarray:
+        """A chain's canvas as pixels: 2.1's edits leave pixels (RGBA), no latent to decode."""
+        return canvas.pixels
+
+    def generate(self, sampling: Sampling, width: int, height: int, callback=None, preview=None) -> Result:
+        """An RGBA image of width x height (multiples of 32) for the sampling's prompt."""
+        self.check_size(width, height, encodes=False)
+        encoded_before = self.prompts_encoded
+        latent, _ = self.sample(sampling, (width, height), [], None, callback, mapped(preview, self.decode))
+        return Result(self.decode(latent), None, "off" if self.cache is None else "miss",
+                      self._prompt_cache(encoded_before))
+
+    def edit(self, image: np.ndarray, refs: list[np.ndarray], mask: np.ndarray | None, area: int,
+             sampling: Sampling, size: tuple[int, int] | None = None, callback=None, preview=None) -> EditResult:
+        """`qimg edit` of image (H, W, 3 or 4) uint8, Picture 1, with `refs` (Pictures 2...): the result (RGBA) at
+        the input's size, or `size` (W, H) (no mask), resampled from the working size (about `area` pixels at the
+        output's aspect, reported as work_size). With mask (H, W) in [0, 1] the edit starts from Picture 1's latent
+        and keeps it where the mask is 0, and the result is the input's bytes there."""
+        if len(refs) + 1 > MAX_PICTURES:
+            raise UsageError(f"{len(refs) + 1} pictures: {self.kind.display} takes up to {MAX_PICTURES}")
+        encoded_before = self.prompts_encoded
+        image = rgba(image)
+        height, width = image.shape[:2]
+        out = size or (width, height)
+        work = working_size(out, area)
+        sizes = tuple(working_size(p.shape[1::-1], area) for p in (image, *refs))
+        self.check_size(*work, pictures=sizes)
+        self.check_vision(sizes, area)
+        pictures = [resample(rgba(p), size) for p, size in zip((image, *refs), sizes)]
+        known = None
+        if mask is not None:  # the target is Picture 1's own grid: its latent is kept outside the mask
+            z0, _ = self.picture_latent(pictures[0])
+            known = (z0, torch.from_numpy(latent_mask(resize_mask(mask, work), SCALE)))
+
+        def result_of(latent: torch.Tensor) -> np.ndarray:
+            pixels = resample(self.decode(latent), out)
+            return pixels if mask is None else composite(image, pixels, mask)
+
+        latent, encoded = self.sample(sampling, work, pictures, known, callback, mapped(preview, result_of))
+        latent_cache = "off" if self.cache is None else "miss" if encoded else "hit"
+        return EditResult(result_of(latent), None, latent_cache, self._prompt_cache(encoded_before),
+                          (0, 0, width, height), work)
