@@ -62,6 +62,9 @@ class Engine21(Sampler):
     plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
 
     def __init__(self, folder, device: str = "auto", dtype: str = "auto", cache=None, loading: Loading = Loading()):
+        if loading.text_encoder or loading.vae or loading.vision:
+            raise UsageError("--text-encoder, --vae and --vision files are not supported for Qwen-Image-2.1 yet: "
+                             "its folder's own text_encoder/ and vae/ are used")
         if loading.devices or loading.offload == "blocks":
             raise UsageError("--devices and --offload blocks are not supported for Qwen-Image-2.1 yet: use one "
                              "device, with --offload model to hold one component at a time")

@@ -301,3 +301,13 @@ def test_an_edit_batch_writes_rgba_outputs_and_previews(cli, qwen21_dir, tmp_pat
         result = rgba_of(tmp_path / "out" / f"{name}.edit.png")
         assert result.shape == (size[1], size[0], 4)
         assert np.array_equal(rgba_of(tmp_path / "prev" / f"{name}.edit.png"), result)  # the last preview: the result
+
+
+@pytest.mark.parametrize("option", ["--text-encoder", "--devices", "--offload"])
+def test_loading_options_2_1_does_not_take_are_one_line(cli, qwen21_dir, tmp_path, option):
+    value = {"--text-encoder": str(tmp_path / "te.safetensors"), "--devices": "cpu,cpu", "--offload": "blocks"}
+    (tmp_path / "te.safetensors").write_bytes(b"")
+    code, _, err = cli("generate", "-m", qwen21_dir, "-p", PROMPT, "--size", "32x32", option, value[option],
+                       "-o", tmp_path / "x.png", "--no-worker")
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, option, "not supported for Qwen-Image-2.1")
