@@ -29,7 +29,7 @@ from qimg.engine.preview import mapped, watching
 from qimg.engine.qwen21_inputs import CHANNELS, MULTIPLE, SCALE, Defaults21, pack, rgba, unpack, working_size
 from qimg.engine.request import Sampling
 from qimg.errors import QimgError, QimgWarning, UsageError
-from qimg.masks import composite, latent_mask, resize_mask
+from qimg.masks import composite, crop_box, latent_mask, resize_mask
 from qimg.model.qwen21_prompt import MAX_PICTURES, prompt_text
 from qimg.sampling import (
     Reuse,
@@ -387,3 +387,19 @@ class Engine21(Sampler):
         latent_cache = "off" if self.cache is None else "miss" if encoded else "hit"
         return EditResult(result_of(latent), None, latent_cache, self._prompt_cache(encoded_before),
                           (0, 0, width, height), work)
+
+    def edit_cropped(self, image: np.ndarray, refs: list[np.ndarray], mask: np.ndarray, margin: int, area: int,
+                     sampling: Sampling, callback=None, preview=None) -> EditResult:
+        """`edit` inside a mask where the model sees only the mask's box plus `margin` pixels around it (--mask-crop):
+        finer detail on a large picture. The crop's result is pasted back; outside the mask the input's bytes."""
+        image = rgba(image)
+        x0, y0, x1, y1 = crop_box(mask, margin, 0)
+
+        def pasted(crop: np.ndarray) -> np.ndarray:
+            whole = image.copy()
+            whole[y0:y1, x0:x1] = crop
+            return whole
+
+        edit = self.edit(image[y0:y1, x0:x1], refs, mask[y0:y1, x0:x1], area, sampling, None, callback,
+                         mapped(preview, pasted))
+        return replace(edit, image=pasted(edit.image), box=(x0, y0, x1, y1))

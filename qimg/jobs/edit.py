@@ -325,8 +325,6 @@ def pictures_21(job: Edit, folder: Path) -> tuple:
     if job.vision_area is not None:
         raise UsageError(f"--vision-area is for Qwen-Image-Edit-2509/2511; {kind.display} resizes each picture "
                          "once, to --edit-area")
-    if job.mask_crop is not None:
-        raise UsageError(f"--mask-crop is not supported with {kind.display} yet; edit inside the mask without it")
     if len(job.refs) + 1 > MAX_PICTURES:
         raise UsageError(f"--ref: {len(job.refs) + 1} pictures; {kind.display} takes up to {MAX_PICTURES} (the "
                          f"input and {MAX_PICTURES - 1} --ref)")
@@ -365,8 +363,13 @@ def edit_21(job: Edit, image: Path, mask, target, engine, reporter: Reporter, st
         return dict(strength=job.strength, pictures_sha256=[array_hash(x) for x in (pixels, *refs)],
                     mask_area=None if mask is None else selected_area(mask),
                     mask_sha256=None if mask is None else array_hash(mask), model_kind=kind.name, edit_area=area,
-                    box=list(result.box), work_size=list(result.work_size), latent_cache=result.latent_cache)
+                    mask_crop=job.mask_crop, box=list(result.box), work_size=list(result.work_size),
+                    latent_cache=result.latent_cache)
 
-    sample_and_save(job, "edit", engine, reporter, sampling,
-                    lambda callback: engine.edit(pixels, refs, mask, area, sampling, job.size, callback, preview),
-                    target, preview, started, fields, dict(input=image, refs=list(job.refs), mask=mask_file))
+    def sample(callback):
+        if mask is not None and job.mask_crop is not None:
+            return engine.edit_cropped(pixels, refs, mask, job.mask_crop, area, sampling, callback, preview)
+        return engine.edit(pixels, refs, mask, area, sampling, job.size, callback, preview)
+
+    sample_and_save(job, "edit", engine, reporter, sampling, sample, target, preview, started, fields,
+                    dict(input=image, refs=list(job.refs), mask=mask_file))

@@ -311,3 +311,16 @@ def test_loading_options_2_1_does_not_take_are_one_line(cli, qwen21_dir, tmp_pat
                        "-o", tmp_path / "x.png", "--no-worker")
     assert code == 2 and not (tmp_path / "x.png").exists()
     one_line(err, option, "not supported for Qwen-Image-2.1")
+
+
+def test_mask_crop_edits_the_box_and_keeps_the_rest(cli, qwen21_dir, tmp_path):
+    image = picture(tmp_path / "big.png", 200, 120)
+    code, report, err = qimg(cli, "edit", tmp_path / "big.png", "-m", qwen21_dir, "-p", "make it blue", "--rect",
+                             "100,40,30,20", "--mask-crop", "17", "--edit-area", "4096", "--steps", "1",
+                             "-o", tmp_path / "out.png")
+    assert code == 0, err
+    assert report["box"] == [83, 23, 147, 77] and report["mask_crop"] == 17
+    result = rgba_of(tmp_path / "out.png")
+    outside = np.ones(image.shape[:2], bool)
+    outside[40:60, 100:130] = False
+    assert np.array_equal(result[outside], image[outside]) and not np.array_equal(result[~outside], image[~outside])
