@@ -8,11 +8,17 @@ Random bfloat16 weights, built once on the GPU and shared by both implementation
 diffusers' tensors), so 60 blocks need ~41 GB. Rows: one forward at batch 1; one true-CFG step (the reference
 runs two passes, qimg one batch of 2); qimg with each block torch.compiled (compile time reported apart); and
 qimg streaming its blocks from pinned CPU memory (--offload blocks). Outputs are compared with diffusers'.
+With 2 or more GPUs, then the one-image modes (--cfg-parallel, --ulysses 2, --tp 2, and on 4 GPUs their
+products) beside one GPU, each rank on its own GPU over NCCL: benchmarks/parallel.py at the same width, blocks
+and size (its random weights are written to a temporary folder first: ~0.7 GB per block).
 """
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from common import machine, timed
@@ -106,6 +112,19 @@ def main():
             print(f"{row + suffix:<22} {s:>9.3f}s {tflops:>8.0f} {share:>7} {ratio:>12.2f}x   {errors.get(row, 0):.1e}")
     print(f"{'qimg --offload blocks':<22} {streamed:>9.3f}s {'':>8} {'':>7} {seconds['diffusers'] / streamed:>12.2f}x"
           f"   peak GPU memory {streamed_peak / 2**30:.1f} GiB")
+    parallel_modes(args)
+
+
+def parallel_modes(args) -> None:
+    """benchmarks/parallel.py's table on the GPUs, when there are two or more."""
+    gpus = torch.cuda.device_count()
+    print()
+    if gpus < 2:
+        print(f"one image on several GPUs (benchmarks/parallel.py): {gpus} GPU visible, the modes need 2: skipped")
+        return
+    subprocess.run([sys.executable, str(Path(__file__).with_name("parallel.py")), "--device", "cuda", "--width",
+                    "real", "--layers", str(args.layers), "--size", str(args.size), "--txt-tokens",
+                    str(args.txt_tokens), "--reps", str(args.reps), "--ranks", str(min(gpus, 4))], check=False)
 
 
 def offload_seconds(ours, forward, reps) -> tuple[float, int]:

@@ -3,10 +3,11 @@ qimg module takes part in an import circle (a circle broken only by import order
 
     layer (modules)                      may import (besides itself)
     entry (qimg.__main__)                cli
-    cli (qimg.cli.*, cli.main included)  jobs, engine, sampling, masks, weights, model, worker, basics
-    jobs                                 engine, segment, sampling, masks, weights, model, basics
+    cli (qimg.cli.*, cli.main included)  jobs, engine, parallel, sampling, masks, weights, model, worker, basics
+    jobs                                 engine, parallel, segment, sampling, masks, weights, model, basics
     segment (masks from words)           weights, basics
-    engine                               sampling, masks, weights, model, basics
+    engine                               parallel, sampling, masks, weights, model, basics
+    parallel (one image on many ranks)   weights, model, basics
     sampling, masks                      basics
     weights                              model, basics
     model                                basics
@@ -28,10 +29,11 @@ PACKAGE = Path(qimg.__file__).resolve().parent
 BASICS = {"qimg", "qimg.errors", "qimg.small_files", "qimg.images", "qimg.cache", "qimg.option_values"}  # qimg: version
 MAY_IMPORT = {
     "entry": {"cli"},
-    "cli": {"jobs", "engine", "sampling", "masks", "weights", "model", "worker", "basics"},
-    "jobs": {"engine", "segment", "sampling", "masks", "weights", "model", "basics"},
+    "cli": {"jobs", "engine", "parallel", "sampling", "masks", "weights", "model", "worker", "basics"},
+    "jobs": {"engine", "parallel", "segment", "sampling", "masks", "weights", "model", "basics"},
     "segment": {"weights", "basics"},
-    "engine": {"sampling", "masks", "weights", "model", "basics"},
+    "engine": {"parallel", "sampling", "masks", "weights", "model", "basics"},
+    "parallel": {"weights", "model", "basics"},
     "sampling": {"basics"},
     "masks": {"basics"},
     "weights": {"model", "basics"},
@@ -101,6 +103,9 @@ def test_the_layering_rules_say_what_they_mean():
     assert allowed("qimg.worker.runner", "qimg.cli.app") and not allowed("qimg.worker.server", "qimg.cli.app")
     assert not allowed("qimg.worker.runner", "qimg.jobs.kept_engine")
     assert not allowed("qimg.engine.engine", "qimg.train") and not allowed("qimg.sampling", "qimg.model.rope")
+    assert allowed("qimg.engine.components", "qimg.parallel.group") and not allowed("qimg.parallel.group",
+                                                                                    "qimg.engine.components")
+    assert not allowed("qimg.model.transformer", "qimg.parallel.ulysses")
 
 
 def test_imports_go_down_the_layers():

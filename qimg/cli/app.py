@@ -28,6 +28,7 @@ from qimg.cli.options import (
     CacheDirOpt,
     CacheSizeOpt,
     CfgOpt,
+    CfgParallelOpt,
     CfgUntilOpt,
     CompileOpt,
     ContextOpt,
@@ -79,7 +80,9 @@ from qimg.cli.options import (
     StrengthOpt,
     TextEncoderOpt,
     TilingOpt,
+    TpOpt,
     TransformerOpt,
+    UlyssesOpt,
     VaeOpt,
     VisionOpt,
     any_size,
@@ -165,6 +168,7 @@ def generate(
         rich_help_panel=OUTPUT, help="With --prompts: skip entries whose output exists (resume).")] = False,
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
     no_kv_cache: NoKvCacheOpt = False, background: BackgroundOpt = None, quiet: QuietOpt = False,
+    cfg_parallel: CfgParallelOpt = False, ulysses: UlyssesOpt = 1, tp: TpOpt = 1,
 ):
     """Generate an image from a prompt, or one per entry of a --prompts file."""
     if (prompt is None) == (prompts is None):
@@ -220,6 +224,7 @@ def inpaint(
     safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
     safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
+    cfg_parallel: CfgParallelOpt = False, ulysses: UlyssesOpt = 1, tp: TpOpt = 1,
 ):
     """Regenerate the masked part of an image; every pixel outside the mask stays byte-identical."""
     shape = spec.InpaintMask(mask, mask_dir, tuple(rect or ()), mask_resize, invert_mask, grow, feather,
@@ -259,6 +264,7 @@ def outpaint(
     safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
     safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
+    cfg_parallel: CfgParallelOpt = False, ulysses: UlyssesOpt = 1, tp: TpOpt = 1,
 ):
     """Extend the canvas and fill the new area; the original stays byte-identical in place, except a
     --feather band along the grown sides that is blended so the seam does not show."""
@@ -316,6 +322,7 @@ def edit(
     safety_action: SafetyActionOpt = "refuse",
     shard: ShardOpt = None, ray: RayOpt = None, ray_workers: RayWorkersOpt = None, retries: RetriesOpt = RAY_RETRIES,
     no_kv_cache: NoKvCacheOpt = False, background: BackgroundOpt = None, quiet: QuietOpt = False,
+    cfg_parallel: CfgParallelOpt = False, ulysses: UlyssesOpt = 1, tp: TpOpt = 1,
 ):
     """Edit a picture by instruction with a Qwen-Image-Edit or Qwen-Image-2.1 model (-m): the whole picture, or
     only inside a mask (pixels outside it stay byte-identical). The result has the input's size."""
@@ -354,6 +361,7 @@ def chain(
     safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
     safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
     safety_action: SafetyActionOpt = "refuse", background: BackgroundOpt = None, quiet: QuietOpt = False,
+    cfg_parallel: CfgParallelOpt = False, ulysses: UlyssesOpt = 1, tp: TpOpt = 1,
 ):
     """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
     latent carried in memory between them.

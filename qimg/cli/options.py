@@ -218,6 +218,15 @@ MaskThresholdOpt = Annotated[float, typer.Option(
     min=0.0, max=1.0, rich_help_panel=MASK, help="A pixel is in the words' region from this probability up.")]
 SaveMaskOpt = Annotated[Optional[Path], typer.Option(
     rich_help_panel=MASK, help="Write the mask used to this file, or <stem>_mask.png in this folder (a batch).")]
+CfgParallelOpt = Annotated[bool, typer.Option(
+    "--cfg-parallel", rich_help_panel=SCALE, help="Under torchrun: the two branches of true CFG on two ranks, "
+    "velocities swapped each step (docs/parallel.md).")]
+UlyssesOpt = Annotated[int, typer.Option(
+    min=1, max=64, rich_help_panel=SCALE, help="Under torchrun: the image's tokens split over N ranks, heads "
+    "exchanged for attention; N divides the head count (24 for Qwen-Image).")]
+TpOpt = Annotated[int, typer.Option(
+    "--tp", min=1, max=64, rich_help_panel=SCALE, help="Under torchrun: each layer's weights split over N ranks "
+    "(tensor parallel), each reading only its slices.")]
 Anchor = Literal[ANCHORS]
 
 # The safety filter (docs/safety.md); cli/to_job.safety_of applies the operator's $QIMG_SAFETY rules to them.

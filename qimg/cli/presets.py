@@ -19,7 +19,8 @@ MAX_BYTES = 256 * 1024  # presets and chains are a few lines; anything larger is
 # a preset cannot pull in another, aim every run at one output, preview or mask file, nor let runs replace files
 # unasked; the user's to choose, per run (and --no-worker is decided before any preset is read)
 NOT_IN_PRESETS = {"preset", "out", "overwrite", "cache_dir", "cache_size", "no_cache", "no_worker", "preview",
-                  "save_mask", "prompts", "shard", "ray"}  # its batch, part, where it runs (seen before the worker)
+                  "save_mask", "prompts", "shard", "ray", "cfg_parallel", "ulysses", "tp"}  # its batch, part, where
+# it runs (seen before the worker; the ranks are torchrun's launch)
 EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "text", Path: "a file path"}
 
 

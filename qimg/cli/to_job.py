@@ -18,11 +18,15 @@ def model_of(p: dict, part=None) -> spec.ModelSpec:
     """part: the --shard, whose torchrun LOCAL_RANK picks the GPU under --device auto."""
     from qimg.weights.lora import parse_spec
 
+    layout = parallel_of(p)
+    local_rank = part.local_rank if part is not None else None
+    if layout is not None:
+        local_rank = int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else None
     return spec.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
-                          p["dequantize"], p["quantize"], part.local_rank if part is not None else None,
+                          p["dequantize"], p["quantize"], local_rank,
                           given_by("transformer") is ParameterSource.ENVIRONMENT, *devices_of(p),
-                          p["text_encoder"], p["vae"], p["vision"])
+                          p["text_encoder"], p["vae"], p["vision"], layout)
 
 
 def devices_of(p: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -35,6 +39,19 @@ def devices_of(p: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
         raise UsageError(f"give --device {p['device']} or --devices {p['devices']}, not both")
     devices = tuple(name.strip() for name in p["devices"].split(","))
     return devices, tuple(int(n) for n in p["split"].split(",")) if p["split"] is not None else ()
+
+
+def parallel_of(p: dict):
+    """--cfg-parallel, --ulysses and --tp as a parallel.layout.Layout (None: one process makes the image)."""
+    from qimg.parallel.layout import Layout
+
+    layout = Layout(p.get("cfg_parallel", False), p.get("ulysses", 1), p.get("tp", 1))
+    if layout.world == 1:
+        return None
+    if p.get("ray") is not None:
+        raise UsageError("--ray does not combine with --cfg-parallel, --ulysses or --tp yet; run the batch under "
+                         "torchrun alone")
+    return layout
 
 
 def given_by(name: str):

@@ -165,6 +165,7 @@ class Loading:
     text_encoder: Path | None = None
     vae: Path | None = None
     vision: Path | None = None
+    parallel: object = None  # qimg.parallel.group.Group: this process is one rank of an image's torchrun
 
 
 class Components:
@@ -203,6 +204,7 @@ class Components:
         except ValueError as e:
             raise QimgError(f"{folder / 'scheduler'}: {e}") from None
         self.loras = tuple(lora.load(spec, self.layers) for spec in loading.loras)
+        self.parallel = loading.parallel
         self._text = self._transformer = None
         self._vae = {}  # part ("encoder", "decoder") -> the VAE with that part's weights loaded
 
@@ -230,9 +232,15 @@ class Components:
         if self._transformer is None:
             cfg = self._config(TransformerConfig, "transformer")
             on_cpu = self.offload == "blocks" or bool(self.devices)
-            transformer = load_transformer(cfg, self.folder / "transformer", self.source, self.dtype,
-                                           torch.device("cpu") if on_cpu else self.device)
-            apply_adapters(transformer, [one.adapters for one in self.loras])
+            if self.parallel is not None and self.parallel.layout.tp > 1:  # this rank's slices of the weights
+                from qimg.parallel.tensor import load_split
+
+                transformer = load_split(cfg, self.folder / "transformer", self.dtype, self.device,
+                                         self.parallel.mesh["tp"], [one.adapters for one in self.loras])
+            else:
+                transformer = load_transformer(cfg, self.folder / "transformer", self.source, self.dtype,
+                                               torch.device("cpu") if on_cpu else self.device)
+                apply_adapters(transformer, [one.adapters for one in self.loras])
             if self.offload == "blocks":
                 place_for_streaming(transformer, self.device)
             if self.devices:
@@ -240,6 +248,8 @@ class Components:
                 place_split(transformer, stages, self.device)
             if self.compile:
                 transformer.compile_blocks()
+            if self.parallel is not None:
+                transformer = self.parallel.wrap(transformer)
             self._transformer = transformer
         return self._transformer
 

@@ -206,6 +206,8 @@ class Sampler(Components):
             return velocity
 
         velocity = model(len(condition.embeds))
+        if not guided and self.parallel is not None:
+            self.parallel.unguided()  # --cfg-parallel has no pair to split: said once
         if guided:
             velocity = true_cfg(velocity, cfg)
             if shortcuts.cfg_until < 1:

@@ -88,9 +88,7 @@ def generation_model(folder: Path, command: str) -> None:
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
     same numbers (jobs/kept_engine.py), then serving this job's cache."""
-    import torch
-
-    from qimg.engine.components import DTYPES, Loading, pick_device, pick_devices, pick_dtype
+    from qimg.engine.components import DTYPES, Loading, pick_devices, pick_dtype
     from qimg.engine.engine import Engine
     from qimg.jobs import kept_engine
     from qimg.weights.folders import model_kind
@@ -101,20 +99,36 @@ def open_engine(folder: Path, spec: ModelSpec, store):
         from qimg.engine.qwen21 import Engine21 as Engine
 
     speed = spec.speed()
-    device = pick_device(spec.device)  # what auto means here: the kept engine's key says what it runs on
+    device = engine_device(spec)  # what auto means here: the kept engine's key says what it runs on
     if spec.devices:  # the layer split's first device holds the layers around the blocks
         device = pick_devices(spec.devices)[0]
-    elif spec.device == "auto":
-        device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
     dtype = next(name for name, d in DTYPES.items() if d == pick_dtype(spec.dtype, device))
     key = {**speed, "loras": identity(spec.loras)} if spec.loras else speed
-    engine = kept_engine.engine(folder, str(device), dtype, key,
-                                lambda: Engine(folder, str(device), dtype, store, Loading(loras=spec.loras, **speed)))
+    group = None
+    if spec.parallel is not None:
+        from qimg.parallel.group import started
+
+        group = started()
+    engine = kept_engine.engine(folder, str(device), dtype, key, lambda: Engine(
+        folder, str(device), dtype, store, Loading(loras=spec.loras, parallel=group, **speed)))
     engine.cache = store
     if engine.devices:
         for line in engine.placement.lines():
             say(f"qimg: {line}")
     return engine
+
+
+def engine_device(spec: ModelSpec):
+    """The device --device names; auto under torchrun (--shard auto, --cfg-parallel, --ulysses, --tp) takes GPU
+    LOCAL_RANK of the node."""
+    import torch
+
+    from qimg.engine.components import pick_device
+
+    device = pick_device(spec.device)
+    if spec.device == "auto":
+        device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
+    return device
 
 
 def save_output(engine, reporter: Reporter, out: Path, params: Optional[dict], image, latent=None,

@@ -45,7 +45,8 @@ def output_params(command: str, engine, job, lineage: Optional[list] = None, fil
                   **source, loras=[one.record() for one in engine.loras], preset=preset_of(job.preset),
                   lineage=[{**entry, "preset": preset_of(entry.get("preset"))} for entry in lineage or []])
     local = {**{k: _each(v, str) for k, v in files.items()}, "model": str(engine.folder), "preset": job.preset,
-             **({"placement": engine.placement.as_dict()} if engine.devices else {})}
+             **({"placement": engine.placement.as_dict()} if engine.devices else {}),
+             **({"parallel": engine.parallel.layout.report()} if engine.parallel is not None else {})}
     return Params({**public, **local}, shown(public, job.output.metadata))
 
 

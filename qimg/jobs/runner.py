@@ -21,7 +21,12 @@ def execute(job: Job, reporter: Reporter) -> None:
     run = {Generate: generate.generate, Inpaint: edit.edit, Edit: edit.edit, Chain: chain.chain,
            Prompts: generate.prompts, Mask: mask.mask}[type(job)]
     try:
-        run(job, reporter)
+        if getattr(getattr(job, "model", None), "parallel", None) is not None:  # one image, every torchrun rank
+            from qimg.jobs import together
+
+            together.execute(job, reporter, run)
+        else:
+            run(job, reporter)
     except Withheld as e:  # a single item's (a batch's end has no record): --json says so too
         if e.record:
             reporter.withheld(item_of(job), e, line=False)

@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from qimg.jobs.shard import Shard
 from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES, SAFETY_THRESHOLD
+from qimg.parallel.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ModelSpec:
     text_encoder: Optional[Path] = None  # the text encoder from one file (ComfyUI's, a llama.cpp GGUF)
     vae: Optional[Path] = None  # the VAE from one file (Wan or diffusers names)
     vision: Optional[Path] = None  # an Edit model's vision tower from a llama.cpp mmproj file
+    parallel: Optional[Layout] = None  # --cfg-parallel, --ulysses, --tp: one image on the ranks of a torchrun
 
     def speed(self) -> dict:
         """The Engine's memory and speed options, and where its transformer weights come from (an absolute path:

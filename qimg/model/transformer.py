@@ -150,6 +150,9 @@ class AttentionPlan(NamedTuple):
     kept: Tensor | None = None  # (K,) [text; image] indices of kept image tokens; None = plain attention
     rest: Tensor | None = None  # (S + L - K,) indices of text and edited image tokens: they see everything
     noisy: int | None = None  # image tokens [0, noisy) are the noisy grid's, the rest reference images'
+    # Sequence parallelism (qimg.parallel.ulysses.Exchange): the blocks hold a shard of the tokens, and attention
+    # trades them for heads (to_heads) and back (to_tokens). None: one process holds every token.
+    exchange: object | None = None
 
 
 def attention_plan(txt_mask: Tensor | None, keep: Tensor | None, txt_len: int, img_len: int,
@@ -211,8 +214,7 @@ class FeedForward(nn.Module):
 class JointAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
+        self.head_dim = head_dim = dim // num_heads
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))  # image stream
         self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))  # text stream
         self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
@@ -223,8 +225,8 @@ class JointAttention(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, rope: tuple[Tensor, Tensor], plan: AttentionPlan
     ) -> tuple[Tensor, Tensor]:
-        def heads(x):  # (B, N, H*D) -> (B, N, H, D)
-            return x.unflatten(-1, (self.num_heads, -1))
+        def heads(x):  # (B, N, H*D) -> (B, N, H, D); H is this rank's share under tensor parallelism
+            return x.unflatten(-1, (-1, self.head_dim))
 
         # Per-stream projections and QK norms, then one sequence [text; image] (the reference's order).
         txt_q, txt_k, txt_v = (heads(proj(txt)) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
@@ -232,11 +234,15 @@ class JointAttention(nn.Module):
         q = torch.cat([self.norm_added_q(txt_q), self.norm_q(img_q)], dim=1)  # (B, S + L, H, D)
         k = torch.cat([self.norm_added_k(txt_k), self.norm_k(img_k)], dim=1)
         v = torch.cat([txt_v, img_v], dim=1)
+        if plan.exchange is not None:  # this rank's tokens, every head -> every token, this rank's heads
+            q, k, v = plan.exchange.to_heads(q, k, v)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if plan.kept is None:
             x = attention(q, k, v, plan.mask)  # (B, S + L, dim)
         else:
             x = split_attention(q, k, v, plan.mask, plan.kept, plan.rest)
+        if plan.exchange is not None:
+            x = plan.exchange.to_tokens(x)
         s = txt.shape[1]
         return self.to_out[0](x[:, s:]), self.to_add_out(x[:, :s])
 

@@ -22,6 +22,7 @@ from qimg.worker.protocol import Messages, job_message, send
 MODEL_COMMANDS = ("generate", "inpaint", "outpaint", "edit", "chain", "mask")  # the others are quick in-process
 SPREADING = ("--shard", "--ray")  # runs that divide a batch between processes: each runs its part itself, never
 # queued behind the others in one worker (torchrun's ranks would take turns in it, on its one device)
+TOGETHER = ("--cfg-parallel", "--ulysses", "--tp")  # one image on every rank of a torchrun: never in a worker
 OFF = ("0", "false", "off", "no")  # QIMG_WORKER values that mean in-process
 DEFAULT_IDLE = 600
 READY_TIMEOUT = 120.0  # seconds a starting worker may take to import torch and listen
@@ -115,11 +116,13 @@ def clear(path) -> None:
 
 def maybe_submit(argv: list[str]) -> int | None:
     """Run a model command in the worker and return its exit code; None when it should run in-process:
-    not a model command, --no-worker or QIMG_WORKER=0, --shard or --ray, no worker running (QIMG_WORKER=auto
+    not a model command, --no-worker or QIMG_WORKER=0, --shard or --ray, the ranks of one image (--cfg-parallel,
+    --ulysses, --tp), no worker running (QIMG_WORKER=auto
     starts one),
     or the worker could not be reached before the job started."""
     mode = os.environ.get("QIMG_WORKER", "1").strip().lower()
-    if mode in OFF or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS or spreads(argv):
+    if mode in OFF or "--no-worker" in argv or command_of(argv) not in MODEL_COMMANDS or spreads(argv) \
+            or any(a.split("=", 1)[0] in TOGETHER for a in argv):
         return None
     try:
         if not paths.check_dir(paths.socket_dir(), create=mode == "auto"):

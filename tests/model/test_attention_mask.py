@@ -70,7 +70,7 @@ def test_plan_edge_cases():
     assert plan.mask is None
 
     nothing_kept = attention_plan(None, torch.zeros(5, dtype=torch.bool), txt_len=3, img_len=5)
-    assert nothing_kept == (None, None, None, None)  # plain attention, not a split with an empty group
+    assert nothing_kept == (None, None, None, None, None)  # plain attention, not a split with an empty group
 
     all_kept = attention_plan(None, torch.ones(5, dtype=torch.bool), txt_len=3, img_len=5)
     assert all_kept.rest.tolist() == [0, 1, 2]  # only text attends to everything
