@@ -212,6 +212,8 @@ class Components:
     def text(self):
         """The TextEncoder, or for an Edit model the InstructEncoder (instruction plus pictures)."""
         if self._text is None:
+            if self._transformer is not None and self.devices and self.placement.text_released:
+                self._free("transformer")  # a later prompt: the encoder does not fit beside the blocks; they reload
             device = self.place("text")
             if self.files.text_encoder:
                 self._text = load_text_files(self.files, self.folder, self.kind, self.dtype, device,
@@ -362,6 +364,9 @@ class Components:
         its part of the job is done; it reloads when next needed."""
         if self.offload != "model" and not (component == "text" and self.devices and self.placement.text_released):
             return
+        self._free(component)
+
+    def _free(self, component: str) -> None:
         if component in VAE_PARTS:
             self._vae.pop(component, None)
         else:

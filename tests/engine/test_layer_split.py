@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
+from qimg.engine import components
 from qimg.engine.components import Loading
 from qimg.engine.engine import Engine
 from qimg.engine.request import Sampling
@@ -73,6 +74,23 @@ def test_a_text_encoder_the_plan_releases_encodes_first_and_model_offload_reload
     engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(offload="model", devices=("cpu", "cpu")))
     for _ in range(2):  # the transformer freed after each run, split again when it reloads
         assert np.array_equal(engine.generate(**job).image, one) and engine._transformer is None
+
+
+@pytest.mark.slow
+def test_a_released_text_encoder_never_loads_beside_the_blocks_for_a_later_prompt(tiny_model_dir, monkeypatch):
+    # --prompts' next entry, an Edit folder's next image, --no-cache: each prompt that misses the cache reloads
+    # the text encoder; where the plan releases it, the transformer's blocks must be off the devices by then
+    engine = Engine(tiny_model_dir, "cpu", "float32", loading=Loading(devices=("cpu", "cpu")))
+    engine.placement = replace(engine.placement, text_released=True)
+    resident = []
+    load = components.load_text_encoder
+    monkeypatch.setattr(components, "load_text_encoder",
+                        lambda *a, **k: resident.append(engine._transformer is not None) or load(*a, **k))
+    jobs = [dict(sampling=Sampling(p, " ", steps=2, cfg=4.0, seed=3), width=64, height=48) for p in ("a", "b")]
+    images = [engine.generate(**job).image for job in jobs]
+    assert resident == [False, False]
+    one = Engine(tiny_model_dir, "cpu", "float32")
+    assert all(np.array_equal(image, one.generate(**job).image) for image, job in zip(images, jobs))
 
 
 @pytest.mark.slow
