@@ -15,8 +15,8 @@ KINDS = ("inpaint", "outpaint", "edit")
 # set once for the whole chain, on its command line
 CHAIN_LEVEL = {"out", "overwrite", "json_", "metadata", "model", "device", "dtype", "cache_dir", "no_cache",
                "cache_size", "offload", "compile_", "attention", "vae_tiling", "no_worker", "preview", "preview_every",
-               "lora", "transformer", "dequantize", "quantize", *SAFETY_PARAMS, "background", "quiet",
-               "cfg_parallel", "ulysses", "tp"}
+               "lora", "transformer", "dequantize", "quantize", "devices", "split", "text_encoder", "vae", "vision",
+               *SAFETY_PARAMS, "background", "quiet", "cfg_parallel", "ulysses", "tp"}
 BATCH_ONLY = {"out_dir", "skip_existing", "mask_dir", "save_mask",  # over many files: no place in a chain
               "shard", "ray", "ray_workers", "retries"}
 # edit's --size and --mask-crop: a chain's canvas keeps its size, and its latent covers the whole of it

@@ -229,11 +229,16 @@ edits:
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, out_dir: o}\n', ["edit 1 (inpaint)", "unknown key 'out_dir'"]),
     ('  - outpaint: {right: 16, prompt: x, ray_workers: 2}\n', ["edit 1 (outpaint)", "unknown key 'ray_workers'"]),
     ('  - inpaint: {rect: "0,0,9,9", prompt: x, no_cache: true}\n', ["edit 1 (inpaint)", "unknown key 'no_cache'"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, devices: "cpu,cpu"}\n', ["edit 1 (inpaint)", "unknown key 'devices'"]),
+    ('  - outpaint: {right: 16, prompt: x, split: "1,1"}\n', ["edit 1 (outpaint)", "unknown key 'split'"]),
+    ('  - inpaint: {rect: "0,0,9,9", prompt: x, vae: v.safetensors}\n', ["edit 1 (inpaint)", "unknown key 'vae'"]),
+    ('devices: "cpu,cpu"\nedits:\n  - inpaint: {rect: "0,0,9,9", prompt: x}\n', ["unknown key 'devices'"]),
+    ('split: "1,1"\nedits:\n  - inpaint: {rect: "0,0,9,9", prompt: x}\n', ["unknown key 'split'"]),
     ('  - inpaint: [1, 2]\n', ["edit 1 (inpaint)", "expected a mapping"]),
     ('  []\n', ["needs `edits:`"]),
 ])
 def test_bad_chain_names_the_edit_and_key_and_writes_nothing(tiny_model_dir, photo, tmp_path, cli, edits, fragments):
-    chain_file = write_chain(tmp_path / "c", "edits:\n" + edits)
+    chain_file = write_chain(tmp_path / "c", edits if "edits:" in edits else "edits:\n" + edits)
     out = tmp_path / "o.png"
     code, _, err = chain(cli, tiny_model_dir, photo, chain_file, tmp_path, "-o", out)
     assert code == 2
