@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from helpers import lightning_lora, lora_layers, one_line, pixels
 from PIL import Image
 from safetensors.torch import save_file
@@ -120,7 +121,6 @@ def test_a_preset_gives_the_devices_and_the_split(tiny_model_dir, tmp_path, cli)
 
 @pytest.mark.parametrize("args, fragments", [
     (("--devices", "cpu,tpu"), ("--devices", "'tpu' is not a device")),
-    (("--devices", "cpu,cuda:1"), ("--devices cuda:1", "not available")),
     (("--split", "1,1"), ("--split 1,1 goes with --devices",)),
     (("--devices", "cpu,cpu", "--device", "cpu"), ("give --device cpu or --devices cpu,cpu, not both",)),
     (("--devices", "cpu,cpu", "--split", "2,1"), ("--split 2,1 adds up to 3, and the model has 2",)),
@@ -134,4 +134,17 @@ def test_refusals_are_one_usage_line(tiny_model_dir, tmp_path, cli, args, fragme
                          "-o", tmp_path / "o.png", "--no-worker", *args)
     assert code == 2 and out == ""
     one_line(err, *fragments)
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_a_cuda_device_the_machine_lacks_is_refused_with_or_without_gpus(tiny_model_dir, tmp_path, cli, monkeypatch,
+                                                                        gpus):
+    # the machine's GPUs faked, so the refusal is checked as a machine without GPUs and one with two would see it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    code, out, err = cli("generate", "-m", tiny_model_dir, "-p", "x", "--size", "32x32", "--steps", 1,
+                         "-o", tmp_path / "o.png", "--no-worker", "--devices", f"cpu,cuda:{gpus}")
+    assert code == 2 and out == ""
+    one_line(err, f"--devices cuda:{gpus}", "only 2 CUDA device(s) present" if gpus else "CUDA is not available here")
     assert not (tmp_path / "o.png").exists()
