@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qimg.engine.memory import activation_bytes
-from qimg.engine.placement import balanced_ranges, by_block, module_bytes
+from qimg.engine.placement import balanced_ranges, by_block, module_bytes, weights_of
 from qimg.model.quant import packed_size
 from qimg.model.qwen2 import Qwen2Config, Qwen2Model
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
@@ -41,7 +41,7 @@ def per_device(sizes: dict[str, int], devices: int) -> tuple[list[int], list[int
     """(blocks per device, weight bytes per device) for `devices` devices of equal free memory."""
     blocks, rest = by_block(sizes)
     ranges = balanced_ranges(blocks, [1.0] * devices, rest)
-    return [b - a for a, b in ranges], [sum(blocks[a:b]) + (rest if i == 0 else 0) for i, (a, b) in enumerate(ranges)]
+    return [b - a for a, b in ranges], list(weights_of(blocks, rest, ranges))
 
 
 def main() -> None:

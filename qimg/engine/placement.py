@@ -123,7 +123,7 @@ def plan(devices: list[str], needs: Needs, free: dict[str, int | None], split: t
         ranges = given_ranges(split, len(needs.blocks), len(devices))
     else:
         ranges = balanced_ranges(needs.blocks, [max(s, 1.0) for s in shares], needs.rest)
-    weights = tuple(sum(needs.blocks[a:b]) + (needs.rest if i == 0 else 0) for i, (a, b) in enumerate(ranges))
+    weights = weights_of(needs.blocks, needs.rest, ranges)
     held = {name: sum(w for d, w in zip(devices, weights) if d == name) for name in count}
     if known:
         for name in count:
@@ -141,6 +141,11 @@ def plan(devices: list[str], needs: Needs, free: dict[str, int | None], split: t
         text = max(count, key=lambda name: free[name])
     return Placement(tuple(devices), tuple(ranges), weights, tuple(free[name] for name in devices), text, released,
                      vae)
+
+
+def weights_of(blocks: list[int], rest: int, ranges) -> tuple[int, ...]:
+    """Bytes of transformer weights each device holds: its range's blocks, the first one the rest besides."""
+    return tuple(sum(blocks[a:b]) + (rest if i == 0 else 0) for i, (a, b) in enumerate(ranges))
 
 
 def by_block(sizes: dict[str, int]) -> tuple[list[int], int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qimg.engine.placement import Needs, balanced_ranges, by_block, given_ranges, plan
+from qimg.engine.placement import Needs, balanced_ranges, by_block, given_ranges, plan, weights_of
 from qimg.errors import UsageError
 
 GB = 2**30
@@ -54,6 +54,13 @@ def test_split_counts_become_ranges():
 def test_split_counts_that_do_not_fit_the_model_are_refused(split, fragment):
     with pytest.raises(UsageError, match=fragment):
         given_ranges(split, 60, 2)
+
+
+def test_each_device_holds_its_blocks_and_the_first_the_layers_around_them():
+    assert weights_of([1, 2, 3, 4], 10, [(0, 1), (1, 4)]) == (11, 9)
+    assert weights_of([5, 5, 5], 2, [(0, 3)]) == (17,)
+    placed = plan(["a", "b"], Needs([1, 2, 3, 4], 10, 0, 0, 0), {"a": None, "b": None}, (1, 3))
+    assert placed.weights == (11, 9)
 
 
 def needs(blocks=60, block=GB // 3, text=14 * GB, working=GB):
