@@ -25,18 +25,26 @@ def model_of(p: dict, part=None) -> spec.ModelSpec:
     return spec.ModelSpec(p["model"], p["device"], p["dtype"], p["offload"], p["compile_"], p["attention"],
                           p["vae_tiling"], tuple(parse_spec(text) for text in p["lora"] or ()), p["transformer"],
                           p["dequantize"], p["quantize"], local_rank,
-                          given_by("transformer") is ParameterSource.ENVIRONMENT, *devices_of(p),
+                          given_by("transformer") is ParameterSource.ENVIRONMENT, *devices_of(p, part),
                           p["text_encoder"], p["vae"], p["vision"], layout)
 
 
-def devices_of(p: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """--devices and --split as tuples (empty: one device), refused with --device or each other's absence."""
+def devices_of(p: dict, part=None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """--devices and --split as tuples (empty: one device), refused with --device or each other's absence, and
+    where every process would split over the same devices: Ray's actors (a GPU each) and torchrun's ranks
+    (--shard auto from LOCAL_RANK). A --shard I/N or Slurm array task names its own devices."""
     if p["devices"] is None:
         if p["split"] is not None:
             raise UsageError(f"--split {p['split']} goes with --devices (the devices the blocks are split over)")
         return (), ()
     if p["device"] != "auto":
         raise UsageError(f"give --device {p['device']} or --devices {p['devices']}, not both")
+    if p.get("ray") is not None:
+        raise UsageError("--devices does not combine with --ray (each actor has one GPU); start one qimg per set "
+                         "of devices with --shard I/N and its own --devices instead")
+    if part is not None and part.local_rank is not None:
+        raise UsageError(f"--devices does not combine with --shard auto under torchrun (every rank would split "
+                         f"over {p['devices']}); start one qimg per set of devices with --shard I/N instead")
     devices = tuple(name.strip() for name in p["devices"].split(","))
     return devices, tuple(int(n) for n in p["split"].split(",")) if p["split"] is not None else ()
 

@@ -148,3 +148,31 @@ def test_a_cuda_device_the_machine_lacks_is_refused_with_or_without_gpus(tiny_mo
     assert code == 2 and out == ""
     one_line(err, f"--devices cuda:{gpus}", "only 2 CUDA device(s) present" if gpus else "CUDA is not available here")
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("args, env, fragment", [
+    (("--ray", "local"), {}, "--devices does not combine with --ray"),
+    (("--shard", "auto"), {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+     "--devices does not combine with --shard auto under torchrun (every rank would split over cpu,cpu)"),
+])
+def test_devices_are_refused_where_every_process_would_split_over_the_same_ones(tiny_model_dir, tmp_path, cli,
+                                                                               monkeypatch, args, env, fragment):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    code, out, err = cli("generate", "-m", tiny_model_dir, "--prompts", prompts, "--size", "32x32", "--steps", 1,
+                         "--out-dir", tmp_path / "out", "--no-worker", *SPLIT, *args)
+    assert code == 2 and out == ""
+    one_line(err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_shard_the_user_starts_names_its_own_devices(tiny_model_dir, tmp_path, cli):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    code, _, err = cli("generate", "-m", tiny_model_dir, "--prompts", prompts, "--size", "32x32", "--steps", 1,
+                       "--out-dir", tmp_path / "out", "--no-worker", *SPLIT, "--shard", "1/2")
+    assert code == 0, err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
