@@ -1,5 +1,6 @@
 """The real-width transformer on a GPU: seconds per forward, TFLOP/s and fraction of the device's bf16 peak,
-qimg (eager, --compile, --offload blocks) vs diffusers in the same run. Skipped when no CUDA device is present.
+qimg (eager, --compile, --offload blocks, --devices cuda:0,cuda:1 when two GPUs are visible) vs diffusers in the
+same run. Skipped when no CUDA device is present.
 
     PYTHONPATH=. python benchmarks/gpu.py                      # 60 blocks, 1024x1024, ~100 text tokens
     PYTHONPATH=. python benchmarks/gpu.py --layers 20 --reps 5 --peak-tflops 989
@@ -24,6 +25,7 @@ import torch
 from common import machine, timed
 
 from qimg.model.offload import BlockStream
+from qimg.model.split import place_split
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
@@ -85,11 +87,13 @@ def main():
            "qimg cfg": lambda: qimg(slice(0, 2))}
     with torch.inference_mode():
         expected = reference(one).float()
-        errors = {"qimg": (qimg().float() - expected).abs().max().item()}
+        single = qimg().float()
+        errors = {"qimg": (single - expected).abs().max().item()}
         seconds = timed(fns, args.reps, warmup=2, sync=torch.cuda.synchronize)
         models.clear()  # qimg's module now holds the only reference to the weights
         torch.cuda.empty_cache()
         streamed, streamed_peak = offload_seconds(ours, lambda: qimg(), args.reps)
+        split = split_seconds(ours, qimg, single, args.reps)
 
         ours.compile_blocks()
         start = time.perf_counter()
@@ -110,6 +114,12 @@ def main():
             share = f"{100 * tflops / peak:6.1f}%" if peak else "   n/a"
             ratio = seconds["diffusers" + suffix] / seconds[row + suffix]
             print(f"{row + suffix:<22} {s:>9.3f}s {tflops:>8.0f} {share:>7} {ratio:>12.2f}x   {errors.get(row, 0):.1e}")
+    if split is None:
+        print(f"{'qimg --devices':<22} skipped: {torch.cuda.device_count()} GPU visible, the layer split needs 2")
+    else:
+        s, diff, peaks = split
+        print(f"{'qimg --devices 0,1':<22} {s:>9.3f}s {'':>8} {'':>7} {seconds['diffusers'] / s:>12.2f}x   {diff:.1e} "
+              f"vs one GPU; peak GPU memory {peaks[0] / 2**30:.1f} + {peaks[1] / 2**30:.1f} GiB")
     print(f"{'qimg --offload blocks':<22} {streamed:>9.3f}s {'':>8} {'':>7} {seconds['diffusers'] / streamed:>12.2f}x"
           f"   peak GPU memory {streamed_peak / 2**30:.1f} GiB")
     parallel_modes(args)
@@ -125,6 +135,29 @@ def parallel_modes(args) -> None:
     subprocess.run([sys.executable, str(Path(__file__).with_name("parallel.py")), "--device", "cuda", "--width",
                     "real", "--layers", str(args.layers), "--size", str(args.size), "--txt-tokens",
                     str(args.txt_tokens), "--reps", str(args.reps), "--ranks", str(min(gpus, 4))], check=False)
+
+
+def split_seconds(ours, forward, single, reps) -> tuple[float, float, list[int]] | None:
+    """--devices cuda:0,cuda:1: the blocks halved over two GPUs and run as --devices runs them (model/split.py), the
+    layers around them on the first. Seconds per forward, the largest difference from one GPU's output `single`
+    (0 expected: the same kernels in the same order; a tensor left on the wrong GPU fails instead) and each GPU's
+    peak memory; then the blocks go back to the first GPU. None with fewer than two GPUs."""
+    if torch.cuda.device_count() < 2:
+        return None
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    half = len(ours.transformer_blocks) // 2
+    place_split(ours, [(devices[0], 0, half), (devices[1], half, len(ours.transformer_blocks))], devices[0])
+    torch.cuda.empty_cache()
+    for device in devices:
+        torch.cuda.reset_peak_memory_stats(device)
+    diff = (forward().float() - single).abs().max().item()
+    seconds = timed({"split": forward}, reps, warmup=1,
+                    sync=lambda: [torch.cuda.synchronize(device) for device in devices])["split"]
+    peaks = [torch.cuda.max_memory_allocated(device) for device in devices]
+    del ours.run_blocks
+    ours.transformer_blocks.to(devices[0])
+    torch.cuda.empty_cache()
+    return seconds, diff, peaks
 
 
 def offload_seconds(ours, forward, reps) -> tuple[float, int]:
