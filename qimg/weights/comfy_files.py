@@ -59,7 +59,7 @@ def wan_vae_key(key: str, res_blocks: int = 2) -> str | None:
 # --- llama.cpp's text encoder and mmproj ---------------------------------------------------------------------
 
 TEXT_ARCHITECTURES = {"qwen2vl": "Qwen2.5-VL's language model"}
-VISION_ARCHITECTURES = {"clip": "a vision tower (mmproj)"}
+VISION_ARCHITECTURES = {"clip": "Qwen2.5-VL's vision tower (mmproj)"}
 VISION_PROJECTOR = "qwen2.5vl_merger"  # clip.projector_type of Qwen2.5-VL's mmproj files
 TEXT_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}

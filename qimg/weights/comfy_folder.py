@@ -122,8 +122,8 @@ def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
                                  f"{PARTS[part]} FILE")
             if not found and part != "vision tower":
                 raise UsageError(f"{folder} is neither a diffusers model folder (no model_index.json) nor holds a "
-                                 f"Qwen-Image {part} file (looked in {', '.join(SUBFOLDERS[part])}/ or the folder "
-                                 f"itself); pass it with {PARTS[part]} FILE")
+                                 f"Qwen-Image {part} file (looked in {', '.join(f'{s}/' for s in SUBFOLDERS[part])} "
+                                 f"or the folder itself); pass it with {PARTS[part]} FILE")
             chosen[i] = found[0] if found else None
         if part == "transformer":
             shipped_folder(chosen[0])  # the transformer must be one qimg has the configs for

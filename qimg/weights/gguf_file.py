@@ -117,9 +117,9 @@ def _read_header(path: Path, size: int, mtime: int, option: str,
         data = -(-f.tell() // alignment) * alignment
     arch = meta.get("general.architecture")
     if arch not in architectures:
-        wanted = " or ".join(f"{name} ({key})" for key, name in architectures.items())
-        raise UsageError(f"{option} {path}: a GGUF file of architecture {str(arch)[:40]!r}, not {wanted}; pass "
-                         f"the {wanted} file {option} takes")
+        wanted = " or ".join(f"{name} (architecture {key})" for key, name in architectures.items())
+        raise UsageError(f"{option} {path}: a GGUF file of architecture {str(arch)[:40]!r}; {option or 'qimg'} "
+                         f"takes {wanted}")
     infos = [_tensor(path, size, data, alignment, *t, option=option) for t in raw]
     end, last = data, None
     for info in sorted(infos, key=lambda t: t.start):

@@ -196,6 +196,11 @@ def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir
     code, _, err = cli("generate", "-p", "a red circle", "-m", models, "--vae", files[2], "-o", tmp_path / "x.png",
                        *RUN)
     assert code == 0, err
+    (models / "text_encoders" / files[1].name).unlink()
+    code, _, err = cli("generate", "-p", "a red circle", "-m", models, "--vae", files[2], "-o", tmp_path / "x.png",
+                       *RUN)
+    assert code == 2
+    one_line(err, "nor holds a Qwen-Image text encoder file (looked in text_encoders/, clip/ or the folder itself)")
 
 
 def test_info_tells_each_part_file(cli, tiny_model_dir, tmp_path, shipped):

@@ -79,7 +79,7 @@ def test_every_type_dequantizes_like_gguf(every_type):
 
 
 @pytest.mark.parametrize("arch, kind, message", [
-    ("flux", "Q8_0", "architecture 'flux', not Qwen-Image"),
+    ("flux", "Q8_0", r"architecture 'flux'; --transformer takes Qwen-Image \(architecture qwen_image\)$"),
     ("qwen_image", "IQ4_XS", "to_q.weight is IQ4_XS, which qimg does not read"),
     ("qwen_image", "TQ1_0", "to_q.weight is TQ1_0, which qimg does not read"),
 ])

@@ -143,8 +143,14 @@ def test_wrong_parts_and_architectures_are_one_line_each(tiny_model_dir, tmp_pat
         load_vae(te, VAEConfig(), torch.float32, CPU)
     other = tmp_path / "llama.gguf"
     gguf_text_encoder(tiny_model_dir, other, arch="llama")
-    with pytest.raises(UsageError, match="architecture 'llama', not Qwen2.5-VL's language model"):
+    with pytest.raises(UsageError, match="architecture 'llama'; --text-encoder takes Qwen2.5-VL's language model"):
         load_language_model(other, cfg, torch.float32, CPU, unpack=True)
+    text_gguf = tmp_path / "te.gguf"
+    gguf_text_encoder(tiny_model_dir, text_gguf)
+    with pytest.raises(UsageError) as e:  # said once, as a sentence (it read "pass the a vision tower ... file")
+        load_vision_tower(Files(vision=text_gguf), VisionConfig(), torch.float32, CPU)
+    assert str(e.value) == (f"--vision {text_gguf}: a GGUF file of architecture 'qwen2vl'; --vision takes "
+                            "Qwen2.5-VL's vision tower (mmproj) (architecture clip)")
     qwen2vl = tmp_path / "qwen2vl-mmproj.gguf"
     mmproj(tiny_model_dir, qwen2vl, projector="qwen2vl_merger")
     with pytest.raises(UsageError, match="its projector is 'qwen2vl_merger', not Qwen2.5-VL's"):
