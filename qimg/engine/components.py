@@ -325,7 +325,7 @@ class Components:
     def text_fingerprint(self) -> str:
         # dtype and device too: an embedding computed elsewhere would give a slightly different image
         encoder = self.files.text_encoder or self.folder / "text_encoder"
-        parts = (fingerprint(encoder), *(fingerprint(p) for p in text_files(self.files, self.folder)))
+        parts = (fingerprint(encoder), *(fingerprint(p) for p in text_files(self.files, self.folder, self.kind.edits)))
         if (self.folder / "processor").is_dir():  # an Edit model's image sizes and vision tokens come from there
             parts += (fingerprint(self.folder / "processor"),)
         return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))

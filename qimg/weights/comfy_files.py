@@ -117,13 +117,32 @@ PARTS = {"transformer": "--transformer", "text encoder": "--text-encoder", "VAE"
          "vision tower": "--vision"}
 
 
+TEXT_EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "token_embd.weight")
+TEXT_LAYER = re.compile(r"(?:model\.(?:language_model\.)?layers|blk)\.(\d+)\.")
+
+
+def text_size(shapes: dict) -> tuple[int | None, int]:
+    """(width, layers) of a text encoder from its tensors' shapes by the file's own names: the checkpoint's
+    (`model.*`), transformers 5's (`model.language_model.*`) or llama.cpp's (`token_embd`, `blk.N`); the width is
+    None without a token embedding."""
+    width = next((shapes[k][1] for k in TEXT_EMBEDDINGS if k in shapes), None)
+    return width, len({m.group(1) for n in shapes if (m := TEXT_LAYER.match(n))})
+
+
+def latent_channels(shapes: dict) -> int | None:
+    """Channels of the latents a VAE file makes (post_quant_conv's input; `conv2` in Wan's names), from its
+    tensors' shapes; None without that layer."""
+    shape = shapes.get("post_quant_conv.weight") or shapes.get("conv2.weight")
+    return shape[1] if shape else None
+
+
 def part_of(names) -> str | None:
     """"transformer", "text encoder", "VAE" or "vision tower", as a file's tensor names (any of the layouts above,
     a ComfyUI all-in-one prefix already stripped) say; None when they say none of these."""
     names = set(names)
     if any(n.startswith(("transformer_blocks.", "img_in.")) for n in names):
         return "transformer"
-    if names & {"model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "token_embd.weight"}:
+    if names.intersection(TEXT_EMBEDDINGS):
         return "text encoder"
     if any(n.startswith("decoder.") for n in names):
         return "VAE"

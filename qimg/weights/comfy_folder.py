@@ -10,7 +10,15 @@ from pathlib import Path
 
 from qimg.errors import QimgError, UsageError, listing
 from qimg.weights import gguf_file
-from qimg.weights.comfy_files import PARTS, TEXT_ARCHITECTURES, VISION_ARCHITECTURES, WAN_MARK, part_of
+from qimg.weights.comfy_files import (
+    PARTS,
+    TEXT_ARCHITECTURES,
+    VISION_ARCHITECTURES,
+    WAN_MARK,
+    latent_channels,
+    part_of,
+    text_size,
+)
 from qimg.weights.single_file import open_weights
 
 SUBFOLDERS = {"transformer": ("diffusion_models", "unet"), "text encoder": ("text_encoders", "clip"),
@@ -60,15 +68,13 @@ def describe_file(path: Path) -> dict | None:
         info |= {"blocks": blocks, "width": width, "text_width": text,
                  "variant": shipped_folder(path).name if _ships(path) else None}
     elif part == "text encoder":
-        embed = shapes.get("model.embed_tokens.weight") or shapes.get("token_embd.weight")
-        layers = {k.split(".")[2] for k in shapes if k.startswith("model.layers.")} or \
-            {k.split(".")[1] for k in shapes if k.startswith("blk.")}
-        info |= {"width": embed[1], "layers": len(layers),
+        width, layers = text_size(shapes)
+        info |= {"width": width, "layers": layers,
                  "vision_tower": any(k.startswith(("visual.", "model.visual.")) for k in shapes),
                  "tokenizer": "in the file" if path.suffix.lower() == ".gguf" else _tokenizer(path)}
     elif part == "VAE":
         info |= {"names": "Wan 2.1" if WAN_MARK in shapes else "diffusers",
-                 "latent_channels": (shapes.get("conv2.weight") or shapes.get("post_quant_conv.weight") or (0, 0))[1]}
+                 "latent_channels": latent_channels(shapes)}
     return info
 
 
@@ -85,11 +91,9 @@ def _tokenizer(path: Path) -> str:
 
 def _fits(part: str, shapes: dict, text_width: int | None) -> bool:
     if part == "text encoder":
-        embed = shapes.get("model.embed_tokens.weight") or shapes.get("token_embd.weight") or (0, 0)
-        return text_width is None or embed[1] == text_width
+        return text_width is None or text_size(shapes)[0] == text_width
     if part == "VAE":
-        z = (shapes.get("conv2.weight") or shapes.get("post_quant_conv.weight") or (0, 0))[1]
-        return any(m in shapes for m in VAE_MARKS) and z == 16
+        return any(m in shapes for m in VAE_MARKS) and latent_channels(shapes) == 16
     if part == "vision tower":
         return "v.blk.0.attn_q.weight" in shapes
     return "txt_in.weight" in shapes

@@ -35,8 +35,10 @@ from qimg.weights.comfy_files import (
     WAN_MARK,
     gguf_text_key,
     join_vision,
+    latent_channels,
     mmproj_key,
     part_of,
+    text_size,
     wan_vae_key,
 )
 from qimg.weights.folders import Contents, ModelKind, check_keys, read_config
@@ -248,12 +250,13 @@ def tokenizer_for(files: Files, folder: Path, edits: bool) -> Tokenizer:
     return tokenizer
 
 
-def text_files(files: Files, folder: Path) -> tuple[Path, ...]:
+def text_files(files: Files, folder: Path, edits: bool) -> tuple[Path, ...]:
     """What the prompt embeddings depend on besides the text encoder's weights, for their fingerprint: the
-    folder's tokenizer/; with a text encoder file, the vision file and the tokenizer it takes."""
+    folder's tokenizer/; with a text encoder file, the vision file and the tokenizer it takes (edits: an Edit
+    model's, ModelKind.edits)."""
     if not files.text_encoder:
         return (folder / "tokenizer",)
-    place = tokenizer_place(files, folder, edits=(folder / "processor").is_dir())
+    place = tokenizer_place(files, folder, edits)
     return tuple(p for p in (files.vision, place) if p and p != files.text_encoder)
 
 
@@ -325,8 +328,8 @@ def check_files(files: Files, folder: Path, kind: ModelKind, transformer: Path |
             raise QimgError(f"{folder / 'vae' / 'config.json'}: {e}") from None
         with open_part(files.vae, VAE) as found:
             shapes = {k: w.shape for k, w in vae_weights(found, cfg).items()}
-        z = shapes.get("post_quant_conv.weight", (0, 0))[1]
-        if z != cfg.z_dim:
+        z = latent_channels(shapes)
+        if z is not None and z != cfg.z_dim:
             raise UsageError(f"{VAE} {files.vae} makes latents of {z} channels and the model's transformer takes "
                              f"{cfg.z_dim}: they are from different models")
         with torch.device("meta"):
@@ -357,7 +360,7 @@ def _check_text(files: Files, folder: Path, kind: ModelKind, transformer: Path |
     with open_part(path, TEXT) as found:
         weights = text_weights(found)
         visual = [n for n in found.weights if vision.remap_keys(n)]
-    width = weights["embed_tokens.weight"].shape[1] if "embed_tokens.weight" in weights else None
+        width = text_size({n: w.shape for n, w in found.weights.items()})[0]
     if width is not None and width != takes:
         raise UsageError(f"{TEXT} {path} is {width} wide and {where} takes {takes}: they are from different "
                          "models (a Qwen-Image-2.1 text encoder with a 20B transformer?)")

@@ -20,7 +20,14 @@ from qimg.model.vae import VAEConfig
 from qimg.model.vision import VisionConfig
 from qimg.weights.comfy_files import gguf_text_key, mmproj_key, part_of, wan_vae_key
 from qimg.weights.folders import EDIT, QWEN_IMAGE, load_module, read_config
-from qimg.weights.split_files import Files, load_language_model, load_vae, load_vision_tower, tokenizer_for
+from qimg.weights.split_files import (
+    Files,
+    load_language_model,
+    load_vae,
+    load_vision_tower,
+    text_files,
+    tokenizer_for,
+)
 from qimg.weights.text_encoder import load_text_encoder
 from qimg.weights.tokenizer import read_tokenizer
 
@@ -178,6 +185,19 @@ def test_safetensors_text_encoder_needs_a_tokenizer_beside_it(tiny_model_dir, tm
     shutil.copytree(tiny_model_dir / "tokenizer", tmp_path / "qwen25_tokenizer")
     assert tokenizer_for(Files(text_encoder=path), tmp_path / "nowhere", edits=False).pad_id is not None
     assert QWEN_IMAGE.edits is False and EDIT.edits
+
+
+def test_the_fingerprinted_tokenizer_is_the_one_loaded(tiny_model_dir, tmp_path):
+    """text_files takes the model's kind as the loader does (not a processor/ folder's presence): a text-to-image
+    folder with a processor/ beside its tokenizer/ encodes, and is fingerprinted, with tokenizer/."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.copytree(folder / "tokenizer", folder / "processor")
+    files = Files(text_encoder=comfy_text_encoder(tiny_model_dir, tmp_path / "te.safetensors"))
+    assert text_files(files, folder, QWEN_IMAGE.edits) == (folder / "tokenizer",)
+    assert text_files(files, folder, EDIT.edits) == (folder / "processor",)
 
 
 # The published Qwen2.5-VL-7B-Instruct and Qwen-Image VAE shapes (the checkpoint ComfyUI's qwen_2.5_vl_7b file
