@@ -36,30 +36,35 @@ def holds_files(folder: Path) -> bool:
         any(f.suffix.lower() in SUFFIXES and f.is_file() for f in folder.iterdir())
 
 
-def _read(path: Path) -> tuple[str | None, dict]:
-    """(part, {name: shape}) of a file from its header; (None, {}) for a file qimg cannot take for any part.
-    Read once per version of the file (a job looks twice: to check the model, then to open the engine)."""
+def _read(path: Path) -> tuple[str | None, dict, str]:
+    """(part, {name: shape}, why not) of a file from its header: (None, {}, the read error) for a file qimg cannot
+    open (a LoRA, another model's GGUF, a damaged file). Read once per version of the file (a job looks twice: to
+    check the model, then to open the engine)."""
     stat = path.stat()
-    return _header(path, stat.st_size, stat.st_mtime_ns)[:2]
+    part, shapes, _, error = _header(path, stat.st_size, stat.st_mtime_ns)
+    return part, shapes, error
 
 
 @functools.lru_cache(maxsize=64)
-def _header(path: Path, size: int, mtime: int) -> tuple[str | None, dict, str]:
+def _header(path: Path, size: int, mtime: int) -> tuple[str | None, dict, str, str]:
     try:
-        with open_weights(path, "--model", ARCHITECTURES) as found:
+        with open_weights(path, "", ARCHITECTURES) as found:  # no option named it: the messages start at the path
             shapes, fmt = {k: w.shape for k, w in found.weights.items()}, found.format
-    except QimgError:  # a LoRA, another model's GGUF, a damaged file: not a candidate
-        return None, {}, ""
-    return part_of(shapes), shapes, fmt
+    except QimgError as e:
+        return None, {}, "", str(e).strip()
+    return part_of(shapes), shapes, fmt, ""
 
 
 def describe_file(path: Path) -> dict | None:
     """`qimg info` on a model part's file: which part, the option that takes it, its format and what its shapes
-    say (for a transformer, the variant qimg takes it for); None for a file that is no part qimg reads."""
+    say (for a transformer, the variant qimg takes it for); None for a file that is no part qimg reads. A GGUF file
+    qimg cannot open is refused with the reason (truncated, damaged, another architecture)."""
     from qimg.weights.shipped import architecture, shipped_folder
 
     stat = path.stat()
-    part, shapes, fmt = _header(path, stat.st_size, stat.st_mtime_ns)
+    part, shapes, fmt, error = _header(path, stat.st_size, stat.st_mtime_ns)
+    if error and path.suffix.lower() == ".gguf":  # a truncated or damaged GGUF says so (a LoRA is .safetensors)
+        raise UsageError(error)
     if part is None:
         return None
     info = {"file": path.name, "part": part, "option": PARTS[part], "format": fmt}
@@ -115,11 +120,12 @@ def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
     text_width = None
     for i, part in enumerate(order):
         if chosen[i] is None:
-            found = []
+            found, skipped = [], []
             for f in _files(folder, part):
-                kind, shapes = _read(f)
+                kind, shapes, error = _read(f)
                 if kind == part and _fits(part, shapes, text_width) and (part != "transformer" or _ships(f)):
                     found.append(f)
+                skipped += [error] if error else []
             if len(found) > 1:
                 raise UsageError(f"{folder} has {len(found)} files that fit as the {part}: "
                                  f"{listing([str(f.relative_to(folder)) for f in found])}; choose one with "
@@ -127,7 +133,8 @@ def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
             if not found and part != "vision tower":
                 raise UsageError(f"{folder} is neither a diffusers model folder (no model_index.json) nor holds a "
                                  f"Qwen-Image {part} file (looked in {', '.join(f'{s}/' for s in SUBFOLDERS[part])} "
-                                 f"or the folder itself); pass it with {PARTS[part]} FILE")
+                                 f"or the folder itself); pass it with {PARTS[part]} FILE"
+                                 + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
             chosen[i] = found[0] if found else None
         if part == "transformer":
             shipped_folder(chosen[0])  # the transformer must be one qimg has the configs for

@@ -201,6 +201,16 @@ def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir
                        *RUN)
     assert code == 2
     one_line(err, "nor holds a Qwen-Image text encoder file (looked in text_encoders/, clip/ or the folder itself)")
+    assert "skipped" not in err
+    damaged = models / "text_encoders" / files[1].name  # a truncated download is not passed over in silence
+    damaged.write_bytes(files[1].read_bytes()[:-500])
+    code, _, err = cli("generate", "-p", "a red circle", "-m", models, "--vae", files[2], "-o", tmp_path / "x.png",
+                       *RUN)
+    assert code == 2
+    one_line(err, "pass it with --text-encoder FILE (skipped: ", f"{damaged} is truncated")
+    code, _, err = cli("info", damaged)
+    assert code == 2
+    one_line(err, f"{damaged} is truncated")
 
 
 def test_info_tells_each_part_file(cli, tiny_model_dir, tmp_path, shipped):

@@ -22,7 +22,7 @@ def test_text_encoder_width_and_layers_in_every_naming(tiny_model_dir, tmp_path,
      "llama.cpp": gguf_text_encoder}[naming](tiny_model_dir, path)
     info = describe_file(path)
     assert (info["width"], info["layers"], info["vision_tower"]) == (64, 2, naming != "llama.cpp")
-    part, shapes = _read(path)  # what -m on a ComfyUI folder takes: as wide as the transformer's txt_in
+    part, shapes, _ = _read(path)  # what -m on a ComfyUI folder takes: as wide as the transformer's txt_in
     assert part == "text encoder" and _fits(part, shapes, 64) and not _fits(part, shapes, 128)
 
 
