@@ -19,6 +19,7 @@ from qimg.weights.comfy_files import (
     part_of,
     text_size,
 )
+from qimg.weights.folders import model_kind
 from qimg.weights.single_file import open_weights
 
 SUBFOLDERS = {"transformer": ("diffusion_models", "unet"), "text encoder": ("text_encoders", "clip"),
@@ -112,14 +113,14 @@ def _files(folder: Path, part: str) -> list[Path]:
 def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
     """(transformer, text encoder, VAE, vision tower) for `folder`; `given`: the files the options gave, in that
     order (None: find it). A part with no candidate, or several, is a UsageError (exit 2) naming them; the vision
-    tower is optional (ComfyUI's text encoder holds one)."""
+    tower is optional (ComfyUI's text encoder holds one), and looked for only for an Edit model."""
     from qimg.weights.shipped import architecture, shipped_folder
 
     chosen = list(given)
     order = ("transformer", "text encoder", "VAE", "vision tower")
-    text_width = None
+    text_width, edits = None, False
     for i, part in enumerate(order):
-        if chosen[i] is None:
+        if chosen[i] is None and (part != "vision tower" or edits):  # only an Edit model reads pictures
             found, skipped = [], []
             for f in _files(folder, part):
                 kind, shapes, error = _read(f)
@@ -137,7 +138,7 @@ def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
                                  + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
             chosen[i] = found[0] if found else None
         if part == "transformer":
-            shipped_folder(chosen[0])  # the transformer must be one qimg has the configs for
+            edits = model_kind(shipped_folder(chosen[0])).edits  # one qimg has the configs for
             text_width = architecture(chosen[0])[2]
     return tuple(chosen)
 

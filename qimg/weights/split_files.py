@@ -319,6 +319,9 @@ def check_files(files: Files, folder: Path, kind: ModelKind, transformer: Path |
     tokenizer is there, and each part's keys and shapes fit the folder's configs."""
     if files.vision and not files.text_encoder:
         raise UsageError(f"{VISION} {files.vision} goes with --text-encoder (the vision tower of that text encoder)")
+    if files.vision and not kind.edits:
+        raise UsageError(f"{VISION} {files.vision}: {kind.display} reads no pictures (only an Edit model's text "
+                         f"encoder has a vision tower); leave {VISION} out")
     if files.text_encoder:
         _check_text(files, folder, kind, transformer)
     if files.vae:

@@ -123,6 +123,10 @@ def test_refusals_are_one_line_before_loading(cli, tiny_model_dir, tmp_path, shi
     gguf_text_encoder(other, wide)
     cases.append((["--transformer", files[0], "--text-encoder", wide, "--vae", files[2]],
                   f"--text-encoder {wide} is 128 wide and --transformer {files[0]} takes 64", "different models"))
+    tower = tmp_path / "mmproj.gguf"
+    mmproj(tiny_model_dir, tower)
+    cases.append(([*split(files), "--vision", tower], f"--vision {tower}: Qwen-Image reads no pictures",
+                  "leave --vision out"))  # it was ignored, yet recorded in the fingerprint and the metadata
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(files[2].read_bytes()[:-300])
     cases.append((["--transformer", files[0], "--text-encoder", files[1], "--vae", truncated], f"--vae {truncated}"))
@@ -179,6 +183,7 @@ def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir
     for sub, f in (("diffusion_models", files[0]), ("text_encoders", files[1]), ("vae", files[2])):
         (models / sub).mkdir(parents=True)
         shutil.copy(f, models / sub / f.name)
+    mmproj(tiny_model_dir, models / "text_encoders" / "mmproj.gguf")  # Edit's: not taken for Qwen-Image
     (models / "loras").mkdir()
     save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": folder_tensors(tiny_model_dir / "vae")[
         "decoder.conv_in.bias"][None]}, models / "loras" / "a.safetensors")  # never a candidate
