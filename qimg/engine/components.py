@@ -303,7 +303,10 @@ class Components:
     def model_fingerprint(self) -> str:
         """The whole model's identity (weights, configs, tokenizer, a --transformer file, LoRAs), for output
         metadata and caches."""
-        files = tuple(fingerprint(f) for f in (self.files.text_encoder, self.files.vae, self.files.vision) if f)
+        used = (self.files.text_encoder, self.files.vae, self.files.vision)
+        if self.files.text_encoder:  # and the tokenizer it goes with, wherever it was found
+            used += text_files(self.files, self.folder, self.kind.edits)
+        files = tuple(fingerprint(f) for f in dict.fromkeys(used) if f)
         model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint(), *files) if p)
         return lora.fingerprint(model, self.loras)
 

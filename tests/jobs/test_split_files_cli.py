@@ -177,6 +177,32 @@ def test_q8_0_text_encoder_within_3_of_255_and_counted_packed(cli, tiny_model_di
     one_line(err, "and the text encoder's", "--offload model")
 
 
+def test_the_tokenizer_beside_a_text_encoder_file_is_part_of_the_model(tiny_model_dir, tmp_path, shipped):
+    """A changed tokenizer folder beside a safetensors text encoder changes the model's fingerprint (the chain
+    cache's key, the metadata) and the worker's kept engine's key, as the prompt embeddings' fingerprint."""
+    from qimg.engine.components import Components, Loading
+    from qimg.jobs import kept_engine
+
+    files = files_of(tiny_model_dir, tmp_path)
+    te = comfy_text_encoder(tiny_model_dir, tmp_path / "files" / "qwen_2.5_vl_7b.safetensors")
+    shutil.copytree(tiny_model_dir / "tokenizer", tmp_path / "files" / "qwen25_tokenizer")
+    loading = {"transformer": files[0], "text_encoder": te, "vae": files[2]}
+    made = []
+
+    def identity():
+        engine = Components(shipped / "qwen-image", "cpu", "float32", loading=Loading(**loading))
+        kept_engine.engine(shipped / "qwen-image", "cpu", "float32", loading, lambda: made.append(1))
+        return engine.model_fingerprint, engine.text_fingerprint
+
+    with kept_engine.kept():
+        before = identity()
+        assert identity() == before and len(made) == 1
+        vocab = tmp_path / "files" / "qwen25_tokenizer" / "tokenizer.json"
+        vocab.write_text(vocab.read_text() + " ")
+        after = identity()
+    assert after[0] != before[0] and after[1] != before[1] and len(made) == 2
+
+
 def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir, tmp_path, shipped):
     files = files_of(tiny_model_dir, tmp_path)
     models = tmp_path / "ComfyUI" / "models"
