@@ -287,6 +287,8 @@ class Components:
             text = [Qwen2Model(text_cfg)] + ([VisionTower(vision_cfg)] if vision_cfg else [])
             text_bytes = sum(placement.module_bytes(m, self.dtype.itemsize) for m in text)
             vae_bytes = placement.module_bytes(QwenImageVAE(vae_cfg), self.dtype.itemsize)
+        if self.files.text_encoder:  # a file's packed layers at their packed size, as text_bytes counts them
+            text_bytes = text_weight_bytes(self.files, self.kind.edits, self.dtype, self.source.unpacks(self.device))
         needs = placement.Needs(blocks, rest, text_bytes, vae_bytes,
                                 activation_bytes(side, side, cfg, vae_cfg, self.dtype.itemsize))
         names = [str(d) for d in self.devices]

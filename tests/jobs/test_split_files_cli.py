@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from helpers import one_line, pixels
 from PIL import Image
 from safetensors.torch import save_file
@@ -201,6 +202,25 @@ def test_the_tokenizer_beside_a_text_encoder_file_is_part_of_the_model(tiny_mode
         vocab.write_text(vocab.read_text() + " ")
         after = identity()
     assert after[0] != before[0] and after[1] != before[1] and len(made) == 2
+
+
+def test_devices_placement_counts_a_packed_text_encoder_packed(tiny_model_dir, tmp_path, shipped, monkeypatch):
+    """--devices sizes a Q8_0 --text-encoder file as its layers stay (packed), not as the folder's config in the
+    run's dtype (a 4.8 GB Q4_K file counted 14.1 GB)."""
+    from qimg.engine import placement
+    from qimg.engine.components import Components, Loading
+    from qimg.weights.split_files import Files, text_weight_bytes
+
+    files = files_of(tiny_model_dir, tmp_path)
+    q8 = tmp_path / "files" / "Qwen2.5-VL-7B-Instruct-Q8_0.gguf"
+    gguf_text_encoder(tiny_model_dir, q8, "Q8_0")
+    plans, plan = [], placement.plan
+    monkeypatch.setattr(placement, "plan", lambda names, needs, *a: plans.append(needs) or plan(names, needs, *a))
+    engine = Components(shipped / "qwen-image", "cpu", "float32", loading=Loading(
+        transformer=files[0], text_encoder=q8, vae=files[2], dequantize=False, devices=("cpu", "cpu"), split=(1, 1)))
+    engine.placement
+    packed = text_weight_bytes(Files(text_encoder=q8), False, torch.float32, unpack=False)
+    assert plans[0].text == packed < text_weight_bytes(Files(text_encoder=q8), False, torch.float32, unpack=True)
 
 
 def test_model_on_a_comfyui_models_folder_and_on_loose_files(cli, tiny_model_dir, tmp_path, shipped):
