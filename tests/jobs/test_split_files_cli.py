@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import one_line, pixels
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from split_layouts import comfy_text_encoder, folder_tensors, gguf_text_encoder, mmproj, wan_vae
 
 from qimg.jobs.metadata import read_params
@@ -94,6 +94,19 @@ def test_edit_from_files_with_the_mmproj_vision_tower(cli, tiny_edit_dir, tmp_pa
     code, _, err = cli(*edit, *split(files), "-o", tmp_path / "x.png")
     assert code == 2 and not (tmp_path / "x.png").exists()
     one_line(err, "Qwen-Image-Edit edits with pictures", f"--text-encoder {files[1]} has no vision tower", "--vision")
+    other = tmp_path / "other"  # a vision tower whose tokens are twice as wide as this text encoder
+    shutil.copytree(tiny_edit_dir, other)
+    state = folder_tensors(other / "text_encoder")
+    for name in ("visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias"):
+        state[name] = state[name].repeat(2, *[1] * (state[name].dim() - 1))
+    for f in (other / "text_encoder").glob("*.safetensors"):
+        f.unlink()
+    save_file(state, other / "text_encoder" / "model.safetensors")
+    mmproj(other, tmp_path / "wide-mmproj.gguf")
+    code, _, err = cli(*edit, *split(files), "--vision", tmp_path / "wide-mmproj.gguf", "-o", tmp_path / "x.png")
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, f"--vision {tmp_path / 'wide-mmproj.gguf'}: its vision tower gives tokens 128 wide and the text "
+             "encoder is 64", "different models")
     mmproj(tiny_edit_dir, tmp_path / "files" / "mmproj-F32.gguf")
     code, _, err = cli(*edit, *split(files), "--vision", tmp_path / "files" / "mmproj-F32.gguf", "-o",
                        tmp_path / "files.png")
@@ -128,11 +141,18 @@ def test_refusals_are_one_line_before_loading(cli, tiny_model_dir, tmp_path, shi
     mmproj(tiny_model_dir, tower)
     cases.append(([*split(files), "--vision", tower], f"--vision {tower}: Qwen-Image reads no pictures",
                   "leave --vision out"))  # it was ignored, yet recorded in the fingerprint and the metadata
+    wan = load_file(files[2])  # a VAE of 32 latent channels (another model's), its keys Wan's as the file's
+    wan["conv2.weight"] = wan["conv2.weight"].repeat(1, 2, 1, 1, 1)
+    save_file(wan, tmp_path / "vae32.safetensors")
+    cases.append((["--transformer", files[0], "--text-encoder", files[1], "--vae", tmp_path / "vae32.safetensors"],
+                  "makes latents of 32 channels and the model's transformer takes 16", "different models"))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(files[2].read_bytes()[:-300])
     cases.append((["--transformer", files[0], "--text-encoder", files[1], "--vae", truncated], f"--vae {truncated}"))
-    loads = []
-    monkeypatch.setattr("qimg.weights.split_files.load_language_model", lambda *a, **k: loads.append(a))
+    loads = []  # none of the big files is read before the refusal
+    for loader in ("qimg.weights.split_files.load_language_model", "qimg.weights.split_files.load_vision_tower",
+                   "qimg.engine.components.load_vae", "qimg.engine.components.load_transformer"):
+        monkeypatch.setattr(loader, lambda *a, **k: loads.append(a))
     for args, *fragments in cases:
         code, _, err = cli("generate", "-p", "x", *args, *out)
         assert code == 2, err
