@@ -320,7 +320,7 @@ class Components:
     @cached_property
     def files_info(self) -> dict:
         """The single files in place of the folder's parts: {"text_encoder": {name, sha256, format, tokenizer}, ...}."""
-        return files_provenance(self.files, self.folder)
+        return files_provenance(self.files, self.folder, self.kind.edits)
 
     @cached_property
     def vae_fingerprint(self) -> str:

@@ -224,9 +224,9 @@ def shipped_tokenizer() -> Tokenizer:
     return read_tokenizer(shipped.TOKENIZER)
 
 
-def tokenizer_label(files: Files, folder: Path) -> str:
+def tokenizer_label(files: Files, folder: Path, edits: bool) -> str:
     """Which tokenizer a text encoder file's prompts go through, for --json and the metadata (no full paths)."""
-    where = tokenizer_place(files, folder, edits=(folder / "processor").is_dir())
+    where = tokenizer_place(files, folder, edits)
     if where == files.text_encoder:
         return "the GGUF's own"
     if where == shipped.TOKENIZER:
@@ -260,9 +260,9 @@ def text_files(files: Files, folder: Path, edits: bool) -> tuple[Path, ...]:
     return tuple(p for p in (files.vision, place) if p and p != files.text_encoder)
 
 
-def files_provenance(files: Files, folder: Path) -> dict:
+def files_provenance(files: Files, folder: Path, edits: bool) -> dict:
     """For the output's metadata and --json: each file's name, sha256 and format, by part; the text encoder's
-    tokenizer (tokenizer_label)."""
+    tokenizer (tokenizer_label; edits: an Edit model's, ModelKind.edits)."""
     info = {}
     for part, path, option in (("text_encoder", files.text_encoder, TEXT), ("vae", files.vae, VAE),
                                ("vision", files.vision, VISION)):
@@ -270,7 +270,7 @@ def files_provenance(files: Files, folder: Path) -> dict:
             with open_part(path, option) as found:
                 info[part] = {"name": path.name, "sha256": sha256(path), "format": found.format}
     if files.text_encoder:
-        info["text_encoder"]["tokenizer"] = tokenizer_label(files, folder)
+        info["text_encoder"]["tokenizer"] = tokenizer_label(files, folder, edits)
     return info
 
 

@@ -79,15 +79,15 @@ def test_a_safetensors_text_encoder_takes_the_shipped_tokenizer_when_none_is_bes
     nowhere.mkdir()
     assert tokenizer_place(files, nowhere, edits=False) == TOKENIZER
     assert tokenizer_for(files, nowhere, edits=True).pad_id == 151643  # Edit's template prefix is 64 tokens too
-    assert tokenizer_label(files, nowhere) == "qimg's Qwen2.5 (shipped)"
+    assert tokenizer_label(files, nowhere, edits=False) == "qimg's Qwen2.5 (shipped)"
     beside = tmp_path / "qwen25_tokenizer"
     beside.mkdir()
     (beside / "vocab.json").write_text("{}")  # one beside the file comes first
     assert tokenizer_place(files, nowhere, edits=False) == beside
-    assert tokenizer_label(files, nowhere) == "qwen25_tokenizer/ beside the file"
+    assert tokenizer_label(files, nowhere, edits=False) == "qwen25_tokenizer/ beside the file"
     (nowhere / "tokenizer").mkdir()
     (nowhere / "tokenizer" / "tokenizer.json").write_text("{}")  # and the model folder's before that
-    assert tokenizer_label(files, nowhere) == "the model folder's tokenizer/"
+    assert tokenizer_label(files, nowhere, edits=False) == "the model folder's tokenizer/"
 
 
 def test_a_vocabulary_too_small_for_the_shipped_tokenizer_is_refused(tmp_path):
