@@ -69,14 +69,39 @@ def save_mask(job: Inpaint | Edit, image: Path, mask, is_batch: bool, reporter: 
     from qimg.images import check_writable, save_image
     from qimg.masks import to_grey
 
-    where = job.shape.save_mask
-    path = names.mask_output(image, where) if is_batch or where.is_dir() or not where.suffix else where
+    path = save_mask_path(job.shape.save_mask, image, is_batch)
     check_writable(path, "--save-mask", mask.shape[::-1])
     if os.path.lexists(path) and not job.output.overwrite:
         if job.skip_existing:
             return
         raise UsageError(f"--save-mask {path} exists; pass --overwrite to replace it, or choose another name")
     reporter.saved(save_image(Image.fromarray(to_grey(mask)), path, overwrite=job.output.overwrite))
+
+
+def save_mask_path(where: Path, image: Path, is_batch: bool) -> Path:
+    """The file --save-mask writes for `image`: `where`, or `<stem>_mask.png` in it when it is a folder."""
+    return names.mask_output(image, where) if is_batch or where.is_dir() or not where.suffix else where
+
+
+def check_save_mask(job: Inpaint | Edit, files: list[Path], is_batch: bool, mask_file, refs: tuple) -> None:
+    """Refuse, before anything is written, a --save-mask file that this run reads (an input, a --mask, a --ref
+    picture) or writes (an output), --overwrite or not: the mask would replace it."""
+    taken = {batch.real(f): f"the input {f}" for f in files}
+    taken.update((batch.real(r), f"the --ref picture {r}") for r in refs)
+    for f in files:
+        try:
+            read = mask_file(f)
+        except UsageError:
+            read = None  # fails in its turn
+        if read is not None:
+            taken.setdefault(batch.real(read), f"the mask of {f}")
+        taken.setdefault(batch.real(job.output.out or names.edit_output(f, job.kind, job.out_dir)),
+                         f"the output of {f}")
+    for f in files:
+        path = save_mask_path(job.shape.save_mask, f, is_batch)
+        if batch.real(path) in taken:
+            raise UsageError(f"--save-mask {path} is {taken[batch.real(path)]}, which the mask would replace; "
+                             "choose another name")
 
 
 def edit_output(image: Path, out: Optional[Path], out_dir: Optional[Path], kind: str, overwrite: bool,
@@ -144,6 +169,8 @@ def edit_plan(job: Inpaint | Edit) -> EditPlan:
     save_mask = job.shape.save_mask if isinstance(job.shape, InpaintMask) else None
     if save_mask is not None and is_batch and save_mask.exists() and not save_mask.is_dir():
         raise UsageError(f"--save-mask {save_mask} is a file; a batch writes one mask each: give a folder")
+    if save_mask is not None:
+        check_save_mask(job, files, is_batch, mask_file, refs)
     batch.check_distinct_outputs(files, kind, out_dir)
     if is_batch:
         batch.check_reads_kept(files, kind, out_dir, lambda image: (mask_file(image),), refs)

@@ -5,6 +5,7 @@ CLIPSeg and GroundingDINO + SAM2 folders), `qimg mask` and `--mask-prompt` give 
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from segment_models import build_clipseg, build_grounded_sam
 from skimage import data
 
 from qimg import masks
+from qimg.errors import UsageError
 
 PHRASES = ["the sky", "a person"]
 COMMON = ["--steps", "2", "--seed", "3", "--device", "cpu"]
@@ -232,3 +234,27 @@ def test_the_worker_keeps_the_segmentation_model_between_mask_jobs(photos, clips
     finally:
         word_masks.release()  # what an image job does before its model loads
     assert word_masks._loaded is None
+
+
+@pytest.mark.slow
+def test_save_mask_never_replaces_a_file_the_run_reads_or_writes(configs_only, tmp_path, cli):
+    """--save-mask naming the input, the --mask, a --ref picture or the output is refused (one line, exit 2)
+    before anything is written, --overwrite or not."""
+    files = {}
+    for name, value in (("a.png", 90), ("m.png", 255), ("r.png", 30), ("o.png", 60)):
+        files[name] = tmp_path / name
+        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(files[name])
+    before = {name: path.read_bytes() for name, path in files.items()}
+    a, m, r, o = files.values()
+    runs = [["inpaint", a, "--rect", "0,0,8,8", "--save-mask", a],
+            ["inpaint", a, "--mask", m, "--save-mask", m],
+            ["inpaint", a, "--rect", "0,0,8,8", "--save-mask", o]]
+    for args in runs:
+        code, _, err = cli(*args, "-p", "x", "-m", configs_only, "-o", o, "--overwrite", "--device", "cpu")
+        assert code == 2 and err.count("\n") == 1 and f"--save-mask {args[-1]} is" in err, (args, err)
+        assert {name: path.read_bytes() for name, path in files.items()} == before
+    from qimg.jobs.edit import check_save_mask
+
+    job = SimpleNamespace(shape=SimpleNamespace(save_mask=r), output=SimpleNamespace(out=o), kind="edit", out_dir=None)
+    with pytest.raises(UsageError, match="--ref picture"):  # an instruction edit's --ref
+        check_save_mask(job, [a], False, lambda image: None, (r,))
