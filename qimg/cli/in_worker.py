@@ -22,5 +22,6 @@ def run(argv: list[str]) -> int:
 
 
 def loaded() -> dict | None:
-    """The engine kept from the last job, for `qimg worker status`: None when none is."""
+    """The model kept from the last job (an engine, or a segmentation model: `mask_model`), for `qimg worker
+    status`: None when none is."""
     return kept_engine.summary()

@@ -38,7 +38,9 @@ def status(json_: Annotated[bool, typer.Option("--json", help="Print one JSON ob
     if not json_:
         loaded = answer["loaded"]
         model = (f"{loaded['model']} ({loaded['device']}, {loaded['dtype']}, offload {loaded['offload']})"
-                 if loaded else "none")
+                 if loaded and "model" in loaded else "none")
+        if loaded and "mask_model" in loaded:
+            model = f"{loaded['mask_model']} (mask model, {loaded['device']})"
         for name, value in (("pid", answer["pid"]), ("uptime", f"{answer['uptime']:.0f} s"), ("model", model),
                             ("jobs run", answer["jobs_run"]), ("busy", "running a job" if answer["busy"] else "no"),
                             ("queued", answer["queued"]), ("memory", f"{answer['memory'] / 2**20:.0f} MiB"),

@@ -1,23 +1,35 @@
-"""The worker keeps the last engine it loaded; outside the worker `engine` just makes a new one.
+"""The worker keeps the last model it loaded, in one slot: an image engine or a segmentation model (masks from
+words, word_masks.py); loading either drops the other first, so the two never share memory. Outside the worker
+`engine` just makes a new one; a segmentation model is held in the slot for its job only (word_masks.release).
 
-The key holds everything that changes the numbers an engine computes: the resolved model folder and its
+An engine's key holds everything that changes the numbers it computes: the resolved model folder and its
 fingerprint (a folder whose files changed is another model), device, dtype and the speed options. A job
-with another key drops the old engine (and its device memory) before loading the new one."""
+with another key drops the old model (and its device memory) before loading the new one."""
 
 import gc
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 enabled = False  # set by the worker process only
-_key = None
-_engine = None
+
+
+class Segmenter(NamedTuple):  # the key of a kept segmentation model
+    fingerprint: str
+    device: str
+    name: str  # as an output's metadata names it (MaskModel.public), for `qimg worker status`
+
+
+_key = None  # an engine's key (a tuple), or a Segmenter
+_engine = None  # the kept engine or segmentation model
 
 
 def engine(folder, device: str, dtype: str, speed: dict, make):
     """The kept engine when this job's key matches, else `make()` (kept for the next job in the worker)."""
     global _key, _engine
     if not enabled:
+        drop("segmenter")
         return make()
     from qimg.weights.fingerprint import fingerprint
 
@@ -51,6 +63,18 @@ def _tokenizer(folder: Path, speed: dict) -> tuple | None:
         return None
 
 
+def segmenter(fingerprint: str, device: str, name: str, make):
+    """The segmentation model `fingerprint` on `device` (name: for `qimg worker status`): the one in the slot,
+    else `make()` put there, after dropping what was."""
+    global _key, _engine
+    key = Segmenter(fingerprint, device, name)
+    if key != _key:
+        drop()
+        _engine = make()
+        _key = key
+    return _engine
+
+
 @contextmanager
 def kept():
     """Within: engines are kept between jobs as in the worker, for a batch of jobs run in one process
@@ -67,9 +91,10 @@ def kept():
         drop()
 
 
-def drop() -> None:
+def drop(only: str | None = None) -> None:
+    """Drop the kept model and its memory; only="segmenter": only if it is a segmentation model."""
     global _key, _engine
-    if _engine is None:
+    if _engine is None or (only == "segmenter" and not isinstance(_key, Segmenter)):
         return
     _key = _engine = None
     gc.collect()
@@ -82,5 +107,7 @@ def summary() -> dict | None:
     """What is loaded, for `qimg worker status`: None when nothing is."""
     if _key is None:
         return None
+    if isinstance(_key, Segmenter):
+        return dict(mask_model=_key.name, fingerprint=_key.fingerprint[:16], device=_key.device)
     folder, fp, device, dtype, speed, *_ = _key
     return dict(model=folder, fingerprint=fp[:16], device=device, dtype=dtype, **dict(speed))

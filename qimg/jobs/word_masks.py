@@ -2,13 +2,12 @@
 for the phrases, where their probability reaches the threshold (masks.union_above).
 
 A batch's masks are made in one pass with the segmentation model loaded once (`prepare`), before any image
-model loads, and the model is released after it: the two never share memory. The worker keeps it loaded
-between `qimg mask` jobs. Each image's mask is cached as bits ("mask" entries, keyed by cache.mask_key: the
+model loads, and the model is released after it: the two never share memory. It is held in kept_engine's
+one slot, so the worker keeps it between `qimg mask` jobs, and loading it drops a kept image engine (and loading
+an engine drops it). Each image's mask is cached as bits ("mask" entries, keyed by cache.mask_key: the
 pixels, the phrases, the model and the threshold), so a re-run over a folder loads no segmentation model.
 A mask here is the union alone; --invert-mask, --grow and --feather apply after (they are cheap)."""
 
-import gc
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,6 @@ from qimg import masks
 from qimg.errors import QimgError, UsageError
 from qimg.jobs import kept_engine
 from qimg.jobs.spec import WordMask
-
-_loaded = None  # (model fingerprint, device, provider): the segmentation model loaded now
 
 
 class WordMasks:
@@ -78,16 +75,15 @@ class WordMasks:
 
     def provider(self):
         """The segmentation model, loaded on first use (the one loaded now, if it is this job's)."""
-        global _loaded
         from qimg.engine.components import pick_device
 
-        device = str(pick_device(self.spec.device))
-        if _loaded is None or _loaded[:2] != (self.fingerprint, device):
-            release()
+        def make():
             from qimg.segment import providers
 
-            _loaded = (self.fingerprint, device, providers.load(self.model, device))
-        return _loaded[2]
+            return providers.load(self.model, device)
+
+        device = str(pick_device(self.spec.device))
+        return kept_engine.segmenter(self.fingerprint, device, self.model.public, make)
 
     def prepare(self, files: list[Path], reporter) -> None:
         """Every file's mask made now, the segmentation model loaded once, then released (before an image model
@@ -105,13 +101,7 @@ class WordMasks:
 
 
 def release(keep: bool = False) -> None:
-    """Drop the segmentation model and its memory; `keep`: the worker keeps it for the next job."""
-    global _loaded
-    if _loaded is None or (keep and kept_engine.enabled):
-        return
-    _loaded = None
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
+    """Drop the segmentation model and its memory (a kept image engine stays); `keep`: the worker keeps it for
+    the next job."""
+    if not (keep and kept_engine.enabled):
+        kept_engine.drop("segmenter")

@@ -6,6 +6,7 @@ CLIPSeg and GroundingDINO + SAM2 folders), `qimg mask` and `--mask-prompt` give 
 import json
 import sys
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -220,6 +221,7 @@ def test_mask_prompt_in_a_chain_step_and_a_preset_is_the_same_mask(photos, clips
 
 @pytest.mark.slow
 def test_the_worker_keeps_the_segmentation_model_between_mask_jobs(photos, clipseg_dir, tmp_path, cli, monkeypatch):
+    from qimg.cli import in_worker
     from qimg.jobs import kept_engine, word_masks
     from qimg.segment import providers
 
@@ -230,10 +232,48 @@ def test_the_worker_keeps_the_segmentation_model_between_mask_jobs(photos, clips
         assert cli("mask", folder / "a.png", "-p", "the sky", "-o", tmp_path / "a.png", *args)[0] == 0
         monkeypatch.setattr(providers, "load", lambda *a: pytest.fail("the segmentation model loaded again"))
         assert cli("mask", folder / "c.png", "-p", "the sky", "-o", tmp_path / "c.png", *args)[0] == 0
-        assert word_masks._loaded is not None
+        assert in_worker.loaded() == dict(mask_model="clipseg", fingerprint=ANY, device="cpu")
     finally:
-        word_masks.release()  # what an image job does before its model loads
-    assert word_masks._loaded is None
+        word_masks.release()  # what an inpaint job does before its model loads
+    assert in_worker.loaded() is None
+
+
+def test_the_worker_keeps_one_model_an_image_engine_or_a_segmenter(tmp_path, monkeypatch):
+    """kept_engine's one slot: loading a segmentation model drops a kept image engine and the other way round
+    (a generate after `qimg mask`, an inpaint --mask-prompt after a generate); release drops only a segmenter."""
+    import gc
+    import weakref
+
+    from qimg.jobs import kept_engine, word_masks
+
+    class Model:
+        pass
+
+    monkeypatch.setattr(kept_engine, "enabled", True)
+    monkeypatch.setattr(kept_engine, "_key", None)
+    monkeypatch.setattr(kept_engine, "_engine", None)
+    (tmp_path / "config.json").write_text("{}")
+
+    def engine():
+        return kept_engine.engine(tmp_path, "cpu", "float32", {}, Model)
+
+    def segmenter():
+        return kept_engine.segmenter("f" * 64, "cpu", "clipseg", Model)
+
+    seg = weakref.ref(segmenter())
+    word_masks.release(keep=True)  # `qimg mask` in the worker: kept
+    assert seg() is segmenter() and kept_engine.summary()["mask_model"] == "clipseg"
+    eng = weakref.ref(engine())  # a generate next: the segmenter goes first
+    gc.collect()
+    assert seg() is None and kept_engine.summary()["model"] == str(tmp_path)
+    word_masks.release()  # an inpaint whose masks were all cached: the kept engine stays
+    assert eng() is engine()
+    seg = weakref.ref(segmenter())  # --mask-prompt after it: the engine goes before the segmenter loads
+    gc.collect()
+    assert eng() is None and seg() is not None
+    word_masks.release()
+    gc.collect()
+    assert seg() is None and kept_engine.summary() is None
 
 
 @pytest.mark.slow
