@@ -44,6 +44,13 @@ def utf8_texts(values: Optional[list[str]]) -> Optional[list[str]]:
     return [utf8_text(v) for v in values] if values else values
 
 
+def open_unit(value: float) -> float:
+    """A probability strictly between 0 and 1 (typer here has no min_open/max_open)."""
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"{value:g} is not between 0 and 1 (both excluded)")
+    return value
+
+
 def device_name(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", value):
         raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
@@ -215,7 +222,8 @@ MaskModelOpt = Annotated[Optional[str], typer.Option(
     envvar="QIMG_MASK_MODEL", show_envvar=True, rich_help_panel=MASK, show_default="clipseg",
     help="Segmentation model for words: clipseg, grounded-sam (crisp object edges), a folder or repo id.")]
 MaskThresholdOpt = Annotated[float, typer.Option(
-    min=0.0, max=1.0, rich_help_panel=MASK, help="A pixel is in the words' region from this probability up.")]
+    callback=open_unit, metavar="FLOAT (0<x<1)", rich_help_panel=MASK,
+    help="A pixel is in the words' region from this probability up.")]
 SaveMaskOpt = Annotated[Optional[Path], typer.Option(
     rich_help_panel=MASK, help="Write the mask used to this file, or <stem>_mask.png in this folder (a batch).")]
 CfgParallelOpt = Annotated[bool, typer.Option(

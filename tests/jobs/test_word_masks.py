@@ -298,3 +298,11 @@ def test_save_mask_never_replaces_a_file_the_run_reads_or_writes(configs_only, t
     job = SimpleNamespace(shape=SimpleNamespace(save_mask=r), output=SimpleNamespace(out=o), kind="edit", out_dir=None)
     with pytest.raises(UsageError, match="--ref picture"):  # an instruction edit's --ref
         check_save_mask(job, [a], False, lambda image: None, (r,))
+
+
+def test_mask_threshold_0_or_1_is_refused_when_parsed(tmp_path, cli):
+    for args in (["mask", tmp_path / "a.png", "-p", "sky"], ["inpaint", tmp_path / "a.png", "-p", "x", "--mask-prompt",
+                                                              "sky"]):
+        for value in ("0", "1", "1.5"):
+            code, _, err = cli(*args, "--mask-threshold", value)
+            assert code == 2 and err.count("\n") == 1 and "Invalid value for '--mask-threshold'" in err, err
