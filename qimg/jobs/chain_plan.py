@@ -53,13 +53,15 @@ def word_regions(steps: list[ChainStep], pixels: np.ndarray, store) -> dict[int,
     from qimg.jobs.word_masks import WordMasks, release
 
     regions = {}
-    for step in steps:
-        if isinstance(step.shape, InpaintMask) and step.shape.words is not None:
-            try:
-                regions[step.index] = WordMasks(step.shape.words, store).region(pixels, "the input")
-            except QimgError as e:
-                raise QimgError(f"{step.where}: {e}", e.code) from None
-    release()
+    try:
+        for step in steps:
+            if isinstance(step.shape, InpaintMask) and step.shape.words is not None:
+                try:
+                    regions[step.index] = WordMasks(step.shape.words, store).region(pixels, "the input")
+                except QimgError as e:
+                    raise QimgError(f"{step.where}: {e}", e.code) from None
+    finally:
+        release()  # an edit's failure too: the segmentation model never stays for the image model
     return regions
 
 

@@ -306,3 +306,27 @@ def test_mask_threshold_0_or_1_is_refused_when_parsed(tmp_path, cli):
         for value in ("0", "1", "1.5"):
             code, _, err = cli(*args, "--mask-threshold", value)
             assert code == 2 and err.count("\n") == 1 and "Invalid value for '--mask-threshold'" in err, err
+
+
+def test_a_chain_releases_the_segmentation_model_when_an_edit_fails(monkeypatch):
+    from qimg.errors import QimgError
+    from qimg.jobs import chain_plan, word_masks
+    from qimg.jobs.spec import InpaintMask, WordMask
+
+    class Words:
+        def __init__(self, spec, store):
+            self.spec = spec
+
+        def region(self, pixels, image):
+            if self.spec.phrases == ("a dog",):
+                raise QimgError("the input: nothing matches 'a dog'")
+            return np.ones(pixels.shape[:2], np.float32)
+
+    released = []
+    monkeypatch.setattr(word_masks, "WordMasks", Words)
+    monkeypatch.setattr(word_masks, "release", lambda: released.append(1))
+    steps = [SimpleNamespace(index=i, where=f"edit {i}", shape=InpaintMask(words=WordMask((phrase,))))
+             for i, phrase in enumerate(["the sky", "a dog"], 1)]
+    with pytest.raises(QimgError, match="edit 2: the input: nothing matches"):
+        chain_plan.word_regions(steps, np.zeros((4, 4, 3), np.uint8), None)
+    assert released == [1]
