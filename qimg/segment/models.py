@@ -7,8 +7,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from qimg.errors import QimgError, UsageError
-from qimg.small_files import PICKLE_SUFFIXES, parse_json, read_small
+from qimg.errors import UsageError
+from qimg.small_files import parse_json, read_small
 
 DEFAULT = "clipseg"
 NAMED = {"clipseg": ("CIDAS/clipseg-rd64-refined",),
@@ -89,15 +89,6 @@ def _folder(spec: str, name: str) -> Path:
         return path
     if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise UsageError(f"--mask-model {name}: no folder {spec}")
-    from huggingface_hub import snapshot_download
+    from qimg.weights.folders import from_hub
 
-    kwargs = dict(repo_id=spec, ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES])
-    try:
-        return Path(snapshot_download(local_files_only=True, **kwargs))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(**kwargs))
-    except Exception as e:
-        raise QimgError(f"--mask-model {name}: {spec} is not in the Hugging Face cache and could not be downloaded "
-                        f"({type(e).__name__}); download it elsewhere and give its folder") from None
+    return from_hub(spec, "--mask-model")

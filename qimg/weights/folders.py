@@ -39,7 +39,7 @@ def resolve_model(spec: str | None) -> Path:
         return check_model_folder(path)
     if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")) or not _repo_id(spec):
         raise UsageError(f"model folder not found: {spec}")
-    return check_model_folder(_from_hub(spec))
+    return check_model_folder(from_hub(spec))
 
 
 def _repo_id(spec: str) -> bool:
@@ -53,7 +53,9 @@ def _repo_id(spec: str) -> bool:
     return True
 
 
-def _from_hub(repo_id: str) -> Path:
+def from_hub(repo_id: str, option: str = "--model") -> Path:
+    """A repo id's folder: from the local Hugging Face cache, else downloaded (where the network allows).
+    option: the one that named it (--model, --mask-model), for the message."""
     from huggingface_hub import snapshot_download
 
     # Everything but pickle weights: we never read them, and they double the download.
@@ -66,8 +68,8 @@ def _from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(**kwargs))
     except Exception as e:
         raise QimgError(
-            f"model {repo_id!r} is not in the Hugging Face cache and could not be downloaded "
-            f"({type(e).__name__}); download it elsewhere and pass its folder: --model /path/to/{repo_id.split('/')[1]}"
+            f"{option} {repo_id}: not in the Hugging Face cache and could not be downloaded ({type(e).__name__}); "
+            f"download it elsewhere and pass its folder: {option} /path/to/{repo_id.split('/')[1]}"
         ) from None
 
 

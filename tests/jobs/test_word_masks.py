@@ -330,3 +330,28 @@ def test_a_chain_releases_the_segmentation_model_when_an_edit_fails(monkeypatch)
     with pytest.raises(QimgError, match="edit 2: the input: nothing matches"):
         chain_plan.word_regions(steps, np.zeros((4, 4, 3), np.uint8), None)
     assert released == [1]
+
+
+def test_a_mask_model_repo_id_is_found_as_a_model_one_is(tmp_path, monkeypatch):
+    """--mask-model owner/name goes through weights.folders.from_hub (the local cache first), as --model does;
+    neither there nor downloadable: one line naming --mask-model."""
+    import huggingface_hub
+
+    from qimg.errors import QimgError
+    from qimg.segment import models
+    from qimg.weights import folders
+
+    (tmp_path / "config.json").write_text('{"model_type": "clipseg"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    asked = []
+    monkeypatch.setattr(folders, "from_hub", lambda repo, option: asked.append((repo, option)) or tmp_path)
+    assert models.resolve("someone/clipseg").folders == (tmp_path,) and asked == [("someone/clipseg", "--mask-model")]
+    monkeypatch.undo()
+
+    def offline(**kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(QimgError, match=r"^--mask-model someone/clipseg: not in the Hugging Face cache .* "
+                                        r"--mask-model /path/to/clipseg$"):
+        models.resolve("someone/clipseg")
