@@ -194,6 +194,25 @@ def test_mask_cache_entry_is_bits_keyed_by_what_made_it(store):
     assert np.array_equal(masks.unpack(masks.pack(m), (64, 48)), m)
     assert json.dumps(masks.box_of(m)) and masks.box_of(np.zeros((3, 3), np.float32)) is None
 
+    # WordMasks stores the mask as packed bits under that key, with what made it; a new job reads it back
+    from qimg.jobs.spec import WordMask
+    from qimg.jobs.word_masks import WordMasks
+
+    def words(probabilities):
+        w = WordMasks.__new__(WordMasks)
+        w.spec, w.phrases, w.store, w.fingerprint, w.found = WordMask(("sky",), threshold=0.4), ("sky",), store, \
+            "m1", {}
+        w.model = SimpleNamespace(name="clipseg")
+        w.provider = lambda: SimpleNamespace(probabilities=probabilities)
+        return w
+
+    probs = np.where(m > 0, 0.9, 0.1).astype(np.float32)[None]
+    assert np.array_equal(words(lambda pixels, phrases: probs).mask(image), m)
+    tensors, record = store.get("mask", mask_key(image, ("sky",), "m1", 0.4), {"mask": ("uint8", (48 * 64 // 8,))})
+    assert np.array_equal(tensors["mask"].numpy(), masks.pack(m))
+    assert record["model"] == "clipseg" and record["phrases"] == ["sky"] and record["size"] == [64, 48]
+    assert np.array_equal(words(lambda *a: pytest.fail("segmented again")).mask(image), m)
+
 
 @pytest.mark.slow
 def test_mask_prompt_in_a_chain_step_and_a_preset_is_the_same_mask(photos, clipseg_dir, tiny_model_dir, tmp_path,
