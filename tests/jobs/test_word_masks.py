@@ -82,11 +82,41 @@ def test_grounded_sam_is_groundingdino_boxes_refined_by_sam2(grounded_sam_dir):
             detector(**inputs), inputs.input_ids, threshold=BOX_THRESHOLD, text_threshold=TEXT_THRESHOLD,
             target_sizes=[(48, 64)])[0]["boxes"]
         assert len(boxes) > 0  # the random detector finds boxes: the SAM2 path runs
-        pixel_values, size = ours.sam_inputs(image)
+        size = json.loads((grounded_sam_dir / "segmenter" / "preprocessor_config.json").read_text())["size"]["height"]
+        pixel_values = sam_pixel_values(image, size)
         scaled = boxes * torch.tensor([size / 64, size / 48] * 2)
         logits = sam(pixel_values=pixel_values, input_boxes=scaled[None], multimask_output=False).pred_masks[0, :, 0]
     want = F.interpolate(logits[:, None], (48, 64), mode="bilinear", align_corners=False)[:, 0].sigmoid().amax(0)
     np.testing.assert_allclose(got[0], want.numpy(), atol=1e-5)
+    # the tiny random SAM2's masks hardly depend on the pixels: its image embeddings do (a level apart: < 1%)
+    with torch.no_grad():
+        ours_embedded = ours.segmenter.get_image_embeddings(ours.sam_inputs(image)[0])
+        for a, b in zip(ours_embedded, sam.get_image_embeddings(pixel_values)):
+            assert float((a - b).abs().max()) < 0.01 * float(b.abs().max())
+
+
+def sam_pixel_values(image: np.ndarray, size: int) -> torch.Tensor:
+    """SAM2's pixel_values as Sam2ImageProcessor documents them, built apart from qimg (without torchvision): a
+    bilinear resize to size x size in 8 bits (PIL's, antialiased when shrinking), rescaled by 1/255, normalised
+    with the ImageNet mean and std."""
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    x = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.float32) / 255
+    x = (x - np.float32(IMAGENET_DEFAULT_MEAN)) / np.float32(IMAGENET_DEFAULT_STD)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+
+
+@pytest.mark.parity
+def test_sam2_inputs_are_the_documented_resize_and_normalisation():
+    """qimg's SAM2 preprocessing (torch's antialiased bilinear) is PIL's within one 8-bit level: an upscale, a
+    downscale and a squeeze of one side."""
+    from qimg.segment.providers import GroundedSam
+
+    sam = GroundedSam.__new__(GroundedSam)
+    sam.sam_config, sam.device = {"size": {"height": 64, "width": 64}}, torch.device("cpu")
+    for image in (picture(2), data.astronaut()[::3, ::2], data.astronaut()[:40]):
+        ours, _ = sam.sam_inputs(image)
+        np.testing.assert_allclose(ours.numpy(), sam_pixel_values(image, 64).numpy(), atol=1.01 / 255 / 0.224)
 
 
 @pytest.mark.parity
