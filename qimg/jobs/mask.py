@@ -13,6 +13,7 @@ from qimg.jobs import batch, names, word_masks
 from qimg.jobs.common import open_cache
 from qimg.jobs.report import Reporter, json_line, print_result
 from qimg.jobs.spec import Mask
+from qimg.segment.models import BadMaskModel
 
 
 def outputs(job: Mask) -> tuple[list[Path], dict[Path, Path], bool]:
@@ -64,7 +65,7 @@ def mask(job: Mask, reporter: Reporter) -> None:
                                         "--invert-mask (the words cover the whole image); no mask written")
                     write(reporter, image, target, m, job.output.overwrite, started)
                 except QimgError as e:
-                    if not is_batch:
+                    if not is_batch or isinstance(e, BadMaskModel):  # a model that cannot load fails every image
                         raise
                     failed.append(image)
                     reporter.failed(image, e)

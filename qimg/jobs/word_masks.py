@@ -32,6 +32,9 @@ class WordMasks:
         models.require_extra()
         self.spec, self.phrases, self.store = spec, phrases, store
         self.model = models.resolve(spec.model)
+        from qimg.segment import providers
+
+        providers.check_phrases(self.model, phrases)
         self.fingerprint = self.model.fingerprint()
         self.found: dict[str, np.ndarray] = {}  # cache key -> the mask's bits, for this job
 
@@ -87,17 +90,21 @@ class WordMasks:
 
     def prepare(self, files: list[Path], reporter) -> None:
         """Every file's mask made now, the segmentation model loaded once, then released (before an image model
-        loads). A file that cannot be read is left to fail in its turn."""
+        loads). A file that cannot be read is left to fail in its turn; a model that cannot load ends the job."""
         from qimg.images import load_image
 
         advance = reporter.bar("masks", len(files)) if len(files) > 1 else (lambda: None)
-        for image in files:
-            try:
-                self.mask(load_image(image)[0])
-            except QimgError:
-                pass
-            advance()
-        release()
+        try:
+            for image in files:
+                try:
+                    pixels = load_image(image)[0]
+                except QimgError:
+                    pass
+                else:
+                    self.mask(pixels)
+                advance()
+        finally:
+            release()
 
 
 def release(keep: bool = False) -> None:

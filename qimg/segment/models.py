@@ -17,6 +17,11 @@ KIND_OF = {"clipseg": "clipseg", "grounding-dino": "detector", "sam2": "segmente
 EXTRA = "masks from words need transformers: pip install 'qimg[masks]'"
 
 
+class BadMaskModel(UsageError):
+    """The --mask-model named cannot run (files missing or damaged): every image would fail alike, so a batch
+    ends on it rather than naming each image."""
+
+
 @dataclass(frozen=True)
 class MaskModel:
     kind: str  # "clipseg" or "grounded-sam"

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qimg.segment.models import MaskModel
+from qimg.errors import UsageError
+from qimg.segment.models import BadMaskModel, MaskModel
 from qimg.small_files import parse_json, read_small
 
 BOX_THRESHOLD, TEXT_THRESHOLD = 0.3, 0.25  # Grounded-SAM's demo values
@@ -28,7 +29,55 @@ def load(model: MaskModel, device: str):
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    return (ClipSeg if model.kind == "clipseg" else GroundedSam)(model.folders, torch.device(device))
+    kind = ClipSeg if model.kind == "clipseg" else GroundedSam
+    return loading(model, lambda: kind(model.folders, torch.device(device)))
+
+
+def loading(model: MaskModel, make):
+    """make(), a folder's missing or damaged files (transformers' OSError, ValueError; safetensors') one line
+    naming --mask-model."""
+    from safetensors import SafetensorError
+
+    try:
+        return make()
+    except SafetensorError as e:
+        raise BadMaskModel(f"--mask-model {model.name}: its .safetensors weights are damaged or truncated ({e}); "
+                           "download the model again") from None
+    except (OSError, ValueError) as e:
+        reason = str(e).split(". ")[0].strip()[:200]
+        raise BadMaskModel(f"--mask-model {model.name}: could not be loaded ({type(e).__name__}: {reason}); give a "
+                           "complete model folder (config, processor and tokenizer files, .safetensors weights), "
+                           "or download the model again") from None
+
+
+def check_phrases(model: MaskModel, phrases: tuple[str, ...]) -> None:
+    """Refuse, before any image is segmented, a phrase longer (in tokens) than the model's text encoder reads:
+    CLIPSeg's text positions (77 in the released model); GroundingDINO's max_text_len (256) and its BERT's."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    folder = model.folders[0]
+    path = folder / "config.json"
+    config = parse_json(read_small(path, "model config", 1024 * 1024), str(path))
+    text = config.get("text_config") or {}
+    if model.kind == "clipseg":
+        limit, texts = text.get("max_position_embeddings", 77), phrases
+    else:
+        limit = min(config.get("max_text_len", 256), text.get("max_position_embeddings", 512))
+        texts = tuple(grounding_text(p) for p in phrases)
+    tokenizer = loading(model, lambda: AutoTokenizer.from_pretrained(folder))
+    for phrase, words in zip(phrases, texts):
+        n = len(tokenizer(words)["input_ids"])
+        if n > limit:
+            shown = phrase if len(phrase) <= 60 else phrase[:57] + "..."
+            raise UsageError(f"--mask-prompt {shown!r} is {n} tokens, more than the {limit} the mask model's text "
+                             "encoder reads; use fewer words (or give several --mask-prompt: their union is masked)")
+
+
+def grounding_text(phrase: str) -> str:
+    """GroundingDINO's prompt form of a phrase: lower case, ending in '.'."""
+    return phrase.strip().lower().rstrip(".") + "."
 
 
 def resize(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -70,8 +119,7 @@ class GroundedSam:
 
     def boxes(self, image: np.ndarray, phrase: str) -> torch.Tensor:
         """(N, 4) x0, y0, x1, y1 in the image's pixels: GroundingDINO's boxes for the phrase."""
-        text = phrase.strip().lower().rstrip(".") + "."  # GroundingDINO's prompt form: lower case, ending in "."
-        inputs = self.processor(images=image, text=text, return_tensors="pt").to(self.device)
+        inputs = self.processor(images=image, text=grounding_text(phrase), return_tensors="pt").to(self.device)
         outputs = self.detector(**inputs)
         found = self.processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=BOX_THRESHOLD, text_threshold=TEXT_THRESHOLD,

@@ -404,3 +404,29 @@ def test_a_mask_model_repo_id_is_found_as_a_model_one_is(tmp_path, monkeypatch):
     with pytest.raises(QimgError, match=r"^--mask-model someone/clipseg: not in the Hugging Face cache .* "
                                         r"--mask-model /path/to/clipseg$"):
         models.resolve("someone/clipseg")
+
+
+@pytest.mark.slow
+def test_a_broken_mask_model_or_a_too_long_phrase_is_one_line(clipseg_dir, grounded_sam_dir, tmp_path, cli):
+    import shutil
+
+    image = tmp_path / "a.png"
+    Image.fromarray(picture(0)).save(image)
+    no_processor, truncated = tmp_path / "no-processor", tmp_path / "truncated"
+    for folder in (no_processor, truncated):
+        shutil.copytree(clipseg_dir, folder)
+    (no_processor / "processor_config.json").unlink()
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for folder, said in ((no_processor, "Can't load image processor"), (truncated, "damaged or truncated")):
+        # a batch ends on it (every image would fail alike): one line, exit 2, nothing written
+        code, _, err = cli("mask", image, image, "-p", "sky", "--mask-model", folder, "--out-dir", tmp_path / "out",
+                           "--device", "cpu", "--no-cache")
+        assert code == 2 and err.count("\n") == 1 and f"--mask-model {folder}: " in err and said in err, err
+        assert "download the model again" in err and not (tmp_path / "out").exists()
+    for folder, limit in ((clipseg_dir, 16), (grounded_sam_dir, 32)):  # the tiny models' text positions
+        long = " ".join(["the sky"] * 20)
+        code, _, err = cli("inpaint", image, "-p", "x", "--mask-prompt", "sky", "--mask-prompt", long, "--mask-model",
+                           folder, "-o", tmp_path / "o.png", "--device", "cpu", "--no-cache")
+        assert code == 2 and err.count("\n") == 1 and f"more than the {limit} the mask model" in err, err
+        assert "--mask-prompt 'the sky the sky" in err and "use fewer words" in err
