@@ -430,3 +430,19 @@ def test_a_broken_mask_model_or_a_too_long_phrase_is_one_line(clipseg_dir, groun
                            folder, "-o", tmp_path / "o.png", "--device", "cpu", "--no-cache")
         assert code == 2 and err.count("\n") == 1 and f"more than the {limit} the mask model" in err, err
         assert "--mask-prompt 'the sky the sky" in err and "use fewer words" in err
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_the_masks_benchmark_runs():
+    """benchmarks/masks.py on the tiny model, so it cannot rot (its figures are not checked)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "masks.py"), "--tiny", "--reps", "1",
+                           "--phrases", "2"], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "2 phrase(s), cpu, 1 thread(s):" in done.stdout and "ms CPU" in done.stdout and "load average" in done.stdout
