@@ -3,7 +3,8 @@ imports transformers, and only when a mask is made from words).
 
 A provider takes an image (uint8 RGB, (H, W, 3)) and phrases and gives each phrase's per-pixel probability at
 the image's size, (P, H, W) float32 in [0, 1]; thresholds and unions are the caller's (masks.py).
-- ClipSeg: the sigmoid of CLIPSeg's logits (352x352 for the released model), resized bilinearly to the image.
+- ClipSeg: the sigmoid of CLIPSeg's logits (352x352 for the released model), resized bilinearly to the image;
+  the vision tower runs once an image, its activations shared by the phrases' decoder passes.
 - GroundedSam: GroundingDINO's boxes for the phrase (scores above BOX_THRESHOLD), each refined by SAM2 into a
   mask; the phrase's probability is the largest over its boxes of the sigmoid of SAM2's mask logits, resized
   to the image as SAM2's own post-processing does; 0 where it found no box. SAM2's image preprocessing is
@@ -95,9 +96,18 @@ class ClipSeg:
 
     @torch.no_grad()
     def probabilities(self, image: np.ndarray, phrases: list[str]) -> np.ndarray:
-        inputs = self.processor(text=list(phrases), images=[image] * len(phrases), padding=True, return_tensors="pt")
-        logits = self.model(**inputs.to(self.device)).logits  # (P, h, w); (h, w) for one phrase
-        probs = logits.reshape(len(phrases), *logits.shape[-2:]).float().sigmoid()
+        """CLIPSegForImageSegmentation's forward, with its vision tower run once for all phrases (the forward
+        runs it once per phrase): the activations of its extract_layers, one per phrase's decoder pass."""
+        inputs = self.processor(text=list(phrases), images=[image], padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        model, n = self.model, len(phrases)
+        hidden = model.clip.get_image_features(pixel_values=inputs["pixel_values"], interpolate_pos_encoding=True,
+                                               output_hidden_states=True).hidden_states
+        activations = [hidden[i + 1].expand(n, -1, -1) for i in model.extract_layers]  # +1: the embeddings
+        condition = model.get_conditional_embeddings(batch_size=n, input_ids=inputs["input_ids"],
+                                                     attention_mask=inputs["attention_mask"])
+        logits = model.decoder(activations, condition).logits  # (P, h, w); (h, w) for one phrase
+        probs = logits.reshape(n, *logits.shape[-2:]).float().sigmoid()
         return resize(probs, image.shape[:2]).cpu().numpy()
 
 
