@@ -146,28 +146,28 @@ CHECKS = {"off": set(), "prompt": {"prompt"}, "image": {"image"}, "both": {"prom
 def safety_of(p: dict) -> spec.Safety:
     """--safety and its options as a spec.Safety. $QIMG_SAFETY (the operator's, for every command on the machine,
     and every job a worker runs: the caller's environment is the job's) is a floor: a preset adds to it and never
-    lowers it, and a command line that would check less (--safety off, or a part), bring its own classifier or
-    raise the threshold is refused, unless QIMG_SAFETY_ALLOW_OFF=1. $QIMG_SAFETY_WORDS applies beside
-    --safety-words."""
+    lowers it (nor brings its own classifier or raises the threshold), and a command line that would do any of
+    these is refused unless QIMG_SAFETY_ALLOW_OFF=1 (which lets the command line through, never a preset).
+    $QIMG_SAFETY_WORDS applies beside --safety-words."""
     from typer._click.globals import get_current_context
 
     floor = os.environ.get("QIMG_SAFETY", "").strip().lower()
     if floor not in ("", *SAFETY):
         raise UsageError(f"QIMG_SAFETY={floor[:20]!r} is not one of {', '.join(SAFETY)}")
     floor = floor or "off"
-    operator = floor != "off" and os.environ.get("QIMG_SAFETY_ALLOW_OFF", "").strip() in ("", "0")
+    allow_off = os.environ.get("QIMG_SAFETY_ALLOW_OFF", "").strip() not in ("", "0")
+    operator = floor != "off" and not allow_off  # the command line may not check less either
     asked, by = p["safety"], given_by("safety")
     if asked is None:
         check = floor
     elif by is ParameterSource.COMMANDLINE and operator and not CHECKS[asked] >= CHECKS[floor]:
         raise UsageError(f"--safety {asked}: QIMG_SAFETY={floor} is set for every run here, and a command cannot "
                          "check less (its operator can allow it with QIMG_SAFETY_ALLOW_OFF=1)")
-    elif by is ParameterSource.COMMANDLINE or floor == "off" or not operator:
-        check = asked
-    else:  # a preset's adds to the operator's
-        check = next(k for k, v in CHECKS.items() if v == CHECKS[asked] | CHECKS[floor])
-    if operator:
-        operators_own(p)
+    else:  # a command line's (allowed) decides; a preset's only adds to the operator's floor
+        added = CHECKS[asked] if by is ParameterSource.COMMANDLINE else CHECKS[asked] | CHECKS[floor]
+        check = next(k for k, v in CHECKS.items() if v == added)
+    if floor != "off":
+        operators_own(p, allow_off)
     for name, part in (("safety_words", "prompt"), ("safety_prompt_classifier", "prompt"), ("safety_classifier",
                                                                                              "image")):
         if p[name] is not None and given_by(name) is ParameterSource.COMMANDLINE and part not in CHECKS[check]:
@@ -180,10 +180,10 @@ def safety_of(p: dict) -> spec.Safety:
                        p["safety_action"], debug)
 
 
-def operators_own(p: dict) -> None:
+def operators_own(p: dict, allow_off: bool) -> None:
     """Under $QIMG_SAFETY, the classifiers are the operator's (their environment variables) and the threshold
-    may only be lowered, from the command line and from a preset alike."""
-    caller = (ParameterSource.COMMANDLINE, ParameterSource.DEFAULT_MAP)
+    may only be lowered: by a preset always, by the command line unless QIMG_SAFETY_ALLOW_OFF."""
+    caller = (ParameterSource.DEFAULT_MAP,) + (() if allow_off else (ParameterSource.COMMANDLINE,))
     for name in ("safety_classifier", "safety_prompt_classifier"):
         if p[name] is not None and given_by(name) in caller:
             option = "--" + name.replace("_", "-")

