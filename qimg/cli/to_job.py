@@ -147,7 +147,7 @@ def safety_of(p: dict) -> spec.Safety:
     """--safety and its options as a spec.Safety. $QIMG_SAFETY (the operator's, for every command on the machine,
     and every job a worker runs: the caller's environment is the job's) is a floor: a preset adds to it and never
     lowers it (nor brings its own classifier or raises the threshold), and a command line that would do any of
-    these is refused unless QIMG_SAFETY_ALLOW_OFF=1 (which lets the command line through, never a preset).
+    these is refused unless QIMG_SAFETY_ALLOW_OFF=1/true/yes (which lets the command line through, never a preset).
     $QIMG_SAFETY_WORDS applies beside --safety-words."""
     from typer._click.globals import get_current_context
 
@@ -155,7 +155,11 @@ def safety_of(p: dict) -> spec.Safety:
     if floor not in ("", *SAFETY):
         raise UsageError(f"QIMG_SAFETY={floor[:20]!r} is not one of {', '.join(SAFETY)}")
     floor = floor or "off"
-    allow_off = os.environ.get("QIMG_SAFETY_ALLOW_OFF", "").strip() not in ("", "0")
+    allow_off = os.environ.get("QIMG_SAFETY_ALLOW_OFF", "").strip().lower()
+    if allow_off not in ("", "1", "true", "yes"):
+        raise UsageError(f"QIMG_SAFETY_ALLOW_OFF={allow_off[:20]!r}: set it to 1 (or true, yes) to allow a "
+                         "command line to check less, or unset it")
+    allow_off = bool(allow_off)
     operator = floor != "off" and not allow_off  # the command line may not check less either
     asked, by = p["safety"], given_by("safety")
     if asked is None:

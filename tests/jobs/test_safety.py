@@ -144,6 +144,13 @@ def test_safety_off_under_qimg_safety_is_refused_unless_allowed(tmp_path, cli, w
     code, _, err = cli("generate", "-p", "unsafe test token", "-m", model, "--safety", "off",
                        "--safety-words", words)
     assert code == 2 and "model_index.json: not valid JSON" in err  # the run went on to the (damaged) model
+    for value in ("0", "false", "No", "off", "maybe"):  # only 1, true, yes allow it
+        monkeypatch.setenv("QIMG_SAFETY_ALLOW_OFF", value)
+        code, _, err = cli("generate", "-p", "x", "-m", model, "--safety", "off")
+        assert code == 2 and len(err.splitlines()) == 1 and f"QIMG_SAFETY_ALLOW_OFF={value.lower()!r}" in err, err
+    monkeypatch.setenv("QIMG_SAFETY_ALLOW_OFF", "TRUE")
+    code, _, err = cli("generate", "-p", "x", "-m", model, "--safety", "off")
+    assert code == 2 and "model_index.json: not valid JSON" in err
     monkeypatch.setenv("QIMG_SAFETY", "sometimes")
     code, _, err = cli("generate", "-p", "x", "-m", model)
     assert code == 2 and "QIMG_SAFETY='sometimes' is not one of off, prompt, image, both" in err
