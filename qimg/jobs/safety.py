@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from qimg.errors import QimgError, Withheld, say
+from qimg.errors import QimgError, UsageError, Withheld, say
 from qimg.jobs import safety_models
 from qimg.jobs.safety_words import Words
 from qimg.jobs.spec import Safety
@@ -28,8 +28,12 @@ BLUR_RADIUS = 32  # InvokeAI's (pixels), for images up to 1024 on a side; larger
 
 def prepare(spec: Safety) -> None:
     """Everything the filter needs, checked and loaded before any model: the word lists read, the classifiers
-    imported (no image classifier installed: one usage line naming the extra, exit 2)."""
+    imported (no image classifier installed, or neither a word list nor a prompt classifier for the prompt
+    check: one usage line, exit 2)."""
     if spec.prompts:
+        if not spec.words and not spec.prompt_classifier:
+            raise UsageError("--safety prompt needs something to check prompts with: a word list (--safety-words "
+                             "FILE or QIMG_SAFETY_WORDS) or --safety-prompt-classifier MODULE:CALLABLE")
         for path in spec.words:
             word_list(path)
         if spec.prompt_classifier:

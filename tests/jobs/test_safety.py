@@ -183,6 +183,16 @@ def test_no_image_classifier_is_one_line_naming_the_extra(tmp_path, cli, monkeyp
     assert code == 2 and "--safety-classifier 'no_such_module:f': cannot load it" in err
 
 
+def test_the_prompt_check_with_nothing_to_check_with_is_one_line(tmp_path, cli, monkeypatch):
+    for args in (["--safety", "prompt"], ["--safety", "both", "--safety-classifier", "safety_stubs:flag_none"]):
+        code, _, err = cli("generate", "-p", "x", "-m", damaged(tmp_path), *args)
+        assert code == 2 and len(err.splitlines()) == 1 and "--safety-words" in err and "QIMG_SAFETY_WORDS" in err \
+            and "--safety-prompt-classifier" in err, err
+    monkeypatch.setenv("QIMG_SAFETY", "prompt")
+    code, _, err = cli("generate", "-p", "x", "-m", damaged(tmp_path))
+    assert code == 2 and "--safety-prompt-classifier" in err
+
+
 # --- Images: scored before anything is written ---------------------------------------------------------------
 
 
