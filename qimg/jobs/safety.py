@@ -70,21 +70,26 @@ def told(rec: dict) -> str:
 def check_prompt(spec: Safety, text: str, where: Optional[str]) -> None:
     """Withhold the item whose prompt (or instruction) `text` a word list or the prompt classifier flags;
     where: how the line names it ("--prompt", "chain.yaml edit 2"; None: the batch's reporter names it)."""
-    if not spec.prompts:
+    hit = prompt_hit(spec, text) if spec.prompts else None
+    if hit is None:
         return
-    where = f"{where}: " if where else ""
+    rec, detail = hit
+    where, shown = f"{where}: " if where else "", f" ({detail})" if spec.debug else ""
+    raise Withheld(f"{where}the prompt is withheld before any model loads: {told(rec)}{shown}", rec)
+
+
+def prompt_hit(spec: Safety, text: str) -> Optional[tuple[dict, str]]:
+    """(the hit's record, what matched: for --debug only) when a word list or the prompt classifier flags
+    `text`, else None."""
     for path in spec.words:
         term = word_list(path).match(text)
         if term is not None:
-            shown = f" (matched {term!r} of {path} in {text!r})" if spec.debug else ""
-            rec = record("words", 1.0, spec, "refuse")
-            raise Withheld(f"{where}the prompt is withheld before any model loads: {told(rec)}{shown}", rec)
+            return record("words", 1.0, spec, "refuse"), f"matched {term!r} of {path} in {text!r}"
     if spec.prompt_classifier:
         score = safety_models.scored(safety_models.prompt_classifier(spec.prompt_classifier), text, "prompt")
         if score >= spec.threshold:
-            rec = record("prompt classifier", score, spec, "refuse")
-            shown = f" (prompt {text!r})" if spec.debug else ""
-            raise Withheld(f"{where}the prompt is withheld before any model loads: {told(rec)}{shown}", rec)
+            return record("prompt classifier", score, spec, "refuse"), f"prompt {text!r}"
+    return None
 
 
 def image_hit(spec: Safety, image: np.ndarray) -> Optional[dict]:

