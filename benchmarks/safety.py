@@ -20,7 +20,7 @@ from common import machine, timed
 
 from qimg.engine.engine import Engine
 from qimg.engine.request import Sampling
-from qimg.jobs import safety, safety_models
+from qimg.jobs import safety
 from qimg.jobs.spec import Safety
 
 PROMPT = "a red circle above a blue square, 一个红色的圆在蓝色方块的上面"
@@ -59,7 +59,6 @@ def main():
     started = time.perf_counter()
     safety.prepare(spec)
     read = time.perf_counter() - started
-    safety_models.prompt_classifier.cache_clear()
     n = 200
     started = time.perf_counter()
     for _ in range(n):
