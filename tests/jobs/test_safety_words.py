@@ -1,5 +1,6 @@
-"""The safety filter's word lists (jobs/safety_words.py): folded with NFKC and case folding, runs of spaces as
-one, whole words where a script has spaces, anywhere in scripts without them."""
+"""The safety filter's word lists (jobs/safety_words.py): folded with NFKC and case folding, format characters
+dropped, runs of spaces as one (none between two characters of a script without spaces), whole words (runs of
+letters, runs of digits) where a script has spaces, anywhere in scripts without them."""
 
 import pytest
 
@@ -28,7 +29,15 @@ def test_the_list_skips_comments_blank_lines_and_repeats(words):
     ("ＵＮＳＡＦＥ ＴＥＳＴ ＴＯＫＥＮ", "unsafe test token"),
     ("BANNED.", "banned"),
     ("unbanned and bannedness", None),  # not inside a longer word
-    ("禁止 词", None),  # a space inside a term without spaces is not the term
+    ("禁止 词", "禁止词"),  # a space between two characters of a script without spaces is dropped
+    ("画一个禁止\u3000\n词", "禁止词"),
+    ("a_banned_photo", "banned"),  # an underscore is a boundary
+    ("banned2 and 2banned", "banned"),  # so is a digit next to a letter
+    ("b\u200banned", "banned"),  # a zero-width space
+    ("ban\u00adned", "banned"),  # a soft hyphen
+    ("ban\u200dned and \ufeffbanned", "banned"),  # a zero-width joiner, a byte order mark
+    ("bannedly, banneda, bannedé", None),  # letters (and a mark-carrying letter) still continue a word
+    ("unsafe_test_token", "unsafe test token"),
     ("a red circle", None),
 ])
 def test_matching(words, prompt, found):
@@ -37,6 +46,7 @@ def test_matching(words, prompt, found):
 
 def test_folding_is_nfkc_casefold_and_one_space():
     assert fold("  Straße\u3000ＡＢＣ \t\n x ") == "strasse abc x"
+    assert fold("c\u200bat 禁止 词 一只 a_cat  \u200b cat") == "cat 禁止词一只 a cat cat"
     assert fold("ﬁne") == "fine"
 
 
