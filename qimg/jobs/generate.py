@@ -93,7 +93,7 @@ def entry_job(job: Prompts, e) -> Generate:
     return Generate(replace(p, prompt=e.prompt, negative_prompt=negative, seed=seed), e.size or job.size,
                     Output(job.out_dir / e.name, job.output.overwrite, job.output.as_json,
                            job.output.preview and job.output.preview / e.name, job.output.preview_every,
-                           job.output.metadata, job.output.safety),
+                           job.output.metadata, replace(job.output.safety, item=f"{job.file} {e.where}")),
                     job.model, job.cache,
                     job.preset, member=True)
 

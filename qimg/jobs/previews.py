@@ -42,8 +42,9 @@ class PreviewFile:
         hit = safety.image_hit(self.safety, pixels) if self.safety.images and not screened else None
         if hit is not None:
             if not self.held:
-                say(f"qimg: safety: the preview {self.path} at step {step} and any later flagged: "
-                    f"{safety.told(hit)}")
+                named = safety.named(self.safety, self.path)
+                what = f"the preview of {named}" if named != self.path else f"the preview {named}"
+                say(f"qimg: safety: {what} at step {step} and any later flagged: {safety.told(hit)}")
             self.held += 1
             if hit["action"] == "refuse":
                 self.withdraw()

@@ -119,12 +119,19 @@ def screen(spec: Safety, image: np.ndarray, where, preview=None) -> tuple[np.nda
     rec = image_hit(spec, image)
     if rec is None:
         return image, None
+    where = named(spec, where)
     if spec.action == "refuse":
         if preview is not None:
             preview.withdraw()
         raise Withheld(f"{where}: the image is withheld, nothing written: {told(rec)}", rec)
     say(f"qimg: safety: {where}: the image is written {'blurred' if spec.action == 'blur' else 'black'}: {told(rec)}")
     return censor(image, spec.action), rec
+
+
+def named(spec: Safety, path) -> str:
+    """How a hit's line names an output (or preview) file: a --prompts entry by its place in the file, since its
+    file names carry its prompt's words (0001-a-red-circle.png); with --debug, by the file."""
+    return spec.item if spec.item and not spec.debug else path
 
 
 def with_record(params, rec: Optional[dict]):

@@ -90,6 +90,7 @@ class Safety:
     threshold: float = SAFETY_THRESHOLD  # a score at or over it is a hit
     action: str = "refuse"  # an image hit: refuse, blur or black (option_values.SAFETY_ACTIONS)
     debug: bool = False  # --debug: a prompt hit's line names what matched
+    item: Optional[str] = None  # a --prompts entry ("p.txt line 2"): a hit's line names it, not its output file
 
     @property
     def prompts(self) -> bool:

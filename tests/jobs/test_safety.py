@@ -3,6 +3,7 @@ prompts refused before any model loads, images refused, blurred or blacked befor
 held back, --json and the metadata, exit codes, batches that go on, chains that stop, the operator's rules."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -275,6 +276,25 @@ def test_a_prompts_batch_goes_on_and_names_what_it_withheld(tiny_model_dir, tmp_
     assert [bool(r.get("withheld")) for r in lines] == [False, True, False]
     assert f"{file} line 2: the prompt is withheld before any model loads" in err and TOKEN not in err
     assert err.splitlines()[-1] == f"qimg: safety: 1 of 3 prompts withheld by the safety filter: {file} line 2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["refuse", "blur"])
+def test_an_image_hit_in_a_prompts_batch_never_shows_the_prompt(tiny_model_dir, tmp_path, cli, one_thread, action):
+    """Its output and preview files are named after the prompt (0001-a-red-circle.png): the lines name the entry."""
+    file = tmp_path / "p.txt"
+    file.write_text("a red circle\na blue square\n")
+    out, previews = tmp_path / "out", tmp_path / "previews"
+    code, _, err = cli("generate", "--prompts", file, "--out-dir", out, "--preview", previews, "--preview-every",
+                       "1", "-m", tiny_model_dir, *FAST, "--safety", "image", "--safety-classifier",
+                       "safety_stubs:flag_all", "--safety-action", action)
+    assert code == (3 if action == "refuse" else 0), err
+    lines = [line for line in err.splitlines() if line.startswith("qimg: safety:")]
+    assert lines and f"qimg: safety: {file} line 2: the image is" in err, err
+    words = re.compile(r"\b(red|circle|blue|square)\b")
+    assert not any(words.search(line) for line in lines), lines
+    if action == "refuse":  # nothing written: nothing at all names a file
+        assert not (out.exists() and any(out.iterdir())) and not words.search(err), err
 
 
 @pytest.mark.slow
