@@ -56,7 +56,8 @@ def generate(job: Generate, reporter: Reporter) -> None:
 
 
 def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
-    """Every check of generate --prompts that needs no model, and this shard's entries as generate jobs:
+    """Every check of generate --prompts that needs no model (the model folder found, unless every entry's prompt
+    is withheld), and this shard's entries as generate jobs:
     (how messages name the entry, its job). As a folder batch: fixed output names, refused up front if any
     exists unless --skip-existing or --overwrite, each entry's seed its own or derived from --seed and its
     output name."""
@@ -69,7 +70,6 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
         raise UsageError("--out names one file but --prompts makes one per prompt; use --out-dir")
     safety.prepare(job.output.safety)
     open_cache(job.cache)
-    resolve_model(job.model)
     check_folder(job.out_dir, "--out-dir")
     if job.output.preview is not None:  # a folder, each entry's preview named as its output
         check_folder(job.output.preview, "--preview")
@@ -80,6 +80,9 @@ def prompt_jobs(job: Prompts) -> list[tuple[str, Generate]]:
     chosen = shard.select(entries, lambda e: e.name, job.shard)
     announce_shard(job.shard, len(chosen), len(entries), "prompts")
     runs = [(f"{job.file} {e.where}", entry_job(job, e)) for e in chosen]
+    screen = job.output.safety  # as single runs: a prompt hit is exit 3 whatever the model folder holds
+    if not screen.prompts or any(safety.prompt_hit(screen, g.prompt.prompt) is None for _, g in runs):
+        resolve_model(job.model)  # a model some entry will load: a wrong --model shows before any runs
     if not (job.skip_existing or job.output.overwrite):
         batch.check_free([g.output.out for _, g in runs])
     return runs

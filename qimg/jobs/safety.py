@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from qimg.errors import QimgError, UsageError, Withheld, say
+from qimg.errors import UsageError, Withheld, say
 from qimg.jobs import safety_models
 from qimg.jobs.safety_words import Words
 from qimg.jobs.spec import Safety
@@ -143,13 +143,12 @@ def with_record(params, rec: Optional[dict]):
 
 
 def batch_end(failed: list, withheld: list, total: int, what: str) -> None:
-    """A batch's end: failed items end it with exit 1 (the withheld named too), withheld ones alone with 3."""
+    """A batch's end: any withheld item ends it with exit 3 (the failed named too), failed items alone with 1."""
     from qimg.jobs.batch import failed_summary
 
-    held = f"; {len(withheld)} withheld by the safety filter: {', '.join(map(str, withheld))}" if withheld else ""
-    if failed:
-        error = failed_summary(failed, total, what)
-        raise QimgError(f"{error}{held}", error.code)
     if withheld:
+        also = f"; {failed_summary(failed, total, what)}" if failed else ""
         raise Withheld(f"{len(withheld)} of {total} {what} withheld by the safety filter: "
-                       f"{', '.join(map(str, withheld))}")
+                       f"{', '.join(map(str, withheld))}{also}")
+    if failed:
+        raise failed_summary(failed, total, what)

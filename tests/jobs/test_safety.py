@@ -297,6 +297,23 @@ def test_an_image_hit_in_a_prompts_batch_never_shows_the_prompt(tiny_model_dir, 
         assert not (out.exists() and any(out.iterdir())) and not words.search(err), err
 
 
+def test_a_prompts_batch_whose_every_prompt_is_withheld_needs_no_model(tmp_path, cli):
+    file = tmp_path / "p.txt"
+    file.write_text(f"a {TOKEN} circle\n{TOKEN}\n")
+    code, _, err = cli("generate", "--prompts", file, "--out-dir", tmp_path / "out", "-m", damaged(tmp_path),
+                       "--safety", "prompt", "--safety-prompt-classifier", "safety_stubs:flag_token")
+    assert code == 3 and "not valid JSON" not in err, err
+    assert err.splitlines()[-1] == f"qimg: safety: 2 of 2 prompts withheld by the safety filter: {file} line 1, " \
+                                   f"{file} line 2"
+
+
+def test_a_batch_with_failed_and_withheld_items_exits_3_naming_both():
+    with pytest.raises(Withheld) as e:
+        safety.batch_end(["p.txt line 1"], ["p.txt line 2"], 3, "prompts")
+    assert e.value.code == 3 and str(e.value) == ("1 of 3 prompts withheld by the safety filter: p.txt line 2; 1 of 3 "
+                                                  "prompts failed: p.txt line 1")
+
+
 @pytest.mark.slow
 def test_an_edit_batch_goes_on_past_a_flagged_image(tiny_model_dir, tmp_path, cli, one_thread):
     inputs = tmp_path / "in"
