@@ -115,7 +115,8 @@ def chain(job: Chain, reporter: Reporter) -> None:
                              calls=sum(entry["calls"] for entry in lineage))
 
     lineage = []
-    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview, regions):
+    for done, canvas, entry in chains.run(engine, planned, pixels, picture, seed, reporter, preview, regions,
+                                          store=not screen.images):
         lineage.append(entry)
         if done.step.index in step_files:  # a kept step the filter refuses ends the chain: no further files
             kept = flatten(engine.render(canvas), job.output.background)

@@ -144,9 +144,11 @@ def key_of(*parts) -> str:
 
 
 def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, reporter, preview=None,
-        regions: dict | None = None):
+        regions: dict | None = None, store: bool = True):
     """Run the edits, yielding (Planned, the canvas after it, its lineage entry) as each completes; edits whose
-    key is in the engine's cache (None: no cache) are read from it instead of run. picture: the input, as
+    key is in the engine's cache (None: no cache) are read from it instead of run, and (store) those run are
+    kept in it: not under the safety filter's image check, which sees only the kept steps and the output, so a
+    flagged or unchecked canvas never stays on disk. picture: the input, as
     load_image gave it (its transparency may be the first edit's mask). Progress goes to the reporter
     (report.Reporter); `preview` (preview.Preview) sees the rendered canvas as each edit that runs samples."""
     from qimg.cache import array_hash
@@ -187,7 +189,8 @@ def run(engine, planned: list[Planned], pixels: np.ndarray, picture, seed: int, 
                 raise QimgError(f"{step.where}: {e}", e.code) from None
             except Exception as e:  # out of memory, a broken weight file...: still say which edit failed
                 raise QimgError(f"{step.where}: {failure_line(e)}") from e
-            chain.store(engine, key, canvas, {"edit": step.index, "kind": step.kind})
+            if store:
+                chain.store(engine, key, canvas, {"edit": step.index, "kind": step.kind})
         # Fields named as in a single edit's metadata hold the same values there and here (attn_mask "on"/"off").
         if step.kind != "edit":
             values["attn_mask"] = step.attn_mask

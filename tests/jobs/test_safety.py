@@ -345,6 +345,20 @@ def test_a_flagged_step_stops_the_chain_with_no_further_files(tiny_model_dir, tm
     assert "astronaut.02-inpaint.png: the image is withheld, nothing written" in err
 
 
+@pytest.mark.slow
+def test_a_chain_under_the_image_check_leaves_nothing_in_the_cache(tiny_model_dir, tmp_path, cli, one_thread, photo):
+    """Its steps are not all checked (only kept ones and the output): a withheld chain's canvases must not stay."""
+    chain_file = tmp_path / "c.yaml"
+    chain_file.write_text('seed: 2\ncfg: 1\nsteps: 1\nedits:\n  - inpaint: {rect: "0,0,8,8", prompt: one}\n'
+                          '  - inpaint: {rect: "8,8,8,8", prompt: two}\n')
+    common = ["-m", tiny_model_dir, "--device", "cpu", "--cache-dir", tmp_path / "cache"]
+    code, _, err = cli("chain", photo, chain_file, *common, "-o", tmp_path / "o.png", "--safety", "image",
+                       "--safety-classifier", "safety_stubs:flag_all")
+    assert code == 3, err
+    code, report, err = cli.json("chain", photo, chain_file, *common, "-o", tmp_path / "again.png", "--json")
+    assert code == 0 and [e["cache"] for e in report["lineage"]] == ["miss", "miss"], err
+
+
 def test_a_ray_actor_reports_a_withheld_file_and_never_retries_it(tmp_path, monkeypatch, words, capsys):
     """--ray's actors (run here without Ray: the class itself) record a hit for the client to replay."""
     from qimg.jobs import kept_engine, ray_runner
