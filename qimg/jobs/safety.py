@@ -9,7 +9,8 @@ what is written, so the image check sits where outputs and previews are saved; t
   reaches the disk; a score at or over the threshold is a hit, and --safety-action says what it becomes:
   refuse (nothing written, the item's preview removed; exit 3), blur or black (written so, exit 0).
 Each hit is one stderr line naming the item, the filter, the score, the threshold and the action, never the
-prompt's text (unless --debug); --json and the output's metadata carry the same as `"safety"`."""
+prompt's text (unless --debug); --json and the output's metadata carry the same as `"safety"`, and no prompt's
+text."""
 
 import functools
 import os
@@ -134,12 +135,22 @@ def named(spec: Safety, path) -> str:
     return spec.item if spec.item and not spec.debug else path
 
 
+PROMPT_FIELDS = ("prompt", "negative_prompt")  # the text of a hit's prompts: in no record of its output
+
+
 def with_record(params, rec: Optional[dict]):
-    """metadata.Params with the hit's record added as "safety" (to --json and to what the PNG stores)."""
+    """metadata.Params with the hit's record added as "safety" (to --json and to what the PNG stores), and its
+    prompts' text (each chain edit's too) left out: a blurred or black output does not say what it showed."""
     if rec is None:
         return params
-    stored = None if params.stored is None else {**params.stored, "safety": rec}
-    return type(params)({**params.report, "safety": rec}, stored)
+
+    def censored(fields: dict) -> dict:
+        kept = {k: v for k, v in fields.items() if k not in PROMPT_FIELDS}
+        if kept.get("lineage"):
+            kept["lineage"] = [{k: v for k, v in entry.items() if k not in PROMPT_FIELDS} for entry in kept["lineage"]]
+        return {**kept, "safety": rec}
+
+    return type(params)(censored(params.report), None if params.stored is None else censored(params.stored))
 
 
 def batch_end(failed: list, withheld: list, total: int, what: str) -> None:

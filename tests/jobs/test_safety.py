@@ -220,6 +220,16 @@ def test_the_threshold_is_a_hit_at_equality():
     assert safety.image_hit(Safety("image", classifier="safety_stubs:half", threshold=0.51), image) is None
 
 
+def test_a_hits_record_leaves_out_every_prompt_chain_edits_too():
+    from qimg.jobs.metadata import Params
+
+    fields = {"prompt": "p", "negative_prompt": "n", "seed": 1, "lineage": [{"index": 1, "prompt": "e", "cfg": 1}]}
+    rec = {"filter": "image"}
+    report, stored = safety.with_record(Params(fields, dict(fields)), rec)
+    assert report == stored == {"seed": 1, "lineage": [{"index": 1, "cfg": 1}], "safety": rec}
+    assert safety.with_record(Params(fields, None), None) == Params(fields, None)
+
+
 def test_blur_and_black():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
@@ -248,11 +258,14 @@ def test_refuse_writes_nothing_and_removes_the_preview(tiny_model_dir, tmp_path,
 @pytest.mark.parametrize("action", ["blur", "black"])
 def test_blur_and_black_write_the_output_and_say_so(tiny_model_dir, tmp_path, cli, one_thread, action):
     out, preview = tmp_path / "o.png", tmp_path / "live.png"
-    code, result, err = cli.json("generate", "-p", "x", "-m", tiny_model_dir, "-o", out, *FAST, "--safety", "image",
-                                 "--safety-classifier", "safety_stubs:flag_all", "--safety-action", action,
-                                 "--safety-threshold", "0.25", "--preview", preview, "--json")
+    code, result, err = cli.json("generate", "-p", "a quiet circle", "--negative-prompt", "a loud square", "-m",
+                                 tiny_model_dir, "-o", out, *FAST, "--safety", "image", "--safety-classifier",
+                                 "safety_stubs:flag_all", "--safety-action", action, "--safety-threshold", "0.25",
+                                 "--preview", preview, "--json")
     hit = {"filter": "image", "score": 1.0, "threshold": 0.25, "action": action}
     assert code == 0 and result["safety"] == hit and read_params(out)["safety"] == hit, err
+    for record in (result, read_params(out), read_params(preview)):  # never the prompts' text of a hit
+        assert "quiet" not in json.dumps(record) and "loud" not in json.dumps(record) and "prompt" not in record
     assert read_params(preview)["safety"] == hit and np.array_equal(pixels(preview), pixels(out))
     assert f"qimg: safety: {out}: the image is written {'blurred' if action == 'blur' else 'black'}" in err
     assert result["previews_withheld"] == 1  # the step's preview, written as the action says
