@@ -39,7 +39,7 @@ def main():
     from qimg.weights.folders import builtin_model
 
     engine = Engine(builtin_model(), "cpu", "float32")
-    spec = Safety("both")
+    spec = Safety("image")
     started = time.perf_counter()
     safety.prepare(spec)  # the classifier loaded: once per process
     load = time.perf_counter() - started
