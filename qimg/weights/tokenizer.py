@@ -14,10 +14,13 @@ from qimg.model.tokenizer import PAD, SPLIT_REGEX, Tokenizer
 from qimg.weights.folders import read_json_object
 
 
-def read_tokenizer(folder: Path) -> Tokenizer:
-    """The tokenizer a folder's files describe; a QimgError naming the file when they are missing or wrong."""
+def read_tokenizer(folder: Path, vocabulary: Path | None = None) -> Tokenizer:
+    """The tokenizer a folder's files describe; a QimgError naming the file when they are missing or wrong.
+    vocabulary: another folder's vocab.json + merges.txt with this folder's tokenizer_config.json (the shipped
+    Qwen3-VL tokenizer is Qwen2.5's BPE with more added tokens)."""
     config = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    bpe = _from_tokenizer_json(folder) if (folder / "tokenizer.json").is_file() else _from_vocab(folder, config)
+    bpe = _from_tokenizer_json(folder) if (folder / "tokenizer.json").is_file() else \
+        _from_vocab(folder, config, vocabulary or folder)
     pad = config.get("pad_token") or PAD
     pad = pad["content"] if isinstance(pad, dict) else pad
     pad_id = bpe.token_to_id(pad)
@@ -38,12 +41,12 @@ def _from_tokenizer_json(folder: Path):
     return bpe
 
 
-def _from_vocab(folder: Path, config: dict):
+def _from_vocab(folder: Path, config: dict, files: Path):
     from tokenizers.models import BPE
 
-    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab, merges = files / "vocab.json", files / "merges.txt"
     if not vocab.is_file() or not merges.is_file():
-        raise QimgError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: the model folder is "
+        raise QimgError(f"{files} has no tokenizer.json and no vocab.json + merges.txt: the model folder is "
                         "incomplete")
     bpe = _pipeline(BPE.from_file(str(vocab), str(merges), unk_token=None, continuing_subword_prefix="",
                                   end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
