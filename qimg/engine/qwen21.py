@@ -26,6 +26,7 @@ from qimg.engine.components import Loading
 from qimg.engine.engine import EditResult, Result
 from qimg.engine.latents import Sampler, finite, to_uint8
 from qimg.engine.preview import mapped, watching
+from qimg.engine.qwen21_files import Files21, split_loading
 from qimg.engine.qwen21_inputs import CHANNELS, MULTIPLE, SCALE, Defaults21, pack, rgba, unpack, working_size
 from qimg.engine.request import Sampling
 from qimg.errors import QimgError, QimgWarning, UsageError
@@ -56,19 +57,18 @@ class Counts:
     cached: int = 0
 
 
-class Engine21(Sampler):
+class Engine21(Files21, Sampler):
     """A Qwen-Image-2.1 folder's components (the prompt encoder, the transformer, the RGBA VAE), loaded on first
     use, and what the jobs ask of an engine: generate, and `edit` with pictures. It keeps the Sampler's cache
     plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
 
     def __init__(self, folder, device: str = "auto", dtype: str = "auto", cache=None, loading: Loading = Loading()):
-        if loading.text_encoder or loading.vae or loading.vision:
-            raise UsageError("--text-encoder, --vae and --vision files are not supported for Qwen-Image-2.1 yet: "
-                             "its folder's own text_encoder/ and vae/ are used")
         if loading.devices or loading.offload == "blocks":
             raise UsageError("--devices and --offload blocks are not supported for Qwen-Image-2.1 yet: use one "
                              "device, with --offload model to hold one component at a time")
+        files, loading = split_loading(loading)
         super().__init__(folder, device, dtype, cache, loading)
+        self.check_files(files)
         self.defaults = Defaults21.from_folder(folder)
         try:
             self.schedule = ScheduleConfig.from_scheduler(read_config(folder / "scheduler", "scheduler_config.json"))
@@ -85,9 +85,7 @@ class Engine21(Sampler):
     def text(self):
         """The PromptEncoder21 (model/qwen21_prompt.py)."""
         if self._text is None:
-            from qimg.weights.qwen21_text import load_prompt_encoder
-
-            self._text = load_prompt_encoder(self.folder, self.dtype, self.device)
+            self._text = self.load_prompt_encoder()
         return self._text
 
     @property
@@ -109,9 +107,8 @@ class Engine21(Sampler):
         """The RGBA VAE with only `part`'s weights loaded ("encoder" or "decoder")."""
         if part not in self._vae:
             from qimg.engine.components import VAE_PARTS
-            from qimg.weights.qwen21 import load_vae21
 
-            self._vae[part] = load_vae21(self.folder, self.dtype, self.device, only=VAE_PARTS[part])
+            self._vae[part] = self.load_vae(VAE_PARTS[part])
         return self._vae[part]
 
     @cached_property
@@ -210,10 +207,7 @@ class Engine21(Sampler):
 
     @cached_property
     def text_fingerprint(self) -> str:
-        from qimg.weights.fingerprint import fingerprint
-
-        parts = (fingerprint(self.folder / "text_encoder"), fingerprint(self.folder / "processor"))
-        return "-".join((*parts, str(self.dtype).removeprefix("torch."), self.device.type))
+        return "-".join((*self.text_parts(), str(self.dtype).removeprefix("torch."), self.device.type))
 
     # --- latents -------------------------------------------------------------------------------------------
 

@@ -364,6 +364,9 @@ def _check_text(files: Files, folder: Path, kind: ModelKind, transformer: Path |
         weights = text_weights(found)
         visual = [n for n in found.weights if vision.remap_keys(n)]
         width = text_size({n: w.shape for n, w in found.weights.items()})[0]
+    if any(".self_attn.q_norm." in k for k in weights):  # Qwen3's per-head norms: a 2.1 encoder as wide as this
+        raise UsageError(f"{TEXT} {path} is a Qwen3-VL text encoder (Qwen-Image-2.1's) and {where} is a Qwen-Image "
+                         "20B one: they are from different models")
     if width is not None and width != takes:
         raise UsageError(f"{TEXT} {path} is {width} wide and {where} takes {takes}: they are from different "
                          "models (a Qwen-Image-2.1 text encoder with a 20B transformer?)")
