@@ -91,3 +91,21 @@ def test_text_encoder_names_map_to_the_folders():
     assert canonical("visual.deepstack_merger_list.0.norm.weight") == "model.visual.deepstack_merger_list.0.norm.weight"
     assert canonical("model.visual.patch_embed.proj.weight") == "model.visual.patch_embed.proj.weight"
     assert canonical("lm_head.weight") is None
+
+
+def test_the_documented_2_1_text_encoder_sizes():
+    """docs/split-files.md's 2.1 figures: Qwen3-VL-8B's language model in bf16 and fp8 as qimg keeps it (packed
+    layers packed), its vision tower in bf16."""
+    from qimg.model.qwen3vl import Qwen3VLTextModel
+    from qimg.model.qwen3vl_vision import Qwen3VLVisionTower
+    from qimg.weights.qwen3vl import configs
+    from qimg.weights.shipped import CONFIGS
+    from qimg.weights.split_files import language_model_bytes
+
+    text_cfg, vision_cfg = configs(CONFIGS / "qwen-image-2.1" / "text_encoder")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3VLTextModel(text_cfg).state_dict().items()}
+        tower = sum(v.numel() for v in Qwen3VLVisionTower(vision_cfg).state_dict().values())
+    sizes = {kind: round(language_model_bytes({k: (kind, s) for k, s in shapes.items()}, torch.bfloat16, False) / 1e9,
+                         1) for kind in ("dense", "F8_E4M3")}
+    assert sizes == {"dense": 15.1, "F8_E4M3": 8.2} and round(tower * 2 / 1e9, 2) == 1.15
