@@ -69,6 +69,10 @@ def describe_file(path: Path) -> dict | None:
     if part is None:
         return None
     info = {"file": path.name, "part": part, "option": PARTS[part], "format": fmt}
+    from qimg.weights.split21 import describe21
+
+    if (more := describe21(path, part, shapes)) is not None:  # Qwen-Image-2.1's transformer and text encoder
+        return info | more
     if part == "transformer" and "txt_in.weight" in shapes and "img_in.weight" in shapes:
         blocks, width, text = architecture(path)
         info |= {"blocks": blocks, "width": width, "text_width": text,

@@ -281,3 +281,30 @@ def _check_text21(files: Files, folder: Path, takes: int, where: str) -> None:
         raise UsageError(f"{TEXT} {path}: no tokenizer for it: the Qwen3-VL one qimg ships needs a vocabulary of "
                          f"{QWEN3_IDS} rows or more, not this file's {rows}; put its model's tokenizer folder beside "
                          "the file as qwen25_tokenizer/, or pass --model with its folder")
+
+
+def describe21(path: Path, part: str, shapes: dict[str, tuple]) -> dict | None:
+    """`qimg info` on a Qwen-Image-2.1 transformer or Qwen3-VL text encoder file (shapes: its header's): what
+    comfy_folder.describe_file says of the 20B models' files; None for a file of another model."""
+    from qimg.errors import QimgError
+    from qimg.weights.shipped import architecture21, shipped_folder
+
+    if part == "transformer" and "txt_in.in_layer.weight" in shapes:
+        blocks, width, text = architecture21(path)
+        try:
+            variant = shipped_folder(path).name
+        except QimgError:
+            variant = None
+        return {"blocks": blocks, "width": width, "text_width": text, "variant": variant}
+    if part != "text encoder":
+        return None
+    text, vision = halves({n: Weight("dense", s, None) for n, s in shapes.items()})
+    if not any(".self_attn.q_norm." in k for k in text):
+        return None
+    rows, width = text.get("embed_tokens.weight", Weight("dense", (0, 0), None)).shape
+    beside = next((name for name in TOKENIZER_FOLDERS if (path.parent / name).is_dir()), None)
+    tokenizer = f"{beside}/ beside the file" if beside else "qimg's Qwen3-VL (shipped)" if rows >= QWEN3_IDS else \
+        "none: not in the file, none beside it, and the vocabulary is too small for qimg's Qwen3-VL one"
+    return {"model": "Qwen3-VL (Qwen-Image-2.1)", "width": width, "layers": len({k.split(".")[1] for k in text
+                                                                                 if k.startswith("layers.")}),
+            "vision_tower": bool(vision), "tokenizer": tokenizer}

@@ -73,13 +73,22 @@ def test_generate_from_three_files_gives_the_folders_bytes(cli, qwen21_folders, 
         assert np.array_equal(rgba(tmp_path / "folder.png"), rgba(tmp_path / f"{name}.png")), name
 
 
-def test_turbo_by_the_transformer_files_name(cli, qwen21_folders, files, tmp_path, shipped):
+def test_turbo_by_the_transformer_files_name_and_info(cli, qwen21_folders, files, tmp_path, shipped):
     turbo = files[0].with_name("qwen_image_2.1_turbo_fp32.safetensors")
     shutil.copy(files[0], turbo)
     run(cli, "generate", "-p", PROMPT, "-m", qwen21_folders["turbo"], "--size", "32x32", "-o", tmp_path / "a.png")
     report = run(cli, "generate", "-p", PROMPT, *split(turbo, *files[1:]), "--size", "32x32", "-o", tmp_path / "b.png")
     assert report["variant"] == "qwen-image-2.1-turbo" and report["steps"] == 4  # the grid's length
     assert np.array_equal(rgba(tmp_path / "a.png"), rgba(tmp_path / "b.png"))
+    infos = []
+    for file in (turbo, files[1]):
+        code, out, err = cli("info", file, "--json")
+        assert code == 0, err
+        infos.append(json.loads(out))
+    assert infos[0]["variant"] == "qwen-image-2.1-turbo" and infos[0]["text_width"] == 64
+    assert infos[1] | {"format": ""} == {"file": files[1].name, "part": "text encoder", "option": "--text-encoder",
+                                         "format": "", "model": "Qwen3-VL (Qwen-Image-2.1)", "width": 64, "layers": 2,
+                                         "vision_tower": True, "tokenizer": "qwen25_tokenizer/ beside the file"}
 
 
 def test_edit_from_files_with_a_separate_vision_file(cli, qwen21_folders, files, tmp_path, shipped):
