@@ -23,10 +23,13 @@ class Files21:
     def check_files(self, files: Files) -> None:
         """Keep the files and check their headers before anything loads."""
         from qimg.weights.split21 import check_files21
+        from qimg.weights.transformer import start_sha256
 
         self.files = files
         if files:
             check_files21(files, self.folder, self.source.file)
+            for file in (f for f in (files.text_encoder, files.vae, files.vision) if f):
+                start_sha256(file)
 
     def load_prompt_encoder(self):
         if self.files.text_encoder:
@@ -58,6 +61,21 @@ class Files21:
 
         places = (self.files.text_encoder, *text_files21(self.files, self.folder), self.folder / "processor")
         return tuple(fingerprint(p) for p in dict.fromkeys(places))
+
+    @cached_property
+    def model_fingerprint(self) -> str:
+        """The whole model's identity, as Components', with the files 2.1 takes (the tokenizer a text encoder
+        file goes with included)."""
+        from qimg.weights import lora
+        from qimg.weights.fingerprint import fingerprint
+        from qimg.weights.split21 import text_files21
+
+        used = (self.files.text_encoder, self.files.vae, self.files.vision)
+        if self.files.text_encoder:
+            used += text_files21(self.files, self.folder)
+        files = tuple(fingerprint(f) for f in dict.fromkeys(used) if f)
+        model = "-".join(p for p in (fingerprint(self.folder), self.source.fingerprint(), *files) if p)
+        return lora.fingerprint(model, self.loras)
 
     @cached_property
     def files_info(self) -> dict:

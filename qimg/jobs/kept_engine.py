@@ -51,14 +51,19 @@ def _tokenizer(folder: Path, speed: dict) -> tuple | None:
     refused: making the engine says why."""
     from qimg.errors import QimgError
     from qimg.weights.fingerprint import fingerprint
-    from qimg.weights.folders import model_kind
+    from qimg.weights.folders import QWEN_IMAGE_21, model_kind
     from qimg.weights.split_files import Files, text_files
 
     files = Files(*(Path(speed[p]) if speed.get(p) else None for p in ("text_encoder", "vae", "vision")))
     if not files.text_encoder:
         return ()
     try:
-        return tuple(fingerprint(p) for p in text_files(files, folder, model_kind(folder).edits))
+        kind = model_kind(folder)
+        if kind.family == QWEN_IMAGE_21.family:  # Qwen3-VL's tokenizer places (weights/split21.py)
+            from qimg.weights.split21 import text_files21
+
+            return tuple(fingerprint(p) for p in text_files21(files, folder))
+        return tuple(fingerprint(p) for p in text_files(files, folder, kind.edits))
     except (QimgError, OSError):
         return None
 
