@@ -12,13 +12,14 @@ from typing import Callable
 
 from qimg.errors import QimgWarning, UsageError
 from qimg.jobs.common import engine_device, open_engine, resolve_model
-from qimg.parallel.layout import check_world
+from qimg.parallel.layout import check_world, timeout
 
 
 def execute(job, reporter, run: Callable) -> None:
     layout = job.model.parallel
     try:
         check_world(layout)
+        timeout()  # QIMG_PARALLEL_TIMEOUT, which the group reads once the ranks connect
         check_options(job)
         folder = resolve_model(job.model)
         layout.check_heads(heads(folder))

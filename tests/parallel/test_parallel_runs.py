@@ -95,6 +95,8 @@ def test_cfg_parallel_at_cfg_1_says_so_once_and_runs(tiny_model_dir, tmp_path):
                                                               "them"),
     ({"WORLD_SIZE": "2"}, ["--ulysses", "2", "--offload", "blocks"], "--offload blocks does not combine with "
                                                                       "--ulysses 2"),
+    ({"WORLD_SIZE": "2", "QIMG_PARALLEL_TIMEOUT": "abc"}, ["--ulysses", "2"], "QIMG_PARALLEL_TIMEOUT='abc' is not "
+                                                                               "a number of seconds above 0"),
 ])
 def test_refusals_are_one_line_from_rank_0(tiny_model_dir, tmp_path, cli, monkeypatch, env, args, fragment):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
