@@ -3,14 +3,15 @@ checks every rank makes alike before the ranks connect, then rank 0 runs the job
 transformer calls until it is done.
 
 Only rank 0 speaks: a refusal every rank reaches alike (the world size, the head count, an option that does not
-combine) is said by rank 0 alone, the others exit with its code in silence; warnings are rank 0's. What fails on
-one rank only (a lost peer, a timeout, its own memory) that rank says, in one line naming it."""
+combine) is said by rank 0 alone, the others exit with its code in silence; so is a file every rank loads after
+connecting (a bad --lora, --transformer or weights file: rank 0 fails on it as well). Warnings are rank 0's. What
+fails on one rank only (a lost peer, a timeout, its own memory) that rank says, in one line naming it."""
 
 import os
 import warnings
 from typing import Callable
 
-from qimg.errors import QimgWarning, UsageError
+from qimg.errors import QimgError, QimgWarning, UsageError
 from qimg.jobs.common import engine_device, open_engine, resolve_model
 from qimg.parallel.layout import check_world, timeout
 
@@ -37,14 +38,18 @@ def execute(job, reporter, run: Callable) -> None:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", QimgWarning)
-                ranks.serve(open_engine(folder, job.model, None).transformer)
+                try:
+                    ranks.serve(open_engine(folder, job.model, None).transformer)
+                except QimgError as e:  # a bad --lora, --transformer or weights file: rank 0 fails on it and says it
+                    if isinstance(e, group.Stopped):
+                        raise
+                    raise SystemExit(e.code) from None
     finally:
         group.stop()
 
 
 def heads(folder) -> int:
     """The model's attention heads, from its transformer config."""
-    from qimg.errors import QimgError
     from qimg.model.transformer import TransformerConfig
     from qimg.weights.folders import read_config
 

@@ -25,6 +25,10 @@ from qimg.parallel.ulysses import gather_into
 _started = None  # the Group of this process, once started
 
 
+class Stopped(QimgError):
+    """An exchange failed or timed out: each rank that sees it says so (which rank, doing what)."""
+
+
 class Group:
     def __init__(self, layout: Layout, device: torch.device):
         self.layout = layout
@@ -55,8 +59,8 @@ class Group:
             self.broken = True
             if out_of_memory(e):
                 raise  # this rank's own failure, said as such
-            raise QimgError(f"rank {self.rank} of {self.world}: {what} failed ({cause(e)}); another rank stopped or "
-                            f"did not answer within {self.timeout:g} s (QIMG_PARALLEL_TIMEOUT): every rank stops") \
+            raise Stopped(f"rank {self.rank} of {self.world}: {what} failed ({cause(e)}); another rank stopped or "
+                          f"did not answer within {self.timeout:g} s (QIMG_PARALLEL_TIMEOUT): every rank stops") \
                 from None
 
     def wrap(self, module):

@@ -115,6 +115,20 @@ def test_refusals_are_one_line_from_rank_0(tiny_model_dir, tmp_path, cli, monkey
 
 @pytest.mark.subprocess
 @pytest.mark.slow
+def test_a_bad_file_loaded_after_connecting_is_one_line_from_rank_0(tiny_model_dir, tmp_path):
+    """Every rank loads the --lora once the ranks have connected, and fails on it alike: rank 0 says it."""
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    (code0, out0, err0), (code1, out1, err1) = run(
+        ["-m", "qimg", "generate", "-p", "x", "-m", str(tiny_model_dir), "--size", "32x32", *FAST, "--lora", str(bad),
+         "-o", str(tmp_path / "o.png"), "--ulysses", "2"], cwd=tmp_path)
+    assert (code0, code1) == (2, 2) and (out0, out1, err1) == ("", "", "")
+    assert err0.splitlines() == [f"qimg: error: --lora {bad} is not a readable safetensors file (its header does not "
+                                 "parse); download it again"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_other_with_one_line(tiny_model_dir, tmp_path):
     preview = tmp_path / "preview.png"
     procs = start(["-m", "qimg", "generate", "-p", "a red circle", "-m", str(tiny_model_dir), "--size", "128x128",
