@@ -120,13 +120,13 @@ def open_engine(folder: Path, spec: ModelSpec, store):
 
 def engine_device(spec: ModelSpec):
     """The device --device names; auto under torchrun (--shard auto, --cfg-parallel, --ulysses, --tp) takes GPU
-    LOCAL_RANK of the node."""
+    LOCAL_RANK of the node, and so does cuda under the ranks of one image (jobs/together.py refuses cuda:N)."""
     import torch
 
     from qimg.engine.components import pick_device
 
     device = pick_device(spec.device)
-    if spec.device == "auto":
+    if spec.device == "auto" or (spec.device == "cuda" and spec.parallel is not None):
         device = torch.device(shard.rank_device(str(device), spec.local_rank, torch.cuda.device_count()))
     return device
 

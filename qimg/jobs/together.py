@@ -76,7 +76,31 @@ def check_options(job) -> None:
     for option, (given, why) in refused.items():
         if given:
             raise UsageError(f"{option} does not combine with {names} yet: {why}")
+    check_device(model.device, names)
     if layout.tp > 1:
         from qimg.parallel.tensor import check_source
 
         check_source(model.transformer, model.quantize, f"--tp {layout.tp}")
+
+
+def check_device(name: str, names: str) -> None:
+    """Each rank takes a device of its own: GPU LOCAL_RANK of its node (--device auto or cuda; NCCL wants one GPU
+    per rank) or the CPU (gloo)."""
+    import torch
+
+    from qimg.engine.components import pick_device
+
+    device = pick_device(name)
+    if device.type == "mps":
+        raise UsageError(f"{names} runs its ranks on CUDA GPUs or the CPU, not MPS (--device {name}): give "
+                         "--device cpu")
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        raise UsageError(f"--device {name} puts every rank on GPU {device.index}: give --device cuda or auto with "
+                         f"{names} (each rank takes GPU LOCAL_RANK of its node)")
+    local, gpus = os.environ.get("LOCAL_WORLD_SIZE", "").strip(), torch.cuda.device_count()
+    if local.isdigit() and int(local) > gpus:
+        raise UsageError(f"{names}: torchrun starts {local} ranks on this node (LOCAL_WORLD_SIZE) and {gpus} GPU(s) "
+                         f"are visible; NCCL needs one GPU per rank: start at most --nproc-per-node {gpus} per node "
+                         "(on more nodes), or give --device cpu")

@@ -99,7 +99,41 @@ def test_cfg_parallel_at_cfg_1_says_so_once_and_runs(tiny_model_dir, tmp_path):
                                                                                "a number of seconds above 0"),
 ])
 def test_refusals_are_one_line_from_rank_0(tiny_model_dir, tmp_path, cli, monkeypatch, env, args, fragment):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    refused_alike(tiny_model_dir, tmp_path, cli, monkeypatch, env, args, fragment)
+
+
+@pytest.mark.parametrize("gpus, args, fragment", [
+    (2, ["--device", "cuda:0"], "--device cuda:0 puts every rank on GPU 0: give --device cuda or auto with"),
+    (1, ["--device", "cuda"], "--ulysses 2: torchrun starts 2 ranks on this node (LOCAL_WORLD_SIZE) and 1 GPU(s) are "
+                              "visible; NCCL needs one GPU per rank"),
+    (0, ["--device", "mps"], "--ulysses 2 runs its ranks on CUDA GPUs or the CPU, not MPS (--device mps)"),
+])
+def test_a_device_the_ranks_cannot_share_is_refused(tiny_model_dir, tmp_path, cli, monkeypatch, gpus, args, fragment):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    refused_alike(tiny_model_dir, tmp_path, cli, monkeypatch, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+                  ["--ulysses", "2", *args], fragment)
+
+
+def test_device_cuda_takes_gpu_local_rank(monkeypatch):
+    import torch
+
+    from qimg.jobs.common import engine_device
+    from qimg.jobs.spec import ModelSpec
+    from qimg.parallel.layout import Layout
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert engine_device(ModelSpec(device="cuda", local_rank=1, parallel=Layout(ulysses=2))) == torch.device("cuda:1")
+    assert engine_device(ModelSpec(device="cuda", local_rank=1)) == torch.device("cuda")  # --shard auto: as given
+
+
+def refused_alike(tiny_model_dir, tmp_path, cli, monkeypatch, env, args, fragment) -> None:
+    """One usage line from rank 0 (none without torchrun's environment); rank 1 exits 2 in silence."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in ({"RANK": "0", **env} if env else {}).items():
         monkeypatch.setenv(name, value)
