@@ -1,6 +1,7 @@
 """qimg under torchrun's environment with one image on two ranks (gloo, one thread each), against the same
 command in one process: generate with a LoRA at a size whose sequence two does not divide (9 image tokens),
-inpaint with --attn-mask, an Edit-2511 edit with a reference picture. The pixels match within 1/255 (the
+inpaint with --attn-mask, an Edit-2511 edit with a reference picture (under --ulysses 2, and guided under
+--cfg-parallel). The pixels match within 1/255 (the
 order-sensitive ops are named in test_parallel_math.py; the runs here came out byte-identical), only rank 0
 writes or prints, and the refusals are one line from rank 0: a degree the head count does not divide, a world
 size the options do not make, an option that does not combine, a rank killed mid-run."""
@@ -67,11 +68,14 @@ def test_inpaint_keeps_every_pixel_outside_the_mask(tiny_model_dir, photo, tmp_p
 
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_edit_2511_with_a_reference_picture(tiny_2511_dir, photo, tmp_path, cli, one_thread):
+@pytest.mark.parametrize("mode", ["ulysses", "cfg"])
+def test_edit_2511_with_a_reference_picture(tiny_2511_dir, photo, tmp_path, cli, one_thread, mode):
+    """Under --cfg-parallel, guided: each half of the grid runs one branch of the pair, reference tokens and all."""
     args = ["edit", photo, "--ref", photo, "-p", "put the lamp from picture 2 on the table", "-m", tiny_2511_dir,
-            "--edit-area", 48 * 48, "--vision-area", 64 * 64, *FAST]
+            "--edit-area", 48 * 48, "--vision-area", 64 * 64, *FAST, *(["--cfg", "4"] if mode == "cfg" else [])]
     assert cli(*args, "-o", tmp_path / "one.png")[0] == 0
-    together([*args, "-o", tmp_path / "par.png", "--ulysses", "2"], tmp_path)
+    _, err = together([*args, "-o", tmp_path / "par.png", *MODES[mode]], tmp_path)
+    assert "--cfg-parallel does nothing" not in err
     close(tmp_path / "one.png", tmp_path / "par.png")
 
 
