@@ -1,10 +1,10 @@
 """qimg under torchrun's environment with one image on two ranks (gloo, one thread each), against the same
 command in one process: generate with a LoRA at a size whose sequence two does not divide (9 image tokens),
 inpaint with --attn-mask, an Edit-2511 edit with a reference picture (under --ulysses 2, and guided under
---cfg-parallel). The pixels match within 1/255 (the
-order-sensitive ops are named in test_parallel_math.py; the runs here came out byte-identical), only rank 0
-writes or prints, and the refusals are one line from rank 0: a degree the head count does not divide, a world
-size the options do not make, an option that does not combine, a rank killed mid-run."""
+--cfg-parallel). The pixels match within 1/255 (the order-sensitive ops are named in test_parallel_math.py; the
+runs here came out byte-identical), only rank 0 writes or prints, and the refusals are one line from rank 0: a
+degree the head count does not divide, a world size the options do not make, an option or device that does not
+combine, a bad QIMG_PARALLEL_TIMEOUT, a bad file loaded after connecting, a rank killed mid-run."""
 
 import json
 import time
