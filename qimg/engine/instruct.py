@@ -87,13 +87,19 @@ def check_pictures(kind: ModelKind, sizes: list[tuple[int, int]], names: list[st
     if not kind.plus and len(sizes) > 1:
         raise UsageError(f"--ref: {kind.display} takes one picture; reference pictures need "
                          "Qwen-Image-Edit-2509 or -2511")
+    check_aspect(sizes, names)
+    if len(sizes) > MAX_PICTURES:
+        warnings.warn(f"{len(sizes)} pictures: {kind.display} was trained with up to {MAX_PICTURES}",
+                      QimgWarning, stacklevel=2)
+
+
+def check_aspect(sizes: list[tuple[int, int]], names: list[str]) -> None:
+    """Refuse, before anything loads, a picture ((W, H), named as `names` says) too elongated for the vision
+    tower."""
     for (w, h), name in zip(sizes, names):
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise UsageError(f"{name} is {w}x{h}: over {MAX_ASPECT}:1, more elongated than the vision encoder "
                              "takes; crop it first")
-    if len(sizes) > MAX_PICTURES:
-        warnings.warn(f"{len(sizes)} pictures: {kind.display} was trained with up to {MAX_PICTURES}",
-                      QimgWarning, stacklevel=2)
 
 
 def pick_areas(folder: Path, given: tuple[int | None, int | None], names: tuple[str, str]) -> Areas:

@@ -48,8 +48,8 @@ def chain_model(folder: Path, steps, size: tuple[int, int]) -> None:
 def chain_step_21(kind, step, size: tuple[int, int]) -> None:
     """A chain edit a Qwen-Image-2.1 model can run: an instruction edit (its pictures resized once, to the edit
     area), within the pictures it takes."""
+    from qimg.engine.instruct import check_aspect
     from qimg.images import load_image
-    from qimg.jobs.edit import check_pictures_21
     from qimg.model.qwen21_prompt import MAX_PICTURES
 
     if step.kind != "edit":
@@ -60,8 +60,7 @@ def chain_step_21(kind, step, size: tuple[int, int]) -> None:
                          "to edit_area")
     if len(step.refs) + 1 > MAX_PICTURES:
         raise UsageError(f"{len(step.refs) + 1} pictures; {kind.display} takes up to {MAX_PICTURES}")
-    check_pictures_21(kind, [size, *(load_image(r)[0].shape[1::-1] for r in step.refs)],
-                      ["the input", *map(str, step.refs)])
+    check_aspect([size, *(load_image(r)[0].shape[1::-1] for r in step.refs)], ["the input", *map(str, step.refs)])
 
 
 def chain(job: Chain, reporter: Reporter) -> None:

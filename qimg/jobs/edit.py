@@ -291,13 +291,16 @@ def instruct_pictures(job: Edit, folder: Path) -> tuple:
 
 
 def check_pictures(job: Edit, image: Path, pixels, pictures: tuple) -> None:
-    """instruct.check_pictures for one input of the job and its refs; pictures: instruct_pictures'."""
+    """instruct.check_pictures for one input of the job and its refs (on Qwen-Image-2.1, which takes its own
+    count of pictures, only their aspect); pictures: instruct_pictures'."""
+    from qimg.engine.instruct import check_aspect
     from qimg.engine.instruct import check_pictures as check
 
     kind, refs, _ = pictures
+    sizes, names = [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)]
     if kind.family == "qwen-image-2.1":
-        check = check_pictures_21
-    check(kind, [p.shape[1::-1] for p in (pixels, *refs)], [str(image), *map(str, job.refs)])
+        return check_aspect(sizes, names)
+    check(kind, sizes, names)
 
 
 def instruct_one(job: Edit, image: Path, pixels, mask, target, seed: Optional[int], engine, reporter: Reporter,
@@ -361,16 +364,6 @@ def pictures_21(job: Edit, folder: Path) -> tuple:
         raise UsageError(str(e)) from None
     area = job.edit_area if job.edit_area is not None else Defaults21.from_folder(folder).edit_area
     return kind, [np.asarray(load_image(ref)[1].convert("RGBA")) for ref in job.refs], area
-
-
-def check_pictures_21(kind, sizes: list[tuple[int, int]], names: list[str]) -> None:
-    """Refuse, before anything loads, a picture too elongated for the vision encoder."""
-    from qimg.engine.instruct import MAX_ASPECT
-
-    for (w, h), name in zip(sizes, names):
-        if max(w, h) > MAX_ASPECT * min(w, h):
-            raise UsageError(f"{name} is {w}x{h}: over {MAX_ASPECT}:1, more elongated than the vision encoder "
-                             "takes; crop it first")
 
 
 def edit_21(job: Edit, image: Path, mask, target, engine, reporter: Reporter, started: float, preview, pictures,

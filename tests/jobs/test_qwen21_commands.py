@@ -125,10 +125,12 @@ def test_masked_edit_keeps_the_input_outside_the_mask(cli, qwen21_dir, tmp_path)
 @pytest.mark.parametrize("args, fragment", [
     (["--vision-area", "4096"], "--vision-area is for Qwen-Image-Edit-2509/2511"),
     (["--ref"] * 1 + ["REF"] + ["--ref", "REF"] * 9, "takes up to 10"),
+    (["--ref", "THIN"], "thin.png is 402x2: over 200:1"),
 ])
 def test_edit_refusals(cli, qwen21_dir, tmp_path, args, fragment):
     picture(tmp_path / "a.png", 64, 64)
-    args = [str(tmp_path / "a.png") if a == "REF" else a for a in args]
+    picture(tmp_path / "thin.png", 402, 2)
+    args = [str(tmp_path / {"REF": "a.png", "THIN": "thin.png"}[a]) if a in ("REF", "THIN") else a for a in args]
     code, _, err = qimg(cli, "edit", tmp_path / "a.png", "-m", qwen21_dir, "-p", "make it blue", *args)
     assert code == 2
     one_line(err, fragment)
