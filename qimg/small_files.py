@@ -3,8 +3,8 @@ folder's JSON, the file `qimg info` reads. Only a regular file is opened (a symb
 target): a FIFO, device, socket or folder is refused by name, and because the file is opened non-blocking and
 checked with fstat before anything is read, a FIFO nobody writes cannot block. Reads are bounded (`read_small`),
 and a weights file's header is checked (`safetensors_header`, `pickled`) before anything hashes or loads it, so
-a path to /dev/zero costs nothing. Standard library only, on purpose: cli/presets.py reads through it, and
-`qimg presets` stays quick."""
+a path to /dev/zero costs nothing. Also where qimg keeps its own state (`state_dir`: the worker's log, notice
+markers). Standard library only, on purpose: cli/presets.py reads through it, and `qimg presets` stays quick."""
 
 import hashlib
 import json
@@ -149,3 +149,9 @@ def sha256_of(f: BinaryIO) -> str:
     while chunk := f.read(8 << 20):
         h.update(chunk)
     return h.hexdigest()
+
+
+def state_dir() -> Path:
+    """qimg's state folder: $XDG_STATE_HOME/qimg, else ~/.local/state/qimg."""
+    state = os.environ.get("XDG_STATE_HOME")
+    return (Path(state) if state else Path.home() / ".local" / "state") / "qimg"

@@ -214,14 +214,13 @@ def licence_notice(folder: Path, quiet: bool) -> None:
     import hashlib
     import os
 
+    from qimg.small_files import state_dir
     from qimg.weights.folders import model_kind
 
     kind = model_kind(folder)
     if kind.licence not in LICENCES or quiet or os.environ.get("QIMG_NO_NOTICE", "") not in ("", "0"):
         return
-    state = os.environ.get("XDG_STATE_HOME")
-    marker = (Path(state) if state else Path.home() / ".local" / "state") / "qimg" / "notices" / \
-        hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+    marker = state_dir() / "notices" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
     if marker.exists():
         return
     say(f"qimg: note: {kind.display} is under the {kind.licence} (non-commercial use only): read it at "

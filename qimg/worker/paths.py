@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from qimg import __version__
+from qimg.small_files import state_dir
 
 
 class Insecure(Exception):
@@ -50,8 +51,7 @@ def lock_path() -> Path:
 
 
 def log_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME")
-    return (Path(state) if state else Path.home() / ".local" / "state") / "qimg" / "worker.log"
+    return state_dir() / "worker.log"
 
 
 def open_private(path: Path, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
