@@ -223,3 +223,14 @@ def reusing(velocity: Velocity, sigmas: torch.Tensor, rule: Reuse) -> Velocity:
         return v
 
     return step
+
+
+def with_shortcuts(velocity: Velocity, sigmas: torch.Tensor, shortcuts: Shortcuts,
+                   conditional: Velocity | None = None) -> Velocity:
+    """The velocity a sampling runs over `sigmas` with its shortcuts: a guided `velocity` gives way to
+    `conditional` (its conditional pass alone; None: `velocity` is unguided) after the first cfg_until fraction
+    of the steps (`cfg_until`), and adaptive reuse wraps the result when shortcuts.reuse is on (`reusing`: one
+    decision for a guidance pair)."""
+    if conditional is not None and shortcuts.cfg_until < 1:
+        velocity = cfg_until(velocity, conditional, sigmas, shortcuts.cfg_until)
+    return reusing(velocity, sigmas, Reuse(shortcuts.reuse)) if shortcuts.reuse > 0 else velocity

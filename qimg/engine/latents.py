@@ -25,16 +25,14 @@ from qimg.model.transformer import TransformerConfig, patchify, unpatchify
 from qimg.model.vae import VAEConfig
 from qimg.model.vision import VisionConfig
 from qimg.sampling import (
-    Reuse,
-    cfg_until,
     euler,
     first_step,
     flow_sigmas,
     keep_known,
     noised,
-    reusing,
     shifted,
     true_cfg,
+    with_shortcuts,
 )
 
 MULTIPLE = 16  # VAE 8x downsampling times the transformer's 2x2 patches
@@ -209,10 +207,8 @@ class Sampler(Components):
         if not guided and self.parallel is not None:
             self.parallel.unguided()  # --cfg-parallel has no pair to split: said once
         if guided:
-            velocity = true_cfg(velocity, cfg)
-            if shortcuts.cfg_until < 1:
-                velocity = cfg_until(velocity, model(1), sigmas, shortcuts.cfg_until)
-        return reusing(velocity, sigmas, Reuse(shortcuts.reuse)) if shortcuts.reuse > 0 else velocity
+            return with_shortcuts(true_cfg(velocity, cfg), sigmas, shortcuts, model(1))
+        return with_shortcuts(velocity, sigmas, shortcuts)
 
     @torch.no_grad()
     def generate_latent(self, sampling: Sampling, width: int, height: int, callback=None,

@@ -33,17 +33,15 @@ from qimg.errors import QimgError, QimgWarning, UsageError
 from qimg.masks import composite, crop_box, latent_mask, resize_mask
 from qimg.model.qwen21_prompt import MAX_PICTURES, prompt_text
 from qimg.sampling import (
-    Reuse,
     ScheduleConfig,
-    cfg_until,
     euler,
     first_step,
     flow_sigmas,
     keep_known,
     noised,
     plain_cfg,
-    reusing,
     shifted,
+    with_shortcuts,
 )
 from qimg.weights.folders import read_config, sample_sigmas
 
@@ -298,10 +296,7 @@ class Engine21(Files21, Sampler):
             def velocity(x, sigma):
                 return plain_cfg(conditional(x, sigma), unconditional(x, sigma), sampling.cfg)
 
-            if sampling.shortcuts.cfg_until < 1:
-                velocity = cfg_until(velocity, conditional, sigmas, sampling.shortcuts.cfg_until)
-        shortcuts = sampling.shortcuts
-        return reusing(velocity, sigmas, Reuse(shortcuts.reuse)) if shortcuts.reuse > 0 else velocity
+        return with_shortcuts(velocity, sigmas, sampling.shortcuts, conditional if guided else None)
 
     @torch.no_grad()
     def sample(self, sampling: Sampling, size: tuple[int, int], pictures: list[np.ndarray],

@@ -14,7 +14,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from qimg.cli.app import run
 from qimg.engine.request import Sampling
-from qimg.sampling import Reuse, Shortcuts, euler, reusing
+from qimg.sampling import Reuse, Shortcuts, euler, reusing, with_shortcuts
 
 FAST = ["--steps", "6", "--seed", "3", "--device", "cpu", "--size", "32x32", "--no-cache"]
 
@@ -67,6 +67,30 @@ def test_linear_velocity_is_reused_exactly_and_never_early_late_or_too_long():
     assert steps[:6] == list(range(6)) and steps[-2:] == [38, 39]  # warm-up 15%, tail 5% always computed
     assert max(b - a for a, b in zip(steps, steps[1:])) <= 4  # at most 3 reused in a row
     assert len(steps) < 40
+
+
+def test_with_shortcuts_guides_only_early_falls_back_to_the_conditional_and_reuses_the_pair():
+    sigmas = torch.linspace(1, 0, 11)
+    calls = []
+
+    def passes(name):
+        def velocity(x, sigma):
+            calls.append(name)
+            return torch.full_like(x, float(sigma))
+
+        return velocity
+
+    guided, conditional = passes("guided"), passes("conditional")
+    assert with_shortcuts(guided, sigmas, Shortcuts(), conditional) is guided  # the defaults change nothing
+    euler(with_shortcuts(guided, sigmas, Shortcuts(cfg_until=0.4), conditional), torch.zeros(1, 2), sigmas)
+    assert calls == ["guided"] * 4 + ["conditional"] * 6
+    calls.clear()
+    euler(with_shortcuts(guided, sigmas, Shortcuts(cfg_until=0.4)), torch.zeros(1, 2), sigmas)  # unguided
+    assert calls == ["guided"] * 10
+    calls.clear()
+    euler(with_shortcuts(guided, sigmas, Shortcuts(reuse=0.5, cfg_until=0.4), conditional), torch.zeros(1, 2),
+          sigmas)
+    assert calls[:2] == ["guided"] * 2 and "conditional" in calls and len(calls) < 10
 
 
 @pytest.mark.slow
