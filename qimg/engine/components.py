@@ -98,6 +98,15 @@ def check_default(file: Path, name: str, value, default) -> None:
                         f"not {value!r}")
 
 
+def read_schedule(folder: Path, parse=ScheduleConfig.from_dict) -> ScheduleConfig:
+    """The folder's scheduler/scheduler_config.json through `parse` (from_scheduler: diffusers' defaults for a
+    key it lacks); an option qimg cannot sample with is a QimgError naming the folder."""
+    try:
+        return parse(read_config(folder / "scheduler", "scheduler_config.json"))
+    except ValueError as e:
+        raise QimgError(f"{folder / 'scheduler'}: {e}") from None
+
+
 def pick_device(name: str, option: str = "--device") -> torch.device:
     cpu = "--device cpu" if option == "--device" else "cpu"
     if name == "auto":
@@ -199,10 +208,7 @@ class Components:
             for file in (f for f in (loading.text_encoder, loading.vae, loading.vision) if f):
                 start_sha256(Path(file))
         self.defaults = Defaults.from_folder(folder)
-        try:
-            self.schedule = ScheduleConfig.from_dict(read_config(folder / "scheduler", "scheduler_config.json"))
-        except ValueError as e:
-            raise QimgError(f"{folder / 'scheduler'}: {e}") from None
+        self.schedule = read_schedule(folder)
         self.loras = tuple(lora.load(spec, self.layers) for spec in loading.loras)
         self.parallel = loading.parallel
         self._text = self._transformer = None

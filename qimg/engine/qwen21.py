@@ -22,14 +22,14 @@ import torch
 
 from qimg.cache import prompt_key
 from qimg.engine.canvas import resample
-from qimg.engine.components import Loading
+from qimg.engine.components import Loading, read_schedule
 from qimg.engine.engine import EditResult, Result
 from qimg.engine.latents import Sampler, finite, to_uint8
 from qimg.engine.preview import mapped, watching
 from qimg.engine.qwen21_files import Files21, split_loading
 from qimg.engine.qwen21_inputs import CHANNELS, MULTIPLE, SCALE, Defaults21, pack, rgba, unpack, working_size
 from qimg.engine.request import Sampling
-from qimg.errors import QimgError, QimgWarning, UsageError
+from qimg.errors import QimgWarning, UsageError
 from qimg.masks import composite, crop_box, latent_mask, resize_mask
 from qimg.model.qwen21_prompt import MAX_PICTURES, prompt_text
 from qimg.sampling import (
@@ -68,10 +68,7 @@ class Engine21(Files21, Sampler):
         super().__init__(folder, device, dtype, cache, loading)
         self.check_files(files)
         self.defaults = Defaults21.from_folder(folder)
-        try:
-            self.schedule = ScheduleConfig.from_scheduler(read_config(folder / "scheduler", "scheduler_config.json"))
-        except ValueError as e:
-            raise QimgError(f"{folder / 'scheduler'}: {e}") from None
+        self.schedule = read_schedule(folder, ScheduleConfig.from_scheduler)
         self.grid = sample_sigmas(folder)
         if self.grid:
             self.defaults = replace(self.defaults, steps=len(self.grid))
