@@ -135,8 +135,7 @@ class Engine21(Files21, Sampler):
     def latent_spec(self, width: int, height: int) -> dict:
         return {"latent": ("float32", (1, CHANNELS, height // SCALE, width // SCALE))}
 
-    def check_size(self, width: int, height: int, encodes: bool = True,
-                   pictures: tuple[tuple[int, int], ...] = ()) -> None:
+    def check_size(self, width: int, height: int, *, pictures: tuple[tuple[int, int], ...] = ()) -> None:
         """Refuse, before loading, a size that is not a positive multiple of 32, over the model's largest, or
         that the device could not hold with `pictures` ((W, H) each at their working sizes) beside it."""
         from qimg.engine.memory import qwen21_activation_bytes
@@ -314,7 +313,7 @@ class Engine21(Files21, Sampler):
         sigmas = self.sigmas(sampling, h * w).to(self.device)
         noise = pack(self._noise(sampling.seed, h, w))
         if known is None:
-            sigmas, x, blend = sigmas, noise, None
+            x, blend = noise, None
         else:
             z0, mask = pack(known[0].float().to(self.device)), known[1].float().to(self.device)
             sigmas = sigmas[first_step(steps, sampling.strength):]
@@ -337,7 +336,7 @@ class Engine21(Files21, Sampler):
 
     def generate(self, sampling: Sampling, width: int, height: int, callback=None, preview=None) -> Result:
         """An RGBA image of width x height (multiples of 32) for the sampling's prompt."""
-        self.check_size(width, height, encodes=False)
+        self.check_size(width, height)
         encoded_before = self.prompts_encoded
         latent, _ = self.sample(sampling, (width, height), [], None, callback, mapped(preview, self.decode))
         return Result(self.decode(latent), None, "off" if self.cache is None else "miss",

@@ -369,7 +369,7 @@ def pictures_21(job: Edit, folder: Path) -> tuple:
 def edit_21(job: Edit, image: Path, mask, target, engine, reporter: Reporter, started: float, preview, pictures,
             sampling, mask_file) -> None:
     """instruct_one on a Qwen-Image-2.1 engine: the input read again with its alpha (RGBA in, RGBA out), the
-    pictures resized once to the edit area; pictures: qwen21_checks.edit_pictures'."""
+    pictures resized once to the edit area; pictures: pictures_21'."""
     import numpy as np
 
     from qimg.cache import array_hash
