@@ -75,3 +75,20 @@ def build_tiny_checkpoint(path: Path, seed: int = 0, shard_transformer: bool = T
         shutil.rmtree(path / "transformer")
         transformer.save_pretrained(path / "transformer", safe_serialization=True, max_shard_size="100KB")
     return path
+
+
+def as_2512(folder: Path, path: Path) -> Path:
+    """The tiny Qwen-Image folder as Qwen-Image-2512 ships it: the same architecture and files, its configs saved
+    by a later diffusers (0.36), so the transformer's config spells out every flag of the class (off) and drops
+    Qwen-Image's unused `pooled_projection_dim`."""
+    import json
+
+    path = Path(shutil.copytree(folder, path))
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "_diffusers_version": "0.36.0.dev0"}, indent=2))
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    config.pop("pooled_projection_dim", None)
+    config.update(_diffusers_version="0.36.0.dev0", guidance_embeds=False, zero_cond_t=False,
+                  use_additional_t_cond=False, use_layer3d_rope=False)
+    (path / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+    return path

@@ -19,6 +19,10 @@ from qimg.small_files import PICKLE_SUFFIXES, parse_json, read_small
 
 PIPELINES = {"QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline", "QwenImageEditPipeline",
              "QwenImageEditPlusPipeline", "QwenImage21Pipeline"}
+# Family members qimg does not run, refused by name: Layered splits a picture into RGBA layers (its own transformer
+# flags and VAE); Qwen-Image-2.0 has no open weights (API-only), so a folder claiming it is named for what it says.
+REFUSED = {"QwenImageLayeredPipeline": "Qwen-Image-Layered", "QwenImageLayeredModularPipeline": "Qwen-Image-Layered",
+           "QwenImage2Pipeline": "Qwen-Image-2.0", "QwenImage20Pipeline": "Qwen-Image-2.0"}
 SHOWN = 5  # how many offending key names an error lists
 BUILTIN = Path(__file__).resolve().parent.parent / "builtin" / "shapes"  # the demo model shipped in the package
 
@@ -79,6 +83,9 @@ def check_model_folder(path: Path) -> Path:
         raise UsageError(f"{path} is not a Qwen-Image model folder: model_index.json is missing")
     name = read_json_object(index, UsageError).get("_class_name")
     if not isinstance(name, str) or name not in PIPELINES:
+        if isinstance(name, str) and (family := REFUSED.get(name)):
+            raise UsageError(f"{path} is {family} ({name}), which qimg does not run: it runs Qwen-Image (and 2512), "
+                             "Qwen-Image-Edit (2509, 2511) and Qwen-Image-2.1 (model_index.json)")
         if isinstance(name, str) and name:
             raise UsageError(f"{path} is a {name[:60]} model, not Qwen-Image (model_index.json)")
         raise UsageError(f"{path}: model_index.json names no pipeline (_class_name); not a Qwen-Image model folder")
