@@ -12,6 +12,13 @@ qimg streaming its blocks from pinned CPU memory (--offload blocks). Outputs are
 With 2 or more GPUs, then the one-image modes (--cfg-parallel, --ulysses 2, --tp 2, and on 4 GPUs their
 products) beside one GPU, each rank on its own GPU over NCCL: benchmarks/parallel.py at the same width, blocks
 and size (its random weights are written to a temporary folder first: ~0.7 GB per block).
+
+    PYTHONPATH=. python benchmarks/gpu.py --family 2.1          # Qwen-Image-2.1: 32 blocks x 4096, 1024x1024
+
+`--family 2.1` times qimg's Qwen-Image-2.1 transformer at real width (7.1B parameters, ~14.2 GB in bf16) on a
+request of --txt-tokens text tokens and --pictures condition pictures at --size: one forward without the prefix
+key/value cache, the forward that fills it, and one that reads it (the target's tokens alone), then what an image
+of --steps steps costs each way; the cached output is compared with the uncached one.
 """
 
 import argparse
@@ -25,8 +32,10 @@ import torch
 from common import machine, timed
 
 from qimg.model.offload import BlockStream
+from qimg.model.rope21 import build_layout
 from qimg.model.split import place_split
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.model.transformer21 import PrefixCache, QwenImage21Transformer, Transformer21Config
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 
@@ -39,22 +48,36 @@ def forward_flops(cfg: TransformerConfig, img: int, txt: int) -> float:
     return cfg.num_layers * per_block + ends
 
 
-def main():
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=60)
+    p.add_argument("--family", choices=("qwen-image", "2.1"), default="qwen-image")
+    p.add_argument("--layers", type=int, default=None, help="blocks (default: the model's, 60 or 32)")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels")
     p.add_argument("--txt-tokens", type=int, default=100)
+    p.add_argument("--pictures", type=int, default=1, help="2.1: condition pictures at --size (0: text to image)")
+    p.add_argument("--steps", type=int, default=40, help="2.1: steps of the image the cache's saving is counted for")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.layers = args.layers or (32 if args.family == "2.1" else 60)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: skipped")
         return
-    from diffusers import QwenImageTransformer2DModel
-
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if args.family == "2.1":
+        cfg = Transformer21Config(num_layers=args.layers)
+        report21(cfg, transformer21_rows(cfg, device, torch.bfloat16, args.txt_tokens, args.size // 16,
+                                         args.pictures, args.reps), args, peak)
+        return
+    from diffusers import QwenImageTransformer2DModel
+
     cfg = TransformerConfig(num_layers=args.layers)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
@@ -174,6 +197,63 @@ def offload_seconds(ours, forward, reps) -> tuple[float, int]:
     del ours.run_blocks
     ours.transformer_blocks.to(device)
     return seconds, peak
+
+
+def forward21_flops(cfg: Transformer21Config, queries: int, keys: int) -> float:
+    """Matmul FLOPs of one batch-1 2.1 forward over `queries` tokens attending to at most `keys` (block-causal
+    attention counted as full: an upper bound): q, k, v, out (4 d^2) and the SwiGLU MLP (3 x 3 d^2) per token."""
+    d = cfg.dim
+    return cfg.num_layers * (2 * queries * 13 * d * d + 4 * queries * keys * d)
+
+
+def transformer21_rows(cfg: Transformer21Config, device: torch.device, dtype: torch.dtype, txt_tokens: int, side: int,
+                       pictures: int, reps: int) -> dict:
+    """Qwen-Image-2.1's transformer at `cfg`'s width with random weights on `device`: seconds of one forward without
+    the prefix cache ("no cache"), of the one that fills it ("cache fill") and of one that reads it ("cache read"),
+    the token counts, and max |cached - uncached| of the outputs. side: the latent grid's side (pixels / 16)."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = QwenImage21Transformer(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    slot = side * side // 4  # text-encoder slots per picture: one per 2x2 latents
+    img_mask = torch.tensor(([False] * txt_tokens + [True] * slot) * pictures + [False] * txt_tokens)
+    grids = [(side, side)] * (pictures + 1)
+    layout = build_layout(img_mask, grids, cfg.axes_dims_rope, device=device)
+    g = torch.Generator(device).manual_seed(1)
+    latents = torch.randn(1, side * side * (pictures + 1), cfg.in_channels, device=device, dtype=dtype, generator=g)
+    txt = torch.randn(1, len(img_mask), cfg.context_in_dim, device=device, dtype=dtype, generator=g)
+    t = torch.full((1,), 0.7, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    with torch.inference_mode():
+        plain = model(latents, txt, t, layout)
+        cache = PrefixCache()
+        model(latents, txt, t, layout, cache)
+        diff = (model(latents, txt, t, layout, cache).float() - plain.float()).abs().max().item()
+        seconds = timed({"no cache": lambda: model(latents, txt, t, layout),
+                         "cache fill": lambda: model(latents, txt, t, layout, PrefixCache()),
+                         "cache read": lambda: model(latents, txt, t, layout, cache)}, reps, warmup=1, sync=sync)
+    return dict(seconds=seconds, tokens=layout.length, prefix=layout.prefix, diff=diff)
+
+
+def report21(cfg: Transformer21Config, rows: dict, args, peak: float | None) -> None:
+    seconds, n, prefix = rows["seconds"], rows["tokens"], rows["prefix"]
+    print(machine())
+    print(f"Qwen-Image-2.1 transformer: {cfg.num_layers} blocks x hidden {cfg.dim}, bf16, {args.txt_tokens} text "
+          f"tokens, {args.pictures} condition pictures and the target at {args.size}x{args.size}: {n} tokens, "
+          f"{prefix} of them the prefix; median of {args.reps}\n")
+    print(f"{'':<12} {'s/forward':>10} {'TFLOP/s':>8} {'% peak':>7}")
+    for row, queries in (("no cache", n), ("cache fill", n), ("cache read", n - prefix)):
+        tflops = forward21_flops(cfg, queries, n) / seconds[row] / 1e12
+        share = f"{100 * tflops / peak:6.1f}%" if peak else "   n/a"
+        print(f"{row:<12} {seconds[row]:>9.3f}s {tflops:>8.0f} {share:>7}")
+    off = args.steps * seconds["no cache"]
+    on = seconds["cache fill"] + (args.steps - 1) * seconds["cache read"]
+    print(f"\none image of {args.steps} steps: {off:.1f} s of transformer without the cache, {on:.1f} s with it "
+          f"({off / on:.2f}x); max |cached - uncached| {rows['diff']:.1e}")
 
 
 if __name__ == "__main__":
