@@ -61,9 +61,9 @@ class Engine21(Files21, Sampler):
     plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
 
     def __init__(self, folder, device: str = "auto", dtype: str = "auto", cache=None, loading: Loading = Loading()):
-        if loading.devices or loading.offload == "blocks":
-            raise UsageError("--devices and --offload blocks are not supported for Qwen-Image-2.1 yet: use one "
-                             "device, with --offload model to hold one component at a time")
+        if loading.devices:
+            raise UsageError("--devices is not supported for Qwen-Image-2.1 yet: use one device (with --offload "
+                             "blocks or --offload model where it lacks the memory)")
         files, loading = split_loading(loading)
         super().__init__(folder, device, dtype, cache, loading)
         self.check_files(files)
@@ -86,13 +86,18 @@ class Engine21(Files21, Sampler):
     @property
     def transformer(self):
         """The transformer (weights/qwen21.py: the folder's, or --transformer's, packed with --quantize), its LoRAs
-        fused."""
+        fused; with --offload blocks its blocks streamed from CPU memory (model/offload.py)."""
         if self._transformer is None:
+            from qimg.model.offload import place_for_streaming
             from qimg.weights.adapters import apply_adapters
             from qimg.weights.qwen21 import load_transformer21
 
-            transformer = load_transformer21(self.folder, self.source, self.dtype, self.device)
+            streamed = self.offload == "blocks"  # the blocks stay in CPU memory, each copied over for its turn
+            transformer = load_transformer21(self.folder, self.source, self.dtype,
+                                             torch.device("cpu") if streamed else self.device)
             apply_adapters(transformer, [one.adapters for one in self.loras])
+            if streamed:
+                place_for_streaming(transformer, self.device)
             if self.compile:
                 transformer.compile_blocks()
             self._transformer = transformer
@@ -128,7 +133,8 @@ class Engine21(Files21, Sampler):
         from qimg.weights.transformer import tensor_sizes
 
         return resident_bytes(tensor_sizes(transformer21_config(self.folder), self.folder / "transformer",
-                                           self.source, self.dtype, self.device), False)
+                                           self.source, self.dtype, self.device),
+                              self.offload == "blocks" and self.device.type != "cpu")
 
     # --- sizes ---------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ the next one are ever resident. On the CPU the copies are no-ops and the numbers
 """
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import nn
@@ -13,7 +14,9 @@ from torch.func import functional_call
 
 
 class BlockStream:
-    """Stands in for QwenImageTransformer.run_blocks: same signature, weights fetched ahead of use."""
+    """The blocks with their weights fetched ahead of use. Called, it stands in for QwenImageTransformer.run_blocks
+    (same signature); iterated, it gives each block in turn as a callable on the device copy of its weights, for a
+    stack that threads more than the hidden states (Qwen-Image-2.1's, with its per-block prefix cache)."""
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device):
         self.blocks, self.device = blocks, device
@@ -31,7 +34,9 @@ class BlockStream:
                 done.record(self.copies)
         return state, done
 
-    def __call__(self, img, txt, vec, rope, plan):
+    def __iter__(self):
+        """Each block as a callable on its weights' device copy; the next block's copy is under way while the
+        caller runs this one, and this one's is dropped when the caller asks for the next."""
         ahead = self.fetch(self.blocks[0])
         for i, block in enumerate(self.blocks):
             state, done = ahead
@@ -41,14 +46,30 @@ class BlockStream:
                     t.record_stream(torch.cuda.current_stream(self.device))
             if i + 1 < len(self.blocks):
                 ahead = self.fetch(self.blocks[i + 1])  # overlaps with this block's compute
-            img, txt = functional_call(block, state, (img, txt, vec, rope, plan))
-            del state
+            held = [state]  # the caller's callable reaches the copy only through this, emptied on its next ask,
+            del state  # so the copy is freed before the block after next is fetched: two blocks resident at most
+            yield partial(run_with, block, held)
+            held.clear()
+
+    def __call__(self, img, txt, vec, rope, plan):
+        for block in self:
+            img, txt = block(img, txt, vec, rope, plan)
         return img, txt
 
 
+def run_with(block: nn.Module, held: list[dict], *args):
+    """The block's forward on the device copy of its tensors (held[0]) in place of its own."""
+    return functional_call(block, held[0], args)
+
+
 def place_for_streaming(transformer: nn.Module, device: torch.device) -> None:
-    """Everything but the blocks to the device; the blocks stay on the CPU and are streamed."""
+    """Everything but the blocks to the device; the blocks stay on the CPU and are streamed: a transformer with a
+    `stream` slot (Qwen-Image-2.1's) iterates the stream itself, the 20B's run_blocks is replaced by it."""
     for name, child in transformer.named_children():
         if name != "transformer_blocks":
             child.to(device)
-    transformer.run_blocks = BlockStream(transformer.transformer_blocks, device)
+    stream = BlockStream(transformer.transformer_blocks, device)
+    if hasattr(transformer, "stream"):
+        transformer.stream = stream
+    else:
+        transformer.run_blocks = stream

@@ -205,6 +205,10 @@ class PrefixCache:
 
 
 class QwenImage21Transformer(nn.Module):
+    # The blocks as run_blocks runs them: None for transformer_blocks; with --offload blocks an offload.BlockStream,
+    # each block's weights copied to the device just before its turn (offload.place_for_streaming sets it).
+    stream = None
+
     def __init__(self, cfg: Transformer21Config):
         super().__init__()
         self.cfg = cfg
@@ -276,7 +280,7 @@ class QwenImage21Transformer(nn.Module):
         """The block stack. past: the cached prefix's keys and values per block, or None when every token runs;
         extract: then also return the prefix's (copies, so each block's full-length keys are freed after it)."""
         prefix = []
-        for i, block in enumerate(self.transformer_blocks):
+        for i, block in enumerate(self.transformer_blocks if self.stream is None else self.stream):
             x, k, v = block(x, mod, split, layout, None if past is None else past[i])
             if past is None and extract:
                 prefix.append((k[:, :layout.prefix].clone(), v[:, :layout.prefix].clone()))

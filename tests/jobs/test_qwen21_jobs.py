@@ -103,3 +103,22 @@ def test_reuse_skips_calls_and_a_preview_changes_no_byte(cli, qwen21_dir, tmp_pa
     assert watched["calls"] == reused["calls"] and watched["previews"] == 4  # after steps 3, 6 and 9, then the result
     assert np.array_equal(rgba(tmp_path / "live.png"), rgba(tmp_path / "watched.png"))
     assert np.abs(rgba(tmp_path / "reused.png").astype(int) - rgba(tmp_path / "full.png")).max() > 0
+
+
+def test_offload_blocks_gives_the_same_bytes(cli, qwen21_dir, tmp_path):
+    """--offload blocks streams the blocks' weights (model/offload.py); on the CPU the copies are the weights
+    themselves, so every number is the same: with the prefix cache filled and read, without it, packed fp8."""
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (32, 48, 4), np.uint8)).save(tmp_path / "in.png")
+    runs = {
+        "generate": ("generate", "-m", qwen21_dir, "-p", "a red circle", "--size", "64x32", "--steps", "3"),
+        "no-kv": ("generate", "-m", qwen21_dir, "-p", "a red circle", "--size", "32x32", "--steps", "2",
+                  "--no-kv-cache"),
+        "edit fp8": ("edit", tmp_path / "in.png", "--ref", tmp_path / "in.png", "-m", qwen21_dir, "-p", "x",
+                     "--edit-area", "1536", "--steps", "2", "--quantize", "fp8", "--no-dequantize"),
+    }
+    for name, args in runs.items():
+        plain = lines(cli, *args, "--seed", "2", "--no-cache", "-o", tmp_path / f"{name}.png")[0]
+        streamed = lines(cli, *args, "--seed", "2", "--no-cache", "--offload", "blocks",
+                         "-o", tmp_path / f"{name}-streamed.png")[0]
+        assert (tmp_path / f"{name}.png").read_bytes() == (tmp_path / f"{name}-streamed.png").read_bytes(), name
+        assert streamed["calls"] == plain["calls"] and streamed["kv_cache"] == plain["kv_cache"]
