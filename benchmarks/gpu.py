@@ -17,8 +17,9 @@ and size (its random weights are written to a temporary folder first: ~0.7 GB pe
 
 `--family 2.1` times qimg's Qwen-Image-2.1 transformer at real width (7.1B parameters, ~14.2 GB in bf16) on a
 request of --txt-tokens text tokens and --pictures condition pictures at --size: one forward without the prefix
-key/value cache, the forward that fills it, and one that reads it (the target's tokens alone), then what an image
-of --steps steps costs each way; the cached output is compared with the uncached one.
+key/value cache, the forward that fills it, and one that reads it (the target's tokens alone), the first and last
+with the blocks streamed (--offload blocks) too, then what an image of --steps steps costs each way; the cached
+and streamed outputs are compared with the plain one.
 """
 
 import argparse
@@ -233,10 +234,21 @@ def transformer21_rows(cfg: Transformer21Config, device: torch.device, dtype: to
         cache = PrefixCache()
         model(latents, txt, t, layout, cache)
         diff = (model(latents, txt, t, layout, cache).float() - plain.float()).abs().max().item()
-        seconds = timed({"no cache": lambda: model(latents, txt, t, layout),
-                         "cache fill": lambda: model(latents, txt, t, layout, PrefixCache()),
-                         "cache read": lambda: model(latents, txt, t, layout, cache)}, reps, warmup=1, sync=sync)
-    return dict(seconds=seconds, tokens=layout.length, prefix=layout.prefix, diff=diff)
+        rows = {"no cache": lambda: model(latents, txt, t, layout),
+                "cache fill": lambda: model(latents, txt, t, layout, PrefixCache()),
+                "cache read": lambda: model(latents, txt, t, layout, cache)}
+        seconds = timed(rows, reps, warmup=1, sync=sync)
+        for block in model.transformer_blocks:  # --offload blocks: streamed from (pinned) CPU memory
+            block.to("cpu")
+        model.stream = BlockStream(model.transformer_blocks, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        streamed = timed({f"offload {row}": rows[row] for row in ("no cache", "cache read")}, reps, warmup=1, sync=sync)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+        diff = max(diff, (rows["cache read"]().float() - plain.float()).abs().max().item())
+    return dict(seconds={**seconds, **streamed}, tokens=layout.length, prefix=layout.prefix, diff=diff,
+                offload_peak=peak)
 
 
 def report21(cfg: Transformer21Config, rows: dict, args, peak: float | None) -> None:
@@ -245,11 +257,13 @@ def report21(cfg: Transformer21Config, rows: dict, args, peak: float | None) -> 
     print(f"Qwen-Image-2.1 transformer: {cfg.num_layers} blocks x hidden {cfg.dim}, bf16, {args.txt_tokens} text "
           f"tokens, {args.pictures} condition pictures and the target at {args.size}x{args.size}: {n} tokens, "
           f"{prefix} of them the prefix; median of {args.reps}\n")
-    print(f"{'':<12} {'s/forward':>10} {'TFLOP/s':>8} {'% peak':>7}")
-    for row, queries in (("no cache", n), ("cache fill", n), ("cache read", n - prefix)):
+    print(f"{'':<20} {'s/forward':>10} {'TFLOP/s':>8} {'% peak':>7}")
+    for row, queries in (("no cache", n), ("cache fill", n), ("cache read", n - prefix),
+                         ("offload no cache", n), ("offload cache read", n - prefix)):
         tflops = forward21_flops(cfg, queries, n) / seconds[row] / 1e12
         share = f"{100 * tflops / peak:6.1f}%" if peak else "   n/a"
-        print(f"{row:<12} {seconds[row]:>9.3f}s {tflops:>8.0f} {share:>7}")
+        print(f"{row:<20} {seconds[row]:>9.3f}s {tflops:>8.0f} {share:>7}")
+    print(f"--offload blocks: peak GPU memory {rows['offload_peak'] / 2**30:.1f} GiB")
     off = args.steps * seconds["no cache"]
     on = seconds["cache fill"] + (args.steps - 1) * seconds["cache read"]
     print(f"\none image of {args.steps} steps: {off:.1f} s of transformer without the cache, {on:.1f} s with it "

@@ -33,10 +33,11 @@ def test_the_2_1_rows_run_on_the_cpu(pictures, capsys):
     rows = gpu.transformer21_rows(cfg, torch.device("cpu"), torch.float32, txt_tokens=5, side=4, pictures=pictures,
                                   reps=1)
     assert rows["tokens"] == 5 * (pictures + 1) + 16 * (pictures + 1) and rows["prefix"] == rows["tokens"] - 16
-    assert rows["diff"] <= 1e-5 and set(rows["seconds"]) == {"no cache", "cache fill", "cache read"}
+    assert rows["diff"] <= 1e-5 and set(rows["seconds"]) == {"no cache", "cache fill", "cache read", "offload no cache",
+                                                              "offload cache read"}
     args = gpu.parse(["--family", "2.1", "--txt-tokens", "5", "--size", "64", "--pictures", str(pictures),
                       "--reps", "1"])
     gpu.report21(cfg, rows, args, peak=None)
     out = capsys.readouterr().out
-    assert "2 blocks x hidden 32" in out and "cache read" in out and "one image of 40 steps" in out
+    assert "2 blocks x hidden 32" in out and "offload cache read" in out and "one image of 40 steps" in out
     assert gpu.forward21_flops(cfg, 16, rows["tokens"]) < gpu.forward21_flops(cfg, rows["tokens"], rows["tokens"])
