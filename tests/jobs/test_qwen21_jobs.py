@@ -1,9 +1,13 @@
 """Qwen-Image-2.1 through qimg's job features (issue 26): `generate --prompts` batches and edit folder batches,
 each split by `--shard` into the same bytes, presets (a preset's values are the flags'), `--reuse` (fewer
 transformer calls, the same bytes with a preview watching) and generate's previews (the last one the RGBA result).
-The worker's runs are tests/worker/test_worker_qwen21.py's."""
+Under torchrun, `--shard auto` gives each rank its part. --offload blocks gives the same bytes. The worker's runs are
+tests/worker/test_worker_qwen21.py's."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,7 @@ from qimg.jobs.metadata import read_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RUN = ("--device", "cpu", "--no-worker", "--json")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def lines(cli, *args) -> list[dict]:
@@ -122,3 +127,19 @@ def test_offload_blocks_gives_the_same_bytes(cli, qwen21_dir, tmp_path):
                          "-o", tmp_path / f"{name}-streamed.png")[0]
         assert (tmp_path / f"{name}.png").read_bytes() == (tmp_path / f"{name}-streamed.png").read_bytes(), name
         assert streamed["calls"] == plain["calls"] and streamed["kv_cache"] == plain["kv_cache"]
+
+
+@pytest.mark.subprocess
+def test_torchrun_ranks_share_a_prompts_batch_into_the_same_bytes(cli, qwen21_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    base = ("generate", "-m", qwen21_dir, "--prompts", prompts, "--size", "32x32", "--steps", "1", "--seed", "3",
+            "--device", "cpu", "--no-cache")
+    lines(cli, *base, "--out-dir", tmp_path / "one")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QIMG_WORKER": "0", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "qimg", *map(str, base), "--out-dir", tmp_path / "ranks", "--shard", "auto"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "shard 0/2" in result.stderr and "shard 1/2" in result.stderr
+    assert files(tmp_path / "ranks") == files(tmp_path / "one")
