@@ -129,6 +129,13 @@ def text_size(shapes: dict) -> tuple[int | None, int]:
     return width, len({m.group(1) for n in shapes if (m := TEXT_LAYER.match(n))})
 
 
+def qwen3(names) -> bool:
+    """Whether a text encoder's tensor names are Qwen3's (Qwen-Image-2.1's Qwen3-VL, Z-Image's Qwen3): per-head
+    q/k norms in its attention, which Qwen2.5-VL's has not; in transformers' names, the checkpoint's or ComfyUI's
+    (`.self_attn.q_norm.`)."""
+    return any(".self_attn.q_norm." in n for n in names)
+
+
 def latent_channels(shapes: dict) -> int | None:
     """Channels of the latents a VAE file makes (post_quant_conv's input; `conv2` in Wan's names), from its
     tensors' shapes; None without that layer."""

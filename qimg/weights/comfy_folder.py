@@ -1,11 +1,13 @@
 """`--model DIR` on a folder that is no diffusers model: ComfyUI's models folder (`diffusion_models/` or `unet/`,
 `text_encoders/` or `clip/`, `vae/`) or a folder of loose files. Each .safetensors and .gguf file is told by its
-header (comfy_files.part_of) and kept as a candidate for its part only when it fits a Qwen-Image model: a
-transformer qimg ships configs for, a text encoder as wide as that transformer takes, a Qwen-Image (Wan 2.1) VAE,
-Qwen2.5-VL's mmproj. One candidate per part is taken; several are listed, for the --transformer, --text-encoder,
---vae or --vision choice."""
+header (comfy_files.part_of) and kept as a candidate for its part only when it fits the transformer chosen (a
+transformer qimg ships configs for): a text encoder of its family (Qwen2.5-VL for the 20B models, Qwen3-VL for
+Qwen-Image-2.1) as wide as it takes, a VAE making the latents it takes (Qwen-Image's 16 channels, Wan 2.1 or
+diffusers' names; 2.1's RGBA VAE, diffusers' names), Qwen2.5-VL's mmproj for a 20B Edit model. One candidate per
+part is taken; several are listed, for the --transformer, --text-encoder, --vae or --vision choice."""
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from qimg.errors import QimgError, UsageError, listing
@@ -17,9 +19,10 @@ from qimg.weights.comfy_files import (
     WAN_MARK,
     latent_channels,
     part_of,
+    qwen3,
     text_size,
 )
-from qimg.weights.folders import model_kind
+from qimg.weights.folders import model_kind, read_config
 from qimg.weights.single_file import open_weights
 
 SUBFOLDERS = {"transformer": ("diffusion_models", "unet"), "text encoder": ("text_encoders", "clip"),
@@ -99,14 +102,43 @@ def _tokenizer(path: Path) -> str:
     return "qimg's Qwen2.5 (shipped)" if where == TOKENIZER else f"{where.name}/ beside the file"
 
 
-def _fits(part: str, shapes: dict, text_width: int | None) -> bool:
+@dataclass(frozen=True)
+class Takes:
+    """What the chosen transformer takes of the other parts, from its header and the configs qimg ships for it."""
+
+    text_width: int
+    qwen3: bool  # Qwen-Image-2.1: a Qwen3-VL text encoder, and its VAE in diffusers' names; else Qwen2.5-VL
+    channels: int  # the latent channels of its VAE
+    vision: bool  # look for an mmproj vision tower: a 20B Edit model (2.1's is in its text encoder file)
+
+
+def taken_by(transformer: Path) -> Takes:
+    from qimg.weights.shipped import architecture, architecture21, shipped_folder
+
+    folder, arch21 = shipped_folder(transformer), architecture21(transformer)
+    return Takes(text_width=(arch21 or architecture(transformer))[2], qwen3=arch21 is not None,
+                 channels=read_config(folder / "vae")["z_dim"], vision=model_kind(folder).edits and arch21 is None)
+
+
+def _fits(part: str, shapes: dict, takes: Takes) -> bool:
     if part == "text encoder":
-        return text_width is None or text_size(shapes)[0] == text_width
+        return text_size(shapes)[0] == takes.text_width and qwen3(shapes) == takes.qwen3
     if part == "VAE":
-        return any(m in shapes for m in VAE_MARKS) and latent_channels(shapes) == 16
-    if part == "vision tower":
-        return "v.blk.0.attn_q.weight" in shapes
-    return "txt_in.weight" in shapes
+        return any(m in shapes for m in VAE_MARKS) and latent_channels(shapes) == takes.channels
+    return "v.blk.0.attn_q.weight" in shapes  # the vision tower: Qwen2.5-VL's mmproj
+
+
+def _unreadable(path: Path, part: str, shapes: dict, takes: Takes) -> str:
+    """Why a file that fits cannot be read as that part after all (ComfyUI's own 2.1 VAE); "" when it can."""
+    from qimg.weights.split21 import no_wan_names
+
+    if part != "VAE" or not takes.qwen3:
+        return ""
+    try:
+        no_wan_names(path, shapes)
+    except UsageError as e:
+        return str(e)
+    return ""
 
 
 def _files(folder: Path, part: str) -> list[Path]:
@@ -117,19 +149,18 @@ def _files(folder: Path, part: str) -> list[Path]:
 def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
     """(transformer, text encoder, VAE, vision tower) for `folder`; `given`: the files the options gave, in that
     order (None: find it). A part with no candidate, or several, is a UsageError (exit 2) naming them; the vision
-    tower is optional (ComfyUI's text encoder holds one), and looked for only for an Edit model."""
-    from qimg.weights.shipped import architecture, shipped_folder
-
+    tower is optional (ComfyUI's text encoder holds one), and looked for only for a 20B Edit model."""
     chosen = list(given)
     order = ("transformer", "text encoder", "VAE", "vision tower")
-    text_width, edits = None, False
+    takes = None
     for i, part in enumerate(order):
-        if chosen[i] is None and (part != "vision tower" or edits):  # only an Edit model reads pictures
+        if chosen[i] is None and (part != "vision tower" or takes.vision):  # only an Edit model reads pictures
             found, skipped = [], []
             for f in _files(folder, part):
                 kind, shapes, error = _read(f)
-                if kind == part and _fits(part, shapes, text_width) and (part != "transformer" or _ships(f)):
-                    found.append(f)
+                fits = kind == part and (_ships(f) if part == "transformer" else _fits(part, shapes, takes))
+                error = error or (_unreadable(f, part, shapes, takes) if fits else "")
+                found += [f] if fits and not error else []
                 skipped += [error] if error else []
             if len(found) > 1:
                 raise UsageError(f"{folder} has {len(found)} files that fit as the {part}: "
@@ -142,8 +173,7 @@ def pick(folder: Path, given: tuple) -> tuple[Path | None, ...]:
                                  + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
             chosen[i] = found[0] if found else None
         if part == "transformer":
-            edits = model_kind(shipped_folder(chosen[0])).edits  # one qimg has the configs for
-            text_width = architecture(chosen[0])[2]
+            takes = taken_by(chosen[0])  # one qimg has the configs for
     return tuple(chosen)
 
 

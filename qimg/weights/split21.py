@@ -24,7 +24,7 @@ from qimg.model.qwen3vl_vision import Qwen3VLEncoder, Qwen3VLVisionTower
 from qimg.model.qwen21_prompt import PromptEncoder21
 from qimg.model.tokenizer import Tokenizer
 from qimg.model.vae21 import QwenImage21VAE, VAE21Config
-from qimg.weights.comfy_files import WAN_MARK
+from qimg.weights.comfy_files import WAN_MARK, qwen3
 from qimg.weights.folders import Contents, check_keys
 from qimg.weights.qwen3vl import configs, load_image_config
 from qimg.weights.single_file import Weight, open_weights
@@ -137,11 +137,16 @@ def load_vae21_file(path: Path, cfg: VAE21Config, dtype: torch.dtype, device: to
 
 
 def vae_shapes(path: Path, weights: dict[str, Weight]) -> dict[str, tuple]:
-    if WAN_MARK in weights:  # ComfyUI's Wan-style names (its 2.1 VAE is in Wan 2.2's layout)
+    no_wan_names(path, weights)
+    return {k: w.shape for k, w in weights.items()}
+
+
+def no_wan_names(path: Path, names) -> None:
+    """Refuse a 2.1 VAE file in ComfyUI's Wan-style names (its 2.1 VAE is in Wan 2.2's layout): no map reads it."""
+    if WAN_MARK in names:
         raise UsageError(f"{VAE} {path} is in ComfyUI's Wan-style VAE names, which qimg reads for Qwen-Image's VAE "
                          "only; for Qwen-Image-2.1 pass the VAE in diffusers' names (the model's vae/ weights as one "
                          "file) or --model with its folder")
-    return {k: w.shape for k, w in weights.items()}
 
 
 # --- the tokenizer --------------------------------------------------------------------------------------------
@@ -255,7 +260,7 @@ def _check_text21(files: Files, folder: Path, takes: int, where: str) -> None:
     if width is not None and width != takes:
         raise UsageError(f"{TEXT} {path} is {width} wide and {where} takes {takes}: they are from different models "
                          "(a Qwen2.5-VL text encoder with a Qwen-Image-2.1 transformer?)")
-    if not any(k.startswith("layers.") and ".self_attn.q_norm." in k for k in text):
+    if not qwen3(text):
         raise UsageError(f"{TEXT} {path} is not a Qwen3-VL text encoder (no q_norm in its attention): "
                          "Qwen-Image-2.1 needs Qwen3-VL-8B (ComfyUI's qwen3vl_8b files)")
     with torch.device("meta"):
@@ -299,7 +304,7 @@ def describe21(path: Path, part: str, shapes: dict[str, tuple]) -> dict | None:
     if part != "text encoder":
         return None
     text, vision = halves({n: Weight("dense", s, None) for n, s in shapes.items()})
-    if not any(".self_attn.q_norm." in k for k in text):
+    if not qwen3(text):
         return None
     rows, width = text.get("embed_tokens.weight", Weight("dense", (0, 0), None)).shape
     beside = next((name for name in TOKENIZER_FOLDERS if (path.parent / name).is_dir()), None)

@@ -38,6 +38,7 @@ from qimg.weights.comfy_files import (
     latent_channels,
     mmproj_key,
     part_of,
+    qwen3,
     text_size,
     wan_vae_key,
 )
@@ -363,8 +364,8 @@ def _check_text(files: Files, folder: Path, kind: ModelKind, transformer: Path |
     with open_part(path, TEXT) as found:
         weights = text_weights(found)
         visual = [n for n in found.weights if vision.remap_keys(n)]
-        width = text_size({n: w.shape for n, w in found.weights.items()})[0]
-    if any(".self_attn.q_norm." in k for k in weights):  # Qwen3's per-head norms: a 2.1 encoder as wide as this
+        width, is_qwen3 = text_size({n: w.shape for n, w in found.weights.items()})[0], qwen3(found.weights)
+    if is_qwen3:  # a 2.1 encoder as wide as this
         raise UsageError(f"{TEXT} {path} is a Qwen3-VL text encoder (Qwen-Image-2.1's) and {where} is a Qwen-Image "
                          "20B one: they are from different models")
     if width is not None and width != takes:

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from helpers import one_line
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from split_layouts import folder_tensors, gguf_text_encoder, wan_vae
 from split_layouts21 import TOKENIZER_FILES, files21, scaled_fp8_text_encoder21, text_encoder21, vision21
 
+from qimg.errors import UsageError
 from qimg.jobs.metadata import read_params
+from qimg.weights.comfy_folder import pick
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 RUN = ["--steps", "2", "--seed", "5", "--device", "cpu", "--no-cache", "--no-worker", "--json"]
@@ -154,3 +156,61 @@ def test_refusals_are_one_line_before_loading(cli, qwen21_folders, tiny_model_di
         assert code == 2, (fragment, err)
         one_line(err, fragment)
     assert loads == [] and not (tmp_path / "x.png").exists()
+
+
+def comfy_folder(models, parts):
+    """ComfyUI's models folder: {subfolder: [files]} copied in, a text encoder's qwen25_tokenizer/ beside it."""
+    for sub, paths in parts.items():
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        for f in paths:
+            shutil.copy(f, models / sub / f.name)
+            if (f.parent / "qwen25_tokenizer").is_dir() and not (models / sub / "qwen25_tokenizer").exists():
+                shutil.copytree(f.parent / "qwen25_tokenizer", models / sub / "qwen25_tokenizer")
+    return models
+
+
+def test_model_on_a_comfyui_folder_of_21_and_20b_files(cli, qwen21_folders, tiny_model_dir, files, tmp_path,
+                                                        shipped):
+    """-m on ComfyUI's models folder takes 2.1's parts (same bytes as the three files); with the 20B model's files
+    beside them each transformer takes its own family's text encoder and VAE, and what stays ambiguous is listed."""
+    size = ["--size", "32x32"]
+    models = comfy_folder(tmp_path / "ComfyUI" / "models", {"diffusion_models": [files[0]],
+                                                           "text_encoders": [files[1]], "vae": [files[2]]})
+    run(cli, "generate", "-p", PROMPT, *split(*files), *size, "-o", tmp_path / "files.png")
+    report = run(cli, "generate", "-p", PROMPT, "-m", models, *size, "-o", tmp_path / "comfy.png")
+    assert np.array_equal(rgba(tmp_path / "files.png"), rgba(tmp_path / "comfy.png"))
+    assert report["variant"] == "qwen-image-2.1" and report["vae"]["name"] == files[2].name
+    assert report["text_encoder"]["tokenizer"] == "qwen25_tokenizer/ beside the file"
+    twenty = tmp_path / "20b"  # the 20B model's files: Qwen2.5-VL (as wide as Qwen3-VL here), Wan 2.1's VAE
+    twenty.mkdir()
+    save_file(folder_tensors(tiny_model_dir / "transformer"), str(twenty / "qwen_image_fp32.safetensors"))
+    gguf_text_encoder(tiny_model_dir, twenty / "Qwen2.5-VL-7B-Instruct-F32.gguf")
+    wan_vae(tiny_model_dir, twenty / "qwen_image_vae.safetensors")
+    comfy_folder(models, {"diffusion_models": [twenty / "qwen_image_fp32.safetensors"],
+                          "text_encoders": [twenty / "Qwen2.5-VL-7B-Instruct-F32.gguf"],
+                          "vae": [twenty / "qwen_image_vae.safetensors"]})
+    code, _, err = cli("generate", "-p", PROMPT, "-m", models, *size, "-o", tmp_path / "x.png", *RUN)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, f"{models} has 2 files that fit as the transformer", files[0].name, "qwen_image_fp32.safetensors",
+             "choose one with --transformer FILE")
+    mine = models / "diffusion_models" / files[0].name
+    run(cli, "generate", "-p", PROMPT, "-m", models, "--transformer", mine, *size, "-o", tmp_path / "mixed.png")
+    assert np.array_equal(rgba(tmp_path / "files.png"), rgba(tmp_path / "mixed.png"))
+    their = models / "diffusion_models" / "qwen_image_fp32.safetensors"
+    qwen25 = models / "text_encoders" / "Qwen2.5-VL-7B-Instruct-F32.gguf"
+    assert pick(models, (their, None, None, None)) == (their, qwen25, models / "vae" / "qwen_image_vae.safetensors",
+                                                       None)
+    text_encoder21(qwen21_folders["base"], models / "text_encoders" / "qwen3vl_comfy.safetensors", comfy=True)
+    code, _, err = cli("generate", "-p", PROMPT, "-m", models, "--transformer", mine, *size, "-o", tmp_path / "x.png",
+                       *RUN)
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    one_line(err, f"{models} has 2 files that fit as the text encoder", files[1].name, "qwen3vl_comfy.safetensors",
+             "choose one with --text-encoder FILE")
+    assert pick(models, (their, None, None, None))[1] == qwen25  # the Qwen3-VL files are no candidates
+    comfy_vae = load_file(models / "vae" / "qwen_image_vae.safetensors")  # ComfyUI's 2.1 VAE: Wan-style names
+    comfy_vae["conv2.weight"] = comfy_vae["conv2.weight"].repeat(1, 4, 1, 1, 1)  # 64 latent channels, as 2.1's
+    save_file(comfy_vae, models / "vae" / "qwen_image_2.1_vae_bf16.safetensors")
+    (models / "vae" / files[2].name).unlink()
+    with pytest.raises(UsageError, match=r"nor holds a Qwen-Image VAE file .*\(skipped: --vae .*qwen_image_2\.1_vae_"
+                       r"bf16\.safetensors is in ComfyUI's Wan-style VAE names"):
+        pick(models, (mine, models / "text_encoders" / files[1].name, None, None))

@@ -5,7 +5,9 @@ import pytest
 from safetensors.torch import save_file
 from split_layouts import comfy_text_encoder, folder_tensors, gguf_text_encoder, wan_vae
 
-from qimg.weights.comfy_folder import _fits, _read, describe_file
+from qimg.weights.comfy_folder import Takes, _fits, _read, describe_file
+
+QWEN_IMAGE = Takes(text_width=64, qwen3=False, channels=16, vision=False)  # what the tiny 20B transformer takes
 
 
 def transformers5_text_encoder(folder, path):
@@ -23,7 +25,9 @@ def test_text_encoder_width_and_layers_in_every_naming(tiny_model_dir, tmp_path,
     info = describe_file(path)
     assert (info["width"], info["layers"], info["vision_tower"]) == (64, 2, naming != "llama.cpp")
     part, shapes, _ = _read(path)  # what -m on a ComfyUI folder takes: as wide as the transformer's txt_in
-    assert part == "text encoder" and _fits(part, shapes, 64) and not _fits(part, shapes, 128)
+    assert part == "text encoder" and _fits(part, shapes, QWEN_IMAGE)
+    assert not _fits(part, shapes, Takes(128, False, 16, False))  # another width
+    assert not _fits(part, shapes, Takes(64, True, 64, True))  # Qwen-Image-2.1 takes Qwen3-VL
 
 
 @pytest.mark.parametrize("naming", ["Wan 2.1", "diffusers"])
@@ -35,4 +39,4 @@ def test_vae_latent_channels_in_both_namings(tiny_model_dir, tmp_path, naming):
         save_file(folder_tensors(tiny_model_dir / "vae"), path)
     info = describe_file(path)
     assert (info["names"], info["latent_channels"]) == (naming, 16)
-    assert _fits("VAE", _read(path)[1], None)
+    assert _fits("VAE", _read(path)[1], QWEN_IMAGE) and not _fits("VAE", _read(path)[1], Takes(64, True, 64, True))
