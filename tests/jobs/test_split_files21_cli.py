@@ -1,7 +1,8 @@
 """Qwen-Image-2.1 from ComfyUI's split files (transformer, Qwen3-VL text encoder with its vision tower, RGBA VAE)
 with no model folder: generate and edit give the folder's bytes (the same tensors in the same dtype), Turbo is
 told by the transformer file's name and samples its grid, scaled fp8 equals a folder of its dequantized weights,
-and a wrong combination is one line before any weights load. The configs qimg ships for the real models are
+a wrong combination is one line before any weights load, and -m on a ComfyUI models folder (2.1's files, and the
+20B model's beside them) finds the parts each transformer takes. The configs qimg ships for the real models are
 replaced by the tiny folders' (weights.shipped.CONFIGS), as the files are the tiny model's."""
 
 import json
@@ -181,6 +182,8 @@ def test_model_on_a_comfyui_folder_of_21_and_20b_files(cli, qwen21_folders, tiny
     assert np.array_equal(rgba(tmp_path / "files.png"), rgba(tmp_path / "comfy.png"))
     assert report["variant"] == "qwen-image-2.1" and report["vae"]["name"] == files[2].name
     assert report["text_encoder"]["tokenizer"] == "qwen25_tokenizer/ beside the file"
+    loose = comfy_folder(tmp_path / "loose", {".": files})  # a folder of loose files finds the same three
+    assert pick(loose, (None,) * 4) == (*(loose / f.name for f in files), None)
     twenty = tmp_path / "20b"  # the 20B model's files: Qwen2.5-VL (as wide as Qwen3-VL here), Wan 2.1's VAE
     twenty.mkdir()
     save_file(folder_tensors(tiny_model_dir / "transformer"), str(twenty / "qwen_image_fp32.safetensors"))
