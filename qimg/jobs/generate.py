@@ -26,7 +26,6 @@ from qimg.jobs.spec import Generate, Output, Prompts
 
 def generate(job: Generate, reporter: Reporter) -> None:
     from qimg.images import check_alpha_format, check_format_size, check_output, check_preview
-    from qimg.weights.folders import model_kind
 
     started = time.perf_counter()
     overwrite = job.output.overwrite
@@ -38,6 +37,8 @@ def generate(job: Generate, reporter: Reporter) -> None:
     seed = random_seed(job.prompt.seed)
     out, next_free = output_target(job.output.out, functools.partial(names.generate_output, seed), not overwrite)
     check_output(out, overwrite, what="output" if job.member else "--out", size=job.size)
+    from qimg.weights.folders import model_kind  # torch: after the checks that need none (--cache-size)
+
     if model_kind(folder).rgba:
         check_alpha_format(out, job.output.background, "output" if job.member else "--out")
     licence_notice(folder, job.output.quiet)

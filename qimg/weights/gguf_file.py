@@ -118,7 +118,9 @@ def _read_header(path: Path, size: int, mtime: int, option: str,
     arch = meta.get("general.architecture")
     if arch not in architectures:
         wanted = " or ".join(f"{name} (architecture {key})" for key, name in architectures.items())
-        raise UsageError(f"{option} {path}: a GGUF file of architecture {str(arch)[:40]!r}; {option or 'qimg'} "
+        what = repr(arch)[:40] if arch is not None else "none (no general.architecture)"
+        takes = option or "qimg (--transformer, --text-encoder, --vision)"
+        raise UsageError(f"{option + ' ' if option else ''}{path}: a GGUF file of architecture {what}; {takes} "
                          f"takes {wanted}")
     infos = [_tensor(path, size, data, alignment, *t, option=option) for t in raw]
     end, last = data, None

@@ -322,7 +322,9 @@ def test_broken_model_folders(cli, tmp_path, tiny_model_dir, one_thread, edit, c
 
 
 @pytest.mark.parametrize("model", ["x y/z", "a/b/c", "../x", "-x/y", "x/y..z"])
-def test_model_that_is_neither_a_folder_nor_a_repo_id(cli, tmp_path, photo, model):
+def test_model_that_is_neither_a_folder_nor_a_repo_id(cli, tmp_path, photo, model, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # ../x and the rest name nothing that exists, wherever the tests run
     code, _, err = cli("inpaint", photo, "-p", "x", "--rect", "0,0,8,8", "-m", model, "-o",
                        tmp_path / "o.png")
     assert code == 2

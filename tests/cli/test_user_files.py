@@ -89,7 +89,7 @@ def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(qimg, tmp_path, config
     (tmp_path / "q.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     common = ["-p", "x", "-m", configs_only, "-o", tmp_path / "o.png"]
     for args, fragments in [
-        (["info", tmp_path / "q.gguf"], ["q.gguf is a GGUF file", "--transformer"]),
+        (["info", tmp_path / "q.gguf"], ["q.gguf: a GGUF file of architecture none", "--transformer", "qwen_image"]),
         (["generate", *common, "--lora", transformer], ["--lora", "a transformer's weights, not a LoRA"]),
         (["generate", *common, "--transformer", lora], ["looks like a LoRA", "lora_A/lora_down", "use --lora"]),
     ]:
