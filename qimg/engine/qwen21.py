@@ -61,9 +61,6 @@ class Engine21(Files21, Sampler):
     plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
 
     def __init__(self, folder, device: str = "auto", dtype: str = "auto", cache=None, loading: Loading = Loading()):
-        if loading.devices:
-            raise UsageError("--devices is not supported for Qwen-Image-2.1 yet: use one device (with --offload "
-                             "blocks or --offload model where it lacks the memory)")
         files, loading = split_loading(loading)
         super().__init__(folder, device, dtype, cache, loading)
         self.check_files(files)
@@ -80,6 +77,8 @@ class Engine21(Files21, Sampler):
     def text(self):
         """The PromptEncoder21 (model/qwen21_prompt.py)."""
         if self._text is None:
+            if self._transformer is not None and self.devices and self.placement.text_released:
+                self._transformer = None  # a later prompt: the encoder does not fit beside the blocks; they reload
             self._text = self.load_prompt_encoder()
         return self._text
 
@@ -93,11 +92,17 @@ class Engine21(Files21, Sampler):
             from qimg.weights.qwen21 import load_transformer21
 
             streamed = self.offload == "blocks"  # the blocks stay in CPU memory, each copied over for its turn
+            on_cpu = streamed or bool(self.devices)  # --devices: then split, as Components does
             transformer = load_transformer21(self.folder, self.source, self.dtype,
-                                             torch.device("cpu") if streamed else self.device)
+                                             torch.device("cpu") if on_cpu else self.device)
             apply_adapters(transformer, [one.adapters for one in self.loras])
             if streamed:
                 place_for_streaming(transformer, self.device)
+            if self.devices:
+                from qimg.model.split import BlockSplit21, place_split
+
+                stages = [(d, a, b) for d, (a, b) in zip(self.devices, self.placement.ranges)]
+                place_split(transformer, stages, self.device, BlockSplit21)
             if self.compile:
                 transformer.compile_blocks()
             self._transformer = transformer
@@ -126,8 +131,17 @@ class Engine21(Files21, Sampler):
         return CHANNELS
 
     @cached_property
+    def placement(self):
+        """The layer split over --devices (engine/placement.py) of 2.1's components, or --split."""
+        from qimg.engine.qwen21_split import plan21
+
+        return plan21(self)
+
+    @cached_property
     def weight_bytes(self) -> int:
         """The transformer's weights on the device, at their packed sizes (read from the headers)."""
+        if self.devices:  # the first device's share of the split
+            return sum(n for d, n in zip(self.devices, self.placement.weights) if d == self.device)
         from qimg.engine.memory import resident_bytes
         from qimg.weights.qwen21 import transformer21_config
         from qimg.weights.transformer import tensor_sizes
@@ -234,14 +248,14 @@ class Engine21(Files21, Sampler):
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 4) uint8, sides multiples of 16 -> normalized latent (1, 64, H/16, W/16), the posterior mode."""
         x = torch.from_numpy(np.array(rgba(image))).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-        z = self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
+        z = self.vae("encoder").encode(x.to(self.place("vae"), self.dtype)).float().to(self.device)
         self._release("encoder")
         return finite(z, self.dtype)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
         """Normalized latent (1, 64, h, w) -> (16h, 16w, 4) uint8 RGBA."""
-        x = self.vae("decoder").decode(latent.to(self.device, self.dtype))
+        x = self.vae("decoder").decode(latent.to(self.place("vae"), self.dtype))
         self._release("decoder")
         return to_uint8(finite(x[0], self.dtype))
 

@@ -279,14 +279,22 @@ class QwenImage21Transformer(nn.Module):
                    past: list[tuple[Tensor, Tensor]] | None, extract: bool):
         """The block stack. past: the cached prefix's keys and values per block, or None when every token runs;
         extract: then also return the prefix's (copies, so each block's full-length keys are freed after it)."""
-        prefix = []
-        for i, block in enumerate(self.transformer_blocks if self.stream is None else self.stream):
-            x, k, v = block(x, mod, split, layout, None if past is None else past[i])
-            if past is None and extract:
-                prefix.append((k[:, :layout.prefix].clone(), v[:, :layout.prefix].clone()))
-        return x, prefix
+        blocks = self.transformer_blocks if self.stream is None else self.stream
+        return run_range(blocks, 0, x, mod, split, layout, past, extract)
 
     def compile_blocks(self) -> None:
         """torch.compile each block, not the whole model: one graph reused by every block."""
         for block in self.transformer_blocks:
             block.compile()
+
+
+def run_range(blocks, first: int, x: Tensor, mod: Tensor, split: int | None, layout: Layout,
+              past: list[tuple[Tensor, Tensor]] | None, extract: bool):
+    """`blocks` (the stack's from index `first` on) in order, as run_blocks: the prefix's keys and values each
+    block makes are where the block is."""
+    prefix = []
+    for i, block in enumerate(blocks, first):
+        x, k, v = block(x, mod, split, layout, None if past is None else past[i])
+        if past is None and extract:
+            prefix.append((k[:, :layout.prefix].clone(), v[:, :layout.prefix].clone()))
+    return x, prefix
