@@ -105,6 +105,8 @@ class Engine21(Files21, Sampler):
                 place_split(transformer, stages, self.device, BlockSplit21)
             if self.compile:
                 transformer.compile_blocks()
+            if self.parallel is not None:  # this process is one rank of a torchrun (qimg/parallel/qwen21.py)
+                transformer = self.parallel.wrap(transformer)
             self._transformer = transformer
         return self._transformer
 
@@ -284,33 +286,43 @@ class Engine21(Files21, Sampler):
         model = self.transformer
         target = grids[-1][0] * grids[-1][1]
         kv = sampling.shortcuts.kv_cache and model.cfg.causal_condition
+        filled = set()  # the branches whose prefix cache the first call filled
 
-        def branch(embed: torch.Tensor, slots: torch.Tensor):
-            txt = embed.to(self.device, self.dtype)[None]
+        def branch(embed: torch.Tensor, slots: torch.Tensor) -> tuple:
             layout = build_layout(slots.to(self.device), grids, model.cfg.axes_dims_rope, device=self.device)
-            cache = PrefixCache() if kv else None
+            return embed.to(self.device, self.dtype)[None], layout, PrefixCache() if kv else None
 
-            def run(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                x = x.to(self.dtype)
-                if refs is not None:
-                    x = torch.cat([refs.to(self.device, self.dtype), x], dim=1)
-                t = (sigma * 1000).to(self.dtype).reshape(1) / 1000
-                warm = cache is not None and cache.filled
+        def run(branches: list[tuple], x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+            """The velocity of each branch (txt, layout, cache): a guidance pair in one call (--cfg-parallel
+            gives each rank one), computed as one process computes them, one after the other."""
+            x = x.to(self.dtype)
+            if refs is not None:
+                x = torch.cat([refs.to(self.device, self.dtype), x], dim=1)
+            t = (sigma * 1000).to(self.dtype).reshape(1) / 1000
+            for one in branches:
+                warm = kv and id(one) in filled
+                filled.add(id(one))
                 self.calls += 1
-                self.counts.tokens += target if warm else layout.length
-                self.counts.cached += layout.prefix if warm else 0
-                with self._attention_backend():
-                    return model(x, txt, t, layout, cache).float()
+                self.counts.tokens += target if warm else one[1].length
+                self.counts.cached += one[1].prefix if warm else 0
+            with self._attention_backend():
+                if len(branches) == 2 and hasattr(model, "pair"):
+                    return [v.float() for v in model.pair(x, t, branches)]
+                return [model(x, txt, t, layout, cache).float() for txt, layout, cache in branches]
 
-            return run
+        conditional_branch = branch(*embeds[0])
 
-        conditional = branch(*embeds[0])
+        def conditional(x, sigma):
+            return run([conditional_branch], x, sigma)[0]
+
         velocity = conditional
+        if not guided and self.parallel is not None:
+            self.parallel.unguided(f"for {self.kind.display} unless --cfg is above 1 with a --negative-prompt")
         if guided:
-            unconditional = branch(*embeds[1])
+            pair = [conditional_branch, branch(*embeds[1])]
 
             def velocity(x, sigma):
-                return plain_cfg(conditional(x, sigma), unconditional(x, sigma), sampling.cfg)
+                return plain_cfg(*run(pair, x, sigma), sampling.cfg)
 
         return with_shortcuts(velocity, sigmas, sampling.shortcuts, conditional if guided else None)
 

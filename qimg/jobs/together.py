@@ -50,22 +50,24 @@ def execute(job, reporter, run: Callable) -> None:
 
 
 def check_family(folder, layout) -> None:
-    """Qwen-Image-2.1 does not run under these modes yet: one line naming it."""
+    """The modes Qwen-Image-2.1 does not run under yet: one line naming it."""
     from qimg.weights.folders import model_kind
 
     kind = model_kind(folder)
-    if kind.family == "qwen-image-2.1":
+    if kind.family == "qwen-image-2.1" and (layout.ulysses > 1 or layout.tp > 1):
         raise UsageError(f"{layout.named} does not run {kind.display} models yet (its block-causal attention and "
-                         "prefix cache are not split over ranks): run it in one process")
+                         "prefix cache are not split over ranks): use --cfg-parallel or --devices, or one process")
 
 
 def heads(folder) -> int:
-    """The model's attention heads, from its transformer config."""
+    """The model's attention heads, from its transformer config (Qwen-Image's or 2.1's)."""
     from qimg.model.transformer import TransformerConfig
-    from qimg.weights.folders import read_config
+    from qimg.model.transformer21 import Transformer21Config
+    from qimg.weights.folders import model_kind, read_config
 
+    config = Transformer21Config if model_kind(folder).family == "qwen-image-2.1" else TransformerConfig
     try:
-        return TransformerConfig.from_dict(read_config(folder / "transformer")).num_attention_heads
+        return config.from_dict(read_config(folder / "transformer")).num_attention_heads
     except (ValueError, TypeError) as e:
         raise QimgError(f"{folder / 'transformer' / 'config.json'}: {e}") from None
 
