@@ -54,9 +54,9 @@ def check_family(folder, layout) -> None:
     from qimg.weights.folders import model_kind
 
     kind = model_kind(folder)
-    if kind.family == "qwen-image-2.1" and (layout.ulysses > 1 or layout.tp > 1):
+    if kind.family == "qwen-image-2.1" and layout.tp > 1:
         raise UsageError(f"{layout.named} does not run {kind.display} models yet (its block-causal attention and "
-                         "prefix cache are not split over ranks): use --cfg-parallel or --devices, or one process")
+                         "prefix cache are not split over ranks): use --cfg-parallel or --ulysses, or --devices")
 
 
 def heads(folder) -> int:

@@ -20,7 +20,7 @@ from qimg.model.rope21 import Layout
 from qimg.model.transformer21 import PrefixCache
 from qimg.parallel.ulysses import gather_into
 
-FIELDS = tuple(f.name for f in dataclasses.fields(Layout))
+FIELDS = tuple(f.name for f in dataclasses.fields(Layout) if f.name != "exchange")  # what a call shares
 
 
 class Ranked21:
@@ -74,5 +74,9 @@ class Driver21:
 
 def wrap21(module, group):
     """The loaded 2.1 transformer set up for the group: rank 0's Driver21, the others' Ranked21 (group.serve)."""
+    if group.layout.ulysses > 1:
+        from qimg.parallel.ulysses import sequence_parallel21
+
+        module.run_blocks = sequence_parallel21(module.run_blocks, group.mesh.get_group("sp"))
     ranked = Ranked21(module, group)
     return Driver21(ranked) if group.lead else ranked

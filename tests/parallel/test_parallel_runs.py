@@ -191,7 +191,7 @@ def test_a_killed_rank_stops_the_other_with_one_line(tiny_model_dir, tmp_path):
                 p.kill()
 
 
-@pytest.mark.parametrize("args", [["--ulysses", "2"], ["--tp", "2"]])
+@pytest.mark.parametrize("args", [["--tp", "2"]])
 def test_qwen21_is_refused_by_name(qwen21_dir, tmp_path, cli, monkeypatch, args):
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)

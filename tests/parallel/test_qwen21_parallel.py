@@ -1,6 +1,8 @@
 """Qwen-Image-2.1 with one image on two ranks (gloo, one thread each) against the same command in one process:
-guidance-parallel (one branch and its prefix cache per rank) for generate and for a masked edit with a reference
-picture, byte-identical; the option said once to do nothing when 2.1 samples without guidance."""
+guidance-parallel (one branch and its prefix cache per rank) and Ulysses (the tokens of the prefix and of the
+target sharded, each rank's cache holding its heads) for generate and for a masked edit with a reference
+picture, byte-identical; the option said once to do nothing when 2.1 samples without guidance; Ulysses at the
+model level on an odd prefix with a padded text key."""
 
 import json
 
@@ -12,7 +14,7 @@ from PIL import Image
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 FAST = ["--steps", "3", "--seed", "7", "--device", "cpu", "--no-cache", "--quiet", "--json"]
 GUIDED = ["--cfg", "3", "--negative-prompt", "blurry"]
-MODES = {"cfg": ["--cfg-parallel"]}
+MODES = {"cfg": ["--cfg-parallel"], "ulysses": ["--ulysses", "2"]}
 
 
 def together(args: list, cwd) -> tuple[str, str]:
@@ -64,3 +66,40 @@ def test_cfg_parallel_without_guidance_says_so_once(qwen21_dir, tmp_path):
     assert err.count("--cfg-parallel does nothing for Qwen-Image-2.1 unless --cfg is above 1 with a "
                      "--negative-prompt") == 1
     assert (tmp_path / "o.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def weights21(tmp_path_factory):
+    import torch
+    from ranks21 import CONFIG
+    from safetensors.torch import save_file
+
+    from qimg.model.transformer21 import QwenImage21Transformer
+
+    torch.manual_seed(0)
+    model = QwenImage21Transformer(CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("transformer21")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    reference = folder / "single.pt"
+    [(code, _, err)] = run(["tests/parallel/ranks21.py", "single", str(folder), str(reference)], ranks=1)
+    assert code == 0, err
+    return folder, torch.load(reference)
+
+
+def test_ulysses_matches_one_process_at_the_model_level(weights21, tmp_path):
+    """Odd prefix (15 tokens), a padded text key, the prefix cache filled then read: each rank's cache holds its
+    half of the 4 heads, and the velocities are within float32 rounding of one process (measured: the first call
+    and those without a cache bit-identical; the cache's reads, whose linear layers run on 2-token shards of the
+    target, 6e-7 and 8e-7 off: the CPU BLAS's edge kernel, see test_parallel_math.py)."""
+    import torch
+
+    folder, reference = weights21
+    results = run(["tests/parallel/ranks21.py", "ulysses", str(folder), str(tmp_path / "u.pt")])
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    got = torch.load(tmp_path / "u.pt")
+    assert got["heads"] == [2, 2] and got["exchanges"] == 6 * 2 * 2  # 6 calls x 2 blocks x (to heads, back)
+    for i, (a, b) in enumerate(zip(reference, got["velocities"])):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=f"call {i}")
