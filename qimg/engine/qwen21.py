@@ -93,9 +93,16 @@ class Engine21(Files21, Sampler):
 
             streamed = self.offload == "blocks"  # the blocks stay in CPU memory, each copied over for its turn
             on_cpu = streamed or bool(self.devices)  # --devices: then split, as Components does
-            transformer = load_transformer21(self.folder, self.source, self.dtype,
-                                             torch.device("cpu") if on_cpu else self.device)
-            apply_adapters(transformer, [one.adapters for one in self.loras])
+            if self.parallel is not None and self.parallel.layout.tp > 1:  # this rank's slices of the weights
+                from qimg.parallel.tensor import load_split
+                from qimg.weights.qwen21 import transformer21_config
+
+                transformer = load_split(transformer21_config(self.folder), self.folder / "transformer", self.dtype,
+                                         self.device, self.parallel.mesh["tp"], [one.adapters for one in self.loras])
+            else:
+                transformer = load_transformer21(self.folder, self.source, self.dtype,
+                                                 torch.device("cpu") if on_cpu else self.device)
+                apply_adapters(transformer, [one.adapters for one in self.loras])
             if streamed:
                 place_for_streaming(transformer, self.device)
             if self.devices:

@@ -23,7 +23,6 @@ def execute(job, reporter, run: Callable) -> None:
         timeout()  # QIMG_PARALLEL_TIMEOUT, which the group reads once the ranks connect
         check_options(job)
         folder = resolve_model(job.model)
-        check_family(folder, layout)
         layout.check_heads(heads(folder))
         device = engine_device(job.model)
     except UsageError as e:
@@ -47,16 +46,6 @@ def execute(job, reporter, run: Callable) -> None:
                     raise SystemExit(e.code) from None
     finally:
         group.stop()
-
-
-def check_family(folder, layout) -> None:
-    """The modes Qwen-Image-2.1 does not run under yet: one line naming it."""
-    from qimg.weights.folders import model_kind
-
-    kind = model_kind(folder)
-    if kind.family == "qwen-image-2.1" and layout.tp > 1:
-        raise UsageError(f"{layout.named} does not run {kind.display} models yet (its block-causal attention and "
-                         "prefix cache are not split over ranks): use --cfg-parallel or --ulysses, or --devices")
 
 
 def heads(folder) -> int:

@@ -31,7 +31,7 @@ from qimg.weights.folders import load_module  # noqa: E402
 
 CONFIG = Transformer21Config(in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16,
                              num_attention_heads=4, context_in_dim=24, axes_dims_rope=(4, 6, 6))
-MODES = {"single": Layout(), "cfg": Layout(cfg=True), "ulysses": Layout(ulysses=2)}
+MODES = {"single": Layout(), "ulysses": Layout(ulysses=2), "tp": Layout(tp=2)}
 
 
 def calls() -> list[tuple]:
@@ -59,6 +59,14 @@ def main(mode: str, folder: Path, out: Path) -> None:
     from qimg.parallel.group import Group
 
     group = Group(MODES[mode], torch.device("cpu"))
+    held = None
+    if mode == "tp":
+        from qimg.parallel.tensor import load_split, rank_bytes
+
+        module = load_split(CONFIG, folder, torch.float32, torch.device("cpu"), group.mesh["tp"])
+        held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in module.parameters())
+        with torch.device("meta"):
+            assert held == rank_bytes(QwenImage21Transformer(CONFIG), 2, 4), held  # this rank's slices only
     model = group.wrap(module)
     if group.lead:
         results, heads = [], []
@@ -66,7 +74,7 @@ def main(mode: str, folder: Path, out: Path) -> None:
             results.append(model(*call))
             if call[4] is not None:  # the heads of this rank's cache, per block
                 heads = [k.shape[2] for cache in model.ranked.caches.values() for k, _ in cache.layers]
-        torch.save({"velocities": results, "heads": heads, "exchanges": EXCHANGES[0]}, out)
+        torch.save({"velocities": results, "heads": heads, "exchanges": EXCHANGES[0], "held": held}, out)
     else:
         group.serve(model)
     group.close()

@@ -189,13 +189,3 @@ def test_a_killed_rank_stops_the_other_with_one_line(tiny_model_dir, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-
-
-@pytest.mark.parametrize("args", [["--tp", "2"]])
-def test_qwen21_is_refused_by_name(qwen21_dir, tmp_path, cli, monkeypatch, args):
-    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(name, value)
-    code, out, err = cli("generate", "-p", "x", "-m", qwen21_dir, "--size", "32x32", *FAST, "-o", tmp_path / "o.png",
-                         *args)
-    assert (code, out) == (2, "") and len(err.splitlines()) == 1
-    assert f"{' '.join(args)} does not run Qwen-Image-2.1 models yet" in err
