@@ -1,9 +1,10 @@
 """Qwen-Image-2.1 with one image on two ranks (gloo, one thread each) against the same command in one process:
-guidance-parallel (one branch and its prefix cache per rank) and Ulysses (the tokens of the prefix and of the
-target sharded, each rank's cache holding its heads) for generate and for a masked edit with a reference
-picture, and tensor parallel (each rank its slices of the blocks' layers and its heads' cache), all came out
-byte-identical (the tests hold --tp to 1/255); the option said once to do nothing when 2.1 samples without
-guidance; Ulysses and tensor parallel at the model level on an odd prefix with a padded text key."""
+guidance-parallel (one branch and its prefix cache per rank), Ulysses (the tokens of the prefix and of the
+target sharded, each rank's cache holding its heads) and tensor parallel (each rank its slices of the blocks'
+layers, a LoRA fused into them, and its heads' cache), for a guided generate with a LoRA and a guided masked
+edit with a reference picture: all came out byte-identical (the tests hold --tp to 1/255). The option said
+once to do nothing when 2.1 samples without guidance; Ulysses and tensor parallel at the model level on an odd
+prefix with a padded text key."""
 
 import json
 
@@ -42,10 +43,29 @@ def same(cli, args: list, mode: str, tmp_path) -> tuple[dict, dict]:
     return json.loads(out.splitlines()[-1]), json.loads(par.splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def lora21(qwen21_dir, tmp_path_factory):
+    """A PEFT LoRA over every linear layer: under --tp each rank fuses it into its own slices."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qimg.model.transformer21 import QwenImage21Transformer
+    from qimg.weights.adapters import targets
+    from qimg.weights.qwen21 import transformer21_config
+
+    with torch.device("meta"):
+        layers = targets(QwenImage21Transformer(transformer21_config(qwen21_dir)))
+    g = torch.Generator().manual_seed(4)
+    path = tmp_path_factory.mktemp("lora21") / "style.safetensors"
+    save_file({f"transformer.{m}.lora_{ab}.weight": 0.1 * torch.randn(shape, generator=g)
+               for m, (o, i) in layers.items() for ab, shape in (("A", (4, i)), ("B", (o, 4)))}, path)
+    return path
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_guided_generate(cli, qwen21_dir, tmp_path, one_thread, mode):
-    one, par = same(cli, ["generate", "-p", "a red circle", "-m", qwen21_dir, "--size", "64x32", *GUIDED, *FAST],
-                    mode, tmp_path)
+def test_guided_generate_with_a_lora(cli, qwen21_dir, lora21, tmp_path, one_thread, mode):
+    one, par = same(cli, ["generate", "-p", "a red circle", "-m", qwen21_dir, "--size", "64x32", "--lora", lora21,
+                          *GUIDED, *FAST], mode, tmp_path)
     assert par["parallel"]["ranks"] == 2 and par["kv_cache"] == one["kv_cache"] and one["kv_cache"]["from_cache"]
     assert par["calls"] == one["calls"] == 6
 
