@@ -6,7 +6,8 @@ after. With --cfg-parallel each half of the grid computes one branch of a pair (
 the halves swap velocities; a single branch (no guidance, or --cfg-until's tail) runs on every rank. One process
 computes a pair's branches one after the other, each a batch of one, so splitting them changes no operation:
 the result is the one-process result bit for bit. The keys come from rank 0's caches (the engine's, one per
-image and branch); a cache no call names any more is dropped.
+image and branch); a branch's text and Layout go out once, with its key's first call, and every rank keeps them
+by key (later steps send the latents and the timestep alone); a cache no call names any more is dropped.
 """
 
 import dataclasses
@@ -29,11 +30,17 @@ class Ranked21:
     def __init__(self, module, group):
         self.module, self.group = module, group
         self.caches: dict[int, PrefixCache] = {}
+        self.inputs: dict[int, tuple] = {}  # key -> the branch's (txt, Layout), as its first call sent them
 
     def compute(self, x: Tensor, t: Tensor, count: int, *flat) -> Tensor:
-        """The velocities (count, target, channels) of the `count` branches in `flat` (txt, key, Layout fields)."""
-        width = 2 + len(FIELDS)
-        branches = [(flat[i], flat[i + 1], Layout(*flat[i + 2:i + width])) for i in range(0, len(flat), width)]
+        """The velocities (count, target, channels) of the `count` branches in `flat` (txt, key, Layout fields;
+        txt None: the key's stored ones)."""
+        width, branches = 2 + len(FIELDS), []
+        for i in range(0, len(flat), width):
+            txt, key = flat[i], flat[i + 1]
+            txt, layout = self.inputs[key] if txt is None else (txt, Layout(*flat[i + 2:i + width]))
+            branches.append((txt, key, layout))
+        self.inputs = {key: (txt, layout) for txt, key, layout in branches if key is not None}
         self.caches = {key: self.caches.get(key) or PrefixCache() for _, key, _ in branches if key is not None}
         split = self.group.layout.cfg and count == 2
         mine = [branches[self.group.cfg_rank]] if split else branches
@@ -54,6 +61,7 @@ class Driver21:
         self.ranked, self.module, self.group = ranked, ranked.module, ranked.group
         self.keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the engine's caches -> their keys
         self.counter = itertools.count()
+        self.sent: set[int] = set()  # the keys whose text and Layout every rank holds
 
     def __call__(self, latents: Tensor, txt: Tensor, t: Tensor, layout: Layout,
                  cache: PrefixCache | None = None) -> Tensor:
@@ -64,7 +72,12 @@ class Driver21:
         flat = []
         for txt, layout, cache in branches:
             key = None if cache is None else self.keys.setdefault(cache, next(self.counter))
-            flat += [txt, key, *(getattr(layout, name) for name in FIELDS)]
+            if key in self.sent:
+                flat += [None, key, *[None] * len(FIELDS)]
+            else:
+                flat += [txt, key, *(getattr(layout, name) for name in FIELDS)]
+                if key is not None:
+                    self.sent.add(key)
         args = self.group.share((latents, t, len(branches), *flat))
         return list(self.group.compute(self.ranked, *args).split(1))
 
