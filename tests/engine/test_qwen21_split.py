@@ -21,6 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SPLIT = ("--devices", "cpu,cpu")
 
 
+def transformer_bytes(folder) -> int:
+    """The transformer's weights in float32 (the CPU's default dtype), from the folder's headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in (folder / "transformer").glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            total += sum(int(np.prod(f.get_slice(k).get_shape())) * 4 for k in f.keys())
+    return total
+
+
 def rgba(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
@@ -38,6 +49,8 @@ def test_generate_split_is_byte_identical(cli, qwen21_dir, tmp_path, extra):
     assert one.std() > 1 and np.array_equal(rgba(tmp_path / "two.png"), one)
     report = json.loads(out.splitlines()[-1])
     assert [d["blocks"] for d in report["placement"]["devices"]] == [[0, 1], [1, 2]]
+    held = [d["weight_bytes"] for d in report["placement"]["devices"]]
+    assert sum(held) == transformer_bytes(qwen21_dir) and held[0] > held[1]  # the layers around the blocks: first
     assert "qimg: cpu: blocks 0-0 (1)" in err
 
 
