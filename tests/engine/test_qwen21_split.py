@@ -89,3 +89,23 @@ def test_each_stage_runs_on_its_device_and_keeps_its_cache_there():
         target = x[:, layout.prefix:]
         out, _ = model.run_blocks(target, mod[:, 1:], None, layout, prefix, True)  # read where they are
     assert out.shape == target.shape
+
+
+@pytest.mark.slow
+def test_split_files_split_is_byte_identical(cli, qwen21_folders, tmp_path, monkeypatch):
+    """--devices with 2.1's three files (no folder: the plan reads qimg's shipped configs and the files' headers)."""
+    import shutil
+
+    from split_layouts21 import TOKENIZER_FILES, files21
+
+    configs = tmp_path / "configs"  # config-only copies, as qimg ships the real ones
+    shutil.copytree(qwen21_folders["base"], configs / "qwen-image-2.1",
+                    ignore=shutil.ignore_patterns("*.safetensors*", "tokenizer", *TOKENIZER_FILES))
+    monkeypatch.setattr("qimg.weights.shipped.CONFIGS", configs)
+    transformer, text_encoder, vae = files21(qwen21_folders["base"], tmp_path / "files")
+    args = ("generate", "-p", "a red circle", "--transformer", transformer, "--text-encoder", text_encoder, "--vae",
+            vae, "--size", "64x32", "--steps", "2", "--seed", "5", "--no-worker", "--no-cache", "--quiet")
+    assert cli(*args, "--device", "cpu", "-o", tmp_path / "one.png")[0] == 0
+    code, _, err = cli(*args, *SPLIT, "-o", tmp_path / "two.png")
+    assert code == 0, err
+    assert np.array_equal(rgba(tmp_path / "two.png"), rgba(tmp_path / "one.png"))
