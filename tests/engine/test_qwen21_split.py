@@ -1,6 +1,7 @@
 """--devices for Qwen-Image-2.1: its transformer's blocks split over two names of the CPU give the one-device
 image byte for byte, the prefix cache on (each block's keys and values kept with the block) and off, with
-guidance (one cache per branch), and for an edit with a reference picture and a mask; at the model level the
+guidance (one cache per branch), from the three split files, and for an edit with a reference picture and a
+mask; at the model level the
 second stage on the meta device shows that nothing of a stage is left on another device."""
 
 import json
