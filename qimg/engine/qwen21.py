@@ -61,9 +61,6 @@ class Engine21(Files21, Sampler):
     plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
 
     def __init__(self, folder, device: str = "auto", dtype: str = "auto", cache=None, loading: Loading = Loading()):
-        if loading.devices:
-            raise UsageError("--devices is not supported for Qwen-Image-2.1 yet: use one device (with --offload "
-                             "blocks or --offload model where it lacks the memory)")
         files, loading = split_loading(loading)
         super().__init__(folder, device, dtype, cache, loading)
         self.check_files(files)
@@ -80,6 +77,8 @@ class Engine21(Files21, Sampler):
     def text(self):
         """The PromptEncoder21 (model/qwen21_prompt.py)."""
         if self._text is None:
+            if self._transformer is not None and self.devices and self.placement.text_released:
+                self._transformer = None  # a later prompt: the encoder does not fit beside the blocks; they reload
             self._text = self.load_prompt_encoder()
         return self._text
 
@@ -93,13 +92,28 @@ class Engine21(Files21, Sampler):
             from qimg.weights.qwen21 import load_transformer21
 
             streamed = self.offload == "blocks"  # the blocks stay in CPU memory, each copied over for its turn
-            transformer = load_transformer21(self.folder, self.source, self.dtype,
-                                             torch.device("cpu") if streamed else self.device)
-            apply_adapters(transformer, [one.adapters for one in self.loras])
+            on_cpu = streamed or bool(self.devices)  # --devices: then split, as Components does
+            if self.parallel is not None and self.parallel.layout.tp > 1:  # this rank's slices of the weights
+                from qimg.parallel.tensor import load_split
+                from qimg.weights.qwen21 import transformer21_config
+
+                transformer = load_split(transformer21_config(self.folder), self.folder / "transformer", self.dtype,
+                                         self.device, self.parallel.mesh["tp"], [one.adapters for one in self.loras])
+            else:
+                transformer = load_transformer21(self.folder, self.source, self.dtype,
+                                                 torch.device("cpu") if on_cpu else self.device)
+                apply_adapters(transformer, [one.adapters for one in self.loras])
             if streamed:
                 place_for_streaming(transformer, self.device)
+            if self.devices:
+                from qimg.model.split import BlockSplit21, place_split
+
+                stages = [(d, a, b) for d, (a, b) in zip(self.devices, self.placement.ranges)]
+                place_split(transformer, stages, self.device, BlockSplit21)
             if self.compile:
                 transformer.compile_blocks()
+            if self.parallel is not None:  # this process is one rank of a torchrun (qimg/parallel/qwen21.py)
+                transformer = self.parallel.wrap(transformer)
             self._transformer = transformer
         return self._transformer
 
@@ -126,8 +140,17 @@ class Engine21(Files21, Sampler):
         return CHANNELS
 
     @cached_property
+    def placement(self):
+        """The layer split over --devices (engine/placement.py) of 2.1's components, or --split."""
+        from qimg.engine.qwen21_split import plan21
+
+        return plan21(self)
+
+    @cached_property
     def weight_bytes(self) -> int:
         """The transformer's weights on the device, at their packed sizes (read from the headers)."""
+        if self.devices:  # the first device's share of the split
+            return sum(n for d, n in zip(self.devices, self.placement.weights) if d == self.device)
         from qimg.engine.memory import resident_bytes
         from qimg.weights.qwen21 import transformer21_config
         from qimg.weights.transformer import tensor_sizes
@@ -234,14 +257,14 @@ class Engine21(Files21, Sampler):
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 4) uint8, sides multiples of 16 -> normalized latent (1, 64, H/16, W/16), the posterior mode."""
         x = torch.from_numpy(np.array(rgba(image))).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-        z = self.vae("encoder").encode(x.to(self.device, self.dtype)).float()
+        z = self.vae("encoder").encode(x.to(self.place("vae"), self.dtype)).float().to(self.device)
         self._release("encoder")
         return finite(z, self.dtype)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
         """Normalized latent (1, 64, h, w) -> (16h, 16w, 4) uint8 RGBA."""
-        x = self.vae("decoder").decode(latent.to(self.device, self.dtype))
+        x = self.vae("decoder").decode(latent.to(self.place("vae"), self.dtype))
         self._release("decoder")
         return to_uint8(finite(x[0], self.dtype))
 
@@ -270,33 +293,43 @@ class Engine21(Files21, Sampler):
         model = self.transformer
         target = grids[-1][0] * grids[-1][1]
         kv = sampling.shortcuts.kv_cache and model.cfg.causal_condition
+        filled = set()  # the branches whose prefix cache the first call filled
 
-        def branch(embed: torch.Tensor, slots: torch.Tensor):
-            txt = embed.to(self.device, self.dtype)[None]
+        def branch(embed: torch.Tensor, slots: torch.Tensor) -> tuple:
             layout = build_layout(slots.to(self.device), grids, model.cfg.axes_dims_rope, device=self.device)
-            cache = PrefixCache() if kv else None
+            return embed.to(self.device, self.dtype)[None], layout, PrefixCache() if kv else None
 
-            def run(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                x = x.to(self.dtype)
-                if refs is not None:
-                    x = torch.cat([refs.to(self.device, self.dtype), x], dim=1)
-                t = (sigma * 1000).to(self.dtype).reshape(1) / 1000
-                warm = cache is not None and cache.filled
+        def run(branches: list[tuple], x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+            """The velocity of each branch (txt, layout, cache): a guidance pair in one call (--cfg-parallel
+            gives each rank one), computed as one process computes them, one after the other."""
+            x = x.to(self.dtype)
+            if refs is not None:
+                x = torch.cat([refs.to(self.device, self.dtype), x], dim=1)
+            t = (sigma * 1000).to(self.dtype).reshape(1) / 1000
+            for one in branches:
+                warm = kv and id(one) in filled
+                filled.add(id(one))
                 self.calls += 1
-                self.counts.tokens += target if warm else layout.length
-                self.counts.cached += layout.prefix if warm else 0
-                with self._attention_backend():
-                    return model(x, txt, t, layout, cache).float()
+                self.counts.tokens += target if warm else one[1].length
+                self.counts.cached += one[1].prefix if warm else 0
+            with self._attention_backend():
+                if len(branches) == 2 and hasattr(model, "pair"):
+                    return [v.float() for v in model.pair(x, t, branches)]
+                return [model(x, txt, t, layout, cache).float() for txt, layout, cache in branches]
 
-            return run
+        conditional_branch = branch(*embeds[0])
 
-        conditional = branch(*embeds[0])
+        def conditional(x, sigma):
+            return run([conditional_branch], x, sigma)[0]
+
         velocity = conditional
+        if not guided and self.parallel is not None:
+            self.parallel.unguided(f"for {self.kind.display} unless --cfg is above 1 with a --negative-prompt")
         if guided:
-            unconditional = branch(*embeds[1])
+            pair = [conditional_branch, branch(*embeds[1])]
 
             def velocity(x, sigma):
-                return plain_cfg(conditional(x, sigma), unconditional(x, sigma), sampling.cfg)
+                return plain_cfg(*run(pair, x, sigma), sampling.cfg)
 
         return with_shortcuts(velocity, sigmas, sampling.shortcuts, conditional if guided else None)
 

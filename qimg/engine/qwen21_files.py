@@ -32,23 +32,24 @@ class Files21:
                 start_sha256(file)
 
     def load_prompt_encoder(self):
+        device = self.place("text")  # under --devices, the plan's
         if self.files.text_encoder:
             from qimg.weights.split21 import load_prompt_encoder21
 
-            return load_prompt_encoder21(self.files, self.folder, self.dtype, self.device,
-                                         self.source.unpacks(self.device))
+            return load_prompt_encoder21(self.files, self.folder, self.dtype, device, self.source.unpacks(device))
         from qimg.weights.qwen21_text import load_prompt_encoder
 
-        return load_prompt_encoder(self.folder, self.dtype, self.device)
+        return load_prompt_encoder(self.folder, self.dtype, device)
 
     def load_vae(self, only: tuple[str, ...]):
         from qimg.weights.qwen21 import load_vae21, vae21_config
 
+        device = self.place("vae")
         if self.files.vae:
             from qimg.weights.split21 import load_vae21_file
 
-            return load_vae21_file(self.files.vae, vae21_config(self.folder), self.dtype, self.device, only=only)
-        return load_vae21(self.folder, self.dtype, self.device, only=only)
+            return load_vae21_file(self.files.vae, vae21_config(self.folder), self.dtype, device, only=only)
+        return load_vae21(self.folder, self.dtype, device, only=only)
 
     def text_parts(self) -> tuple[str, ...]:
         """Fingerprints of what prompt embeddings depend on: the text encoder (folder or file), the vision file and

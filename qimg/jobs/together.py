@@ -49,12 +49,14 @@ def execute(job, reporter, run: Callable) -> None:
 
 
 def heads(folder) -> int:
-    """The model's attention heads, from its transformer config."""
+    """The model's attention heads, from its transformer config (Qwen-Image's or 2.1's)."""
     from qimg.model.transformer import TransformerConfig
-    from qimg.weights.folders import read_config
+    from qimg.model.transformer21 import Transformer21Config
+    from qimg.weights.folders import model_kind, read_config
 
+    config = Transformer21Config if model_kind(folder).family == "qwen-image-2.1" else TransformerConfig
     try:
-        return TransformerConfig.from_dict(read_config(folder / "transformer")).num_attention_heads
+        return config.from_dict(read_config(folder / "transformer")).num_attention_heads
     except (ValueError, TypeError) as e:
         raise QimgError(f"{folder / 'transformer' / 'config.json'}: {e}") from None
 

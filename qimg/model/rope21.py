@@ -33,6 +33,7 @@ class Layout:
     cos: Tensor  # (N, head_dim/2) float32 rope tables
     sin: Tensor
     key_valid: Tensor | None  # (B, N) bool, False at padded text; None when nothing is padded
+    exchange: object = None  # under --ulysses, parallel/ulysses.Exchange: attention's all-to-alls (tokens <-> heads)
 
     @property
     def length(self) -> int:

@@ -144,16 +144,20 @@ class SwiGLU(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
-        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(dim // num_heads, eps), RMSNorm(dim // num_heads, eps)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # key to_out.0; the reference's .1 is dropout
 
     def forward(self, x: Tensor, layout: Layout, past: tuple[Tensor, Tensor] | None):
         """x: (B, N, dim), every token (past None) or the target's alone after the prefix's cached (B, P, H, D)
-        keys and values. Returns the output and the keys and values of x's tokens."""
-        q, k, v = (proj(x).unflatten(-1, (self.num_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
+        keys and values. Returns the output and the keys and values of x's tokens. Under --ulysses x is this
+        rank's shard of the tokens: the layout's exchange gives every token for this rank's heads before rope (the
+        keys and values returned, the cache's, are those) and the output's tokens back after attention."""
+        q, k, v = (proj(x).unflatten(-1, (-1, self.head_dim)) for proj in (self.to_q, self.to_k, self.to_v))
         q, k = self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype)
+        if layout.exchange is not None:
+            q, k, v = layout.exchange.to_heads(q, k, v)
         first = 0 if past is None else layout.prefix
         q, k = (apply_rope(y, layout.cos[first:], layout.sin[first:]) for y in (q, k))
         if past is None:
@@ -162,6 +166,8 @@ class Attention(nn.Module):
             valid = layout.key_valid
             out = attention(q, torch.cat([past[0], k], 1), torch.cat([past[1], v], 1),
                             None if valid is None else valid[:, None, None, :])
+        if layout.exchange is not None:
+            out = layout.exchange.to_tokens(out)
         return self.to_out[0](out), k, v
 
 
@@ -279,14 +285,22 @@ class QwenImage21Transformer(nn.Module):
                    past: list[tuple[Tensor, Tensor]] | None, extract: bool):
         """The block stack. past: the cached prefix's keys and values per block, or None when every token runs;
         extract: then also return the prefix's (copies, so each block's full-length keys are freed after it)."""
-        prefix = []
-        for i, block in enumerate(self.transformer_blocks if self.stream is None else self.stream):
-            x, k, v = block(x, mod, split, layout, None if past is None else past[i])
-            if past is None and extract:
-                prefix.append((k[:, :layout.prefix].clone(), v[:, :layout.prefix].clone()))
-        return x, prefix
+        blocks = self.transformer_blocks if self.stream is None else self.stream
+        return run_range(blocks, 0, x, mod, split, layout, past, extract)
 
     def compile_blocks(self) -> None:
         """torch.compile each block, not the whole model: one graph reused by every block."""
         for block in self.transformer_blocks:
             block.compile()
+
+
+def run_range(blocks, first: int, x: Tensor, mod: Tensor, split: int | None, layout: Layout,
+              past: list[tuple[Tensor, Tensor]] | None, extract: bool):
+    """`blocks` (the stack's from index `first` on) in order, as run_blocks: the prefix's keys and values each
+    block makes are where the block is."""
+    prefix = []
+    for i, block in enumerate(blocks, first):
+        x, k, v = block(x, mod, split, layout, None if past is None else past[i])
+        if past is None and extract:
+            prefix.append((k[:, :layout.prefix].clone(), v[:, :layout.prefix].clone()))
+    return x, prefix

@@ -66,17 +66,23 @@ class Group:
     def wrap(self, module):
         """The loaded transformer set up for this layout (its tensor-parallel weights already split at load): on
         rank 0 the Driver the engine calls, elsewhere the module `serve` runs."""
+        from qimg.model.transformer21 import QwenImage21Transformer
+
+        if isinstance(module, QwenImage21Transformer):
+            from qimg.parallel.qwen21 import wrap21
+
+            return wrap21(module, self)
         if self.layout.ulysses > 1:
             from qimg.parallel.ulysses import sequence_parallel
 
             module.run_blocks = sequence_parallel(module.run_blocks, self.mesh.get_group("sp"))
         return Driver(module, self) if self.lead else module
 
-    def unguided(self) -> None:
+    def unguided(self, when: str = "at cfg <= 1") -> None:
         """A sampling run without true CFG (cfg <= 1) is starting: say once that --cfg-parallel gains nothing."""
         if self.layout.cfg and not self.warned:
             self.warned = True
-            warnings.warn("--cfg-parallel does nothing at cfg <= 1 (one branch per step): both halves compute the "
+            warnings.warn(f"--cfg-parallel does nothing {when} (one branch per step): both halves compute the "
                           "same branch; running", QimgWarning, stacklevel=3)
 
     def compute(self, module, *args) -> Tensor:
@@ -84,6 +90,8 @@ class Group:
         here (out of memory, a signal) leaves the ranks out of step: nothing more is sent, the process's exit
         closes its connections and the others stop on that."""
         try:
+            if hasattr(module, "compute"):  # Qwen-Image-2.1's (parallel/qwen21.py)
+                return module.compute(*args)
             return self._compute(module, *args)
         except BaseException:
             self.broken = True

@@ -4,6 +4,10 @@ and the MLPs' down projections by input (rowwise, one all-reduce each), and the 
 the weights) colwise with their output gathered, so they are split too (diffusers' plan keeps them whole). The
 small layers outside the blocks stay whole on every rank.
 
+Qwen-Image-2.1 (one stream) splits the same way: q/k/v and the SwiGLU's gate and up projections colwise, the
+attention output and the SwiGLU's down projection rowwise. Its modulation is one layer shared by every block,
+outside them (0.13 GB of the 14.2 GB in bf16), and stays whole.
+
 Each rank reads only its slices of the safetensors files (`load_split`), and fuses LoRAs into its slices. Packed
 layers (GGUF, fp8) are refused: their blocks of quantized values do not split on these boundaries.
 """
@@ -15,17 +19,23 @@ from torch import nn
 
 from qimg.errors import QimgError, UsageError
 from qimg.model.transformer import QwenImageTransformer, TransformerConfig
+from qimg.model.transformer21 import QwenImage21Transformer, Transformer21Config
 
 COLWISE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
            "img_mlp.net.0.proj", "txt_mlp.net.0.proj")
 ROWWISE = ("attn.to_out.0", "attn.to_add_out", "img_mlp.net.2", "txt_mlp.net.2")
 GATHERED = ("img_mod.1", "txt_mod.1")  # colwise, the output gathered whole for the chunk into six
+COLWISE21 = ("attn.to_q", "attn.to_k", "attn.to_v", "img_mlp.proj", "img_mlp.gate_layer")  # Qwen-Image-2.1's
+ROWWISE21 = ("attn.to_out.0", "img_mlp.out")
 
 
-def block_plan() -> dict:
+def block_plan(cfg=None) -> dict:
+    """parallelize_module's plan for one block of the model of `cfg` (Qwen-Image's when None)."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    if isinstance(cfg, Transformer21Config):
+        return {**{name: ColwiseParallel() for name in COLWISE21}, **{name: RowwiseParallel() for name in ROWWISE21}}
     return {**{name: ColwiseParallel() for name in COLWISE}, **{name: RowwiseParallel() for name in ROWWISE},
             **{name: ColwiseParallel(output_layouts=Replicate()) for name in GATHERED}}
 
@@ -34,12 +44,13 @@ def rank_bytes(module: nn.Module, ranks: int, itemsize: int, modulation: bool = 
     """Weight bytes one of `ranks` tensor-parallel ranks holds for `module` (meta is enough): the planned layers
     of every block split (a rowwise layer's bias whole), every other weight whole. modulation=False: as if the
     modulation layers stayed whole (diffusers' plan), for comparison."""
-    split = COLWISE + (GATHERED if modulation else ())
+    two = isinstance(module, QwenImage21Transformer)
+    split = COLWISE21 if two else COLWISE + (GATHERED if modulation else ())
     total = 0
     for name, p in module.named_parameters():
         layer, _, kind = name.rpartition(".")
         inner = layer.split(".", 2)[-1] if layer.startswith("transformer_blocks.") else ""
-        shared = inner in split or (inner in ROWWISE and kind == "weight")
+        shared = inner in split or (inner in (ROWWISE21 if two else ROWWISE) and kind == "weight")
         total += p.numel() * itemsize // (ranks if shared else 1)
     return total
 
@@ -54,8 +65,8 @@ def check_source(file, quantize: str, what: str) -> None:
         raise UsageError(f"{what} splits dense weights; --quantize {quantize} packs them: leave it out")
 
 
-def load_split(cfg: TransformerConfig, folder: Path, dtype: torch.dtype, device: torch.device, mesh,
-               adapters=()) -> nn.Module:
+def load_split(cfg: TransformerConfig | Transformer21Config, folder: Path, dtype: torch.dtype,
+               device: torch.device, mesh, adapters=()) -> nn.Module:
     """The transformer with every block split over `mesh` (1-D, the tensor-parallel ranks), this rank's slices
     read from the folder's safetensors (the others never leave the disk), every key and shape checked.
     adapters: the LoRAs' update sets (weights.adapters), each fused into this rank's slice of its layer."""
@@ -66,10 +77,10 @@ def load_split(cfg: TransformerConfig, folder: Path, dtype: torch.dtype, device:
     from qimg.weights.folders import Contents, check_keys, safetensors_files
 
     with torch.device("meta"):
-        module = QwenImageTransformer(cfg)
+        module = (QwenImage21Transformer if isinstance(cfg, Transformer21Config) else QwenImageTransformer)(cfg)
     expected = module.state_dict()
     for block in module.transformer_blocks:
-        parallelize_module(block, mesh, block_plan())
+        parallelize_module(block, mesh, block_plan(cfg))
     params = dict(module.named_parameters())
     rank, ranks = mesh.get_local_rank(), mesh.size()
     shapes, contents, state = {}, Contents(), {}

@@ -9,6 +9,8 @@ and the rope tables are the single-device ones, unchanged; every other op of a b
 a CPU with the same thread count the result is bit-identical to one process (tests/parallel).
 """
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -88,3 +90,21 @@ def sequence_parallel(run_blocks, group):
 
     return run
 
+
+
+def sequence_parallel21(run_blocks, group):
+    """Qwen-Image-2.1's `run_blocks` on this rank's shard of the tokens: its two streams are the prefix (none when
+    the prefix cache is read) and the target, each padded and sharded; the prefix's tokens take the modulation's
+    first row, so the split is the prefix shard's length. The keys and values each block returns are this rank's
+    heads for every token (the prefix cache holds them so)."""
+
+    def run(x: Tensor, mod: Tensor, split, layout, past, extract: bool):
+        prefix = layout.prefix if past is None else 0  # x's tokens before the target's
+        exchange = Exchange(group, prefix, x.shape[1] - prefix)
+        local = torch.cat([exchange.shard(x[:, :prefix], prefix), exchange.shard(x[:, prefix:], exchange.img)], 1)
+        local, cache = run_blocks(local, mod, None if split is None else exchange.txt_shard,
+                                  dataclasses.replace(layout, exchange=exchange), past, extract)
+        target, before = exchange.gather(local[:, :exchange.txt_shard], local[:, exchange.txt_shard:])
+        return torch.cat([before, target], 1), cache
+
+    return run

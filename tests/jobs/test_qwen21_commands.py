@@ -305,15 +305,6 @@ def test_an_edit_batch_writes_rgba_outputs_and_previews(cli, qwen21_dir, tmp_pat
         assert np.array_equal(rgba_of(tmp_path / "prev" / f"{name}.edit.png"), result)  # the last preview: the result
 
 
-@pytest.mark.parametrize("option", ["--devices"])
-def test_loading_options_2_1_does_not_take_are_one_line(cli, qwen21_dir, tmp_path, option):
-    value = {"--devices": "cpu,cpu"}
-    code, _, err = cli("generate", "-m", qwen21_dir, "-p", PROMPT, "--size", "32x32", option, value[option],
-                       "-o", tmp_path / "x.png", "--no-worker")
-    assert code == 2 and not (tmp_path / "x.png").exists()
-    one_line(err, option, "not supported for Qwen-Image-2.1")
-
-
 def test_mask_crop_edits_the_box_and_keeps_the_rest(cli, qwen21_dir, tmp_path):
     image = picture(tmp_path / "big.png", 200, 120)
     code, report, err = qimg(cli, "edit", tmp_path / "big.png", "-m", qwen21_dir, "-p", "make it blue", "--rect",
