@@ -157,7 +157,7 @@ def test_ray_is_imported_only_when_asked_for():
                     or (getattr(node, "module", None) or "").split(".")[-1] in ("ray", "ray_runner")):
                 top_level.add(name)
     assert importers == {"qimg.jobs.ray_runner"} and top_level == set()
-    assert "qimg.jobs.ray_runner" in graph()["qimg.cli.app"]  # the walk does see the lazy import
+    assert "qimg.jobs.ray_runner" in graph()["qimg.cli.execute"]  # the walk does see the lazy import
 
 
 
