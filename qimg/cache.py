@@ -10,7 +10,7 @@ caller rebuilds it. Above `max_bytes` the least recently used entries go; a hit 
 modification time. The cache is best effort: a folder it cannot write to costs a warning, never a run.
 
 The store deletes only what it can tell it wrote: entries and temporary files of its own names, in its own
-layout, inside a folder marked with its CACHEDIR.TAG (see `claim`), never through a symbolic link.
+layout, inside a folder marked with its CACHEDIR.TAG (see cache_folder.py), never through a symbolic link.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np  # torch loads lazily: the CLI checks --cache-size before anything imports it
 
+from qimg.cache_folder import NOFOLLOW, claim, real_dir, remove
 from qimg.option_values import MAX_DIGITS
 from qimg.small_files import NONBLOCK
 
@@ -43,12 +44,8 @@ FORMAT = 1  # the entry layout; an entry of another format is never read
 KINDS = ("prompt", "latent", "chain", "mask")
 SUFFIX = ".safetensors"
 STALE_TMP_SECONDS = 24 * 3600  # temporary files this old were left by a crash
-TAG = "CACHEDIR.TAG"
-SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
-TAG_TEXT = f"{SIGNATURE}\n# This file marks a cache folder created by qimg; qimg only ever deletes its own entries.\n"
 ENTRY = re.compile(r"([0-9a-f]{64})\.safetensors")
 TEMP = re.compile(r"\.[0-9a-f]{16}\.[a-z0-9_]+\.tmp")  # mkstemp's names in put
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def default_cache_dir() -> Path:
@@ -160,56 +157,6 @@ def mismatch(tensors: dict[str, torch.Tensor], spec: Spec) -> str | None:
     return None
 
 
-def _owned(folder: Path) -> bool:
-    """Whether folder holds qimg's CACHEDIR.TAG (a regular file, not a link to one)."""
-    try:
-        fd = os.open(folder / TAG, os.O_RDONLY | NOFOLLOW | NONBLOCK)
-    except OSError:
-        return False
-    with os.fdopen(fd, "rb") as f:
-        text = f.read(512) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    return text.startswith(SIGNATURE.encode()) and b"qimg" in text
-
-
-def claim(folder: Path, create: bool) -> Path | None:
-    """The folder entries live in: `folder` when it carries qimg's CACHEDIR.TAG, else `folder/qimg` when that
-    does; with create, else the first of them that is missing or empty, created and marked. None when
-    neither is qimg's (a folder of other files is never used as is: its files are not the store's to delete)."""
-    for root in (folder, folder / "qimg"):
-        if _owned(root):
-            return root
-        empty_dir = root.is_dir() and not root.is_symlink() and not any(root.iterdir())
-        if create and (not os.path.lexists(root) or empty_dir):
-            root.mkdir(parents=True, exist_ok=True)
-            (root / TAG).write_text(TAG_TEXT)
-            return root
-    return None
-
-
-def _remove(path: Path) -> str:
-    """Remove what stands at an entry's path, never through a link (a link: the link only) and never a folder
-    with anything in it; says what happened."""
-    try:
-        os.unlink(path)
-    except IsADirectoryError:
-        try:
-            os.rmdir(path)
-        except OSError:
-            return "left alone (a folder with files in it)"
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        return f"not removed ({e.strerror})"
-    return "removed"
-
-
-def _real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 class Store:
     """Entries live under `claim(folder)`; only names of its own layout there are ever read, replaced or
     deleted, and never through a symbolic link."""
@@ -231,14 +178,14 @@ class Store:
         """Whether the kind's folder can hold entries; a file there is said once per store (a link: get's and
         put's to remove)."""
         where = self.root / kind
-        usable = _real_dir(where) or os.path.islink(where) or not os.path.lexists(where)
+        usable = real_dir(where) or os.path.islink(where) or not os.path.lexists(where)
         if not usable and kind not in self.unusable:
             self.unusable.add(kind)
             self.warn(f"{where} is not a folder: no {kind} entries are cached; remove it to cache them again")
         return usable
 
     def _damaged(self, path: Path, why: str) -> None:
-        self.warn(f"cache entry {path} is damaged ({why[:120]}); {_remove(path)}, recomputing")
+        self.warn(f"cache entry {path} is damaged ({why[:120]}); {remove(path)}, recomputing")
 
     def _read(self, path: Path) -> bytes | None:
         """The entry's bytes; None when missing; ValueError when it is no regular file of a sane size."""
@@ -332,7 +279,7 @@ class Store:
                 if os.path.islink(parent):
                     os.unlink(parent)  # as in get
                 parent.mkdir(exist_ok=True)
-            if _real_dir(path) and _remove(path) != "removed":
+            if real_dir(path) and remove(path) != "removed":
                 return  # a folder of someone else's files where this entry goes: get has said so; not this entry
             fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
             try:
@@ -353,7 +300,7 @@ class Store:
         if self.root is None:
             return
         for kind in KINDS:
-            if not _real_dir(self.root / kind):
+            if not real_dir(self.root / kind):
                 continue
             for sub in os.scandir(self.root / kind):
                 if not re.fullmatch(r"[0-9a-f]{2}", sub.name) or not sub.is_dir(follow_symlinks=False):

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from qimg.cache import FORMAT, MAX_BYTES, TAG, Store, _tensor_hash, parse_bytes
+from qimg.cache import FORMAT, MAX_BYTES, Store, _tensor_hash, parse_bytes
+from qimg.cache_folder import TAG
 from qimg.errors import QimgError
 
 KEY = "cd" * 32

@@ -2,7 +2,9 @@
 job (jobs/spec.py; the parts every command shares built by to_job.py), handed to the job runner.
 
 Nothing here loads a model or writes a file; torch is imported only by the runner, so `qimg --help` stays
-instant. `run` is the one place errors become a line on stderr and an exit code.
+instant. `run` is the one place errors become a line on stderr and an exit code. The commands declared
+elsewhere (chain_command.py, mask_command.py, info_commands.py, worker_commands.py, cache_commands.py) are
+registered here, in the order `qimg --help` lists them.
 """
 
 import os
@@ -14,7 +16,8 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException
 
-from qimg.cli import cache_commands, mask_command, presets
+from qimg.cli import cache_commands, chain_command, info_commands, mask_command, presets
+from qimg.cli.execute import execute
 from qimg.cli.options import (
     MASK,
     OUTPUT,
@@ -98,12 +101,10 @@ from qimg.cli.to_job import (
     shard_of,
     shortcuts_of,
     words_of,
-    working_folder,
 )
 from qimg.cli.worker_commands import app as worker_app
 from qimg.errors import Interrupted, QimgError, QimgWarning, UsageError, failure_line, say, signals_raise
 from qimg.jobs import spec
-from qimg.jobs.report import Reporter, json_line, print_result
 from qimg.option_values import CACHE_SIZE, CONTEXT, MASK_THRESHOLD, RAY_RETRIES, SAFETY_THRESHOLD
 
 app = typer.Typer(
@@ -117,24 +118,6 @@ def _root(debug: Annotated[bool, typer.Option("--debug", envvar="QIMG_DEBUG", he
           no_worker: Annotated[bool, typer.Option(
               "--no-worker", help="Run in this process even when a worker runs (also QIMG_WORKER=0).")] = False):
     pass
-
-
-def execute(job: spec.Job, as_json: bool, ray: Optional[spec.RaySpec] = None) -> None:
-    from qimg.jobs import runner
-
-    working_folder()
-
-    with Reporter(as_json) as reporter:
-        try:
-            if ray is not None:
-                from qimg.jobs import ray_runner
-
-                ray_runner.execute(job, ray, reporter)
-            else:
-                runner.execute(job, reporter)
-        except Interrupted as e:
-            e.written = reporter.written  # the stop's message names what was finished
-            raise
 
 
 # --- Commands ----------------------------------------------------------------------------------------------
@@ -340,73 +323,14 @@ def edit(
             json_, ray_of(locals()))
 
 
-@app.command()
-def chain(
-    ctx: typer.Context, image: Annotated[Path, typer.Argument(help="Input image.", show_default=False)],
-    chain_file: Annotated[Path, typer.Argument(help="YAML file: optional defaults, then `edits:`, a list of "
-                                                    "{inpaint: {...}} / {outpaint: {...}} / {edit: {...}}.",
-                                                    show_default=False)],
-    steps: StepsOpt = None, cfg: CfgOpt = None, seed: SeedOpt = None, preset: PresetOpt = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", out: OutOpt = None,
-    keep_steps: Annotated[Optional[Path], typer.Option(
-        rich_help_panel=OUTPUT, help="Folder to write each edit's image to, as <stem>.<NN>-<kind>.png.")] = None,
-    overwrite: OverwriteOpt = False, json_: JsonOpt = False, metadata: MetadataOpt = "full",
-    cache_dir: CacheDirOpt = None, no_cache: NoCacheOpt = False, cache_size: CacheSizeOpt = CACHE_SIZE,
-    offload: OffloadOpt = "none", compile_: CompileOpt = False, attention: AttentionOpt = "auto",
-    vae_tiling: TilingOpt = "auto", reuse: ReuseOpt = None, cfg_until: CfgUntilOpt = None,
-    no_worker: NoWorkerOpt = False, preview: PreviewOpt = None, preview_every: PreviewEveryOpt = None,
-    lora: LoraOpt = None, shift: ShiftOpt = None, transformer: TransformerOpt = None,
-    dequantize: DequantizeOpt = None, quantize: QuantizeOpt = "none", devices: DevicesOpt = None,
-    split: SplitOpt = None, text_encoder: TextEncoderOpt = None, vae: VaeOpt = None, vision: VisionOpt = None,
-    safety: SafetyOpt = None, safety_words: SafetyWordsOpt = None, safety_classifier: SafetyClassifierOpt = None,
-    safety_prompt_classifier: SafetyPromptClassifierOpt = None, safety_threshold: SafetyThresholdOpt = SAFETY_THRESHOLD,
-    safety_action: SafetyActionOpt = "refuse", background: BackgroundOpt = None, quiet: QuietOpt = False,
-    cfg_parallel: CfgParallelOpt = False, ulysses: UlyssesOpt = 1, tp: TpOpt = 1,
-):
-    """Run a list of inpaint/outpaint edits (or, with an Edit model, edit: instructions) in one process, the
-    latent carried in memory between them.
-
-    --steps, --cfg, --seed, --reuse, --cfg-until and --shift (given here or by a preset) apply to every edit and
-    win over the file's values, and --lora to the whole chain;
-    an edit with no seed anywhere takes one random seed, reported. Each edit's result is cached (with the
-    prompt embeddings, as the other commands cache theirs), so a re-run recomputes from the first changed edit."""
-    from qimg.cli.chain_file import read_chain
-
-    working_folder()  # before the chain's files are read
-    given = {k: v for k, v in (("steps", steps), ("cfg", cfg), ("seed", seed), ("reuse", reuse),
-                               ("cfg_until", cfg_until), ("shift", shift)) if v is not None}
-    edit_steps = tuple(read_chain(ctx, chain_file, given))
-    execute(spec.Chain(image, chain_file, edit_steps, seed, keep_steps, output_of(locals()), model_of(locals()),
-                       cache_of(locals()), preset), json_)
-
-
+app.command("chain")(chain_command.chain)
 app.command("mask")(mask_command.mask)
 app.add_typer(worker_app, name="worker")
 app.add_typer(cache_commands.app, name="cache")
 
 
-@app.command("presets")
-def list_presets(ctx: typer.Context):
-    """List the bundled presets: the commands each fits, its file and its contents."""
-    for name, path in presets.bundled().items():
-        fits = presets.fitting_commands(ctx.parent.command, presets.read_yaml(path, "preset"))
-        print_result(f"{name}  ({', '.join(fits) or 'no command'})  {path}")
-        print_result("".join(f"    {line}\n" for line in path.read_text().splitlines()))
-
-
-@app.command()
-def info(
-    image: Annotated[Path, typer.Argument(help="An image qimg wrote, a LoRA .safetensors file, or a model part's "
-                                          "file (transformer, text encoder, VAE, vision tower).",
-                                          show_default=False)], json_: JsonOpt = False,
-):
-    """Print the parameters that made an image (stored in its PNG text chunk), a LoRA's format, rank, alpha
-    and the layers it targets, or which part a weights file is, its format and widths."""
-    from qimg.jobs.metadata import describe
-    from qimg.jobs.runner import file_info
-
-    params = file_info(image)
-    print_result(json_line(params) if json_ else describe(params))
+app.command("presets")(info_commands.list_presets)
+app.command("info")(info_commands.info)
 
 
 # --- Running -----------------------------------------------------------------------------------------------

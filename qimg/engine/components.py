@@ -5,7 +5,7 @@ text encoder (an Edit model's instruction encoder; weights/text_encoder.py), the
 from the folder or a single file, weights/transformer.py) and the VAE's encoder and decoder apart. With
 --offload model each is freed once its part of the job is done. Fingerprints (weights/fingerprint.py) say
 which weights computed a cached tensor or an output; `weight_bytes` what the transformer's weights take on
-the device.
+the device. The devices and dtype the options name are devices.py's to resolve.
 """
 
 import gc
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qimg import option_values
 from qimg.cache import Store
 from qimg.engine import placement
+from qimg.engine.devices import check_choice, pick_device, pick_devices, pick_dtype
 from qimg.engine.memory import activation_bytes, free_bytes, resident_bytes
 from qimg.errors import QimgError, UsageError
 from qimg.model.offload import place_for_streaming
@@ -46,7 +46,6 @@ from qimg.weights.split_files import (
 from qimg.weights.text_encoder import load_instruct_encoder, load_text_encoder
 from qimg.weights.transformer import Source, load_transformer, provenance, start_sha256, tensor_sizes
 
-DTYPES = {name: getattr(torch, name) for name in option_values.DTYPES}
 VAE_PARTS = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}  # key prefixes
 
 
@@ -105,49 +104,6 @@ def read_schedule(folder: Path, parse=ScheduleConfig.from_dict) -> ScheduleConfi
         return parse(read_config(folder / "scheduler", "scheduler_config.json"))
     except ValueError as e:
         raise QimgError(f"{folder / 'scheduler'}: {e}") from None
-
-
-def pick_device(name: str, option: str = "--device") -> torch.device:
-    cpu = "--device cpu" if option == "--device" else "cpu"
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"{option} {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"{option} {name}: CUDA is not available here; use {cpu}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{option} {name}: MPS is not available here; use {cpu}")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"{option} {name!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
-    return device
-
-
-def pick_devices(names: tuple[str, ...]) -> tuple[torch.device, ...]:
-    """--devices: each a device of this machine (cuda alone is cuda:0); a name may repeat."""
-    devices = tuple(pick_device(name, "--devices") for name in names)
-    return tuple(torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d for d in devices)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise UsageError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise UsageError(f"{option} {value!r} is not one of {', '.join(choices)}")
-    return value
 
 
 @dataclass(frozen=True)

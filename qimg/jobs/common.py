@@ -88,7 +88,8 @@ def generation_model(folder: Path, command: str) -> None:
 def open_engine(folder: Path, spec: ModelSpec, store):
     """The engine for a job: a new one, or in the worker the one the last job left loaded if it computes the
     same numbers (jobs/kept_engine.py), then serving this job's cache."""
-    from qimg.engine.components import DTYPES, Loading, pick_devices, pick_dtype
+    from qimg.engine.components import Loading
+    from qimg.engine.devices import DTYPES, pick_devices, pick_dtype
     from qimg.engine.engine import Engine
     from qimg.jobs import kept_engine
     from qimg.weights.folders import model_kind
@@ -123,7 +124,7 @@ def engine_device(spec: ModelSpec):
     LOCAL_RANK of the node, and so does cuda under the ranks of one image (jobs/together.py refuses cuda:N)."""
     import torch
 
-    from qimg.engine.components import pick_device
+    from qimg.engine.devices import pick_device
 
     device = pick_device(spec.device)
     if spec.device == "auto" or (spec.device == "cuda" and spec.parallel is not None):

@@ -90,7 +90,7 @@ def check_device(name: str, names: str) -> None:
     per rank) or the CPU (gloo)."""
     import torch
 
-    from qimg.engine.components import pick_device
+    from qimg.engine.devices import pick_device
 
     device = pick_device(name)
     if device.type == "mps":

@@ -78,7 +78,7 @@ class WordMasks:
 
     def provider(self):
         """The segmentation model, loaded on first use (the one loaded now, if it is this job's)."""
-        from qimg.engine.components import pick_device
+        from qimg.engine.devices import pick_device
 
         def make():
             from qimg.segment import providers

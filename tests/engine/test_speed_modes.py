@@ -115,13 +115,13 @@ def test_the_cli_offers_exactly_the_choices_the_layers_below_check():
 
     from qimg import masks
     from qimg.cli import options
-    from qimg.engine import components
+    from qimg.engine import components, devices
     from qimg.weights import transformer
 
     def offered(option):
         return get_args(get_args(option)[0])  # Annotated[Literal[...], Option] -> the Literal's values
 
-    assert offered(options.DtypeOpt) == ("auto", *components.DTYPES)
+    assert offered(options.DtypeOpt) == ("auto", *devices.DTYPES)
     assert offered(options.OffloadOpt) == components.OFFLOAD and offered(options.AttentionOpt) == components.ATTENTION
     assert offered(options.TilingOpt) == components.TILING and offered(options.QuantizeOpt) == transformer.QUANTIZE
     assert get_args(options.Anchor) == tuple(masks.ANCHORS)
