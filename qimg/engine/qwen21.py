@@ -14,7 +14,7 @@ picture's aspect at the edit area), and a masked edit keeps the input's bytes ou
 """
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
@@ -28,34 +28,16 @@ from qimg.engine.latents import Sampler, finite, to_uint8
 from qimg.engine.preview import mapped, watching
 from qimg.engine.qwen21_files import Files21, split_loading
 from qimg.engine.qwen21_inputs import CHANNELS, MULTIPLE, SCALE, Defaults21, pack, rgba, unpack, working_size
+from qimg.engine.qwen21_velocity import Counts, Velocity21
 from qimg.engine.request import Sampling
 from qimg.errors import QimgWarning, UsageError
 from qimg.masks import composite, crop_box, latent_mask, resize_mask
 from qimg.model.qwen21_prompt import MAX_PICTURES, prompt_text
-from qimg.sampling import (
-    ScheduleConfig,
-    euler,
-    first_step,
-    flow_sigmas,
-    keep_known,
-    noised,
-    plain_cfg,
-    shifted,
-    with_shortcuts,
-)
+from qimg.sampling import ScheduleConfig, euler, first_step, flow_sigmas, keep_known, noised, shifted
 from qimg.weights.folders import read_config, sample_sigmas
 
 
-@dataclass
-class Counts:
-    """The transformer's tokens computed, and those the prefix cache spared (read from it instead); the calls
-    are Components.calls (a guidance pair counts 2)."""
-
-    tokens: int = 0
-    cached: int = 0
-
-
-class Engine21(Files21, Sampler):
+class Engine21(Files21, Velocity21, Sampler):
     """A Qwen-Image-2.1 folder's components (the prompt encoder, the transformer, the RGBA VAE), loaded on first
     use, and what the jobs ask of an engine: generate, and `edit` with pictures. It keeps the Sampler's cache
     plumbing (cache_latent, _prompt_cache) and replaces everything that depends on the model."""
@@ -199,14 +181,6 @@ class Engine21(Files21, Sampler):
 
     # --- prompts -------------------------------------------------------------------------------------------
 
-    def guided(self, sampling: Sampling) -> bool:
-        """Whether guidance runs: cfg > 1 with a negative prompt, as the reference (which warns otherwise)."""
-        if sampling.cfg > 1 and not sampling.negative_prompt:
-            warnings.warn(f"--cfg {sampling.cfg:g} needs --negative-prompt on {self.kind.display} (it is sampled "
-                          "without guidance unless one is given): sampling without guidance", QimgWarning,
-                          stacklevel=3)
-        return sampling.cfg > 1 and bool(sampling.negative_prompt)
-
     def encode_prompts(self, prompts: list[str], pictures: tuple[np.ndarray, ...] = ()) -> list[tuple]:
         """(embedding (S, D), picture-slot mask (S,) bool) per prompt, each encoded with the same pictures
         ((H, W, 4) uint8 at their working sizes), from the cache when stored."""
@@ -282,56 +256,6 @@ class Engine21(Files21, Sampler):
         latent = self.encode(picture)
         self.cache_latent(picture, latent)
         return latent, True
-
-    def velocity(self, embeds: list[tuple], refs: torch.Tensor | None, grids: list[tuple[int, int]],
-                 sampling: Sampling, sigmas: torch.Tensor, guided: bool):
-        """The (guided) velocity over the target's tokens (1, h*w, 64) for the steps of `sigmas`; refs: the
-        pictures' packed latents (1, R, 64) or None; grids: each picture's (h, w) in tokens, the target last."""
-        from qimg.model.rope21 import build_layout
-        from qimg.model.transformer21 import PrefixCache
-
-        model = self.transformer
-        target = grids[-1][0] * grids[-1][1]
-        kv = sampling.shortcuts.kv_cache and model.cfg.causal_condition
-        filled = set()  # the branches whose prefix cache the first call filled
-
-        def branch(embed: torch.Tensor, slots: torch.Tensor) -> tuple:
-            layout = build_layout(slots.to(self.device), grids, model.cfg.axes_dims_rope, device=self.device)
-            return embed.to(self.device, self.dtype)[None], layout, PrefixCache() if kv else None
-
-        def run(branches: list[tuple], x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
-            """The velocity of each branch (txt, layout, cache): a guidance pair in one call (--cfg-parallel
-            gives each rank one), computed as one process computes them, one after the other."""
-            x = x.to(self.dtype)
-            if refs is not None:
-                x = torch.cat([refs.to(self.device, self.dtype), x], dim=1)
-            t = (sigma * 1000).to(self.dtype).reshape(1) / 1000
-            for one in branches:
-                warm = kv and id(one) in filled
-                filled.add(id(one))
-                self.calls += 1
-                self.counts.tokens += target if warm else one[1].length
-                self.counts.cached += one[1].prefix if warm else 0
-            with self._attention_backend():
-                if len(branches) == 2 and hasattr(model, "pair"):
-                    return [v.float() for v in model.pair(x, t, branches)]
-                return [model(x, txt, t, layout, cache).float() for txt, layout, cache in branches]
-
-        conditional_branch = branch(*embeds[0])
-
-        def conditional(x, sigma):
-            return run([conditional_branch], x, sigma)[0]
-
-        velocity = conditional
-        if not guided and self.parallel is not None:
-            self.parallel.unguided(f"for {self.kind.display} unless --cfg is above 1 with a --negative-prompt")
-        if guided:
-            pair = [conditional_branch, branch(*embeds[1])]
-
-            def velocity(x, sigma):
-                return plain_cfg(*run(pair, x, sigma), sampling.cfg)
-
-        return with_shortcuts(velocity, sigmas, sampling.shortcuts, conditional if guided else None)
 
     @torch.no_grad()
     def sample(self, sampling: Sampling, size: tuple[int, int], pictures: list[np.ndarray],
