@@ -91,7 +91,8 @@ def test_shape_word_changes_the_prediction():
     contrast scores 1.01 here (it read colour and position from the prompt, never shape); the shipped one 1.45."""
     from qimg.model.transformer import patchify
     from qimg.train.shapes import render, sample_scene
-    from qimg.train.train import Prompts, caption_pair, encode_all, flow_errors, load_folder, object_tokens, weighted
+    from qimg.train.text import Prompts
+    from qimg.train.train import caption_pair, encode_all, flow_errors, load_folder, object_tokens, weighted
 
     tokenizer, encoder, vae, model = load_folder(BUILTIN)
     rng = random.Random(11)

@@ -9,16 +9,8 @@ import torch
 
 from qimg.train.checkpoint import text_encoder, train_tokenizer
 from qimg.train.shapes import COLORS, LANGUAGES, SHAPES, caption, render, sample_scene, words
-from qimg.train.train import (
-    Prompts,
-    caption_pair,
-    object_tokens,
-    other_shapes,
-    retokenize,
-    sample_caption,
-    shapes_tokenizer,
-    weighted,
-)
+from qimg.train.text import Prompts, retokenize, shapes_tokenizer
+from qimg.train.train import caption_pair, object_tokens, other_shapes, sample_caption, weighted
 
 SHAPE_WORDS = re.compile("|".join(list(SHAPES) + list(SHAPES.values())))
 
