@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def config_from_dict(cls, d: dict):
+    """A VAE config dataclass (this VAE's or 2.1's) from diffusers' vae/config.json: lists as tuples, keys
+    starting with "_" skipped; raises ValueError naming any key the class does not have."""
+    known = {f.name for f in fields(cls)}
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown VAE config keys: {', '.join(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     base_dim: int = 96
@@ -37,12 +48,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAE config keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
     @classmethod
     def tiny(cls) -> "VAEConfig":

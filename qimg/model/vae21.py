@@ -8,13 +8,13 @@ also halves time, and the decoder's duplicating shortcut keeps the last of its t
 `first_chunk`). Residual, attention and mid blocks are the 20B VAE's (vae.py) with 2D convs.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from qimg.model.vae import DecoderStack, EncoderStack, MidBlock, ResidualBlock, RMSNorm
+from qimg.model.vae import DecoderStack, EncoderStack, MidBlock, ResidualBlock, RMSNorm, config_from_dict
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,7 @@ class VAE21Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAE21Config":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAE config keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return config_from_dict(cls, d)
 
     @classmethod
     def tiny(cls) -> "VAE21Config":
