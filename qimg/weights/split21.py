@@ -12,7 +12,6 @@ and the VAE, small, load dense. `check_files21` reads headers only.
 """
 
 import math
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,10 +27,10 @@ from qimg.weights.comfy_files import WAN_MARK, qwen3
 from qimg.weights.folders import Contents, check_keys
 from qimg.weights.qwen3vl import configs, load_image_config
 from qimg.weights.single_file import Weight, open_weights
-from qimg.weights.split_files import TEXT, TOKENIZER_FOLDERS, VAE, VISION, Files, dense, gguf, open_part
+from qimg.weights.split_files import TEXT, TOKENIZER_FOLDERS, VAE, VISION, Files, dense, filled, gguf, open_part
 from qimg.weights.split_files import language_model_bytes as _packed_bytes
 from qimg.weights.tokenizer import read_tokenizer
-from qimg.weights.transformer import _linear, _pack_layer, _tensors, sha256
+from qimg.weights.transformer import sha256
 
 # Qwen3-VL's tokenizer: Qwen2's BPE (the shipped qwen2.5 vocab.json and merges.txt) with Qwen3's 26 added tokens
 # (151643-151668: Qwen2.5-VL's 22, then <tool_response>, </tool_response>, <think>, </think>).
@@ -84,22 +83,13 @@ def load_encoder21(files: Files, folder: Path, dtype: torch.dtype, device: torch
         weights, inside = halves(found.weights)
         with torch.device("meta"):
             text = Qwen3VLTextModel(text_cfg)
-        check_keys(label, text.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
-        packed = {n for n, w in weights.items() if w.kind != "dense" and not unpack and _linear(text, n)}
-        for name in packed:
-            _pack_layer(text, name, weights[name].kind, weights[name].scale is not None, dtype)
-        state, contents = {}, Contents(UsageError)
-        for name, w in weights.items():
-            state.update(_tensors(name, w, w.kind, name in packed, dtype, device,
-                                  partial(contents.check, file=label, key=name)))
-        contents.all_zero(label)
+        text = filled(text, weights, label, dtype, device, unpack)
         if not files.vision:
             tower = _tower(inside, vision_cfg, label, dtype, device)
-    text.load_state_dict(state, assign=True)
     if files.vision:
         with open_part(files.vision, VISION) as found:
             tower = _tower(halves(found.weights)[1], vision_cfg, f"{VISION} {files.vision}", dtype, device)
-    return Qwen3VLEncoder(text.eval().requires_grad_(False), tower).eval().requires_grad_(False)
+    return Qwen3VLEncoder(text, tower).eval().requires_grad_(False)
 
 
 def _tower(weights: dict[str, Weight], cfg, label: str, dtype: torch.dtype, device: torch.device):

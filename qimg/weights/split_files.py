@@ -112,20 +112,26 @@ def load_language_model(path: Path, cfg: Qwen2Config, dtype: torch.dtype, device
                         unpack: bool) -> Qwen2Model:
     """Qwen2.5-VL's language model from a text encoder file; its packed linear layers stay packed unless
     `unpack`."""
-    label = f"{TEXT} {path}"
     with open_part(path, TEXT) as found:
-        weights = text_weights(found)
         with torch.device("meta"):
             module = Qwen2Model(cfg)
-        check_keys(label, module.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
-        packed = {n for n, w in weights.items() if w.kind != "dense" and not unpack and _linear(module, n)}
-        for name in packed:
-            _pack_layer(module, name, weights[name].kind, weights[name].scale is not None, dtype)
-        state, contents = {}, Contents(UsageError)
-        for name, w in weights.items():
-            state.update(_tensors(name, w, w.kind, name in packed, dtype, device,
-                                  partial(contents.check, file=label, key=name)))
-        contents.all_zero(label)
+        return filled(module, text_weights(found), f"{TEXT} {path}", dtype, device, unpack)
+
+
+def filled(module: torch.nn.Module, weights: dict[str, Weight], label: str, dtype: torch.dtype,
+           device: torch.device, unpack: bool) -> torch.nn.Module:
+    """A module built on the meta device, given a file's weights: the keys and shapes checked, its packed linear
+    layers kept packed unless `unpack`, every tensor checked finite and the whole not all zero (one line naming
+    `label` and the key otherwise); in eval mode, without gradients."""
+    check_keys(label, module.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
+    packed = {n for n, w in weights.items() if w.kind != "dense" and not unpack and _linear(module, n)}
+    for name in packed:
+        _pack_layer(module, name, weights[name].kind, weights[name].scale is not None, dtype)
+    state, contents = {}, Contents(UsageError)
+    for name, w in weights.items():
+        state.update(_tensors(name, w, w.kind, name in packed, dtype, device,
+                              partial(contents.check, file=label, key=name)))
+    contents.all_zero(label)
     module.load_state_dict(state, assign=True)
     return module.eval().requires_grad_(False)
 
