@@ -60,7 +60,7 @@ class Engine21(Files21, Velocity21, Sampler):
         """The PromptEncoder21 (model/qwen21_prompt.py)."""
         if self._text is None:
             if self._transformer is not None and self.devices and self.placement.text_released:
-                self._transformer = None  # a later prompt: the encoder does not fit beside the blocks; they reload
+                self._free("transformer")  # a later prompt: the encoder does not fit beside the blocks; they reload
             self._text = self.load_prompt_encoder()
         return self._text
 

@@ -35,13 +35,16 @@ class Ranked21:
     def compute(self, x: Tensor, t: Tensor, count: int, *flat) -> Tensor:
         """The velocities (count, target, channels) of the `count` branches in `flat` (txt, key, Layout fields;
         txt None: the key's stored ones)."""
-        width, branches = 2 + len(FIELDS), []
+        width, branches, new = 2 + len(FIELDS), [], set()
         for i in range(0, len(flat), width):
             txt, key = flat[i], flat[i + 1]
+            if txt is not None:  # a branch's first call: its cache starts empty, whatever a key of that number
+                new.add(key)     # held before (rank 0 numbers afresh when --offload model reloads the transformer)
             txt, layout = self.inputs[key] if txt is None else (txt, Layout(*flat[i + 2:i + width]))
             branches.append((txt, key, layout))
         self.inputs = {key: (txt, layout) for txt, key, layout in branches if key is not None}
-        self.caches = {key: self.caches.get(key) or PrefixCache() for _, key, _ in branches if key is not None}
+        self.caches = {key: PrefixCache() if key in new else self.caches.get(key) or PrefixCache()
+                       for _, key, _ in branches if key is not None}
         split = self.group.layout.cfg and count == 2
         mine = [branches[self.group.cfg_rank]] if split else branches
         with self.group.collective("a step's exchange"):
