@@ -24,10 +24,10 @@ from qimg.model.qwen21_prompt import PromptEncoder21
 from qimg.model.tokenizer import Tokenizer
 from qimg.model.vae21 import QwenImage21VAE, VAE21Config
 from qimg.weights.comfy_files import WAN_MARK, qwen3
-from qimg.weights.folders import Contents, check_keys
+from qimg.weights.folders import check_keys
 from qimg.weights.qwen3vl import configs, load_image_config
 from qimg.weights.single_file import Weight, open_weights
-from qimg.weights.split_files import TEXT, TOKENIZER_FOLDERS, VAE, VISION, Files, dense, filled, gguf, open_part
+from qimg.weights.split_files import TEXT, TOKENIZER_FOLDERS, VAE, VISION, Files, filled, filled_dense, gguf, open_part
 from qimg.weights.split_files import language_model_bytes as _packed_bytes
 from qimg.weights.tokenizer import read_tokenizer
 from qimg.weights.transformer import sha256
@@ -95,12 +95,7 @@ def load_encoder21(files: Files, folder: Path, dtype: torch.dtype, device: torch
 def _tower(weights: dict[str, Weight], cfg, label: str, dtype: torch.dtype, device: torch.device):
     with torch.device("meta"):
         tower = Qwen3VLVisionTower(cfg)
-    check_keys(label, tower.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
-    contents = Contents(UsageError)
-    state = {k: contents.check(dense(w), label, k).to(device=device, dtype=dtype) for k, w in weights.items()}
-    contents.all_zero(label)
-    tower.load_state_dict(state, assign=True)
-    return tower.eval().requires_grad_(False)
+    return filled_dense(tower, weights, label, dtype, device)
 
 
 def load_prompt_encoder21(files: Files, folder: Path, dtype: torch.dtype, device: torch.device,
@@ -113,17 +108,11 @@ def load_prompt_encoder21(files: Files, folder: Path, dtype: torch.dtype, device
 def load_vae21_file(path: Path, cfg: VAE21Config, dtype: torch.dtype, device: torch.device,
                     only: tuple[str, ...] = ()) -> QwenImage21VAE:
     """The RGBA VAE from one file of diffusers' names; with `only`, just those key prefixes are read."""
-    label = f"{VAE} {path}"
     with torch.device("meta"):
         module = QwenImage21VAE(cfg)
     with open_part(path, VAE) as found:
-        check_keys(label, module.state_dict(), vae_shapes(path, found.weights), UsageError)
-        contents = Contents(UsageError)
-        state = {k: contents.check(dense(w), label, k).to(device=device, dtype=dtype)
-                 for k, w in found.weights.items() if not only or k.startswith(only)}
-    contents.all_zero(label)
-    module.load_state_dict(state, assign=True, strict=not only)
-    return module.eval().requires_grad_(False)
+        no_wan_names(path, found.weights)
+        return filled_dense(module, found.weights, f"{VAE} {path}", dtype, device, only)
 
 
 def vae_shapes(path: Path, weights: dict[str, Weight]) -> dict[str, tuple]:

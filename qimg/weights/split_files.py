@@ -174,15 +174,22 @@ def vae_weights(found: Weights, cfg: VAEConfig) -> dict[str, Weight]:
 def load_vae(path: Path, cfg: VAEConfig, dtype: torch.dtype, device: torch.device,
              only: tuple[str, ...] = ()) -> QwenImageVAE:
     """The VAE from one file (Wan or diffusers names); with `only`, just those key prefixes are read."""
-    label = f"{VAE} {path}"
     with torch.device("meta"):
         module = QwenImageVAE(cfg)
     with open_part(path, VAE) as found:
-        weights = vae_weights(found, cfg)
-        check_keys(label, module.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
-        contents = Contents(UsageError)
-        state = {k: contents.check(dense(w), label, k).to(device=device, dtype=dtype) for k, w in weights.items()
-                 if not only or k.startswith(only)}
+        return filled_dense(module, vae_weights(found, cfg), f"{VAE} {path}", dtype, device, only)
+
+
+def filled_dense(module: torch.nn.Module, weights: dict[str, Weight], label: str, dtype: torch.dtype,
+                 device: torch.device, only: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A module built on the meta device, given a file's weights unpacked (a VAE, a vision tower: nothing stays
+    packed): the keys and shapes checked, every tensor checked finite and the whole not all zero (one line naming
+    `label` and the key otherwise); with `only`, just those key prefixes read and loaded. In eval mode, without
+    gradients (filled: the same with packed layers kept packed)."""
+    check_keys(label, module.state_dict(), {k: w.shape for k, w in weights.items()}, UsageError)
+    contents = Contents(UsageError)
+    state = {k: contents.check(dense(w), label, k).to(device=device, dtype=dtype) for k, w in weights.items()
+             if not only or k.startswith(only)}
     contents.all_zero(label)
     module.load_state_dict(state, assign=True, strict=not only)
     return module.eval().requires_grad_(False)
